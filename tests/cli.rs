@@ -1,1 +1,208 @@
-//! (in progress)
+//! The `pde` binary as scripts and release engineers see it: arguments,
+//! `--output json`, and the exit codes of DESIGN §8, over real agent
+//! processes on loopback.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+use support::Workspace;
+
+fn pde(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pde"))
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("pde runs")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited normally")
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+/// A `pde agent` process; killed on drop.
+struct AgentProcess {
+    child: Child,
+    url: String,
+}
+
+impl AgentProcess {
+    fn start(data_dir: &Path, trusted: &Path) -> AgentProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pde"))
+            .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--trusted-key")
+            .arg(trusted)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("agent starts");
+        let mut line = String::new();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        // Keep draining, so a later line never meets a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        AgentProcess {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    assert_eq!(code(&pde(dir.path(), &["frobnicate"])), 2);
+    let o = pde(dir.path(), &["status"]);
+    assert_eq!(code(&o), 2);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("pde.toml"));
+    let o = pde(dir.path(), &["status", "--output", "json"]);
+    assert_eq!(code(&o), 2);
+    assert_eq!(json(&o)["exit_code"], 2);
+}
+
+#[test]
+fn keygen_writes_a_pair_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = pde(dir.path(), &["keygen", "--out", "k", "--output", "json"]);
+    assert_eq!(code(&o), 0);
+    assert_eq!(json(&o)["key_id"].as_str().unwrap().len(), 16);
+    assert!(dir.path().join("k/release.ed25519.pub").exists());
+    assert_eq!(code(&pde(dir.path(), &["keygen", "--out", "k"])), 2);
+}
+
+#[test]
+fn validate_reports_findings_with_exit_3_and_unknown_policies_with_exit_2() {
+    let ws = Workspace::new("");
+    ws.commit("init");
+    let ok = pde(ws.root(), &["validate", "42", "--output", "json"]);
+    assert_eq!(code(&ok), 0, "{}", String::from_utf8_lossy(&ok.stderr));
+    assert_eq!(json(&ok)["policy_id"], "42");
+
+    assert_eq!(code(&pde(ws.root(), &["validate", "99"])), 2);
+
+    let mut bad = support::policy_42("1.0.0");
+    bad["effective"] = "next week".into();
+    ws.write_policy("42.json", &bad.to_string());
+    let o = pde(ws.root(), &["validate", "42", "--output", "json"]);
+    assert_eq!(code(&o), 3);
+    let report = &json(&o)["report"];
+    assert!(
+        report["diagnostics"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["path"] == "/effective"),
+        "{report}"
+    );
+}
+
+#[test]
+fn a_runaway_plugin_is_a_plugin_fault_exit_5() {
+    let ws = Workspace::new("");
+    ws.install_plugin(
+        "runaway",
+        "validator",
+        Path::new(pde_plugin_artifacts::MISBEHAVE),
+        "[settings]\nmode = \"loop\"\n",
+        false,
+    );
+    ws.commit("init");
+    let o = pde(ws.root(), &["validate", "42"]);
+    assert_eq!(code(&o), 5, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("runaway"));
+}
+
+#[test]
+fn an_unreachable_environment_exits_4() {
+    let ws = Workspace::new(&Workspace::env_toml(
+        "dev",
+        "",
+        &[support::Svc {
+            name: "gone",
+            url: "http://127.0.0.1:9".into(),
+            tags: &["api"],
+        }],
+    ));
+    ws.commit("init");
+    assert_eq!(code(&pde(ws.root(), &["env", "check", "dev"])), 4);
+    let o = pde(ws.root(), &["deploy", "42", "--env", "dev", "--output", "json"]);
+    assert_eq!(code(&o), 4);
+    assert_eq!(json(&o)["exit_code"], 4);
+}
+
+#[test]
+fn deploy_plan_status_history_and_audit_through_the_binary() {
+    let ws = Workspace::new("");
+    let agent = AgentProcess::start(&ws.root().join("agents/api"), &ws.release_pub());
+    let env = Workspace::env_toml(
+        "dev",
+        "",
+        &[support::Svc {
+            name: "HMS-API",
+            url: agent.url.clone(),
+            tags: &["api"],
+        }],
+    );
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap() + &env;
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    ws.commit("init");
+
+    let plan = pde(ws.root(), &["plan", "42", "--env", "dev", "--output", "json"]);
+    assert_eq!(code(&plan), 0, "{}", String::from_utf8_lossy(&plan.stderr));
+    let plan = json(&plan);
+    assert_eq!(plan["targets"][0]["change"], "install");
+    assert!(support::active_digest(&agent.url).is_none(), "plan pushes nothing");
+
+    let o = pde(ws.root(), &["deploy", "42", "--env", "dev", "--output", "json"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let report = json(&o);
+    assert_eq!(report["outcome"], "deployed");
+    assert_eq!(report["digest"], plan["digest"], "plan and deploy agree");
+    assert_eq!(
+        support::active_digest(&agent.url).as_deref(),
+        report["digest"].as_str()
+    );
+
+    let status = json(&pde(ws.root(), &["status", "--output", "json"]));
+    assert_eq!(status[0]["version"], "1.0.0");
+    let history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
+    assert_eq!(history[0]["outcome"], "deployed");
+
+    assert_eq!(code(&pde(ws.root(), &["audit", "verify"])), 0);
+    let shown = json(&pde(ws.root(), &["audit", "show", "--policy", "42", "--output", "json"]));
+    assert_eq!(shown.as_array().unwrap().last().unwrap()["event"], "deployed");
+
+    // Tampering with one record is caught, naming it.
+    let log = ws.root().join(".pde/audit.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    std::fs::write(&log, text.replacen("\"42\"", "\"43\"", 1)).unwrap();
+    let o = pde(ws.root(), &["audit", "verify"]);
+    assert_eq!(code(&o), 6);
+}

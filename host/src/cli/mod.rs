@@ -12,7 +12,11 @@ use pde::ExitCode;
 use pde::error::HasExitCode;
 
 mod agent;
+mod audit;
+mod deploy;
 mod plugin;
+mod print;
+mod workspace;
 
 /// pde: the Policy Deployment Engine.
 #[derive(Debug, Parser)]
@@ -42,6 +46,30 @@ pub enum Output {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Validate, package, check, route, push, tag and audit a policy.
+    Deploy(deploy::DeployArgs),
+    /// Validate a policy: schema, versions, conflicts and every validator plugin.
+    Validate(deploy::ValidateArgs),
+    /// Build the signed bundle of a policy.
+    Package(deploy::PackageArgs),
+    /// Show what a deploy would do, without doing it.
+    Plan(deploy::PlanArgs),
+    /// Environment commands.
+    #[command(subcommand)]
+    Env(deploy::EnvCmd),
+    /// Show the active version of each policy per environment.
+    Status(workspace::StatusArgs),
+    /// Show the deployments of a policy, newest first.
+    History(workspace::HistoryArgs),
+    /// Return an environment to an earlier version of a policy.
+    Rollback(workspace::RollbackArgs),
+    /// Check, show and export the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
+    /// Create an ed25519 key pair for signing bundles or plugins.
+    Keygen(workspace::KeygenArgs),
+    /// Create a new policy workspace in the current directory.
+    Init(workspace::InitArgs),
     /// Inspect, test, sign and verify WebAssembly plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCmd),
@@ -73,6 +101,9 @@ pub struct Failure {
     pub code: ExitCode,
     /// What went wrong, with context.
     pub error: anyhow::Error,
+    /// The report the failure carries (validation findings, per-target
+    /// results), for `--output json`.
+    pub report: Option<serde_json::Value>,
 }
 
 impl Failure {
@@ -81,6 +112,17 @@ impl Failure {
         Failure {
             code: ExitCode::Usage,
             error: anyhow::anyhow!("{message}"),
+            report: None,
+        }
+    }
+
+    /// A failure of the engine, keeping the report it carries.
+    pub fn engine(ctx: &Ctx, e: pde::Error) -> Self {
+        let report = print::error_report(ctx, &e);
+        Failure {
+            code: e.exit_code(),
+            error: e.into(),
+            report,
         }
     }
 }
@@ -93,6 +135,7 @@ where
         Failure {
             code: e.exit_code(),
             error: e.into(),
+            report: None,
         }
     }
 }
@@ -135,6 +178,17 @@ pub fn main() -> std::process::ExitCode {
         json: cli.output == Output::Json,
     };
     let result = match cli.command {
+        Command::Deploy(args) => deploy::deploy(&ctx, args),
+        Command::Validate(args) => deploy::validate(&ctx, args),
+        Command::Package(args) => deploy::package(&ctx, args),
+        Command::Plan(args) => deploy::plan(&ctx, args),
+        Command::Env(cmd) => deploy::env(&ctx, cmd),
+        Command::Status(args) => workspace::status(&ctx, args),
+        Command::History(args) => workspace::history(&ctx, args),
+        Command::Rollback(args) => workspace::rollback(&ctx, args),
+        Command::Audit(cmd) => audit::run(&ctx, cmd),
+        Command::Keygen(args) => workspace::keygen(&ctx, args),
+        Command::Init(args) => workspace::init(&ctx, args),
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),
         Command::Agent(args) => agent::run(&ctx, args),
     };
@@ -146,6 +200,7 @@ pub fn main() -> std::process::ExitCode {
                     "error": format!("{:#}", f.error),
                     "exit_code": f.code.code(),
                     "kind": f.code,
+                    "report": f.report,
                 }));
             }
             eprintln!("error: {:#}", f.error);

@@ -1,0 +1,135 @@
+//! Human-readable rendering of the engine's reports. JSON output is the
+//! reports themselves, serialised; this file is only for people.
+
+use pde::diagnostic::{Diagnostic, Severity};
+use pde::envcheck::HealthReport;
+use pde::pipeline::DeployReport;
+use pde::push::PushReport;
+use pde::validate::ValidationReport;
+
+use super::Ctx;
+
+/// Prints the report a failed engine call carries (for people), and returns
+/// it as JSON (for `--output json`).
+pub fn error_report(ctx: &Ctx, e: &pde::Error) -> Option<serde_json::Value> {
+    match e {
+        pde::Error::ValidationFailed { report, .. } => {
+            if !ctx.json {
+                validation(report);
+            }
+            Some(json(report.as_ref()))
+        }
+        pde::Error::Unhealthy { report, .. } => {
+            if !ctx.json {
+                health(report);
+            }
+            Some(json(report))
+        }
+        pde::Error::DeployFailed { report, .. } => {
+            if !ctx.json {
+                deploy(report);
+            }
+            Some(json(report.as_ref()))
+        }
+        pde::Error::Rollback(pde::rollback::RollbackError::Failed { report, .. }) => {
+            Some(json(report.as_ref()))
+        }
+        _ => None,
+    }
+}
+
+fn json<T: serde::Serialize + ?Sized>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).unwrap_or_default()
+}
+
+fn diagnostic(d: &Diagnostic) {
+    let mark = match d.severity {
+        Severity::Error => "✗",
+        Severity::Warning => "!",
+        Severity::Info => "·",
+    };
+    println!("  {mark} {d}");
+}
+
+/// Validation findings and plugin runs.
+pub fn validation(r: &ValidationReport) {
+    let env = r.environment.as_deref().map(|e| format!(" for {e}")).unwrap_or_default();
+    println!("validate  policy {} v{}{env}", r.policy_id, r.version);
+    for p in &r.plugins {
+        println!(
+            "  plugin {:<22} {} error(s), {} warning(s), {} fuel, {} µs",
+            p.name, p.errors, p.warnings, p.fuel_used, p.elapsed_us
+        );
+    }
+    for d in &r.diagnostics {
+        diagnostic(d);
+    }
+    let verdict = if r.passed() { "passed" } else { "FAILED" };
+    println!("  {verdict}: {} error(s), {} finding(s) in all", r.errors(), r.diagnostics.len());
+}
+
+/// Health of each service.
+pub fn health(r: &HealthReport) {
+    println!("envcheck");
+    for s in &r.services {
+        let state = if s.healthy { "healthy" } else { "UNHEALTHY" };
+        let why = s
+            .error
+            .clone()
+            .or_else(|| s.status.map(|c| format!("HTTP {c}")))
+            .unwrap_or_default();
+        println!("  {:<20} {state:<10} {why} ({} ms) {}", s.service, s.elapsed_ms, s.url);
+    }
+}
+
+/// Per-target push results.
+pub fn push(r: &PushReport) {
+    println!("push      outcome {}", label(&r.outcome));
+    for t in &r.targets {
+        println!(
+            "  {:<20} {:<16} attempts {}  {}",
+            t.service,
+            label(&t.state),
+            t.attempts,
+            t.detail
+        );
+    }
+}
+
+/// A whole deploy, step by step.
+pub fn deploy(r: &DeployReport) {
+    validation(&r.validation);
+    match &r.bundle_path {
+        Some(p) => println!("package   {} -> {}", r.digest, p.display()),
+        None => println!("package   {} (dry run: not written)", r.digest),
+    }
+    health(&r.health);
+    println!("route");
+    for route in &r.routes {
+        println!("  {:<20} {}", route.service, route.reasons.join("; "));
+    }
+    if let Some(p) = &r.push {
+        push(p);
+    }
+    if let Some(t) = &r.tag {
+        let how = if t.created { "created" } else { "already present" };
+        println!("tag       {} ({how})", t.name);
+    }
+    let note = if r.already_active { " (this bundle was already active)" } else { "" };
+    println!(
+        "{} policy {} v{} to {}: {}{note}",
+        if r.outcome == pde::pipeline::DeployOutcome::Deployed { "✓" } else { "✗" },
+        r.policy_id,
+        r.version,
+        r.env,
+        label(&r.outcome)
+    );
+}
+
+/// A serde unit enum as its label-case name.
+pub fn label<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}

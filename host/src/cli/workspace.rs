@@ -1,0 +1,186 @@
+//! `pde status`, `history`, `rollback`, `keygen` and `init`.
+
+use std::path::PathBuf;
+
+use pde::ExitCode;
+
+use super::deploy::open;
+use super::{CmdResult, Ctx, Failure};
+
+/// `pde status [--env ENV]`.
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// Only this environment.
+    #[arg(long)]
+    pub env: Option<String>,
+}
+
+/// `pde history ID`.
+#[derive(Debug, clap::Args)]
+pub struct HistoryArgs {
+    /// The policy id.
+    pub id: String,
+}
+
+/// `pde rollback ID --env ENV [--to VERSION]`.
+#[derive(Debug, clap::Args)]
+pub struct RollbackArgs {
+    /// The policy id.
+    pub id: String,
+    /// The environment.
+    #[arg(long)]
+    pub env: String,
+    /// The version to return to (default: the one deployed before the active one).
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
+/// `pde keygen --out DIR`.
+#[derive(Debug, clap::Args)]
+pub struct KeygenArgs {
+    /// Directory for `<name>` (secret, mode 0600) and `<name>.pub`.
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// File name of the key.
+    #[arg(long, default_value = "release.ed25519")]
+    pub name: String,
+}
+
+/// `pde init`.
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {}
+
+pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
+    let engine = open(ctx)?;
+    if let Some(env) = &args.env {
+        engine.environment(env).map_err(|e| Failure::engine(ctx, e))?;
+    }
+    let entries = engine.state().status(args.env.as_deref())?;
+    if ctx.json {
+        ctx.print_json(&entries);
+    } else if entries.is_empty() {
+        println!("nothing deployed yet");
+    } else {
+        println!("{:<12} {:<12} {:<10} {:<20} digest", "env", "policy", "version", "since");
+        for e in entries {
+            println!(
+                "{:<12} {:<12} {:<10} {:<20} {}",
+                e.env, e.policy_id, e.version, e.deployed_at, e.digest
+            );
+        }
+    }
+    Ok(ExitCode::Ok)
+}
+
+pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
+    let engine = open(ctx)?;
+    let records = engine.state().history(&args.id)?;
+    if ctx.json {
+        ctx.print_json(&records);
+        return Ok(ExitCode::Ok);
+    }
+    if records.is_empty() {
+        println!("policy {} has never been deployed", args.id);
+    }
+    for r in records {
+        println!(
+            "{}  {:<12} v{:<9} {:<16} {} by {}",
+            r.finished_at, r.env, r.version, r.outcome, r.digest, r.actor
+        );
+        for t in r.targets {
+            println!("    {:<20} {:<14} {}", t.service, t.outcome, t.detail);
+        }
+    }
+    Ok(ExitCode::Ok)
+}
+
+pub fn rollback(ctx: &Ctx, args: RollbackArgs) -> CmdResult {
+    let engine = open(ctx)?;
+    let report = engine
+        .rollback(&args.id, &args.env, args.to.as_deref())
+        .map_err(|e| Failure::engine(ctx, e))?;
+    if ctx.json {
+        ctx.print_json(&report);
+    } else {
+        for t in &report.targets {
+            println!("  {:<20} {}", t.service, t.detail);
+        }
+        println!(
+            "✓ policy {} in {}: v{} -> v{} ({})",
+            report.policy_id, report.env, report.from_version, report.to_version, report.to_digest
+        );
+    }
+    Ok(ExitCode::Ok)
+}
+
+pub fn keygen(ctx: &Ctx, args: KeygenArgs) -> CmdResult {
+    let out = ctx.dir.join(&args.out);
+    let key = pde::keys::generate(&out, &args.name)?;
+    if ctx.json {
+        ctx.print_json(&key);
+    } else {
+        println!("secret key  {} (keep it secret)", key.secret_path.display());
+        println!("public key  {}", key.public_path.display());
+        println!("key id      {}", key.key_id);
+    }
+    Ok(ExitCode::Ok)
+}
+
+const INIT_TOML: &str = r#"# pde workspace: see docs/release-engineer.md
+policies = "policies"
+plugins  = "plugins"
+state    = ".pde"
+
+[signing]
+key_file = "keys/release.ed25519"
+
+[trust]
+plugin_keys = []
+
+[limits]
+fuel = 2_000_000_000
+memory_mib = 64
+timeout_ms = 2000
+
+[push]
+timeout_ms = 5000
+retries = 3
+
+[environments.dev]
+
+[[environments.dev.services]]
+name = "local"
+url = "http://127.0.0.1:8700"
+tags = ["api"]
+"#;
+
+pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
+    let toml = ctx.dir.join(pde::config::FILE_NAME);
+    if toml.exists() {
+        return Err(Failure::usage(format!("{} already exists", toml.display())));
+    }
+    let io = |e: std::io::Error| Failure::usage(e);
+    for d in ["policies", "plugins", "keys"] {
+        std::fs::create_dir_all(ctx.dir.join(d)).map_err(io)?;
+    }
+    std::fs::write(&toml, INIT_TOML).map_err(io)?;
+    let ignore = ctx.dir.join(".gitignore");
+    if !ignore.exists() {
+        std::fs::write(&ignore, ".pde/\nkeys/*.ed25519\n").map_err(io)?;
+    }
+    let key = if ctx.dir.join("keys/release.ed25519").exists() {
+        None
+    } else {
+        Some(pde::keys::generate(&ctx.dir.join("keys"), "release.ed25519")?)
+    };
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({"config": toml, "key": key}));
+    } else {
+        println!("created {}", toml.display());
+        if let Some(k) = key {
+            println!("created signing key {} (id {})", k.secret_path.display(), k.key_id);
+        }
+        println!("next: add policies/<id>.json, commit, then `pde validate <id>`");
+    }
+    Ok(ExitCode::Ok)
+}

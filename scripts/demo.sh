@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The README's main command: the whole pipeline on the example workspace,
+# pushing to real `pde agent` processes on loopback. Needs no external server.
+#
+# It builds pde and the example plugins, copies examples/workspace to a temp
+# Git repository, installs and signs the plugins as a security team would,
+# starts one agent per service, and deploys policy 42 to dev, staging and
+# production (production only takes what staging already runs).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+. scripts/lib.sh
+ensure_wasm_target
+
+echo "==> building pde and the example plugins"
+cargo build --locked -q -p pde -p pde-plugin-artifacts
+target_dir=${CARGO_TARGET_DIR:-$root/target}
+pde="$target_dir/debug/pde"
+wasm_dir="$root/target/wasm-plugins/wasm32-wasip2/plugin"
+
+work=$(mktemp -d "${TMPDIR:-/tmp}/pde-demo.XXXXXX")
+cp -R examples/workspace/. "$work/"
+cd "$work"
+echo "==> example workspace: $work"
+
+"$pde" keygen --out keys --name release.ed25519 >/dev/null
+"$pde" keygen --out keys --name security-team.ed25519 >/dev/null
+printf '.pde/\nagents/\nkeys/*.ed25519\n' > .gitignore
+
+echo "==> installing and signing plugins"
+for name in eligibility-bounds pii-guard effective-date category-router; do
+    wasm="$wasm_dir/${name//-/_}.wasm"
+    cp "$wasm" "plugins/$name.wasm"
+    sum=$(sha256sum "plugins/$name.wasm" | cut -d' ' -f1)
+    { echo "sha256 = \"$sum\""; grep -v '^sha256' "$root/plugins/$name/$name.toml"; } > "plugins/$name.toml"
+    "$pde" plugin sign "plugins/$name.wasm" --key keys/security-team.ed25519 >/dev/null
+done
+"$pde" plugin list
+
+git init -q
+git add -A
+git -c user.name="HMS Policy Office" -c user.email=policy@hms.example.gov commit -qm "HMS policies 42, 43, 44"
+
+echo "==> starting one agent per service"
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+for port in 18701 18711 18712 18713 18721 18722 18723; do
+    "$pde" agent --listen "127.0.0.1:$port" --data-dir "agents/$port" \
+        --trusted-key keys/release.ed25519.pub >"agents-$port.log" 2>&1 &
+    pids+=($!)
+done
+for env in dev staging production; do
+    for _ in $(seq 1 100); do
+        "$pde" env check "$env" >/dev/null 2>&1 && break
+        sleep 0.1
+    done
+done
+
+export PDE_ACTOR="release-engineer@hms.example.gov"
+for env in dev staging production; do
+    echo
+    echo "==> pde deploy 42 --env $env"
+    "$pde" deploy 42 --env "$env"
+done
+
+echo
+echo "==> pde status"
+"$pde" status
+echo
+echo "==> pde audit verify"
+"$pde" audit verify
+echo
+echo "workspace kept at $work (tags: git -C $work tag -l)"

@@ -1,0 +1,228 @@
+//! Real parts for the integration tests: policy workspaces in temp Git
+//! repositories, the example plugins built from source, `pde agent`s and a
+//! §8 test receiver with injectable faults, all on 127.0.0.1.
+#![allow(dead_code)]
+
+pub mod receiver;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use pde::keys::{self, TrustedKeys};
+
+/// A tokio runtime shared by every server a test starts; it lives on its own
+/// threads so the synchronous [`pde::Engine`] can be driven from the test.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("test runtime")
+    })
+}
+
+/// Starts an in-process `pde agent` that trusts `trusted`; returns its base URL.
+pub fn start_agent(data_dir: &Path, trusted: &Path) -> String {
+    let cfg = pde::agent::AgentConfig {
+        data_dir: data_dir.to_path_buf(),
+        trusted: TrustedKeys::from_files(&[trusted]).expect("trusted key"),
+        insecure_accept_unsigned: false,
+        token: None,
+        max_body_bytes: 16 << 20,
+        keep: 10,
+        on_activate: None,
+    };
+    let agent = pde::agent::Agent::open(cfg).expect("agent opens");
+    let listener = runtime()
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr: SocketAddr = listener.local_addr().unwrap();
+    runtime().spawn(async move {
+        let _ = agent.serve(listener, std::future::pending::<()>()).await;
+    });
+    format!("http://{addr}")
+}
+
+/// Runs git in `dir`, panicking with its stderr on failure.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(["-c", "user.name=Test", "-c", "user.email=test@example.gov"])
+        .args(args)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// One service line of a test `pde.toml`.
+pub struct Svc {
+    pub name: &'static str,
+    pub url: String,
+    pub tags: &'static [&'static str],
+}
+
+/// A policy workspace in a temp Git repository.
+pub struct Workspace {
+    pub dir: tempfile::TempDir,
+}
+
+/// Example plugins to install: (name, kind, wasm path).
+pub fn example_plugins() -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("eligibility-bounds", PathBuf::from(pde_plugin_artifacts::ELIGIBILITY_BOUNDS)),
+        ("pii-guard", PathBuf::from(pde_plugin_artifacts::PII_GUARD)),
+        ("effective-date", PathBuf::from(pde_plugin_artifacts::EFFECTIVE_DATE)),
+        ("category-router", PathBuf::from(pde_plugin_artifacts::CATEGORY_ROUTER)),
+    ]
+}
+
+impl Workspace {
+    /// A workspace with a signing key, a plugin-signing key, the given
+    /// environments and policy 42 (see [`policy_42`]). Nothing committed yet.
+    pub fn new(envs: &str) -> Workspace {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        keys::generate(&root.join("keys"), "release.ed25519").unwrap();
+        keys::generate(&root.join("keys"), "security.ed25519").unwrap();
+        std::fs::create_dir_all(root.join("policies")).unwrap();
+        std::fs::create_dir_all(root.join("plugins")).unwrap();
+        std::fs::write(
+            root.join("pde.toml"),
+            format!(
+                "policies = \"policies\"\nplugins = \"plugins\"\nstate = \".pde\"\n\
+                 [signing]\nkey_file = \"keys/release.ed25519\"\n\
+                 [trust]\nplugin_keys = [\"keys/security.ed25519.pub\"]\n\
+                 [push]\ntimeout_ms = 1500\nretries = 2\nbackoff_ms = 20\n{envs}"
+            ),
+        )
+        .unwrap();
+        std::fs::write(root.join(".gitignore"), ".pde/\nagents/\n").unwrap();
+        let ws = Workspace { dir };
+        ws.write_policy("42.json", &policy_42("1.0.0").to_string());
+        git(root, &["init", "-q"]);
+        ws
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `[environments.<name>]` with services; `extra` goes in the table.
+    pub fn env_toml(name: &str, extra: &str, services: &[Svc]) -> String {
+        let mut s = format!("[environments.{name}]\n{extra}\n");
+        for svc in services {
+            s.push_str(&format!(
+                "[[environments.{name}.services]]\nname = \"{}\"\nurl = \"{}\"\ntags = {:?}\n",
+                svc.name, svc.url, svc.tags
+            ));
+        }
+        s
+    }
+
+    pub fn write_policy(&self, file: &str, text: &str) {
+        std::fs::write(self.root().join("policies").join(file), text).unwrap();
+    }
+
+    /// Installs a plugin as a security team would: copy, pin the sha256 in
+    /// its manifest, and sign it when `sign` is set.
+    pub fn install_plugin(&self, name: &str, kind: &str, wasm: &Path, settings: &str, sign: bool) {
+        let dest = self.root().join("plugins").join(format!("{name}.wasm"));
+        std::fs::copy(wasm, &dest).unwrap();
+        let bytes = std::fs::read(&dest).unwrap();
+        let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        std::fs::write(
+            self.root().join("plugins").join(format!("{name}.toml")),
+            format!(
+                "name = \"{name}\"\nkind = \"{kind}\"\nversion = \"1.0.0\"\nsha256 = \"{sum}\"\n\
+                 description = \"test install\"\n{settings}"
+            ),
+        )
+        .unwrap();
+        if sign {
+            let key = keys::load_signing_key(&self.root().join("keys/security.ed25519")).unwrap();
+            let sig = keys::sign(&key, format!("sha256:{sum}").as_bytes());
+            std::fs::write(
+                self.root().join("plugins").join(format!("{name}.wasm.sig")),
+                serde_json::to_string(&sig).unwrap(),
+            )
+            .unwrap();
+        }
+    }
+
+    /// Installs every example plugin, signed.
+    pub fn install_examples(&self) {
+        for (name, wasm) in example_plugins() {
+            let kind = if name.ends_with("router") { "router" } else { "validator" };
+            self.install_plugin(name, kind, &wasm, "", true);
+        }
+    }
+
+    pub fn commit(&self, message: &str) {
+        git(self.root(), &["add", "-A"]);
+        git(self.root(), &["commit", "-q", "--allow-empty", "-m", message]);
+    }
+
+    pub fn engine(&self) -> pde::Engine {
+        pde::Engine::open(self.root()).expect("engine opens")
+    }
+
+    pub fn release_pub(&self) -> PathBuf {
+        self.root().join("keys/release.ed25519.pub")
+    }
+
+    /// Starts an agent trusting this workspace's release key.
+    pub fn agent(&self, name: &str) -> String {
+        start_agent(&self.root().join("agents").join(name), &self.release_pub())
+    }
+
+    pub fn tags(&self) -> Vec<String> {
+        git(self.root(), &["tag", "-l"])
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+/// A valid policy 42 at `version`, with two approvals, an effective date
+/// in the future and rules of every category the example router knows.
+pub fn policy_42(version: &str) -> serde_json::Value {
+    serde_json::json!({
+        "id": "42",
+        "version": version,
+        "title": "Winter heating assistance",
+        "agency": "HMS",
+        "effective": "2099-01-01",
+        "approvals": [
+            {"by": "director@hms.example.gov", "role": "program-director", "at": "2026-11-20T15:04:00Z"},
+            {"by": "counsel@hms.example.gov", "role": "legal-counsel", "at": "2026-11-21T09:30:00Z"}
+        ],
+        "rules": [
+            {"key": "heating.min-age", "category": "eligibility", "value": 18, "description": "Applicant must be at least 18 years of age"},
+            {"key": "heating.income-limit", "category": "eligibility", "value": 42000, "description": "Annual household income threshold in USD"},
+            {"key": "heating.payment-day", "category": "payments", "value": 15, "description": "Day of the month payments are scheduled"},
+            {"key": "heating.application-form", "category": "forms", "value": "HMS-HEAT-2027", "description": "Application form on the portal"}
+        ],
+        "config": {}
+    })
+}
+
+/// GET `{url}/active` → the digest, if any.
+pub fn active_digest(url: &str) -> Option<String> {
+    runtime().block_on(async {
+        let r = reqwest::get(format!("{url}/active")).await.unwrap();
+        if r.status() == 404 {
+            return None;
+        }
+        let v: serde_json::Value = r.json().await.unwrap();
+        v["digest"].as_str().map(str::to_string)
+    })
+}
