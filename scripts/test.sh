@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The README's test command: every unit, integration and plugin test.
+# The README's test command: formatting, every unit, integration and plugin
+# test, then clippy with warnings as errors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_wasm_target
 cargo fmt --all --check
 cargo test --workspace --locked "$@"
+cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -139,22 +139,26 @@ impl Engine {
         Ok(TrustedKeys::from_files(&paths)?)
     }
 
-    /// The bundle signing key named by `[signing]`.
-    pub fn signing_key(&self) -> Result<ed25519_dalek::SigningKey, Error> {
+    /// The bundle signing key named by `[signing]`, or none when the
+    /// workspace has no `[signing]` table.
+    ///
+    /// Unsigned bundles are allowed so that a new workspace works before keys
+    /// are handed out, but they are refused where it matters: `pde agent`
+    /// rejects them unless started with `--insecure-accept-unsigned`. A key
+    /// that is configured but cannot be read is always an error.
+    pub fn signing_key(&self) -> Result<Option<ed25519_dalek::SigningKey>, Error> {
         let signing = &self.config.signing;
         if let Some(file) = &signing.key_file {
-            return Ok(keys::load_signing_key(&self.root.join(file))?);
+            return Ok(Some(keys::load_signing_key(&self.root.join(file))?));
         }
         if let Some(var) = &signing.key_env {
-            return Ok(keys::load_signing_key_env(var)?);
+            return Ok(Some(keys::load_signing_key_env(var)?));
         }
-        Err(ConfigError::Invalid {
-            path: self.root.join(crate::config::FILE_NAME),
-            message: "no bundle signing key: add `[signing] key_file = \"keys/release.ed25519\"` \
-                      (create one with `pde keygen --out keys`) or `key_env = \"PDE_SIGNING_KEY\"`"
-                .into(),
-        }
-        .into())
+        tracing::warn!(
+            "no [signing] key in pde.toml: the bundle is unsigned and agents will refuse it; \
+             create a key with `pde keygen --out keys` and add `[signing] key_file = \"keys/release.ed25519\"`"
+        );
+        Ok(None)
     }
 
     /// The workspace plugins, compiled or loaded from the cache on first use.

@@ -458,7 +458,7 @@ impl Engine {
             policy: policy.document.clone(),
         };
         let key = self.signing_key()?;
-        Ok(Bundle::seal(payload, &[&key]))
+        Ok(Bundle::seal(payload, &key.iter().collect::<Vec<_>>()))
     }
 
     /// Writes `bundle` atomically into `out` (default `<state>/dist/`).
