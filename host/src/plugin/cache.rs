@@ -120,7 +120,11 @@ fn write_entry(component: &Component, path: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let mut nonce = [0u8; 8];
     getrandom::fill(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
-    let tmp = dir.join(format!(".tmp-{}-{}", std::process::id(), hex::encode(nonce)));
+    let tmp = dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        hex::encode(nonce)
+    ));
     let result = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(MAGIC)?;

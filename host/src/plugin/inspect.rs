@@ -85,16 +85,20 @@ pub fn capability(import: &str) -> Capability {
             "captured into the plugin's log, bounded; never reaches the terminal",
         ),
         "wasi:cli/stdin" => (true, "empty: reads end at once"),
-        "wasi:cli/environment" => (false, "denied: no environment variables, no arguments, no cwd"),
+        "wasi:cli/environment" => (
+            false,
+            "denied: no environment variables, no arguments, no cwd",
+        ),
         "wasi:cli/exit" => (true, "ends the call (reported as a trap)"),
         "wasi:cli/terminal-input"
         | "wasi:cli/terminal-output"
         | "wasi:cli/terminal-stdin"
         | "wasi:cli/terminal-stdout"
         | "wasi:cli/terminal-stderr" => (true, "always reports: not a terminal"),
-        "wasi:filesystem/preopens" | "wasi:filesystem/types" => {
-            (false, "denied: no preopened directories, so no file can be opened")
-        }
+        "wasi:filesystem/preopens" | "wasi:filesystem/types" => (
+            false,
+            "denied: no preopened directories, so no file can be opened",
+        ),
         "wasi:sockets/network"
         | "wasi:sockets/instance-network"
         | "wasi:sockets/tcp"

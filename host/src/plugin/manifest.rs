@@ -7,7 +7,7 @@
 //! operator allows, and trying to is reported, not clamped, so nobody believes
 //! a limit is in force when it is not.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::Deserialize;
 
@@ -124,16 +124,16 @@ impl Manifest {
             field: &'static str,
             asked: Option<u64>,
             global: u64,
-            path: &PathBuf,
+            path: &Path,
         ) -> Result<u64, PluginError> {
             match asked {
                 None => Ok(global),
                 Some(0) => Err(PluginError::BadManifest {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     message: format!("[limits] {field} must be greater than zero"),
                 }),
                 Some(v) if v > global => Err(PluginError::LimitLoosened {
-                    path: path.clone(),
+                    path: path.to_path_buf(),
                     field,
                     asked: v,
                     allowed: global,
@@ -141,20 +141,19 @@ impl Manifest {
                 Some(v) => Ok(v),
             }
         }
-        let path = path.to_path_buf();
         Ok(Limits {
-            fuel: pick("fuel", self.limits.fuel, global.fuel, &path)?,
+            fuel: pick("fuel", self.limits.fuel, global.fuel, path)?,
             memory_mib: pick(
                 "memory_mib",
                 self.limits.memory_mib,
                 global.memory_mib,
-                &path,
+                path,
             )?,
             timeout_ms: pick(
                 "timeout_ms",
                 self.limits.timeout_ms,
                 global.timeout_ms,
-                &path,
+                path,
             )?,
         })
     }
@@ -167,7 +166,9 @@ mod tests {
     const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
 
     fn text(extra: &str) -> String {
-        format!("name = \"x\"\nkind = \"validator\"\nversion = \"1.0.0\"\nsha256 = \"{HEX}\"\n{extra}")
+        format!(
+            "name = \"x\"\nkind = \"validator\"\nversion = \"1.0.0\"\nsha256 = \"{HEX}\"\n{extra}"
+        )
     }
 
     #[test]
@@ -185,9 +186,18 @@ mod tests {
         assert_eq!(eff.fuel, 1000);
         assert_eq!(eff.memory_mib, global.memory_mib);
         let m = Manifest::parse(&text("[limits]\nmemory_mib = 4096"), Path::new("x.toml")).unwrap();
-        let err = m.effective_limits(&global, Path::new("x.toml")).unwrap_err();
+        let err = m
+            .effective_limits(&global, Path::new("x.toml"))
+            .unwrap_err();
         assert!(
-            matches!(err, PluginError::LimitLoosened { field: "memory_mib", asked: 4096, .. }),
+            matches!(
+                err,
+                PluginError::LimitLoosened {
+                    field: "memory_mib",
+                    asked: 4096,
+                    ..
+                }
+            ),
             "{err}"
         );
     }

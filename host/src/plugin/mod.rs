@@ -65,7 +65,9 @@ pub enum PluginError {
         message: String,
     },
     /// The manifest's `kind` is neither `validator` nor `router`.
-    #[error("plugin manifest {path}: unknown kind {kind:?}; use kind = \"validator\" or kind = \"router\"")]
+    #[error(
+        "plugin manifest {path}: unknown kind {kind:?}; use kind = \"validator\" or kind = \"router\""
+    )]
     UnknownKind {
         /// The manifest.
         path: PathBuf,
@@ -81,7 +83,9 @@ pub enum PluginError {
         expected: PathBuf,
     },
     /// A manifest has no `.wasm` beside it.
-    #[error("plugin manifest {manifest} has no component; expected {expected} (remove the manifest or add the component)")]
+    #[error(
+        "plugin manifest {manifest} has no component; expected {expected} (remove the manifest or add the component)"
+    )]
     OrphanManifest {
         /// The manifest.
         manifest: PathBuf,
@@ -99,7 +103,9 @@ pub enum PluginError {
         second: PathBuf,
     },
     /// A manifest asks for more than the workspace's `[limits]`.
-    #[error("plugin manifest {path}: [limits] {field} = {asked} exceeds the workspace limit {allowed}; a manifest may only tighten limits (raise it in pde.toml if intended)")]
+    #[error(
+        "plugin manifest {path}: [limits] {field} = {asked} exceeds the workspace limit {allowed}; a manifest may only tighten limits (raise it in pde.toml if intended)"
+    )]
     LimitLoosened {
         /// The manifest.
         path: PathBuf,
@@ -119,7 +125,9 @@ pub enum PluginError {
         dir: PathBuf,
     },
     /// The component's sha256 differs from the manifest's.
-    #[error("plugin {plugin}: {path} has sha256 {actual} but its manifest pins {expected}; the file changed since it was approved")]
+    #[error(
+        "plugin {plugin}: {path} has sha256 {actual} but its manifest pins {expected}; the file changed since it was approved"
+    )]
     DigestMismatch {
         /// The plugin.
         plugin: String,
@@ -159,7 +167,9 @@ pub enum PluginError {
         hint: String,
     },
     /// The component was built against a `pde:plugin` version this pde lacks.
-    #[error("plugin {plugin} was built against pde:plugin@{found}, which this pde does not support (supported: {supported}); rebuild it against a supported wit/ version or upgrade pde")]
+    #[error(
+        "plugin {plugin} was built against pde:plugin@{found}, which this pde does not support (supported: {supported}); rebuild it against a supported wit/ version or upgrade pde"
+    )]
     UnsupportedWitVersion {
         /// The plugin.
         plugin: String,
@@ -177,7 +187,9 @@ pub enum PluginError {
         message: String,
     },
     /// The call used up its fuel.
-    #[error("plugin {plugin} ran out of fuel ({fuel} units); it is looping or the policy is too large (raise [limits] fuel if legitimate)")]
+    #[error(
+        "plugin {plugin} ran out of fuel ({fuel} units); it is looping or the policy is too large (raise [limits] fuel if legitimate)"
+    )]
     OutOfFuel {
         /// The plugin.
         plugin: String,
@@ -217,7 +229,9 @@ pub enum PluginError {
         message: String,
     },
     /// A router named a service that it was not given.
-    #[error("router {plugin} routed to {service:?}, which is not a service of this environment (known: {known})")]
+    #[error(
+        "router {plugin} routed to {service:?}, which is not a service of this environment (known: {known})"
+    )]
     UnknownService {
         /// The plugin.
         plugin: String,
@@ -582,8 +596,7 @@ impl PluginHost {
             self.cache
                 .load_or_compile(&self.engine, &name, &spec.sha256, &spec.bytes)?;
         let (imports, exports) = inspect::world(&self.engine, &component);
-        let versions =
-            wit::versions_named(imports.iter().chain(&exports).map(String::as_str));
+        let versions = wit::versions_named(imports.iter().chain(&exports).map(String::as_str));
         let wit_version = match versions.as_slice() {
             [] => wit::SUPPORTED[wit::SUPPORTED.len() - 1].clone(),
             [one] => one.clone(),
@@ -608,9 +621,15 @@ impl PluginHost {
                     expected: declared,
                     found: format!(
                         "it is a {actual} (it exports `{}`)",
-                        if actual == PluginKind::Router { "route" } else { "validate" }
+                        if actual == PluginKind::Router {
+                            "route"
+                        } else {
+                            "validate"
+                        }
                     ),
-                    hint: format!("set kind = \"{actual}\" in {name}.toml, or rebuild it with the {declared} world"),
+                    hint: format!(
+                        "set kind = \"{actual}\" in {name}.toml, or rebuild it with the {declared} world"
+                    ),
                 });
             }
             (Some(k), Some(_)) | (None, Some(k)) => k,

@@ -348,8 +348,8 @@ pub fn new_store(engine: &Engine, plugin: &str, limits: &Limits) -> Store<HostSt
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }));
-    let memory_bytes = usize::try_from(limits.memory_mib.saturating_mul(1024 * 1024))
-        .unwrap_or(usize::MAX);
+    let memory_bytes =
+        usize::try_from(limits.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
     let state = HostState {
         plugin: plugin.to_string(),
         wasi: builder.build(),

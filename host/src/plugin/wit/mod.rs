@@ -24,6 +24,10 @@ pub const PACKAGE: &str = "pde:plugin";
 /// The `MIN_VERSION` of every version module, oldest first.
 pub const SUPPORTED: &[Version] = &[since_v0_1_0::MIN_VERSION];
 
+/// What a shim's call returns: the plugin's own `result<list<T>, string>`
+/// with its costs, or the named way the call failed.
+pub type Called<T> = Result<(Result<Vec<T>, String>, CallStats), PluginError>;
+
 /// Policy and context of one call, independent of the WIT version.
 #[derive(Debug, Clone)]
 pub struct CallInput {
@@ -166,11 +170,11 @@ impl Prepared {
         plugin: &str,
         limits: &Limits,
         input: &CallInput,
-    ) -> Option<Result<(Result<Vec<RawDiagnostic>, String>, CallStats), PluginError>> {
+    ) -> Option<Called<RawDiagnostic>> {
         match self {
-            Prepared::V0_1(since_v0_1_0::Prepared::Validator(pre)) => Some(
-                since_v0_1_0::validate(engine, pre, plugin, limits, input),
-            ),
+            Prepared::V0_1(since_v0_1_0::Prepared::Validator(pre)) => {
+                Some(since_v0_1_0::validate(engine, pre, plugin, limits, input))
+            }
             Prepared::V0_1(since_v0_1_0::Prepared::Router(_)) => None,
         }
     }
@@ -183,7 +187,7 @@ impl Prepared {
         limits: &Limits,
         input: &CallInput,
         services: &[RawService],
-    ) -> Option<Result<(Result<Vec<RawRoute>, String>, CallStats), PluginError>> {
+    ) -> Option<Called<RawRoute>> {
         match self {
             Prepared::V0_1(since_v0_1_0::Prepared::Router(pre)) => Some(since_v0_1_0::route(
                 engine, pre, plugin, limits, input, services,
@@ -213,8 +217,14 @@ mod tests {
 
     #[test]
     fn selection_is_semver_compatible_and_refuses_unknown() {
-        assert_eq!(select(&Version::new(0, 1, 0)), Some(&since_v0_1_0::MIN_VERSION));
-        assert_eq!(select(&Version::new(0, 1, 3)), Some(&since_v0_1_0::MIN_VERSION));
+        assert_eq!(
+            select(&Version::new(0, 1, 0)),
+            Some(&since_v0_1_0::MIN_VERSION)
+        );
+        assert_eq!(
+            select(&Version::new(0, 1, 3)),
+            Some(&since_v0_1_0::MIN_VERSION)
+        );
         assert_eq!(select(&Version::new(0, 2, 0)), None);
         assert_eq!(select(&Version::new(1, 0, 0)), None);
     }

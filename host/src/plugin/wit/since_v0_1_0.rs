@@ -11,9 +11,9 @@ use semver::Version;
 use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
 
-use super::{CallInput, RawDiagnostic, RawRoute, RawService, RawSeverity};
+use super::{CallInput, Called, RawDiagnostic, RawRoute, RawService, RawSeverity};
 use crate::plugin::PluginError;
-use crate::plugin::sandbox::{self, CallStats, HostState, LogLevel};
+use crate::plugin::sandbox::{self, HostState, LogLevel};
 
 /// The oldest plugin WIT version this module binds.
 pub const MIN_VERSION: Version = Version::new(0, 1, 0);
@@ -113,7 +113,7 @@ pub fn validate(
     plugin: &str,
     limits: &crate::config::Limits,
     input: &CallInput,
-) -> Result<(Result<Vec<RawDiagnostic>, String>, CallStats), PluginError> {
+) -> Called<RawDiagnostic> {
     let (p, c) = policy(input);
     let (out, stats) = sandbox::run(engine, plugin, limits, |store| {
         let instance = pre.instantiate(&mut *store)?;
@@ -144,7 +144,7 @@ pub fn route(
     limits: &crate::config::Limits,
     input: &CallInput,
     services: &[RawService],
-) -> Result<(Result<Vec<RawRoute>, String>, CallStats), PluginError> {
+) -> Called<RawRoute> {
     let (p, c) = policy(input);
     let services: Vec<types::Service> = services
         .iter()
