@@ -1,13 +1,463 @@
-//! `pde plugin …` (in progress).
-use super::{CmdResult, Ctx};
+//! `pde plugin …`: list, inspect, test, sign and verify WebAssembly plugins.
+//!
+//! Parsing and printing only; loading, sandboxing and checking are the
+//! library's `pde::plugin`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use pde::ExitCode;
+use pde::config::Config;
+use pde::keys::TrustedKeys;
+use pde::plugin::{
+    CallContext, Plugin, PluginHost, PluginKind, PolicyInput, ServiceInfo, SignatureStatus,
+};
+
+use super::{CmdResult, Ctx, Failure};
 
 /// Plugin commands.
 #[derive(Debug, clap::Subcommand)]
 pub enum PluginCmd {
-    /// List the plugins of the workspace.
+    /// List the plugins of the workspace: name, kind, version, digest, WIT version, signature.
     List,
+    /// Show a component's world, digest, size, producers and capabilities.
+    Inspect {
+        /// A `.wasm` file, or the name of a workspace plugin.
+        target: String,
+    },
+    /// Run one plugin alone over one policy file.
+    Test {
+        /// A `.wasm` file, or the name of a workspace plugin.
+        target: String,
+        /// The policy document (JSON or YAML).
+        #[arg(long, value_name = "FILE")]
+        policy: PathBuf,
+        /// The environment to pass (and, for routers, whose services to offer).
+        #[arg(long, value_name = "ENV")]
+        env: Option<String>,
+    },
+    /// Sign a component: writes `PATH.sig`.
+    Sign {
+        /// The `.wasm` file.
+        path: PathBuf,
+        /// The signing key file (hex seed).
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Verify a component's signature (default keys: the workspace's [trust] plugin_keys).
+    Verify {
+        /// The `.wasm` file.
+        path: PathBuf,
+        /// Trusted public key files; repeatable.
+        #[arg(long = "key", value_name = "PUBFILE")]
+        keys: Vec<PathBuf>,
+    },
 }
 
-pub fn run(_ctx: &Ctx, _cmd: PluginCmd) -> CmdResult {
-    Err(super::Failure::usage("not yet available"))
+/// Runs a plugin subcommand.
+pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
+    match cmd {
+        PluginCmd::List => list(ctx),
+        PluginCmd::Inspect { target } => inspect(ctx, &target),
+        PluginCmd::Test {
+            target,
+            policy,
+            env,
+        } => test(ctx, &target, &policy, env.as_deref()),
+        PluginCmd::Sign { path, key } => sign(ctx, &path, &key),
+        PluginCmd::Verify { path, keys } => verify(ctx, &path, &keys),
+    }
+}
+
+/// The workspace, when `pde.toml` exists; `required` makes its absence an error.
+fn workspace(ctx: &Ctx, required: bool) -> Result<Option<Config>, Failure> {
+    if !required && !ctx.dir.join(pde::config::FILE_NAME).is_file() {
+        return Ok(None);
+    }
+    Ok(Some(Config::load(&ctx.dir)?))
+}
+
+fn trusted_keys(ctx: &Ctx, config: Option<&Config>) -> Result<TrustedKeys, Failure> {
+    let Some(config) = config else {
+        return Ok(TrustedKeys::new());
+    };
+    let paths: Vec<PathBuf> = config
+        .trust
+        .plugin_keys
+        .iter()
+        .map(|p| ctx.dir.join(p))
+        .collect();
+    Ok(TrustedKeys::from_files(&paths)?)
+}
+
+fn host(ctx: &Ctx, config: Option<&Config>) -> Result<PluginHost, Failure> {
+    let limits = config.map(|c| c.limits).unwrap_or_default();
+    let cache = config.map(|c| ctx.dir.join(&c.state).join("cache").join("plugins"));
+    Ok(PluginHost::new(limits, cache)?)
+}
+
+fn is_path(target: &str) -> bool {
+    target.ends_with(".wasm") || target.contains('/') || Path::new(target).is_file()
+}
+
+/// Loads TARGET: a `.wasm` path, or a plugin of the workspace by name.
+fn load_target(
+    ctx: &Ctx,
+    host: &PluginHost,
+    config: Option<&Config>,
+    trusted: &TrustedKeys,
+    target: &str,
+) -> Result<Plugin, Failure> {
+    if is_path(target) {
+        return Ok(host.load_file(Path::new(target), trusted)?);
+    }
+    let Some(config) = config else {
+        return Err(Failure::usage(format!(
+            "{target:?} is not a .wasm file and there is no {} in {} to look the name up in",
+            pde::config::FILE_NAME,
+            ctx.dir.display()
+        )));
+    };
+    let dir = ctx.dir.join(&config.plugins);
+    let plugins = host.load_dir(&dir, trusted)?;
+    plugins
+        .into_iter()
+        .find(|p| p.name == target)
+        .ok_or_else(|| {
+            pde::plugin::PluginError::NotFound {
+                name: target.to_string(),
+                dir,
+            }
+            .into()
+        })
+}
+
+fn signed_text(s: &SignatureStatus) -> String {
+    match s {
+        SignatureStatus::Unsigned => "unsigned".into(),
+        SignatureStatus::Valid { keyid } => format!("signed ({keyid})"),
+        SignatureStatus::Invalid { reason } => format!("INVALID ({reason})"),
+    }
+}
+
+fn list(ctx: &Ctx) -> CmdResult {
+    let config = workspace(ctx, true)?;
+    let config = config.as_ref();
+    let trusted = trusted_keys(ctx, config)?;
+    let host = host(ctx, config)?;
+    let dir = ctx.dir.join(&config.expect("required").plugins);
+    let plugins = host.load_dir(&dir, &trusted)?;
+    if ctx.json {
+        let rows: Vec<_> = plugins
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "name": p.name,
+                    "kind": p.kind,
+                    "version": p.version,
+                    "sha256": p.sha256,
+                    "wit_version": p.wit_version.to_string(),
+                    "signed": matches!(p.signature, SignatureStatus::Valid { .. }),
+                    "signature": p.signature,
+                    "description": p.description,
+                })
+            })
+            .collect();
+        ctx.print_json(&rows);
+        return Ok(ExitCode::Ok);
+    }
+    if plugins.is_empty() {
+        println!("no plugins in {}", dir.display());
+        return Ok(ExitCode::Ok);
+    }
+    println!(
+        "{:<20} {:<9} {:<9} {:<14} {:<5} SIGNATURE",
+        "NAME", "KIND", "VERSION", "SHA256", "WIT"
+    );
+    for p in &plugins {
+        println!(
+            "{:<20} {:<9} {:<9} {:<14} {:<5} {}",
+            p.name,
+            p.kind.to_string(),
+            p.version,
+            &p.sha256[..12],
+            p.wit_version.to_string(),
+            signed_text(&p.signature)
+        );
+    }
+    Ok(ExitCode::Ok)
+}
+
+fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
+    let path = if is_path(target) {
+        PathBuf::from(target)
+    } else {
+        let config = workspace(ctx, true)?;
+        let config = config.as_ref().expect("required");
+        let host = host(ctx, Some(config))?;
+        let trusted = trusted_keys(ctx, Some(config))?;
+        load_target(ctx, &host, Some(config), &trusted, target)?.path
+    };
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("reading {}", path.display()))
+        .map_err(|error| Failure {
+            code: ExitCode::Usage,
+            error,
+        })?;
+    let engine = PluginHost::new(Default::default(), None)?;
+    let name = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .unwrap_or("plugin")
+        .to_string();
+    let report = pde::plugin::inspect::inspect(engine.engine(), &name, &bytes)?;
+    if ctx.json {
+        ctx.print_json(&report);
+        return Ok(ExitCode::Ok);
+    }
+    println!("{}", path.display());
+    println!("  sha256:   {}", report.sha256);
+    println!("  size:     {} bytes", report.size);
+    println!(
+        "  world:    {}",
+        report
+            .kind
+            .map(|k| k.to_string())
+            .unwrap_or_else(|| "none (exports neither validate nor route)".into())
+    );
+    println!("  pde:plugin versions: {}", report.wit_versions.join(", "));
+    println!("  exports:  {}", report.exports.join(", "));
+    println!("  producers:");
+    for p in &report.producers {
+        println!("    {}: {} {}", p.field, p.name, p.version);
+    }
+    println!("  capabilities asked for:");
+    for c in &report.capabilities {
+        println!(
+            "    {} {:<40} {}",
+            if c.granted { "granted" } else { "DENIED " },
+            c.import,
+            c.note
+        );
+    }
+    Ok(ExitCode::Ok)
+}
+
+fn read_policy(path: &Path) -> Result<PolicyInput, Failure> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading policy {}", path.display()))
+        .map_err(|error| Failure {
+            code: ExitCode::Usage,
+            error,
+        })?;
+    let document: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(json_err) => serde_saphyr::from_str(&text).map_err(|yaml_err| {
+            Failure::usage(format!(
+                "{} is neither JSON ({json_err}) nor YAML ({yaml_err})",
+                path.display()
+            ))
+        })?,
+    };
+    if !document.is_object() {
+        return Err(Failure::usage(format!(
+            "{} must hold a policy object",
+            path.display()
+        )));
+    }
+    let field = |k: &str| {
+        document
+            .get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let mut id = field("id");
+    if id.is_empty() {
+        id = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_string();
+    }
+    Ok(PolicyInput {
+        id,
+        version: field("version"),
+        document,
+    })
+}
+
+fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdResult {
+    let config = workspace(ctx, !is_path(target))?;
+    let config = config.as_ref();
+    let trusted = trusted_keys(ctx, config)?;
+    let host = host(ctx, config)?;
+    let plugin = load_target(ctx, &host, config, &trusted, target)?;
+    let policy = read_policy(policy_path)?;
+    let call = CallContext {
+        environment: env.unwrap_or_default().to_string(),
+    };
+    match plugin.kind {
+        PluginKind::Validator => {
+            let report = host.validate(&plugin, &policy, &call)?;
+            let errors = report.value.iter().filter(|d| d.is_error()).count();
+            let verdict = if errors > 0 { "fail" } else { "pass" };
+            if ctx.json {
+                ctx.print_json(&serde_json::json!({
+                    "plugin": plugin.name,
+                    "kind": plugin.kind,
+                    "verdict": verdict,
+                    "diagnostics": report.value,
+                    "fuel_used": report.fuel_used,
+                    "peak_memory_bytes": report.peak_memory_bytes,
+                    "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
+                    "log": report.log,
+                }));
+            } else {
+                for d in &report.value {
+                    println!("{d}");
+                }
+                print_costs(
+                    &report.log,
+                    report.fuel_used,
+                    report.peak_memory_bytes,
+                    report.elapsed,
+                );
+                println!(
+                    "verdict: {verdict} ({} diagnostics, {errors} errors)",
+                    report.value.len()
+                );
+            }
+            Ok(if errors > 0 {
+                ExitCode::ValidationFailed
+            } else {
+                ExitCode::Ok
+            })
+        }
+        PluginKind::Router => {
+            let services: Vec<ServiceInfo> = match (env, config) {
+                (Some(name), Some(config)) => config
+                    .environment(name)?
+                    .services
+                    .iter()
+                    .map(|s| ServiceInfo {
+                        name: s.name.clone(),
+                        tags: s.tags.clone(),
+                        labels: s.labels.clone(),
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let report = host.route(&plugin, &policy, &call, &services)?;
+            if ctx.json {
+                ctx.print_json(&serde_json::json!({
+                    "plugin": plugin.name,
+                    "kind": plugin.kind,
+                    "verdict": "routed",
+                    "routes": report.value,
+                    "fuel_used": report.fuel_used,
+                    "peak_memory_bytes": report.peak_memory_bytes,
+                    "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
+                    "log": report.log,
+                }));
+            } else {
+                if services.is_empty() {
+                    println!(
+                        "(no services offered: pass --env ENV to offer that environment's services)"
+                    );
+                }
+                for r in &report.value {
+                    println!("route -> {}: {}", r.service, r.reason);
+                }
+                print_costs(
+                    &report.log,
+                    report.fuel_used,
+                    report.peak_memory_bytes,
+                    report.elapsed,
+                );
+                println!("verdict: routed to {} services", report.value.len());
+            }
+            Ok(ExitCode::Ok)
+        }
+    }
+}
+
+fn print_costs(log: &[String], fuel: u64, peak: u64, elapsed: std::time::Duration) {
+    for line in log {
+        println!("log: {line}");
+    }
+    println!(
+        "fuel used: {fuel} · peak memory: {:.1} MiB · time: {:.2} ms",
+        peak as f64 / (1024.0 * 1024.0),
+        elapsed.as_secs_f64() * 1000.0
+    );
+}
+
+fn sign(ctx: &Ctx, path: &Path, key: &Path) -> CmdResult {
+    let key = pde::keys::load_signing_key(key)?;
+    let (sig_path, sig) = pde::plugin::signature::sign_file(path, &key)?;
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({
+            "signature_file": sig_path,
+            "keyid": sig.keyid,
+        }));
+    } else {
+        println!(
+            "signed {} with key {} -> {}",
+            path.display(),
+            sig.keyid,
+            sig_path.display()
+        );
+    }
+    Ok(ExitCode::Ok)
+}
+
+fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
+    let trusted = if keys.is_empty() {
+        let config = workspace(ctx, false)?;
+        trusted_keys(ctx, config.as_ref())?
+    } else {
+        TrustedKeys::from_files(keys)?
+    };
+    if trusted.is_empty() {
+        return Err(Failure::usage(
+            "no trusted keys: pass --key PUBFILE or list [trust] plugin_keys in pde.toml",
+        ));
+    }
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading {}", path.display()))
+        .map_err(|error| Failure {
+            code: ExitCode::Usage,
+            error,
+        })?;
+    let digest = pde::plugin::sha256_hex(&bytes);
+    let status = pde::plugin::signature::status(path, &digest, &trusted);
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({
+            "path": path,
+            "sha256": digest,
+            "signature": status,
+        }));
+    }
+    match status {
+        SignatureStatus::Valid { keyid } => {
+            if !ctx.json {
+                println!("{}: valid signature by key {keyid}", path.display());
+            }
+            Ok(ExitCode::Ok)
+        }
+        SignatureStatus::Unsigned => Err(pde::plugin::PluginError::BadSignature {
+            plugin: path.display().to_string(),
+            reason: format!(
+                "no signature file {}",
+                pde::plugin::signature::sig_path(path).display()
+            ),
+        }
+        .into()),
+        SignatureStatus::Invalid { reason } => Err(pde::plugin::PluginError::BadSignature {
+            plugin: path.display().to_string(),
+            reason,
+        }
+        .into()),
+    }
 }

@@ -1,0 +1,37 @@
+//! The wit-bindgen output for both worlds, kept out of the public API.
+//!
+//! Why two `generate!` calls with `pub_export_macro`: wit-bindgen then embeds
+//! in this library only an *imports-only* copy of each world, and the full
+//! world (with its single export) is embedded by the export macro in the
+//! plugin crate that invokes it. A validator component therefore exports
+//! `validate` and nothing else, a router exports `route` and nothing else,
+//! even though both worlds live in this one crate. The router bindings reuse
+//! the validator's `types` and `host` modules so there is one Rust type per
+//! WIT type.
+
+/// Bindings for `world validator`.
+pub mod validator {
+    wit_bindgen::generate!({
+        path: "../../wit/v0.1.0/plugin.wit",
+        world: "pde:plugin/validator@0.1.0",
+        pub_export_macro: true,
+        default_bindings_module: "::pde_plugin::__private::validator",
+        runtime_path: "::pde_plugin::__private::wit_bindgen::rt",
+        generate_all,
+    });
+}
+
+/// Bindings for `world router`.
+pub mod router {
+    wit_bindgen::generate!({
+        path: "../../wit/v0.1.0/plugin.wit",
+        world: "pde:plugin/router@0.1.0",
+        pub_export_macro: true,
+        default_bindings_module: "::pde_plugin::__private::router",
+        runtime_path: "::pde_plugin::__private::wit_bindgen::rt",
+        with: {
+            "pde:plugin/types@0.1.0": crate::bindings::validator::pde::plugin::types,
+            "pde:plugin/host@0.1.0": crate::bindings::validator::pde::plugin::host,
+        },
+    });
+}
