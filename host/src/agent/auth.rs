@@ -57,7 +57,9 @@ pub async fn require_token(
         Some(token) if check.accepts(token.trim()) => Ok(next.run(request).await),
         Some(_) => {
             warn!(path = %request.uri().path(), "rejected request: wrong bearer token");
-            Err(ApiError::unauthorized("the bearer token is not the one this agent expects"))
+            Err(ApiError::unauthorized(
+                "the bearer token is not the one this agent expects",
+            ))
         }
         None => {
             warn!(path = %request.uri().path(), "rejected request: no bearer token");

@@ -35,7 +35,12 @@ pub async fn run(cmd: &str, bundle: &Path, record: &ActiveRecord) -> Result<(), 
         .kill_on_drop(true)
         .output();
     let output = match tokio::time::timeout(HOOK_TIMEOUT, child).await {
-        Err(_) => return Err(format!("timed out after {}s and was killed", HOOK_TIMEOUT.as_secs())),
+        Err(_) => {
+            return Err(format!(
+                "timed out after {}s and was killed",
+                HOOK_TIMEOUT.as_secs()
+            ));
+        }
         Ok(Err(e)) => return Err(format!("could not be started: {e}")),
         Ok(Ok(output)) => output,
     };

@@ -161,7 +161,8 @@ impl Agent {
         }
         if cfg.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err(AgentError::Config(
-                "the bearer token is empty; set the variable named by --token-env to a secret".into(),
+                "the bearer token is empty; set the variable named by --token-env to a secret"
+                    .into(),
             ));
         }
         let check_signatures = !cfg.trusted.is_empty();
@@ -174,7 +175,9 @@ impl Agent {
                  this agent will activate bundles WITHOUT checking any signature"
             );
         } else if cfg.insecure_accept_unsigned {
-            warn!("--insecure-accept-unsigned is ignored: trusted keys are configured, so every bundle must be signed by one");
+            warn!(
+                "--insecure-accept-unsigned is ignored: trusted keys are configured, so every bundle must be signed by one"
+            );
         }
         let store = store::Store::open(&cfg.data_dir, cfg.keep).map_err(|source| match source {
             store::StoreError::CorruptState { .. } => AgentError::CorruptState {

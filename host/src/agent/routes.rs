@@ -302,7 +302,9 @@ pub async fn deploy(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers)?;
+    let key = idempotency_key(&headers).inspect_err(|e| {
+        warn!(outcome = "rejected", error = e.code, "deploy rejected");
+    })?;
     let body = body_bytes(body, app.settings.max_body_bytes)?;
     let settings = app.settings.clone();
     let parsed = tokio::task::spawn_blocking(move || parse_deploy(&body, &settings))
@@ -327,25 +329,36 @@ pub async fn deploy(
         DeployOutcome::Repeat => {
             info!(%digest, %env, outcome = "repeat", "deploy is a repeat of an earlier request; nothing to do");
             let active = guard.active().cloned();
-            Ok(Json(json!({"outcome": "unchanged", "digest": digest, "active": active})).into_response())
+            Ok(
+                Json(json!({"outcome": "unchanged", "digest": digest, "active": active}))
+                    .into_response(),
+            )
         }
         DeployOutcome::AlreadyActive => {
             info!(%digest, %env, outcome = "already-active", "deployed bundle is already active");
             let active = guard.active().cloned();
-            Ok(Json(json!({"outcome": "already-active", "digest": digest, "active": active})).into_response())
+            Ok(
+                Json(json!({"outcome": "already-active", "digest": digest, "active": active}))
+                    .into_response(),
+            )
         }
         DeployOutcome::KeyConflict { previous } => {
             warn!(%digest, %env, %previous, outcome = "key-conflict", "idempotency key reused with another digest");
             Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_conflict",
-                format!("Idempotency-Key {key:?} was already used with {previous}; use a new key for a different bundle"),
+                format!(
+                    "Idempotency-Key {key:?} was already used with {previous}; use a new key for a different bundle"
+                ),
             ))
         }
         DeployOutcome::Activated(record) => {
             info!(%digest, %env, version = %record.version, outcome = "activated", "bundle activated");
             let record = after_activation(&app.settings, guard, record).await?;
-            Ok(Json(json!({"outcome": "activated", "digest": digest, "active": record})).into_response())
+            Ok(
+                Json(json!({"outcome": "activated", "digest": digest, "active": record}))
+                    .into_response(),
+            )
         }
     }
 }
@@ -406,11 +419,7 @@ pub async fn rollback(
             && s.active().is_none_or(|a| &a.digest != target)
         {
             let bundle = s.load_bundle(target).map_err(|e| {
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "stored_bundle_damaged",
-                    e.to_string(),
-                )
+                ApiError::new(StatusCode::CONFLICT, "stored_bundle_damaged", e.to_string())
             })?;
             if settings.check_signatures {
                 bundle
@@ -427,7 +436,10 @@ pub async fn rollback(
             Err(e)
         }
         Ok(RollbackOutcome::Unknown) => {
-            warn!(outcome = "unknown-digest", "rollback to a digest that is not stored");
+            warn!(
+                outcome = "unknown-digest",
+                "rollback to a digest that is not stored"
+            );
             Err(ApiError::new(
                 StatusCode::NOT_FOUND,
                 "unknown_digest",
@@ -435,7 +447,10 @@ pub async fn rollback(
             ))
         }
         Ok(RollbackOutcome::NothingToRollBack) => {
-            warn!(outcome = "nothing-to-roll-back", "rollback with no earlier activation");
+            warn!(
+                outcome = "nothing-to-roll-back",
+                "rollback with no earlier activation"
+            );
             Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "nothing_to_roll_back",
@@ -444,12 +459,18 @@ pub async fn rollback(
         }
         Ok(RollbackOutcome::AlreadyActive(record)) => {
             info!(digest = %record.digest, outcome = "already-active", "rollback target is already active");
-            Ok(Json(json!({"outcome": "already-active", "digest": record.digest, "active": record})).into_response())
+            Ok(Json(
+                json!({"outcome": "already-active", "digest": record.digest, "active": record}),
+            )
+            .into_response())
         }
         Ok(RollbackOutcome::Activated(record)) => {
             info!(digest = %record.digest, version = %record.version, outcome = "rolled-back", "rolled back");
             let record = after_activation(&app.settings, guard, record).await?;
-            Ok(Json(json!({"outcome": "rolled-back", "digest": record.digest, "active": record})).into_response())
+            Ok(
+                Json(json!({"outcome": "rolled-back", "digest": record.digest, "active": record}))
+                    .into_response(),
+            )
         }
     }
 }

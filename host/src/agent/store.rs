@@ -214,7 +214,10 @@ pub struct Store {
 /// only form that may become a file name.
 pub fn is_well_formed_digest(digest: &str) -> bool {
     digest.strip_prefix("sha256:").is_some_and(|hex| {
-        hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        hex.len() == 64
+            && hex
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -402,7 +405,11 @@ impl Store {
     pub fn list(&self) -> Vec<Listed> {
         let active = self.state.active.as_ref().map(|a| a.digest.as_str());
         let mut items: Vec<(&String, &StoredInfo)> = self.state.bundles.iter().collect();
-        items.sort_by(|a, b| b.1.seq.cmp(&a.1.seq).then_with(|| b.1.stored_at.cmp(&a.1.stored_at)));
+        items.sort_by(|a, b| {
+            b.1.seq
+                .cmp(&a.1.seq)
+                .then_with(|| b.1.stored_at.cmp(&a.1.stored_at))
+        });
         items
             .into_iter()
             .map(|(digest, info)| Listed {
@@ -524,7 +531,10 @@ impl Store {
                     return Ok(RollbackOutcome::NothingToRollBack);
                 }
                 next.history.pop();
-                next.history.last().cloned().expect("two entries, one popped")
+                next.history
+                    .last()
+                    .cloned()
+                    .expect("two entries, one popped")
             }
         };
         let info = &next.bundles[&target];
@@ -708,7 +718,11 @@ mod tests {
         // plus a torn temp file.
         let b = incoming("2.0.0");
         let hex = b.digest.strip_prefix("sha256:").unwrap();
-        std::fs::write(dir.path().join("bundles").join(format!("{hex}.json")), &b.bytes).unwrap();
+        std::fs::write(
+            dir.path().join("bundles").join(format!("{hex}.json")),
+            &b.bytes,
+        )
+        .unwrap();
         std::fs::write(dir.path().join(".tmp-state.json-1"), b"{\"torn").unwrap();
         let store = Store::open(dir.path(), 10).unwrap();
         assert_eq!(store.active().unwrap().digest, a.digest);
@@ -719,7 +733,10 @@ mod tests {
     #[test]
     fn digest_shape_guards_file_names() {
         assert!(is_well_formed_digest(&format!("sha256:{}", "a".repeat(64))));
-        assert!(!is_well_formed_digest(&format!("sha256:{}", "A".repeat(64))));
+        assert!(!is_well_formed_digest(&format!(
+            "sha256:{}",
+            "A".repeat(64)
+        )));
         assert!(!is_well_formed_digest("sha256:../../etc/passwd"));
         assert!(!is_well_formed_digest(&"a".repeat(71)));
     }
