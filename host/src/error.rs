@@ -92,7 +92,7 @@ pub enum Error {
         /// How many error diagnostics.
         errors: usize,
         /// The full report.
-        report: Box<crate::pipeline::ValidationReport>,
+        report: Box<crate::validate::ValidationReport>,
     },
     /// A deploy gate of the environment refused the bundle.
     #[error("{0}")]

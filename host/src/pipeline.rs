@@ -328,7 +328,7 @@ impl Engine {
             .into_iter()
             .filter(|t| report.routes.iter().any(|r| r.service == t.service))
             .collect();
-        let started_at = crate::state::now();
+        let started_at = crate::state::now_rfc3339();
         let pushed = self.runtime.block_on(push::push(
             &self.http,
             &bundle,
@@ -600,7 +600,7 @@ impl Engine {
             digest: report.digest.clone(),
             outcome,
             started_at: started_at.to_string(),
-            finished_at: crate::state::now(),
+            finished_at: crate::state::now_rfc3339(),
             actor: crate::audit::actor(),
             targets: pushed
                 .targets

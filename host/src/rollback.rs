@@ -141,7 +141,7 @@ impl Engine {
             .map(Target::from_service)
             .collect::<Result<Vec<_>, _>>()?;
 
-        let started_at = crate::state::now();
+        let started_at = crate::state::now_rfc3339();
         let results = self.runtime.block_on(async {
             let calls = targets.iter().map(|t| async {
                 let result = match push::rollback(&self.http, t, Some(&target.digest)).await {
@@ -192,7 +192,7 @@ impl Engine {
             digest: target.digest.clone(),
             outcome: if failed.is_empty() { "rollback" } else { "rollback-failed" }.into(),
             started_at,
-            finished_at: crate::state::now(),
+            finished_at: crate::state::now_rfc3339(),
             actor: crate::audit::actor(),
             targets: report
                 .targets
