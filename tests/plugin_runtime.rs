@@ -1,1 +1,393 @@
-//! (in progress)
+//! The plugin runtime end to end: real components built from `plugins/`
+//! (through `pde-plugin-artifacts`), real files in temporary plugin
+//! directories, the real wasmtime host. Nothing is mocked.
+//!
+//! Every misbehaving fixture mode must end with its exact named error well
+//! within 2 s, and the same `PluginHost` must then serve a well-behaved call.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use pde::ExitCode;
+use pde::config::Limits;
+use pde::diagnostic::Severity;
+use pde::error::HasExitCode;
+use pde::keys::TrustedKeys;
+use pde::plugin::{
+    CallContext, Plugin, PluginError, PluginHost, PluginKind, PolicyInput, ServiceInfo,
+    SignatureStatus, sha256_hex,
+};
+use serde_json::{Value, json};
+
+/// Path of a built component.
+fn artifact(name: &str) -> PathBuf {
+    PathBuf::from(
+        pde_plugin_artifacts::wasm(name).unwrap_or_else(|| panic!("no artifact named {name}")),
+    )
+}
+
+/// Copies `artifact` to `<dir>/<stem>.wasm` and writes `<dir>/<stem>.toml`.
+fn install(dir: &Path, stem: &str, artifact_name: &str, kind: &str, extra: &str) -> PathBuf {
+    let bytes = std::fs::read(artifact(artifact_name)).unwrap();
+    install_bytes(dir, stem, &bytes, kind, extra)
+}
+
+fn install_bytes(dir: &Path, stem: &str, bytes: &[u8], kind: &str, extra: &str) -> PathBuf {
+    let wasm = dir.join(format!("{stem}.wasm"));
+    std::fs::write(&wasm, bytes).unwrap();
+    let manifest = format!(
+        "name = \"{stem}\"\nkind = \"{kind}\"\nversion = \"0.1.0\"\nsha256 = \"{}\"\ndescription = \"test copy\"\n{extra}",
+        sha256_hex(bytes)
+    );
+    std::fs::write(dir.join(format!("{stem}.toml")), manifest).unwrap();
+    wasm
+}
+
+fn host() -> PluginHost {
+    PluginHost::new(Limits::default(), None).unwrap()
+}
+
+fn load_one(host: &PluginHost, dir: &Path) -> Plugin {
+    let mut plugins = host.load_dir(dir, &TrustedKeys::new()).unwrap();
+    assert_eq!(plugins.len(), 1);
+    plugins.remove(0)
+}
+
+fn load_err(dir: &Path) -> PluginError {
+    host()
+        .load_dir(dir, &TrustedKeys::new())
+        .expect_err("loading must fail")
+}
+
+fn policy(rules: Value) -> PolicyInput {
+    policy_with(json!({ "rules": rules }))
+}
+
+/// A DESIGN §8 policy document, with `overrides` merged over the defaults.
+fn policy_with(overrides: Value) -> PolicyInput {
+    let mut doc = json!({
+        "id": "42",
+        "version": "1.3.0",
+        "title": "Housing benefit eligibility 2031",
+        "agency": "Department of Human Services",
+        "effective": "2099-01-01",
+        "approvals": [
+            {"by": "a.smith", "role": "policy-owner", "at": "2030-11-01T10:00:00Z"},
+            {"by": "b.jones", "role": "legal", "at": "2030-11-02T10:00:00Z"}
+        ],
+        "rules": [],
+        "config": {}
+    });
+    for (k, v) in overrides.as_object().unwrap() {
+        doc[k] = v.clone();
+    }
+    PolicyInput {
+        id: doc["id"].as_str().unwrap().to_string(),
+        version: doc["version"].as_str().unwrap().to_string(),
+        document: doc,
+    }
+}
+
+fn ctx(env: &str) -> CallContext {
+    CallContext {
+        environment: env.to_string(),
+    }
+}
+
+fn service(name: &str, tags: &[&str]) -> ServiceInfo {
+    ServiceInfo {
+        name: name.to_string(),
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        labels: Default::default(),
+    }
+}
+
+// ---------------------------------------------------------------- examples
+
+#[test]
+fn eligibility_bounds_flags_out_of_range_rules_and_passes_sane_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    install(
+        dir.path(),
+        "eligibility-bounds",
+        "eligibility-bounds",
+        "validator",
+        "[settings]\nage = { min = 16, max = 120 }\n",
+    );
+    let host = host();
+    let plugin = load_one(&host, dir.path());
+    assert_eq!(plugin.kind, PluginKind::Validator);
+    assert_eq!(plugin.wit_version, semver::Version::new(0, 1, 0));
+    assert_eq!(plugin.signature, SignatureStatus::Unsigned);
+
+    let bad = policy(json!([
+        {"key": "min_age", "category": "eligibility", "value": 150, "description": "typo"},
+        {"key": "income_cap", "category": "eligibility", "value": 42000, "description": "ok"},
+        {"key": "copay_percent", "category": "eligibility", "value": 0.5, "description": "fraction"},
+        {"key": "applicant_age", "category": "eligibility", "value": 12, "description": "below agency min"}
+    ]));
+    let report = host.validate(&plugin, &bad, &ctx("staging")).unwrap();
+    let found: Vec<(Severity, &str, &str)> = report
+        .value
+        .iter()
+        .map(|d| (d.severity, d.code.as_str(), d.path.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            (Severity::Error, "eligibility.age-range", "/rules/0/value"),
+            (
+                Severity::Warning,
+                "eligibility.percent-as-fraction",
+                "/rules/2/value"
+            ),
+            (Severity::Error, "eligibility.age-range", "/rules/3/value"),
+        ]
+    );
+    assert!(report.value.iter().all(|d| d.source == "eligibility-bounds"));
+    assert!(report.fuel_used > 0);
+    assert!(report.peak_memory_bytes > 0);
+
+    let good = policy(json!([
+        {"key": "min_age", "category": "eligibility", "value": 18, "description": "adult"},
+        {"key": "income_cap", "category": "eligibility", "value": {"min": 0, "max": 52000}, "description": "cap"}
+    ]));
+    let report = host.validate(&plugin, &good, &ctx("")).unwrap();
+    assert_eq!(report.value, vec![], "{:?}", report.value);
+    // host.log lines arrive in the report
+    assert!(
+        report.log.iter().any(|l| l.contains("checked 2 rule(s)")),
+        "{:?}",
+        report.log
+    );
+}
+
+// ---------------------------------------------------------------- loading errors
+
+#[test]
+fn digest_mismatch_is_an_integrity_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let mut bytes = std::fs::read(&wasm).unwrap();
+    bytes.extend_from_slice(b"\0");
+    std::fs::write(&wasm, bytes).unwrap();
+    let err = load_err(dir.path());
+    assert!(matches!(&err, PluginError::DigestMismatch { plugin, .. } if plugin == "eb"), "{err}");
+    assert_eq!(err.exit_code(), ExitCode::Integrity);
+}
+
+#[test]
+fn missing_manifest_orphan_manifest_duplicate_and_unknown_kind_are_usage_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    std::fs::remove_file(dir.path().join("eb.toml")).unwrap();
+    let err = load_err(dir.path());
+    assert!(matches!(err, PluginError::MissingManifest { .. }), "{err}");
+    assert!(err.to_string().contains("eb.toml"), "{err}");
+    assert_eq!(err.exit_code(), ExitCode::Usage);
+
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    std::fs::remove_file(dir.path().join("eb.wasm")).unwrap();
+    let err = load_err(dir.path());
+    assert!(matches!(err, PluginError::OrphanManifest { .. }), "{err}");
+    assert_eq!(err.exit_code(), ExitCode::Usage);
+
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "a", "eligibility-bounds", "validator", "");
+    install(dir.path(), "b", "eligibility-bounds", "validator", "");
+    let text = std::fs::read_to_string(dir.path().join("b.toml")).unwrap();
+    std::fs::write(
+        dir.path().join("b.toml"),
+        text.replace("name = \"b\"", "name = \"a\""),
+    )
+    .unwrap();
+    let err = load_err(dir.path());
+    assert!(matches!(&err, PluginError::DuplicateName { name, .. } if name == "a"), "{err}");
+    assert_eq!(err.exit_code(), ExitCode::Usage);
+
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "eb", "eligibility-bounds", "checker", "");
+    let err = load_err(dir.path());
+    assert!(matches!(&err, PluginError::UnknownKind { kind, .. } if kind == "checker"), "{err}");
+    assert_eq!(err.exit_code(), ExitCode::Usage);
+}
+
+#[test]
+fn a_manifest_may_tighten_limits_but_not_loosen_them() {
+    let dir = tempfile::tempdir().unwrap();
+    install(
+        dir.path(),
+        "eb",
+        "eligibility-bounds",
+        "validator",
+        "[limits]\nfuel = 50_000_000\ntimeout_ms = 500\n",
+    );
+    let plugin = load_one(&host(), dir.path());
+    assert_eq!(
+        plugin.limits,
+        Limits {
+            fuel: 50_000_000,
+            memory_mib: 64,
+            timeout_ms: 500
+        }
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    install(
+        dir.path(),
+        "eb",
+        "eligibility-bounds",
+        "validator",
+        "[limits]\nmemory_mib = 1024\n",
+    );
+    let err = load_err(dir.path());
+    assert!(
+        matches!(err, PluginError::LimitLoosened { field: "memory_mib", asked: 1024, allowed: 64, .. }),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), ExitCode::Usage);
+}
+
+#[test]
+fn a_core_module_is_a_bad_component_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    install_bytes(dir.path(), "core", b"\0asm\x01\0\0\0", "validator", "");
+    let err = load_err(dir.path());
+    assert!(matches!(&err, PluginError::BadComponent { plugin, .. } if plugin == "core"), "{err}");
+    assert!(err.to_string().contains("core WebAssembly module"), "{err}");
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+}
+
+#[test]
+fn a_router_declared_as_validator_is_the_wrong_world() {
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "cr", "category-router", "validator", "");
+    let err = load_err(dir.path());
+    match &err {
+        PluginError::WrongWorld {
+            plugin,
+            expected,
+            found,
+            hint,
+        } => {
+            assert_eq!(plugin, "cr");
+            assert_eq!(*expected, PluginKind::Validator);
+            assert!(found.contains("router") && found.contains("route"), "{found}");
+            assert!(hint.contains("kind = \"router\""), "{hint}");
+        }
+        other => panic!("expected WrongWorld, got {other}"),
+    }
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+}
+
+#[test]
+fn load_file_without_manifest_infers_the_kind() {
+    let host = host();
+    let p = host
+        .load_file(&artifact("category-router"), &TrustedKeys::new())
+        .unwrap();
+    assert_eq!(p.kind, PluginKind::Router);
+    let p = host
+        .load_file(&artifact("eligibility-bounds"), &TrustedKeys::new())
+        .unwrap();
+    assert_eq!(p.kind, PluginKind::Validator);
+    assert_eq!(p.settings, json!({}));
+}
+
+// ---------------------------------------------------------------- signatures
+
+#[test]
+fn signatures_are_valid_invalid_or_absent() {
+    let keys = tempfile::tempdir().unwrap();
+    let good = pde::keys::generate(keys.path(), "good").unwrap();
+    let other = pde::keys::generate(keys.path(), "other").unwrap();
+    let trusted = TrustedKeys::from_files(&[&good.public_path]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let host = host();
+
+    let unsigned = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert_eq!(unsigned.signature, SignatureStatus::Unsigned);
+    let err = unsigned.require_signature().unwrap_err();
+    assert_eq!(err.exit_code(), ExitCode::Integrity);
+
+    let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
+    let (sig_path, _) = pde::plugin::signature::sign_file(&wasm, &key).unwrap();
+    assert_eq!(sig_path, dir.path().join("eb.wasm.sig"));
+    let signed = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert_eq!(
+        signed.signature,
+        SignatureStatus::Valid {
+            keyid: good.key_id.clone()
+        }
+    );
+    signed.require_signature().unwrap();
+
+    // Signed by a key nobody trusts.
+    let other_key = pde::keys::load_signing_key(&other.secret_path).unwrap();
+    pde::plugin::signature::sign_file(&wasm, &other_key).unwrap();
+    let untrusted = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert!(
+        matches!(&untrusted.signature, SignatureStatus::Invalid { reason } if reason.contains("untrusted")),
+        "{:?}",
+        untrusted.signature
+    );
+
+    // A trusted key's signature over a different digest.
+    let sig = pde::keys::sign(&key, b"sha256:0000");
+    std::fs::write(&sig_path, serde_json::to_string(&sig).unwrap()).unwrap();
+    let forged = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert!(
+        matches!(&forged.signature, SignatureStatus::Invalid { reason } if reason.contains("does not match")),
+        "{:?}",
+        forged.signature
+    );
+    assert_eq!(
+        forged.require_signature().unwrap_err().exit_code(),
+        ExitCode::Integrity
+    );
+}
+
+// ---------------------------------------------------------------- cache
+
+#[test]
+fn second_host_uses_the_cache_and_a_corrupt_entry_is_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let cache_dir = state.path().join("cache").join("plugins");
+    install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let new_host = || PluginHost::new(Limits::default(), Some(cache_dir.clone())).unwrap();
+    let sane = policy(json!([{"key": "min_age", "category": "eligibility", "value": 18}]));
+
+    let first = new_host();
+    let p = load_one(&first, dir.path());
+    assert!(!p.loaded_from_cache);
+    let entry = first.cache_entry(&p.sha256).unwrap();
+    assert!(entry.is_file(), "{} not written", entry.display());
+
+    let second = new_host();
+    let p = load_one(&second, dir.path());
+    assert!(p.loaded_from_cache);
+    assert_eq!(second.validate(&p, &sane, &ctx("")).unwrap().value, vec![]);
+
+    // Flip bytes in the middle of the compiled code: must be detected, not run.
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&entry, &bytes).unwrap();
+    let third = new_host();
+    let p = load_one(&third, dir.path());
+    assert!(!p.loaded_from_cache, "a corrupt entry was trusted");
+    assert_eq!(third.validate(&p, &sane, &ctx("")).unwrap().value, vec![]);
+    assert_ne!(std::fs::read(&entry).unwrap(), bytes, "entry not rebuilt");
+
+    // Truncated entry: same.
+    std::fs::write(&entry, b"PDECACHE1\n").unwrap();
+    let p = load_one(&new_host(), dir.path());
+    assert!(!p.loaded_from_cache);
+    let p = load_one(&new_host(), dir.path());
+    assert!(p.loaded_from_cache, "rebuilt entry is served again");
+}
