@@ -733,9 +733,16 @@ async fn restart_keeps_the_active_bundle_history_and_keys() {
     let a = sealed(&s, "1.0.0");
     let b = sealed(&s, "1.1.0");
     {
-        let agent = spawn_agent(&data, &s.public, &log);
+        let mut agent = spawn_agent(&data, &s.public, &log);
         assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
         assert_eq!(deploy(&c, &agent.base, &b).await.0, StatusCode::OK);
+        // SIGTERM is a clean stop.
+        let term = Command::new("kill")
+            .args(["-TERM", &agent.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        assert!(agent.child.wait().unwrap().success());
     }
     let agent = spawn_agent(&data, &s.public, &log);
     assert_eq!(active_digest(&c, &agent.base).await, Some(b.digest.clone()));
