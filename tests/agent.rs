@@ -208,6 +208,15 @@ async fn happy_path_stores_activates_and_reports() {
         StatusCode::OK
     );
     assert_eq!(active_digest(&c, &agent.base).await, None);
+    // Errors are JSON everywhere, unknown paths and methods included.
+    let (status, body) = get(&c, format!("{}/nope", agent.base)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (status, body) = get(&c, format!("{}/deploy", agent.base)).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body["error"], "method_not_allowed");
 
     let b = sealed(&s, "1.0.0");
     let (status, body) = deploy(&c, &agent.base, &b).await;
@@ -349,9 +358,13 @@ async fn wrong_signatures_are_rejected_and_active_untouched() {
 async fn unsigned_bundles_need_the_explicit_insecure_flag() {
     let dir = tempfile::tempdir().unwrap();
     // The library refuses, as a usage error.
-    let err = Agent::open(AgentConfig::new(dir.path().join("data")))
-        .err()
-        .unwrap();
+    let mut cfg = AgentConfig::new(dir.path().join("data"));
+    cfg.token = Some("hunter2-secret".into());
+    assert!(
+        !format!("{cfg:?}").contains("hunter2"),
+        "Debug must redact the token"
+    );
+    let err = Agent::open(cfg).err().unwrap();
     assert!(matches!(err, AgentError::NoTrustedKeys));
     assert_eq!(err.exit_code(), ExitCode::Usage);
 
