@@ -208,6 +208,15 @@ async fn happy_path_stores_activates_and_reports() {
         StatusCode::OK
     );
     assert_eq!(active_digest(&c, &agent.base).await, None);
+    // Errors are JSON everywhere, unknown paths and methods included.
+    let (status, body) = get(&c, format!("{}/nope", agent.base)).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found"))
+    );
+    let (status, body) = get(&c, format!("{}/deploy", agent.base)).await;
+    assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(body["error"], "method_not_allowed");
 
     let b = sealed(&s, "1.0.0");
     let (status, body) = deploy(&c, &agent.base, &b).await;
@@ -349,9 +358,13 @@ async fn wrong_signatures_are_rejected_and_active_untouched() {
 async fn unsigned_bundles_need_the_explicit_insecure_flag() {
     let dir = tempfile::tempdir().unwrap();
     // The library refuses, as a usage error.
-    let err = Agent::open(AgentConfig::new(dir.path().join("data")))
-        .err()
-        .unwrap();
+    let mut cfg = AgentConfig::new(dir.path().join("data"));
+    cfg.token = Some("hunter2-secret".into());
+    assert!(
+        !format!("{cfg:?}").contains("hunter2"),
+        "Debug must redact the token"
+    );
+    let err = Agent::open(cfg).err().unwrap();
     assert!(matches!(err, AgentError::NoTrustedKeys));
     assert_eq!(err.exit_code(), ExitCode::Usage);
 
@@ -733,9 +746,16 @@ async fn restart_keeps_the_active_bundle_history_and_keys() {
     let a = sealed(&s, "1.0.0");
     let b = sealed(&s, "1.1.0");
     {
-        let agent = spawn_agent(&data, &s.public, &log);
+        let mut agent = spawn_agent(&data, &s.public, &log);
         assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
         assert_eq!(deploy(&c, &agent.base, &b).await.0, StatusCode::OK);
+        // SIGTERM is a clean stop.
+        let term = Command::new("kill")
+            .args(["-TERM", &agent.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        assert!(agent.child.wait().unwrap().success());
     }
     let agent = spawn_agent(&data, &s.public, &log);
     assert_eq!(active_digest(&c, &agent.base).await, Some(b.digest.clone()));

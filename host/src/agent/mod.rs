@@ -43,8 +43,8 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Default `--keep`: stored bundles kept.
 pub const DEFAULT_KEEP: usize = 10;
 
-/// How an agent is set up.
-#[derive(Debug, Clone)]
+/// How an agent is set up. Its `Debug` output never shows the token.
+#[derive(Clone)]
 pub struct AgentConfig {
     /// Where bundles and state live (created if missing).
     pub data_dir: PathBuf,
@@ -60,6 +60,20 @@ pub struct AgentConfig {
     pub keep: usize,
     /// Shell command run after each activation, with the bundle path appended.
     pub on_activate: Option<String>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("data_dir", &self.data_dir)
+            .field("trusted", &self.trusted.key_ids())
+            .field("insecure_accept_unsigned", &self.insecure_accept_unsigned)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("keep", &self.keep)
+            .field("on_activate", &self.on_activate)
+            .finish()
+    }
 }
 
 impl AgentConfig {
@@ -236,6 +250,7 @@ impl Agent {
             .route("/readyz", get(routes::readyz))
             .merge(protected)
             .fallback(routes::not_found)
+            .method_not_allowed_fallback(routes::method_not_allowed)
             .layer(DefaultBodyLimit::max(limit))
             .layer(middleware::from_fn_with_state(
                 limit,
