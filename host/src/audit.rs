@@ -380,13 +380,18 @@ impl AuditLog {
 
     fn read_head(&self) -> Result<Option<Head>, AuditError> {
         match fs::read(&self.head_path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|e| AuditError::Tampered {
-                    line: 0,
-                    seq: None,
-                    reason: format!("{} is not a valid head record: {e}", self.head_path.display()),
-                }),
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|e| AuditError::Tampered {
+                        line: 0,
+                        seq: None,
+                        reason: format!(
+                            "{} is not a valid head record: {e}",
+                            self.head_path.display()
+                        ),
+                    })
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(AuditError::Io {
                 path: self.head_path.clone(),
@@ -444,19 +449,29 @@ fn check_line(
         seq,
         reason,
     };
-    let mut value: Value = serde_json::from_slice(line)
-        .map_err(|e| bad(Some(expected_seq).filter(|s| *s > 0), format!("not valid JSON ({e}): edited or torn")))?;
+    let mut value: Value = serde_json::from_slice(line).map_err(|e| {
+        bad(
+            Some(expected_seq).filter(|s| *s > 0),
+            format!("not valid JSON ({e}): edited or torn"),
+        )
+    })?;
     let seq = value.get("seq").and_then(Value::as_u64);
-    let claimed = value.get("hash").and_then(Value::as_str).map(str::to_string);
+    let claimed = value
+        .get("hash")
+        .and_then(Value::as_str)
+        .map(str::to_string);
     if !value.is_object() || claimed.is_none() {
         return Err(bad(seq, "not an audit record (no hash)".into()));
     }
     let actual = hash_of(&mut value);
     if claimed.as_deref() != Some(actual.as_str()) {
-        return Err(bad(seq, "the hash does not match the content: the record was edited".into()));
+        return Err(bad(
+            seq,
+            "the hash does not match the content: the record was edited".into(),
+        ));
     }
-    let record: AuditRecord = serde_json::from_value(value)
-        .map_err(|e| bad(seq, format!("not an audit record: {e}")))?;
+    let record: AuditRecord =
+        serde_json::from_value(value).map_err(|e| bad(seq, format!("not an audit record: {e}")))?;
     if expected_seq == 0 {
         return Ok(record);
     }
@@ -480,7 +495,11 @@ fn check_line(
 
 /// The log must end where the head says (or, after a crash between the two
 /// writes, exactly one record later, chained to the head).
-fn check_head(last: Option<&AuditRecord>, head: Option<&Head>, lines: u64) -> Result<(), AuditError> {
+fn check_head(
+    last: Option<&AuditRecord>,
+    head: Option<&Head>,
+    lines: u64,
+) -> Result<(), AuditError> {
     let truncated = |head: &Head, have: u64| AuditError::Tampered {
         line: lines + 1,
         seq: Some(have + 1),
@@ -571,7 +590,10 @@ fn redact(value: &mut Value) {
         Value::Object(map) => {
             for (k, v) in map.iter_mut() {
                 let k = k.to_ascii_lowercase();
-                if SECRET_FIELDS.iter().any(|s| k == *s || k.ends_with(&format!("_{s}"))) {
+                if SECRET_FIELDS
+                    .iter()
+                    .any(|s| k == *s || k.ends_with(&format!("_{s}")))
+                {
                     *v = Value::String("[redacted]".into());
                 } else {
                     redact(v);
@@ -612,7 +634,11 @@ impl std::fmt::Debug for AuditSink {
 impl AuditSink {
     /// A sink posting to `url`, retrying 3 times with exponential backoff
     /// (from 200 ms, with jitter) on 5xx, 408, 429 and transport errors.
-    pub fn new(url: impl Into<String>, token: Option<String>, client: reqwest::Client) -> AuditSink {
+    pub fn new(
+        url: impl Into<String>,
+        token: Option<String>,
+        client: reqwest::Client,
+    ) -> AuditSink {
         AuditSink {
             url: url.into(),
             token,
@@ -675,7 +701,6 @@ impl AuditSink {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -686,8 +711,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open_with_actor(dir.path(), "ana").unwrap();
         for i in 0..n {
-            log.append(Event::Pushed, "42", "staging", json!({"service": format!("svc-{i}")}))
-                .unwrap();
+            log.append(
+                Event::Pushed,
+                "42",
+                "staging",
+                json!({"service": format!("svc-{i}")}),
+            )
+            .unwrap();
         }
         (dir, log)
     }
@@ -701,8 +731,11 @@ mod tests {
     }
 
     fn write_lines(log: &AuditLog, lines: &[String]) {
-        fs::write(log.path(), lines.iter().map(|l| format!("{l}\n")).collect::<String>())
-            .unwrap();
+        fs::write(
+            log.path(),
+            lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+        )
+        .unwrap();
     }
 
     fn tampered(log: &AuditLog) -> (u64, Option<u64>, String) {
@@ -730,14 +763,30 @@ mod tests {
             Event::DeployFailed,
         ]
         .iter()
-        .map(|e| serde_json::to_value(e).unwrap().as_str().unwrap().to_string())
+        .map(|e| {
+            serde_json::to_value(e)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
         assert_eq!(
             names,
             [
-                "deploy_start", "validated", "validation_failed", "packaged", "env_check_ok",
-                "env_check_failed", "routed", "pushed", "push_failed", "rolled_back", "tagged",
-                "deployed", "deploy_failed"
+                "deploy_start",
+                "validated",
+                "validation_failed",
+                "packaged",
+                "env_check_ok",
+                "env_check_failed",
+                "routed",
+                "pushed",
+                "push_failed",
+                "rolled_back",
+                "tagged",
+                "deployed",
+                "deploy_failed"
             ]
         );
     }
@@ -746,7 +795,10 @@ mod tests {
     fn records_chain_and_verify() {
         let (_dir, log) = log_with(3);
         let records = log.records().unwrap();
-        assert_eq!(records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!(
+            records.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![1, 2, 3]
+        );
         assert_eq!(records[0].prev, "");
         assert_eq!(records[1].prev, records[0].hash);
         assert_eq!(records[2].prev, records[1].hash);
@@ -758,15 +810,30 @@ mod tests {
         assert_eq!(digest_of(&v), records[1].hash);
         // Each line is the canonical JSON of the record.
         let line = read_lines(&log)[1].clone();
-        assert_eq!(line.as_bytes(), canonical_json(&serde_json::to_value(&records[1]).unwrap()));
+        assert_eq!(
+            line.as_bytes(),
+            canonical_json(&serde_json::to_value(&records[1]).unwrap())
+        );
         let report = log.verify().unwrap();
-        assert_eq!(report, VerifyReport { records: 3, last_hash: records[2].hash.clone() });
+        assert_eq!(
+            report,
+            VerifyReport {
+                records: 3,
+                last_hash: records[2].hash.clone()
+            }
+        );
     }
 
     #[test]
     fn an_empty_log_verifies() {
         let (_dir, log) = log_with(0);
-        assert_eq!(log.verify().unwrap(), VerifyReport { records: 0, last_hash: String::new() });
+        assert_eq!(
+            log.verify().unwrap(),
+            VerifyReport {
+                records: 0,
+                last_hash: String::new()
+            }
+        );
     }
 
     #[test]
@@ -774,7 +841,9 @@ mod tests {
         let (dir, log) = log_with(2);
         drop(log);
         let log = AuditLog::open_with_actor(dir.path(), "bo").unwrap();
-        let r = log.append(Event::Deployed, "42", "staging", json!({})).unwrap();
+        let r = log
+            .append(Event::Deployed, "42", "staging", json!({}))
+            .unwrap();
         assert_eq!(r.seq, 3);
         assert_eq!(r.actor, "bo");
         assert_eq!(log.verify().unwrap().records, 3);
@@ -841,7 +910,9 @@ mod tests {
         assert_eq!((line, seq), (3, Some(3)));
         assert!(reason.contains("cut off"), "{reason}");
         // Appending would hide the cut, so it is refused.
-        let e = log.append(Event::Deployed, "42", "staging", json!({})).unwrap_err();
+        let e = log
+            .append(Event::Deployed, "42", "staging", json!({}))
+            .unwrap_err();
         assert!(matches!(e, AuditError::Tampered { line: 3, .. }), "{e}");
         assert_eq!(e.exit_code(), ExitCode::Integrity);
         // Emptying the log is a truncation too.
@@ -857,7 +928,9 @@ mod tests {
         let (line, seq, reason) = tampered(&log);
         assert_eq!((line, seq), (3, Some(3)));
         assert!(reason.contains("incomplete"), "{reason}");
-        let e = log.append(Event::Deployed, "42", "staging", json!({})).unwrap_err();
+        let e = log
+            .append(Event::Deployed, "42", "staging", json!({}))
+            .unwrap_err();
         assert!(matches!(e, AuditError::Tampered { line: 3, .. }), "{e}");
     }
 
@@ -892,7 +965,8 @@ mod tests {
                 let log = if t % 2 == 0 { a.clone() } else { b.clone() };
                 std::thread::spawn(move || {
                     for i in 0..25 {
-                        log.append(Event::Pushed, "42", "dev", json!({"t": t, "i": i})).unwrap();
+                        log.append(Event::Pushed, "42", "dev", json!({"t": t, "i": i}))
+                            .unwrap();
                     }
                 })
             })
@@ -928,9 +1002,12 @@ mod tests {
         use axum::routing::post;
         use std::sync::atomic::{AtomicU32, Ordering};
 
+        /// (Authorization, Idempotency-Key, body) of each accepted request.
+        type Received = (Option<String>, Option<String>, Value);
+
         #[derive(Clone, Default)]
         struct Receiver {
-            got: Arc<Mutex<Vec<(Option<String>, Option<String>, Value)>>>,
+            got: Arc<Mutex<Vec<Received>>>,
             calls: Arc<AtomicU32>,
             fail_first: u32,
             status: u16,
@@ -985,7 +1062,11 @@ mod tests {
 
         #[tokio::test]
         async fn server_errors_are_retried() {
-            let r = Receiver { fail_first: 2, status: 503, ..Default::default() };
+            let r = Receiver {
+                fail_first: 2,
+                status: 503,
+                ..Default::default()
+            };
             let url = serve(r.clone()).await;
             let sink = AuditSink::new(url, None, reqwest::Client::new())
                 .with_backoff(Duration::from_millis(5));
@@ -996,7 +1077,11 @@ mod tests {
 
         #[tokio::test]
         async fn client_errors_are_not_retried_and_persistent_failures_give_up() {
-            let r = Receiver { fail_first: u32::MAX, status: 403, ..Default::default() };
+            let r = Receiver {
+                fail_first: u32::MAX,
+                status: 403,
+                ..Default::default()
+            };
             let url = serve(r.clone()).await;
             let sink = AuditSink::new(url, None, reqwest::Client::new())
                 .with_backoff(Duration::from_millis(5));
@@ -1004,7 +1089,11 @@ mod tests {
             assert!(matches!(e, AuditError::Sink { attempts: 1, .. }), "{e}");
             assert_eq!(r.calls.load(Ordering::SeqCst), 1);
 
-            let r = Receiver { fail_first: u32::MAX, status: 500, ..Default::default() };
+            let r = Receiver {
+                fail_first: u32::MAX,
+                status: 500,
+                ..Default::default()
+            };
             let url = serve(r.clone()).await;
             let sink = AuditSink::new(url, None, reqwest::Client::new())
                 .with_backoff(Duration::from_millis(5));

@@ -91,7 +91,12 @@ impl PolicyStore {
         let doc: PolicyDoc =
             serde_json::from_value(document.clone()).map_err(|e| PolicyError::Invalid {
                 id: id.to_string(),
-                diagnostics: vec![Diagnostic::error("schema", "schema.shape", "", e.to_string())],
+                diagnostics: vec![Diagnostic::error(
+                    "schema",
+                    "schema.shape",
+                    "",
+                    e.to_string(),
+                )],
             })?;
         if doc.id != id {
             return Err(PolicyError::IdMismatch {
@@ -283,7 +288,10 @@ mod tests {
         assert!(e.to_string().contains("9.json"));
         assert_eq!(e.exit_code(), ExitCode::Usage);
         for bad in ["../42", "a/b", ".hidden", ""] {
-            assert!(matches!(s.path_of(bad), Err(PolicyError::BadId { .. })), "{bad}");
+            assert!(
+                matches!(s.path_of(bad), Err(PolicyError::BadId { .. })),
+                "{bad}"
+            );
         }
         assert_eq!(s.ids().unwrap(), vec!["42".to_string()]);
     }
@@ -301,7 +309,10 @@ mod tests {
 
     #[test]
     fn malformed_yaml_names_the_line() {
-        let (_d, s) = store(&[("7.yaml", "id: \"7\"\nrules:\n  - key: [unclosed\nversion: 1.0.0\n")]);
+        let (_d, s) = store(&[(
+            "7.yaml",
+            "id: \"7\"\nrules:\n  - key: [unclosed\nversion: 1.0.0\n",
+        )]);
         let e = s.load("7").unwrap_err();
         assert_eq!(e.exit_code(), ExitCode::ValidationFailed);
         let PolicyError::Parse { message, .. } = e else {
@@ -339,7 +350,13 @@ mod tests {
         let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(MAX_POLICY_BYTES as usize));
         let (_d, s) = store(&[("42.json", &big)]);
         let e = s.load("42").unwrap_err();
-        assert!(matches!(e, PolicyError::TooLarge { limit: MAX_POLICY_BYTES, .. }));
+        assert!(matches!(
+            e,
+            PolicyError::TooLarge {
+                limit: MAX_POLICY_BYTES,
+                ..
+            }
+        ));
         assert_eq!(e.exit_code(), ExitCode::ValidationFailed);
     }
 
@@ -348,7 +365,10 @@ mod tests {
         let bad = JSON_42.replace("\"1.3.0\"", "\"one\"");
         let (_d, s) = store(&[("42.json", &bad), ("43.json", JSON_42)]);
         let e = s.load("42").unwrap_err();
-        let PolicyError::Invalid { ref diagnostics, .. } = e else {
+        let PolicyError::Invalid {
+            ref diagnostics, ..
+        } = e
+        else {
             panic!("expected Invalid, got {e:?}")
         };
         assert_eq!(diagnostics[0].path, "/version");
