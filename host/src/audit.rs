@@ -287,7 +287,7 @@ impl AuditLog {
 
     /// Every record, in order, without checking the chain (see [`AuditLog::verify`]).
     pub fn records(&self) -> Result<Vec<AuditRecord>, AuditError> {
-        let bytes = self.read_all()?;
+        let (bytes, _) = self.snapshot()?;
         let mut out = Vec::new();
         for (i, line) in lines(&bytes).enumerate() {
             let record = serde_json::from_slice(line).map_err(|e| AuditError::Tampered {
@@ -304,8 +304,7 @@ impl AuditLog {
     /// last line, and that the log ends where the head file says. The first
     /// bad record is named in [`AuditError::Tampered`].
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
-        let bytes = self.read_all()?;
-        let head = self.read_head()?;
+        let (bytes, head) = self.snapshot()?;
         let torn = !bytes.is_empty() && !bytes.ends_with(b"\n");
         let all: Vec<&[u8]> = lines(&bytes).collect();
         let mut last: Option<AuditRecord> = None;
@@ -329,7 +328,9 @@ impl AuditLog {
         })
     }
 
-    fn read_all(&self) -> Result<Vec<u8>, AuditError> {
+    /// The log's bytes and the head, read together under a shared lock so
+    /// that a concurrent append cannot fall between the two reads.
+    fn snapshot(&self) -> Result<(Vec<u8>, Option<Head>), AuditError> {
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         file.lock_shared().map_err(self.io(&self.path))?;
         let _guard = FileLockGuard(&file);
@@ -338,7 +339,7 @@ impl AuditLog {
             .seek(SeekFrom::Start(0))
             .and_then(|_| (&*file).read_to_end(&mut bytes))
             .map_err(self.io(&self.path))?;
-        Ok(bytes)
+        Ok((bytes, self.read_head()?))
     }
 
     /// The last record, checked: complete line, valid hash, consistent with the head.

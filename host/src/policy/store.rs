@@ -220,6 +220,9 @@ fn yaml_options() -> serde_saphyr::Options {
     options.budget = Some(budget);
     options.alias_limits.max_total_replayed_events = 100_000;
     options.with_snippet = false;
+    // YAML 1.1 booleans (`no`, `on`, ...) would silently turn a country code
+    // or a rule value into `false`.
+    options.strict_booleans = true;
     options
 }
 
@@ -343,6 +346,28 @@ mod tests {
         }
         let (_d, s) = store(&[("1.yaml", &bomb)]);
         assert!(matches!(s.load("1"), Err(PolicyError::Parse { .. })));
+    }
+
+    #[test]
+    fn yaml_scalars_stay_literal() {
+        let (_d, s) = store(&[("1.yaml", "country: NO\neffective: 2026-01-01\non: yes\n")]);
+        let (_, v) = s.read_document("1").unwrap();
+        assert_eq!(v["country"], "NO");
+        assert_eq!(v["effective"], "2026-01-01");
+        assert_eq!(v["on"], "yes");
+    }
+
+    #[test]
+    fn yaml_tags_read_no_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret.txt");
+        fs::write(&secret, "TOP-SECRET").unwrap();
+        let yaml = format!("leak: !include {}\n", secret.display());
+        fs::write(dir.path().join("1.yaml"), yaml).unwrap();
+        match PolicyStore::open(dir.path()).read_document("1") {
+            Ok((_, v)) => assert!(!v.to_string().contains("TOP-SECRET"), "{v}"),
+            Err(e) => assert!(matches!(e, PolicyError::Parse { .. }), "{e}"),
+        }
     }
 
     #[test]
