@@ -699,6 +699,37 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_held_by_another_process_is_refused_and_freed_when_it_dies() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        drop(s.lock("42", "production").unwrap()); // creates locks/
+        let path = dir.path().join("locks/42@production.lock");
+        // util-linux flock(1) takes the same flock(2) lock, then execs sleep
+        // (--no-fork), so the lock lives exactly as long as that process.
+        let mut child = std::process::Command::new("flock")
+            .args(["--exclusive", "--no-fork"])
+            .arg(&path)
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("flock(1) from util-linux is installed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let refused = loop {
+            match s.lock("42", "production") {
+                Err(e @ StateError::Locked { .. }) => break e,
+                Ok(probe) => drop(probe),
+                Err(e) => panic!("{e}"),
+            }
+            assert!(std::time::Instant::now() < deadline, "flock never took the lock");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(refused.exit_code(), ExitCode::Locked);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The OS released the dead process's lock; no manual cleanup.
+        let _lock = s.lock("42", "production").unwrap();
+    }
+
+    #[test]
     fn lock_names_cannot_escape_the_lock_directory() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateStore::open(dir.path()).unwrap();
