@@ -74,7 +74,9 @@ pub fn now_rfc3339() -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// The state directory or a lock file could not be created or opened.
-    #[error("cannot use state path {path}: {source} (check that the `state` directory in pde.toml is writable)")]
+    #[error(
+        "cannot use state path {path}: {source} (check that the `state` directory in pde.toml is writable)"
+    )]
     Io {
         /// The path involved.
         path: PathBuf,
@@ -94,7 +96,9 @@ pub enum StateError {
         source: rusqlite::Error,
     },
     /// The database was written by a newer pde.
-    #[error("state database {path} has schema version {found}, this pde knows up to {supported}; upgrade pde")]
+    #[error(
+        "state database {path} has schema version {found}, this pde knows up to {supported}; upgrade pde"
+    )]
     TooNew {
         /// The database file.
         path: PathBuf,
@@ -114,7 +118,9 @@ pub enum StateError {
         holder: String,
     },
     /// A policy id or environment name that cannot name a lock file.
-    #[error("{what} {value:?} cannot be used in a lock file name: use letters, digits, '.', '_' and '-'")]
+    #[error(
+        "{what} {value:?} cannot be used in a lock file name: use letters, digits, '.', '_' and '-'"
+    )]
     BadName {
         /// `policy id` or `environment`.
         what: &'static str,
@@ -329,7 +335,12 @@ impl StateStore {
 
     /// Whether `digest` of `policy_id` was ever deployed successfully to `env`
     /// (the `promote_from` gate).
-    pub fn was_deployed(&self, env: &str, policy_id: &str, digest: &str) -> Result<bool, StateError> {
+    pub fn was_deployed(
+        &self,
+        env: &str,
+        policy_id: &str,
+        digest: &str,
+    ) -> Result<bool, StateError> {
         self.with_conn("look up deployments", |c| {
             c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM deployments
@@ -366,7 +377,13 @@ impl StateStore {
                      VALUES (?1, ?2, ?3, ?4, ?5)",
                 )?;
                 for t in &d.targets {
-                    insert.execute(params![id, t.service, t.outcome, t.previous_digest, t.detail])?;
+                    insert.execute(params![
+                        id,
+                        t.service,
+                        t.outcome,
+                        t.previous_digest,
+                        t.detail
+                    ])?;
                 }
             }
             tx.commit()?;
@@ -568,13 +585,26 @@ mod tests {
             let s = StateStore::open(dir.path()).unwrap();
             assert_eq!(s.record(&first).unwrap(), 1);
             assert_eq!(s.record(&second).unwrap(), 2);
-            s.record(&record("7", "staging", "sha256:cc", "deployed")).unwrap();
+            s.record(&record("7", "staging", "sha256:cc", "deployed"))
+                .unwrap();
         }
         let s = StateStore::open(dir.path()).unwrap();
         let h = s.history("42").unwrap();
         assert_eq!(h.len(), 2);
-        assert_eq!(h[0], DeploymentRecord { id: Some(2), ..second });
-        assert_eq!(h[1], DeploymentRecord { id: Some(1), ..first });
+        assert_eq!(
+            h[0],
+            DeploymentRecord {
+                id: Some(2),
+                ..second
+            }
+        );
+        assert_eq!(
+            h[1],
+            DeploymentRecord {
+                id: Some(1),
+                ..first
+            }
+        );
         assert_eq!(h[1].targets[1].previous_digest, None);
         assert!(s.history("nope").unwrap().is_empty());
     }
@@ -583,8 +613,10 @@ mod tests {
     fn was_deployed_counts_only_successful_deployments_in_that_env() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateStore::open(dir.path()).unwrap();
-        s.record(&record("42", "staging", "sha256:aa", "deployed")).unwrap();
-        s.record(&record("42", "staging", "sha256:bb", "rolled-back")).unwrap();
+        s.record(&record("42", "staging", "sha256:aa", "deployed"))
+            .unwrap();
+        s.record(&record("42", "staging", "sha256:bb", "rolled-back"))
+            .unwrap();
         assert!(s.was_deployed("staging", "42", "sha256:aa").unwrap());
         assert!(!s.was_deployed("staging", "42", "sha256:bb").unwrap());
         assert!(!s.was_deployed("production", "42", "sha256:aa").unwrap());
@@ -598,18 +630,30 @@ mod tests {
         assert_eq!(s.active("42", "staging").unwrap(), None);
         s.set_active("42", "staging", "1.0.0", "sha256:aa").unwrap();
         s.set_active("42", "staging", "1.1.0", "sha256:bb").unwrap();
-        s.set_active("42", "production", "1.0.0", "sha256:aa").unwrap();
+        s.set_active("42", "production", "1.0.0", "sha256:aa")
+            .unwrap();
         s.set_active("7", "dev", "0.1.0", "sha256:cc").unwrap();
         let a = s.active("42", "staging").unwrap().unwrap();
-        assert_eq!((a.version.as_str(), a.digest.as_str()), ("1.1.0", "sha256:bb"));
-        assert!(time::OffsetDateTime::parse(
-            &a.deployed_at,
-            &time::format_description::well_known::Rfc3339
-        )
-        .is_ok());
+        assert_eq!(
+            (a.version.as_str(), a.digest.as_str()),
+            ("1.1.0", "sha256:bb")
+        );
+        assert!(
+            time::OffsetDateTime::parse(
+                &a.deployed_at,
+                &time::format_description::well_known::Rfc3339
+            )
+            .is_ok()
+        );
         let all = s.status(None).unwrap();
-        let keys: Vec<_> = all.iter().map(|e| (e.env.as_str(), e.policy_id.as_str())).collect();
-        assert_eq!(keys, vec![("dev", "7"), ("production", "42"), ("staging", "42")]);
+        let keys: Vec<_> = all
+            .iter()
+            .map(|e| (e.env.as_str(), e.policy_id.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![("dev", "7"), ("production", "42"), ("staging", "42")]
+        );
         let staging = s.status(Some("staging")).unwrap();
         assert_eq!(staging.len(), 1);
         assert_eq!(staging[0].version, "1.1.0");
@@ -620,9 +664,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         drop(StateStore::open(dir.path()).unwrap());
         let conn = Connection::open(dir.path().join("state.db")).unwrap();
-        let v: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
         assert_eq!(v, MIGRATIONS.len() as i64);
-        let mode: String = conn.pragma_query_value(None, "journal_mode", |r| r.get(0)).unwrap();
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
         assert_eq!(mode, "wal");
         conn.pragma_update(None, "user_version", 99).unwrap();
         drop(conn);
@@ -651,11 +699,48 @@ mod tests {
     }
 
     #[test]
+    fn a_lock_held_by_another_process_is_refused_and_freed_when_it_dies() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        drop(s.lock("42", "production").unwrap()); // creates locks/
+        let path = dir.path().join("locks/42@production.lock");
+        // util-linux flock(1) takes the same flock(2) lock, then execs sleep
+        // (--no-fork), so the lock lives exactly as long as that process.
+        let mut child = std::process::Command::new("flock")
+            .args(["--exclusive", "--no-fork"])
+            .arg(&path)
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("flock(1) from util-linux is installed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let refused = loop {
+            match s.lock("42", "production") {
+                Err(e @ StateError::Locked { .. }) => break e,
+                Ok(probe) => drop(probe),
+                Err(e) => panic!("{e}"),
+            }
+            assert!(std::time::Instant::now() < deadline, "flock never took the lock");
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(refused.exit_code(), ExitCode::Locked);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The OS released the dead process's lock; no manual cleanup.
+        let _lock = s.lock("42", "production").unwrap();
+    }
+
+    #[test]
     fn lock_names_cannot_escape_the_lock_directory() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateStore::open(dir.path()).unwrap();
-        assert!(matches!(s.lock("../x", "prod"), Err(StateError::BadName { .. })));
-        assert!(matches!(s.lock("42", "a/b"), Err(StateError::BadName { .. })));
+        assert!(matches!(
+            s.lock("../x", "prod"),
+            Err(StateError::BadName { .. })
+        ));
+        assert!(matches!(
+            s.lock("42", "a/b"),
+            Err(StateError::BadName { .. })
+        ));
     }
 
     #[test]

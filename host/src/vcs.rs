@@ -34,7 +34,9 @@ pub enum VcsError {
         source: std::io::Error,
     },
     /// The directory is not inside a Git work tree.
-    #[error("{dir} is not inside a Git work tree: run `git init` there (and commit the policies), or pass -C DIR")]
+    #[error(
+        "{dir} is not inside a Git work tree: run `git init` there (and commit the policies), or pass -C DIR"
+    )]
     NotARepo {
         /// The directory given.
         dir: PathBuf,
@@ -62,7 +64,9 @@ pub enum VcsError {
         name: String,
     },
     /// A tag of that name exists and records another digest.
-    #[error("tag {name} already exists for digest {existing}, not {new}: a release tag is never moved; bump the policy version")]
+    #[error(
+        "tag {name} already exists for digest {existing}, not {new}: a release tag is never moved; bump the policy version"
+    )]
     TagConflict {
         /// The tag name.
         name: String,
@@ -117,7 +121,8 @@ fn git_command(dir: &Path) -> Command {
 }
 
 fn run(mut cmd: Command) -> Result<Output, VcsError> {
-    cmd.output().map_err(|source| VcsError::GitMissing { source })
+    cmd.output()
+        .map_err(|source| VcsError::GitMissing { source })
 }
 
 fn stdout_line(out: &Output) -> String {
@@ -196,11 +201,21 @@ impl Repo {
             false => path.to_path_buf(),
         };
         let path = resolved.as_os_str();
-        let tracked = self.git([OsStr::new("ls-files"), OsStr::new("--error-unmatch"), OsStr::new("--"), path])?;
+        let tracked = self.git([
+            OsStr::new("ls-files"),
+            OsStr::new("--error-unmatch"),
+            OsStr::new("--"),
+            path,
+        ])?;
         if !tracked.status.success() {
             return Ok(false);
         }
-        let status = self.git([OsStr::new("status"), OsStr::new("--porcelain"), OsStr::new("--"), path])?;
+        let status = self.git([
+            OsStr::new("status"),
+            OsStr::new("--porcelain"),
+            OsStr::new("--"),
+            path,
+        ])?;
         if !status.status.success() {
             return Err(self.failed(&["status", "--porcelain"], &status));
         }
@@ -215,7 +230,11 @@ impl Repo {
         if !exists.status.success() {
             return Ok(None);
         }
-        let out = self.git_ok(&["for-each-ref", "--format=%(objecttype)%00%(contents)", &refname])?;
+        let out = self.git_ok(&[
+            "for-each-ref",
+            "--format=%(objecttype)%00%(contents)",
+            &refname,
+        ])?;
         let text = String::from_utf8_lossy(&out.stdout);
         match text.split_once('\0') {
             Some(("tag", message)) => Ok(Some(message.trim_end().to_string())),
@@ -336,7 +355,11 @@ mod tests {
             .args(args)
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     fn repo_with_commit() -> (tempfile::TempDir, Repo) {
@@ -372,7 +395,10 @@ mod tests {
         assert!(sha.chars().all(|c| c.is_ascii_hexdigit()));
         let empty = tempfile::tempdir().unwrap();
         git(empty.path(), &["init", "-q"]);
-        let e = Repo::discover(empty.path()).unwrap().head_commit().unwrap_err();
+        let e = Repo::discover(empty.path())
+            .unwrap()
+            .head_commit()
+            .unwrap_err();
         assert!(matches!(e, VcsError::NoCommits { .. }));
     }
 
@@ -402,8 +428,14 @@ mod tests {
         let first = ensure_release_tag(&repo, "42", "1.3.0", "production", "sha256:aa", &services);
         assert_eq!(first.unwrap(), TagOutcome::Created);
         let message = repo.tag_message(&name).unwrap().unwrap();
-        assert!(message.lines().any(|l| l == "digest: sha256:aa"), "{message}");
-        assert!(message.lines().any(|l| l == "services: HMS-API, HMS-BATCH"), "{message}");
+        assert!(
+            message.lines().any(|l| l == "digest: sha256:aa"),
+            "{message}"
+        );
+        assert!(
+            message.lines().any(|l| l == "services: HMS-API, HMS-BATCH"),
+            "{message}"
+        );
         let out = Command::new("git")
             .arg("-C")
             .arg(dir.path())
@@ -437,7 +469,9 @@ mod tests {
     #[test]
     fn invalid_tag_names_are_refused() {
         let (_dir, repo) = repo_with_commit();
-        let e = repo.create_annotated_tag("policy/42/v1..0/dev", "m").unwrap_err();
+        let e = repo
+            .create_annotated_tag("policy/42/v1..0/dev", "m")
+            .unwrap_err();
         assert!(matches!(e, VcsError::BadTagName { .. }));
     }
 }

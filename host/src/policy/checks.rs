@@ -174,7 +174,11 @@ mod tests {
     #[test]
     fn a_key_owned_by_another_policy_names_both() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), "42", &doc("42", "1.0.0", &["x.one", "x.two"], &[]));
+        write(
+            d.path(),
+            "42",
+            &doc("42", "1.0.0", &["x.one", "x.two"], &[]),
+        );
         write(d.path(), "7", &doc("7", "1.0.0", &["x.two"], &[]));
         write(d.path(), "8", &doc("8", "1.0.0", &["y"], &[]));
         fs::write(d.path().join("9.yaml"), "rules: [unclosed").unwrap();
@@ -200,13 +204,20 @@ mod tests {
         let same = check_version(&p, Some(&semver::Version::new(1, 3, 0)));
         assert_eq!(same[0].code, "version.not-greater");
         assert_eq!(same[0].path, "/version");
-        assert_eq!(check_version(&p, Some(&semver::Version::new(2, 0, 0))).len(), 1);
+        assert_eq!(
+            check_version(&p, Some(&semver::Version::new(2, 0, 0))).len(),
+            1
+        );
     }
 
     #[test]
     fn approvals_count_distinct_people() {
         let d = tempfile::tempdir().unwrap();
-        write(d.path(), "1", &doc("1", "1.0.0", &["a"], &["Ana", "ana ", "Bo"]));
+        write(
+            d.path(),
+            "1",
+            &doc("1", "1.0.0", &["a"], &["Ana", "ana ", "Bo"]),
+        );
         let p = PolicyStore::open(d.path()).load("1").unwrap();
         assert!(check_approvals(&p, 2).is_empty());
         let found = check_approvals(&p, 3);

@@ -98,7 +98,11 @@ mod tests {
                 "missing {expected:?} in {found:?}"
             );
         }
-        assert!(check_schema(&doc).iter().all(|d| d.is_error() && d.source == "schema"));
+        assert!(
+            check_schema(&doc)
+                .iter()
+                .all(|d| d.is_error() && d.source == "schema")
+        );
     }
 
     #[test]
@@ -108,9 +112,18 @@ mod tests {
         doc["approvals"] = json!([{"by": "ana"}]);
         doc["config"] = json!([1]);
         let found = codes_at(&doc);
-        assert!(found.contains(&("schema.minItems".into(), "/rules".into())), "{found:?}");
-        assert!(found.contains(&("schema.required".into(), "/approvals/0".into())), "{found:?}");
-        assert!(found.contains(&("schema.type".into(), "/config".into())), "{found:?}");
+        assert!(
+            found.contains(&("schema.minItems".into(), "/rules".into())),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&("schema.required".into(), "/approvals/0".into())),
+            "{found:?}"
+        );
+        assert!(
+            found.contains(&("schema.type".into(), "/config".into())),
+            "{found:?}"
+        );
     }
 
     #[test]

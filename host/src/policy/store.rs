@@ -91,7 +91,12 @@ impl PolicyStore {
         let doc: PolicyDoc =
             serde_json::from_value(document.clone()).map_err(|e| PolicyError::Invalid {
                 id: id.to_string(),
-                diagnostics: vec![Diagnostic::error("schema", "schema.shape", "", e.to_string())],
+                diagnostics: vec![Diagnostic::error(
+                    "schema",
+                    "schema.shape",
+                    "",
+                    e.to_string(),
+                )],
             })?;
         if doc.id != id {
             return Err(PolicyError::IdMismatch {
@@ -215,6 +220,9 @@ fn yaml_options() -> serde_saphyr::Options {
     options.budget = Some(budget);
     options.alias_limits.max_total_replayed_events = 100_000;
     options.with_snippet = false;
+    // YAML 1.1 booleans (`no`, `on`, ...) would silently turn a country code
+    // or a rule value into `false`.
+    options.strict_booleans = true;
     options
 }
 
@@ -283,7 +291,10 @@ mod tests {
         assert!(e.to_string().contains("9.json"));
         assert_eq!(e.exit_code(), ExitCode::Usage);
         for bad in ["../42", "a/b", ".hidden", ""] {
-            assert!(matches!(s.path_of(bad), Err(PolicyError::BadId { .. })), "{bad}");
+            assert!(
+                matches!(s.path_of(bad), Err(PolicyError::BadId { .. })),
+                "{bad}"
+            );
         }
         assert_eq!(s.ids().unwrap(), vec!["42".to_string()]);
     }
@@ -301,7 +312,10 @@ mod tests {
 
     #[test]
     fn malformed_yaml_names_the_line() {
-        let (_d, s) = store(&[("7.yaml", "id: \"7\"\nrules:\n  - key: [unclosed\nversion: 1.0.0\n")]);
+        let (_d, s) = store(&[(
+            "7.yaml",
+            "id: \"7\"\nrules:\n  - key: [unclosed\nversion: 1.0.0\n",
+        )]);
         let e = s.load("7").unwrap_err();
         assert_eq!(e.exit_code(), ExitCode::ValidationFailed);
         let PolicyError::Parse { message, .. } = e else {
@@ -335,11 +349,39 @@ mod tests {
     }
 
     #[test]
+    fn yaml_scalars_stay_literal() {
+        let (_d, s) = store(&[("1.yaml", "country: NO\neffective: 2026-01-01\non: yes\n")]);
+        let (_, v) = s.read_document("1").unwrap();
+        assert_eq!(v["country"], "NO");
+        assert_eq!(v["effective"], "2026-01-01");
+        assert_eq!(v["on"], "yes");
+    }
+
+    #[test]
+    fn yaml_tags_read_no_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret.txt");
+        fs::write(&secret, "TOP-SECRET").unwrap();
+        let yaml = format!("leak: !include {}\n", secret.display());
+        fs::write(dir.path().join("1.yaml"), yaml).unwrap();
+        match PolicyStore::open(dir.path()).read_document("1") {
+            Ok((_, v)) => assert!(!v.to_string().contains("TOP-SECRET"), "{v}"),
+            Err(e) => assert!(matches!(e, PolicyError::Parse { .. }), "{e}"),
+        }
+    }
+
+    #[test]
     fn oversized_files_are_refused_before_parsing() {
         let big = format!("{{\"pad\": \"{}\"}}", "x".repeat(MAX_POLICY_BYTES as usize));
         let (_d, s) = store(&[("42.json", &big)]);
         let e = s.load("42").unwrap_err();
-        assert!(matches!(e, PolicyError::TooLarge { limit: MAX_POLICY_BYTES, .. }));
+        assert!(matches!(
+            e,
+            PolicyError::TooLarge {
+                limit: MAX_POLICY_BYTES,
+                ..
+            }
+        ));
         assert_eq!(e.exit_code(), ExitCode::ValidationFailed);
     }
 
@@ -348,7 +390,10 @@ mod tests {
         let bad = JSON_42.replace("\"1.3.0\"", "\"one\"");
         let (_d, s) = store(&[("42.json", &bad), ("43.json", JSON_42)]);
         let e = s.load("42").unwrap_err();
-        let PolicyError::Invalid { ref diagnostics, .. } = e else {
+        let PolicyError::Invalid {
+            ref diagnostics, ..
+        } = e
+        else {
             panic!("expected Invalid, got {e:?}")
         };
         assert_eq!(diagnostics[0].path, "/version");
