@@ -601,7 +601,7 @@ impl Engine {
             outcome,
             started_at: started_at.to_string(),
             finished_at: crate::state::now_rfc3339(),
-            actor: crate::audit::actor(),
+            actor: crate::audit::default_actor(),
             targets: pushed
                 .targets
                 .iter()

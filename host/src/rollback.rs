@@ -193,7 +193,7 @@ impl Engine {
             outcome: if failed.is_empty() { "rollback" } else { "rollback-failed" }.into(),
             started_at,
             finished_at: crate::state::now_rfc3339(),
-            actor: crate::audit::actor(),
+            actor: crate::audit::default_actor(),
             targets: report
                 .targets
                 .iter()
