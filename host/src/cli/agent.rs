@@ -76,6 +76,7 @@ pub fn run(ctx: &Ctx, args: AgentArgs) -> CmdResult {
         .map_err(|error| Failure {
             code: ExitCode::Usage,
             error,
+            report: None,
         })?;
     runtime.block_on(async move {
         let agent = Agent::open(cfg)?;

@@ -203,6 +203,7 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
         .map_err(|error| Failure {
             code: ExitCode::Usage,
             error,
+            report: None,
         })?;
     let engine = PluginHost::new(Default::default(), None)?;
     let name = path
@@ -249,6 +250,7 @@ fn read_policy(path: &Path) -> Result<PolicyInput, Failure> {
         .map_err(|error| Failure {
             code: ExitCode::Usage,
             error,
+            report: None,
         })?;
     let document: serde_json::Value = match serde_json::from_str(&text) {
         Ok(v) => v,
@@ -429,6 +431,7 @@ fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
         .map_err(|error| Failure {
             code: ExitCode::Usage,
             error,
+            report: None,
         })?;
     let digest = pde::plugin::sha256_hex(&bytes);
     let status = pde::plugin::signature::status(path, &digest, &trusted);
