@@ -108,7 +108,7 @@ impl Workspace {
         std::fs::write(root.join(".gitignore"), ".pde/\nagents/\n").unwrap();
         let ws = Workspace { dir };
         ws.write_policy("42.json", &policy_42("1.0.0").to_string());
-        git(root, &["init", "-q"]);
+        git(ws.root(), &["init", "-q"]);
         ws
     }
 
