@@ -429,9 +429,10 @@ impl AuditLog {
         // Line numbers cost a full read; only an error pays for one.
         checked.map_err(|e| match e {
             AuditError::Tampered { line, seq, reason } => {
-                let last = match has_line {
-                    true => count_lines(file, start).unwrap_or(0) + 1,
-                    false => 0,
+                let last = if has_line {
+                    count_lines(file, start).unwrap_or(0) + 1
+                } else {
+                    0
                 };
                 AuditError::Tampered {
                     line: last + line,
@@ -546,7 +547,7 @@ fn check_line(
         };
         return Err(bad(Some(record.seq), reason));
     }
-    let prev_hash = prev.map(|p| p.hash.as_str()).unwrap_or("");
+    let prev_hash = prev.map_or("", |p| p.hash.as_str());
     if record.prev != prev_hash {
         return Err(bad(
             Some(record.seq),
@@ -689,6 +690,7 @@ pub struct AuditSink {
     client: reqwest::Client,
     retries: u32,
     backoff: Duration,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for AuditSink {
@@ -698,13 +700,15 @@ impl std::fmt::Debug for AuditSink {
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
             .field("retries", &self.retries)
             .field("backoff", &self.backoff)
-            .finish()
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
 impl AuditSink {
     /// A sink posting to `url`, retrying 3 times with exponential backoff
-    /// (from 200 ms, with jitter) on 5xx, 408, 429 and transport errors.
+    /// (from 200 ms, with jitter) on 5xx, 408, 429, transport errors and
+    /// timeouts (5 s per request).
     pub fn new(
         url: impl Into<String>,
         token: Option<String>,
@@ -716,10 +720,19 @@ impl AuditSink {
             client,
             retries: 3,
             backoff: Duration::from_millis(200),
+            timeout: Duration::from_secs(5),
         }
     }
 
+    /// Sets the per-request timeout.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> AuditSink {
+        self.timeout = timeout;
+        self
+    }
+
     /// Sets the first backoff delay (doubled after each retry).
+    #[must_use]
     pub fn with_backoff(mut self, base: Duration) -> AuditSink {
         self.backoff = base;
         self
@@ -753,6 +766,7 @@ impl AuditSink {
         let mut request = self
             .client
             .post(&self.url)
+            .timeout(self.timeout)
             .header("Idempotency-Key", format!("audit:{}", record.hash))
             .json(record);
         if let Some(token) = &self.token {
@@ -1130,6 +1144,7 @@ mod tests {
             calls: Arc<AtomicU32>,
             fail_first: u32,
             status: u16,
+            stall_first: bool,
         }
 
         async fn receive(
@@ -1138,6 +1153,9 @@ mod tests {
             axum::Json(body): axum::Json<Value>,
         ) -> StatusCode {
             let n = r.calls.fetch_add(1, Ordering::SeqCst);
+            if r.stall_first && n == 0 {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+            }
             if n < r.fail_first {
                 return StatusCode::from_u16(r.status).unwrap();
             }
@@ -1192,6 +1210,21 @@ mod tests {
             sink.forward(&record()).await.unwrap();
             assert_eq!(r.calls.load(Ordering::SeqCst), 3);
             assert_eq!(r.got.lock().unwrap()[0].0, None);
+        }
+
+        #[tokio::test]
+        async fn a_stalled_request_times_out_and_is_retried() {
+            let r = Receiver {
+                stall_first: true,
+                ..Default::default()
+            };
+            let url = serve(r.clone()).await;
+            let sink = AuditSink::new(url, None, reqwest::Client::new())
+                .with_backoff(Duration::from_millis(5))
+                .with_timeout(Duration::from_millis(200));
+            sink.forward(&record()).await.unwrap();
+            assert_eq!(r.calls.load(Ordering::SeqCst), 2);
+            assert_eq!(r.got.lock().unwrap().len(), 1);
         }
 
         #[tokio::test]
