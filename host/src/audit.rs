@@ -13,14 +13,16 @@
 //!
 //! A chain alone cannot show that records were cut off the *end*, so pde
 //! also keeps `<state>/audit.head` (`{"seq", "hash"}` of the last record),
-//! replaced atomically after each append. `verify` checks the whole chain
-//! and that it ends where the head says. The one accepted gap is a crash
-//! between fsyncing a record and replacing the head: the log may then be
-//! exactly one record ahead, chained to the head. (An attacker who can
-//! rewrite the whole chain and the head cannot be caught locally; that is
-//! what the optional HTTP [`AuditSink`] copy is for.)
+//! replaced atomically (temp file, fsync, rename) after each append.
+//! `verify` checks the whole chain, that the log reaches the head's seq, and
+//! that the record there has the head's hash. The log may run *ahead* of the
+//! head: a crash between fsyncing a record and renaming the head leaves an
+//! older, still valid anchor, so the head's directory entry is not fsynced
+//! (one fsync fewer per append). (An attacker who can rewrite the whole
+//! chain and the head cannot be caught locally; that is what the optional
+//! HTTP [`AuditSink`] copy is for.)
 //!
-//! Each append fsyncs the record (and the head) before returning. Appends
+//! Each append fsyncs the record before returning. Appends
 //! are serialized within a process by a mutex and across processes by an
 //! exclusive OS lock on the log file, and each append re-reads the tail
 //! under that lock, so two `pde` runs never interleave or fork the chain.
@@ -103,6 +105,19 @@ pub struct AuditRecord {
     pub prev: String,
     /// `sha256:<hex>` of the canonical JSON of this record without `hash`.
     pub hash: String,
+}
+
+/// One record to append with [`AuditLog::append_all`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    /// What happened.
+    pub event: Event,
+    /// The policy concerned.
+    pub policy_id: String,
+    /// The environment concerned.
+    pub env: String,
+    /// Step details. Never secrets.
+    pub data: Value,
 }
 
 /// The result of a successful [`AuditLog::verify`].
@@ -208,12 +223,20 @@ impl AuditLog {
         };
         fs::create_dir_all(state_dir).map_err(io(state_dir))?;
         let path = state_dir.join(LOG_FILE);
+        let created = !path.exists();
         let file = OpenOptions::new()
             .read(true)
             .append(true)
             .create(true)
             .open(&path)
             .map_err(io(&path))?;
+        if created {
+            // Make the new file's directory entry durable once; later
+            // appends only change its content.
+            File::open(state_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io(state_dir))?;
+        }
         let log = AuditLog {
             head_path: state_dir.join(HEAD_FILE),
             path,
@@ -250,39 +273,70 @@ impl AuditLog {
         event: Event,
         policy_id: &str,
         env: &str,
-        mut data: Value,
+        data: Value,
     ) -> Result<AuditRecord, AuditError> {
-        redact(&mut data);
-        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
-        file.lock().map_err(self.io(&self.path))?;
-        let _guard = FileLockGuard(&file);
-        let last = self.tail(&file)?;
-        let mut record = AuditRecord {
-            seq: last.as_ref().map_or(1, |r| r.seq + 1),
-            ts: crate::state::now_rfc3339(),
-            actor: self.actor.clone(),
+        let entry = AuditEntry {
             event,
             policy_id: policy_id.to_string(),
             env: env.to_string(),
             data,
-            prev: last.map(|r| r.hash).unwrap_or_default(),
-            hash: String::new(),
         };
-        let mut value = serde_json::to_value(&record).expect("audit record serialises");
-        record.hash = hash_of(&mut value);
-        value["hash"] = Value::String(record.hash.clone());
-        let mut line = canonical_json(&value);
-        line.push(b'\n');
-        // One write of the whole line: a crash leaves at most a torn tail,
-        // which the next append and `verify` detect.
-        (&*file).write_all(&line).map_err(self.io(&self.path))?;
+        let mut written = self.append_all(vec![entry])?;
+        Ok(written.pop().expect("one record per entry"))
+    }
+
+    /// Appends several records with one write and one fsync (for example one
+    /// `pushed` per target of a wide fan-out); returns them as written, in
+    /// order. They are consecutive in the log: no other writer interleaves.
+    pub fn append_all(&self, entries: Vec<AuditEntry>) -> Result<Vec<AuditRecord>, AuditError> {
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
+        let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        file.lock().map_err(self.io(&self.path))?;
+        let _guard = FileLockGuard(&file);
+        let last = self.tail(&file)?;
+        let (mut seq, mut prev) = last.map_or((1, String::new()), |r| (r.seq + 1, r.hash));
+        let ts = crate::state::now_rfc3339();
+        let mut bytes = Vec::new();
+        let mut written = Vec::with_capacity(entries.len());
+        for mut entry in entries {
+            redact(&mut entry.data);
+            let mut record = AuditRecord {
+                seq,
+                ts: ts.clone(),
+                actor: self.actor.clone(),
+                event: entry.event,
+                policy_id: entry.policy_id,
+                env: entry.env,
+                data: entry.data,
+                prev,
+                hash: String::new(),
+            };
+            let mut value = serde_json::to_value(&record).expect("audit record serialises");
+            record.hash = hash_of(&mut value);
+            value["hash"] = Value::String(record.hash.clone());
+            bytes.extend(canonical_json(&value));
+            bytes.push(b'\n');
+            seq += 1;
+            prev = record.hash.clone();
+            written.push(record);
+        }
+        // One write: a crash leaves at most a torn tail, which the next
+        // append and `verify` detect.
+        (&*file).write_all(&bytes).map_err(self.io(&self.path))?;
         file.sync_all().map_err(self.io(&self.path))?;
+        let last = written.last().expect("entries is not empty");
         self.write_head(&Head {
-            seq: record.seq,
-            hash: record.hash.clone(),
+            seq: last.seq,
+            hash: last.hash.clone(),
         })?;
-        tracing::debug!(seq = record.seq, event = ?record.event, "audit record appended");
-        Ok(record)
+        tracing::debug!(
+            last_seq = last.seq,
+            count = written.len(),
+            "audit records appended"
+        );
+        Ok(written)
     }
 
     /// Every record, in order, without checking the chain (see [`AuditLog::verify`]).
@@ -308,6 +362,7 @@ impl AuditLog {
         let torn = !bytes.is_empty() && !bytes.ends_with(b"\n");
         let all: Vec<&[u8]> = lines(&bytes).collect();
         let mut last: Option<AuditRecord> = None;
+        let mut at_head: Option<String> = None;
         let mut line_no = 0u64;
         for (i, line) in all.iter().enumerate() {
             line_no += 1;
@@ -319,9 +374,13 @@ impl AuditLog {
                     reason: "the last line is incomplete: a torn write or a truncated log".into(),
                 });
             }
-            last = Some(check_line(line, line_no, expected_seq, last.as_ref())?);
+            let record = check_line(line, line_no, expected_seq, last.as_ref())?;
+            if head.as_ref().is_some_and(|h| h.seq == record.seq) {
+                at_head = Some(record.hash.clone());
+            }
+            last = Some(record);
         }
-        check_head(last.as_ref(), head.as_ref(), line_no)?;
+        check_head(last.as_ref(), head.as_ref(), at_head.as_deref(), line_no)?;
         Ok(VerifyReport {
             records: last.as_ref().map_or(0, |r| r.seq),
             last_hash: last.map(|r| r.hash).unwrap_or_default(),
@@ -350,7 +409,7 @@ impl AuditLog {
         // Errors below carry line numbers relative to the last line (0 = the
         // last line, 1 = one past it); they are made absolute at the end.
         let checked = match line {
-            None => check_head(None, head.as_ref(), 0).map(|()| None),
+            None => check_head(None, head.as_ref(), None, 0).map(|()| None),
             Some(line) => match line.strip_suffix(b"\n") {
                 None => Err(AuditError::Tampered {
                     line: 0,
@@ -358,16 +417,22 @@ impl AuditLog {
                     reason: "the last line is incomplete: a torn write or a truncated log; run `pde audit verify`".into(),
                 }),
                 Some(line) => check_line(line, 0, 0, None).and_then(|record| {
-                    check_head(Some(&record), head.as_ref(), 0).map(|()| Some(record))
+                    let at_head = head.as_ref().and_then(|h| match record.seq {
+                        s if s == h.seq => Some(record.hash.as_str()),
+                        s if s == h.seq + 1 => Some(record.prev.as_str()),
+                        _ => None,
+                    });
+                    check_head(Some(&record), head.as_ref(), at_head, 0).map(|()| Some(record))
                 }),
             },
         };
         // Line numbers cost a full read; only an error pays for one.
         checked.map_err(|e| match e {
             AuditError::Tampered { line, seq, reason } => {
-                let last = match has_line {
-                    true => count_lines(file, start).unwrap_or(0) + 1,
-                    false => 0,
+                let last = if has_line {
+                    count_lines(file, start).unwrap_or(0) + 1
+                } else {
+                    0
                 };
                 AuditError::Tampered {
                     line: last + line,
@@ -408,11 +473,9 @@ impl AuditLog {
             let mut f = File::create(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
-            fs::rename(&tmp, &self.head_path)?;
-            if let Some(dir) = self.head_path.parent() {
-                File::open(dir)?.sync_all()?;
-            }
-            Ok(())
+            // No directory fsync: if a crash loses the rename, the old head
+            // is still a valid anchor (the log may run ahead of the head).
+            fs::rename(&tmp, &self.head_path)
         };
         write().map_err(self.io(&self.head_path))
     }
@@ -484,7 +547,7 @@ fn check_line(
         };
         return Err(bad(Some(record.seq), reason));
     }
-    let prev_hash = prev.map(|p| p.hash.as_str()).unwrap_or("");
+    let prev_hash = prev.map_or("", |p| p.hash.as_str());
     if record.prev != prev_hash {
         return Err(bad(
             Some(record.seq),
@@ -494,40 +557,48 @@ fn check_line(
     Ok(record)
 }
 
-/// The log must end where the head says (or, after a crash between the two
-/// writes, exactly one record later, chained to the head).
+/// The log must reach the head, and the record at the head's seq must be
+/// the one the head names. `at_head` is that record's hash when known
+/// (`None`: not visible from here, e.g. an append several records past a
+/// head that a crash left behind; `verify` always knows it).
 fn check_head(
     last: Option<&AuditRecord>,
     head: Option<&Head>,
+    at_head: Option<&str>,
     lines: u64,
 ) -> Result<(), AuditError> {
-    let truncated = |head: &Head, have: u64| AuditError::Tampered {
-        line: lines + 1,
-        seq: Some(have + 1),
-        reason: format!(
-            "the log ends at seq {have} but the head records seq {}: records were cut off the end",
-            head.seq
-        ),
+    let (last, head) = match (last, head) {
+        (None, None) => return Ok(()),
+        (Some(last), None) => {
+            return Err(AuditError::Tampered {
+                line: lines,
+                seq: Some(last.seq),
+                reason: format!("{HEAD_FILE} is missing: the log's end cannot be confirmed"),
+            });
+        }
+        (last, Some(head)) => (last, head),
     };
-    match (last, head) {
-        (None, None) => Ok(()),
-        (None, Some(head)) => Err(truncated(head, 0)),
-        (Some(last), None) => Err(AuditError::Tampered {
-            line: lines,
-            seq: Some(last.seq),
-            reason: format!("{HEAD_FILE} is missing: the log's end cannot be confirmed"),
-        }),
-        (Some(last), Some(head)) if last.seq < head.seq => Err(truncated(head, last.seq)),
-        (Some(last), Some(head)) if last.seq == head.seq && last.hash == head.hash => Ok(()),
-        (Some(last), Some(head)) if last.seq == head.seq + 1 && last.prev == head.hash => Ok(()),
-        (Some(last), Some(head)) => Err(AuditError::Tampered {
-            line: lines,
-            seq: Some(last.seq),
+    let have = last.map_or(0, |r| r.seq);
+    if have < head.seq {
+        return Err(AuditError::Tampered {
+            line: lines + 1,
+            seq: Some(have + 1),
             reason: format!(
-                "the last record does not match the head (seq {}, {}): the end of the log was rewritten",
+                "the log ends at seq {have} but the head records seq {}: records were cut off the end",
+                head.seq
+            ),
+        });
+    }
+    match at_head {
+        Some(hash) if hash != head.hash => Err(AuditError::Tampered {
+            line: lines.saturating_sub(have - head.seq),
+            seq: Some(head.seq),
+            reason: format!(
+                "record {} does not match the head ({}): the end of the log was rewritten",
                 head.seq, head.hash
             ),
         }),
+        _ => Ok(()),
     }
 }
 
@@ -619,6 +690,7 @@ pub struct AuditSink {
     client: reqwest::Client,
     retries: u32,
     backoff: Duration,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for AuditSink {
@@ -628,13 +700,15 @@ impl std::fmt::Debug for AuditSink {
             .field("token", &self.token.as_ref().map(|_| "[redacted]"))
             .field("retries", &self.retries)
             .field("backoff", &self.backoff)
-            .finish()
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
 impl AuditSink {
     /// A sink posting to `url`, retrying 3 times with exponential backoff
-    /// (from 200 ms, with jitter) on 5xx, 408, 429 and transport errors.
+    /// (from 200 ms, with jitter) on 5xx, 408, 429, transport errors and
+    /// timeouts (5 s per request).
     pub fn new(
         url: impl Into<String>,
         token: Option<String>,
@@ -646,10 +720,19 @@ impl AuditSink {
             client,
             retries: 3,
             backoff: Duration::from_millis(200),
+            timeout: Duration::from_secs(5),
         }
     }
 
+    /// Sets the per-request timeout.
+    #[must_use]
+    pub fn with_timeout(mut self, timeout: Duration) -> AuditSink {
+        self.timeout = timeout;
+        self
+    }
+
     /// Sets the first backoff delay (doubled after each retry).
+    #[must_use]
     pub fn with_backoff(mut self, base: Duration) -> AuditSink {
         self.backoff = base;
         self
@@ -683,6 +766,7 @@ impl AuditSink {
         let mut request = self
             .client
             .post(&self.url)
+            .timeout(self.timeout)
             .header("Idempotency-Key", format!("audit:{}", record.hash))
             .json(record);
         if let Some(token) = &self.token {
@@ -947,6 +1031,54 @@ mod tests {
     }
 
     #[test]
+    fn a_log_ahead_of_its_head_verifies_but_a_wrong_head_does_not() {
+        let (dir, log) = log_with(2);
+        let head = dir.path().join(HEAD_FILE);
+        let old = fs::read(&head).unwrap();
+        log.append(Event::Pushed, "42", "staging", json!({}))
+            .unwrap();
+        log.append(Event::Pushed, "42", "staging", json!({}))
+            .unwrap();
+        // As if a crash had lost the last head renames.
+        fs::write(&head, &old).unwrap();
+        assert_eq!(log.verify().unwrap().records, 4);
+        let next = log
+            .append(Event::Deployed, "42", "staging", json!({}))
+            .unwrap();
+        assert_eq!(next.seq, 5);
+        // A head naming another record at its seq means the log was rewritten.
+        let records = log.records().unwrap();
+        let forged = json!({"seq": 3, "hash": records[1].hash});
+        fs::write(&head, forged.to_string()).unwrap();
+        let (line, seq, reason) = tampered(&log);
+        assert_eq!((line, seq), (3, Some(3)));
+        assert!(reason.contains("rewritten"), "{reason}");
+    }
+
+    #[test]
+    fn a_batch_is_one_consecutive_chained_run() {
+        let (_dir, log) = log_with(1);
+        let entry = |svc: &str| AuditEntry {
+            event: Event::Pushed,
+            policy_id: "42".into(),
+            env: "prod".into(),
+            data: json!({"service": svc, "token": "t0k"}),
+        };
+        let written = log
+            .append_all(vec![entry("a"), entry("b"), entry("c")])
+            .unwrap();
+        assert_eq!(
+            written.iter().map(|r| r.seq).collect::<Vec<_>>(),
+            vec![2, 3, 4]
+        );
+        assert_eq!(written[1].prev, written[0].hash);
+        assert_eq!(written[2].data["token"], "[redacted]");
+        assert_eq!(log.records().unwrap()[1..], written[..]);
+        assert_eq!(log.verify().unwrap().last_hash, written[2].hash);
+        assert!(log.append_all(vec![]).unwrap().is_empty());
+    }
+
+    #[test]
     fn a_deleted_head_file_is_detected() {
         let (dir, log) = log_with(2);
         fs::remove_file(dir.path().join(HEAD_FILE)).unwrap();
@@ -1012,6 +1144,7 @@ mod tests {
             calls: Arc<AtomicU32>,
             fail_first: u32,
             status: u16,
+            stall_first: bool,
         }
 
         async fn receive(
@@ -1020,6 +1153,9 @@ mod tests {
             axum::Json(body): axum::Json<Value>,
         ) -> StatusCode {
             let n = r.calls.fetch_add(1, Ordering::SeqCst);
+            if r.stall_first && n == 0 {
+                tokio::time::sleep(Duration::from_secs(600)).await;
+            }
             if n < r.fail_first {
                 return StatusCode::from_u16(r.status).unwrap();
             }
@@ -1074,6 +1210,21 @@ mod tests {
             sink.forward(&record()).await.unwrap();
             assert_eq!(r.calls.load(Ordering::SeqCst), 3);
             assert_eq!(r.got.lock().unwrap()[0].0, None);
+        }
+
+        #[tokio::test]
+        async fn a_stalled_request_times_out_and_is_retried() {
+            let r = Receiver {
+                stall_first: true,
+                ..Default::default()
+            };
+            let url = serve(r.clone()).await;
+            let sink = AuditSink::new(url, None, reqwest::Client::new())
+                .with_backoff(Duration::from_millis(5))
+                .with_timeout(Duration::from_millis(200));
+            sink.forward(&record()).await.unwrap();
+            assert_eq!(r.calls.load(Ordering::SeqCst), 2);
+            assert_eq!(r.got.lock().unwrap().len(), 1);
         }
 
         #[tokio::test]

@@ -719,7 +719,10 @@ mod tests {
                 Ok(probe) => drop(probe),
                 Err(e) => panic!("{e}"),
             }
-            assert!(std::time::Instant::now() < deadline, "flock never took the lock");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flock never took the lock"
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
         assert_eq!(refused.exit_code(), ExitCode::Locked);

@@ -196,9 +196,10 @@ impl Repo {
     /// A relative `path` is taken relative to [`Repo::root`].
     pub fn is_clean(&self, path: &Path) -> Result<bool, VcsError> {
         // git compares absolute paths with its own (symlink-resolved) root.
-        let resolved = match path.is_absolute() {
-            true => path.canonicalize().unwrap_or_else(|_| path.to_path_buf()),
-            false => path.to_path_buf(),
+        let resolved = if path.is_absolute() {
+            path.canonicalize().unwrap_or_else(|_| path.to_path_buf())
+        } else {
+            path.to_path_buf()
         };
         let path = resolved.as_os_str();
         let tracked = self.git([
