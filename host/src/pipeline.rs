@@ -534,18 +534,17 @@ impl Engine {
         digest: &str,
     ) -> Result<(), Error> {
         let name = vcs::policy_tag_name(&policy.id, &policy.version.to_string(), env);
-        match repo.tag_message(&name)? {
-            Some(message) if !message.contains(digest) => Err(vcs::VcsError::TagConflict {
+        let Some(message) = repo.tag_message(&name)? else {
+            return Ok(());
+        };
+        match vcs::digest_in_message(&message) {
+            Some(existing) if existing == digest => Ok(()),
+            existing => Err(vcs::VcsError::TagConflict {
                 name,
-                existing: message
-                    .lines()
-                    .find_map(|l| l.strip_prefix("digest: "))
-                    .unwrap_or("unknown")
-                    .to_string(),
+                existing: existing.unwrap_or("(no digest)").to_string(),
                 new: digest.to_string(),
             }
             .into()),
-            _ => Ok(()),
         }
     }
 
