@@ -152,7 +152,10 @@ fn an_unreachable_environment_exits_4() {
     ));
     ws.commit("init");
     assert_eq!(code(&pde(ws.root(), &["env", "check", "dev"])), 4);
-    let o = pde(ws.root(), &["deploy", "42", "--env", "dev", "--output", "json"]);
+    let o = pde(
+        ws.root(),
+        &["deploy", "42", "--env", "dev", "--output", "json"],
+    );
     assert_eq!(code(&o), 4);
     assert_eq!(json(&o)["exit_code"], 4);
 }
@@ -174,13 +177,22 @@ fn deploy_plan_status_history_and_audit_through_the_binary() {
     std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
     ws.commit("init");
 
-    let plan = pde(ws.root(), &["plan", "42", "--env", "dev", "--output", "json"]);
+    let plan = pde(
+        ws.root(),
+        &["plan", "42", "--env", "dev", "--output", "json"],
+    );
     assert_eq!(code(&plan), 0, "{}", String::from_utf8_lossy(&plan.stderr));
     let plan = json(&plan);
     assert_eq!(plan["targets"][0]["change"], "install");
-    assert!(support::active_digest(&agent.url).is_none(), "plan pushes nothing");
+    assert!(
+        support::active_digest(&agent.url).is_none(),
+        "plan pushes nothing"
+    );
 
-    let o = pde(ws.root(), &["deploy", "42", "--env", "dev", "--output", "json"]);
+    let o = pde(
+        ws.root(),
+        &["deploy", "42", "--env", "dev", "--output", "json"],
+    );
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
     let report = json(&o);
     assert_eq!(report["outcome"], "deployed");
@@ -196,8 +208,14 @@ fn deploy_plan_status_history_and_audit_through_the_binary() {
     assert_eq!(history[0]["outcome"], "deployed");
 
     assert_eq!(code(&pde(ws.root(), &["audit", "verify"])), 0);
-    let shown = json(&pde(ws.root(), &["audit", "show", "--policy", "42", "--output", "json"]));
-    assert_eq!(shown.as_array().unwrap().last().unwrap()["event"], "deployed");
+    let shown = json(&pde(
+        ws.root(),
+        &["audit", "show", "--policy", "42", "--output", "json"],
+    ));
+    assert_eq!(
+        shown.as_array().unwrap().last().unwrap()["event"],
+        "deployed"
+    );
 
     // Tampering with one record is caught, naming it.
     let log = ws.root().join(".pde/audit.jsonl");

@@ -37,6 +37,23 @@ fn with_receivers(rs: &[&Receiver], extra: &str) -> Workspace {
     ws
 }
 
+/// The audit log's event names, in order.
+fn audit_events(engine: &pde::Engine) -> Vec<String> {
+    engine
+        .audit()
+        .records()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            serde_json::to_value(r.event)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect()
+}
+
 fn exit_of<T: std::fmt::Debug>(r: Result<T, pde::Error>) -> (ExitCode, pde::Error) {
     let e = r.expect_err("expected the deploy to fail");
     (e.exit_code(), e)
@@ -45,7 +62,10 @@ fn exit_of<T: std::fmt::Debug>(r: Result<T, pde::Error>) -> (ExitCode, pde::Erro
 #[test]
 fn happy_path_to_three_agents_with_plugins_tags_and_audits() {
     let ws = Workspace::new("");
-    let urls: Vec<String> = ["api", "portal", "sched"].iter().map(|n| ws.agent(n)).collect();
+    let urls: Vec<String> = ["api", "portal", "sched"]
+        .iter()
+        .map(|n| ws.agent(n))
+        .collect();
     let env = Workspace::env_toml(
         "production",
         "require_signed_plugins = true\nmin_approvals = 2",
@@ -64,15 +84,30 @@ fn happy_path_to_three_agents_with_plugins_tags_and_audits() {
     let report = engine.deploy_policy("42", "production").expect("deploys");
     assert_eq!(report.outcome, DeployOutcome::Deployed);
     assert_eq!(report.routes.len(), 3, "routes: {:?}", report.routes);
-    assert!(report.routes.iter().all(|r| r.reasons.iter().any(|x| x.starts_with("category-router: "))));
+    assert!(
+        report
+            .routes
+            .iter()
+            .all(|r| r.reasons.iter().any(|x| x.starts_with("category-router: ")))
+    );
     assert_eq!(report.validation.plugins.len(), 3, "three validators ran");
     for url in &urls {
-        assert_eq!(support::active_digest(url).as_deref(), Some(report.digest.as_str()));
+        assert_eq!(
+            support::active_digest(url).as_deref(),
+            Some(report.digest.as_str())
+        );
     }
     let push = report.push.as_ref().unwrap();
-    assert!(push.targets.iter().all(|t| t.state == TargetState::Delivered));
+    assert!(
+        push.targets
+            .iter()
+            .all(|t| t.state == TargetState::Delivered)
+    );
     assert_eq!(ws.tags(), vec!["policy/42/v1.0.0/production".to_string()]);
-    let tag_msg = support::git(ws.root(), &["tag", "-l", "-n99", "policy/42/v1.0.0/production"]);
+    let tag_msg = support::git(
+        ws.root(),
+        &["tag", "-l", "-n99", "policy/42/v1.0.0/production"],
+    );
     assert!(tag_msg.contains(&report.digest), "{tag_msg}");
 
     // The bundle on disk is the one every agent runs.
@@ -81,23 +116,29 @@ fn happy_path_to_three_agents_with_plugins_tags_and_audits() {
     assert_eq!(bundle.digest, report.digest);
     assert_eq!(bundle.payload.manifest.validators.len(), 3);
 
-    let events: Vec<String> = engine
-        .audit()
-        .records()
-        .unwrap()
-        .iter()
-        .map(|r| serde_json::to_value(&r.event).unwrap().as_str().unwrap().to_string())
-        .collect();
+    let events = audit_events(&engine);
     assert_eq!(
         events,
-        ["deploy_start", "validated", "packaged", "env_check_ok", "routed", "pushed", "tagged", "deployed"]
+        [
+            "deploy_start",
+            "validated",
+            "packaged",
+            "env_check_ok",
+            "routed",
+            "pushed",
+            "tagged",
+            "deployed"
+        ]
     );
     engine.audit().verify().unwrap();
     let active = engine.state().active("42", "production").unwrap().unwrap();
     assert_eq!(active.digest, report.digest);
 
     // Deploying the same commit again is an idempotent success.
-    let again = ws.engine().deploy_policy("42", "production").expect("re-deploy");
+    let again = ws
+        .engine()
+        .deploy_policy("42", "production")
+        .expect("re-deploy");
     assert_eq!(again.digest, report.digest);
     assert!(again.already_active);
     assert!(!again.tag.unwrap().created);
@@ -106,7 +147,11 @@ fn happy_path_to_three_agents_with_plugins_tags_and_audits() {
 
 #[test]
 fn a_target_that_always_fails_rolls_the_others_back_and_nothing_is_tagged() {
-    let rs = [Receiver::start(Fault::None), Receiver::start(Fault::None), Receiver::start(Fault::None)];
+    let rs = [
+        Receiver::start(Fault::None),
+        Receiver::start(Fault::None),
+        Receiver::start(Fault::None),
+    ];
     let ws = with_receivers(&rs.iter().collect::<Vec<_>>(), "");
     let first = ws.engine().deploy_policy("42", "prod").expect("v1 deploys");
 
@@ -115,7 +160,10 @@ fn a_target_that_always_fails_rolls_the_others_back_and_nothing_is_tagged() {
     rs[1].set_fault(Fault::Always500);
     let (code, err) = exit_of(ws.engine().deploy_policy("42", "prod"));
     assert_eq!(code, ExitCode::DeployFailed);
-    let pde::Error::DeployFailed { report, outcome, .. } = err else {
+    let pde::Error::DeployFailed {
+        report, outcome, ..
+    } = err
+    else {
         panic!("not a deploy failure: {err}")
     };
     assert_eq!(outcome, "rolled-back");
@@ -127,20 +175,37 @@ fn a_target_that_always_fails_rolls_the_others_back_and_nothing_is_tagged() {
     assert_eq!(rs[1].deploys(), 1 + 3);
     assert_eq!(ws.tags(), vec!["policy/42/v1.0.0/prod".to_string()]);
     let state = ws.engine().state().active("42", "prod").unwrap().unwrap();
-    assert_eq!(state.digest, first.digest, "state keeps the version that runs");
+    assert_eq!(
+        state.digest, first.digest,
+        "state keeps the version that runs"
+    );
 }
 
 #[test]
 fn a_target_failing_once_is_retried_and_the_deploy_succeeds() {
-    let rs = [Receiver::start(Fault::Once500), Receiver::start(Fault::None)];
+    let rs = [
+        Receiver::start(Fault::Once500),
+        Receiver::start(Fault::None),
+    ];
     let ws = with_receivers(&rs.iter().collect::<Vec<_>>(), "");
-    let report = ws.engine().deploy_policy("42", "prod").expect("deploys after a retry");
+    let report = ws
+        .engine()
+        .deploy_policy("42", "prod")
+        .expect("deploys after a retry");
     assert_eq!(report.outcome, DeployOutcome::Deployed);
     assert_eq!(rs[0].deploys(), 2);
     let t = &report.push.unwrap().targets[0];
     assert_eq!(t.attempts, 2);
     let key = format!("{}:prod", report.digest);
-    assert!(rs[0].seen.lock().unwrap().idempotency_keys.iter().all(|k| *k == key));
+    assert!(
+        rs[0]
+            .seen
+            .lock()
+            .unwrap()
+            .idempotency_keys
+            .iter()
+            .all(|k| *k == key)
+    );
 }
 
 #[test]
@@ -149,7 +214,11 @@ fn a_hanging_target_times_out_and_the_other_is_compensated() {
     let ws = with_receivers(&rs.iter().collect::<Vec<_>>(), "");
     let (code, err) = exit_of(ws.engine().deploy_policy("42", "prod"));
     assert_eq!(code, ExitCode::DeployFailed, "{err}");
-    assert_eq!(rs[0].active_digest(), None, "first-ever deploy compensated to nothing");
+    assert_eq!(
+        rs[0].active_digest(),
+        None,
+        "first-ever deploy compensated to nothing"
+    );
     assert!(ws.tags().is_empty());
 }
 
@@ -159,28 +228,34 @@ fn an_active_endpoint_that_disagrees_fails_verification() {
     let ws = with_receivers(&rs.iter().collect::<Vec<_>>(), "");
     let (code, err) = exit_of(ws.engine().deploy_policy("42", "prod"));
     assert_eq!(code, ExitCode::DeployFailed);
-    let pde::Error::DeployFailed { report, .. } = err else { panic!("{err}") };
+    let pde::Error::DeployFailed { report, .. } = err else {
+        panic!("{err}")
+    };
     let t = &report.push.as_ref().unwrap().targets[0];
     assert!(t.detail.contains("verif"), "{}", t.detail);
 }
 
 #[test]
 fn an_unhealthy_environment_gets_nothing_pushed() {
-    let rs = [Receiver::start(Fault::None), Receiver::start(Fault::Unhealthy)];
+    let rs = [
+        Receiver::start(Fault::None),
+        Receiver::start(Fault::Unhealthy),
+    ];
     let ws = with_receivers(&rs.iter().collect::<Vec<_>>(), "");
     let engine = ws.engine();
     let (code, err) = exit_of(engine.deploy_policy("42", "prod"));
     assert_eq!(code, ExitCode::EnvUnhealthy);
     assert!(err.to_string().contains("HMS-PORTAL"), "{err}");
-    assert_eq!(rs[0].deploys() + rs[1].deploys(), 0, "no POST /deploy arrived anywhere");
-    let events: Vec<String> = engine
-        .audit()
-        .records()
-        .unwrap()
-        .iter()
-        .map(|r| serde_json::to_value(&r.event).unwrap().as_str().unwrap().to_string())
-        .collect();
-    assert!(events.contains(&"env_check_failed".to_string()), "{events:?}");
+    assert_eq!(
+        rs[0].deploys() + rs[1].deploys(),
+        0,
+        "no POST /deploy arrived anywhere"
+    );
+    let events = audit_events(&engine);
+    assert!(
+        events.contains(&"env_check_failed".to_string()),
+        "{events:?}"
+    );
     assert_eq!(events.last().unwrap(), "deploy_failed");
 }
 
@@ -212,7 +287,9 @@ fn schema_violations_carry_json_pointers() {
     ws.commit("bad schema");
     let (code, err) = exit_of(ws.engine().validate_policy("42", None));
     assert_eq!(code, ExitCode::ValidationFailed);
-    let pde::Error::ValidationFailed { report, .. } = err else { panic!("{err}") };
+    let pde::Error::ValidationFailed { report, .. } = err else {
+        panic!("{err}")
+    };
     let paths: Vec<&str> = report.diagnostics.iter().map(|d| d.path.as_str()).collect();
     assert!(paths.contains(&"/version"), "{paths:?}");
     assert!(paths.contains(&"/rules/1/key"), "{paths:?}");
@@ -250,13 +327,19 @@ fn a_rule_owned_by_two_policies_is_a_conflict_naming_both() {
     ws.commit("conflict");
     let (code, err) = exit_of(ws.engine().deploy_policy("42", "prod"));
     assert_eq!(code, ExitCode::ValidationFailed);
-    let pde::Error::ValidationFailed { report, .. } = err else { panic!("{err}") };
+    let pde::Error::ValidationFailed { report, .. } = err else {
+        panic!("{err}")
+    };
     let d = report
         .diagnostics
         .iter()
         .find(|d| d.message.contains("heating.min-age"))
         .expect("a conflict diagnostic");
-    assert!(d.message.contains("42") && d.message.contains("77"), "{}", d.message);
+    assert!(
+        d.message.contains("42") && d.message.contains("77"),
+        "{}",
+        d.message
+    );
     assert_eq!(r.deploys(), 0);
 }
 
@@ -288,7 +371,11 @@ fn an_unsigned_plugin_is_refused_in_an_environment_that_requires_signatures() {
 fn production_only_takes_what_staging_runs() {
     let (s, p) = (Receiver::start(Fault::None), Receiver::start(Fault::None));
     let envs = Workspace::env_toml("staging", "", &[svc("API", &s.url, &["api"])])
-        + &Workspace::env_toml("production", "promote_from = \"staging\"", &[svc("API", &p.url, &["api"])]);
+        + &Workspace::env_toml(
+            "production",
+            "promote_from = \"staging\"",
+            &[svc("API", &p.url, &["api"])],
+        );
     let ws = Workspace::new(&envs);
     ws.commit("policies");
     let (code, err) = exit_of(ws.engine().deploy_policy("42", "production"));
@@ -313,14 +400,28 @@ fn bundles_are_byte_identical_across_builds_and_clones() {
     assert_eq!(first, std::fs::read(&b.path).unwrap());
 
     let clone = tempfile::tempdir().unwrap();
-    support::git(clone.path(), &["clone", "-q", ws.root().to_str().unwrap(), "c"]);
+    support::git(
+        clone.path(),
+        &["clone", "-q", ws.root().to_str().unwrap(), "c"],
+    );
     let croot = clone.path().join("c");
     std::fs::create_dir_all(croot.join("keys")).unwrap();
-    for f in ["release.ed25519", "release.ed25519.pub", "security.ed25519.pub"] {
+    for f in [
+        "release.ed25519",
+        "release.ed25519.pub",
+        "security.ed25519.pub",
+    ] {
         std::fs::copy(ws.root().join("keys").join(f), croot.join("keys").join(f)).unwrap();
     }
-    let c = pde::Engine::open(&croot).unwrap().package("42", None).unwrap();
-    assert_eq!(first, std::fs::read(&c.path).unwrap(), "a fresh clone builds the same bytes");
+    let c = pde::Engine::open(&croot)
+        .unwrap()
+        .package("42", None)
+        .unwrap();
+    assert_eq!(
+        first,
+        std::fs::read(&c.path).unwrap(),
+        "a fresh clone builds the same bytes"
+    );
 }
 
 #[test]
@@ -360,7 +461,10 @@ fn rollback_returns_every_holder_to_the_previous_version() {
     let env = Workspace::env_toml(
         "prod",
         "",
-        &[svc("A", &urls[0], &["api"]), svc("B", &urls[1], &["portal"])],
+        &[
+            svc("A", &urls[0], &["api"]),
+            svc("B", &urls[1], &["portal"]),
+        ],
     );
     let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap() + &env;
     std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
@@ -373,7 +477,10 @@ fn rollback_returns_every_holder_to_the_previous_version() {
     let report = ws.engine().rollback("42", "prod", None).unwrap();
     assert_eq!(report.to_digest, v1.digest);
     for url in &urls {
-        assert_eq!(support::active_digest(url).as_deref(), Some(v1.digest.as_str()));
+        assert_eq!(
+            support::active_digest(url).as_deref(),
+            Some(v1.digest.as_str())
+        );
     }
     let active = ws.engine().state().active("42", "prod").unwrap().unwrap();
     assert_eq!(active.version, "1.0.0");

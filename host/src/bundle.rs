@@ -144,7 +144,10 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
 
 /// `sha256:<hex>` of the canonical form of `value`.
 pub fn digest_of(value: &Value) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(canonical_json(value))))
+    format!(
+        "sha256:{}",
+        hex::encode(Sha256::digest(canonical_json(value)))
+    )
 }
 
 impl Payload {
@@ -180,7 +183,10 @@ impl Bundle {
     /// The digest is recomputed over the payload *as received*, so a field that
     /// this build does not know about still counts and cannot be smuggled in.
     pub fn from_value(value: Value) -> Result<Bundle, BundleError> {
-        let format = value.get("format").and_then(Value::as_str).unwrap_or_default();
+        let format = value
+            .get("format")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
         if format != FORMAT {
             return Err(BundleError::Format(format.to_string()));
         }
@@ -201,7 +207,8 @@ impl Bundle {
 
     /// Parses and digest-checks a bundle from JSON bytes.
     pub fn from_slice(bytes: &[u8]) -> Result<Bundle, BundleError> {
-        let value = serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
+        let value =
+            serde_json::from_slice(bytes).map_err(|e| BundleError::Malformed(e.to_string()))?;
         Self::from_value(value)
     }
 
@@ -278,11 +285,17 @@ mod tests {
         let bundle = Bundle::seal(payload(), &[&key]);
         let mut v = serde_json::to_value(&bundle).unwrap();
         v["payload"]["policy"]["z"] = json!(2);
-        assert!(matches!(Bundle::from_value(v.clone()), Err(BundleError::Digest { .. })));
+        assert!(matches!(
+            Bundle::from_value(v.clone()),
+            Err(BundleError::Digest { .. })
+        ));
         // An unknown extra field is part of what was hashed, so it cannot be added silently.
         let mut v2 = serde_json::to_value(&bundle).unwrap();
         v2["payload"]["extra"] = json!(1);
-        assert!(matches!(Bundle::from_value(v2), Err(BundleError::Digest { .. })));
+        assert!(matches!(
+            Bundle::from_value(v2),
+            Err(BundleError::Digest { .. })
+        ));
         let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
         let mut trusted = TrustedKeys::new();
         trusted.add(other.verifying_key());

@@ -320,13 +320,18 @@ token_env = "HMS_API_TOKEN"
         let prod = c.environment("production").unwrap();
         assert!(prod.require_signed_plugins);
         assert_eq!(prod.services[0].tags, vec!["api"]);
-        assert!(matches!(c.environment("prod"), Err(ConfigError::UnknownEnv { .. })));
+        assert!(matches!(
+            c.environment("prod"),
+            Err(ConfigError::UnknownEnv { .. })
+        ));
     }
 
     #[test]
     fn typos_are_errors() {
         let bad = SAMPLE.replace("require_signed_plugins", "require_signed_plugin");
-        let err = Config::parse(&bad, Path::new("pde.toml")).unwrap_err().to_string();
+        let err = Config::parse(&bad, Path::new("pde.toml"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("require_signed_plugin"), "{err}");
     }
 }

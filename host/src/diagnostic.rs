@@ -71,7 +71,15 @@ impl std::fmt::Display for Diagnostic {
             Severity::Warning => "warning",
             Severity::Error => "error",
         };
-        let path = if self.path.is_empty() { "/" } else { &self.path };
-        write!(f, "{sev}[{}] {path}: {} ({})", self.code, self.message, self.source)
+        let path = if self.path.is_empty() {
+            "/"
+        } else {
+            &self.path
+        };
+        write!(
+            f,
+            "{sev}[{}] {path}: {} ({})",
+            self.code, self.message, self.source
+        )
     }
 }

@@ -67,11 +67,9 @@ impl Engine {
         let sink = match &config.audit.sink_url {
             Some(url) => {
                 let token = match &config.audit.sink_token_env {
-                    Some(var) => Some(std::env::var(var).map_err(|_| {
-                        ConfigError::Invalid {
-                            path: root.join(crate::config::FILE_NAME),
-                            message: format!("[audit] sink_token_env names {var}, which is not set"),
-                        }
+                    Some(var) => Some(std::env::var(var).map_err(|_| ConfigError::Invalid {
+                        path: root.join(crate::config::FILE_NAME),
+                        message: format!("[audit] sink_token_env names {var}, which is not set"),
                     })?),
                     None => None,
                 };

@@ -118,8 +118,11 @@ pub fn generate(dir: &Path, name: &str) -> Result<GeneratedKey, KeyError> {
     getrandom::fill(&mut seed).map_err(|e| KeyError::Random(e.to_string()))?;
     let key = SigningKey::from_bytes(&seed);
     write_secret(&secret_path, &hex::encode(seed)).map_err(io(&secret_path))?;
-    std::fs::write(&public_path, hex::encode(key.verifying_key().as_bytes()) + "\n")
-        .map_err(io(&public_path))?;
+    std::fs::write(
+        &public_path,
+        hex::encode(key.verifying_key().as_bytes()) + "\n",
+    )
+    .map_err(io(&public_path))?;
     Ok(GeneratedKey {
         secret_path,
         public_path,
@@ -232,14 +235,19 @@ impl TrustedKeys {
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(&signature.sig)
             .map_err(|_| SignatureError::Malformed)?;
-        let sig = ed25519_dalek::Signature::from_slice(&bytes).map_err(|_| SignatureError::Malformed)?;
+        let sig =
+            ed25519_dalek::Signature::from_slice(&bytes).map_err(|_| SignatureError::Malformed)?;
         key.verify(message, &sig)
             .map_err(|_| SignatureError::Invalid(signature.keyid.clone()))
     }
 
     /// Accepts when at least one of `signatures` verifies; otherwise reports
     /// the most telling failure (an invalid signature beats an unknown key).
-    pub fn verify_any(&self, message: &[u8], signatures: &[Signature]) -> Result<(), SignatureError> {
+    pub fn verify_any(
+        &self,
+        message: &[u8],
+        signatures: &[Signature],
+    ) -> Result<(), SignatureError> {
         let mut worst = SignatureError::Missing;
         for s in signatures {
             match self.verify(message, s) {
@@ -274,7 +282,10 @@ mod tests {
             TrustedKeys::new().verify_any(b"x", &[sig]),
             Err(SignatureError::UntrustedKey(_))
         ));
-        assert!(matches!(generate(dir.path(), "k"), Err(KeyError::Exists(_))));
+        assert!(matches!(
+            generate(dir.path(), "k"),
+            Err(KeyError::Exists(_))
+        ));
     }
 
     #[test]

@@ -143,7 +143,9 @@ pub enum GateError {
         digest: String,
     },
     /// The policy file differs from the commit, so the bundle could not name its source.
-    #[error("{path} has uncommitted changes; commit it so the bundle names the commit it came from")]
+    #[error(
+        "{path} has uncommitted changes; commit it so the bundle names the commit it came from"
+    )]
     DirtyPolicy {
         /// The policy file.
         path: PathBuf,
@@ -166,7 +168,9 @@ pub enum GateError {
         digest: String,
     },
     /// Routing selected no service.
-    #[error("no service of environment {env} was routed policy {policy_id}; check the router plugins' rules and the services' tags")]
+    #[error(
+        "no service of environment {env} was routed policy {policy_id}; check the router plugins' rules and the services' tags"
+    )]
     NoRoutes {
         /// The environment.
         env: String,
@@ -462,7 +466,11 @@ impl Engine {
     }
 
     /// Writes `bundle` atomically into `out` (default `<state>/dist/`).
-    pub(crate) fn write_bundle(&self, bundle: &Bundle, out: Option<&Path>) -> Result<PathBuf, Error> {
+    pub(crate) fn write_bundle(
+        &self,
+        bundle: &Bundle,
+        out: Option<&Path>,
+    ) -> Result<PathBuf, Error> {
         let dir = out.map_or_else(|| self.state_dir().join("dist"), Path::to_path_buf);
         let hex = bundle.digest.trim_start_matches("sha256:");
         let name = format!(
@@ -578,7 +586,12 @@ impl Engine {
         } else {
             Event::PushFailed
         };
-        self.record(event, policy_id, env, json!({"digest": report.digest, "targets": summary}))?;
+        self.record(
+            event,
+            policy_id,
+            env,
+            json!({"digest": report.digest, "targets": summary}),
+        )?;
         if pushed.outcome != Outcome::Deployed {
             self.record(
                 Event::RolledBack,

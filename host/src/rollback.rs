@@ -103,13 +103,12 @@ impl Engine {
     ) -> Result<RollbackReport, Error> {
         let env = self.environment(env_name)?;
         let _lock = self.state.lock(policy_id, env_name)?;
-        let active = self
-            .state
-            .active(policy_id, env_name)?
-            .ok_or_else(|| RollbackError::NothingActive {
+        let active = self.state.active(policy_id, env_name)?.ok_or_else(|| {
+            RollbackError::NothingActive {
                 policy_id: policy_id.to_string(),
                 env: env_name.to_string(),
-            })?;
+            }
+        })?;
         let history = self.state.history(policy_id)?;
         let deployed = |d: &&DeploymentRecord| {
             d.env == env_name && (d.outcome == "deployed" || d.outcome == "rollback")
@@ -190,7 +189,12 @@ impl Engine {
             env: env_name.to_string(),
             version: target.version.clone(),
             digest: target.digest.clone(),
-            outcome: if failed.is_empty() { "rollback" } else { "rollback-failed" }.into(),
+            outcome: if failed.is_empty() {
+                "rollback"
+            } else {
+                "rollback-failed"
+            }
+            .into(),
             started_at,
             finished_at: crate::state::now_rfc3339(),
             actor: crate::audit::default_actor(),

@@ -78,10 +78,19 @@ pub struct Workspace {
 /// Example plugins to install: (name, kind, wasm path).
 pub fn example_plugins() -> Vec<(&'static str, PathBuf)> {
     vec![
-        ("eligibility-bounds", PathBuf::from(pde_plugin_artifacts::ELIGIBILITY_BOUNDS)),
+        (
+            "eligibility-bounds",
+            PathBuf::from(pde_plugin_artifacts::ELIGIBILITY_BOUNDS),
+        ),
         ("pii-guard", PathBuf::from(pde_plugin_artifacts::PII_GUARD)),
-        ("effective-date", PathBuf::from(pde_plugin_artifacts::EFFECTIVE_DATE)),
-        ("category-router", PathBuf::from(pde_plugin_artifacts::CATEGORY_ROUTER)),
+        (
+            "effective-date",
+            PathBuf::from(pde_plugin_artifacts::EFFECTIVE_DATE),
+        ),
+        (
+            "category-router",
+            PathBuf::from(pde_plugin_artifacts::CATEGORY_ROUTER),
+        ),
     ]
 }
 
@@ -161,14 +170,21 @@ impl Workspace {
     /// Installs every example plugin, signed.
     pub fn install_examples(&self) {
         for (name, wasm) in example_plugins() {
-            let kind = if name.ends_with("router") { "router" } else { "validator" };
+            let kind = if name.ends_with("router") {
+                "router"
+            } else {
+                "validator"
+            };
             self.install_plugin(name, kind, &wasm, "", true);
         }
     }
 
     pub fn commit(&self, message: &str) {
         git(self.root(), &["add", "-A"]);
-        git(self.root(), &["commit", "-q", "--allow-empty", "-m", message]);
+        git(
+            self.root(),
+            &["commit", "-q", "--allow-empty", "-m", message],
+        );
     }
 
     pub fn engine(&self) -> pde::Engine {

@@ -105,7 +105,10 @@ impl Receiver {
 async fn healthz(State((seen, fault)): State<Shared>) -> (StatusCode, Json<Value>) {
     seen.lock().unwrap().health_checks += 1;
     if *fault.lock().unwrap() == Fault::Unhealthy {
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "down"})));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "down"})),
+        );
     }
     (StatusCode::OK, Json(json!({"status": "ok"})))
 }
@@ -113,7 +116,10 @@ async fn healthz(State((seen, fault)): State<Shared>) -> (StatusCode, Json<Value
 async fn active(State((seen, _)): State<Shared>) -> (StatusCode, Json<Value>) {
     match &seen.lock().unwrap().active {
         Some((d, v)) => (StatusCode::OK, Json(json!({"digest": d, "version": v}))),
-        None => (StatusCode::NOT_FOUND, Json(json!({"error": "nothing active"}))),
+        None => (
+            StatusCode::NOT_FOUND,
+            Json(json!({"error": "nothing active"})),
+        ),
     }
 }
 
@@ -127,7 +133,8 @@ async fn deploy(
         let mut s = seen.lock().unwrap();
         s.deploys += 1;
         if let Some(k) = headers.get("idempotency-key") {
-            s.idempotency_keys.push(k.to_str().unwrap_or("").to_string());
+            s.idempotency_keys
+                .push(k.to_str().unwrap_or("").to_string());
         }
         if let Some(a) = headers.get("authorization") {
             s.authorization.push(a.to_str().unwrap_or("").to_string());
@@ -170,7 +177,10 @@ async fn rollback(
     match body["to"].as_str() {
         Some(to) => {
             let Some(pos) = s.history.iter().rposition(|(d, _)| d == to) else {
-                return (StatusCode::NOT_FOUND, Json(json!({"error": "unknown digest"})));
+                return (
+                    StatusCode::NOT_FOUND,
+                    Json(json!({"error": "unknown digest"})),
+                );
             };
             let entry = s.history.remove(pos);
             s.active = Some(entry);

@@ -28,7 +28,10 @@ pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
             if ctx.json {
                 ctx.print_json(&report);
             } else {
-                println!("audit log intact: {} record(s), head {}", report.records, report.last_hash);
+                println!(
+                    "audit log intact: {} record(s), head {}",
+                    report.records, report.last_hash
+                );
             }
         }
         AuditCmd::Show { policy } => {
@@ -44,7 +47,13 @@ pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
                 for r in records {
                     println!(
                         "{:>5} {} {:<10} {:<18} {:<8} {:<12} {}",
-                        r.seq, r.ts, r.actor, super::print::label(&r.event), r.policy_id, r.env, r.data
+                        r.seq,
+                        r.ts,
+                        r.actor,
+                        super::print::label(&r.event),
+                        r.policy_id,
+                        r.env,
+                        r.data
                     );
                 }
             }

@@ -87,7 +87,11 @@ impl Observer for Progress {
         let msg = match event {
             PushEvent::Started => "pushing".to_string(),
             PushEvent::Attempt { n } => format!("attempt {n}"),
-            PushEvent::Retrying { n, reason, delay_ms } => {
+            PushEvent::Retrying {
+                n,
+                reason,
+                delay_ms,
+            } => {
                 format!("retry {n} in {delay_ms} ms ({reason})")
             }
             PushEvent::Delivered => "delivered, verifying".to_string(),
@@ -171,10 +175,17 @@ pub fn plan(ctx: &Ctx, args: PlanArgs) -> CmdResult {
     }
     print::validation(&report.deploy.validation);
     println!("package   {} (not written)", report.deploy.digest);
-    println!("plan      {} service(s) would receive it", report.targets.len());
+    println!(
+        "plan      {} service(s) would receive it",
+        report.targets.len()
+    );
     for t in &report.targets {
         let now = t.active_digest.as_deref().unwrap_or("(none)");
-        let err = t.error.as_deref().map(|e| format!(" [{e}]")).unwrap_or_default();
+        let err = t
+            .error
+            .as_deref()
+            .map(|e| format!(" [{e}]"))
+            .unwrap_or_default();
         println!(
             "  {:<20} {:<9} {now} -> {}{err}\n  {:<20} {}",
             t.service,
@@ -190,7 +201,9 @@ pub fn plan(ctx: &Ctx, args: PlanArgs) -> CmdResult {
 pub fn env(ctx: &Ctx, cmd: EnvCmd) -> CmdResult {
     let EnvCmd::Check { env } = cmd;
     let engine = open(ctx)?;
-    let report = engine.env_check(&env).map_err(|e| Failure::engine(ctx, e))?;
+    let report = engine
+        .env_check(&env)
+        .map_err(|e| Failure::engine(ctx, e))?;
     if ctx.json {
         ctx.print_json(&report);
     } else {

@@ -53,7 +53,11 @@ fn diagnostic(d: &Diagnostic) {
 
 /// Validation findings and plugin runs.
 pub fn validation(r: &ValidationReport) {
-    let env = r.environment.as_deref().map(|e| format!(" for {e}")).unwrap_or_default();
+    let env = r
+        .environment
+        .as_deref()
+        .map(|e| format!(" for {e}"))
+        .unwrap_or_default();
     println!("validate  policy {} v{}{env}", r.policy_id, r.version);
     for p in &r.plugins {
         println!(
@@ -65,7 +69,11 @@ pub fn validation(r: &ValidationReport) {
         diagnostic(d);
     }
     let verdict = if r.passed() { "passed" } else { "FAILED" };
-    println!("  {verdict}: {} error(s), {} finding(s) in all", r.errors(), r.diagnostics.len());
+    println!(
+        "  {verdict}: {} error(s), {} finding(s) in all",
+        r.errors(),
+        r.diagnostics.len()
+    );
 }
 
 /// Health of each service.
@@ -78,7 +86,10 @@ pub fn health(r: &HealthReport) {
             .clone()
             .or_else(|| s.status.map(|c| format!("HTTP {c}")))
             .unwrap_or_default();
-        println!("  {:<20} {state:<10} {why} ({} ms) {}", s.service, s.elapsed_ms, s.url);
+        println!(
+            "  {:<20} {state:<10} {why} ({} ms) {}",
+            s.service, s.elapsed_ms, s.url
+        );
     }
 }
 
@@ -112,13 +123,25 @@ pub fn deploy(r: &DeployReport) {
         push(p);
     }
     if let Some(t) = &r.tag {
-        let how = if t.created { "created" } else { "already present" };
+        let how = if t.created {
+            "created"
+        } else {
+            "already present"
+        };
         println!("tag       {} ({how})", t.name);
     }
-    let note = if r.already_active { " (this bundle was already active)" } else { "" };
+    let note = if r.already_active {
+        " (this bundle was already active)"
+    } else {
+        ""
+    };
     println!(
         "{} policy {} v{} to {}: {}{note}",
-        if r.outcome == pde::pipeline::DeployOutcome::Deployed { "✓" } else { "✗" },
+        if r.outcome == pde::pipeline::DeployOutcome::Deployed {
+            "✓"
+        } else {
+            "✗"
+        },
         r.policy_id,
         r.version,
         r.env,

@@ -53,7 +53,9 @@ pub struct InitArgs {}
 pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     let engine = open(ctx)?;
     if let Some(env) = &args.env {
-        engine.environment(env).map_err(|e| Failure::engine(ctx, e))?;
+        engine
+            .environment(env)
+            .map_err(|e| Failure::engine(ctx, e))?;
     }
     let entries = engine.state().status(args.env.as_deref())?;
     if ctx.json {
@@ -61,7 +63,10 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     } else if entries.is_empty() {
         println!("nothing deployed yet");
     } else {
-        println!("{:<12} {:<12} {:<10} {:<20} digest", "env", "policy", "version", "since");
+        println!(
+            "{:<12} {:<12} {:<10} {:<20} digest",
+            "env", "policy", "version", "since"
+        );
         for e in entries {
             println!(
                 "{:<12} {:<12} {:<10} {:<20} {}",
@@ -171,14 +176,21 @@ pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
     let key = if ctx.dir.join("keys/release.ed25519").exists() {
         None
     } else {
-        Some(pde::keys::generate(&ctx.dir.join("keys"), "release.ed25519")?)
+        Some(pde::keys::generate(
+            &ctx.dir.join("keys"),
+            "release.ed25519",
+        )?)
     };
     if ctx.json {
         ctx.print_json(&serde_json::json!({"config": toml, "key": key}));
     } else {
         println!("created {}", toml.display());
         if let Some(k) = key {
-            println!("created signing key {} (id {})", k.secret_path.display(), k.key_id);
+            println!(
+                "created signing key {} (id {})",
+                k.secret_path.display(),
+                k.key_id
+            );
         }
         println!("next: add policies/<id>.json, commit, then `pde validate <id>`");
     }
