@@ -219,6 +219,7 @@ impl Agent {
             token: cfg.token.as_deref().map(auth::TokenCheck::new),
             state: routes::AppState {
                 store: Arc::new(Mutex::new(store)),
+                hooks: Arc::default(),
                 settings: Arc::new(routes::Settings {
                     trusted: cfg.trusted,
                     check_signatures,
