@@ -759,6 +759,17 @@ async fn restart_keeps_the_active_bundle_history_and_keys() {
     }
     let agent = spawn_agent(&data, &s.public, &log);
     assert_eq!(active_digest(&c, &agent.base).await, Some(b.digest.clone()));
+    // A second agent on the same data dir refuses to start.
+    let out = Command::new(env!("CARGO_BIN_EXE_pde"))
+        .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--trusted-key")
+        .arg(&s.public)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by another running"), "{stderr}");
     assert_eq!(
         stored(&c, &agent.base).await,
         vec![b.digest.clone(), a.digest.clone()]

@@ -114,6 +114,11 @@ pub enum AgentError {
         /// What failed.
         source: store::StoreError,
     },
+    /// Another agent runs on the same data dir.
+    #[error(
+        "data dir {0} is in use by another running `pde agent`; stop that one, or give this one its own --data-dir"
+    )]
+    InUse(PathBuf),
     /// The state file is damaged (it is only ever replaced atomically, so
     /// something outside the agent changed it).
     #[error(
@@ -146,6 +151,7 @@ impl HasExitCode for AgentError {
             AgentError::NoTrustedKeys
             | AgentError::Config(_)
             | AgentError::DataDir { .. }
+            | AgentError::InUse(_)
             | AgentError::Bind { .. }
             | AgentError::Serve(_) => ExitCode::Usage,
         }
@@ -194,6 +200,7 @@ impl Agent {
             );
         }
         let store = store::Store::open(&cfg.data_dir, cfg.keep).map_err(|source| match source {
+            store::StoreError::InUse(dir) => AgentError::InUse(dir),
             store::StoreError::CorruptState { .. } => AgentError::CorruptState {
                 dir: cfg.data_dir.clone(),
                 source,
