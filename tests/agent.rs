@@ -925,3 +925,22 @@ async fn a_slow_hook_blocks_nobody_and_hooks_run_in_activation_order() {
     assert_eq!(active["digest"], b.digest.as_str());
     assert_eq!(active["hook_failed"], false);
 }
+
+#[test]
+fn token_env_must_name_a_set_variable() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pde"))
+        .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--trusted-key")
+        .arg(&s.public)
+        .args(["--token-env", "PDE_AGENT_TEST_TOKEN_NOT_SET"])
+        .env_remove("PDE_AGENT_TEST_TOKEN_NOT_SET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PDE_AGENT_TEST_TOKEN_NOT_SET"), "{stderr}");
+    assert!(out.stdout.is_empty());
+}

@@ -7,18 +7,18 @@
 //!
 //! The parts:
 //! - [`store`]: the data dir, atomic writes and crash recovery;
-//! - [`routes`]: the HTTP handlers and their status codes;
-//! - [`auth`]: the optional bearer token;
-//! - [`hook`]: the optional `--on-activate` command.
+//! - `routes`: the HTTP handlers and their status codes;
+//! - `auth`: the optional bearer token;
+//! - `hook`: the optional `--on-activate` command.
 //!
 //! What it guarantees: a bundle becomes active only after its digest was
 //! recomputed and its signature checked against the trusted keys; the active
 //! pointer only ever names a completely written bundle, whatever moment the
 //! process is killed at; state changes are applied one at a time.
 
-pub mod auth;
-pub mod hook;
-pub mod routes;
+mod auth;
+mod hook;
+mod routes;
 pub mod store;
 
 use std::future::Future;
