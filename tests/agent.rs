@@ -759,6 +759,17 @@ async fn restart_keeps_the_active_bundle_history_and_keys() {
     }
     let agent = spawn_agent(&data, &s.public, &log);
     assert_eq!(active_digest(&c, &agent.base).await, Some(b.digest.clone()));
+    // A second agent on the same data dir refuses to start.
+    let out = Command::new(env!("CARGO_BIN_EXE_pde"))
+        .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--trusted-key")
+        .arg(&s.public)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("in use by another running"), "{stderr}");
     assert_eq!(
         stored(&c, &agent.base).await,
         vec![b.digest.clone(), a.digest.clone()]
@@ -847,4 +858,89 @@ async fn kill_9_during_activation_leaves_a_valid_active_bundle() {
             StatusCode::OK
         );
     }
+}
+
+/// Polls `GET /active` until it shows `digest` (a generous bound, no timing claim).
+async fn wait_until_active(c: &reqwest::Client, base: &str, digest: &str) {
+    for _ in 0..1500 {
+        if active_digest(c, base).await.as_deref() == Some(digest) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{digest} never became active");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_hook_blocks_nobody_and_hooks_run_in_activation_order() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    let seen = dir.path().join("hook-saw");
+    let mut cfg = config(dir.path(), trusted(&s));
+    // Waits until the test opens the gate, then records its argument.
+    cfg.on_activate = Some(format!(
+        "while [ ! -e '{}' ]; do sleep 0.02; done; printf '%s\\n' >> '{}'",
+        gate.display(),
+        seen.display()
+    ));
+    let agent = start_with(cfg, dir).await;
+    let c = client();
+    let a = sealed(&s, "1.0.0");
+    let b = sealed(&s, "1.1.0");
+
+    let first = tokio::spawn({
+        let (c, base, a) = (c.clone(), agent.base.clone(), a.clone());
+        async move { deploy(&c, &base, &a).await }
+    });
+    // While a's hook is stuck, the state is readable and shows a active.
+    wait_until_active(&c, &agent.base, &a.digest).await;
+    // And another deploy goes through to activation.
+    let second = tokio::spawn({
+        let (c, base, b) = (c.clone(), agent.base.clone(), b.clone());
+        async move { deploy(&c, &base, &b).await }
+    });
+    wait_until_active(&c, &agent.base, &b.digest).await;
+    assert!(
+        !seen.exists(),
+        "no hook may have finished before the gate opened"
+    );
+    std::fs::write(&gate, b"open").unwrap();
+    let (ra, rb) = (first.await.unwrap(), second.await.unwrap());
+    assert_eq!(ra.0, StatusCode::OK, "{}", ra.1);
+    assert_eq!(rb.0, StatusCode::OK, "{}", rb.1);
+    let order: Vec<PathBuf> = std::fs::read_to_string(&seen)
+        .unwrap()
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    assert_eq!(
+        order,
+        vec![
+            bundle_file(&agent.data_dir, &a.digest),
+            bundle_file(&agent.data_dir, &b.digest)
+        ]
+    );
+    let (_, active) = get(&c, format!("{}/active", agent.base)).await;
+    assert_eq!(active["digest"], b.digest.as_str());
+    assert_eq!(active["hook_failed"], false);
+}
+
+#[test]
+fn token_env_must_name_a_set_variable() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_pde"))
+        .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .arg("--trusted-key")
+        .arg(&s.public)
+        .args(["--token-env", "PDE_AGENT_TEST_TOKEN_NOT_SET"])
+        .env_remove("PDE_AGENT_TEST_TOKEN_NOT_SET")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("PDE_AGENT_TEST_TOKEN_NOT_SET"), "{stderr}");
+    assert!(out.stdout.is_empty());
 }

@@ -7,18 +7,18 @@
 //!
 //! The parts:
 //! - [`store`]: the data dir, atomic writes and crash recovery;
-//! - [`routes`]: the HTTP handlers and their status codes;
-//! - [`auth`]: the optional bearer token;
-//! - [`hook`]: the optional `--on-activate` command.
+//! - `routes`: the HTTP handlers and their status codes;
+//! - `auth`: the optional bearer token;
+//! - `hook`: the optional `--on-activate` command.
 //!
 //! What it guarantees: a bundle becomes active only after its digest was
 //! recomputed and its signature checked against the trusted keys; the active
 //! pointer only ever names a completely written bundle, whatever moment the
 //! process is killed at; state changes are applied one at a time.
 
-pub mod auth;
-pub mod hook;
-pub mod routes;
+mod auth;
+mod hook;
+mod routes;
 pub mod store;
 
 use std::future::Future;
@@ -114,6 +114,11 @@ pub enum AgentError {
         /// What failed.
         source: store::StoreError,
     },
+    /// Another agent runs on the same data dir.
+    #[error(
+        "data dir {0} is in use by another running `pde agent`; stop that one, or give this one its own --data-dir"
+    )]
+    InUse(PathBuf),
     /// The state file is damaged (it is only ever replaced atomically, so
     /// something outside the agent changed it).
     #[error(
@@ -146,6 +151,7 @@ impl HasExitCode for AgentError {
             AgentError::NoTrustedKeys
             | AgentError::Config(_)
             | AgentError::DataDir { .. }
+            | AgentError::InUse(_)
             | AgentError::Bind { .. }
             | AgentError::Serve(_) => ExitCode::Usage,
         }
@@ -194,6 +200,7 @@ impl Agent {
             );
         }
         let store = store::Store::open(&cfg.data_dir, cfg.keep).map_err(|source| match source {
+            store::StoreError::InUse(dir) => AgentError::InUse(dir),
             store::StoreError::CorruptState { .. } => AgentError::CorruptState {
                 dir: cfg.data_dir.clone(),
                 source,
@@ -219,6 +226,7 @@ impl Agent {
             token: cfg.token.as_deref().map(auth::TokenCheck::new),
             state: routes::AppState {
                 store: Arc::new(Mutex::new(store)),
+                hooks: Arc::default(),
                 settings: Arc::new(routes::Settings {
                     trusted: cfg.trusted,
                     check_signatures,

@@ -5,8 +5,8 @@
 //! so a flood of bad bundles cannot hold up good ones. Every state change runs
 //! under one `tokio::sync::Mutex`, on a blocking thread (the store does
 //! synchronous file I/O with fsyncs), so deploys and rollbacks are applied one
-//! at a time, in lock order, and the activation hook of one finishes before
-//! the next activation starts.
+//! at a time, in lock order. Activation hooks run on their own worker, in
+//! activation order, outside the lock (see [`after_activation`]).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -42,6 +42,8 @@ pub struct AppState {
     pub store: Arc<Mutex<Store>>,
     /// Immutable settings.
     pub settings: Arc<Settings>,
+    /// The queue of the activation-hook worker, started on first use.
+    pub hooks: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HookJob>>>,
 }
 
 /// The agent's settings, fixed at start.
@@ -281,28 +283,80 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(key.to_string())
 }
 
-/// Runs the activation hook if one is configured, and records its result.
+/// One activation waiting for its hook.
+pub struct HookJob {
+    record: ActiveRecord,
+    bundle: std::path::PathBuf,
+    done: tokio::sync::oneshot::Sender<Result<ActiveRecord, ApiError>>,
+}
+
+/// Hands the activation to the hook worker and waits for its verdict.
+///
+/// Called with the state lock held, so jobs are queued in activation order;
+/// the worker runs them one at a time in that order, so the service is
+/// reloaded with the bundles in the order they became active, and the last
+/// reload is always of the active one. The lock is released before the hook
+/// runs: a slow hook holds up neither `GET /active` nor the next deploy.
+/// The worker is its own task, so a client that hangs up does not cut a hook
+/// short or lose its result.
 async fn after_activation(
-    settings: &Settings,
+    app: &AppState,
     guard: OwnedMutexGuard<Store>,
-    mut record: ActiveRecord,
+    record: ActiveRecord,
 ) -> Result<ActiveRecord, ApiError> {
-    let Some(cmd) = &settings.on_activate else {
+    let Some(cmd) = app.settings.on_activate.clone() else {
         return Ok(record);
     };
-    let path = guard.bundle_path(&record.digest);
-    let failed = match hook::run(cmd, &path, &record).await {
-        Ok(()) => false,
-        Err(e) => {
-            warn!(digest = %record.digest, error = %e, "activation hook failed; the bundle stays active");
-            true
-        }
+    let queue = app.hooks.get_or_init(|| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(hook_worker(cmd, app.store.clone(), rx));
+        tx
+    });
+    let (done, verdict) = tokio::sync::oneshot::channel();
+    let job = HookJob {
+        bundle: guard.bundle_path(&record.digest),
+        record,
+        done,
     };
-    let digest = record.digest.clone();
-    let (_guard, result) = with_store(guard, move |s| s.set_hook_failed(&digest, failed)).await?;
-    result?;
-    record.hook_failed = Some(failed);
-    Ok(record)
+    queue
+        .send(job)
+        .map_err(|e| ApiError::internal("the activation hook worker stopped", e))?;
+    drop(guard);
+    verdict
+        .await
+        .map_err(|e| ApiError::internal("the activation hook worker stopped", e))?
+}
+
+async fn hook_worker(
+    cmd: String,
+    store: Arc<Mutex<Store>>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<HookJob>,
+) {
+    while let Some(HookJob {
+        mut record,
+        bundle,
+        done,
+    }) = jobs.recv().await
+    {
+        let failed = match hook::run(&cmd, &bundle, &record).await {
+            Ok(()) => false,
+            Err(e) => {
+                warn!(digest = %record.digest, error = %e, "activation hook failed; the bundle stays active");
+                true
+            }
+        };
+        let digest = record.digest.clone();
+        let guard = store.clone().lock_owned().await;
+        let result = match with_store(guard, move |s| s.set_hook_failed(&digest, failed)).await {
+            Ok((_guard, Ok(()))) => {
+                record.hook_failed = Some(failed);
+                Ok(record)
+            }
+            Ok((_guard, Err(e))) => Err(ApiError::from(e)),
+            Err(e) => Err(e),
+        };
+        let _ = done.send(result);
+    }
 }
 
 /// `POST /deploy`.
@@ -363,7 +417,7 @@ pub async fn deploy(
         }
         DeployOutcome::Activated(record) => {
             info!(%digest, %env, version = %record.version, outcome = "activated", "bundle activated");
-            let record = after_activation(&app.settings, guard, record).await?;
+            let record = after_activation(&app, guard, record).await?;
             Ok(
                 Json(json!({"outcome": "activated", "digest": digest, "active": record}))
                     .into_response(),
@@ -475,7 +529,7 @@ pub async fn rollback(
         }
         Ok(RollbackOutcome::Activated(record)) => {
             info!(digest = %record.digest, version = %record.version, outcome = "rolled-back", "rolled back");
-            let record = after_activation(&app.settings, guard, record).await?;
+            let record = after_activation(&app, guard, record).await?;
             Ok(
                 Json(json!({"outcome": "rolled-back", "digest": record.digest, "active": record}))
                     .into_response(),

@@ -3,6 +3,7 @@
 //! Layout of the data dir:
 //! - `bundles/<hex>.json`: every stored bundle, canonical JSON, named by the hex
 //!   of its sha256 digest (content-addressed, so a file never changes once written);
+//! - `agent.lock`: locked (flock) while an agent has the dir open;
 //! - `state.json`: the active pointer, the activation history, the index of stored
 //!   bundles and the idempotency keys seen, in one document.
 //!
@@ -32,6 +33,8 @@ use crate::bundle::Bundle;
 pub const STATE_FILE: &str = "state.json";
 /// Directory of stored bundles in the data dir.
 pub const BUNDLES_DIR: &str = "bundles";
+/// Lock file held while an agent has the data dir open.
+pub const LOCK_FILE: &str = "agent.lock";
 /// Format tag of the state document.
 const STATE_FORMAT: &str = "pde.agent-state/v1";
 /// Prefix of temp files; anything with it is debris from a crash.
@@ -61,6 +64,9 @@ pub enum StoreError {
         /// What the parser said.
         reason: String,
     },
+    /// Another agent has this data dir open.
+    #[error("data dir {0} is in use by another running agent")]
+    InUse(PathBuf),
     /// A stored bundle file no longer matches its digest.
     #[error("stored bundle {path} is damaged: {reason}")]
     CorruptBundle {
@@ -208,6 +214,9 @@ pub struct Store {
     dir: PathBuf,
     keep: usize,
     state: State,
+    /// Held (an OS file lock) for as long as the store is open; the OS
+    /// releases it when the process dies, even by `kill -9`.
+    _lock: std::fs::File,
 }
 
 /// `true` when `digest` is `sha256:` followed by 64 lowercase hex digits, the
@@ -280,6 +289,7 @@ impl Store {
     pub fn open(dir: &Path, keep: usize) -> Result<Store, StoreError> {
         let bundles = dir.join(BUNDLES_DIR);
         std::fs::create_dir_all(&bundles).map_err(io(&bundles))?;
+        let lock = lock_dir(dir)?;
         for d in [dir, bundles.as_path()] {
             remove_debris(d)?;
         }
@@ -306,6 +316,7 @@ impl Store {
             dir: dir.to_path_buf(),
             keep,
             state: loaded.clone(),
+            _lock: lock,
         };
         store.reconcile()?;
         if store.state != loaded {
@@ -646,6 +657,23 @@ fn load_bundle_file(path: &Path, digest: &str) -> Result<Bundle, StoreError> {
     Ok(bundle)
 }
 
+/// Takes the data dir's lock file, so two agents never share one data dir
+/// (their writes would not be serialised by either one's mutex).
+fn lock_dir(dir: &Path) -> Result<std::fs::File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io(&path))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(&path)(e)),
+    }
+}
+
 fn remove_debris(dir: &Path) -> Result<(), StoreError> {
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let entry = entry.map_err(io(dir))?;
@@ -728,6 +756,18 @@ mod tests {
         assert_eq!(store.active().unwrap().digest, a.digest);
         assert!(store.contains(&b.digest));
         assert!(!dir.path().join(".tmp-state.json-1").exists());
+    }
+
+    #[test]
+    fn a_data_dir_is_opened_by_one_store_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path(), 10).unwrap();
+        assert!(matches!(
+            Store::open(dir.path(), 10),
+            Err(StoreError::InUse(_))
+        ));
+        drop(first);
+        Store::open(dir.path(), 10).unwrap();
     }
 
     #[test]
