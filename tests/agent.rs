@@ -477,6 +477,17 @@ async fn rollback_to_previous_and_to_named_digest() {
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "nothing_to_roll_back");
 
+    // Rolling back the first activation ever returns to nothing active, and
+    // the same deploy request then activates it again (not a no-op).
+    let first = sealed(&s, "0.9.0");
+    assert_eq!(deploy(&c, &agent.base, &first).await.0, StatusCode::OK);
+    let (status, body) = rollback(&c, &agent.base, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "deactivated");
+    assert_eq!(active_digest(&c, &agent.base).await, None);
+    assert_eq!(deploy(&c, &agent.base, &first).await.0, StatusCode::OK);
+    assert_eq!(active_digest(&c, &agent.base).await, Some(first.digest.clone()));
+
     let [a, b, d] = ["1.0.0", "1.1.0", "1.2.0"].map(|v| sealed(&s, v));
     for x in [&a, &b, &d] {
         assert_eq!(deploy(&c, &agent.base, x).await.0, StatusCode::OK);

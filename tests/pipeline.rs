@@ -484,5 +484,34 @@ fn rollback_returns_every_holder_to_the_previous_version() {
     }
     let active = ws.engine().state().active("42", "prod").unwrap().unwrap();
     assert_eq!(active.version, "1.0.0");
+
+    // Deploying 1.1.0 again after the rollback activates it again everywhere.
+    let again = ws.engine().deploy_policy("42", "prod").unwrap();
+    assert_eq!(again.digest, v2.digest);
+    for url in &urls {
+        assert_eq!(support::active_digest(url).as_deref(), Some(v2.digest.as_str()));
+    }
     ws.engine().audit().verify().unwrap();
+}
+
+#[test]
+fn a_failed_first_deploy_leaves_real_agents_with_nothing_active() {
+    let ws = Workspace::new("");
+    let good = ws.agent("good");
+    let bad = Receiver::start(Fault::Reject400);
+    let env = Workspace::env_toml(
+        "prod",
+        "",
+        &[svc("A", &good, &["api"]), svc("B", &bad.url, &["portal"])],
+    );
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap() + &env;
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    ws.commit("init");
+    let (code, err) = exit_of(ws.engine().deploy_policy("42", "prod"));
+    assert_eq!(code, ExitCode::DeployFailed);
+    let pde::Error::DeployFailed { report, .. } = err else { panic!("{err}") };
+    assert_eq!(report.outcome, DeployOutcome::RolledBack, "{:?}", report.push);
+    assert_eq!(bad.deploys(), 1, "a 400 is permanent: no retry");
+    assert_eq!(support::active_digest(&good), None);
+    assert!(ws.engine().state().active("42", "prod").unwrap().is_none());
 }

@@ -190,6 +190,13 @@ pub enum RollbackOutcome {
     Unknown,
     /// `to: null` with no earlier activation to return to.
     NothingToRollBack,
+    /// `to: null` when the active bundle was the first one ever activated:
+    /// the agent returns to having nothing active, which is the state the
+    /// pusher's compensation of a first deploy must restore.
+    Deactivated {
+        /// The digest that was active.
+        digest: String,
+    },
 }
 
 /// One entry of `GET /bundles`.
@@ -453,13 +460,23 @@ impl Store {
         hook_configured: bool,
     ) -> Result<DeployOutcome, StoreError> {
         if let Some(seen) = self.state.idempotency.get(key) {
-            return Ok(if seen.digest == incoming.digest {
-                DeployOutcome::Repeat
-            } else {
-                DeployOutcome::KeyConflict {
+            if seen.digest != incoming.digest {
+                return Ok(DeployOutcome::KeyConflict {
                     previous: seen.digest.clone(),
-                }
-            });
+                });
+            }
+            // A repeat is a no-op only while its bundle is still active. Once
+            // it was rolled back, the same request is a deliberate re-deploy
+            // (the key is `<digest>:<env>`, so it cannot differ) and must
+            // activate the bundle again, or the pusher's verification fails.
+            if self
+                .state
+                .active
+                .as_ref()
+                .is_some_and(|a| a.digest == incoming.digest)
+            {
+                return Ok(DeployOutcome::Repeat);
+            }
         }
         self.put_bundle_file(incoming)?;
         let mut next = self.state.clone();
@@ -538,6 +555,12 @@ impl Store {
                 digest.to_string()
             }
             None => {
+                if next.history.len() == 1 && next.active.is_some() {
+                    next.history.pop();
+                    let was = next.active.take().expect("checked above");
+                    self.commit(next)?;
+                    return Ok(RollbackOutcome::Deactivated { digest: was.digest });
+                }
                 if next.history.len() < 2 {
                     return Ok(RollbackOutcome::NothingToRollBack);
                 }
