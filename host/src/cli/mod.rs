@@ -143,9 +143,11 @@ where
 /// What a subcommand returns.
 pub type CmdResult = Result<ExitCode, Failure>;
 
-fn init_tracing(verbose: u8) {
+fn init_tracing(verbose: u8, service: bool) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
+        // A long-running service logs every request by default.
+        0 if service => "info",
         0 => "warn",
         1 => "info",
         2 => "debug",
@@ -169,7 +171,7 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(if usage { ExitCode::Usage.code() } else { 0 });
         }
     };
-    init_tracing(cli.verbose);
+    init_tracing(cli.verbose, matches!(cli.command, Command::Agent(_)));
     let dir = match &cli.dir {
         Some(d) => d.clone(),
         None => PathBuf::from("."),
