@@ -391,3 +391,180 @@ fn second_host_uses_the_cache_and_a_corrupt_entry_is_rebuilt() {
     let p = load_one(&new_host(), dir.path());
     assert!(p.loaded_from_cache, "rebuilt entry is served again");
 }
+
+// ---------------------------------------------------------------- misbehaving fixture
+
+/// The `misbehave` fixture loaded once; modes are chosen per call through
+/// its settings, as a manifest's `[settings] mode = "…"` would.
+struct Fixture {
+    host: PluginHost,
+    plugin: Plugin,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    install(
+        dir.path(),
+        "misbehave",
+        "misbehave",
+        "validator",
+        "[settings]\nmode = \"ok\"\n",
+    );
+    let host = host();
+    let plugin = load_one(&host, dir.path());
+    Fixture {
+        host,
+        plugin,
+        _dir: dir,
+    }
+}
+
+impl Fixture {
+    fn mode(&self, mode: &str) -> Plugin {
+        let mut p = self.plugin.clone();
+        p.settings = json!({ "mode": mode });
+        p
+    }
+
+    /// Runs `plugin`, asserts it ended within 2 s, then proves the same host
+    /// still serves a well-behaved call.
+    fn run(
+        &self,
+        plugin: &Plugin,
+    ) -> Result<pde::plugin::CallReport<Vec<pde::diagnostic::Diagnostic>>, PluginError> {
+        let start = Instant::now();
+        let out = self.host.validate(plugin, &policy(json!([])), &ctx("test"));
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "{:?} took {took:?}",
+            plugin.settings
+        );
+        let ok = self
+            .host
+            .validate(&self.mode("ok"), &policy(json!([])), &ctx("test"))
+            .expect("a well-behaved call right after must succeed");
+        assert!(ok.value.iter().all(|d| !d.is_error()), "{:?}", ok.value);
+        out
+    }
+
+    fn messages(&self, mode: &str) -> String {
+        let report = self.run(&self.mode(mode)).unwrap();
+        report
+            .value
+            .iter()
+            .map(|d| d.message.clone())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+#[test]
+fn infinite_loop_times_out() {
+    let f = fixture();
+    let mut p = f.mode("loop");
+    p.limits.fuel = u64::MAX / 4; // so only the clock can stop it
+    p.limits.timeout_ms = 300;
+    let err = f.run(&p).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Timeout { plugin, timeout_ms: 300 } if plugin == "misbehave"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+}
+
+#[test]
+fn infinite_loop_runs_out_of_fuel() {
+    let f = fixture();
+    let mut p = f.mode("loop");
+    p.limits.fuel = 20_000_000;
+    let err = f.run(&p).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::OutOfFuel { plugin, fuel: 20_000_000 } if plugin == "misbehave"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unbounded_memory_growth_hits_the_memory_limit() {
+    let f = fixture();
+    let err = f.run(&f.mode("memory")).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::MemoryLimit { plugin, limit_mib: 64 } if plugin == "misbehave"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+}
+
+#[test]
+fn deep_recursion_traps() {
+    let f = fixture();
+    let err = f.run(&f.mode("recursion")).unwrap_err();
+    assert!(matches!(&err, PluginError::Trap { plugin, .. } if plugin == "misbehave"), "{err}");
+}
+
+#[test]
+fn a_panic_traps_with_the_guests_message() {
+    let f = fixture();
+    let err = f.run(&f.mode("panic")).unwrap_err();
+    match &err {
+        PluginError::Trap { plugin, message } => {
+            assert_eq!(plugin, "misbehave");
+            assert!(message.contains("panicked"), "{message}");
+        }
+        other => panic!("expected Trap, got {other}"),
+    }
+}
+
+#[test]
+fn a_million_diagnostics_are_refused() {
+    let f = fixture();
+    let err = f.run(&f.mode("flood")).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::ResultTooLarge { plugin, .. } if plugin == "misbehave"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reading_a_file_is_denied() {
+    let f = fixture();
+    let text = f.messages("read-file");
+    assert!(!text.contains("root:"), "/etc/passwd leaked: {text}");
+    assert!(!text.is_empty());
+}
+
+#[test]
+fn opening_a_socket_is_denied() {
+    // A real listener on loopback: if the sandbox let the guest through, it would connect.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let f = fixture();
+    let text = f.messages("socket");
+    assert!(!text.is_empty());
+    assert!(
+        listener.accept().is_err(),
+        "the guest reached a loopback listener"
+    );
+}
+
+#[test]
+fn environment_variables_are_not_visible() {
+    // The test process certainly has PATH; the guest must not see it.
+    assert!(std::env::var_os("PATH").is_some());
+    let f = fixture();
+    let text = f.messages("env");
+    assert!(!text.contains("PATH"), "{text}");
+}
+
+#[test]
+fn stdout_and_stderr_are_captured_into_the_log() {
+    let f = fixture();
+    let report = f.run(&f.mode("ok")).unwrap();
+    assert!(
+        report.log.iter().any(|l| l.starts_with("stdout: ")),
+        "{:?}",
+        report.log
+    );
+}
