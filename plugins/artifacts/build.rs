@@ -46,12 +46,19 @@ fn main() {
         .to_path_buf();
     let target_dir = root.join("target").join("wasm-plugins");
 
+    // Relative to this package, so cargo checks the files of the checkout
+    // being built. Cargo keys this script's fingerprint without the
+    // checkout's path, so with a CARGO_TARGET_DIR shared between several
+    // checkouts (git worktrees) a run in one would look fresh in another
+    // and hand out the other's paths; `PWD` differs between checkouts and
+    // forces a rerun there (a no-op nested build when nothing changed).
     for watched in ["wit", "plugins/sdk", "Cargo.toml", "Cargo.lock"] {
-        println!("cargo:rerun-if-changed={}", root.join(watched).display());
+        println!("cargo:rerun-if-changed=../../{watched}");
     }
     for (_, _, dir) in PLUGINS {
-        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+        println!("cargo:rerun-if-changed=../../{dir}");
     }
+    println!("cargo:rerun-if-env-changed=PWD");
 
     ensure_target_installed();
 
