@@ -38,7 +38,7 @@ fn policy(n: usize) -> PolicyInput {
             let (key, value) = match i % 3 {
                 0 => (format!("min_age_{i}"), json!(if i % 10 == 0 { 150 } else { 18 })),
                 1 => (format!("income_cap_{i}"), json!({"min": 0, "max": 40000 + i})),
-                _ => (format!("copay_percent_{i}"), json!(if i % 10 == 2 { 0.5 } else { 20 })),
+                _ => (format!("copay_percent_{i}"), json!(if i % 10 == 2 { 0.5 } else { 20.0 })),
             };
             json!({"key": key, "category": "eligibility", "value": value, "description": "generated"})
         })
