@@ -166,8 +166,9 @@ fn eligibility_bounds_flags_out_of_range_rules_and_passes_sane_ones() {
 /// crate, `sha256` filled in: what an agency's operator does.
 fn install_shipped(dir: &Path, name: &str) -> PathBuf {
     let bytes = std::fs::read(artifact(name)).unwrap();
-    let template = pde_plugin_artifacts::manifest_template(name)
+    let template_path = pde_plugin_artifacts::manifest_template(name)
         .unwrap_or_else(|| panic!("{name} ships no manifest template"));
+    let template = std::fs::read_to_string(template_path).unwrap();
     assert!(template.contains("sha256 = \"\""), "{template}");
     let manifest = template.replace(
         "sha256 = \"\"",
