@@ -144,7 +144,12 @@ fn eligibility_bounds_flags_out_of_range_rules_and_passes_sane_ones() {
             (Severity::Error, "eligibility.age-range", "/rules/3/value"),
         ]
     );
-    assert!(report.value.iter().all(|d| d.source == "eligibility-bounds"));
+    assert!(
+        report
+            .value
+            .iter()
+            .all(|d| d.source == "eligibility-bounds")
+    );
     assert!(report.fuel_used > 0);
     assert!(report.peak_memory_bytes > 0);
 
@@ -202,7 +207,11 @@ fn every_shipped_plugin_loads_from_one_directory_with_its_template() {
             ("pii-guard", PluginKind::Validator),
         ]
     );
-    assert!(plugins.iter().all(|p| p.wit_version == semver::Version::new(0, 1, 0)));
+    assert!(
+        plugins
+            .iter()
+            .all(|p| p.wit_version == semver::Version::new(0, 1, 0))
+    );
 }
 
 #[test]
@@ -218,15 +227,23 @@ fn pii_guard_refuses_ssn_and_birth_dates_on_the_portal() {
         ],
         "config": {"portal_fields": ["name", "ssn", "email"]}
     }));
-    let report = host.validate(&plugin, &exposed, &ctx("production")).unwrap();
+    let report = host
+        .validate(&plugin, &exposed, &ctx("production"))
+        .unwrap();
     let errors: Vec<(&str, &str)> = report
         .value
         .iter()
         .filter(|d| d.is_error())
         .map(|d| (d.code.as_str(), d.path.as_str()))
         .collect();
-    assert!(errors.contains(&("pii.ssn-exposed", "/config/portal_fields/1")), "{errors:?}");
-    assert!(errors.contains(&("pii.dob-exposed", "/rules/0/description")), "{errors:?}");
+    assert!(
+        errors.contains(&("pii.ssn-exposed", "/config/portal_fields/1")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.contains(&("pii.dob-exposed", "/rules/0/description")),
+        "{errors:?}"
+    );
     assert!(report.value.iter().all(|d| d.source == "pii-guard"));
 
     let clean = policy_with(json!({
@@ -234,7 +251,11 @@ fn pii_guard_refuses_ssn_and_birth_dates_on_the_portal() {
         "config": {"portal_fields": ["name", "email"]}
     }));
     let report = host.validate(&plugin, &clean, &ctx("production")).unwrap();
-    assert!(report.value.iter().all(|d| !d.is_error()), "{:?}", report.value);
+    assert!(
+        report.value.iter().all(|d| !d.is_error()),
+        "{:?}",
+        report.value
+    );
 }
 
 #[test]
@@ -253,8 +274,14 @@ fn effective_date_rejects_past_dates_and_missing_approvals() {
         .filter(|d| d.is_error())
         .map(|d| (d.code.as_str(), d.path.as_str()))
         .collect();
-    assert!(codes.contains(&("effective.in-past", "/effective")), "{codes:?}");
-    assert!(codes.iter().any(|(c, _)| *c == "approvals.missing"), "{codes:?}");
+    assert!(
+        codes.contains(&("effective.in-past", "/effective")),
+        "{codes:?}"
+    );
+    assert!(
+        codes.iter().any(|(c, _)| *c == "approvals.missing"),
+        "{codes:?}"
+    );
 
     let malformed = policy_with(json!({"effective": "2031-02-30"}));
     let report = host.validate(&plugin, &malformed, &ctx("")).unwrap();
@@ -268,7 +295,11 @@ fn effective_date_rejects_past_dates_and_missing_approvals() {
     plugin.settings["today"] = json!("2030-06-01");
     let fine = policy_with(json!({"effective": "2030-07-01"}));
     let report = host.validate(&plugin, &fine, &ctx("")).unwrap();
-    assert!(report.value.iter().all(|d| !d.is_error()), "{:?}", report.value);
+    assert!(
+        report.value.iter().all(|d| !d.is_error()),
+        "{:?}",
+        report.value
+    );
 }
 
 #[test]
@@ -288,7 +319,9 @@ fn category_router_routes_by_category_and_tags_with_reasons() {
         {"key": "min_age", "category": "eligibility", "value": 18, "description": "adult"},
         {"key": "intake.form", "category": "forms", "value": {}, "description": "form"}
     ]));
-    let report = host.route(&plugin, &p, &ctx("production"), &services).unwrap();
+    let report = host
+        .route(&plugin, &p, &ctx("production"), &services)
+        .unwrap();
     let mut routed: Vec<&str> = report.value.iter().map(|r| r.service.as_str()).collect();
     routed.sort();
     assert_eq!(routed, vec!["HMS-API", "Portal", "Scheduler"]);
@@ -301,13 +334,24 @@ fn category_router_routes_by_category_and_tags_with_reasons() {
     let payments = policy(json!([
         {"key": "payment_day", "category": "payments", "value": 15, "description": "monthly"}
     ]));
-    let report = host.route(&plugin, &payments, &ctx("production"), &services).unwrap();
+    let report = host
+        .route(&plugin, &payments, &ctx("production"), &services)
+        .unwrap();
     let routed: Vec<&str> = report.value.iter().map(|r| r.service.as_str()).collect();
     assert_eq!(routed, vec!["Scheduler"]);
 
     // A router called as a validator is refused by name, not run.
     let err = host.validate(&plugin, &payments, &ctx("")).unwrap_err();
-    assert!(matches!(err, PluginError::WrongWorld { expected: PluginKind::Validator, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            PluginError::WrongWorld {
+                expected: PluginKind::Validator,
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 // ---------------------------------------------------------------- loading errors
@@ -320,7 +364,10 @@ fn digest_mismatch_is_an_integrity_error() {
     bytes.extend_from_slice(b"\0");
     std::fs::write(&wasm, bytes).unwrap();
     let err = load_err(dir.path());
-    assert!(matches!(&err, PluginError::DigestMismatch { plugin, .. } if plugin == "eb"), "{err}");
+    assert!(
+        matches!(&err, PluginError::DigestMismatch { plugin, .. } if plugin == "eb"),
+        "{err}"
+    );
     assert_eq!(err.exit_code(), ExitCode::Integrity);
 }
 
@@ -351,13 +398,19 @@ fn missing_manifest_orphan_manifest_duplicate_and_unknown_kind_are_usage_errors(
     )
     .unwrap();
     let err = load_err(dir.path());
-    assert!(matches!(&err, PluginError::DuplicateName { name, .. } if name == "a"), "{err}");
+    assert!(
+        matches!(&err, PluginError::DuplicateName { name, .. } if name == "a"),
+        "{err}"
+    );
     assert_eq!(err.exit_code(), ExitCode::Usage);
 
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "eb", "eligibility-bounds", "checker", "");
     let err = load_err(dir.path());
-    assert!(matches!(&err, PluginError::UnknownKind { kind, .. } if kind == "checker"), "{err}");
+    assert!(
+        matches!(&err, PluginError::UnknownKind { kind, .. } if kind == "checker"),
+        "{err}"
+    );
     assert_eq!(err.exit_code(), ExitCode::Usage);
 }
 
@@ -391,7 +444,15 @@ fn a_manifest_may_tighten_limits_but_not_loosen_them() {
     );
     let err = load_err(dir.path());
     assert!(
-        matches!(err, PluginError::LimitLoosened { field: "memory_mib", asked: 1024, allowed: 64, .. }),
+        matches!(
+            err,
+            PluginError::LimitLoosened {
+                field: "memory_mib",
+                asked: 1024,
+                allowed: 64,
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(err.exit_code(), ExitCode::Usage);
@@ -402,7 +463,10 @@ fn a_core_module_is_a_bad_component_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     install_bytes(dir.path(), "core", b"\0asm\x01\0\0\0", "validator", "");
     let err = load_err(dir.path());
-    assert!(matches!(&err, PluginError::BadComponent { plugin, .. } if plugin == "core"), "{err}");
+    assert!(
+        matches!(&err, PluginError::BadComponent { plugin, .. } if plugin == "core"),
+        "{err}"
+    );
     assert!(err.to_string().contains("core WebAssembly module"), "{err}");
     assert_eq!(err.exit_code(), ExitCode::PluginFault);
 }
@@ -421,7 +485,10 @@ fn a_router_declared_as_validator_is_the_wrong_world() {
         } => {
             assert_eq!(plugin, "cr");
             assert_eq!(*expected, PluginKind::Validator);
-            assert!(found.contains("router") && found.contains("route"), "{found}");
+            assert!(
+                found.contains("router") && found.contains("route"),
+                "{found}"
+            );
             assert!(hint.contains("kind = \"router\""), "{hint}");
         }
         other => panic!("expected WrongWorld, got {other}"),
@@ -596,16 +663,6 @@ impl Fixture {
         assert!(ok.value.iter().all(|d| !d.is_error()), "{:?}", ok.value);
         out
     }
-
-    fn messages(&self, mode: &str) -> String {
-        let report = self.run(&self.mode(mode)).unwrap();
-        report
-            .value
-            .iter()
-            .map(|d| d.message.clone())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
 }
 
 #[test]
@@ -649,7 +706,10 @@ fn unbounded_memory_growth_hits_the_memory_limit() {
 fn deep_recursion_traps() {
     let f = fixture();
     let err = f.run(&f.mode("recursion")).unwrap_err();
-    assert!(matches!(&err, PluginError::Trap { plugin, .. } if plugin == "misbehave"), "{err}");
+    assert!(
+        matches!(&err, PluginError::Trap { plugin, .. } if plugin == "misbehave"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -720,7 +780,10 @@ fn reading_a_file_is_denied() {
 fn opening_a_socket_is_denied() {
     let f = fixture();
     let message = probe(&f, "socket");
-    assert!(message.starts_with("connect 127.0.0.1:9 failed"), "{message}");
+    assert!(
+        message.starts_with("connect 127.0.0.1:9 failed"),
+        "{message}"
+    );
 }
 
 #[test]
@@ -729,7 +792,10 @@ fn environment_variables_are_not_visible() {
     assert!(std::env::var_os("PATH").is_some());
     let f = fixture();
     let message = probe(&f, "env");
-    assert!(message.starts_with("0 environment variable(s)"), "{message}");
+    assert!(
+        message.starts_with("0 environment variable(s)"),
+        "{message}"
+    );
 }
 
 #[test]

@@ -92,7 +92,11 @@ fn calls(c: &mut Criterion) {
     for n in [50usize, 1000] {
         let p = policy(n);
         let expected = host.validate(&plugin, &p, &call).unwrap().value.len();
-        assert_eq!(expected, native_same_work(&p, &settings_text), "same findings");
+        assert_eq!(
+            expected,
+            native_same_work(&p, &settings_text),
+            "same findings"
+        );
         assert!(expected > 0);
         let parsed = Policy::from_value(p.document.clone());
         group.bench_with_input(BenchmarkId::new("sandboxed", n), &p, |b, p| {
@@ -111,8 +115,7 @@ fn calls(c: &mut Criterion) {
 fn loading(c: &mut Criterion) {
     let cache = tempfile::tempdir().unwrap();
     let uncached = PluginHost::new(Limits::default(), None).unwrap();
-    let cached =
-        PluginHost::new(Limits::default(), Some(cache.path().join("plugins"))).unwrap();
+    let cached = PluginHost::new(Limits::default(), Some(cache.path().join("plugins"))).unwrap();
     assert!(!load(&cached).loaded_from_cache);
     assert!(load(&cached).loaded_from_cache);
     let mut group = c.benchmark_group("load");
