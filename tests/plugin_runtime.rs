@@ -144,7 +144,12 @@ fn eligibility_bounds_flags_out_of_range_rules_and_passes_sane_ones() {
             (Severity::Error, "eligibility.age-range", "/rules/3/value"),
         ]
     );
-    assert!(report.value.iter().all(|d| d.source == "eligibility-bounds"));
+    assert!(
+        report
+            .value
+            .iter()
+            .all(|d| d.source == "eligibility-bounds")
+    );
     assert!(report.fuel_used > 0);
     assert!(report.peak_memory_bytes > 0);
 
@@ -162,6 +167,193 @@ fn eligibility_bounds_flags_out_of_range_rules_and_passes_sane_ones() {
     );
 }
 
+/// Installs plugin `name` with the manifest template shipped beside its
+/// crate, `sha256` filled in: what an agency's operator does.
+fn install_shipped(dir: &Path, name: &str) -> PathBuf {
+    let bytes = std::fs::read(artifact(name)).unwrap();
+    let template_path = pde_plugin_artifacts::manifest_template(name)
+        .unwrap_or_else(|| panic!("{name} ships no manifest template"));
+    let template = std::fs::read_to_string(template_path).unwrap();
+    assert!(template.contains("sha256 = \"\""), "{template}");
+    let manifest = template.replace(
+        "sha256 = \"\"",
+        &format!("sha256 = \"{}\"", sha256_hex(&bytes)),
+    );
+    let wasm = dir.join(format!("{name}.wasm"));
+    std::fs::write(&wasm, &bytes).unwrap();
+    std::fs::write(dir.join(format!("{name}.toml")), manifest).unwrap();
+    wasm
+}
+
+#[test]
+fn every_shipped_plugin_loads_from_one_directory_with_its_template() {
+    let dir = tempfile::tempdir().unwrap();
+    for name in [
+        "eligibility-bounds",
+        "pii-guard",
+        "effective-date",
+        "category-router",
+    ] {
+        install_shipped(dir.path(), name);
+    }
+    let plugins = host().load_dir(dir.path(), &TrustedKeys::new()).unwrap();
+    let got: Vec<(&str, PluginKind)> = plugins.iter().map(|p| (p.name.as_str(), p.kind)).collect();
+    assert_eq!(
+        got,
+        vec![
+            ("category-router", PluginKind::Router),
+            ("effective-date", PluginKind::Validator),
+            ("eligibility-bounds", PluginKind::Validator),
+            ("pii-guard", PluginKind::Validator),
+        ]
+    );
+    assert!(
+        plugins
+            .iter()
+            .all(|p| p.wit_version == semver::Version::new(0, 1, 0))
+    );
+}
+
+#[test]
+fn pii_guard_refuses_ssn_and_birth_dates_on_the_portal() {
+    let dir = tempfile::tempdir().unwrap();
+    install_shipped(dir.path(), "pii-guard");
+    let host = host();
+    let plugin = load_one(&host, dir.path());
+    let exposed = policy_with(json!({
+        "rules": [
+            {"key": "intake.form", "category": "forms", "value": {"fields": ["name", "email"]},
+             "description": "Ask for the date of birth on the public form"}
+        ],
+        "config": {"portal_fields": ["name", "ssn", "email"]}
+    }));
+    let report = host
+        .validate(&plugin, &exposed, &ctx("production"))
+        .unwrap();
+    let errors: Vec<(&str, &str)> = report
+        .value
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| (d.code.as_str(), d.path.as_str()))
+        .collect();
+    assert!(
+        errors.contains(&("pii.ssn-exposed", "/config/portal_fields/1")),
+        "{errors:?}"
+    );
+    assert!(
+        errors.contains(&("pii.dob-exposed", "/rules/0/description")),
+        "{errors:?}"
+    );
+    assert!(report.value.iter().all(|d| d.source == "pii-guard"));
+
+    let clean = policy_with(json!({
+        "rules": [{"key": "min_age", "category": "eligibility", "value": 18, "description": "adult"}],
+        "config": {"portal_fields": ["name", "email"]}
+    }));
+    let report = host.validate(&plugin, &clean, &ctx("production")).unwrap();
+    assert!(
+        report.value.iter().all(|d| !d.is_error()),
+        "{:?}",
+        report.value
+    );
+}
+
+#[test]
+fn effective_date_rejects_past_dates_and_missing_approvals() {
+    let dir = tempfile::tempdir().unwrap();
+    install_shipped(dir.path(), "effective-date");
+    let host = host();
+    let mut plugin = load_one(&host, dir.path());
+
+    // The real WASI wall clock: 2000-01-01 is in the past whenever this runs.
+    let past = policy_with(json!({"effective": "2000-01-01", "approvals": []}));
+    let report = host.validate(&plugin, &past, &ctx("")).unwrap();
+    let codes: Vec<(&str, &str)> = report
+        .value
+        .iter()
+        .filter(|d| d.is_error())
+        .map(|d| (d.code.as_str(), d.path.as_str()))
+        .collect();
+    assert!(
+        codes.contains(&("effective.in-past", "/effective")),
+        "{codes:?}"
+    );
+    assert!(
+        codes.iter().any(|(c, _)| *c == "approvals.missing"),
+        "{codes:?}"
+    );
+
+    let malformed = policy_with(json!({"effective": "2031-02-30"}));
+    let report = host.validate(&plugin, &malformed, &ctx("")).unwrap();
+    assert!(
+        report.value.iter().any(|d| d.code == "effective.malformed"),
+        "{:?}",
+        report.value
+    );
+
+    // With a pinned "today" the verdict is deterministic.
+    plugin.settings["today"] = json!("2030-06-01");
+    let fine = policy_with(json!({"effective": "2030-07-01"}));
+    let report = host.validate(&plugin, &fine, &ctx("")).unwrap();
+    assert!(
+        report.value.iter().all(|d| !d.is_error()),
+        "{:?}",
+        report.value
+    );
+}
+
+#[test]
+fn category_router_routes_by_category_and_tags_with_reasons() {
+    let dir = tempfile::tempdir().unwrap();
+    install_shipped(dir.path(), "category-router");
+    let host = host();
+    let plugin = load_one(&host, dir.path());
+    assert_eq!(plugin.kind, PluginKind::Router);
+    let services = vec![
+        service("HMS-API", &["api", "eligibility"]),
+        service("Scheduler", &["scheduling"]),
+        service("Portal", &["portal", "public"]),
+        service("Mailer", &["mail"]),
+    ];
+    let p = policy(json!([
+        {"key": "min_age", "category": "eligibility", "value": 18, "description": "adult"},
+        {"key": "intake.form", "category": "forms", "value": {}, "description": "form"}
+    ]));
+    let report = host
+        .route(&plugin, &p, &ctx("production"), &services)
+        .unwrap();
+    let mut routed: Vec<&str> = report.value.iter().map(|r| r.service.as_str()).collect();
+    routed.sort();
+    assert_eq!(routed, vec!["HMS-API", "Portal", "Scheduler"]);
+    for r in &report.value {
+        assert!(!r.reason.is_empty(), "{r:?}");
+    }
+    let portal = report.value.iter().find(|r| r.service == "Portal").unwrap();
+    assert!(portal.reason.contains("forms"), "{}", portal.reason);
+
+    let payments = policy(json!([
+        {"key": "payment_day", "category": "payments", "value": 15, "description": "monthly"}
+    ]));
+    let report = host
+        .route(&plugin, &payments, &ctx("production"), &services)
+        .unwrap();
+    let routed: Vec<&str> = report.value.iter().map(|r| r.service.as_str()).collect();
+    assert_eq!(routed, vec!["Scheduler"]);
+
+    // A router called as a validator is refused by name, not run.
+    let err = host.validate(&plugin, &payments, &ctx("")).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            PluginError::WrongWorld {
+                expected: PluginKind::Validator,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
 // ---------------------------------------------------------------- loading errors
 
 #[test]
@@ -172,7 +364,10 @@ fn digest_mismatch_is_an_integrity_error() {
     bytes.extend_from_slice(b"\0");
     std::fs::write(&wasm, bytes).unwrap();
     let err = load_err(dir.path());
-    assert!(matches!(&err, PluginError::DigestMismatch { plugin, .. } if plugin == "eb"), "{err}");
+    assert!(
+        matches!(&err, PluginError::DigestMismatch { plugin, .. } if plugin == "eb"),
+        "{err}"
+    );
     assert_eq!(err.exit_code(), ExitCode::Integrity);
 }
 
@@ -203,13 +398,19 @@ fn missing_manifest_orphan_manifest_duplicate_and_unknown_kind_are_usage_errors(
     )
     .unwrap();
     let err = load_err(dir.path());
-    assert!(matches!(&err, PluginError::DuplicateName { name, .. } if name == "a"), "{err}");
+    assert!(
+        matches!(&err, PluginError::DuplicateName { name, .. } if name == "a"),
+        "{err}"
+    );
     assert_eq!(err.exit_code(), ExitCode::Usage);
 
     let dir = tempfile::tempdir().unwrap();
     install(dir.path(), "eb", "eligibility-bounds", "checker", "");
     let err = load_err(dir.path());
-    assert!(matches!(&err, PluginError::UnknownKind { kind, .. } if kind == "checker"), "{err}");
+    assert!(
+        matches!(&err, PluginError::UnknownKind { kind, .. } if kind == "checker"),
+        "{err}"
+    );
     assert_eq!(err.exit_code(), ExitCode::Usage);
 }
 
@@ -243,7 +444,15 @@ fn a_manifest_may_tighten_limits_but_not_loosen_them() {
     );
     let err = load_err(dir.path());
     assert!(
-        matches!(err, PluginError::LimitLoosened { field: "memory_mib", asked: 1024, allowed: 64, .. }),
+        matches!(
+            err,
+            PluginError::LimitLoosened {
+                field: "memory_mib",
+                asked: 1024,
+                allowed: 64,
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(err.exit_code(), ExitCode::Usage);
@@ -254,7 +463,10 @@ fn a_core_module_is_a_bad_component_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     install_bytes(dir.path(), "core", b"\0asm\x01\0\0\0", "validator", "");
     let err = load_err(dir.path());
-    assert!(matches!(&err, PluginError::BadComponent { plugin, .. } if plugin == "core"), "{err}");
+    assert!(
+        matches!(&err, PluginError::BadComponent { plugin, .. } if plugin == "core"),
+        "{err}"
+    );
     assert!(err.to_string().contains("core WebAssembly module"), "{err}");
     assert_eq!(err.exit_code(), ExitCode::PluginFault);
 }
@@ -273,7 +485,10 @@ fn a_router_declared_as_validator_is_the_wrong_world() {
         } => {
             assert_eq!(plugin, "cr");
             assert_eq!(*expected, PluginKind::Validator);
-            assert!(found.contains("router") && found.contains("route"), "{found}");
+            assert!(
+                found.contains("router") && found.contains("route"),
+                "{found}"
+            );
             assert!(hint.contains("kind = \"router\""), "{hint}");
         }
         other => panic!("expected WrongWorld, got {other}"),
@@ -390,4 +605,226 @@ fn second_host_uses_the_cache_and_a_corrupt_entry_is_rebuilt() {
     assert!(!p.loaded_from_cache);
     let p = load_one(&new_host(), dir.path());
     assert!(p.loaded_from_cache, "rebuilt entry is served again");
+}
+
+// ---------------------------------------------------------------- misbehaving fixture
+
+/// The `misbehave` fixture loaded once; modes are chosen per call through
+/// its settings, as a manifest's `[settings] mode = "…"` would.
+struct Fixture {
+    host: PluginHost,
+    plugin: Plugin,
+    _dir: tempfile::TempDir,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    install(
+        dir.path(),
+        "misbehave",
+        "misbehave",
+        "validator",
+        "[settings]\nmode = \"ok\"\n",
+    );
+    let host = host();
+    let plugin = load_one(&host, dir.path());
+    Fixture {
+        host,
+        plugin,
+        _dir: dir,
+    }
+}
+
+impl Fixture {
+    fn mode(&self, mode: &str) -> Plugin {
+        let mut p = self.plugin.clone();
+        p.settings = json!({ "mode": mode });
+        p
+    }
+
+    /// Runs `plugin`, asserts it ended within 2 s, then proves the same host
+    /// still serves a well-behaved call.
+    fn run(
+        &self,
+        plugin: &Plugin,
+    ) -> Result<pde::plugin::CallReport<Vec<pde::diagnostic::Diagnostic>>, PluginError> {
+        let start = Instant::now();
+        let out = self.host.validate(plugin, &policy(json!([])), &ctx("test"));
+        let took = start.elapsed();
+        assert!(
+            took < Duration::from_secs(2),
+            "{:?} took {took:?}",
+            plugin.settings
+        );
+        let ok = self
+            .host
+            .validate(&self.mode("ok"), &policy(json!([])), &ctx("test"))
+            .expect("a well-behaved call right after must succeed");
+        assert!(ok.value.iter().all(|d| !d.is_error()), "{:?}", ok.value);
+        out
+    }
+}
+
+#[test]
+fn infinite_loop_times_out() {
+    let f = fixture();
+    let mut p = f.mode("loop");
+    p.limits.fuel = u64::MAX / 4; // so only the clock can stop it
+    p.limits.timeout_ms = 300;
+    let err = f.run(&p).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Timeout { plugin, timeout_ms: 300 } if plugin == "misbehave"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+}
+
+#[test]
+fn infinite_loop_runs_out_of_fuel() {
+    let f = fixture();
+    let mut p = f.mode("loop");
+    p.limits.fuel = 20_000_000;
+    let err = f.run(&p).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::OutOfFuel { plugin, fuel: 20_000_000 } if plugin == "misbehave"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unbounded_memory_growth_hits_the_memory_limit() {
+    let f = fixture();
+    let err = f.run(&f.mode("memory")).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::MemoryLimit { plugin, limit_mib: 64 } if plugin == "misbehave"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+}
+
+#[test]
+fn deep_recursion_traps() {
+    let f = fixture();
+    let err = f.run(&f.mode("recursion")).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::Trap { plugin, .. } if plugin == "misbehave"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_panic_traps_with_the_guests_message() {
+    let f = fixture();
+    let err = f.run(&f.mode("panic")).unwrap_err();
+    match &err {
+        PluginError::Trap { plugin, message } => {
+            assert_eq!(plugin, "misbehave");
+            assert!(message.contains("misbehave: deliberate panic"), "{message}");
+        }
+        other => panic!("expected Trap, got {other}"),
+    }
+}
+
+#[test]
+fn a_million_diagnostics_hit_the_memory_limit_inside_the_guest() {
+    // 1,000,000 records cost ~40 MB as Rust values plus ~28 MB as the
+    // canonical-ABI list: over 64 MiB before the host ever sees the list.
+    let f = fixture();
+    let err = f.run(&f.mode("flood")).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::MemoryLimit { plugin, limit_mib: 64 } if plugin == "misbehave"),
+        "{err}"
+    );
+}
+
+#[test]
+fn more_diagnostics_than_the_host_accepts_are_result_too_large() {
+    let f = fixture();
+    let mut p = f.mode("flood");
+    p.settings = json!({"mode": "flood", "count": pde::plugin::MAX_RESULT_ITEMS + 1});
+    let err = f.run(&p).unwrap_err();
+    match &err {
+        PluginError::ResultTooLarge { plugin, what } => {
+            assert_eq!(plugin, "misbehave");
+            assert!(what.contains("1001 diagnostics"), "{what}");
+        }
+        other => panic!("expected ResultTooLarge, got {other}"),
+    }
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+    // Exactly at the bound is fine.
+    p.settings = json!({"mode": "flood", "count": pde::plugin::MAX_RESULT_ITEMS});
+    assert_eq!(
+        f.run(&p).unwrap().value.len(),
+        pde::plugin::MAX_RESULT_ITEMS
+    );
+}
+
+/// Runs a probe mode; the fixture reports `info` when the sandbox denied it.
+fn probe(f: &Fixture, mode: &str) -> String {
+    let report = f.run(&f.mode(mode)).unwrap();
+    assert_eq!(report.value.len(), 1, "{:?}", report.value);
+    let d = &report.value[0];
+    assert_eq!(d.code, format!("misbehave.{mode}"));
+    assert_eq!(d.severity, Severity::Info, "sandbox escape: {}", d.message);
+    d.message.clone()
+}
+
+#[test]
+fn reading_a_file_is_denied() {
+    let f = fixture();
+    let message = probe(&f, "read-file");
+    assert!(message.starts_with("read /etc/passwd denied"), "{message}");
+}
+
+#[test]
+fn opening_a_socket_is_denied() {
+    let f = fixture();
+    let message = probe(&f, "socket");
+    assert!(
+        message.starts_with("connect 127.0.0.1:9 failed"),
+        "{message}"
+    );
+}
+
+#[test]
+fn environment_variables_are_not_visible() {
+    // The test process certainly has PATH; the guest must see nothing.
+    assert!(std::env::var_os("PATH").is_some());
+    let f = fixture();
+    let message = probe(&f, "env");
+    assert!(
+        message.starts_with("0 environment variable(s)"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_unknown_mode_is_the_plugins_own_failure() {
+    let f = fixture();
+    let err = f.run(&f.mode("nap")).unwrap_err();
+    assert!(
+        matches!(&err, PluginError::PluginFailed { plugin, message } if plugin == "misbehave" && message.contains("unknown mode")),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+}
+
+#[test]
+fn stdout_and_stderr_are_captured_into_the_log() {
+    let f = fixture();
+    let report = f.run(&f.mode("ok")).unwrap();
+    assert!(
+        report
+            .log
+            .contains(&"stdout: misbehave: mode ok (stdout)".to_string()),
+        "{:?}",
+        report.log
+    );
+    assert!(
+        report
+            .log
+            .contains(&"stderr: misbehave: mode ok (stderr)".to_string()),
+        "{:?}",
+        report.log
+    );
 }

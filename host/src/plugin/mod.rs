@@ -820,3 +820,43 @@ fn report<T>(value: T, stats: sandbox::CallStats) -> CallReport<T> {
         log: stats.log,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_plugins_can_be_shared_across_threads() {
+        fn shareable<T: Send + Sync + 'static>() {}
+        shareable::<PluginHost>();
+        shareable::<Plugin>();
+    }
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        let plugin = "p".to_string();
+        let fault = PluginError::Timeout {
+            plugin: plugin.clone(),
+            timeout_ms: 1,
+        };
+        assert_eq!(fault.exit_code(), ExitCode::PluginFault);
+        let integrity = PluginError::BadSignature {
+            plugin,
+            reason: "x".into(),
+        };
+        assert_eq!(integrity.exit_code(), ExitCode::Integrity);
+    }
+
+    #[test]
+    fn results_are_bounded_by_count_and_bytes() {
+        assert!(check_bounds("p", "diagnostics", MAX_RESULT_ITEMS, 10).is_ok());
+        assert!(matches!(
+            check_bounds("p", "diagnostics", MAX_RESULT_ITEMS + 1, 10),
+            Err(PluginError::ResultTooLarge { .. })
+        ));
+        assert!(matches!(
+            check_bounds("p", "routes", 1, MAX_RESULT_BYTES + 1),
+            Err(PluginError::ResultTooLarge { .. })
+        ));
+    }
+}

@@ -328,7 +328,7 @@ impl HostState {
             log.push(line);
         }
         for line in self.stderr.lines("stderr") {
-            tracing::warn!(plugin = self.plugin.as_str(), "{line}");
+            tracing::info!(plugin = self.plugin.as_str(), "{line}");
             log.push(line);
         }
         log
