@@ -87,12 +87,11 @@ impl Kind {
 
 /// Decides from a rule key which kind of quantity it holds, if any.
 pub fn classify(key: &str) -> Option<Kind> {
-    let lower = key.to_ascii_lowercase();
-    let words: Vec<&str> = lower
-        .split(|c: char| !c.is_ascii_alphanumeric())
-        .filter(|w| !w.is_empty())
-        .collect();
-    let has = |set: &[&str]| words.iter().any(|w| set.contains(w));
+    // Allocation-free: this runs once per rule on every call.
+    let has = |set: &[&str]| {
+        key.split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| set.iter().any(|s| w.eq_ignore_ascii_case(s)))
+    };
     if has(&["percent", "percentage", "pct"]) {
         Some(Kind::Percent)
     } else if has(&["income", "earnings", "wages", "salary"]) {
@@ -257,25 +256,26 @@ pub fn check(policy: &Policy, ctx: &Context) -> Result<Vec<Diagnostic>, String> 
 
 fn check_rule(rule: &Rule<'_>, kind: Kind, bound: Bound, out: &mut Diagnostics) {
     let key = rule.key.unwrap_or_default();
-    let value_ptr = rule.field_pointer("value");
+    // Pointers are built only when a finding needs one: most rules pass.
+    let value_ptr = || rule.field_pointer("value");
     match rule.value {
         Some(Value::Number(n)) => {
             let v = n.as_f64().unwrap_or(f64::NAN);
-            check_number(key, kind, bound, v, &value_ptr, out);
+            check_number(key, kind, bound, v, value_ptr, out);
         }
         Some(Value::Object(range)) if range.contains_key("min") || range.contains_key("max") => {
             let mut ends = [None, None];
             for (i, end) in ["min", "max"].into_iter().enumerate() {
                 let Some(v) = range.get(end) else { continue };
-                let ptr = format!("{value_ptr}/{end}");
+                let ptr = || format!("{}/{end}", value_ptr());
                 match v.as_f64() {
                     Some(v) => {
                         ends[i] = Some(v);
-                        check_number(key, kind, bound, v, &ptr, out);
+                        check_number(key, kind, bound, v, ptr, out);
                     }
                     None => {
                         out.error(
-                            ptr,
+                            ptr(),
                             "eligibility.not-a-number",
                             format!("rule `{key}`: range {end} must be a number, found {v}"),
                         );
@@ -286,7 +286,7 @@ fn check_rule(rule: &Rule<'_>, kind: Kind, bound: Bound, out: &mut Diagnostics) 
                 && lo > hi
             {
                 out.error(
-                    value_ptr,
+                    value_ptr(),
                     "eligibility.inverted-range",
                     format!("rule `{key}`: range min {lo} is greater than max {hi}"),
                 );
@@ -295,7 +295,7 @@ fn check_rule(rule: &Rule<'_>, kind: Kind, bound: Bound, out: &mut Diagnostics) 
         other => {
             let found = other.map_or_else(|| "nothing".to_string(), Value::to_string);
             out.error(
-                value_ptr,
+                value_ptr(),
                 "eligibility.not-a-number",
                 format!(
                     "rule `{key}` is an {} and must be a number or {{\"min\", \"max\"}}, found {found}",
@@ -306,10 +306,17 @@ fn check_rule(rule: &Rule<'_>, kind: Kind, bound: Bound, out: &mut Diagnostics) 
     }
 }
 
-fn check_number(key: &str, kind: Kind, bound: Bound, v: f64, ptr: &str, out: &mut Diagnostics) {
+fn check_number(
+    key: &str,
+    kind: Kind,
+    bound: Bound,
+    v: f64,
+    ptr: impl Fn() -> String,
+    out: &mut Diagnostics,
+) {
     if !bound.contains(v) {
         out.error(
-            ptr,
+            ptr(),
             kind.code(),
             format!(
                 "rule `{key}`: {} {v} is outside the allowed range ({}); fix the value or adjust this agency's bounds in the plugin settings",
@@ -319,7 +326,7 @@ fn check_number(key: &str, kind: Kind, bound: Bound, v: f64, ptr: &str, out: &mu
         );
     } else if kind == Kind::Percent && v > 0.0 && v < 1.0 {
         out.warning(
-            ptr,
+            ptr(),
             "eligibility.percent-as-fraction",
             format!(
                 "rule `{key}`: percentage {v} looks like a fraction; percentages are written 0 to 100 (did you mean {}?)",

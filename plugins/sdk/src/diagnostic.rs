@@ -159,6 +159,9 @@ impl IntoIterator for Diagnostics {
 /// assert_eq!(pde_plugin::pointer_escape("a/b~c"), "a~1b~0c");
 /// ```
 pub fn pointer_escape(segment: &str) -> String {
+    if !segment.contains(['~', '/']) {
+        return segment.to_string();
+    }
     segment.replace('~', "~0").replace('/', "~1")
 }
 
@@ -175,10 +178,19 @@ where
     I: IntoIterator,
     I::Item: Display,
 {
+    use std::fmt::Write as _;
     let mut out = String::new();
+    let mut buf = String::new();
     for segment in segments {
+        buf.clear();
+        // Writing to a String cannot fail.
+        let _ = write!(buf, "{segment}");
         out.push('/');
-        out.push_str(&pointer_escape(&segment.to_string()));
+        if buf.contains(['~', '/']) {
+            out.push_str(&pointer_escape(&buf));
+        } else {
+            out.push_str(&buf);
+        }
     }
     out
 }
