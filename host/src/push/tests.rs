@@ -499,7 +499,8 @@ fn the_push_future_is_send() {
     fn assert_send<T: Send>(_: &T) {}
     let c = http();
     let bundle = test_receiver::bundle("1.3.0");
-    let fut = push(&c, &bundle, ENV, &[], &cfg(), &());
+    let cfg = cfg();
+    let fut = push(&c, &bundle, ENV, &[], &cfg, &());
     assert_send(&fut);
     let check = envcheck_future(&c);
     assert_send(&check);
