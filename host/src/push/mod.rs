@@ -411,11 +411,15 @@ pub async fn push(
     tracing::info!(%digest, env, targets = targets.len(), concurrency = width, "push starting");
 
     // Phase 1: what is active now, so that compensation knows where to go back.
-    let previous: Vec<Result<Option<ActiveInfo>, PushError>> = stream::iter(targets)
+    // (Futures are collected before they go into a stream, here and below,
+    // so that the whole push stays `Send`: a stream holding the closures
+    // trips the compiler's higher-ranked lifetime check.)
+    let reads: Vec<_> = targets
+        .iter()
         .map(|t| read_active(client, t, policy))
-        .buffered(width)
-        .collect()
-        .await;
+        .collect();
+    let previous: Vec<Result<Option<ActiveInfo>, PushError>> =
+        stream::iter(reads).buffered(width).collect().await;
     if previous.iter().any(Result::is_err) {
         return abort_before_sending(digest, targets, previous, observer);
     }
@@ -435,12 +439,16 @@ pub async fn push(
         observer,
         failed: AtomicBool::new(false),
     };
-    let mut runs: Vec<(usize, Run)> = stream::iter(targets.iter().enumerate())
+    let deliveries: Vec<_> = targets
+        .iter()
+        .enumerate()
         .map(|(i, t)| {
             let job = &job;
             let prev = previous[i].as_deref();
             async move { (i, job.deliver(t, prev).await) }
         })
+        .collect();
+    let mut runs: Vec<(usize, Run)> = stream::iter(deliveries)
         .buffer_unordered(width)
         .collect()
         .await;
@@ -461,7 +469,9 @@ pub async fn push(
         .collect();
     let because = format!("because {} failed", culprits.join(", "));
     tracing::warn!(%digest, env, failed = ?culprits, "push failed; compensating");
-    let fixes: Vec<(usize, Option<Run>)> = stream::iter(targets.iter().enumerate())
+    let compensations: Vec<_> = targets
+        .iter()
+        .enumerate()
         .map(|(i, t)| {
             let job = &job;
             let run = &runs[i];
@@ -469,6 +479,8 @@ pub async fn push(
             let because = because.as_str();
             async move { (i, job.compensate(t, run, prev, because).await) }
         })
+        .collect();
+    let fixes: Vec<(usize, Option<Run>)> = stream::iter(compensations)
         .buffer_unordered(width)
         .collect()
         .await;

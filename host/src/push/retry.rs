@@ -121,7 +121,7 @@ async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Erro
 }
 
 /// Called around each attempt, so that progress can be shown.
-pub(crate) trait Hooks {
+pub(crate) trait Hooks: Sync {
     /// Attempt `n` (1-based) is about to be sent.
     fn attempt(&self, _n: u32) {}
     /// Attempt `n` failed for `reason`; the next one follows after `delay_ms`.

@@ -492,3 +492,22 @@ async fn no_targets_is_trivially_deployed() {
     assert_eq!(report.outcome, Outcome::Deployed);
     assert!(report.targets.is_empty());
 }
+
+#[test]
+fn the_push_future_is_send() {
+    // The CLI may spawn it; a `!Send` push would only show up there.
+    fn assert_send<T: Send>(_: &T) {}
+    let c = http();
+    let bundle = test_receiver::bundle("1.3.0");
+    let cfg = cfg();
+    let fut = push(&c, &bundle, ENV, &[], &cfg, &());
+    assert_send(&fut);
+    let check = envcheck_future(&c);
+    assert_send(&check);
+}
+
+fn envcheck_future(
+    c: &reqwest::Client,
+) -> impl std::future::Future<Output = crate::envcheck::HealthReport> + '_ {
+    crate::envcheck::check(c, &[], Duration::from_secs(1))
+}
