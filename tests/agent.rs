@@ -486,7 +486,10 @@ async fn rollback_to_previous_and_to_named_digest() {
     assert_eq!(body["outcome"], "deactivated");
     assert_eq!(active_digest(&c, &agent.base).await, None);
     assert_eq!(deploy(&c, &agent.base, &first).await.0, StatusCode::OK);
-    assert_eq!(active_digest(&c, &agent.base).await, Some(first.digest.clone()));
+    assert_eq!(
+        active_digest(&c, &agent.base).await,
+        Some(first.digest.clone())
+    );
 
     let [a, b, d] = ["1.0.0", "1.1.0", "1.2.0"].map(|v| sealed(&s, v));
     for x in [&a, &b, &d] {

@@ -489,7 +489,10 @@ fn rollback_returns_every_holder_to_the_previous_version() {
     let again = ws.engine().deploy_policy("42", "prod").unwrap();
     assert_eq!(again.digest, v2.digest);
     for url in &urls {
-        assert_eq!(support::active_digest(url).as_deref(), Some(v2.digest.as_str()));
+        assert_eq!(
+            support::active_digest(url).as_deref(),
+            Some(v2.digest.as_str())
+        );
     }
     ws.engine().audit().verify().unwrap();
 }
@@ -509,8 +512,15 @@ fn a_failed_first_deploy_leaves_real_agents_with_nothing_active() {
     ws.commit("init");
     let (code, err) = exit_of(ws.engine().deploy_policy("42", "prod"));
     assert_eq!(code, ExitCode::DeployFailed);
-    let pde::Error::DeployFailed { report, .. } = err else { panic!("{err}") };
-    assert_eq!(report.outcome, DeployOutcome::RolledBack, "{:?}", report.push);
+    let pde::Error::DeployFailed { report, .. } = err else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        report.outcome,
+        DeployOutcome::RolledBack,
+        "{:?}",
+        report.push
+    );
     assert_eq!(bad.deploys(), 1, "a 400 is permanent: no retry");
     assert_eq!(support::active_digest(&good), None);
     assert!(ws.engine().state().active("42", "prod").unwrap().is_none());

@@ -522,8 +522,10 @@ pub async fn rollback(
         }
         Ok(RollbackOutcome::Deactivated { digest }) => {
             info!(%digest, outcome = "deactivated", "rolled back to nothing active");
-            Ok(Json(json!({"outcome": "deactivated", "digest": digest, "active": null}))
-                .into_response())
+            Ok(
+                Json(json!({"outcome": "deactivated", "digest": digest, "active": null}))
+                    .into_response(),
+            )
         }
         Ok(RollbackOutcome::AlreadyActive(record)) => {
             info!(digest = %record.digest, outcome = "already-active", "rollback target is already active");
