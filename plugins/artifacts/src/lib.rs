@@ -33,6 +33,42 @@ pub fn manifest_template(name: &str) -> Option<&'static str> {
 mod tests {
     use super::*;
 
+    /// The names a component exports at its top level (not those of the
+    /// core modules and components nested inside it).
+    fn top_level_exports(bytes: &[u8]) -> Vec<String> {
+        use wasmparser::{Parser, Payload};
+        let mut depth = 0usize;
+        let mut names = Vec::new();
+        for payload in Parser::new(0).parse_all(bytes) {
+            match payload.expect("the component parses") {
+                Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+                Payload::End(_) => depth = depth.saturating_sub(1),
+                Payload::ComponentExportSection(reader) if depth == 0 => {
+                    for export in reader {
+                        names.push(export.expect("export entry").name.name.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn each_component_exports_only_its_world_function() {
+        // Both worlds are generated in one SDK crate; this proves a
+        // validator does not also export `route` (and vice versa).
+        for &(name, kind, path) in all() {
+            let bytes = std::fs::read(path).unwrap();
+            let want = if kind == "router" {
+                "route"
+            } else {
+                "validate"
+            };
+            assert_eq!(top_level_exports(&bytes), [want], "{name} ({kind})");
+        }
+    }
+
     #[test]
     fn every_artifact_is_a_component_on_disk() {
         assert_eq!(all().len(), 5);

@@ -23,7 +23,8 @@
 //! The component reads the wall clock (WASI `wall-clock`, which the pde
 //! sandbox provides). `settings.today = "YYYY-MM-DD"` overrides it, for
 //! deterministic tests and for validating a policy "as of" a planned
-//! release day.
+//! release day. A clock reading before 2020 is taken as a stubbed clock and
+//! is a plugin error (set `today` instead), never a silent pass.
 //!
 //! # Settings
 //! ```toml
@@ -170,9 +171,22 @@ pub fn check(policy: &Policy, ctx: &Context) -> Result<Vec<Diagnostic>, String> 
         Some(t) => Date::parse(t).ok_or_else(|| {
             format!("effective-date: settings.today `{t}` is not a YYYY-MM-DD date")
         })?,
-        None => Date::today_utc()?,
+        None => plausible_clock(Date::today_utc()?)?,
     };
     Ok(check_as_of(policy, &settings, today))
+}
+
+/// Refuses a clock reading before 2020: a host that stubs the wall clock
+/// (e.g. at the epoch) would otherwise make every date look far ahead and no
+/// date look past, silently passing stale policies.
+pub fn plausible_clock(today: Date) -> Result<Date, String> {
+    if today.year < 2020 {
+        return Err(format!(
+            "effective-date: the wall clock reads {today}, which cannot be right; \
+             set `today` in the plugin's [settings] or give the sandbox a real clock"
+        ));
+    }
+    Ok(today)
 }
 
 /// The check with an explicit `today`.
@@ -463,6 +477,14 @@ mod tests {
                 .unwrap_err()
                 .contains("min_aprovals")
         );
+    }
+
+    #[test]
+    fn a_stubbed_clock_is_refused() {
+        let epoch = Date::from_days_since_epoch(0);
+        assert!(plausible_clock(epoch).unwrap_err().contains("1970-01-01"));
+        let now = Date::parse("2026-11-29").unwrap();
+        assert_eq!(plausible_clock(now), Ok(now));
     }
 
     #[test]
