@@ -706,10 +706,16 @@ fn unbounded_memory_growth_hits_the_memory_limit() {
 fn deep_recursion_traps() {
     let f = fixture();
     let err = f.run(&f.mode("recursion")).unwrap_err();
-    assert!(
-        matches!(&err, PluginError::Trap { plugin, .. } if plugin == "misbehave"),
-        "{err}"
-    );
+    match &err {
+        PluginError::Trap { plugin, message } => {
+            assert_eq!(plugin, "misbehave");
+            // A Rust guest's shadow stack runs off the bottom of its memory.
+            assert!(message.contains("out of bounds memory access"), "{message}");
+            assert!(!message.contains("wasm backtrace"), "{message}");
+        }
+        other => panic!("expected Trap, got {other}"),
+    }
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
 }
 
 #[test]

@@ -435,16 +435,16 @@ fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
         })?;
     let digest = pde::plugin::sha256_hex(&bytes);
     let status = pde::plugin::signature::status(path, &digest, &trusted);
-    if ctx.json {
-        ctx.print_json(&serde_json::json!({
-            "path": path,
-            "sha256": digest,
-            "signature": status,
-        }));
-    }
     match status {
         SignatureStatus::Valid { keyid } => {
-            if !ctx.json {
+            // On failure the CLI prints the error document instead (one JSON document).
+            if ctx.json {
+                ctx.print_json(&serde_json::json!({
+                    "path": path,
+                    "sha256": digest,
+                    "signature": SignatureStatus::Valid { keyid },
+                }));
+            } else {
                 println!("{}: valid signature by key {keyid}", path.display());
             }
             Ok(ExitCode::Ok)

@@ -452,7 +452,19 @@ fn classify(
                 .filter(|l| l.starts_with("stderr: "))
                 .map(|l| l.trim_start_matches("stderr: "))
                 .collect();
-            let mut message = format!("{error:#}");
+            // The error chain without the wasm backtrace frames: the trap
+            // and its context ("memory fault at wasm address …").
+            let mut message = error
+                .chain()
+                .map(|cause| cause.to_string())
+                .filter(|cause| !cause.contains("wasm backtrace:"))
+                .collect::<Vec<_>>()
+                .join(": ");
+            if message.contains("out of bounds memory access") && message.contains("0xfff") {
+                message.push_str(
+                    " (the guest's stack ran past the start of its memory: unbounded recursion?)",
+                );
+            }
             if !guest_said.is_empty() {
                 message = format!("{message}; the plugin wrote: {}", guest_said.join(" | "));
             }
