@@ -709,8 +709,14 @@ fn deep_recursion_traps() {
     match &err {
         PluginError::Trap { plugin, message } => {
             assert_eq!(plugin, "misbehave");
-            // A Rust guest's shadow stack runs off the bottom of its memory.
-            assert!(message.contains("out of bounds memory access"), "{message}");
+            // Depending on frame sizes (and so on the guest's opt-level), a
+            // Rust guest either exhausts wasmtime's call stack or runs its
+            // shadow stack off the bottom of linear memory; both are traps.
+            assert!(
+                message.contains("call stack exhausted")
+                    || message.contains("out of bounds memory access"),
+                "{message}"
+            );
             assert!(!message.contains("wasm backtrace"), "{message}");
         }
         other => panic!("expected Trap, got {other}"),
