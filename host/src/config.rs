@@ -159,7 +159,7 @@ impl Default for PushConfig {
         PushConfig {
             timeout_ms: 5000,
             retries: 3,
-            concurrency: 32,
+            concurrency: 128,
             backoff_ms: 100,
         }
     }
