@@ -7,8 +7,9 @@
 //!   line the canonical JSON of `{seq, ts, actor, event, policy_id, env,
 //!   data, prev, hash}`;
 //! - `seq` starts at 1 and grows by one;
-//! - `hash` is `sha256:<hex>` (the same form as bundle digests) of the
-//!   canonical JSON of the record *without* its `hash` field;
+//! - `hash` is the sha256, in lowercase hex, of the canonical JSON of the
+//!   record *without* its `hash` field (bare hex, as DESIGN §8 words it, so
+//!   an auditor's `sha256sum`-style check compares directly);
 //! - `prev` is the previous record's `hash`, and `""` for the first record.
 //!
 //! A chain alone cannot show that records were cut off the *end*, so pde
@@ -44,7 +45,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::bundle::{canonical_json, digest_of};
+use crate::bundle::canonical_json;
 use crate::error::{ExitCode, HasExitCode};
 
 /// The log file name under the state directory.
@@ -103,7 +104,7 @@ pub struct AuditRecord {
     pub data: Value,
     /// `hash` of the previous record, `""` for the first.
     pub prev: String,
-    /// `sha256:<hex>` of the canonical JSON of this record without `hash`.
+    /// sha256 (lowercase hex) of the canonical JSON of this record without `hash`.
     pub hash: String,
 }
 
@@ -485,7 +486,7 @@ impl AuditLog {
 fn hash_of(value: &mut Value) -> String {
     let obj = value.as_object_mut().expect("records are objects");
     let saved = obj.remove("hash");
-    let hash = digest_of(value);
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical_json(value)));
     if let Some(saved) = saved {
         value["hash"] = saved;
     }
@@ -887,12 +888,15 @@ mod tests {
         assert_eq!(records[0].prev, "");
         assert_eq!(records[1].prev, records[0].hash);
         assert_eq!(records[2].prev, records[1].hash);
-        assert!(records[0].hash.starts_with("sha256:") && records[0].hash.len() == 71);
+        assert!(records[0].hash.len() == 64 && records[0].hash.bytes().all(|b| b.is_ascii_hexdigit()));
         assert_eq!(records[0].actor, "ana");
         // The hash is the digest of the canonical record without `hash`.
         let mut v = serde_json::to_value(&records[1]).unwrap();
         v.as_object_mut().unwrap().remove("hash");
-        assert_eq!(digest_of(&v), records[1].hash);
+        assert_eq!(
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical_json(&v))),
+            records[1].hash
+        );
         // Each line is the canonical JSON of the record.
         let line = read_lines(&log)[1].clone();
         assert_eq!(
