@@ -486,7 +486,9 @@ impl AuditLog {
 fn hash_of(value: &mut Value) -> String {
     let obj = value.as_object_mut().expect("records are objects");
     let saved = obj.remove("hash");
-    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical_json(value)));
+    let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(canonical_json(
+        value,
+    )));
     if let Some(saved) = saved {
         value["hash"] = saved;
     }
@@ -888,7 +890,9 @@ mod tests {
         assert_eq!(records[0].prev, "");
         assert_eq!(records[1].prev, records[0].hash);
         assert_eq!(records[2].prev, records[1].hash);
-        assert!(records[0].hash.len() == 64 && records[0].hash.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert!(
+            records[0].hash.len() == 64 && records[0].hash.bytes().all(|b| b.is_ascii_hexdigit())
+        );
         assert_eq!(records[0].actor, "ana");
         // The hash is the digest of the canonical record without `hash`.
         let mut v = serde_json::to_value(&records[1]).unwrap();

@@ -81,13 +81,14 @@ pub struct Approval {
 /// One rule of a policy. Its key is owned by exactly one policy in the store.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Rule {
-    /// Store-wide unique key, `^[a-z0-9][a-z0-9._-]*$`.
+    /// Store-wide unique key, `^[a-z0-9][a-z0-9_.-]*$`.
     pub key: String,
     /// Category, used by routers to pick services.
     pub category: String,
     /// The rule's value, any JSON.
     pub value: Value,
-    /// What the rule means, for people.
+    /// What the rule means, for people (optional; empty when absent).
+    #[serde(default)]
     pub description: String,
 }
 

@@ -78,6 +78,18 @@ mod tests {
     }
 
     #[test]
+    fn rule_keys_may_use_underscores_and_descriptions_are_optional() {
+        let mut doc = valid();
+        doc["rules"] = json!([{"key": "snap.max_income", "category": "eligibility", "value": 1}]);
+        assert_eq!(check_schema(&doc), vec![]);
+        doc["rules"][0]["key"] = json!("Snap.Max");
+        assert_eq!(
+            codes_at(&doc),
+            vec![("schema.pattern".to_string(), "/rules/0/key".to_string())]
+        );
+    }
+
+    #[test]
     fn violations_carry_keyword_codes_and_pointers() {
         let mut doc = valid();
         doc["version"] = json!("1.3");
