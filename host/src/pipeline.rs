@@ -352,10 +352,7 @@ impl Engine {
             return Err(Error::DeployFailed {
                 policy_id: policy_id.to_string(),
                 env: env_name.to_string(),
-                outcome: serde_json::to_value(report.outcome)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                outcome: wire_name(report.outcome),
                 report: Box::new(report),
             });
         }
@@ -600,10 +597,7 @@ impl Engine {
                 json!({"digest": report.digest, "outcome": pushed.outcome}),
             )?;
         }
-        let outcome = serde_json::to_value(pushed.outcome)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default();
+        let outcome = wire_name(pushed.outcome);
         self.state.record(&DeploymentRecord {
             id: None,
             policy_id: policy_id.to_string(),
@@ -619,16 +613,21 @@ impl Engine {
                 .iter()
                 .map(|t| TargetRecord {
                     service: t.service.clone(),
-                    outcome: serde_json::to_value(t.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(str::to_string))
-                        .unwrap_or_default(),
+                    outcome: wire_name(t.state),
                     previous_digest: t.previous_digest.clone(),
                     detail: t.detail.clone(),
                 })
                 .collect(),
         })?;
         Ok(())
+    }
+}
+
+/// The name a unit enum has on the wire (`rolled-back`, `delivered`, …).
+fn wire_name<T: Serialize>(value: T) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => String::new(),
     }
 }
 
