@@ -589,7 +589,8 @@ impl Engine {
             env,
             json!({"digest": report.digest, "targets": summary}),
         )?;
-        if pushed.outcome != Outcome::Deployed {
+        // `needs-attention` is not a rollback: `push_failed` carries it.
+        if pushed.outcome == Outcome::RolledBack {
             self.record(
                 Event::RolledBack,
                 policy_id,
