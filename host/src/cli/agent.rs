@@ -73,11 +73,7 @@ pub fn run(ctx: &Ctx, args: AgentArgs) -> CmdResult {
         .enable_all()
         .build()
         .context("cannot start the async runtime")
-        .map_err(|error| Failure {
-            code: ExitCode::Usage,
-            error,
-            report: None,
-        })?;
+        .map_err(Failure::usage_error)?;
     runtime.block_on(async move {
         let agent = Agent::open(cfg)?;
         let listener = tokio::net::TcpListener::bind(args.listen)

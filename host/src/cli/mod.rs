@@ -116,6 +116,15 @@ impl Failure {
         }
     }
 
+    /// A usage or configuration error (exit 2) that already has its context.
+    pub fn usage_error(error: anyhow::Error) -> Self {
+        Failure {
+            code: ExitCode::Usage,
+            error,
+            report: None,
+        }
+    }
+
     /// A failure of the engine, keeping the report it carries.
     pub fn engine(ctx: &Ctx, e: pde::Error) -> Self {
         let report = print::error_report(ctx, &e);

@@ -200,11 +200,7 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     };
     let bytes = std::fs::read(&path)
         .with_context(|| format!("reading {}", path.display()))
-        .map_err(|error| Failure {
-            code: ExitCode::Usage,
-            error,
-            report: None,
-        })?;
+        .map_err(Failure::usage_error)?;
     let engine = PluginHost::new(Default::default(), None)?;
     let name = path
         .file_stem()
@@ -247,11 +243,7 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
 fn read_policy(path: &Path) -> Result<PolicyInput, Failure> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading policy {}", path.display()))
-        .map_err(|error| Failure {
-            code: ExitCode::Usage,
-            error,
-            report: None,
-        })?;
+        .map_err(Failure::usage_error)?;
     let document: serde_json::Value = match serde_json::from_str(&text) {
         Ok(v) => v,
         Err(json_err) => serde_saphyr::from_str(&text).map_err(|yaml_err| {
@@ -428,11 +420,7 @@ fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
     }
     let bytes = std::fs::read(path)
         .with_context(|| format!("reading {}", path.display()))
-        .map_err(|error| Failure {
-            code: ExitCode::Usage,
-            error,
-            report: None,
-        })?;
+        .map_err(Failure::usage_error)?;
     let digest = pde::plugin::sha256_hex(&bytes);
     let status = pde::plugin::signature::status(path, &digest, &trusted);
     match status {
