@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::config::Environment;
+use crate::config::{Environment, Service};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::plugin::{CallContext, PluginKind, PolicyInput, ServiceInfo};
@@ -23,6 +23,18 @@ pub struct RouteDecision {
     pub url: String,
     /// Every reason given, prefixed with the router that gave it.
     pub reasons: Vec<String>,
+}
+
+/// What a router is told about a service: its name, tags and labels, never
+/// its URL or token.
+impl From<&Service> for ServiceInfo {
+    fn from(s: &Service) -> Self {
+        ServiceInfo {
+            name: s.name.clone(),
+            tags: s.tags.clone(),
+            labels: s.labels.clone(),
+        }
+    }
 }
 
 /// Asks every router plugin where `policy` goes in `env_name`.
@@ -45,15 +57,7 @@ pub fn route(
             })
             .collect());
     }
-    let services: Vec<ServiceInfo> = env
-        .services
-        .iter()
-        .map(|s| ServiceInfo {
-            name: s.name.clone(),
-            tags: s.tags.clone(),
-            labels: s.labels.clone(),
-        })
-        .collect();
+    let services: Vec<ServiceInfo> = env.services.iter().map(ServiceInfo::from).collect();
     let input = PolicyInput {
         id: policy.id.clone(),
         version: policy.version.to_string(),

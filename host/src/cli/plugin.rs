@@ -334,11 +334,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                     .environment(name)?
                     .services
                     .iter()
-                    .map(|s| ServiceInfo {
-                        name: s.name.clone(),
-                        tags: s.tags.clone(),
-                        labels: s.labels.clone(),
-                    })
+                    .map(ServiceInfo::from)
                     .collect(),
                 _ => Vec::new(),
             };
