@@ -251,17 +251,29 @@ impl Engine {
 
         // 1. validate
         self.check_plugin_signatures(env_name, env)?;
-        let policy = validate::load(self, policy_id)?;
-        let validation = match validate::validate(self, &policy, Some(env_name))?.into_result() {
+        let validated = validate::load(self, policy_id).and_then(|policy| {
+            let report = validate::validate(self, &policy, Some(env_name))?.into_result()?;
+            Ok((policy, report))
+        });
+        let (policy, validation) = match validated {
             Ok(v) => v,
             Err(e) => {
-                audit(Event::ValidationFailed, json!({"error": e.to_string()}))?;
+                audit(
+                    Event::ValidationFailed,
+                    json!({"error": e.to_string(), "exit_code": e.exit_code().code()}),
+                )?;
                 return Err(e);
             }
         };
+        let warnings = validation
+            .diagnostics
+            .iter()
+            .filter(|d| d.severity == crate::diagnostic::Severity::Warning)
+            .count();
         audit(
             Event::Validated,
-            json!({"version": validation.version, "warnings": validation.diagnostics.len()}),
+            json!({"version": validation.version, "warnings": warnings,
+                   "validators": validation.validator_records()}),
         )?;
 
         // 2. package
