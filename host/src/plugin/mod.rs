@@ -432,6 +432,7 @@ pub struct PluginHost {
     linkers: wit::Linkers,
     cache: cache::Cache,
     limits: Limits,
+    gate: sandbox::CallGate,
     // Declared last: dropped after the engine handles above.
     _ticker: sandbox::EpochTicker,
 }
@@ -483,7 +484,7 @@ impl PluginHost {
     /// A host with the workspace's `limits`, caching compiled components in
     /// `cache_dir` (`None`: no cache).
     pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
-        let engine = sandbox::engine()?;
+        let engine = sandbox::engine(&limits)?;
         let linkers = wit::Linkers::new(&engine)?;
         let cache = cache::Cache::new(&engine, cache_dir);
         let ticker = sandbox::EpochTicker::start(&engine)?;
@@ -492,6 +493,7 @@ impl PluginHost {
             linkers,
             cache,
             limits,
+            gate: sandbox::CallGate::default(),
             _ticker: ticker,
         })
     }
@@ -694,10 +696,13 @@ impl PluginHost {
         ctx: &CallContext,
     ) -> Result<CallReport<Vec<Diagnostic>>, PluginError> {
         let input = Self::input(plugin, policy, ctx);
+        let slot = self.gate.enter();
         let (out, stats) = plugin
             .prepared
             .validate(&self.engine, &plugin.name, &plugin.limits, &input)
             .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Validator))??;
+        // The store, and with it the pool slot, is gone once the call returns.
+        drop(slot);
         let raw = out.map_err(|message| PluginError::PluginFailed {
             plugin: plugin.name.clone(),
             message,
@@ -742,6 +747,7 @@ impl PluginHost {
                     .collect(),
             })
             .collect();
+        let slot = self.gate.enter();
         let (out, stats) = plugin
             .prepared
             .route(
@@ -752,6 +758,7 @@ impl PluginHost {
                 &raw_services,
             )
             .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Router))??;
+        drop(slot);
         let raw = out.map_err(|message| PluginError::PluginFailed {
             plugin: plugin.name.clone(),
             message,

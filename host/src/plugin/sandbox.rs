@@ -5,6 +5,11 @@
 //!   good, and a reused instance would carry one policy's state into the next.
 //!   Instantiating from a cached `InstancePre` costs microseconds, so every
 //!   call starts clean and a misbehaving call cannot hurt the next one.
+//! - **Instances come from a pool.** The store is fresh, but its linear
+//!   memory is a pre-reserved slot reset to the component's initial image
+//!   (only the dirtied pages) rather than a new mmap per call: that was most
+//!   of the per-call cost. The pool is sized so the limiter, never the pool,
+//!   decides the memory limit, and [`CallGate`] keeps callers within it.
 //! - **WASI p2, deny by default.** A Rust `wasm32-wasip2` guest imports about a
 //!   dozen WASI interfaces even when it never uses them, so they must be linked,
 //!   but nothing stands behind them: no preopened directory, no environment
@@ -27,7 +32,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::ResourceTable;
-use wasmtime::{Engine, ResourceLimiter, Store, StoreLimits, StoreLimitsBuilder, Trap};
+use wasmtime::{
+    Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    StoreLimits, StoreLimitsBuilder, Trap,
+};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -44,13 +52,112 @@ pub const MAX_LOG_LINES: usize = 1000;
 /// Bytes of one `host.log` message kept.
 pub const MAX_LOG_LINE_BYTES: usize = 4096;
 
-/// Builds the one engine all plugins share: fuel and epochs on.
-pub fn engine() -> Result<Engine, PluginError> {
+/// Most plugin calls that can run at once on one host; further calls wait
+/// for a slot (see [`CallGate`]). Sizes the instance pool.
+pub const MAX_CONCURRENT_CALLS: u32 = 32;
+/// Core instances one plugin component may hold in the pool (a Rust
+/// `wasm32-wasip2` component has a handful).
+pub const MAX_CORE_INSTANCES_PER_PLUGIN: u32 = 16;
+/// Linear memories one plugin component may hold in the pool (Rust: one).
+pub const MAX_MEMORIES_PER_PLUGIN: u32 = 2;
+/// Tables one plugin component may hold in the pool.
+pub const MAX_TABLES_PER_PLUGIN: u32 = 16;
+/// Elements one pooled table may reach.
+pub const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Bytes of each pooled linear memory that are reset in place (only the
+/// pages the call dirtied, found with `PAGEMAP_SCAN` where the kernel has
+/// it) instead of being handed back to the kernel: the next call then takes
+/// no page faults on them. A Rust guest touches about 1 MiB.
+pub const MEMORY_KEEP_RESIDENT: usize = 4 * 1024 * 1024;
+/// Same as [`MEMORY_KEEP_RESIDENT`], for tables.
+pub const TABLE_KEEP_RESIDENT: usize = 64 * 1024;
+
+/// The largest size, in bytes, one linear memory may reach under `limits`.
+pub fn memory_limit_bytes(limits: &Limits) -> usize {
+    usize::try_from(limits.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
+}
+
+/// Builds the one engine all plugins share: fuel and epochs on, instances
+/// from a pool.
+///
+/// `limits` are the workspace's; a plugin's own limits may only tighten them,
+/// so every pool slot is large enough for any plugin of this host.
+///
+/// Why a pool: without one, every call mmaps a fresh linear memory, faults
+/// its pages in and munmaps it again, which was most of the per-call cost
+/// (see BENCHMARKS.md "Plugin calls"). Pooled slots are reserved once and
+/// reset to the component's initial image after each call, so a call still
+/// starts from a clean memory, just without the kernel round trips. The pool
+/// never enforces the memory limit itself: each slot holds at least the
+/// workspace limit, so the [`Limiter`] refuses first and the refusal is
+/// reported as `MemoryLimit`.
+pub fn engine(limits: &Limits) -> Result<Engine, PluginError> {
+    // A 32-bit memory cannot exceed 4 GiB, and the pool's slots may not be
+    // larger than the 4 GiB reservation either; the limiter enforces smaller caps.
+    let slot_bytes = memory_limit_bytes(limits).min(4 << 30);
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(MAX_CONCURRENT_CALLS)
+        .max_core_instances_per_component(MAX_CORE_INSTANCES_PER_PLUGIN)
+        .total_core_instances(MAX_CONCURRENT_CALLS * MAX_CORE_INSTANCES_PER_PLUGIN)
+        .max_memories_per_component(MAX_MEMORIES_PER_PLUGIN)
+        .total_memories(MAX_CONCURRENT_CALLS * MAX_MEMORIES_PER_PLUGIN)
+        .max_tables_per_component(MAX_TABLES_PER_PLUGIN)
+        .total_tables(MAX_CONCURRENT_CALLS * MAX_TABLES_PER_PLUGIN)
+        .table_elements(MAX_TABLE_ELEMENTS)
+        .max_memory_size(slot_bytes)
+        .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
+        .table_keep_resident(TABLE_KEEP_RESIDENT)
+        .pagemap_scan(Enabled::Auto);
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
     config.consume_fuel(true);
     config.epoch_interruption(true);
+    config.memory_init_cow(true);
+    config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))
+}
+
+/// Admits at most [`MAX_CONCURRENT_CALLS`] calls at once, so the instance
+/// pool can never run out: a call past the bound waits for a slot instead
+/// of failing.
+#[derive(Default)]
+pub struct CallGate {
+    state: std::sync::Mutex<GateState>,
+    freed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    running: u32,
+    waiting: u32,
+}
+
+/// A slot of the [`CallGate`], given back when dropped.
+pub struct CallSlot<'a>(&'a CallGate);
+
+impl CallGate {
+    /// Waits for a free slot.
+    pub fn enter(&self) -> CallSlot<'_> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while state.running >= MAX_CONCURRENT_CALLS {
+            state.waiting += 1;
+            state = self.freed.wait(state).unwrap_or_else(|p| p.into_inner());
+            state.waiting -= 1;
+        }
+        state.running += 1;
+        CallSlot(self)
+    }
+}
+
+impl Drop for CallSlot<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.running -= 1;
+        // Waking costs a system call; only pay it when someone waits.
+        if state.waiting > 0 {
+            self.0.freed.notify_one();
+        }
+    }
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
@@ -240,6 +347,15 @@ impl ResourceLimiter for Limiter {
         verdict
     }
 
+    // The limiter said yes but the allocation still failed (a pool slot
+    // smaller than this plugin's limit, or the OS): the guest sees -1, and
+    // the call is reported as a memory-limit failure like any other refusal.
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        tracing::debug!("plugin memory grow failed after the limiter allowed it: {error:#}");
+        self.hit = true;
+        Ok(())
+    }
+
     fn table_growing(
         &mut self,
         current: usize,
@@ -348,8 +464,7 @@ pub fn new_store(engine: &Engine, plugin: &str, limits: &Limits) -> Store<HostSt
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }));
-    let memory_bytes =
-        usize::try_from(limits.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+    let memory_bytes = memory_limit_bytes(limits);
     let state = HostState {
         plugin: plugin.to_string(),
         wasi: builder.build(),
@@ -460,7 +575,11 @@ fn classify(
                 .filter(|cause| !cause.contains("wasm backtrace:"))
                 .collect::<Vec<_>>()
                 .join(": ");
-            if message.contains("out of bounds memory access") && message.contains("0xfff") {
+            if message.contains("call stack exhausted") {
+                message.push_str(
+                    " (the guest recursed past the host's wasm stack limit: unbounded recursion?)",
+                );
+            } else if message.contains("out of bounds memory access") && message.contains("0xfff") {
                 message.push_str(
                     " (the guest's stack ran past the start of its memory: unbounded recursion?)",
                 );
