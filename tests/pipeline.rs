@@ -268,7 +268,10 @@ fn malformed_policies_fail_validation() {
     let (code, _) = exit_of(ws.engine().deploy_policy("42", "prod"));
     assert_eq!(code, ExitCode::ValidationFailed);
     let events = audit_events(&ws.engine());
-    assert_eq!(events, ["deploy_start", "validation_failed", "deploy_failed"]);
+    assert_eq!(
+        events,
+        ["deploy_start", "validation_failed", "deploy_failed"]
+    );
 
     std::fs::remove_file(ws.root().join("policies/42.json")).unwrap();
     ws.write_policy("42.yaml", "id: \"42\"\nversion: [unclosed\n");
