@@ -88,6 +88,11 @@ fn policy_with(overrides: Value) -> PolicyInput {
     }
 }
 
+/// Fails the test, listing them, if any finding is an error.
+fn assert_no_errors(found: &[pde::diagnostic::Diagnostic]) {
+    assert!(found.iter().all(|d| !d.is_error()), "{found:?}");
+}
+
 fn ctx(env: &str) -> CallContext {
     CallContext {
         environment: env.to_string(),
@@ -251,11 +256,7 @@ fn pii_guard_refuses_ssn_and_birth_dates_on_the_portal() {
         "config": {"portal_fields": ["name", "email"]}
     }));
     let report = host.validate(&plugin, &clean, &ctx("production")).unwrap();
-    assert!(
-        report.value.iter().all(|d| !d.is_error()),
-        "{:?}",
-        report.value
-    );
+    assert_no_errors(&report.value);
 }
 
 #[test]
@@ -295,11 +296,7 @@ fn effective_date_rejects_past_dates_and_missing_approvals() {
     plugin.settings["today"] = json!("2030-06-01");
     let fine = policy_with(json!({"effective": "2030-07-01"}));
     let report = host.validate(&plugin, &fine, &ctx("")).unwrap();
-    assert!(
-        report.value.iter().all(|d| !d.is_error()),
-        "{:?}",
-        report.value
-    );
+    assert_no_errors(&report.value);
 }
 
 #[test]
@@ -660,7 +657,7 @@ impl Fixture {
             .host
             .validate(&self.mode("ok"), &policy(json!([])), &ctx("test"))
             .expect("a well-behaved call right after must succeed");
-        assert!(ok.value.iter().all(|d| !d.is_error()), "{:?}", ok.value);
+        assert_no_errors(&ok.value);
         out
     }
 }
