@@ -23,7 +23,7 @@ use crate::envcheck::{self, HealthReport};
 use crate::error::{Error, ExitCode, HasExitCode};
 use crate::plugin::SignatureStatus;
 use crate::policy::Policy;
-use crate::push::{self, Observer, Outcome, PushReport, Target};
+use crate::push::{self, Observer, Outcome, PushReport, Target, TargetState};
 use crate::route::{self, RouteDecision};
 use crate::state::{DeploymentRecord, TargetRecord};
 use crate::validate::{self, ValidationReport};
@@ -632,6 +632,21 @@ impl Engine {
                 })
                 .collect(),
         })?;
+        // What each service runs for this policy now. A target the push left
+        // where it was (failed, not attempted, rolled back) keeps its record.
+        for t in &pushed.targets {
+            let holds = match t.state {
+                TargetState::Delivered | TargetState::Unchanged => {
+                    Some((report.version.as_str(), report.digest.as_str()))
+                }
+                TargetState::RollbackFailed => None,
+                TargetState::Failed | TargetState::RolledBack | TargetState::NotAttempted => {
+                    continue;
+                }
+            };
+            self.state
+                .set_service_active(policy_id, env, &t.service, holds)?;
+        }
         Ok(())
     }
 }

@@ -76,7 +76,12 @@ impl Engine {
                 .find(|s| s.name == route.service)
                 .expect("routes only name services of the environment");
             let target = Target::from_service(service)?;
-            let active = self.runtime.block_on(push::get_active(&self.http, &target));
+            let active = self.runtime.block_on(push::get_active(
+                &self.http,
+                &target,
+                policy_id,
+                &self.config.push,
+            ));
             let (active_digest, active_version, change, error) = match active {
                 Ok(None) => (None, None, Change::Install, None),
                 Ok(Some(a)) => {

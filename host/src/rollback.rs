@@ -143,15 +143,25 @@ impl Engine {
         let started_at = crate::state::now_rfc3339();
         let results = self.runtime.block_on(async {
             let calls = targets.iter().map(|t| async {
-                let result = match push::rollback(&self.http, t, Some(&target.digest)).await {
-                    Ok(()) => match push::get_active(&self.http, t).await {
-                        Ok(Some(a)) if a.digest == target.digest => Ok(()),
-                        Ok(other) => Err(format!(
-                            "verify failed: active is {}",
-                            other.map_or("nothing".to_string(), |a| a.digest)
-                        )),
-                        Err(e) => Err(e.to_string()),
-                    },
+                let result = match push::rollback(
+                    &self.http,
+                    t,
+                    policy_id,
+                    Some(&target.digest),
+                    &self.config.push,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        match push::get_active(&self.http, t, policy_id, &self.config.push).await {
+                            Ok(Some(a)) if a.digest == target.digest => Ok(()),
+                            Ok(other) => Err(format!(
+                                "verify failed: active is {}",
+                                other.map_or("nothing".to_string(), |a| a.digest)
+                            )),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
                     Err(e) => Err(e.to_string()),
                 };
                 RollbackTarget {
@@ -177,6 +187,12 @@ impl Engine {
             env_name,
             serde_json::to_value(&report).unwrap_or_else(|_| json!({})),
         )?;
+        for t in &report.targets {
+            let holds =
+                t.ok.then_some((target.version.as_str(), target.digest.as_str()));
+            self.state
+                .set_service_active(policy_id, env_name, &t.service, holds)?;
+        }
         let failed: Vec<String> = report
             .targets
             .iter()

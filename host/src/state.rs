@@ -27,7 +27,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{ExitCode, HasExitCode};
 
 /// Schema migrations; `user_version` = how many of them have run.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE deployments (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     policy_id   TEXT NOT NULL,
@@ -58,7 +59,22 @@ CREATE TABLE active (
     deployed_at TEXT NOT NULL,
     PRIMARY KEY (policy_id, env)
 );
-"#];
+"#,
+    r#"
+-- What each service runs, per policy and environment (push protocol v2):
+-- a service holds many policies, and each is activated on its own.
+-- `digest` NULL means unknown: a compensation failed there.
+CREATE TABLE service_active (
+    policy_id   TEXT NOT NULL,
+    env         TEXT NOT NULL,
+    service     TEXT NOT NULL,
+    version     TEXT,
+    digest      TEXT,
+    updated_at  TEXT NOT NULL,
+    PRIMARY KEY (policy_id, env, service)
+);
+"#,
+];
 
 /// The outcome string of a successful deployment.
 pub const OUTCOME_DEPLOYED: &str = "deployed";
@@ -173,6 +189,24 @@ pub struct ActiveEntry {
     pub digest: String,
     /// When it became active (RFC 3339 UTC).
     pub deployed_at: String,
+    /// What each service of the environment that took part runs for this
+    /// policy, by service name.
+    #[serde(default)]
+    pub services: Vec<ServiceHolding>,
+}
+
+/// What one service runs for one policy in one environment, as pde last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceHolding {
+    /// Service name.
+    pub service: String,
+    /// The version it runs; `None` when unknown (see `digest`).
+    pub version: Option<String>,
+    /// The digest it runs; `None` when unknown: a compensation or rollback
+    /// failed there, and someone must look.
+    pub digest: Option<String>,
+    /// When pde last changed or confirmed it (RFC 3339 UTC).
+    pub updated_at: String,
 }
 
 /// One deployment attempt, as recorded after it finished.
@@ -333,6 +367,30 @@ impl StateStore {
         })
     }
 
+    /// Records what `service` runs for `policy_id` in `env`: `Some((version,
+    /// digest))`, or `None` when it is unknown.
+    pub fn set_service_active(
+        &self,
+        policy_id: &str,
+        env: &str,
+        service: &str,
+        holds: Option<(&str, &str)>,
+    ) -> Result<(), StateError> {
+        let now = now_rfc3339();
+        let (version, digest) = holds.unzip();
+        self.with_conn("set service version", |c| {
+            c.execute(
+                "INSERT INTO service_active (policy_id, env, service, version, digest, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (policy_id, env, service) DO UPDATE SET
+                   version = excluded.version, digest = excluded.digest,
+                   updated_at = excluded.updated_at",
+                params![policy_id, env, service, version, digest, now],
+            )
+            .map(drop)
+        })
+    }
+
     /// Whether `digest` of `policy_id` was ever deployed successfully to `env`
     /// (the `promote_from` gate).
     pub fn was_deployed(
@@ -441,16 +499,35 @@ impl StateStore {
                 "SELECT policy_id, env, version, digest, deployed_at FROM active
                  WHERE ?1 IS NULL OR env = ?1 ORDER BY env, policy_id",
             )?;
-            q.query_map(params![env], |r| {
-                Ok(ActiveEntry {
-                    policy_id: r.get(0)?,
-                    env: r.get(1)?,
-                    version: r.get(2)?,
-                    digest: r.get(3)?,
-                    deployed_at: r.get(4)?,
-                })
-            })?
-            .collect()
+            let mut entries = q
+                .query_map(params![env], |r| {
+                    Ok(ActiveEntry {
+                        policy_id: r.get(0)?,
+                        env: r.get(1)?,
+                        version: r.get(2)?,
+                        digest: r.get(3)?,
+                        deployed_at: r.get(4)?,
+                        services: Vec::new(),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut q = c.prepare(
+                "SELECT service, version, digest, updated_at FROM service_active
+                 WHERE policy_id = ?1 AND env = ?2 ORDER BY service",
+            )?;
+            for e in &mut entries {
+                e.services = q
+                    .query_map(params![e.policy_id, e.env], |r| {
+                        Ok(ServiceHolding {
+                            service: r.get(0)?,
+                            version: r.get(1)?,
+                            digest: r.get(2)?,
+                            updated_at: r.get(3)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+            }
+            Ok(entries)
         })
     }
 

@@ -199,21 +199,39 @@ impl Agent {
                 "--insecure-accept-unsigned is ignored: trusted keys are configured, so every bundle must be signed by one"
             );
         }
-        let store = store::Store::open(&cfg.data_dir, cfg.keep).map_err(|source| match source {
-            store::StoreError::InUse(dir) => AgentError::InUse(dir),
-            store::StoreError::CorruptState { .. } => AgentError::CorruptState {
-                dir: cfg.data_dir.clone(),
-                source,
-            },
-            source => AgentError::DataDir {
-                dir: cfg.data_dir.clone(),
-                source,
-            },
-        })?;
-        match store.active() {
-            Some(a) => info!(digest = %a.digest, version = %a.version, "recovered active bundle"),
-            None => info!("no active bundle yet"),
+        // What was active before a restart is served again only if it still
+        // verifies: digest, and signature against the keys trusted now.
+        let verify = |bundle: &crate::bundle::Bundle| -> Result<(), String> {
+            bundle.verify_digest().map_err(|e| e.to_string())?;
+            if check_signatures {
+                bundle
+                    .verify_signature(&cfg.trusted)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        let store =
+            store::Store::open(&cfg.data_dir, cfg.keep, &verify).map_err(
+                |source| match source {
+                    store::StoreError::InUse(dir) => AgentError::InUse(dir),
+                    store::StoreError::CorruptState { .. } => AgentError::CorruptState {
+                        dir: cfg.data_dir.clone(),
+                        source,
+                    },
+                    source => AgentError::DataDir {
+                        dir: cfg.data_dir.clone(),
+                        source,
+                    },
+                },
+            )?;
+        let active = store.active_all();
+        if active.is_empty() {
+            info!("no active policy yet");
         }
+        for (policy_id, a) in active {
+            info!(%policy_id, digest = %a.digest, version = %a.version, "recovered active bundle");
+        }
+        let integrity = store.integrity_events().to_vec();
         info!(
             data_dir = %cfg.data_dir.display(),
             trusted_keys = ?cfg.trusted.key_ids(),
@@ -233,6 +251,7 @@ impl Agent {
                     max_body_bytes: cfg.max_body_bytes,
                     on_activate: cfg.on_activate,
                     data_dir: cfg.data_dir,
+                    integrity,
                 }),
             },
         })
@@ -246,6 +265,7 @@ impl Agent {
             .route("/deploy", post(routes::deploy))
             .route("/rollback", post(routes::rollback))
             .route("/active", get(routes::active))
+            .route("/active/{policy_id}", get(routes::active_one))
             .route("/bundles", get(routes::bundles));
         if let Some(check) = &self.token {
             protected = protected.layer(middleware::from_fn_with_state(

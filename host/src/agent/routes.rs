@@ -14,7 +14,7 @@ use std::time::Instant;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -24,7 +24,7 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::hook;
 use super::store::{
-    ActiveRecord, DeployOutcome, Incoming, RollbackOutcome, Store, StoreError,
+    ActiveRecord, DeployOutcome, Incoming, RollbackOutcome, Store, StoreError, is_valid_policy_id,
     is_well_formed_digest, probe_writable,
 };
 use crate::bundle::{Bundle, BundleError, canonical_json};
@@ -32,6 +32,10 @@ use crate::keys::TrustedKeys;
 
 /// The header that makes a deploy idempotent.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The header on every answer that names the push protocol versions spoken.
+pub const PROTOCOL_HEADER: &str = "pde-protocol";
+/// The push protocol versions this agent speaks (also in `GET /healthz`).
+pub const PROTOCOL_VERSIONS: &[u32] = &[2];
 /// Longest idempotency key accepted.
 const MAX_KEY_LEN: usize = 512;
 
@@ -58,6 +62,9 @@ pub struct Settings {
     pub on_activate: Option<String>,
     /// The data dir (for the readiness probe, which does not take the lock).
     pub data_dir: std::path::PathBuf,
+    /// Active bundles refused at start because they no longer verified;
+    /// `GET /healthz` lists them, without taking the state lock.
+    pub integrity: Vec<String>,
 }
 
 /// An error answer: a status and `{"error": <code>, "reason": <text>}`.
@@ -141,7 +148,10 @@ pub async fn log_requests(request: Request, next: Next) -> Response {
     );
     let started = Instant::now();
     async move {
-        let response = next.run(request).await;
+        let mut response = next.run(request).await;
+        response
+            .headers_mut()
+            .insert(PROTOCOL_HEADER, axum::http::HeaderValue::from_static("2"));
         info!(
             status = response.status().as_u16(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -248,6 +258,15 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
     }
     let kept = Value::Object(kept);
     let bundle = Bundle::from_value(kept.clone()).map_err(|e| bundle_error(&e))?;
+    let policy_id = &bundle.payload.manifest.policy_id;
+    if !is_valid_policy_id(policy_id) {
+        return Err(ApiError::bad_request(
+            "malformed_bundle",
+            format!(
+                "policy id {policy_id:?} must be 1 to 128 of A-Z a-z 0-9 . _ - and start with a letter or digit"
+            ),
+        ));
+    }
     if settings.check_signatures {
         bundle
             .verify_signature(&settings.trusted)
@@ -346,8 +365,13 @@ async fn hook_worker(
             }
         };
         let digest = record.digest.clone();
+        let policy_id = record.policy_id.clone();
         let guard = store.clone().lock_owned().await;
-        let result = match with_store(guard, move |s| s.set_hook_failed(&digest, failed)).await {
+        let result = match with_store(guard, move |s| {
+            s.set_hook_failed(&policy_id, &digest, failed)
+        })
+        .await
+        {
             Ok((_guard, Ok(()))) => {
                 record.hook_failed = Some(failed);
                 Ok(record)
@@ -389,17 +413,15 @@ pub async fn deploy(
         with_store(guard, move |s| s.deploy(&key, &env, &incoming, hook)).await?
     };
     match outcome? {
-        DeployOutcome::Repeat => {
-            info!(%digest, %env, outcome = "repeat", "deploy is a repeat of an earlier request; nothing to do");
-            let active = guard.active().cloned();
+        DeployOutcome::Repeat(active) => {
+            info!(%digest, %env, policy_id = %active.policy_id, outcome = "repeat", "deploy is a repeat of an earlier request; nothing to do");
             Ok(
                 Json(json!({"outcome": "unchanged", "digest": digest, "active": active}))
                     .into_response(),
             )
         }
-        DeployOutcome::AlreadyActive => {
-            info!(%digest, %env, outcome = "already-active", "deployed bundle is already active");
-            let active = guard.active().cloned();
+        DeployOutcome::AlreadyActive(active) => {
+            info!(%digest, %env, policy_id = %active.policy_id, outcome = "already-active", "deployed bundle is already active");
             Ok(
                 Json(json!({"outcome": "already-active", "digest": digest, "active": active}))
                     .into_response(),
@@ -411,12 +433,13 @@ pub async fn deploy(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency_conflict",
                 format!(
-                    "Idempotency-Key {key:?} was already used with {previous}; use a new key for a different bundle"
+                    "Idempotency-Key {key:?} was already used with {previous}; the key binds the policy, \
+                     digest and environment of a request, so use a new key for a different one"
                 ),
             ))
         }
         DeployOutcome::Activated(record) => {
-            info!(%digest, %env, version = %record.version, outcome = "activated", "bundle activated");
+            info!(%digest, %env, policy_id = %record.policy_id, version = %record.version, outcome = "activated", "bundle activated");
             let record = after_activation(&app, guard, record).await?;
             Ok(
                 Json(json!({"outcome": "activated", "digest": digest, "active": record}))
@@ -426,45 +449,67 @@ pub async fn deploy(
     }
 }
 
-/// `GET /active`.
-pub async fn active(State(app): State<AppState>) -> Result<Json<ActiveRecord>, ApiError> {
+/// `GET /active`: every active policy, `{"policies": {"<id>": {…}}}`.
+pub async fn active(State(app): State<AppState>) -> Json<Value> {
     let store = app.store.lock().await;
-    store.active().cloned().map(Json).ok_or_else(|| {
+    Json(json!({"policies": store.active_all()}))
+}
+
+/// `GET /active/{policy_id}`: one policy's active bundle, 404 when it has none.
+pub async fn active_one(
+    State(app): State<AppState>,
+    Path(policy_id): Path<String>,
+) -> Result<Json<ActiveRecord>, ApiError> {
+    let store = app.store.lock().await;
+    store.active(&policy_id).cloned().map(Json).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
-            "no_active_bundle",
-            "no bundle has been activated on this agent yet",
+            "policy_not_active",
+            format!("policy {policy_id:?} is not active on this agent"),
         )
     })
 }
 
-/// `GET /bundles`.
-pub async fn bundles(State(app): State<AppState>) -> Json<Value> {
-    let store = app.store.lock().await;
-    Json(json!({"bundles": store.list()}))
+/// Query of `GET /bundles`.
+#[derive(Debug, serde::Deserialize)]
+pub struct BundlesQuery {
+    /// Only this policy's bundles.
+    policy_id: Option<String>,
 }
 
-/// `POST /rollback` with `{"to": "<digest>" | null}` (an empty body means null).
+/// `GET /bundles[?policy_id=ID]`.
+pub async fn bundles(State(app): State<AppState>, Query(q): Query<BundlesQuery>) -> Json<Value> {
+    let store = app.store.lock().await;
+    Json(json!({"bundles": store.list(q.policy_id.as_deref())}))
+}
+
+/// `POST /rollback` with `{"policy_id": "<id>", "to": "<digest>" | null}`.
 pub async fn rollback(
     State(app): State<AppState>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body_bytes(body, app.settings.max_body_bytes)?;
-    let to = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        let value: Value = serde_json::from_slice(&body).map_err(|e| {
-            ApiError::bad_request("malformed_request", format!("body is not JSON: {e}"))
-        })?;
-        match value.get("to") {
-            None | Some(Value::Null) => None,
-            Some(Value::String(d)) if is_well_formed_digest(d) => Some(d.clone()),
-            Some(_) => {
-                return Err(ApiError::bad_request(
-                    "malformed_request",
-                    "`to` must be null or a digest of the form sha256:<64 lowercase hex digits>",
-                ));
-            }
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("malformed_request", format!("body is not JSON: {e}"))
+    })?;
+    let policy_id = match value.get("policy_id") {
+        Some(Value::String(id)) if is_valid_policy_id(id) => id.clone(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "malformed_request",
+                "`policy_id` must name the policy to roll back (push protocol v2: \
+                 {\"policy_id\": \"<id>\", \"to\": \"<digest>\" | null})",
+            ));
+        }
+    };
+    let to = match value.get("to") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) if is_well_formed_digest(d) => Some(d.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "malformed_request",
+                "`to` must be null or a digest of the form sha256:<64 lowercase hex digits>",
+            ));
         }
     };
     let hook = app.settings.on_activate.is_some();
@@ -474,12 +519,12 @@ pub async fn rollback(
         // Re-check what is about to become active: the file may have been
         // damaged on disk, or the trusted keys changed since it was stored.
         let target = match &to {
-            Some(d) if s.contains(d) => Some(d.clone()),
+            Some(d) if s.owner(d) == Some(policy_id.as_str()) => Some(d.clone()),
             Some(_) => None,
-            None => s.previous().map(str::to_string),
+            None => s.previous(&policy_id).map(str::to_string),
         };
         if let Some(target) = &target
-            && s.active().is_none_or(|a| &a.digest != target)
+            && s.active(&policy_id).is_none_or(|a| &a.digest != target)
         {
             let bundle = s.load_bundle(target).map_err(|e| {
                 ApiError::new(StatusCode::CONFLICT, "stored_bundle_damaged", e.to_string())
@@ -490,7 +535,7 @@ pub async fn rollback(
                     .map_err(|e| bundle_error(&e))?;
             }
         }
-        Ok(s.rollback(to.as_deref(), hook)?)
+        Ok(s.rollback(&policy_id, to.as_deref(), hook)?)
     })
     .await?;
     match outcome {
@@ -509,6 +554,17 @@ pub async fn rollback(
                 "no bundle with that digest is stored on this agent (see GET /bundles)",
             ))
         }
+        Ok(RollbackOutcome::OtherPolicy { owner }) => {
+            warn!(
+                outcome = "other-policy",
+                %owner, "rollback to a digest of another policy"
+            );
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "digest_of_other_policy",
+                format!("that digest is a bundle of policy {owner:?}, not of the policy named"),
+            ))
+        }
         Ok(RollbackOutcome::NothingToRollBack) => {
             warn!(
                 outcome = "nothing-to-roll-back",
@@ -517,11 +573,11 @@ pub async fn rollback(
             Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "nothing_to_roll_back",
-                "there is no earlier activation to return to",
+                "this policy has no earlier activation to return to",
             ))
         }
         Ok(RollbackOutcome::Deactivated { digest }) => {
-            info!(%digest, outcome = "deactivated", "rolled back to nothing active");
+            info!(%digest, outcome = "deactivated", "rolled back to the policy not being active");
             Ok(
                 Json(json!({"outcome": "deactivated", "digest": digest, "active": null}))
                     .into_response(),
@@ -545,9 +601,14 @@ pub async fn rollback(
     }
 }
 
-/// `GET /healthz`: the process is up and serving.
-pub async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+/// `GET /healthz`: the process is up and serving. Also announces the push
+/// protocol versions spoken, and what the agent refused to serve at start.
+pub async fn healthz(State(app): State<AppState>) -> Json<Value> {
+    let mut body = json!({"status": "ok", "protocols": PROTOCOL_VERSIONS});
+    if !app.settings.integrity.is_empty() {
+        body["integrity"] = json!(app.settings.integrity);
+    }
+    Json(body)
 }
 
 /// `GET /readyz`: the data dir (and its bundle store) can be written.

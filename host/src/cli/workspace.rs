@@ -63,18 +63,53 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     } else if entries.is_empty() {
         println!("nothing deployed yet");
     } else {
-        println!(
-            "{:<12} {:<12} {:<10} {:<20} digest",
-            "env", "policy", "version", "since"
-        );
-        for e in entries {
-            println!(
-                "{:<12} {:<12} {:<10} {:<20} {}",
-                e.env, e.policy_id, e.version, e.deployed_at, e.digest
-            );
-        }
+        print_status_matrices(&entries);
     }
     Ok(ExitCode::Ok)
+}
+
+/// One policy × service table per environment: what each service runs for
+/// each policy, as pde last pushed or confirmed it.
+fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
+    let mut envs: Vec<&str> = entries.iter().map(|e| e.env.as_str()).collect();
+    envs.dedup();
+    for (i, env) in envs.into_iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let rows: Vec<&pde::state::ActiveEntry> = entries.iter().filter(|e| e.env == env).collect();
+        let mut services: Vec<&str> = rows
+            .iter()
+            .flat_map(|e| e.services.iter().map(|s| s.service.as_str()))
+            .collect();
+        services.sort_unstable();
+        services.dedup();
+        let width = services.iter().map(|s| s.len()).max().unwrap_or(0).max(9);
+        print!("{:<12} {:<10}", env, "version");
+        for s in &services {
+            print!(" {s:<width$}");
+        }
+        println!(" since");
+        for e in rows {
+            print!("{:<12} {:<10}", e.policy_id, e.version);
+            for s in &services {
+                let cell = match e.services.iter().find(|h| h.service == *s) {
+                    None => "-".to_string(),
+                    Some(h) => match (&h.version, &h.digest) {
+                        (Some(v), Some(d)) if *d == e.digest => v.clone(),
+                        (Some(v), Some(_)) => format!("{v}*"),
+                        _ => "UNKNOWN".to_string(),
+                    },
+                };
+                print!(" {cell:<width$}");
+            }
+            println!(" {}", e.deployed_at);
+        }
+    }
+    println!();
+    println!(
+        "- not routed there · * differs from the environment's release · UNKNOWN: a rollback failed there"
+    );
 }
 
 pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {

@@ -1,6 +1,13 @@
 //! Push: deliver one bundle to the routed services, verify it, and undo it
 //! everywhere if it did not land everywhere (DESIGN §7, protocol in §8).
 //!
+//! Everything here is per policy (push protocol v2): a service runs many
+//! policies at once, and a push of policy 43 reads, verifies and compensates
+//! only 43's activation on each service (`/active/43`, `POST /rollback
+//! {"policy_id": "43", …}`). A service that speaks only protocol v1, with a
+//! single active slot, is refused before anything is sent to it: pushing 43
+//! there would silently replace 42.
+//!
 //! Why it is shaped this way:
 //! - **Three phases, not one loop.** First every target's active digest is
 //!   read, so that compensation knows where to send each service back *before*
@@ -106,7 +113,23 @@ pub enum PushError {
         /// What is wrong with the answer.
         reason: String,
     },
-    /// After a rollback, `/active` does not show the digest asked for.
+    /// The service speaks only push protocol v1, which holds one active bundle
+    /// per service: pushing to it would replace whatever other policy it runs.
+    #[error(
+        "service {service:?} speaks push protocol v1 (one active bundle per service), so a deploy of \
+         policy {policy_id} would replace the policy it runs now; nothing was pushed to it. Upgrade its \
+         receiver to protocol v2 (per-policy activation, docs/agent.md \"Migrating from protocol v1\"). \
+         It answered GET /active with: {answer}"
+    )]
+    OldProtocol {
+        /// The service.
+        service: String,
+        /// The policy being pushed.
+        policy_id: String,
+        /// The start of what it answered.
+        answer: String,
+    },
+    /// After a rollback, `/active/{policy_id}` does not show the digest asked for.
     #[error("service {service:?}: rollback verify failed: active is {actual}, expected {expected}")]
     Verify {
         /// The service.
@@ -210,7 +233,7 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, PushError> {
         })
 }
 
-/// What a service reports as active (`GET /active`).
+/// What a service reports as active for one policy (`GET /active/{policy_id}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ActiveInfo {
     /// `sha256:<hex>` of the active bundle.
@@ -219,45 +242,84 @@ pub struct ActiveInfo {
     pub version: String,
 }
 
-/// `GET {url}/active`, once (no retry): `None` on 404, when nothing is active.
-/// Used by `pde plan`; the push itself reads `/active` with retries.
+/// What `policy_id` runs on the service, read once per the `[push]` settings
+/// (no retry): `None` when the policy is not active there. Used by
+/// `pde plan`; the push itself reads with retries. A service that speaks
+/// only protocol v1 is an error ([`PushError::OldProtocol`]), because its
+/// single slot says nothing about this policy.
 pub async fn get_active(
     client: &reqwest::Client,
     t: &Target,
+    policy_id: &str,
+    cfg: &PushConfig,
 ) -> Result<Option<ActiveInfo>, PushError> {
     let policy = RetryPolicy {
         retries: 0,
-        backoff_ms: 0,
-        timeout: DEFAULT_SINGLE_TIMEOUT,
+        ..RetryPolicy::from(cfg)
     };
-    read_active(client, t, policy).await
+    read_previous(client, t, policy_id, policy).await
 }
 
-/// Timeout of the single requests made by [`get_active`] and [`rollback`].
-const DEFAULT_SINGLE_TIMEOUT: Duration = Duration::from_secs(5);
-
+/// `GET {url}/active/{policy_id}`: `None` on 404.
 async fn read_active(
     client: &reqwest::Client,
     t: &Target,
+    policy_id: &str,
     policy: RetryPolicy,
 ) -> Result<Option<ActiveInfo>, PushError> {
-    const WHAT: &str = "GET /active";
-    let url = t.endpoint("/active");
-    let (attempts, answer) = retry::exchange(t, WHAT, policy, &(), || client.get(&url)).await;
+    let what = format!("GET /active/{policy_id}");
+    let url = t.endpoint(&format!("/active/{policy_id}"));
+    let (attempts, answer) = retry::exchange(t, &what, policy, &(), || client.get(&url)).await;
     let answer = answer?;
     if answer.status == StatusCode::NOT_FOUND {
         return Ok(None);
     }
     if !answer.status.is_success() {
-        return Err(PushError::status(t, WHAT, &answer, attempts));
+        return Err(PushError::status(t, &what, &answer, attempts));
     }
     serde_json::from_slice::<ActiveInfo>(&answer.body)
         .map(Some)
         .map_err(|e| PushError::Protocol {
             service: t.service.clone(),
-            what: WHAT.to_string(),
+            what,
             reason: format!("expected {{\"digest\", \"version\"}}: {e}"),
         })
+}
+
+/// What `policy_id` runs on the service before a push, and proof that the
+/// service holds policies apart (protocol v2).
+///
+/// A 200 from `/active/{policy_id}` is that proof. A 404 is ambiguous: a v2
+/// receiver says "this policy is not active", but a v1 receiver says "no such
+/// endpoint". Only then is `GET /active` asked, which a v2 receiver answers
+/// with `{"policies": {…}}` and a v1 receiver with one bundle or a 404.
+async fn read_previous(
+    client: &reqwest::Client,
+    t: &Target,
+    policy_id: &str,
+    policy: RetryPolicy,
+) -> Result<Option<ActiveInfo>, PushError> {
+    if let Some(active) = read_active(client, t, policy_id, policy).await? {
+        return Ok(Some(active));
+    }
+    const WHAT: &str = "GET /active";
+    let url = t.endpoint("/active");
+    let (attempts, answer) = retry::exchange(t, WHAT, policy, &(), || client.get(&url)).await;
+    let answer = answer?;
+    let speaks_v2 = answer.status.is_success()
+        && serde_json::from_slice::<serde_json::Value>(&answer.body)
+            .is_ok_and(|v| v.get("policies").is_some_and(serde_json::Value::is_object));
+    if speaks_v2 {
+        return Ok(None);
+    }
+    if answer.status.is_success() || answer.status == StatusCode::NOT_FOUND {
+        return Err(PushError::OldProtocol {
+            service: t.service.clone(),
+            policy_id: policy_id.to_string(),
+            answer: format!("HTTP {} {}", answer.status.as_u16(), answer.excerpt()),
+        });
+    }
+    Err(PushError::status(t, WHAT, &answer, attempts))
 }
 
 /// Receives the progress of a push, e.g. to draw one progress bar per target.
@@ -408,7 +470,8 @@ pub async fn push(
     let policy = RetryPolicy::from(cfg);
     let width = cfg.concurrency.max(1);
     let digest = bundle.digest.as_str();
-    tracing::info!(%digest, env, targets = targets.len(), concurrency = width, "push starting");
+    let policy_id = bundle.payload.manifest.policy_id.as_str();
+    tracing::info!(%digest, policy_id, env, targets = targets.len(), concurrency = width, "push starting");
 
     // Phase 1: what is active now, so that compensation knows where to go back.
     // (Futures are collected before they go into a stream, here and below,
@@ -416,7 +479,7 @@ pub async fn push(
     // trips the compiler's higher-ranked lifetime check.)
     let reads: Vec<_> = targets
         .iter()
-        .map(|t| read_active(client, t, policy))
+        .map(|t| read_previous(client, t, policy_id, policy))
         .collect();
     let previous: Vec<Result<Option<ActiveInfo>, PushError>> =
         stream::iter(reads).buffered(width).collect().await;
@@ -435,6 +498,7 @@ pub async fn push(
         body: &body,
         idempotency_key: format!("{digest}:{env}"),
         digest,
+        policy_id,
         policy,
         observer,
         failed: AtomicBool::new(false),
@@ -498,22 +562,21 @@ pub async fn push(
     report(outcome, digest, targets, &previous, runs)
 }
 
-/// `POST {url}/rollback {"to": to}`, retried on 5xx, timeouts and connection
-/// errors with the default `[push]` settings. When `to` is a digest, `/active`
-/// must show it afterwards; with `None` the service goes back to whatever it
-/// had before, which is not checked here.
+/// `POST {url}/rollback {"policy_id", "to"}`, retried on 5xx, timeouts and
+/// connection errors as the workspace's `[push]` settings say. When `to` is a
+/// digest, `/active/{policy_id}` must show it afterwards; with `None` the
+/// policy goes back to whatever it had before, which is not checked here.
 pub async fn rollback(
     client: &reqwest::Client,
     t: &Target,
+    policy_id: &str,
     to: Option<&str>,
+    cfg: &PushConfig,
 ) -> Result<(), PushError> {
-    let policy = RetryPolicy {
-        timeout: DEFAULT_SINGLE_TIMEOUT,
-        ..RetryPolicy::from(&PushConfig::default())
-    };
-    post_rollback(client, t, to, policy, &()).await?;
+    let policy = RetryPolicy::from(cfg);
+    post_rollback(client, t, policy_id, to, policy, &()).await?;
     if let Some(expected) = to {
-        verify_active(client, t, Some(expected), policy).await?;
+        verify_active(client, t, policy_id, Some(expected), policy).await?;
     }
     Ok(())
 }
@@ -521,13 +584,14 @@ pub async fn rollback(
 async fn post_rollback(
     client: &reqwest::Client,
     t: &Target,
+    policy_id: &str,
     to: Option<&str>,
     policy: RetryPolicy,
     hooks: &dyn Hooks,
 ) -> Result<(), PushError> {
     const WHAT: &str = "POST /rollback";
     let url = t.endpoint("/rollback");
-    let body = serde_json::json!({ "to": to });
+    let body = serde_json::json!({ "policy_id": policy_id, "to": to });
     let (attempts, answer) =
         retry::exchange(t, WHAT, policy, hooks, || client.post(&url).json(&body)).await;
     let answer = answer?;
@@ -537,14 +601,15 @@ async fn post_rollback(
     Ok(())
 }
 
-/// Checks that `/active` shows `expected` (`None`: nothing active).
+/// Checks that `/active/{policy_id}` shows `expected` (`None`: not active).
 async fn verify_active(
     client: &reqwest::Client,
     t: &Target,
+    policy_id: &str,
     expected: Option<&str>,
     policy: RetryPolicy,
 ) -> Result<(), PushError> {
-    let active = read_active(client, t, policy).await?;
+    let active = read_active(client, t, policy_id, policy).await?;
     let actual = active.as_ref().map(|a| a.digest.as_str());
     if actual == expected {
         Ok(())
@@ -584,6 +649,7 @@ struct Delivery<'a> {
     body: &'a [u8],
     idempotency_key: String,
     digest: &'a str,
+    policy_id: &'a str,
     policy: RetryPolicy,
     observer: &'a dyn Observer,
     /// Set by the first failure; later targets are then not sent the bundle.
@@ -682,7 +748,7 @@ impl Delivery<'_> {
         tracing::debug!(service = %t.service, status = %answer.status, attempts, "delivered");
         self.event(t, PushEvent::Delivered);
 
-        match read_active(self.client, t, self.policy).await {
+        match read_active(self.client, t, self.policy_id, self.policy).await {
             Ok(Some(a)) if a.digest == self.digest => {
                 self.event(t, PushEvent::Verified);
                 let detail = if attempts == 1 {
@@ -696,7 +762,12 @@ impl Delivery<'_> {
                 let detail = format!("verify failed: active is {}", a.digest);
                 self.fail(t, attempts, true, detail)
             }
-            Ok(None) => self.fail(t, attempts, true, "verify failed: nothing is active".into()),
+            Ok(None) => self.fail(
+                t,
+                attempts,
+                true,
+                format!("verify failed: policy {} is not active", self.policy_id),
+            ),
             Err(e) => self.fail(t, attempts, true, format!("verify failed: {e}")),
         }
     }
@@ -719,7 +790,7 @@ impl Delivery<'_> {
             // timed out after the service activated it, or verification read
             // an error. Look before deciding.
             TargetState::Failed if run.sent => {
-                match read_active(self.client, t, self.policy).await {
+                match read_active(self.client, t, self.policy_id, self.policy).await {
                     Ok(Some(a)) if a.digest == self.digest => {}
                     Ok(_) => return None,
                     // Unknown. Sending it to an explicit previous digest is
@@ -750,8 +821,10 @@ impl Delivery<'_> {
 
         self.event(t, PushEvent::RollingBack);
         let to = previous.unwrap_or("nothing");
-        let result = match post_rollback(self.client, t, previous, self.policy, &()).await {
-            Ok(()) => verify_active(self.client, t, previous, self.policy).await,
+        let result = match post_rollback(self.client, t, self.policy_id, previous, self.policy, &())
+            .await
+        {
+            Ok(()) => verify_active(self.client, t, self.policy_id, previous, self.policy).await,
             Err(e) => Err(e),
         };
         let first = if run.state == TargetState::Delivered {

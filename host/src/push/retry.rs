@@ -20,9 +20,11 @@ use crate::config::PushConfig;
 /// The longest single wait between two attempts, whatever the settings say.
 pub(crate) const MAX_BACKOFF_MS: u64 = 30_000;
 
-/// At most this many bytes of a response body are read; answers of the push
-/// protocol are small, and an error page does not need to be kept whole.
-const MAX_BODY: usize = 64 * 1024;
+/// At most this many bytes of a response body are read. Answers of the push
+/// protocol are small except `GET /active`, which lists every active policy
+/// of a service (about 200 bytes each, so thousands fit); an error page does
+/// not need to be kept whole.
+const MAX_BODY: usize = 1024 * 1024;
 
 /// How often and how patiently one request is tried.
 #[derive(Debug, Clone, Copy)]

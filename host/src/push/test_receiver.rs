@@ -1,6 +1,6 @@
 //! A real HTTP receiver for the push and envcheck tests: an axum server on
-//! 127.0.0.1 (port 0) that honours the push protocol of DESIGN §8, keeps its
-//! active digest and history, counts what it receives, and can be told to
+//! 127.0.0.1 (port 0) that honours push protocol v2 of DESIGN §8, keeps an
+//! active digest and history per policy, counts what it receives, and can be told to
 //! misbehave in the ways a real service does (5xx, 4xx, slowness, lying about
 //! what is active, failing rollbacks, being unhealthy).
 //!
@@ -41,6 +41,9 @@ pub(crate) enum Mode {
     RollbackFails,
     /// `GET /healthz` answers 503.
     Unhealthy,
+    /// Speaks protocol v1: one active slot, `GET /active` answers that one
+    /// bundle (or 404), and `/active/{policy_id}` does not exist.
+    V1,
 }
 
 /// The digest `/active` reports in [`Mode::WrongActive`].
@@ -57,12 +60,12 @@ pub(crate) struct Gauge {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// (digest, version) served by `/active`.
-    active: Option<(String, String)>,
-    /// Previously active bundles, most recent last.
-    history: Vec<(String, String)>,
-    /// Every bundle it has held: digest → version.
-    known: BTreeMap<String, String>,
+    /// policy id → (digest, version) served by `/active/{policy_id}`.
+    active: BTreeMap<String, (String, String)>,
+    /// policy id → previously active bundles, most recent last.
+    history: BTreeMap<String, Vec<(String, String)>>,
+    /// Every bundle it has held: digest → (policy id, version).
+    known: BTreeMap<String, (String, String)>,
     /// Idempotency keys seen → digest.
     keys: BTreeMap<String, String>,
     last_authorization: Option<String>,
@@ -105,7 +108,7 @@ impl Receiver {
         Self::start_full(mode, None, None).await
     }
 
-    /// A receiver with `(digest, version)` active already.
+    /// A receiver with `(digest, version)` of policy 42 active already.
     pub async fn with_active(mode: Mode, digest: &str, version: &str) -> Receiver {
         Self::start_full(mode, Some((digest, version)), None).await
     }
@@ -118,8 +121,12 @@ impl Receiver {
     ) -> Receiver {
         let mut inner = Inner::default();
         if let Some((d, v)) = active {
-            inner.active = Some((d.to_string(), v.to_string()));
-            inner.known.insert(d.to_string(), v.to_string());
+            inner
+                .active
+                .insert("42".into(), (d.to_string(), v.to_string()));
+            inner
+                .known
+                .insert(d.to_string(), ("42".into(), v.to_string()));
         }
         let shared = Arc::new(Shared {
             mode,
@@ -131,7 +138,8 @@ impl Receiver {
         });
         let app = Router::new()
             .route("/deploy", post(deploy))
-            .route("/active", get(active_handler))
+            .route("/active", get(active_all))
+            .route("/active/{policy_id}", get(active_handler))
             .route("/rollback", post(rollback))
             .route("/healthz", get(healthz))
             .with_state(shared.clone());
@@ -143,9 +151,15 @@ impl Receiver {
         Receiver { url, shared, task }
     }
 
-    /// The digest it really holds active (whatever `/active` reports).
+    /// The digest it really holds active for policy 42 (whatever `/active`
+    /// reports).
     pub fn active(&self) -> Option<String> {
-        self.lock().active.as_ref().map(|(d, _)| d.clone())
+        self.active_of("42")
+    }
+
+    /// The digest it really holds active for `policy_id`.
+    pub fn active_of(&self, policy_id: &str) -> Option<String> {
+        self.lock().active.get(policy_id).map(|(d, _)| d.clone())
     }
 
     /// The `Authorization` header of the last deploy.
@@ -238,32 +252,68 @@ async fn deploy(State(s): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -
         );
     }
     let mut inner = s.inner.lock().unwrap();
+    let policy_id = &bundle.payload.manifest.policy_id;
+    let active_now = inner.active.get(policy_id).map(|(d, _)| d.as_str());
     match inner.keys.get(&key) {
-        Some(d) if *d == bundle.digest => {
+        // A repeat is a no-op only while its bundle is active (DESIGN §6).
+        Some(d) if *d == bundle.digest && active_now == Some(d.as_str()) => {
             return axum::Json(json!({"status": "unchanged"})).into_response();
         }
+        Some(d) if *d == bundle.digest => {}
         Some(_) => return error(StatusCode::UNPROCESSABLE_ENTITY, "key reused"),
         None => {}
     }
     let version = bundle.payload.manifest.version.clone();
-    if let Some(old) = inner.active.take() {
-        inner.history.push(old);
+    let policy = if s.mode == Mode::V1 {
+        "42".to_string() // one slot, whatever the policy
+    } else {
+        bundle.payload.manifest.policy_id.clone()
+    };
+    if let Some(old) = inner.active.remove(&policy) {
+        inner.history.entry(policy.clone()).or_default().push(old);
     }
-    inner.active = Some((bundle.digest.clone(), version.clone()));
-    inner.known.insert(bundle.digest.clone(), version);
+    inner
+        .active
+        .insert(policy.clone(), (bundle.digest.clone(), version.clone()));
+    inner.known.insert(bundle.digest.clone(), (policy, version));
     inner.keys.insert(key, bundle.digest.clone());
     axum::Json(json!({"status": "activated", "digest": bundle.digest})).into_response()
 }
 
-async fn active_handler(State(s): State<Arc<Shared>>) -> Response {
-    if s.mode == Mode::WrongActive {
-        return axum::Json(json!({"digest": OTHER_DIGEST, "version": "0.0.1"})).into_response();
+async fn active_all(State(s): State<Arc<Shared>>) -> Response {
+    let inner = s.inner.lock().unwrap();
+    if s.mode == Mode::V1 {
+        return match inner.active.values().next() {
+            Some((digest, version)) => {
+                axum::Json(json!({"digest": digest, "version": version})).into_response()
+            }
+            None => error(StatusCode::NOT_FOUND, "no_active_bundle"),
+        };
     }
-    match &s.inner.lock().unwrap().active {
+    let policies: serde_json::Map<String, Value> = inner
+        .active
+        .iter()
+        .map(|(p, (d, v))| (p.clone(), json!({"digest": d, "version": v})))
+        .collect();
+    axum::Json(json!({ "policies": policies })).into_response()
+}
+
+async fn active_handler(
+    State(s): State<Arc<Shared>>,
+    axum::extract::Path(policy_id): axum::extract::Path<String>,
+) -> Response {
+    match s.mode {
+        Mode::WrongActive => {
+            return axum::Json(json!({"digest": OTHER_DIGEST, "version": "0.0.1"})).into_response();
+        }
+        Mode::V1 => return error(StatusCode::NOT_FOUND, "not_found"),
+        _ => {}
+    }
+    match s.inner.lock().unwrap().active.get(&policy_id) {
         Some((digest, version)) => {
             axum::Json(json!({"digest": digest, "version": version})).into_response()
         }
-        None => error(StatusCode::NOT_FOUND, "nothing active"),
+        None => error(StatusCode::NOT_FOUND, "policy_not_active"),
     }
 }
 
@@ -272,23 +322,33 @@ async fn rollback(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     if s.mode == Mode::RollbackFails {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "cannot roll back");
     }
-    let to = match serde_json::from_slice::<Value>(&body) {
-        Ok(v) => v.get("to").cloned().unwrap_or(Value::Null),
+    let (policy, to) = match serde_json::from_slice::<Value>(&body) {
+        Ok(v) => match v.get("policy_id").and_then(Value::as_str) {
+            Some(p) => (p.to_string(), v.get("to").cloned().unwrap_or(Value::Null)),
+            None => return error(StatusCode::BAD_REQUEST, "`policy_id` is required"),
+        },
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("malformed JSON: {e}")),
     };
     let mut inner = s.inner.lock().unwrap();
     match to {
         Value::String(digest) => {
-            let Some(version) = inner.known.get(&digest).cloned() else {
+            let Some((owner, version)) = inner.known.get(&digest).cloned() else {
                 return error(StatusCode::NOT_FOUND, format!("unknown bundle {digest}"));
             };
-            if let Some(old) = inner.active.take() {
-                inner.history.push(old);
+            if owner != policy {
+                return error(StatusCode::CONFLICT, "digest of another policy");
             }
-            inner.active = Some((digest, version));
+            if let Some(old) = inner.active.remove(&policy) {
+                inner.history.entry(policy.clone()).or_default().push(old);
+            }
+            inner.active.insert(policy, (digest, version));
         }
         Value::Null => {
-            inner.active = inner.history.pop();
+            let previous = inner.history.get_mut(&policy).and_then(Vec::pop);
+            match previous {
+                Some(p) => inner.active.insert(policy, p),
+                None => inner.active.remove(&policy),
+            };
         }
         _ => return error(StatusCode::BAD_REQUEST, "`to` must be a digest or null"),
     }

@@ -452,7 +452,7 @@ async fn get_active_and_rollback_follow_the_protocol() {
     let t = target("A", &r);
     let c = http();
     assert_eq!(
-        get_active(&c, &t).await.unwrap(),
+        get_active(&c, &t, "42", &cfg()).await.unwrap(),
         Some(ActiveInfo {
             digest: OLD.into(),
             version: "1.2.0".into()
@@ -460,14 +460,20 @@ async fn get_active_and_rollback_follow_the_protocol() {
     );
     push(&c, &bundle, ENV, std::slice::from_ref(&t), &cfg(), &()).await;
     assert_eq!(
-        get_active(&c, &t).await.unwrap().unwrap().digest,
+        get_active(&c, &t, "42", &cfg())
+            .await
+            .unwrap()
+            .unwrap()
+            .digest,
         bundle.digest
     );
 
-    rollback(&c, &t, Some(OLD)).await.unwrap();
+    rollback(&c, &t, "42", Some(OLD), &cfg()).await.unwrap();
     assert_eq!(r.active().as_deref(), Some(OLD));
     // A digest the service never had: a 4xx, reported with the status.
-    let err = rollback(&c, &t, Some(OTHER_DIGEST)).await.unwrap_err();
+    let err = rollback(&c, &t, "42", Some(OTHER_DIGEST), &cfg())
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, PushError::Status { status: 404, .. }),
         "{err}"
@@ -475,14 +481,99 @@ async fn get_active_and_rollback_follow_the_protocol() {
     assert_eq!(err.exit_code(), ExitCode::DeployFailed);
 
     let empty = Receiver::start(Mode::Ok).await;
-    assert_eq!(get_active(&c, &target("B", &empty)).await.unwrap(), None);
+    assert_eq!(
+        get_active(&c, &target("B", &empty), "42", &cfg())
+            .await
+            .unwrap(),
+        None
+    );
     // Accepted, but /active does not show it afterwards.
     let liar = Receiver::with_active(Mode::WrongActive, OLD, "1.2.0").await;
-    let err = rollback(&c, &target("C", &liar), Some(OLD))
+    let err = rollback(&c, &target("C", &liar), "42", Some(OLD), &cfg())
         .await
         .unwrap_err();
     assert!(matches!(err, PushError::Verify { .. }), "{err}");
     assert!(err.to_string().contains(OTHER_DIGEST), "{err}");
+}
+
+/// A bundle of `policy_id` at `version`.
+fn bundle_of(policy_id: &str, version: &str) -> Bundle {
+    let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
+    Bundle::seal(
+        crate::bundle::Payload {
+            manifest: crate::bundle::Manifest {
+                policy_id: policy_id.into(),
+                version: version.into(),
+                source_commit: "0123456789abcdef0123456789abcdef01234567".into(),
+                validators: vec![],
+            },
+            policy: serde_json::json!({"id": policy_id, "version": version}),
+        },
+        &[&key],
+    )
+}
+
+#[tokio::test]
+async fn a_failed_push_of_one_policy_compensates_only_that_policy() {
+    let c = http();
+    let p42 = bundle_of("42", "1.0.0");
+    let p43 = bundle_of("43", "2.0.0");
+    let a = Receiver::start(Mode::Ok).await;
+    let b = Receiver::start(Mode::Ok).await;
+    let both = [target("A", &a), target("B", &b)];
+    let r = push(&c, &p42, ENV, &both, &cfg(), &()).await;
+    assert_eq!(r.outcome, Outcome::Deployed);
+    // 43 lands on A, then fails on a broken C: A's 43 is undone (43 was new
+    // there, so it is deactivated), and A's 42 is never touched.
+    let broken = Receiver::start(Mode::Always500).await;
+    let r = push(
+        &c,
+        &p43,
+        ENV,
+        &[target("A", &a), target("C", &broken)],
+        &PushConfig {
+            concurrency: 1,
+            ..cfg()
+        },
+        &(),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::RolledBack, "{r:?}");
+    assert_eq!(a.active_of("42").as_deref(), Some(p42.digest.as_str()));
+    assert_eq!(a.active_of("43"), None);
+    assert_eq!(b.active_of("42").as_deref(), Some(p42.digest.as_str()));
+    // And a successful 43 leaves 42 active beside it.
+    let r = push(&c, &p43, ENV, &both, &cfg(), &()).await;
+    assert_eq!(r.outcome, Outcome::Deployed);
+    for rx in [&a, &b] {
+        assert_eq!(rx.active_of("42").as_deref(), Some(p42.digest.as_str()));
+        assert_eq!(rx.active_of("43").as_deref(), Some(p43.digest.as_str()));
+    }
+}
+
+#[tokio::test]
+async fn a_v1_receiver_is_refused_before_anything_is_sent() {
+    let c = http();
+    let v1 = Receiver::start(Mode::V1).await;
+    let ok = Receiver::start(Mode::Ok).await;
+    let bundle = test_receiver::bundle("1.3.0");
+    let r = push(
+        &c,
+        &bundle,
+        ENV,
+        &[target("OLD", &v1), target("NEW", &ok)],
+        &cfg(),
+        &(),
+    )
+    .await;
+    assert_eq!(r.outcome, Outcome::RolledBack);
+    assert_eq!(v1.deploys() + ok.deploys(), 0, "nothing may be sent");
+    let old = target_report(&r, "OLD");
+    assert!(old.detail.contains("protocol v1"), "{}", old.detail);
+    let err = get_active(&c, &target("OLD", &v1), "42", &cfg())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PushError::OldProtocol { .. }), "{err}");
 }
 
 #[tokio::test]
