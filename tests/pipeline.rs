@@ -530,3 +530,200 @@ fn a_failed_first_deploy_leaves_real_agents_with_nothing_active() {
     assert_eq!(support::active_digest(&good), None);
     assert!(ws.engine().state().active("42", "prod").unwrap().is_none());
 }
+
+/// Policy `id` at `version`: policy 42's shape with rule keys of its own
+/// (a rule key belongs to one policy across the store).
+fn policy_n(id: &str, version: &str) -> String {
+    let mut p = policy_42(version);
+    p["id"] = id.into();
+    for rule in p["rules"].as_array_mut().unwrap() {
+        let key = rule["key"]
+            .as_str()
+            .unwrap()
+            .replace("heating.", &format!("p{id}."));
+        rule["key"] = key.into();
+    }
+    p.to_string()
+}
+
+/// A workspace with policies 42, 43 and 44 and a `prod` environment of
+/// the given service URLs (named A, B, C…), committed.
+fn many_policies(urls: &[String]) -> Workspace {
+    let ws = Workspace::new("");
+    let names = ["A", "B", "C", "D"];
+    let services: Vec<support::Svc> = urls
+        .iter()
+        .enumerate()
+        .map(|(i, u)| svc(names[i], u, &["api"]))
+        .collect();
+    let env = Workspace::env_toml("prod", "", &services);
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap() + &env;
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    ws.write_policy("43.json", &policy_n("43", "1.0.0"));
+    ws.write_policy("44.json", &policy_n("44", "1.0.0"));
+    ws.commit("policies 42, 43, 44");
+    ws
+}
+
+/// Real agents of a workspace-to-be: they trust a key made up front, which
+/// is then copied into the workspace as its release key.
+fn agents_for(n: usize) -> (tempfile::TempDir, Vec<String>) {
+    let keys = tempfile::tempdir().unwrap();
+    pde::keys::generate(keys.path(), "release.ed25519").unwrap();
+    let public = keys.path().join("release.ed25519.pub");
+    let urls = (0..n)
+        .map(|i| support::start_agent(&keys.path().join(format!("agent-{i}")), &public))
+        .collect();
+    (keys, urls)
+}
+
+fn use_release_key(ws: &Workspace, keys: &tempfile::TempDir) {
+    for f in ["release.ed25519", "release.ed25519.pub"] {
+        std::fs::copy(keys.path().join(f), ws.root().join("keys").join(f)).unwrap();
+    }
+}
+
+#[test]
+fn three_policies_on_the_same_agents_are_all_active_and_roll_back_alone() {
+    let (keys, urls) = agents_for(3);
+    let ws = many_policies(&urls);
+    use_release_key(&ws, &keys);
+    let mut digests = std::collections::BTreeMap::new();
+    for id in ["42", "43", "44"] {
+        let r = ws.engine().deploy_policy(id, "prod").unwrap();
+        assert_eq!(r.outcome, DeployOutcome::Deployed);
+        digests.insert(id.to_string(), r.digest);
+    }
+    for url in &urls {
+        assert_eq!(support::active_policies(url), digests, "agent {url}");
+    }
+    // pde's own record: every policy, on every service, with its digest.
+    let status = ws.engine().state().status(Some("prod")).unwrap();
+    assert_eq!(status.len(), 3);
+    for e in &status {
+        assert_eq!(e.services.len(), 3, "{e:?}");
+        assert!(
+            e.services
+                .iter()
+                .all(|h| h.digest.as_deref() == Some(e.digest.as_str())),
+            "{e:?}"
+        );
+    }
+
+    // A new 43, then a rollback of 43 alone.
+    ws.write_policy("43.json", &policy_n("43", "1.1.0"));
+    ws.commit("43 v1.1");
+    let v11 = ws.engine().deploy_policy("43", "prod").unwrap();
+    for url in &urls {
+        assert_eq!(
+            support::active_digest_of(url, "43").as_deref(),
+            Some(v11.digest.as_str())
+        );
+    }
+    let back = ws.engine().rollback("43", "prod", None).unwrap();
+    assert_eq!(back.to_digest, digests["43"]);
+    for url in &urls {
+        assert_eq!(support::active_policies(url), digests, "agent {url}");
+    }
+    ws.engine().audit().verify().unwrap();
+}
+
+#[test]
+fn a_failed_push_of_44_is_compensated_without_touching_42_or_43() {
+    let (keys, mut urls) = agents_for(2);
+    let flaky = Receiver::start(Fault::None);
+    urls.push(flaky.url.clone());
+    let ws = many_policies(&urls);
+    use_release_key(&ws, &keys);
+    let mut digests = std::collections::BTreeMap::new();
+    for id in ["42", "43"] {
+        digests.insert(id, ws.engine().deploy_policy(id, "prod").unwrap().digest);
+    }
+    flaky.set_fault(Fault::Always500);
+    let (code, err) = exit_of(ws.engine().deploy_policy("44", "prod"));
+    assert_eq!(code, ExitCode::DeployFailed, "{err}");
+    let pde::Error::DeployFailed { report, .. } = err else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        report.outcome,
+        DeployOutcome::RolledBack,
+        "{:?}",
+        report.push
+    );
+    for url in &urls[..2] {
+        assert_eq!(
+            support::active_digest_of(url, "44"),
+            None,
+            "44 undone on {url}"
+        );
+        assert_eq!(
+            support::active_digest_of(url, "42").as_deref(),
+            Some(digests["42"].as_str())
+        );
+        assert_eq!(
+            support::active_digest_of(url, "43").as_deref(),
+            Some(digests["43"].as_str())
+        );
+    }
+    assert_eq!(
+        flaky.active_digest_of("42").as_deref(),
+        Some(digests["42"].as_str())
+    );
+    assert_eq!(
+        flaky.active_digest_of("43").as_deref(),
+        Some(digests["43"].as_str())
+    );
+    assert!(ws.engine().state().active("44", "prod").unwrap().is_none());
+}
+
+#[test]
+fn concurrent_deploys_of_42_and_43_to_the_same_agents_both_land() {
+    let (keys, urls) = agents_for(3);
+    let ws = many_policies(&urls);
+    use_release_key(&ws, &keys);
+    let root = ws.root().to_path_buf();
+    let deploys: Vec<_> = ["42", "43"]
+        .into_iter()
+        .map(|id| {
+            let root = root.clone();
+            std::thread::spawn(move || {
+                let engine = pde::Engine::open(&root).unwrap();
+                engine.deploy_policy(id, "prod").unwrap().digest
+            })
+        })
+        .collect();
+    let digests: Vec<String> = deploys.into_iter().map(|t| t.join().unwrap()).collect();
+    for url in &urls {
+        let active = support::active_policies(url);
+        assert_eq!(active.get("42"), Some(&digests[0]), "agent {url}");
+        assert_eq!(active.get("43"), Some(&digests[1]), "agent {url}");
+    }
+}
+
+#[test]
+fn a_v1_receiver_is_refused_and_nothing_is_pushed() {
+    let (keys, mut urls) = agents_for(1);
+    let old = Receiver::start(Fault::V1);
+    old.preload(
+        "sha256:1111111111111111111111111111111111111111111111111111111111111111",
+        "0.9.0",
+    );
+    urls.push(old.url.clone());
+    let ws = many_policies(&urls);
+    use_release_key(&ws, &keys);
+    let (code, err) = exit_of(ws.engine().deploy_policy("43", "prod"));
+    assert_eq!(code, ExitCode::DeployFailed);
+    let pde::Error::DeployFailed { report, .. } = err else {
+        panic!("{err}")
+    };
+    let push = report.push.expect("the push reports per target");
+    let b = push.targets.iter().find(|t| t.service == "B").unwrap();
+    assert!(b.detail.contains("protocol v1"), "{}", b.detail);
+    assert_eq!(old.deploys(), 0, "nothing is sent to a v1 receiver");
+    assert_eq!(
+        support::active_digest_of(&urls[0], "43"),
+        None,
+        "nor to anyone else"
+    );
+}

@@ -231,14 +231,39 @@ pub fn policy_42(version: &str) -> serde_json::Value {
     })
 }
 
-/// GET `{url}/active` → the digest, if any.
+/// GET `{url}/active/42` → policy 42's digest, if it is active.
 pub fn active_digest(url: &str) -> Option<String> {
+    active_digest_of(url, "42")
+}
+
+/// GET `{url}/active/{policy_id}` → the digest, if that policy is active.
+pub fn active_digest_of(url: &str, policy_id: &str) -> Option<String> {
     runtime().block_on(async {
-        let r = reqwest::get(format!("{url}/active")).await.unwrap();
+        let r = reqwest::get(format!("{url}/active/{policy_id}"))
+            .await
+            .unwrap();
         if r.status() == 404 {
             return None;
         }
         let v: serde_json::Value = r.json().await.unwrap();
         v["digest"].as_str().map(str::to_string)
+    })
+}
+
+/// GET `{url}/active` → every active policy id and its digest.
+pub fn active_policies(url: &str) -> std::collections::BTreeMap<String, String> {
+    runtime().block_on(async {
+        let v: serde_json::Value = reqwest::get(format!("{url}/active"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["policies"]
+            .as_object()
+            .expect("a v2 /active lists policies")
+            .iter()
+            .map(|(id, a)| (id.clone(), a["digest"].as_str().unwrap().to_string()))
+            .collect()
     })
 }

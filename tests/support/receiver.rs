@@ -3,12 +3,13 @@
 //! It keeps the real bookkeeping (active digest, previous digests, rollback),
 //! and counts every request so tests can prove what did or did not arrive.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
@@ -32,6 +33,9 @@ pub enum Fault {
     Unhealthy,
     /// `POST /rollback` answers 500.
     RollbackFails,
+    /// Speaks push protocol v1: one active slot for the whole service,
+    /// `GET /active` answers that bundle (or 404), no `/active/{policy_id}`.
+    V1,
 }
 
 /// Everything the receiver saw and holds.
@@ -40,8 +44,10 @@ pub struct Seen {
     pub deploys: u32,
     pub rollbacks: u32,
     pub health_checks: u32,
-    pub active: Option<(String, String)>,
-    pub history: Vec<(String, String)>,
+    /// policy id → (digest, version) active.
+    pub active: BTreeMap<String, (String, String)>,
+    /// policy id → earlier activations, most recent last.
+    pub history: BTreeMap<String, Vec<(String, String)>>,
     pub idempotency_keys: Vec<String>,
     pub authorization: Vec<String>,
 }
@@ -64,7 +70,8 @@ impl Receiver {
         let shared: Shared = (seen.clone(), fault.clone());
         let app = axum::Router::new()
             .route("/healthz", get(healthz))
-            .route("/active", get(active))
+            .route("/active", get(active_all))
+            .route("/active/{policy_id}", get(active))
             .route("/deploy", post(deploy))
             .route("/rollback", post(rollback))
             .with_state(shared);
@@ -92,13 +99,24 @@ impl Receiver {
         self.seen.lock().unwrap().deploys
     }
 
+    /// The digest active for policy 42.
     pub fn active_digest(&self) -> Option<String> {
-        self.seen.lock().unwrap().active.clone().map(|a| a.0)
+        self.active_digest_of("42")
     }
 
-    /// Pretends a bundle with `digest` is already active.
+    /// The digest active for `policy_id`.
+    pub fn active_digest_of(&self, policy_id: &str) -> Option<String> {
+        let seen = self.seen.lock().unwrap();
+        seen.active.get(policy_id).map(|a| a.0.clone())
+    }
+
+    /// Pretends a bundle of policy 42 with `digest` is already active.
     pub fn preload(&self, digest: &str, version: &str) {
-        self.seen.lock().unwrap().active = Some((digest.into(), version.into()));
+        self.seen
+            .lock()
+            .unwrap()
+            .active
+            .insert("42".into(), (digest.into(), version.into()));
     }
 }
 
@@ -113,12 +131,37 @@ async fn healthz(State((seen, fault)): State<Shared>) -> (StatusCode, Json<Value
     (StatusCode::OK, Json(json!({"status": "ok"})))
 }
 
-async fn active(State((seen, _)): State<Shared>) -> (StatusCode, Json<Value>) {
-    match &seen.lock().unwrap().active {
+async fn active_all(State((seen, fault)): State<Shared>) -> (StatusCode, Json<Value>) {
+    let seen = seen.lock().unwrap();
+    if *fault.lock().unwrap() == Fault::V1 {
+        return match seen.active.values().next() {
+            Some((d, v)) => (StatusCode::OK, Json(json!({"digest": d, "version": v}))),
+            None => (
+                StatusCode::NOT_FOUND,
+                Json(json!({"error": "no_active_bundle"})),
+            ),
+        };
+    }
+    let policies: serde_json::Map<String, Value> = seen
+        .active
+        .iter()
+        .map(|(p, (d, v))| (p.clone(), json!({"digest": d, "version": v})))
+        .collect();
+    (StatusCode::OK, Json(json!({ "policies": policies })))
+}
+
+async fn active(
+    State((seen, fault)): State<Shared>,
+    Path(policy_id): Path<String>,
+) -> (StatusCode, Json<Value>) {
+    if *fault.lock().unwrap() == Fault::V1 {
+        return (StatusCode::NOT_FOUND, Json(json!({"error": "not_found"})));
+    }
+    match seen.lock().unwrap().active.get(&policy_id) {
         Some((d, v)) => (StatusCode::OK, Json(json!({"digest": d, "version": v}))),
         None => (
             StatusCode::NOT_FOUND,
-            Json(json!({"error": "nothing active"})),
+            Json(json!({"error": "policy_not_active"})),
         ),
     }
 }
@@ -151,16 +194,24 @@ async fn deploy(
         _ => {}
     }
     let digest = body["bundle"]["digest"].as_str().unwrap_or("").to_string();
+    let policy = if f == Fault::V1 {
+        "42".to_string() // one slot for everything
+    } else {
+        body["bundle"]["payload"]["manifest"]["policy_id"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
     let version = body["bundle"]["payload"]["manifest"]["version"]
         .as_str()
         .unwrap_or("")
         .to_string();
     let mut s = seen.lock().unwrap();
     if f != Fault::LyingActive {
-        if let Some(prev) = s.active.take() {
-            s.history.push(prev);
+        if let Some(prev) = s.active.remove(&policy) {
+            s.history.entry(policy.clone()).or_default().push(prev);
         }
-        s.active = Some((digest.clone(), version));
+        s.active.insert(policy, (digest.clone(), version));
     }
     (StatusCode::OK, Json(json!({"digest": digest})))
 }
@@ -174,20 +225,28 @@ async fn rollback(
     if *fault.lock().unwrap() == Fault::RollbackFails {
         return (StatusCode::INTERNAL_SERVER_ERROR, Json(json!({})));
     }
-    match body["to"].as_str() {
+    let Some(policy) = body["policy_id"].as_str().map(str::to_string) else {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "policy_id is required"})),
+        );
+    };
+    let history = s.history.entry(policy.clone()).or_default();
+    let back = match body["to"].as_str() {
         Some(to) => {
-            let Some(pos) = s.history.iter().rposition(|(d, _)| d == to) else {
+            let Some(pos) = history.iter().rposition(|(d, _)| d == to) else {
                 return (
                     StatusCode::NOT_FOUND,
                     Json(json!({"error": "unknown digest"})),
                 );
             };
-            let entry = s.history.remove(pos);
-            s.active = Some(entry);
+            Some(history.remove(pos))
         }
-        None => {
-            s.active = s.history.pop();
-        }
-    }
+        None => history.pop(),
+    };
+    match back {
+        Some(entry) => s.active.insert(policy, entry),
+        None => s.active.remove(&policy),
+    };
     (StatusCode::OK, Json(json!({})))
 }
