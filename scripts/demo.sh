@@ -4,8 +4,11 @@
 #
 # It builds pde and the example plugins, copies examples/workspace to a temp
 # Git repository, installs and signs the plugins as a security team would,
-# starts one agent per service, and deploys policy 42 to dev, staging and
-# production (production only takes what staging already runs).
+# starts one agent per service, and deploys policies 42 and 43 to dev, staging
+# and production (production only takes what staging already runs). Each
+# service holds both policies side by side (push protocol v2); the script ends
+# with the policy x service matrix of every environment and each agent's own
+# list of active policies.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -59,14 +62,24 @@ done
 
 export PDE_ACTOR="release-engineer@hms.example.gov"
 for env in dev staging production; do
-    echo
-    echo "==> pde deploy 42 --env $env"
-    "$pde" deploy 42 --env "$env"
+    for policy in 42 43; do
+        echo
+        echo "==> pde deploy $policy --env $env"
+        "$pde" deploy "$policy" --env "$env"
+    done
 done
 
 echo
-echo "==> pde status"
+echo "==> pde status (what each service runs, per policy)"
 "$pde" status
+echo
+if command -v curl >/dev/null 2>&1; then
+    echo "==> what the production agents report themselves (GET /active)"
+    for port in 18721 18722 18723; do
+        # Each agent lists every policy it has active: 43 never displaced 42.
+        echo "127.0.0.1:$port $(curl -s "http://127.0.0.1:$port/active")"
+    done
+fi
 echo
 echo "==> pde audit verify"
 "$pde" audit verify

@@ -204,6 +204,20 @@ fn deploy_plan_status_history_and_audit_through_the_binary() {
 
     let status = json(&pde(ws.root(), &["status", "--output", "json"]));
     assert_eq!(status[0]["version"], "1.0.0");
+    assert_eq!(status[0]["services"][0]["service"], "HMS-API");
+    assert_eq!(status[0]["services"][0]["digest"], report["digest"]);
+    // The human form is a policy × service matrix.
+    let text = String::from_utf8(pde(ws.root(), &["status"]).stdout).unwrap();
+    let header = text.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with("dev") && header.contains("HMS-API"),
+        "{text}"
+    );
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("42 ") && l.matches("1.0.0").count() == 2),
+        "{text}"
+    );
     let history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
     assert_eq!(history[0]["outcome"], "deployed");
 
