@@ -5,7 +5,7 @@
 //! start-up refusal, restarts and `kill -9`). Bundles are sealed with real
 //! ed25519 keys generated into temp dirs; nothing is mocked.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -43,16 +43,16 @@ fn trusted(signer: &Signer) -> TrustedKeys {
     TrustedKeys::from_files(&[&signer.public]).unwrap()
 }
 
-fn payload(version: &str) -> Payload {
+fn payload(policy_id: &str, version: &str) -> Payload {
     Payload {
         manifest: Manifest {
-            policy_id: "42".into(),
+            policy_id: policy_id.into(),
             version: version.into(),
             source_commit: "0123456789abcdef".into(),
             validators: vec![],
         },
         policy: json!({
-            "id": "42",
+            "id": policy_id,
             "version": version,
             "title": "Income threshold",
             "agency": "HMS",
@@ -64,8 +64,13 @@ fn payload(version: &str) -> Payload {
     }
 }
 
+/// A bundle of policy 42.
 fn sealed(signer: &Signer, version: &str) -> Bundle {
-    Bundle::seal(payload(version), &[&signer.key])
+    sealed_for(signer, "42", version)
+}
+
+fn sealed_for(signer: &Signer, policy_id: &str, version: &str) -> Bundle {
+    Bundle::seal(payload(policy_id, version), &[&signer.key])
 }
 
 fn to_json(bundle: &Bundle) -> Value {
@@ -74,6 +79,10 @@ fn to_json(bundle: &Bundle) -> Value {
 
 fn key_for(bundle: &Bundle) -> String {
     format!("{}:{ENV}", bundle.digest)
+}
+
+fn policy_file(data_dir: &Path, policy_id: &str) -> PathBuf {
+    data_dir.join("policies").join(format!("{policy_id}.json"))
 }
 
 fn bundle_file(data_dir: &Path, digest: &str) -> PathBuf {
@@ -139,9 +148,20 @@ async fn send_deploy(
     key: Option<&str>,
     token: Option<&str>,
 ) -> (StatusCode, Value) {
+    send_deploy_to(c, base, bundle, ENV, key, token).await
+}
+
+async fn send_deploy_to(
+    c: &reqwest::Client,
+    base: &str,
+    bundle: &Value,
+    env: &str,
+    key: Option<&str>,
+    token: Option<&str>,
+) -> (StatusCode, Value) {
     let mut req = c
         .post(format!("{base}/deploy"))
-        .json(&json!({"bundle": bundle, "env": ENV}));
+        .json(&json!({"bundle": bundle, "env": env}));
     if let Some(key) = key {
         req = req.header("Idempotency-Key", key);
     }
@@ -163,10 +183,19 @@ async fn get(c: &reqwest::Client, url: String) -> (StatusCode, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-async fn rollback(c: &reqwest::Client, base: &str, to: Value) -> (StatusCode, Value) {
+async fn rollback(
+    c: &reqwest::Client,
+    base: &str,
+    policy_id: &str,
+    to: Value,
+) -> (StatusCode, Value) {
+    rollback_raw(c, base, json!({ "policy_id": policy_id, "to": to })).await
+}
+
+async fn rollback_raw(c: &reqwest::Client, base: &str, body: Value) -> (StatusCode, Value) {
     let resp = c
         .post(format!("{base}/rollback"))
-        .json(&json!({ "to": to }))
+        .json(&body)
         .send()
         .await
         .unwrap();
@@ -174,17 +203,54 @@ async fn rollback(c: &reqwest::Client, base: &str, to: Value) -> (StatusCode, Va
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-async fn active_digest(c: &reqwest::Client, base: &str) -> Option<String> {
-    let (status, body) = get(c, format!("{base}/active")).await;
+/// The digest active for `policy_id` (`GET /active/{policy_id}`), `None` on 404.
+async fn active_digest(c: &reqwest::Client, base: &str, policy_id: &str) -> Option<String> {
+    let (status, body) = get(c, format!("{base}/active/{policy_id}")).await;
     match status {
-        StatusCode::OK => Some(body["digest"].as_str().unwrap().to_string()),
-        StatusCode::NOT_FOUND => None,
-        other => panic!("GET /active answered {other}: {body}"),
+        StatusCode::OK => {
+            assert_eq!(body["policy_id"], policy_id, "{body}");
+            Some(body["digest"].as_str().unwrap().to_string())
+        }
+        StatusCode::NOT_FOUND => {
+            assert_eq!(body["error"], "policy_not_active", "{body}");
+            None
+        }
+        other => panic!("GET /active/{policy_id} answered {other}: {body}"),
     }
 }
 
+/// `GET /active` as policy id → active digest. It is never a 404.
+async fn active_all(c: &reqwest::Client, base: &str) -> BTreeMap<String, String> {
+    let (status, body) = get(c, format!("{base}/active")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    body["policies"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no `policies` object: {body}"))
+        .iter()
+        .map(|(id, record)| {
+            assert_eq!(record["policy_id"], id.as_str(), "{body}");
+            (id.clone(), record["digest"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+fn actives(pairs: &[(&str, &Bundle)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(id, b)| (id.to_string(), b.digest.clone()))
+        .collect()
+}
+
 async fn stored(c: &reqwest::Client, base: &str) -> Vec<String> {
-    let (status, body) = get(c, format!("{base}/bundles")).await;
+    list_bundles(c, format!("{base}/bundles")).await
+}
+
+async fn stored_for(c: &reqwest::Client, base: &str, policy_id: &str) -> Vec<String> {
+    list_bundles(c, format!("{base}/bundles?policy_id={policy_id}")).await
+}
+
+async fn list_bundles(c: &reqwest::Client, url: String) -> Vec<String> {
+    let (status, body) = get(c, url).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     body["bundles"]
         .as_array()
@@ -199,21 +265,36 @@ async fn happy_path_stores_activates_and_reports() {
     let s = signer();
     let agent = start(&s).await;
     let c = client();
-    assert_eq!(
-        get(&c, format!("{}/healthz", agent.base)).await.0,
-        StatusCode::OK
-    );
+    let (status, health) = get(&c, format!("{}/healthz", agent.base)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(health, json!({"status": "ok", "protocols": [2]}));
     assert_eq!(
         get(&c, format!("{}/readyz", agent.base)).await.0,
         StatusCode::OK
     );
-    assert_eq!(active_digest(&c, &agent.base).await, None);
+    // Nothing active: `/active` is an empty map (never a 404), and one
+    // policy's record is a 404 naming why.
+    let (status, body) = get(&c, format!("{}/active", agent.base)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, json!({"policies": {}}));
+    assert_eq!(active_digest(&c, &agent.base, "42").await, None);
     // Errors are JSON everywhere, unknown paths and methods included.
     let (status, body) = get(&c, format!("{}/nope", agent.base)).await;
     assert_eq!(
         (status, body["error"].as_str()),
         (StatusCode::NOT_FOUND, Some("not_found"))
     );
+    // Every answer, errors included, names the protocol version spoken.
+    for path in ["/healthz", "/active", "/active/42", "/bundles", "/nope"] {
+        let resp = c.get(format!("{}{path}", agent.base)).send().await.unwrap();
+        assert_eq!(
+            resp.headers()
+                .get("pde-protocol")
+                .and_then(|v| v.to_str().ok()),
+            Some("2"),
+            "GET {path}"
+        );
+    }
     let (status, body) = get(&c, format!("{}/deploy", agent.base)).await;
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(body["error"], "method_not_allowed");
@@ -223,7 +304,7 @@ async fn happy_path_stores_activates_and_reports() {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "activated");
 
-    let (status, active) = get(&c, format!("{}/active", agent.base)).await;
+    let (status, active) = get(&c, format!("{}/active/42", agent.base)).await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(active["digest"], b.digest.as_str());
     assert_eq!(active["version"], "1.0.0");
@@ -234,11 +315,21 @@ async fn happy_path_stores_activates_and_reports() {
         active.get("hook_failed").is_none(),
         "no hook configured: {active}"
     );
+    // `/active` holds the same record under the policy id, and nothing else.
+    let (status, all) = get(&c, format!("{}/active", agent.base)).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(all, json!({"policies": {"42": active}}));
+    assert_eq!(active_digest(&c, &agent.base, "43").await, None);
 
     let (_, listed) = get(&c, format!("{}/bundles", agent.base)).await;
     assert_eq!(listed["bundles"][0]["digest"], b.digest.as_str());
     assert_eq!(listed["bundles"][0]["version"], "1.0.0");
+    assert_eq!(listed["bundles"][0]["policy_id"], "42");
     assert_eq!(listed["bundles"][0]["active"], true);
+
+    // The policy's state is its own file; the v1 single state file is gone.
+    assert!(policy_file(&agent.data_dir, "42").exists());
+    assert!(!agent.data_dir.join("state.json").exists());
 
     // The stored file is the bundle, byte for byte canonical, and verifies.
     let bytes = std::fs::read(bundle_file(&agent.data_dir, &b.digest)).unwrap();
@@ -258,6 +349,11 @@ async fn same_key_same_digest_is_a_no_op() {
     let (status, _) = deploy(&c, &agent.base, &b).await;
     assert_eq!(status, StatusCode::OK);
     let (_, first) = get(&c, format!("{}/active", agent.base)).await;
+    assert_eq!(
+        first["policies"]["42"]["digest"],
+        b.digest.as_str(),
+        "{first}"
+    );
 
     let (status, body) = deploy(&c, &agent.base, &b).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -279,7 +375,10 @@ async fn same_key_other_digest_is_422_and_changes_nothing() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
     assert_eq!(body["error"], "idempotency_conflict");
     assert!(body["reason"].as_str().unwrap().contains(&a.digest));
-    assert_eq!(active_digest(&c, &agent.base).await, Some(a.digest.clone()));
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await,
+        Some(a.digest.clone())
+    );
     assert_eq!(stored(&c, &agent.base).await, vec![a.digest.clone()]);
 }
 
@@ -293,7 +392,7 @@ async fn missing_idempotency_key_is_400() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
     assert_eq!(body["error"], "missing_idempotency_key");
     assert!(body["reason"].as_str().unwrap().contains("Idempotency-Key"));
-    assert_eq!(active_digest(&c, &agent.base).await, None);
+    assert_eq!(active_digest(&c, &agent.base, "42").await, None);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -312,7 +411,7 @@ async fn tampered_payload_is_rejected_and_active_untouched() {
     assert_eq!(body["error"], "digest_mismatch");
     assert!(body["reason"].as_str().unwrap().contains(&evil.digest));
     assert_eq!(
-        active_digest(&c, &agent.base).await,
+        active_digest(&c, &agent.base, "42").await,
         Some(good.digest.clone())
     );
     assert_eq!(stored(&c, &agent.base).await, vec![good.digest.clone()]);
@@ -348,7 +447,7 @@ async fn wrong_signatures_are_rejected_and_active_untouched() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
 
     assert_eq!(
-        active_digest(&c, &agent.base).await,
+        active_digest(&c, &agent.base, "42").await,
         Some(good.digest.clone())
     );
     assert_eq!(stored(&c, &agent.base).await, vec![good.digest.clone()]);
@@ -391,7 +490,10 @@ async fn unsigned_bundles_need_the_explicit_insecure_flag() {
     let c = client();
     let (status, body) = deploy(&c, &agent.base, &unsigned).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(active_digest(&c, &agent.base).await, Some(unsigned.digest));
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await,
+        Some(unsigned.digest)
+    );
 }
 
 /// Sends raw bytes and returns what the server answered until it closed.
@@ -465,7 +567,7 @@ async fn oversized_bodies_get_413_without_being_read() {
     let answer = raw_exchange(&agent.base, head, &chunks).await;
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
 
-    assert_eq!(active_digest(&c, &agent.base).await, None);
+    assert_eq!(active_digest(&c, &agent.base, "42").await, None);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -473,21 +575,36 @@ async fn rollback_to_previous_and_to_named_digest() {
     let s = signer();
     let agent = start(&s).await;
     let c = client();
-    let (status, body) = rollback(&c, &agent.base, Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, "42", Value::Null).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "nothing_to_roll_back");
+
+    // Protocol v2: a rollback names its policy; without one (a v1 request) or
+    // with an id that cannot name a policy, it is malformed.
+    for bad in [
+        json!({"to": null}),
+        json!({"policy_id": null, "to": null}),
+        json!({"policy_id": 42, "to": null}),
+        json!({"policy_id": "../42", "to": null}),
+    ] {
+        let (status, body) = rollback_raw(&c, &agent.base, bad.clone()).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad} -> {body}");
+        assert_eq!(body["error"], "malformed_request", "{bad} -> {body}");
+    }
 
     // Rolling back the first activation ever returns to nothing active, and
     // the same deploy request then activates it again (not a no-op).
     let first = sealed(&s, "0.9.0");
     assert_eq!(deploy(&c, &agent.base, &first).await.0, StatusCode::OK);
-    let (status, body) = rollback(&c, &agent.base, Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, "42", Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "deactivated");
-    assert_eq!(active_digest(&c, &agent.base).await, None);
+    assert_eq!(body["digest"], first.digest.as_str());
+    assert_eq!(active_digest(&c, &agent.base, "42").await, None);
+    assert_eq!(active_all(&c, &agent.base).await, BTreeMap::new());
     assert_eq!(deploy(&c, &agent.base, &first).await.0, StatusCode::OK);
     assert_eq!(
-        active_digest(&c, &agent.base).await,
+        active_digest(&c, &agent.base, "42").await,
         Some(first.digest.clone())
     );
 
@@ -495,31 +612,58 @@ async fn rollback_to_previous_and_to_named_digest() {
     for x in [&a, &b, &d] {
         assert_eq!(deploy(&c, &agent.base, x).await.0, StatusCode::OK);
     }
-    assert_eq!(active_digest(&c, &agent.base).await, Some(d.digest.clone()));
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await,
+        Some(d.digest.clone())
+    );
 
-    let (status, body) = rollback(&c, &agent.base, Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, "42", Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "rolled-back");
-    assert_eq!(active_digest(&c, &agent.base).await, Some(b.digest.clone()));
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await,
+        Some(b.digest.clone())
+    );
 
-    let (status, body) = rollback(&c, &agent.base, json!(a.digest)).await;
+    let (status, body) = rollback(&c, &agent.base, "42", json!(a.digest)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (_, active) = get(&c, format!("{}/active", agent.base)).await;
+    let (_, active) = get(&c, format!("{}/active/42", agent.base)).await;
     assert_eq!(active["digest"], a.digest.as_str());
     assert_eq!(active["version"], "1.0.0");
 
     // Rolling back to what is active is a no-op success.
-    let (status, body) = rollback(&c, &agent.base, json!(a.digest)).await;
+    let (status, body) = rollback(&c, &agent.base, "42", json!(a.digest)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "already-active");
 
     let unknown = format!("sha256:{}", "0".repeat(64));
-    let (status, body) = rollback(&c, &agent.base, json!(unknown)).await;
+    let (status, body) = rollback(&c, &agent.base, "42", json!(unknown)).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(body["error"], "unknown_digest");
-    let (status, _) = rollback(&c, &agent.base, json!("sha256:../../etc/passwd")).await;
+    let (status, _) = rollback(&c, &agent.base, "42", json!("sha256:../../etc/passwd")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(active_digest(&c, &agent.base).await, Some(a.digest.clone()));
+
+    // A stored digest of another policy is refused by name, both ways, and
+    // a policy never deployed here has nothing to roll back.
+    let other = sealed_for(&s, "43", "7.0.0");
+    assert_eq!(deploy(&c, &agent.base, &other).await.0, StatusCode::OK);
+    let (status, body) = rollback(&c, &agent.base, "42", json!(other.digest)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "digest_of_other_policy");
+    let (status, body) = rollback(&c, &agent.base, "43", json!(a.digest)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "digest_of_other_policy");
+    let (status, body) = rollback(&c, &agent.base, "99", Value::Null).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "nothing_to_roll_back");
+    let (status, body) = rollback(&c, &agent.base, "99", json!(a.digest)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "digest_of_other_policy");
+
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &a), ("43", &other)])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -530,6 +674,10 @@ async fn bundles_are_listed_newest_first_and_pruned_but_never_the_active() {
     cfg.keep = 3;
     let agent = start_with(cfg, dir).await;
     let c = client();
+    // Policy 43's only bundle, older than all of 42's: `--keep` counts per
+    // policy, so 42's deploys never prune it.
+    let other = sealed_for(&s, "43", "1.0.0");
+    assert_eq!(deploy(&c, &agent.base, &other).await.0, StatusCode::OK);
     let bundles: Vec<Bundle> = (0..5).map(|i| sealed(&s, &format!("1.{i}.0"))).collect();
     for b in &bundles {
         assert_eq!(deploy(&c, &agent.base, b).await.0, StatusCode::OK);
@@ -540,25 +688,61 @@ async fn bundles_are_listed_newest_first_and_pruned_but_never_the_active() {
         .take(3)
         .map(|b| b.digest.clone())
         .collect();
-    assert_eq!(stored(&c, &agent.base).await, expected);
+    assert_eq!(stored_for(&c, &agent.base, "42").await, expected);
+    let mut everything = expected.clone();
+    everything.push(other.digest.clone());
+    assert_eq!(stored(&c, &agent.base).await, everything);
+    assert_eq!(
+        stored_for(&c, &agent.base, "43").await,
+        vec![other.digest.clone()]
+    );
+    assert!(stored_for(&c, &agent.base, "44").await.is_empty());
     assert!(!bundle_file(&agent.data_dir, &bundles[0].digest).exists());
+    // Each entry names its policy, and is active for its own policy.
+    let (_, listed) = get(&c, format!("{}/bundles", agent.base)).await;
+    let flags: Vec<(&str, bool)> = listed["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["policy_id"].as_str().unwrap(),
+                b["active"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        flags,
+        vec![("42", true), ("42", false), ("42", false), ("43", true)]
+    );
 
     // Roll back to the oldest kept, then deploy two more: it is active, so it stays.
     assert_eq!(
-        rollback(&c, &agent.base, json!(bundles[2].digest)).await.0,
+        rollback(&c, &agent.base, "42", json!(bundles[2].digest))
+            .await
+            .0,
         StatusCode::OK
     );
     for i in 5..7 {
         let b = sealed(&s, &format!("1.{i}.0"));
         assert_eq!(deploy(&c, &agent.base, &b).await.0, StatusCode::OK);
     }
-    let listed = stored(&c, &agent.base).await;
+    let listed = stored_for(&c, &agent.base, "42").await;
     assert_eq!(listed.len(), 3, "{listed:?}");
-    let active = active_digest(&c, &agent.base).await.unwrap();
+    let active = active_digest(&c, &agent.base, "42").await.unwrap();
     assert!(listed.contains(&active));
     for digest in &listed {
         assert!(bundle_file(&agent.data_dir, digest).exists());
     }
+    assert_eq!(
+        stored_for(&c, &agent.base, "43").await,
+        vec![other.digest.clone()]
+    );
+    assert!(bundle_file(&agent.data_dir, &other.digest).exists());
+    assert_eq!(
+        active_digest(&c, &agent.base, "43").await,
+        Some(other.digest.clone())
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -572,14 +756,14 @@ async fn concurrent_deploys_of_two_digests_end_with_one_active_and_both_stored()
         let (ra, rb) = tokio::join!(deploy(&c, &agent.base, &a), deploy(&c, &agent.base, &b));
         assert_eq!(ra.0, StatusCode::OK, "{}", ra.1);
         assert_eq!(rb.0, StatusCode::OK, "{}", rb.1);
-        let active = active_digest(&c, &agent.base).await.unwrap();
+        let active = active_digest(&c, &agent.base, "42").await.unwrap();
         assert!(active == a.digest || active == b.digest);
         let listed: HashSet<String> = stored(&c, &agent.base).await.into_iter().collect();
         assert_eq!(listed, HashSet::from([a.digest.clone(), b.digest.clone()]));
         // Both activations happened, one after the other: the other is the previous one.
-        let (status, _) = rollback(&c, &agent.base, Value::Null).await;
+        let (status, _) = rollback(&c, &agent.base, "42", Value::Null).await;
         assert_eq!(status, StatusCode::OK);
-        let back = active_digest(&c, &agent.base).await.unwrap();
+        let back = active_digest(&c, &agent.base, "42").await.unwrap();
         assert_ne!(back, active);
         assert!(back == a.digest || back == b.digest);
     }
@@ -603,10 +787,15 @@ async fn bearer_token_is_required_when_configured() {
         send_deploy(&c, &agent.base, &to_json(&b), Some(&key), Some("wrong")).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
     assert!(!body.to_string().contains("correct horse"));
-    assert_eq!(
-        get(&c, format!("{}/active", agent.base)).await.0,
-        StatusCode::UNAUTHORIZED
-    );
+    for path in ["/active", "/active/42", "/bundles"] {
+        assert_eq!(
+            get(&c, format!("{}{path}", agent.base)).await.0,
+            StatusCode::UNAUTHORIZED,
+            "GET {path}"
+        );
+    }
+    let (status, _) = rollback(&c, &agent.base, "42", Value::Null).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
     // Health checks stay open for load balancers.
     assert_eq!(
         get(&c, format!("{}/healthz", agent.base)).await.0,
@@ -622,13 +811,22 @@ async fn bearer_token_is_required_when_configured() {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let resp = c
-        .get(format!("{}/active", agent.base))
-        .bearer_auth("correct horse battery staple")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
+    for path in ["/active", "/active/42"] {
+        let resp = c
+            .get(format!("{}{path}", agent.base))
+            .bearer_auth("correct horse battery staple")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "GET {path}");
+        let body: Value = resp.json().await.unwrap();
+        let record = if path == "/active" {
+            &body["policies"]["42"]
+        } else {
+            &body
+        };
+        assert_eq!(record["digest"], b.digest.as_str(), "{body}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -683,7 +881,7 @@ async fn activation_hook_gets_the_bundle_path_and_failure_is_reported() {
     let b = sealed(&s, "1.0.0");
     let (status, body) = deploy(&c, &agent.base, &b).await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    let (_, active) = get(&c, format!("{}/active", agent.base)).await;
+    let (_, active) = get(&c, format!("{}/active/42", agent.base)).await;
     assert_eq!(active["hook_failed"], false, "{active}");
     let written = std::fs::read_to_string(&seen).unwrap();
     assert_eq!(
@@ -698,7 +896,7 @@ async fn activation_hook_gets_the_bundle_path_and_failure_is_reported() {
     let (status, body) = deploy(&c, &agent.base, &b).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["active"]["hook_failed"], true, "{body}");
-    let (_, active) = get(&c, format!("{}/active", agent.base)).await;
+    let (_, active) = get(&c, format!("{}/active/42", agent.base)).await;
     assert_eq!(
         active["digest"],
         b.digest.as_str(),
@@ -759,10 +957,12 @@ async fn restart_keeps_the_active_bundle_history_and_keys() {
     let c = client();
     let a = sealed(&s, "1.0.0");
     let b = sealed(&s, "1.1.0");
+    let x = sealed_for(&s, "43", "5.0.0");
     {
         let mut agent = spawn_agent(&data, &s.public, &log);
         assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
         assert_eq!(deploy(&c, &agent.base, &b).await.0, StatusCode::OK);
+        assert_eq!(deploy(&c, &agent.base, &x).await.0, StatusCode::OK);
         // SIGTERM is a clean stop.
         let term = Command::new("kill")
             .args(["-TERM", &agent.child.id().to_string()])
@@ -771,8 +971,18 @@ async fn restart_keeps_the_active_bundle_history_and_keys() {
         assert!(term.success());
         assert!(agent.child.wait().unwrap().success());
     }
+    // The data dir holds one state file per policy, and no v1 state file.
+    for id in ["42", "43"] {
+        assert!(policy_file(&data, id).exists(), "policies/{id}.json");
+    }
+    assert!(!data.join("state.json").exists());
     let agent = spawn_agent(&data, &s.public, &log);
-    assert_eq!(active_digest(&c, &agent.base).await, Some(b.digest.clone()));
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &b), ("43", &x)])
+    );
+    let (_, health) = get(&c, format!("{}/healthz", agent.base)).await;
+    assert!(health.get("integrity").is_none(), "{health}");
     // A second agent on the same data dir refuses to start.
     let out = Command::new(env!("CARGO_BIN_EXE_pde"))
         .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -786,7 +996,7 @@ async fn restart_keeps_the_active_bundle_history_and_keys() {
     assert!(stderr.contains("in use by another running"), "{stderr}");
     assert_eq!(
         stored(&c, &agent.base).await,
-        vec![b.digest.clone(), a.digest.clone()]
+        vec![x.digest.clone(), b.digest.clone(), a.digest.clone()]
     );
     // Idempotency keys survived: a repeat is a no-op, a reuse is a conflict.
     let (status, body) = deploy(&c, &agent.base, &b).await;
@@ -798,10 +1008,13 @@ async fn restart_keeps_the_active_bundle_history_and_keys() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     // History survived: rollback returns to a.
     assert_eq!(
-        rollback(&c, &agent.base, Value::Null).await.0,
+        rollback(&c, &agent.base, "42", Value::Null).await.0,
         StatusCode::OK
     );
-    assert_eq!(active_digest(&c, &agent.base).await, Some(a.digest.clone()));
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &a), ("43", &x)])
+    );
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("recovered active bundle"), "{log}");
 }
@@ -849,9 +1062,10 @@ async fn kill_9_during_activation_leaves_a_valid_active_bundle() {
         }
 
         let agent = spawn_agent(&data, &s.public, &log);
-        let active = active_digest(&c, &agent.base)
+        let active = active_digest(&c, &agent.base, "42")
             .await
             .expect("an active bundle survives kill -9");
+        assert_eq!(active_all(&c, &agent.base).await.len(), 1);
         assert!(sent.contains(&active), "active {active} was never sent");
         let bytes = std::fs::read(bundle_file(&data, &active)).unwrap();
         let bundle = Bundle::from_slice(&bytes).unwrap();
@@ -861,7 +1075,7 @@ async fn kill_9_during_activation_leaves_a_valid_active_bundle() {
         for digest in stored(&c, &agent.base).await {
             Bundle::from_slice(&std::fs::read(bundle_file(&data, &digest)).unwrap()).unwrap();
         }
-        for d in [data.clone(), data.join("bundles")] {
+        for d in [data.clone(), data.join("bundles"), data.join("policies")] {
             for entry in std::fs::read_dir(d).unwrap() {
                 let name = entry.unwrap().file_name().to_string_lossy().into_owned();
                 assert!(!name.starts_with(".tmp-"), "temp file {name} left behind");
@@ -874,15 +1088,16 @@ async fn kill_9_during_activation_leaves_a_valid_active_bundle() {
     }
 }
 
-/// Polls `GET /active` until it shows `digest` (a generous bound, no timing claim).
-async fn wait_until_active(c: &reqwest::Client, base: &str, digest: &str) {
+/// Polls `GET /active/{policy_id}` until it shows `digest` (a generous bound,
+/// no timing claim).
+async fn wait_until_active(c: &reqwest::Client, base: &str, policy_id: &str, digest: &str) {
     for _ in 0..1500 {
-        if active_digest(c, base).await.as_deref() == Some(digest) {
+        if active_digest(c, base, policy_id).await.as_deref() == Some(digest) {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    panic!("{digest} never became active");
+    panic!("{digest} never became active for {policy_id}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -908,13 +1123,13 @@ async fn a_slow_hook_blocks_nobody_and_hooks_run_in_activation_order() {
         async move { deploy(&c, &base, &a).await }
     });
     // While a's hook is stuck, the state is readable and shows a active.
-    wait_until_active(&c, &agent.base, &a.digest).await;
+    wait_until_active(&c, &agent.base, "42", &a.digest).await;
     // And another deploy goes through to activation.
     let second = tokio::spawn({
         let (c, base, b) = (c.clone(), agent.base.clone(), b.clone());
         async move { deploy(&c, &base, &b).await }
     });
-    wait_until_active(&c, &agent.base, &b.digest).await;
+    wait_until_active(&c, &agent.base, "42", &b.digest).await;
     assert!(
         !seen.exists(),
         "no hook may have finished before the gate opened"
@@ -935,7 +1150,7 @@ async fn a_slow_hook_blocks_nobody_and_hooks_run_in_activation_order() {
             bundle_file(&agent.data_dir, &b.digest)
         ]
     );
-    let (_, active) = get(&c, format!("{}/active", agent.base)).await;
+    let (_, active) = get(&c, format!("{}/active/42", agent.base)).await;
     assert_eq!(active["digest"], b.digest.as_str());
     assert_eq!(active["hook_failed"], false);
 }
@@ -957,4 +1172,522 @@ fn token_env_must_name_a_set_variable() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("PDE_AGENT_TEST_TOKEN_NOT_SET"), "{stderr}");
     assert!(out.stdout.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_policies_are_active_side_by_side() {
+    let s = signer();
+    let agent = start(&s).await;
+    let c = client();
+    let [p42, p43, p44] =
+        [("42", "1.0.0"), ("43", "2.0.0"), ("44", "3.0.0")].map(|(id, v)| sealed_for(&s, id, v));
+    for b in [&p42, &p43, &p44] {
+        let (status, body) = deploy(&c, &agent.base, b).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["outcome"], "activated");
+        assert_eq!(
+            body["active"]["policy_id"],
+            b.payload.manifest.policy_id.as_str()
+        );
+    }
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &p42), ("43", &p43), ("44", &p44)])
+    );
+    let (status, one) = get(&c, format!("{}/active/43", agent.base)).await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(one["digest"], p43.digest.as_str());
+    assert_eq!(one["version"], "2.0.0");
+    assert_eq!(one["policy_id"], "43");
+    assert_eq!(one["env"], ENV);
+    let (_, all) = get(&c, format!("{}/active", agent.base)).await;
+    assert_eq!(all["policies"]["43"], one, "the map holds the same record");
+    assert_eq!(active_digest(&c, &agent.base, "45").await, None);
+
+    // Each stored bundle is the active one of its own policy.
+    let (_, listed) = get(&c, format!("{}/bundles", agent.base)).await;
+    let flags: Vec<(&str, &str, bool)> = listed["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["policy_id"].as_str().unwrap(),
+                b["digest"].as_str().unwrap(),
+                b["active"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        flags,
+        vec![
+            ("44", p44.digest.as_str(), true),
+            ("43", p43.digest.as_str(), true),
+            ("42", p42.digest.as_str(), true)
+        ]
+    );
+    for id in ["42", "43", "44"] {
+        assert!(policy_file(&agent.data_dir, id).exists(), "{id}");
+    }
+
+    // A new version of 43 replaces 43's bundle and nothing else.
+    let p43b = sealed_for(&s, "43", "2.1.0");
+    assert_eq!(deploy(&c, &agent.base, &p43b).await.0, StatusCode::OK);
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &p42), ("43", &p43b), ("44", &p44)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rollback_of_one_policy_leaves_the_others_alone() {
+    let s = signer();
+    let agent = start(&s).await;
+    let c = client();
+    let a42 = sealed_for(&s, "42", "1.0.0");
+    let a43 = sealed_for(&s, "43", "1.0.0");
+    let b43 = sealed_for(&s, "43", "2.0.0");
+    let a44 = sealed_for(&s, "44", "1.0.0");
+    for b in [&a42, &a43, &b43, &a44] {
+        let (status, body) = deploy(&c, &agent.base, b).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &a42), ("43", &b43), ("44", &a44)])
+    );
+    let read = |id: &str| std::fs::read(policy_file(&agent.data_dir, id)).unwrap();
+    let (f42, f44) = (read("42"), read("44"));
+    let (_, record42) = get(&c, format!("{}/active/42", agent.base)).await;
+
+    // 43 goes back one step, to its own previous bundle.
+    let (status, body) = rollback(&c, &agent.base, "43", Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "rolled-back");
+    assert_eq!(body["active"]["digest"], a43.digest.as_str());
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &a42), ("43", &a43), ("44", &a44)])
+    );
+    assert_eq!(read("42"), f42, "42's state was rewritten by 43's rollback");
+    assert_eq!(read("44"), f44, "44's state was rewritten by 43's rollback");
+    let f43 = read("43");
+
+    // 44 is at its first activation: going back deactivates 44 alone.
+    let (status, body) = rollback(&c, &agent.base, "44", Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "deactivated");
+    assert_eq!(body["digest"], a44.digest.as_str());
+    assert_eq!(active_digest(&c, &agent.base, "44").await, None);
+    let (status, body) = get(&c, format!("{}/active/44", agent.base)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["error"], "policy_not_active");
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &a42), ("43", &a43)])
+    );
+    assert_eq!(read("42"), f42, "42's state was rewritten by 44's rollback");
+    assert_eq!(read("43"), f43, "43's state was rewritten by 44's rollback");
+    let (_, again42) = get(&c, format!("{}/active/42", agent.base)).await;
+    assert_eq!(again42, record42, "42 was re-activated");
+
+    // 44 has nothing left to go back to, but its bundle is still stored, not
+    // active, and can be named to come back.
+    let (status, body) = rollback(&c, &agent.base, "44", Value::Null).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "nothing_to_roll_back");
+    let (_, listed) = get(&c, format!("{}/bundles?policy_id=44", agent.base)).await;
+    assert_eq!(
+        listed["bundles"],
+        json!([{
+            "digest": a44.digest,
+            "version": "1.0.0",
+            "policy_id": "44",
+            "stored_at": listed["bundles"][0]["stored_at"],
+            "active": false
+        }])
+    );
+    let (status, body) = rollback(&c, &agent.base, "44", json!(a44.digest)).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &a42), ("43", &a43), ("44", &a44)])
+    );
+    assert_eq!(read("42"), f42);
+    assert_eq!(read("43"), f43);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_key_binds_env_and_policy() {
+    let s = signer();
+    let agent = start(&s).await;
+    let c = client();
+    let a = sealed(&s, "1.0.0");
+    let x = sealed_for(&s, "43", "1.0.0");
+    assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+    let (_, before) = get(&c, format!("{}/active", agent.base)).await;
+    let state42 = std::fs::read(policy_file(&agent.data_dir, "42")).unwrap();
+
+    // The same key and digest, for another environment.
+    let (status, body) = send_deploy_to(
+        &c,
+        &agent.base,
+        &to_json(&a),
+        "production",
+        Some(&key_for(&a)),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], "idempotency_conflict");
+    let reason = body["reason"].as_str().unwrap();
+    assert!(reason.contains(&a.digest), "{reason}");
+    assert!(reason.contains(ENV), "{reason}");
+
+    // 42's key with 43's bundle, in the same and in another environment.
+    for env in [ENV, "production"] {
+        let (status, body) =
+            send_deploy_to(&c, &agent.base, &to_json(&x), env, Some(&key_for(&a)), None).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{env}: {body}");
+        assert_eq!(body["error"], "idempotency_conflict");
+    }
+
+    // Nothing changed: not the active records, not 42's state, and 43's
+    // bundle was not even stored.
+    let (_, after) = get(&c, format!("{}/active", agent.base)).await;
+    assert_eq!(after, before);
+    assert_eq!(
+        std::fs::read(policy_file(&agent.data_dir, "42")).unwrap(),
+        state42
+    );
+    assert_eq!(active_digest(&c, &agent.base, "43").await, None);
+    assert_eq!(stored(&c, &agent.base).await, vec![a.digest.clone()]);
+    assert!(!bundle_file(&agent.data_dir, &x.digest).exists());
+    assert!(!policy_file(&agent.data_dir, "43").exists());
+
+    // The original request is still a no-op, and the refused ones go through
+    // under their own keys.
+    let (status, body) = deploy(&c, &agent.base, &a).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (StatusCode::OK, Some("unchanged"))
+    );
+    let prod_key = format!("{}:production", a.digest);
+    let (status, body) = send_deploy_to(
+        &c,
+        &agent.base,
+        &to_json(&a),
+        "production",
+        Some(&prod_key),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "already-active");
+    let (status, body) = deploy(&c, &agent.base, &x).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "activated");
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &a), ("43", &x)])
+    );
+}
+
+/// Every file a stored bundle lives in parses, matches its digest and
+/// carries a trusted signature.
+fn assert_stored_bundle_verifies(data: &Path, digest: &str, trust: &TrustedKeys) -> Bundle {
+    let bytes = std::fs::read(bundle_file(data, digest)).unwrap();
+    let bundle = Bundle::from_slice(&bytes).unwrap();
+    assert_eq!(bundle.digest, digest);
+    bundle.verify_signature(trust).unwrap();
+    bundle
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_deploys_of_two_policies_both_end_active() {
+    let s = signer();
+    let trust = trusted(&s);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("agent.log");
+    let c = client();
+    let agent = spawn_agent(&data, &s.public, &log);
+
+    // 20 deploys at once, alternating between 42 and 43 and among three
+    // versions of each; every request has its own key.
+    let mut sent: BTreeMap<&str, HashSet<String>> = BTreeMap::new();
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let id = if i % 2 == 0 { "42" } else { "43" };
+        let b = sealed_for(&s, id, &format!("1.{}.0", (i / 2) % 3));
+        sent.entry(id).or_default().insert(b.digest.clone());
+        let key = format!("{}:{ENV}:{i}", b.digest);
+        let (c, base) = (c.clone(), agent.base.clone());
+        tasks.push(tokio::spawn(async move {
+            send_deploy(&c, &base, &to_json(&b), Some(&key), None).await
+        }));
+    }
+    for t in tasks {
+        let (status, body) = t.await.unwrap();
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let outcome = body["outcome"].as_str().unwrap();
+        assert!(
+            outcome == "activated" || outcome == "already-active",
+            "{body}"
+        );
+    }
+
+    let check = |active: &BTreeMap<String, String>| {
+        assert_eq!(
+            active.keys().map(String::as_str).collect::<Vec<_>>(),
+            vec!["42", "43"],
+            "{active:?}"
+        );
+        for (id, digest) in active {
+            assert!(
+                sent[id.as_str()].contains(digest),
+                "{id} is active with {digest}, which was never sent for it"
+            );
+            let bundle = assert_stored_bundle_verifies(&data, digest, &trust);
+            assert_eq!(bundle.payload.manifest.policy_id, *id);
+        }
+    };
+    let before = active_all(&c, &agent.base).await;
+    check(&before);
+    for (id, digests) in &sent {
+        let listed: HashSet<String> = stored_for(&c, &agent.base, id).await.into_iter().collect();
+        assert_eq!(&listed, digests, "bundles stored for {id}");
+    }
+
+    // Every answer came after its write was durable: a restart (after kill -9,
+    // even) finds exactly the same state, for both policies.
+    drop(agent);
+    let agent = spawn_agent(&data, &s.public, &log);
+    let after = active_all(&c, &agent.base).await;
+    check(&after);
+    assert_eq!(after, before, "an update was lost on disk");
+    for (id, digests) in &sent {
+        let listed: HashSet<String> = stored_for(&c, &agent.base, id).await.into_iter().collect();
+        assert_eq!(&listed, digests, "bundles stored for {id} after restart");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_a_43_deploy_leaves_42_intact() {
+    let s = signer();
+    let trust = trusted(&s);
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("agent.log");
+    let c = client();
+    let p42 = sealed_for(&s, "42", "1.0.0");
+    let mut agent = spawn_agent(&data, &s.public, &log);
+    assert_eq!(deploy(&c, &agent.base, &p42).await.0, StatusCode::OK);
+    let state42 = std::fs::read(policy_file(&data, "42")).unwrap();
+    let (_, record42) = get(&c, format!("{}/active/42", agent.base)).await;
+
+    let mut sent43: HashSet<String> = HashSet::new();
+    for round in 0..3 {
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut tasks = Vec::new();
+        for i in 0..80 {
+            let b = sealed_for(&s, "43", &format!("{round}.{i}.0"));
+            sent43.insert(b.digest.clone());
+            let (c, base, done_tx) = (c.clone(), agent.base.clone(), done_tx.clone());
+            tasks.push(tokio::spawn(async move {
+                let resp = c
+                    .post(format!("{base}/deploy"))
+                    .header("Idempotency-Key", key_for(&b))
+                    .json(&json!({"bundle": b, "env": ENV}))
+                    .send()
+                    .await;
+                let _ = done_tx.send(resp.map(|r| r.status()).ok());
+            }));
+        }
+        // Kill once some 43 deploys have landed and many are still in flight.
+        for _ in 0..(5 + round * 10) {
+            let status = done_rx.recv().await.unwrap();
+            assert_eq!(status, Some(StatusCode::OK));
+        }
+        agent.child.kill().unwrap();
+        agent.child.wait().unwrap();
+        for t in tasks {
+            t.await.unwrap();
+        }
+
+        agent = spawn_agent(&data, &s.public, &log);
+        // 42 is exactly what it was: same digest, same record, same file.
+        assert_eq!(
+            active_digest(&c, &agent.base, "42").await,
+            Some(p42.digest.clone())
+        );
+        let (_, now42) = get(&c, format!("{}/active/42", agent.base)).await;
+        assert_eq!(now42, record42, "round {round}");
+        assert_eq!(
+            std::fs::read(policy_file(&data, "42")).unwrap(),
+            state42,
+            "round {round}: 42's state file was touched by 43's deploys"
+        );
+        assert_stored_bundle_verifies(&data, &p42.digest, &trust);
+        assert_eq!(
+            stored_for(&c, &agent.base, "42").await,
+            vec![p42.digest.clone()]
+        );
+        // 43, if active, is one that was sent, and verifies.
+        let all = active_all(&c, &agent.base).await;
+        assert!(
+            all.keys().all(|id| id == "42" || id == "43"),
+            "round {round}: {all:?}"
+        );
+        if let Some(d43) = active_digest(&c, &agent.base, "43").await {
+            assert!(sent43.contains(&d43), "active {d43} was never sent");
+            let bundle = assert_stored_bundle_verifies(&data, &d43, &trust);
+            assert_eq!(bundle.payload.manifest.policy_id, "43");
+        }
+        for digest in stored(&c, &agent.base).await {
+            Bundle::from_slice(&std::fs::read(bundle_file(&data, &digest)).unwrap()).unwrap();
+        }
+        let (_, health) = get(&c, format!("{}/healthz", agent.base)).await;
+        assert!(health.get("integrity").is_none(), "{health}");
+        assert_eq!(
+            get(&c, format!("{}/readyz", agent.base)).await.0,
+            StatusCode::OK
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_tampered_active_bundle_is_not_served_after_restart() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("agent.log");
+    let c = client();
+    let v1 = sealed(&s, "1.0.0");
+    let v2 = sealed(&s, "1.1.0");
+    let other = sealed_for(&s, "43", "1.1.0");
+    {
+        let mut agent = spawn_agent(&data, &s.public, &log);
+        for b in [&v1, &v2, &other] {
+            assert_eq!(deploy(&c, &agent.base, b).await.0, StatusCode::OK);
+        }
+        let term = Command::new("kill")
+            .args(["-TERM", &agent.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(term.success());
+        assert!(agent.child.wait().unwrap().success());
+    }
+    // Someone edits 42's active bundle on disk.
+    let path = bundle_file(&data, &v2.digest);
+    let original = std::fs::read_to_string(&path).unwrap();
+    let edited = original.replace("1.1.0", "9.9.9");
+    assert_ne!(edited, original);
+    std::fs::write(&path, edited).unwrap();
+
+    let agent = spawn_agent(&data, &s.public, &log);
+    // 42 falls back to the newest earlier activation that verifies; 43,
+    // whose bundle carries the same version string, is untouched.
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &v1), ("43", &other)])
+    );
+    let (status, health) = get(&c, format!("{}/healthz", agent.base)).await;
+    assert_eq!(status, StatusCode::OK, "{health}");
+    assert_eq!(health["status"], "ok");
+    let integrity = health["integrity"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no integrity entry: {health}"));
+    assert_eq!(integrity.len(), 1, "{health}");
+    let entry = integrity[0].as_str().unwrap();
+    assert!(entry.contains(&v2.digest), "{entry}");
+    assert!(entry.contains("42"), "{entry}");
+
+    // It cannot be brought back by rollback either...
+    let (status, body) = rollback(&c, &agent.base, "42", json!(v2.digest)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert_eq!(body["error"], "stored_bundle_damaged");
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await,
+        Some(v1.digest.clone())
+    );
+    // ...but a genuine redeploy of it replaces the damaged file and activates it.
+    let (status, body) = deploy(&c, &agent.base, &v2).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "activated");
+    assert_eq!(std::fs::read(&path).unwrap(), v2.to_canonical_bytes());
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &v2), ("43", &other)])
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("no longer verifies"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_state_is_migrated() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(data.join("bundles")).unwrap();
+    let a42 = sealed_for(&s, "42", "1.0.0");
+    let a43 = sealed_for(&s, "43", "1.0.0");
+    for b in [&a42, &a43] {
+        std::fs::write(bundle_file(&data, &b.digest), b.to_canonical_bytes()).unwrap();
+    }
+    // What a protocol-v1 agent left: one active slot (43 displaced 42).
+    let v1 = json!({
+        "format": "pde.agent-state/v1", "seq": 2,
+        "active": {"digest": a43.digest, "version": "1.0.0", "policy_id": "43",
+                   "env": ENV, "activated_at": "2026-01-01T00:00:00Z"},
+        "history": [a42.digest, a43.digest],
+        "bundles": {
+            a42.digest.clone(): {"version": "1.0.0", "policy_id": "42", "stored_at": "2026-01-01T00:00:00Z", "seq": 1},
+            a43.digest.clone(): {"version": "1.0.0", "policy_id": "43", "stored_at": "2026-01-01T00:00:00Z", "seq": 2}},
+        "idempotency": {
+            key_for(&a42): {"digest": a42.digest, "seq": 1},
+            key_for(&a43): {"digest": a43.digest, "seq": 2}}
+    });
+    std::fs::write(data.join("state.json"), v1.to_string()).unwrap();
+    let cfg = config(dir.path(), trusted(&s));
+    let agent = start_with(cfg, dir).await;
+    let c = client();
+
+    assert!(!agent.data_dir.join("state.json").exists());
+    assert!(agent.data_dir.join("state.v1.json").exists());
+    for id in ["42", "43"] {
+        assert!(policy_file(&agent.data_dir, id).exists(), "{id}");
+    }
+    let (_, record) = get(&c, format!("{}/active/43", agent.base)).await;
+    assert_eq!(record["digest"], a43.digest.as_str());
+    assert_eq!(record["activated_at"], "2026-01-01T00:00:00Z");
+    assert_eq!(active_all(&c, &agent.base).await, actives(&[("43", &a43)]));
+    assert_eq!(
+        stored(&c, &agent.base).await,
+        vec![a43.digest.clone(), a42.digest.clone()]
+    );
+    // The keys came along: a repeat is a no-op, a reuse a conflict.
+    let (status, body) = deploy(&c, &agent.base, &a43).await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (StatusCode::OK, Some("unchanged")),
+        "{body}"
+    );
+    let (status, _) =
+        send_deploy(&c, &agent.base, &to_json(&a43), Some(&key_for(&a42)), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    // 42's displaced bundle deploys again beside 43 (its key's bundle is no
+    // longer active, so the same request re-activates it).
+    let (status, body) = deploy(&c, &agent.base, &a42).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "activated");
+    assert_eq!(
+        active_all(&c, &agent.base).await,
+        actives(&[("42", &a42), ("43", &a43)])
+    );
+    // 43's own history starts at its migrated activation.
+    let (status, body) = rollback(&c, &agent.base, "43", Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "deactivated");
+    assert_eq!(active_all(&c, &agent.base).await, actives(&[("42", &a42)]));
 }
