@@ -16,7 +16,7 @@ cd "$root"
 ensure_wasm_target
 
 echo "==> building pde and the example plugins"
-cargo build --locked -q -p pde -p pde-plugin-artifacts
+cargo build --locked -q -p pde-cli -p pde-plugin-artifacts
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 pde="$target_dir/debug/pde"
 wasm_dir="$root/target/wasm-plugins/wasm32-wasip2/plugin"

@@ -4,6 +4,8 @@
 //! the protocol cases), and the real `pde` binary spawned as a process (for
 //! start-up refusal, restarts and `kill -9`). Bundles are sealed with real
 //! ed25519 keys generated into temp dirs; nothing is mocked.
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
@@ -12,10 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use pde::agent::{Agent, AgentConfig, AgentError};
 use pde::bundle::{Bundle, Manifest, Payload};
 use pde::error::{ExitCode, HasExitCode};
 use pde::keys::{self, TrustedKeys};
+use pde_agent::{Agent, AgentConfig, AgentError};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

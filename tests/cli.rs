@@ -1,6 +1,8 @@
 //! The `pde` binary as scripts and release engineers see it: arguments,
 //! `--output json`, and the exit codes of DESIGN §8, over real agent
 //! processes on loopback.
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use pde::keys::{self, TrustedKeys};
 
 /// A tokio runtime shared by every server a test starts; it lives on its own
-/// threads so the synchronous [`pde::Engine`] can be driven from the test.
+/// threads so the blocking [`pde::blocking::Engine`] can be driven from the test.
 pub fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
@@ -27,7 +27,7 @@ pub fn runtime() -> &'static tokio::runtime::Runtime {
 
 /// Starts an in-process `pde agent` that trusts `trusted`; returns its base URL.
 pub fn start_agent(data_dir: &Path, trusted: &Path) -> String {
-    let cfg = pde::agent::AgentConfig {
+    let cfg = pde_agent::AgentConfig {
         data_dir: data_dir.to_path_buf(),
         trusted: TrustedKeys::from_files(&[trusted]).expect("trusted key"),
         insecure_accept_unsigned: false,
@@ -36,7 +36,7 @@ pub fn start_agent(data_dir: &Path, trusted: &Path) -> String {
         keep: 10,
         on_activate: None,
     };
-    let agent = pde::agent::Agent::open(cfg).expect("agent opens");
+    let agent = pde_agent::Agent::open(cfg).expect("agent opens");
     let listener = runtime()
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
@@ -187,8 +187,8 @@ impl Workspace {
         );
     }
 
-    pub fn engine(&self) -> pde::Engine {
-        pde::Engine::open(self.root()).expect("engine opens")
+    pub fn engine(&self) -> pde::blocking::Engine {
+        pde::blocking::Engine::open(self.root()).expect("engine opens")
     }
 
     pub fn release_pub(&self) -> PathBuf {

@@ -1,0 +1,100 @@
+//! The agent's command line, shared by `pde agent` and the `pde-agent`
+//! binary: the flags, and the run that prints where it listens.
+//!
+//! The first line on stdout is always `listening on <addr>` with the bound
+//! address (the real port when `--listen` asks for port 0), so scripts and
+//! tests can find the agent without racing for a port. That line is the
+//! only thing this crate prints; everything else goes through `tracing`.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use pde_core::keys::TrustedKeys;
+use pde_core::secret;
+
+use crate::{Agent, AgentConfig, AgentError, DEFAULT_KEEP, DEFAULT_MAX_BODY_BYTES};
+
+/// Run the receiving service that `pde deploy` pushes bundles to.
+#[derive(Debug, clap::Args)]
+pub struct AgentArgs {
+    /// Address to listen on, e.g. 127.0.0.1:8700 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Directory for stored bundles and the active pointers (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: PathBuf,
+    /// Public key whose signatures are accepted (repeatable).
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    pub trusted_keys: Vec<PathBuf>,
+    /// Require `Authorization: Bearer <token>`, the token read from this variable.
+    #[arg(long, value_name = "NAME")]
+    pub token_env: Option<String>,
+    /// With no --trusted-key, accept bundles without checking signatures.
+    #[arg(long)]
+    pub insecure_accept_unsigned: bool,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_BODY_BYTES)]
+    pub max_body_bytes: usize,
+    /// Stored bundles to keep per policy (the active one is never pruned).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_KEEP)]
+    pub keep: usize,
+    /// Shell command run after each activation, with the bundle path appended.
+    #[arg(long, value_name = "CMD")]
+    pub on_activate: Option<String>,
+}
+
+impl AgentArgs {
+    /// The configuration these flags describe; a relative `--data-dir` is
+    /// taken from `base` (`-C`).
+    pub fn config(self, base: &Path) -> Result<AgentConfig, AgentError> {
+        let trusted = TrustedKeys::from_files(&self.trusted_keys)
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let token = match &self.token_env {
+            None => None,
+            Some(name) => Some(secret::from_env(name).ok_or_else(|| {
+                AgentError::Config(format!(
+                    "--token-env {name}: the variable is not set (or empty); export it with the bearer token"
+                ))
+            })?),
+        };
+        let data_dir = if self.data_dir.is_absolute() {
+            self.data_dir
+        } else {
+            base.join(self.data_dir)
+        };
+        Ok(AgentConfig {
+            data_dir,
+            trusted,
+            insecure_accept_unsigned: self.insecure_accept_unsigned,
+            token,
+            max_body_bytes: self.max_body_bytes,
+            keep: self.keep,
+            on_activate: self.on_activate,
+        })
+    }
+}
+
+/// Opens the agent, binds, prints `listening on <addr>` and serves until
+/// ctrl-c or SIGTERM. Runs its own tokio runtime.
+pub fn run(args: AgentArgs, base: &Path) -> Result<(), AgentError> {
+    let listen = args.listen;
+    let cfg = args.config(base)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(AgentError::Serve)?;
+    runtime.block_on(async move {
+        let agent = Agent::open(cfg)?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| AgentError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(AgentError::Serve)?;
+        println!("listening on {addr}");
+        let _ = std::io::stdout().flush();
+        agent.serve(listener, crate::shutdown_signal()).await
+    })
+}

@@ -1,0 +1,355 @@
+//! pde-agent: the reference receiving service (DESIGN §6, §8 "Push protocol"),
+//! run as `pde agent` or as its own small binary `pde-agent`, which links
+//! neither wasmtime nor a database.
+//!
+//! A service runs this beside itself; `pde deploy` pushes bundles to it. It
+//! exists so that the push side always has a real, strict counterpart, and so
+//! that teams implementing the protocol in their own service have a reference
+//! (`docs/agent.md`).
+//!
+//! The parts:
+//! - [`store`]: the data dir, atomic writes and crash recovery;
+//! - `routes`: the HTTP handlers and their status codes;
+//! - `auth`: the optional bearer token;
+//! - `hook`: the optional `--on-activate` command.
+//!
+//! What it guarantees: a bundle becomes active only after its digest was
+//! recomputed and its signature checked against the trusted keys; the active
+//! pointer only ever names a completely written bundle, whatever moment the
+//! process is killed at; state changes are applied one at a time.
+
+mod auth;
+pub mod cli;
+mod hook;
+mod routes;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
+use axum::routing::{get, post};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use pde_core::keys::TrustedKeys;
+use pde_core::secret::{ExposeSecret, Secret};
+use pde_core::{ExitCode, HasExitCode};
+
+pub use store::ActiveRecord;
+
+/// Default `--max-body-bytes`: 16 MiB.
+pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Default `--keep`: stored bundles kept.
+pub const DEFAULT_KEEP: usize = 10;
+
+/// How an agent is set up. Its `Debug` output never shows the token.
+#[derive(Clone)]
+pub struct AgentConfig {
+    /// Where bundles and state live (created if missing).
+    pub data_dir: PathBuf,
+    /// Public keys whose signatures are accepted.
+    pub trusted: TrustedKeys,
+    /// Accept unsigned bundles when no key is trusted. Never in production.
+    pub insecure_accept_unsigned: bool,
+    /// Bearer token required on every route but the health checks.
+    pub token: Option<Secret>,
+    /// Largest request body accepted; larger ones get 413.
+    pub max_body_bytes: usize,
+    /// How many stored bundles to keep (the active one is never pruned).
+    pub keep: usize,
+    /// Shell command run after each activation, with the bundle path appended.
+    pub on_activate: Option<String>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("data_dir", &self.data_dir)
+            .field("trusted", &self.trusted.key_ids())
+            .field("insecure_accept_unsigned", &self.insecure_accept_unsigned)
+            .field("token", &self.token)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("keep", &self.keep)
+            .field("on_activate", &self.on_activate)
+            .finish()
+    }
+}
+
+impl AgentConfig {
+    /// A configuration with the defaults: no trusted key (so it will refuse to
+    /// start until one is added), no token, 16 MiB bodies, keep 10, no hook.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        AgentConfig {
+            data_dir: data_dir.into(),
+            trusted: TrustedKeys::new(),
+            insecure_accept_unsigned: false,
+            token: None,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            keep: DEFAULT_KEEP,
+            on_activate: None,
+        }
+    }
+}
+
+/// Why the agent could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// No trusted key, and unsigned bundles were not explicitly allowed.
+    #[error(
+        "no trusted key configured: pass --trusted-key FILE (a public key written by `pde keygen`), \
+         or --insecure-accept-unsigned to accept bundles without checking signatures (never in production)"
+    )]
+    NoTrustedKeys,
+    /// A setting is out of range.
+    #[error("invalid agent setting: {0}")]
+    Config(String),
+    /// The data dir could not be opened or recovered.
+    #[error(
+        "cannot open the agent data dir {dir}: {source}; check that it exists and is writable by this user"
+    )]
+    DataDir {
+        /// The data dir.
+        dir: PathBuf,
+        /// What failed.
+        source: store::StoreError,
+    },
+    /// Another agent runs on the same data dir.
+    #[error(
+        "data dir {0} is in use by another running `pde agent`; stop that one, or give this one its own --data-dir"
+    )]
+    InUse(PathBuf),
+    /// The state file is damaged (it is only ever replaced atomically, so
+    /// something outside the agent changed it).
+    #[error(
+        "agent state in {dir} is damaged: {source}; restore the data dir from a backup, \
+         or move it away to start empty and redeploy"
+    )]
+    CorruptState {
+        /// The data dir.
+        dir: PathBuf,
+        /// What is wrong.
+        source: store::StoreError,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}; pick a free port or another address")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The server stopped with an I/O error.
+    #[error("the agent's HTTP server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+impl HasExitCode for AgentError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            AgentError::CorruptState { .. } => ExitCode::Integrity,
+            AgentError::NoTrustedKeys
+            | AgentError::Config(_)
+            | AgentError::DataDir { .. }
+            | AgentError::InUse(_)
+            | AgentError::Bind { .. }
+            | AgentError::Serve(_) => ExitCode::Usage,
+        }
+    }
+}
+
+/// A ready-to-serve agent: configuration checked, data dir recovered.
+pub struct Agent {
+    state: routes::AppState,
+    token: Option<auth::TokenCheck>,
+}
+
+impl Agent {
+    /// Checks the configuration and opens (and, after a crash, recovers) the
+    /// data dir. Refuses to start without a trusted key unless unsigned
+    /// bundles were explicitly allowed.
+    pub fn open(cfg: AgentConfig) -> Result<Agent, AgentError> {
+        if cfg.keep == 0 {
+            return Err(AgentError::Config(
+                "--keep must be at least 1 (the active bundle is always kept)".into(),
+            ));
+        }
+        if cfg.max_body_bytes == 0 {
+            return Err(AgentError::Config(
+                "--max-body-bytes must be at least 1".into(),
+            ));
+        }
+        if cfg
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose_secret().trim().is_empty())
+        {
+            return Err(AgentError::Config(
+                "the bearer token is empty; set the variable named by --token-env to a secret"
+                    .into(),
+            ));
+        }
+        let check_signatures = !cfg.trusted.is_empty();
+        if !check_signatures {
+            if !cfg.insecure_accept_unsigned {
+                return Err(AgentError::NoTrustedKeys);
+            }
+            warn!(
+                "INSECURE: no trusted key configured and --insecure-accept-unsigned is set; \
+                 this agent will activate bundles WITHOUT checking any signature"
+            );
+        } else if cfg.insecure_accept_unsigned {
+            warn!(
+                "--insecure-accept-unsigned is ignored: trusted keys are configured, so every bundle must be signed by one"
+            );
+        }
+        // What was active before a restart is served again only if it still
+        // verifies: digest, and signature against the keys trusted now.
+        let verify = |bundle: &pde_core::bundle::Bundle| -> Result<(), String> {
+            bundle.verify_digest().map_err(|e| e.to_string())?;
+            if check_signatures {
+                bundle
+                    .verify_signature(&cfg.trusted)
+                    .map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        };
+        let store =
+            store::Store::open(&cfg.data_dir, cfg.keep, &verify).map_err(
+                |source| match source {
+                    store::StoreError::InUse(dir) => AgentError::InUse(dir),
+                    store::StoreError::CorruptState { .. } => AgentError::CorruptState {
+                        dir: cfg.data_dir.clone(),
+                        source,
+                    },
+                    source => AgentError::DataDir {
+                        dir: cfg.data_dir.clone(),
+                        source,
+                    },
+                },
+            )?;
+        let active = store.active_all();
+        if active.is_empty() {
+            info!("no active policy yet");
+        }
+        for (policy_id, a) in active {
+            info!(%policy_id, digest = %a.digest, version = %a.version, "recovered active bundle");
+        }
+        let integrity = store.integrity_events().to_vec();
+        info!(
+            data_dir = %cfg.data_dir.display(),
+            trusted_keys = ?cfg.trusted.key_ids(),
+            token_required = cfg.token.is_some(),
+            max_body_bytes = cfg.max_body_bytes,
+            keep = cfg.keep,
+            "agent ready"
+        );
+        Ok(Agent {
+            token: cfg
+                .token
+                .as_ref()
+                .map(|t| auth::TokenCheck::new(t.expose_secret())),
+            state: routes::AppState {
+                store: Arc::new(Mutex::new(store)),
+                hooks: Arc::default(),
+                settings: Arc::new(routes::Settings {
+                    trusted: cfg.trusted,
+                    check_signatures,
+                    max_body_bytes: cfg.max_body_bytes,
+                    on_activate: cfg.on_activate,
+                    data_dir: cfg.data_dir,
+                    integrity,
+                }),
+            },
+        })
+    }
+
+    /// The HTTP routes. Health checks are open; everything else requires the
+    /// bearer token when one is configured.
+    pub fn router(&self) -> Router {
+        let limit = self.state.settings.max_body_bytes;
+        let mut protected = Router::new()
+            .route("/deploy", post(routes::deploy))
+            .route("/rollback", post(routes::rollback))
+            .route("/active", get(routes::active))
+            .route("/active/{policy_id}", get(routes::active_one))
+            .route("/bundles", get(routes::bundles));
+        if let Some(check) = &self.token {
+            protected = protected.layer(middleware::from_fn_with_state(
+                check.clone(),
+                auth::require_token,
+            ));
+        }
+        Router::new()
+            .route("/healthz", get(routes::healthz))
+            .route("/readyz", get(routes::readyz))
+            .merge(protected)
+            .fallback(routes::not_found)
+            .method_not_allowed_fallback(routes::method_not_allowed)
+            .layer(DefaultBodyLimit::max(limit))
+            .layer(middleware::from_fn_with_state(
+                limit,
+                routes::check_content_length,
+            ))
+            .layer(middleware::from_fn(routes::log_requests))
+            .with_state(self.state.clone())
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then finishes the
+    /// requests in flight.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), AgentError> {
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "agent listening");
+        }
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(AgentError::Serve)
+    }
+}
+
+/// Completes on ctrl-c or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    info!("shutting down");
+}
+
+/// Opens the agent, binds `listen`, logs the bound address and serves until
+/// ctrl-c or SIGTERM.
+pub async fn run(cfg: AgentConfig, listen: SocketAddr) -> Result<(), AgentError> {
+    let agent = Agent::open(cfg)?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|source| AgentError::Bind {
+            addr: listen,
+            source,
+        })?;
+    agent.serve(listener, shutdown_signal()).await
+}

@@ -1,0 +1,47 @@
+//! `pde-agent`: the receiving service as a small binary of its own, for
+//! hosts that run a target service and should not carry the plugin runtime.
+//! It takes exactly the flags of `pde agent`.
+
+use clap::Parser;
+use pde_core::HasExitCode;
+
+/// pde-agent: receives policy bundles pushed by `pde deploy` (see docs/agent.md).
+#[derive(Debug, Parser)]
+#[command(name = "pde-agent", version, about)]
+struct Cli {
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(flatten)]
+    agent: pde_agent::cli::AgentArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return std::process::ExitCode::from(if usage { 2 } else { 0 });
+        }
+    };
+    let level = match cli.verbose {
+        0 | 1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    match pde_agent::cli::run(cli.agent, std::path::Path::new(".")) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(e.exit_code().code())
+        }
+    }
+}

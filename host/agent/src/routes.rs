@@ -1,0 +1,634 @@
+//! HTTP handlers of the agent: request parsing, verification, and the mapping
+//! of every outcome onto a status code and a JSON body.
+//!
+//! Verification (digest, signature) happens before the state lock is taken,
+//! so a flood of bad bundles cannot hold up good ones. Every state change runs
+//! under one `tokio::sync::Mutex`, on a blocking thread (the store does
+//! synchronous file I/O with fsyncs), so deploys and rollbacks are applied one
+//! at a time, in lock order. Activation hooks run on their own worker, in
+//! activation order, outside the lock (see [`after_activation`]).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, OwnedMutexGuard};
+use tracing::{Instrument, error, info, info_span, warn};
+
+use super::hook;
+use super::store::{
+    ActiveRecord, DeployOutcome, Incoming, RollbackOutcome, Store, StoreError, is_valid_policy_id,
+    is_well_formed_digest, probe_writable,
+};
+use pde_core::bundle::{Bundle, BundleError, canonical_json};
+use pde_core::keys::TrustedKeys;
+
+/// The header that makes a deploy idempotent.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The header on every answer that names the push protocol versions spoken.
+pub const PROTOCOL_HEADER: &str = "pde-protocol";
+/// The push protocol versions this agent speaks (also in `GET /healthz`).
+pub use pde_core::wire::PROTOCOL_VERSIONS;
+/// Longest idempotency key accepted.
+const MAX_KEY_LEN: usize = 512;
+
+/// Everything a handler needs.
+#[derive(Clone)]
+pub struct AppState {
+    /// The data dir, behind the lock that serialises state changes.
+    pub store: Arc<Mutex<Store>>,
+    /// Immutable settings.
+    pub settings: Arc<Settings>,
+    /// The queue of the activation-hook worker, started on first use.
+    pub hooks: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HookJob>>>,
+}
+
+/// The agent's settings, fixed at start.
+pub struct Settings {
+    /// Keys whose signatures are accepted.
+    pub trusted: TrustedKeys,
+    /// `false` only with `--insecure-accept-unsigned` and no trusted key.
+    pub check_signatures: bool,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Command run after each activation.
+    pub on_activate: Option<String>,
+    /// The data dir (for the readiness probe, which does not take the lock).
+    pub data_dir: std::path::PathBuf,
+    /// Active bundles refused at start because they no longer verified;
+    /// `GET /healthz` lists them, without taking the state lock.
+    pub integrity: Vec<String>,
+}
+
+/// An error answer: a status and `{"error": <code>, "reason": <text>}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    reason: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, reason: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            reason: reason.into(),
+        }
+    }
+
+    /// 400: the request is malformed.
+    pub fn bad_request(code: &'static str, reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, reason)
+    }
+
+    /// 401: missing or wrong bearer token.
+    pub fn unauthorized(reason: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", reason)
+    }
+
+    /// 413: the body is over the configured limit.
+    pub fn too_large(limit: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("request body is over the agent's limit of {limit} bytes (--max-body-bytes)"),
+        )
+    }
+
+    fn internal(what: &str, e: impl std::fmt::Display) -> Self {
+        error!(error = %e, "{what}");
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "storage_failed",
+            format!("{what}: {e}"),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.code, "reason": self.reason})),
+        )
+            .into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        ApiError::internal("the data dir could not be updated", e)
+    }
+}
+
+fn bundle_error(e: &BundleError) -> ApiError {
+    let (status, code) = match e {
+        BundleError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_bundle"),
+        BundleError::Format(_) => (StatusCode::BAD_REQUEST, "unsupported_format"),
+        BundleError::Digest { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "digest_mismatch"),
+        BundleError::Signature { .. } => (StatusCode::FORBIDDEN, "signature_rejected"),
+    };
+    ApiError::new(status, code, e.to_string())
+}
+
+/// Middleware: one span per request, and one line with its status and time.
+pub async fn log_requests(request: Request, next: Next) -> Response {
+    let span = info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+    );
+    let started = Instant::now();
+    async move {
+        let mut response = next.run(request).await;
+        response
+            .headers_mut()
+            .insert(PROTOCOL_HEADER, axum::http::HeaderValue::from_static("2"));
+        info!(
+            status = response.status().as_u16(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "handled"
+        );
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+/// Middleware: refuses a body announced as too large before reading any of it.
+pub async fn check_content_length(
+    State(limit): State<usize>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let announced = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        warn!(
+            content_length = announced,
+            limit, "rejected request: body over the limit"
+        );
+        return Err(ApiError::too_large(limit));
+    }
+    Ok(next.run(request).await)
+}
+
+/// Answers for unknown paths.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+/// Answers for a known path with the wrong method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not accept that method (see docs/agent.md)",
+    )
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            warn!(limit, "rejected request: body over the limit");
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad_request("unreadable_body", rejection.body_text())
+        }
+    })
+}
+
+/// Runs `f` on the store, on a blocking thread, while holding the lock.
+async fn with_store<T, F>(
+    guard: OwnedMutexGuard<Store>,
+    f: F,
+) -> Result<(OwnedMutexGuard<Store>, T), ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Store) -> T + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let mut guard = guard;
+        let out = f(&mut guard);
+        (guard, out)
+    })
+    .await
+    .map_err(|e| ApiError::internal("a state update panicked", e))
+}
+
+/// Parses and verifies a deploy body: `{bundle, env}`.
+fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request("malformed_request", format!("body is not JSON: {e}"))
+    })?;
+    let env = match value.get("env") {
+        Some(Value::String(env)) if !env.trim().is_empty() => env.clone(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "malformed_request",
+                "`env` must be a non-empty string naming the environment",
+            ));
+        }
+    };
+    let Some(Value::Object(raw)) = value.get("bundle") else {
+        return Err(ApiError::bad_request(
+            "malformed_request",
+            "`bundle` must be a pde.bundle/v1 object",
+        ));
+    };
+    // Keep exactly what the digest and signatures cover, plus the fields that
+    // carry them; the payload is stored as received, unknown fields included,
+    // so the stored file still hashes to its digest.
+    let mut kept = serde_json::Map::new();
+    for field in ["format", "digest", "signatures", "payload"] {
+        if let Some(v) = raw.get(field) {
+            kept.insert(field.to_string(), v.clone());
+        }
+    }
+    let kept = Value::Object(kept);
+    let bundle = Bundle::from_value(kept.clone()).map_err(|e| bundle_error(&e))?;
+    let policy_id = &bundle.payload.manifest.policy_id;
+    if !is_valid_policy_id(policy_id) {
+        return Err(ApiError::bad_request(
+            "malformed_bundle",
+            format!(
+                "policy id {policy_id:?} must be 1 to 128 of A-Z a-z 0-9 . _ - and start with a letter or digit"
+            ),
+        ));
+    }
+    if settings.check_signatures {
+        bundle
+            .verify_signature(&settings.trusted)
+            .map_err(|e| bundle_error(&e))?;
+    } else {
+        warn!(digest = %bundle.digest, "accepting bundle WITHOUT checking its signature (--insecure-accept-unsigned)");
+    }
+    Ok((
+        Incoming {
+            digest: bundle.digest.clone(),
+            version: bundle.payload.manifest.version.clone(),
+            policy_id: bundle.payload.manifest.policy_id.clone(),
+            bytes: canonical_json(&kept),
+        },
+        env,
+    ))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY) else {
+        return Err(ApiError::bad_request(
+            "missing_idempotency_key",
+            "an `Idempotency-Key` header is required (by convention `<digest>:<env>`)",
+        ));
+    };
+    let key = value.to_str().unwrap_or("").trim();
+    if key.is_empty() || key.len() > MAX_KEY_LEN {
+        return Err(ApiError::bad_request(
+            "bad_idempotency_key",
+            format!("`Idempotency-Key` must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
+        ));
+    }
+    Ok(key.to_string())
+}
+
+/// One activation waiting for its hook.
+pub struct HookJob {
+    record: ActiveRecord,
+    bundle: std::path::PathBuf,
+    done: tokio::sync::oneshot::Sender<Result<ActiveRecord, ApiError>>,
+}
+
+/// Hands the activation to the hook worker and waits for its verdict.
+///
+/// Called with the state lock held, so jobs are queued in activation order;
+/// the worker runs them one at a time in that order, so the service is
+/// reloaded with the bundles in the order they became active, and the last
+/// reload is always of the active one. The lock is released before the hook
+/// runs: a slow hook holds up neither `GET /active` nor the next deploy.
+/// The worker is its own task, so a client that hangs up does not cut a hook
+/// short or lose its result.
+async fn after_activation(
+    app: &AppState,
+    guard: OwnedMutexGuard<Store>,
+    record: ActiveRecord,
+) -> Result<ActiveRecord, ApiError> {
+    let Some(cmd) = app.settings.on_activate.clone() else {
+        return Ok(record);
+    };
+    let queue = app.hooks.get_or_init(|| {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(hook_worker(cmd, app.store.clone(), rx));
+        tx
+    });
+    let (done, verdict) = tokio::sync::oneshot::channel();
+    let job = HookJob {
+        bundle: guard.bundle_path(&record.digest),
+        record,
+        done,
+    };
+    queue
+        .send(job)
+        .map_err(|e| ApiError::internal("the activation hook worker stopped", e))?;
+    drop(guard);
+    verdict
+        .await
+        .map_err(|e| ApiError::internal("the activation hook worker stopped", e))?
+}
+
+async fn hook_worker(
+    cmd: String,
+    store: Arc<Mutex<Store>>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<HookJob>,
+) {
+    while let Some(HookJob {
+        mut record,
+        bundle,
+        done,
+    }) = jobs.recv().await
+    {
+        let failed = match hook::run(&cmd, &bundle, &record).await {
+            Ok(()) => false,
+            Err(e) => {
+                warn!(digest = %record.digest, error = %e, "activation hook failed; the bundle stays active");
+                true
+            }
+        };
+        let digest = record.digest.clone();
+        let policy_id = record.policy_id.clone();
+        let guard = store.clone().lock_owned().await;
+        let result = match with_store(guard, move |s| {
+            s.set_hook_failed(&policy_id, &digest, failed)
+        })
+        .await
+        {
+            Ok((_guard, Ok(()))) => {
+                record.hook_failed = Some(failed);
+                Ok(record)
+            }
+            Ok((_guard, Err(e))) => Err(ApiError::from(e)),
+            Err(e) => Err(e),
+        };
+        let _ = done.send(result);
+    }
+}
+
+/// `POST /deploy`.
+pub async fn deploy(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let key = idempotency_key(&headers).inspect_err(|e| {
+        warn!(outcome = "rejected", error = e.code, "deploy rejected");
+    })?;
+    let body = body_bytes(body, app.settings.max_body_bytes)?;
+    let settings = app.settings.clone();
+    let parsed = tokio::task::spawn_blocking(move || parse_deploy(&body, &settings))
+        .await
+        .map_err(|e| ApiError::internal("bundle verification panicked", e))?;
+    let (incoming, env) = match parsed {
+        Ok(ok) => ok,
+        Err(e) => {
+            warn!(outcome = "rejected", error = e.code, reason = %e.reason, "deploy rejected");
+            return Err(e);
+        }
+    };
+    let digest = incoming.digest.clone();
+    let hook = app.settings.on_activate.is_some();
+    let guard = app.store.clone().lock_owned().await;
+    let (guard, outcome) = {
+        let key = key.clone();
+        let env = env.clone();
+        with_store(guard, move |s| s.deploy(&key, &env, &incoming, hook)).await?
+    };
+    match outcome? {
+        DeployOutcome::Repeat(active) => {
+            info!(%digest, %env, policy_id = %active.policy_id, outcome = "repeat", "deploy is a repeat of an earlier request; nothing to do");
+            Ok(
+                Json(json!({"outcome": "unchanged", "digest": digest, "active": active}))
+                    .into_response(),
+            )
+        }
+        DeployOutcome::AlreadyActive(active) => {
+            info!(%digest, %env, policy_id = %active.policy_id, outcome = "already-active", "deployed bundle is already active");
+            Ok(
+                Json(json!({"outcome": "already-active", "digest": digest, "active": active}))
+                    .into_response(),
+            )
+        }
+        DeployOutcome::KeyConflict { previous } => {
+            warn!(%digest, %env, %previous, outcome = "key-conflict", "idempotency key reused with another digest");
+            Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_conflict",
+                format!(
+                    "Idempotency-Key {key:?} was already used with {previous}; the key binds the policy, \
+                     digest and environment of a request, so use a new key for a different one"
+                ),
+            ))
+        }
+        DeployOutcome::Activated(record) => {
+            info!(%digest, %env, policy_id = %record.policy_id, version = %record.version, outcome = "activated", "bundle activated");
+            let record = after_activation(&app, guard, record).await?;
+            Ok(
+                Json(json!({"outcome": "activated", "digest": digest, "active": record}))
+                    .into_response(),
+            )
+        }
+    }
+}
+
+/// `GET /active`: every active policy, `{"policies": {"<id>": {…}}}`.
+pub async fn active(State(app): State<AppState>) -> Json<Value> {
+    let store = app.store.lock().await;
+    Json(json!({"policies": store.active_all()}))
+}
+
+/// `GET /active/{policy_id}`: one policy's active bundle, 404 when it has none.
+pub async fn active_one(
+    State(app): State<AppState>,
+    Path(policy_id): Path<String>,
+) -> Result<Json<ActiveRecord>, ApiError> {
+    let store = app.store.lock().await;
+    store.active(&policy_id).cloned().map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "policy_not_active",
+            format!("policy {policy_id:?} is not active on this agent"),
+        )
+    })
+}
+
+/// Query of `GET /bundles`.
+#[derive(Debug, serde::Deserialize)]
+pub struct BundlesQuery {
+    /// Only this policy's bundles.
+    policy_id: Option<String>,
+}
+
+/// `GET /bundles[?policy_id=ID]`.
+pub async fn bundles(State(app): State<AppState>, Query(q): Query<BundlesQuery>) -> Json<Value> {
+    let store = app.store.lock().await;
+    Json(json!({"bundles": store.list(q.policy_id.as_deref())}))
+}
+
+/// `POST /rollback` with `{"policy_id": "<id>", "to": "<digest>" | null}`.
+pub async fn rollback(
+    State(app): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body_bytes(body, app.settings.max_body_bytes)?;
+    let value: Value = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("malformed_request", format!("body is not JSON: {e}"))
+    })?;
+    let policy_id = match value.get("policy_id") {
+        Some(Value::String(id)) if is_valid_policy_id(id) => id.clone(),
+        _ => {
+            return Err(ApiError::bad_request(
+                "malformed_request",
+                "`policy_id` must name the policy to roll back (push protocol v2: \
+                 {\"policy_id\": \"<id>\", \"to\": \"<digest>\" | null})",
+            ));
+        }
+    };
+    let to = match value.get("to") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) if is_well_formed_digest(d) => Some(d.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "malformed_request",
+                "`to` must be null or a digest of the form sha256:<64 lowercase hex digits>",
+            ));
+        }
+    };
+    let hook = app.settings.on_activate.is_some();
+    let settings = app.settings.clone();
+    let guard = app.store.clone().lock_owned().await;
+    let (guard, outcome) = with_store(guard, move |s| -> Result<RollbackOutcome, ApiError> {
+        // Re-check what is about to become active: the file may have been
+        // damaged on disk, or the trusted keys changed since it was stored.
+        let target = match &to {
+            Some(d) if s.owner(d) == Some(policy_id.as_str()) => Some(d.clone()),
+            Some(_) => None,
+            None => s.previous(&policy_id).map(str::to_string),
+        };
+        if let Some(target) = &target
+            && s.active(&policy_id).is_none_or(|a| &a.digest != target)
+        {
+            let bundle = s.load_bundle(target).map_err(|e| {
+                ApiError::new(StatusCode::CONFLICT, "stored_bundle_damaged", e.to_string())
+            })?;
+            if settings.check_signatures {
+                bundle
+                    .verify_signature(&settings.trusted)
+                    .map_err(|e| bundle_error(&e))?;
+            }
+        }
+        Ok(s.rollback(&policy_id, to.as_deref(), hook)?)
+    })
+    .await?;
+    match outcome {
+        Err(e) => {
+            warn!(outcome = "rejected", error = e.code, reason = %e.reason, "rollback rejected");
+            Err(e)
+        }
+        Ok(RollbackOutcome::Unknown) => {
+            warn!(
+                outcome = "unknown-digest",
+                "rollback to a digest that is not stored"
+            );
+            Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown_digest",
+                "no bundle with that digest is stored on this agent (see GET /bundles)",
+            ))
+        }
+        Ok(RollbackOutcome::OtherPolicy { owner }) => {
+            warn!(
+                outcome = "other-policy",
+                %owner, "rollback to a digest of another policy"
+            );
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "digest_of_other_policy",
+                format!("that digest is a bundle of policy {owner:?}, not of the policy named"),
+            ))
+        }
+        Ok(RollbackOutcome::NothingToRollBack) => {
+            warn!(
+                outcome = "nothing-to-roll-back",
+                "rollback with no earlier activation"
+            );
+            Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "nothing_to_roll_back",
+                "this policy has no earlier activation to return to",
+            ))
+        }
+        Ok(RollbackOutcome::Deactivated { digest }) => {
+            info!(%digest, outcome = "deactivated", "rolled back to the policy not being active");
+            Ok(
+                Json(json!({"outcome": "deactivated", "digest": digest, "active": null}))
+                    .into_response(),
+            )
+        }
+        Ok(RollbackOutcome::AlreadyActive(record)) => {
+            info!(digest = %record.digest, outcome = "already-active", "rollback target is already active");
+            Ok(Json(
+                json!({"outcome": "already-active", "digest": record.digest, "active": record}),
+            )
+            .into_response())
+        }
+        Ok(RollbackOutcome::Activated(record)) => {
+            info!(digest = %record.digest, version = %record.version, outcome = "rolled-back", "rolled back");
+            let record = after_activation(&app, guard, record).await?;
+            Ok(
+                Json(json!({"outcome": "rolled-back", "digest": record.digest, "active": record}))
+                    .into_response(),
+            )
+        }
+    }
+}
+
+/// `GET /healthz`: the process is up and serving. Also announces the push
+/// protocol versions spoken, and what the agent refused to serve at start.
+pub async fn healthz(State(app): State<AppState>) -> Json<Value> {
+    let mut body = json!({"status": "ok", "protocols": PROTOCOL_VERSIONS});
+    if !app.settings.integrity.is_empty() {
+        body["integrity"] = json!(app.settings.integrity);
+    }
+    Json(body)
+}
+
+/// `GET /readyz`: the data dir (and its bundle store) can be written.
+pub async fn readyz(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let dir = app.settings.data_dir.clone();
+    let probe = tokio::task::spawn_blocking(move || {
+        probe_writable(&dir)?;
+        probe_writable(&dir.join(super::store::BUNDLES_DIR))
+    })
+    .await
+    .map_err(|e| ApiError::internal("readiness probe panicked", e))?;
+    match probe {
+        Ok(()) => Ok(Json(json!({"status": "ready"}))),
+        Err(e) => {
+            warn!(error = %e, "not ready: data dir is not writable");
+            Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not_ready",
+                format!("data dir is not writable: {e}"),
+            ))
+        }
+    }
+}

@@ -1,0 +1,223 @@
+//! Command-line layer: parse arguments, call the library, print the result.
+//!
+//! Every command takes `-C DIR` (like git) and `--output json`. Each
+//! subcommand lives in its own file and returns the [`ExitCode`] to end with;
+//! failures carry theirs in [`Failure`], so the mapping from library error to
+//! exit code is decided once, by the error type, never by a message.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use pde::ExitCode;
+use pde::error::HasExitCode;
+
+mod audit;
+mod deploy;
+mod plugin;
+mod print;
+mod workspace;
+
+/// pde: the Policy Deployment Engine.
+#[derive(Debug, Parser)]
+#[command(name = "pde", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Run as if pde was started in DIR.
+    #[arg(short = 'C', global = true, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Output::Human)]
+    output: Output,
+    /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Readable text.
+    Human,
+    /// One JSON document on stdout.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Validate, package, check, route, push, tag and audit a policy.
+    Deploy(deploy::DeployArgs),
+    /// Validate a policy: schema, versions, conflicts and every validator plugin.
+    Validate(deploy::ValidateArgs),
+    /// Build the signed bundle of a policy.
+    Package(deploy::PackageArgs),
+    /// Show what a deploy would do, without doing it.
+    Plan(deploy::PlanArgs),
+    /// Environment commands.
+    #[command(subcommand)]
+    Env(deploy::EnvCmd),
+    /// Show the active version of each policy per environment.
+    Status(workspace::StatusArgs),
+    /// Show the deployments of a policy, newest first.
+    History(workspace::HistoryArgs),
+    /// Return an environment to an earlier version of a policy.
+    Rollback(workspace::RollbackArgs),
+    /// Check, show and export the audit log.
+    #[command(subcommand)]
+    Audit(audit::AuditCmd),
+    /// Create an ed25519 key pair for signing bundles or plugins.
+    Keygen(workspace::KeygenArgs),
+    /// Create a new policy workspace in the current directory.
+    Init(workspace::InitArgs),
+    /// Inspect, test, sign and verify WebAssembly plugins.
+    #[command(subcommand)]
+    Plugin(plugin::PluginCmd),
+    /// Run the receiving service that targets push bundles to.
+    Agent(pde_agent::cli::AgentArgs),
+}
+
+/// What every command gets besides its own arguments.
+pub struct Ctx {
+    /// The workspace directory (`-C`, default the current directory).
+    pub dir: PathBuf,
+    /// `--output json`.
+    pub json: bool,
+}
+
+impl Ctx {
+    /// Prints `value` as pretty JSON on stdout.
+    pub fn print_json<T: serde::Serialize>(&self, value: &T) {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).expect("output serialises")
+        );
+    }
+}
+
+/// A command that failed, with the exit code its error means.
+pub struct Failure {
+    /// The exit code to end with.
+    pub code: ExitCode,
+    /// What went wrong, with context.
+    pub error: anyhow::Error,
+    /// The report the failure carries (validation findings, per-target
+    /// results), for `--output json`.
+    pub report: Option<serde_json::Value>,
+}
+
+impl Failure {
+    /// A usage or configuration error (exit 2).
+    pub fn usage(message: impl std::fmt::Display) -> Self {
+        Failure {
+            code: ExitCode::Usage,
+            error: anyhow::anyhow!("{message}"),
+            report: None,
+        }
+    }
+
+    /// A usage or configuration error (exit 2) that already has its context.
+    pub fn usage_error(error: anyhow::Error) -> Self {
+        Failure {
+            code: ExitCode::Usage,
+            error,
+            report: None,
+        }
+    }
+
+    /// A failure of the engine, keeping the report it carries.
+    pub fn engine(ctx: &Ctx, e: pde::Error) -> Self {
+        let report = print::error_report(ctx, &e);
+        Failure {
+            code: e.exit_code(),
+            error: e.into(),
+            report,
+        }
+    }
+}
+
+impl<E> From<E> for Failure
+where
+    E: HasExitCode + std::error::Error + Send + Sync + 'static,
+{
+    fn from(e: E) -> Self {
+        Failure {
+            code: e.exit_code(),
+            error: e.into(),
+            report: None,
+        }
+    }
+}
+
+/// What a subcommand returns.
+pub type CmdResult = Result<ExitCode, Failure>;
+
+fn init_tracing(verbose: u8, service: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        // A long-running service logs every request by default.
+        0 if service => "info",
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Entry point of the binary.
+pub fn main() -> std::process::ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let usage = e.use_stderr();
+            let _ = e.print();
+            return std::process::ExitCode::from(if usage { ExitCode::Usage.code() } else { 0 });
+        }
+    };
+    init_tracing(cli.verbose, matches!(cli.command, Command::Agent(_)));
+    let dir = match &cli.dir {
+        Some(d) => d.clone(),
+        None => PathBuf::from("."),
+    };
+    let ctx = Ctx {
+        dir,
+        json: cli.output == Output::Json,
+    };
+    let result = match cli.command {
+        Command::Deploy(args) => deploy::deploy(&ctx, args),
+        Command::Validate(args) => deploy::validate(&ctx, args),
+        Command::Package(args) => deploy::package(&ctx, args),
+        Command::Plan(args) => deploy::plan(&ctx, args),
+        Command::Env(cmd) => deploy::env(&ctx, cmd),
+        Command::Status(args) => workspace::status(&ctx, args),
+        Command::History(args) => workspace::history(&ctx, args),
+        Command::Rollback(args) => workspace::rollback(&ctx, args),
+        Command::Audit(cmd) => audit::run(&ctx, cmd),
+        Command::Keygen(args) => workspace::keygen(&ctx, args),
+        Command::Init(args) => workspace::init(&ctx, args),
+        Command::Plugin(cmd) => plugin::run(&ctx, cmd),
+        Command::Agent(args) => pde_agent::cli::run(args, &ctx.dir)
+            .map(|()| ExitCode::Ok)
+            .map_err(Failure::from),
+    };
+    match result {
+        Ok(code) => std::process::ExitCode::from(code.code()),
+        Err(f) => {
+            if ctx.json {
+                ctx.print_json(&serde_json::json!({
+                    "error": format!("{:#}", f.error),
+                    "exit_code": f.code.code(),
+                    "kind": f.code,
+                    "report": f.report,
+                }));
+            }
+            eprintln!("error: {:#}", f.error);
+            std::process::ExitCode::from(f.code.code())
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! Wall-clock time as pde writes it everywhere: RFC 3339, UTC.
+
+/// The current time as RFC 3339 UTC, e.g. `2026-11-29T04:58:12.123456Z`.
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| String::from("1970-01-01T00:00:00Z"))
+}

@@ -1,0 +1,22 @@
+//! pde-core: the leaves every other pde crate shares.
+//!
+//! Nothing here knows about the engine, the plugin sandbox or the agent;
+//! they all depend on this crate and never the other way round:
+//! - [`exit`]: exit codes (DESIGN §8), imported by every error type;
+//! - [`canonical`], [`bundle`], [`keys`]: canonical JSON, the signed bundle,
+//!   ed25519 key files and trust sets;
+//! - [`wire`]: types of the push protocol shared by pusher and agent;
+//! - [`fsutil`], [`clock`], [`retry`], [`secret`]: atomic durable writes,
+//!   RFC 3339 time, the HTTP retry policy, secret strings.
+
+pub mod bundle;
+pub mod canonical;
+pub mod clock;
+pub mod exit;
+pub mod fsutil;
+pub mod keys;
+pub mod retry;
+pub mod secret;
+pub mod wire;
+
+pub use exit::{ExitCode, HasExitCode};

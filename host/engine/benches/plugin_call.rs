@@ -1,0 +1,144 @@
+//! Cost of the sandbox: a fresh-instance `validate` call of the
+//! `eligibility-bounds` component against the same Rust logic called
+//! natively, on 50- and 1,000-rule policies; plus compiling a component
+//! against loading it from the on-disk cache.
+//!
+//! Three figures per policy size:
+//! - `sandboxed`: `PluginHost::validate`, i.e. new store + WASI context,
+//!   instantiate from the cached `InstancePre`, serialise the document,
+//!   lift/lower across the component boundary, the guest parses the JSON and
+//!   runs the check, the host bounds and attributes the diagnostics;
+//! - `native_same_work`: the same JSON work natively (serialise the document,
+//!   parse it back as the guest must, parse settings, run `check`), so the
+//!   gap to `sandboxed` is the sandbox alone;
+//! - `native_logic`: `check` on an already parsed policy (the floor).
+//!
+//! `call_overhead/*` uses a policy with no rules, where the gap between
+//! sandboxed and native is almost pure per-call overhead.
+//! Results and the command are recorded in BENCHMARKS.md.
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use pde::config::Limits;
+use pde::keys::TrustedKeys;
+use pde::plugin::{CallContext, Plugin, PluginHost, PolicyInput};
+use pde_plugin::{Context, Policy};
+use serde_json::{Value, json};
+
+fn settings() -> Value {
+    json!({"age": {"min": 16, "max": 120}, "income": {"min": 0, "max": 250000}})
+}
+
+/// A DESIGN §8 policy with `n` eligibility rules, one in ten out of range.
+fn policy(n: usize) -> PolicyInput {
+    let rules: Vec<Value> = (0..n)
+        .map(|i| {
+            let (key, value) = match i % 3 {
+                0 => (format!("min_age_{i}"), json!(if i % 10 == 0 { 150 } else { 18 })),
+                1 => (format!("income_cap_{i}"), json!({"min": 0, "max": 40000 + i})),
+                _ => (format!("copay_percent_{i}"), json!(if i % 10 == 2 { 0.5 } else { 20.0 })),
+            };
+            json!({"key": key, "category": "eligibility", "value": value, "description": "generated"})
+        })
+        .collect();
+    let document = json!({
+        "id": "42", "version": "1.3.0", "title": "bench", "agency": "Department of Human Services",
+        "effective": "2099-01-01", "approvals": [], "rules": rules, "config": {}
+    });
+    PolicyInput {
+        id: "42".into(),
+        version: "1.3.0".into(),
+        document,
+    }
+}
+
+fn wasm() -> PathBuf {
+    PathBuf::from(pde_plugin_artifacts::wasm("eligibility-bounds").expect("artifact"))
+}
+
+fn load(host: &PluginHost) -> Plugin {
+    let mut plugin = host.load_file(&wasm(), &TrustedKeys::new()).expect("loads");
+    plugin.settings = settings();
+    plugin
+}
+
+fn native_same_work(p: &PolicyInput, settings_text: &str) -> usize {
+    let text = p.document.to_string();
+    let policy = Policy::from_json(p.id.clone(), p.version.clone(), &text).unwrap();
+    let ctx = Context::from_json("", settings_text).unwrap();
+    eligibility_bounds::check(&policy, &ctx).unwrap().len()
+}
+
+fn calls(c: &mut Criterion) {
+    let host = PluginHost::new(Limits::default(), None).unwrap();
+    let plugin = load(&host);
+    let call = CallContext::default();
+    let settings_text = settings().to_string();
+    let ctx = Context::new("", settings());
+
+    let mut group = c.benchmark_group("call_overhead");
+    let empty = policy(0);
+    group.bench_function("sandboxed", |b| {
+        b.iter(|| host.validate(&plugin, &empty, &call).unwrap().value.len())
+    });
+    group.bench_function("native_same_work", |b| {
+        b.iter(|| native_same_work(&empty, &settings_text))
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("validate");
+    for n in [50usize, 1000] {
+        let p = policy(n);
+        let expected = host.validate(&plugin, &p, &call).unwrap().value.len();
+        assert_eq!(
+            expected,
+            native_same_work(&p, &settings_text),
+            "same findings"
+        );
+        assert!(expected > 0);
+        let parsed = Policy::from_value(p.document.clone());
+        group.bench_with_input(BenchmarkId::new("sandboxed", n), &p, |b, p| {
+            b.iter(|| host.validate(&plugin, p, &call).unwrap().value.len())
+        });
+        group.bench_with_input(BenchmarkId::new("native_same_work", n), &p, |b, p| {
+            b.iter(|| native_same_work(p, &settings_text))
+        });
+        group.bench_with_input(BenchmarkId::new("native_logic", n), &parsed, |b, parsed| {
+            b.iter(|| eligibility_bounds::check(parsed, &ctx).unwrap().len())
+        });
+    }
+    group.finish();
+}
+
+fn loading(c: &mut Criterion) {
+    let cache = tempfile::tempdir().unwrap();
+    let uncached = PluginHost::new(Limits::default(), None).unwrap();
+    let cached = PluginHost::new(Limits::default(), Some(cache.path().join("plugins"))).unwrap();
+    assert!(!load(&cached).loaded_from_cache);
+    assert!(load(&cached).loaded_from_cache);
+    let mut group = c.benchmark_group("load");
+    group.sample_size(10);
+    group.bench_function("compile", |b| b.iter(|| load(&uncached).sha256.len()));
+    group.bench_function("cached", |b| {
+        b.iter(|| {
+            let p = load(&cached);
+            assert!(p.loaded_from_cache);
+            p.sha256.len()
+        })
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .sample_size(30)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = calls, loading
+}
+criterion_main!(benches);

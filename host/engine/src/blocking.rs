@@ -1,0 +1,90 @@
+//! A blocking facade over the async [`crate::Engine`], as `reqwest::blocking`
+//! is over `reqwest`: for callers that are not async (the CLI, scripts,
+//! the Python binding).
+//!
+//! Each [`Engine`] owns a small current-thread runtime and drives the async
+//! engine's futures on it. Do not call it from inside an async runtime (the
+//! nested `block_on` would panic); use [`crate::Engine`] there.
+
+use std::path::Path;
+
+use crate::error::Error;
+use crate::pipeline::{DeployOptions, DeployReport};
+use crate::plan::PlanReport;
+use crate::rollback::RollbackReport;
+use crate::steps::envcheck::HealthReport;
+
+/// The engine, with blocking methods for the steps that do network work.
+/// Everything else is reached through `Deref` to [`crate::Engine`].
+pub struct Engine {
+    inner: crate::Engine,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Engine {
+    /// Opens the workspace whose `pde.toml` is in `dir`.
+    pub fn open(dir: &Path) -> Result<Engine, Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| Error::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Engine {
+            inner: crate::Engine::open(dir)?,
+            runtime,
+        })
+    }
+
+    /// The async engine inside.
+    pub fn inner(&self) -> &crate::Engine {
+        &self.inner
+    }
+
+    /// [`crate::Engine::deploy_policy`], blocking.
+    pub fn deploy_policy(&self, policy_id: &str, env: &str) -> Result<DeployReport, Error> {
+        self.runtime
+            .block_on(self.inner.deploy_policy(policy_id, env))
+    }
+
+    /// [`crate::Engine::deploy`], blocking.
+    pub fn deploy(
+        &self,
+        policy_id: &str,
+        env: &str,
+        opts: &DeployOptions<'_>,
+    ) -> Result<DeployReport, Error> {
+        self.runtime
+            .block_on(self.inner.deploy(policy_id, env, opts))
+    }
+
+    /// [`crate::Engine::plan`], blocking.
+    pub fn plan(&self, policy_id: &str, env: &str) -> Result<PlanReport, Error> {
+        self.runtime.block_on(self.inner.plan(policy_id, env))
+    }
+
+    /// [`crate::Engine::rollback`], blocking.
+    pub fn rollback(
+        &self,
+        policy_id: &str,
+        env: &str,
+        to: Option<&str>,
+    ) -> Result<RollbackReport, Error> {
+        self.runtime
+            .block_on(self.inner.rollback(policy_id, env, to))
+    }
+
+    /// [`crate::Engine::env_check`], blocking.
+    pub fn env_check(&self, env: &str) -> Result<HealthReport, Error> {
+        self.runtime.block_on(self.inner.env_check(env))
+    }
+}
+
+impl std::ops::Deref for Engine {
+    type Target = crate::Engine;
+
+    fn deref(&self) -> &crate::Engine {
+        &self.inner
+    }
+}

@@ -1,0 +1,338 @@
+//! `pde.toml`: the description of a policy workspace (DESIGN §8).
+//!
+//! Every table denies unknown fields: a typo such as `require_signed_plugin`
+//! must be an error, not a silently weaker production gate.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use pde_core::{ExitCode, HasExitCode};
+
+/// The file name looked for at the root of a workspace.
+pub const FILE_NAME: &str = "pde.toml";
+
+/// Why a workspace configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file is missing or unreadable.
+    #[error("cannot read {path}: {source} (run `pde init` to create a workspace)")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with line and column.
+        message: String,
+    },
+    /// The file parses but does not make sense.
+    #[error("{path}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+    /// An environment was asked for that the file does not define.
+    #[error("unknown environment {name:?}; pde.toml defines: {known}")]
+    UnknownEnv {
+        /// The name asked for.
+        name: String,
+        /// The defined names, comma separated.
+        known: String,
+    },
+}
+
+impl HasExitCode for ConfigError {
+    fn exit_code(&self) -> ExitCode {
+        ExitCode::Usage
+    }
+}
+
+/// The whole `pde.toml`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Directory of policy documents, relative to the workspace root.
+    #[serde(default = "default_policies")]
+    pub policies: PathBuf,
+    /// Directory of plugins (`<name>.wasm` + `<name>.toml`).
+    #[serde(default = "default_plugins")]
+    pub plugins: PathBuf,
+    /// Directory of local state: database, audit log, plugin cache, `dist/`.
+    #[serde(default = "default_state")]
+    pub state: PathBuf,
+    /// Where the bundle signing key comes from.
+    #[serde(default)]
+    pub signing: SigningConfig,
+    /// Plugins' trust roots.
+    #[serde(default)]
+    pub trust: TrustConfig,
+    /// Per-call sandbox limits for plugins.
+    #[serde(default)]
+    pub limits: Limits,
+    /// HTTP delivery settings.
+    #[serde(default)]
+    pub push: PushConfig,
+    /// Audit log settings.
+    #[serde(default)]
+    pub audit: AuditConfig,
+    /// Target environments by name.
+    #[serde(default)]
+    pub environments: BTreeMap<String, Environment>,
+}
+
+fn default_policies() -> PathBuf {
+    "policies".into()
+}
+fn default_plugins() -> PathBuf {
+    "plugins".into()
+}
+fn default_state() -> PathBuf {
+    ".pde".into()
+}
+
+/// `[signing]`: exactly one of `key_file` or `key_env`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SigningConfig {
+    /// A file holding the hex ed25519 seed, relative to the workspace root.
+    pub key_file: Option<PathBuf>,
+    /// An environment variable holding the hex ed25519 seed.
+    pub key_env: Option<String>,
+}
+
+/// `[trust]`: public keys whose plugin signatures are accepted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustConfig {
+    /// Public key files (hex), relative to the workspace root.
+    #[serde(default)]
+    pub plugin_keys: Vec<PathBuf>,
+}
+
+pub use pde_plugin_host::Limits;
+
+/// `[push]`: HTTP delivery.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Per-request timeout, in milliseconds.
+    pub timeout_ms: u64,
+    /// Retries after the first attempt, for 5xx, timeouts and connection errors.
+    pub retries: u32,
+    /// At most this many targets are pushed to at once.
+    pub concurrency: usize,
+    /// First backoff delay in milliseconds; doubles each retry, with jitter.
+    pub backoff_ms: u64,
+}
+
+impl PushConfig {
+    /// The per-request timeout.
+    pub fn timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.timeout_ms.max(1))
+    }
+
+    /// The retry policy these settings describe, for every request to a
+    /// target (push, verification, compensation, rollback, plan).
+    pub fn retry_policy(&self) -> pde_core::retry::RetryPolicy {
+        pde_core::retry::RetryPolicy {
+            retries: self.retries,
+            backoff_ms: self.backoff_ms,
+            timeout: std::time::Duration::from_millis(self.timeout_ms.max(1)),
+        }
+    }
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            timeout_ms: 5000,
+            retries: 3,
+            concurrency: 128,
+            backoff_ms: 100,
+        }
+    }
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Optional HTTP endpoint that receives a copy of every record.
+    pub sink_url: Option<String>,
+    /// Bearer token for the sink, read from this environment variable.
+    pub sink_token_env: Option<String>,
+    /// How long a finishing command waits for the sink to take pending
+    /// records, in milliseconds (default 2000). Whatever is left is sent by
+    /// the next run; a deploy itself never waits for the sink.
+    pub sink_flush_ms: Option<u64>,
+}
+
+/// `[environments.<name>]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Environment {
+    /// Every plugin must carry a valid signature by a `[trust]` key.
+    #[serde(default)]
+    pub require_signed_plugins: bool,
+    /// Only a digest already deployed in this environment may come here.
+    pub promote_from: Option<String>,
+    /// Approvals the policy document must carry.
+    #[serde(default)]
+    pub min_approvals: u32,
+    /// The services of this environment.
+    #[serde(default)]
+    pub services: Vec<Service>,
+}
+
+/// `[[environments.<name>.services]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Service {
+    /// Unique name within the environment, e.g. `HMS-API`.
+    pub name: String,
+    /// Base URL of the service's pde endpoint.
+    pub url: String,
+    /// Tags that routers match on, e.g. `api`, `portal`.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Free-form labels passed to routers.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Environment variable holding the bearer token for this service.
+    pub token_env: Option<String>,
+}
+
+impl Config {
+    /// Reads and checks `<root>/pde.toml`.
+    pub fn load(root: &Path) -> Result<Config, ConfigError> {
+        let path = root.join(FILE_NAME);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and checks configuration text; `path` is only used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.signing.key_file.is_some() && self.signing.key_env.is_some() {
+            return Err(invalid(
+                "[signing] sets both key_file and key_env; keep one".into(),
+            ));
+        }
+        if self.limits.fuel == 0 || self.limits.memory_mib == 0 || self.limits.timeout_ms == 0 {
+            return Err(invalid("[limits] values must be greater than zero".into()));
+        }
+        if self.push.concurrency == 0 {
+            return Err(invalid("[push] concurrency must be at least 1".into()));
+        }
+        for (name, env) in &self.environments {
+            let mut seen = std::collections::BTreeSet::new();
+            for s in &env.services {
+                if !seen.insert(&s.name) {
+                    return Err(invalid(format!(
+                        "environment {name:?} lists service {:?} twice",
+                        s.name
+                    )));
+                }
+                if !(s.url.starts_with("http://") || s.url.starts_with("https://")) {
+                    return Err(invalid(format!(
+                        "service {:?} in {name:?}: url {:?} must start with http:// or https://",
+                        s.name, s.url
+                    )));
+                }
+            }
+            if let Some(from) = &env.promote_from
+                && !self.environments.contains_key(from)
+            {
+                return Err(invalid(format!(
+                    "environment {name:?} promotes from {from:?}, which is not defined"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The named environment, or an error listing the defined ones.
+    pub fn environment(&self, name: &str) -> Result<&Environment, ConfigError> {
+        self.environments
+            .get(name)
+            .ok_or_else(|| ConfigError::UnknownEnv {
+                name: name.to_string(),
+                known: self
+                    .environments
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = r#"
+policies = "policies"
+[signing]
+key_file = "keys/release.ed25519"
+[limits]
+fuel = 1_000
+[environments.staging]
+[environments.production]
+require_signed_plugins = true
+promote_from = "staging"
+min_approvals = 2
+[[environments.production.services]]
+name = "HMS-API"
+url = "http://127.0.0.1:1"
+tags = ["api"]
+token_env = "HMS_API_TOKEN"
+"#;
+
+    #[test]
+    fn parses_the_documented_shape() {
+        let c = Config::parse(SAMPLE, Path::new("pde.toml")).unwrap();
+        assert_eq!(c.limits.fuel, 1_000);
+        assert_eq!(c.limits.memory_mib, 64);
+        let prod = c.environment("production").unwrap();
+        assert!(prod.require_signed_plugins);
+        assert_eq!(prod.services[0].tags, vec!["api"]);
+        assert!(matches!(
+            c.environment("prod"),
+            Err(ConfigError::UnknownEnv { .. })
+        ));
+    }
+
+    #[test]
+    fn typos_are_errors() {
+        let bad = SAMPLE.replace("require_signed_plugins", "require_signed_plugin");
+        let err = Config::parse(&bad, Path::new("pde.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("require_signed_plugin"), "{err}");
+    }
+}

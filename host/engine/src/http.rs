@@ -1,0 +1,329 @@
+//! HTTP to target services, shared by every step that talks to them:
+//! the environment check, push, verification, compensation, rollback, `plan`
+//! and the audit sink.
+//!
+//! One client ([`client`]): rustls, no proxy from the environment (services
+//! are addressed directly), **no redirects** (a 3xx is an answer like any
+//! other 4xx: following it would re-send a bundle, and drop its token, to an
+//! address pde.toml never named), user agent `pde/<version>`.
+//!
+//! One exchange ([`exchange`]): the request is retried the way
+//! [`pde_core::retry`] decides, which is the single place that says what is
+//! transient (5xx, 429, timeouts, connection failures) and how long to wait
+//! (full jitter, or the receiver's `Retry-After`).
+
+use std::time::Duration;
+
+use pde_core::retry::{RetryPolicy, Verdict};
+use pde_core::secret::{ExposeSecret, Secret};
+use reqwest::StatusCode;
+
+/// At most this many bytes of a response body are read. Answers of the push
+/// protocol are small except `GET /active`, which lists every active policy
+/// of a service (about 200 bytes each, so thousands fit); an error page does
+/// not need to be kept whole.
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Why a request never got a good answer.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    /// The request never got a final answer: timeouts, refused connections,
+    /// broken bodies, after every retry.
+    #[error("service {service:?}: {what} failed after {attempts} attempt(s): {reason}")]
+    Transport {
+        /// The service.
+        service: String,
+        /// The request, e.g. `POST /deploy`.
+        what: String,
+        /// The last failure.
+        reason: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The service answered with an error status: a permanent one (never
+    /// retried), or a transient one on the last attempt.
+    #[error(
+        "service {service:?}: {what} answered HTTP {status} after {attempts} attempt(s): {body}"
+    )]
+    Status {
+        /// The service.
+        service: String,
+        /// The request.
+        what: String,
+        /// The HTTP status code.
+        status: u16,
+        /// The start of the response body (and the `Location` of a redirect).
+        body: String,
+        /// Attempts made.
+        attempts: u32,
+    },
+    /// The HTTP client could not be built (TLS backend).
+    #[error("cannot set up the HTTP client: {reason}")]
+    Client {
+        /// What reqwest said.
+        reason: String,
+    },
+}
+
+impl HttpError {
+    /// The error for a final `answer` to `what`.
+    pub fn status(t: &Target, what: &str, answer: &Answer, attempts: u32) -> HttpError {
+        HttpError::Status {
+            service: t.service.clone(),
+            what: what.to_string(),
+            status: answer.status.as_u16(),
+            body: answer.excerpt(),
+            attempts,
+        }
+    }
+}
+
+impl pde_core::HasExitCode for HttpError {
+    fn exit_code(&self) -> pde_core::ExitCode {
+        match self {
+            HttpError::Client { .. } => pde_core::ExitCode::Usage,
+            _ => pde_core::ExitCode::DeployFailed,
+        }
+    }
+}
+
+/// One service to talk to: its name, base URL and bearer token.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The service name from pde.toml.
+    pub service: String,
+    /// Base URL, without a trailing slash.
+    pub url: String,
+    /// Bearer token, if the service has `token_env`. Never printed.
+    pub token: Option<Secret>,
+}
+
+impl PartialEq for Target {
+    fn eq(&self, other: &Self) -> bool {
+        self.service == other.service
+            && self.url == other.url
+            && self.token.as_ref().map(|t| t.expose_secret())
+                == other.token.as_ref().map(|t| t.expose_secret())
+    }
+}
+
+impl Eq for Target {}
+
+impl Target {
+    /// A target from its parts; a trailing slash on `url` is dropped.
+    pub fn new(service: impl Into<String>, url: &str, token: Option<Secret>) -> Target {
+        Target {
+            service: service.into(),
+            url: url.trim_end_matches('/').to_string(),
+            token,
+        }
+    }
+
+    /// `url` + `path`.
+    pub fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+/// The HTTP client every step uses (see the module docs); `timeout` is the
+/// default per-request timeout.
+pub fn client(timeout: Duration) -> Result<reqwest::Client, HttpError> {
+    reqwest::Client::builder()
+        .use_rustls_tls()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .user_agent(concat!("pde/", env!("CARGO_PKG_VERSION")))
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| HttpError::Client {
+            reason: describe(&e),
+        })
+}
+
+/// A final answer: its status and the start of its body.
+#[derive(Debug)]
+pub struct Answer {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// Up to [`MAX_BODY`] bytes of the body.
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    /// The body as text, shortened for an error message.
+    pub fn excerpt(&self) -> String {
+        excerpt(&self.body)
+    }
+}
+
+/// Up to 200 characters of a body, on one line.
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let one_line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(200)
+        .collect();
+    one_line.trim().to_string()
+}
+
+/// A transport failure in words: what kind, and the innermost cause.
+pub fn describe(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        return "timed out".to_string();
+    }
+    let kind = if e.is_connect() {
+        "connection failed"
+    } else if e.is_body() || e.is_decode() {
+        "broken response body"
+    } else {
+        "request failed"
+    };
+    let mut cause = std::error::Error::source(e);
+    let mut innermost = None;
+    while let Some(c) = cause {
+        innermost = Some(c.to_string());
+        cause = c.source();
+    }
+    match innermost {
+        Some(c) => format!("{kind}: {c}"),
+        None => kind.to_string(),
+    }
+}
+
+/// Reads at most [`MAX_BODY`] bytes of a response.
+async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        let room = MAX_BODY - body.len();
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if body.len() >= MAX_BODY {
+            break;
+        }
+    }
+    Ok(body)
+}
+
+/// Called around each attempt, so that progress can be shown.
+pub trait Hooks: Sync {
+    /// Attempt `n` (1-based) is about to be sent.
+    fn attempt(&self, _n: u32) {}
+    /// Attempt `n` failed for `reason`; the next one follows after `delay_ms`.
+    fn retrying(&self, _n: u32, _reason: &str, _delay_ms: u64) {}
+}
+
+impl Hooks for () {}
+
+/// Sends the request that `build` makes until it gets a final answer or the
+/// retries run out. Returns the number of attempts made, and either the final
+/// answer (any status [`pde_core::retry::verdict`] does not call transient,
+/// or a transient one on the last attempt as an error) or the last transport
+/// failure.
+///
+/// `what` names the request in messages, e.g. `POST /deploy`.
+pub async fn exchange(
+    target: &Target,
+    what: &str,
+    policy: RetryPolicy,
+    hooks: &dyn Hooks,
+    build: impl Fn() -> reqwest::RequestBuilder,
+) -> (u32, Result<Answer, HttpError>) {
+    let mut n = 0;
+    loop {
+        n += 1;
+        hooks.attempt(n);
+        let mut request = build().timeout(policy.timeout);
+        if let Some(token) = &target.token {
+            // `bearer_auth` marks the header sensitive, so it is never logged.
+            request = request.bearer_auth(token.expose_secret());
+        }
+        let mut retry_after = None;
+        let reason = match request.send().await {
+            Ok(resp) => {
+                let status = resp.status();
+                retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let location = resp
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                match read_body(resp).await {
+                    Ok(mut body) => {
+                        if let Some(location) = location.filter(|_| status.is_redirection()) {
+                            // Never followed; said, so the operator can fix pde.toml.
+                            body = format!("redirect to {location} (not followed)").into_bytes();
+                        }
+                        let answer = Answer { status, body };
+                        if pde_core::retry::verdict(status.as_u16()) != Verdict::Transient {
+                            return (n, Ok(answer));
+                        }
+                        if n > policy.retries {
+                            return (n, Err(HttpError::status(target, what, &answer, n)));
+                        }
+                        format!("HTTP {status}: {}", answer.excerpt())
+                    }
+                    Err(e) => describe(&e),
+                }
+            }
+            Err(e) if e.is_builder() => {
+                // A request that cannot even be built will not build next time.
+                return (
+                    n,
+                    Err(HttpError::Transport {
+                        service: target.service.clone(),
+                        what: what.to_string(),
+                        reason: describe(&e),
+                        attempts: n,
+                    }),
+                );
+            }
+            Err(e) => describe(&e),
+        };
+        if n > policy.retries {
+            return (
+                n,
+                Err(HttpError::Transport {
+                    service: target.service.clone(),
+                    what: what.to_string(),
+                    reason,
+                    attempts: n,
+                }),
+            );
+        }
+        let delay = pde_core::retry::delay(&policy, n, retry_after.as_deref());
+        let delay_ms = delay.as_millis() as u64;
+        tracing::debug!(service = %target.service, %what, attempt = n, %reason, delay_ms, "retrying");
+        hooks.retrying(n, &reason, delay_ms);
+        tokio::time::sleep(delay).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpts_are_short_and_on_one_line() {
+        let long = format!("line one\nline two {}", "x".repeat(500));
+        let e = excerpt(long.as_bytes());
+        assert!(!e.contains('\n'));
+        assert_eq!(e.chars().count(), 200);
+    }
+
+    #[test]
+    fn a_target_never_shows_its_token() {
+        let t = Target::new(
+            "A",
+            "http://127.0.0.1:1/",
+            Some(Secret::from("tok-123".to_string())),
+        );
+        assert_eq!(t.url, "http://127.0.0.1:1");
+        assert!(!format!("{t:?}").contains("tok-123"));
+    }
+}

@@ -1,0 +1,267 @@
+//! The deploy pipeline: the seven steps, top-down, and nothing else.
+//!
+//! ```text
+//! validate → package → check environment → route → push → tag → audit
+//! ```
+//!
+//! Each step is a function of [`crate::steps`] that takes only what it uses;
+//! this file decides their order, hands each the parts of the [`Engine`] it
+//! needs, and appends the audit record each step ends with, so the log tells
+//! what happened even when a later step fails. Nothing is pushed before
+//! validation, packaging, every gate and the health check have passed; once
+//! a push starts, a failure is compensated by the push step and reported as
+//! `rolled-back` or `needs-attention`, never as a success.
+
+use serde_json::json;
+use tracing::Instrument as _;
+
+use crate::audit::Event;
+use crate::engine::Engine;
+use crate::error::{Error, HasExitCode};
+use crate::http::Target;
+use crate::steps::audit::Recorder;
+use crate::steps::push::{self, Outcome};
+use crate::steps::tag::{self, Release};
+use crate::steps::{envcheck, package, route, validate};
+use crate::vcs::Repo;
+
+pub use crate::report::{DeployOptions, DeployOutcome, DeployReport};
+
+impl Engine {
+    /// Deploys policy `policy_id` to environment `env`: the library form of
+    /// `pde deploy ID --env ENV`.
+    pub async fn deploy_policy(&self, policy_id: &str, env: &str) -> Result<DeployReport, Error> {
+        self.deploy(policy_id, env, &DeployOptions::default()).await
+    }
+
+    /// Runs the seven steps under the deploy lock of the policy and
+    /// environment. A deploy that pushed but did not end `deployed` is an
+    /// [`Error::DeployFailed`] carrying the full report.
+    pub async fn deploy(
+        &self,
+        policy_id: &str,
+        env_name: &str,
+        opts: &DeployOptions<'_>,
+    ) -> Result<DeployReport, Error> {
+        let span = tracing::info_span!("deploy", policy_id, env = env_name, dry_run = opts.dry_run);
+        async {
+            let audit = Recorder::new(
+                &self.audit,
+                self.outbox.as_ref(),
+                policy_id,
+                env_name,
+                !opts.dry_run,
+            );
+            let _lock = match opts.dry_run {
+                true => None,
+                false => Some(self.state.lock(policy_id, env_name)?),
+            };
+            audit.record(Event::DeployStart, json!({}))?;
+            let result = self.steps(policy_id, env_name, opts, audit).await;
+            match &result {
+                Ok(r) => audit.record(
+                    Event::Deployed,
+                    json!({"digest": r.digest, "version": r.version,
+                           "already_active": r.already_active}),
+                )?,
+                Err(e) => audit.record(
+                    Event::DeployFailed,
+                    json!({"error": e.to_string(), "exit_code": e.exit_code().code()}),
+                )?,
+            };
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn steps(
+        &self,
+        policy_id: &str,
+        env_name: &str,
+        opts: &DeployOptions<'_>,
+        audit: Recorder<'_>,
+    ) -> Result<DeployReport, Error> {
+        let env = self.environment(env_name)?;
+
+        // 1. validate
+        let validated = tracing::info_span!("validate").in_scope(|| {
+            let plugins = self.plugins()?;
+            validate::check_signed_plugins(&plugins, env_name, env)?;
+            let policy = validate::load(&self.policies, policy_id)?;
+            let report = validate::validate(
+                self.validate_inputs(&plugins),
+                &policy,
+                Some((env_name, env)),
+            )?
+            .into_result()?;
+            Ok::<_, Error>((policy, report))
+        });
+        let (policy, validation) = match validated {
+            Ok(v) => v,
+            Err(e) => {
+                audit.record(
+                    Event::ValidationFailed,
+                    json!({"error": e.to_string(), "exit_code": e.exit_code().code()}),
+                )?;
+                return Err(e);
+            }
+        };
+        audit.record(
+            Event::Validated,
+            json!({"version": validation.version, "warnings": validation.warnings(),
+                   "validators": validation.validator_records()}),
+        )?;
+
+        // 2. package
+        let version = policy.version.to_string();
+        let (repo, bundle, already_active, bundle_path) =
+            tracing::info_span!("package").in_scope(|| {
+                let repo = Repo::discover(&self.root)?;
+                let key = self.signing_key()?;
+                let bundle = package::seal(&repo, &policy, &validation, key.as_ref())?;
+                let already_active =
+                    package::check_redeploy(&self.state, &policy, env_name, &bundle.digest)?;
+                package::check_promotion(&self.state, &policy, env_name, env, &bundle.digest)?;
+                tag::check_free(
+                    &repo,
+                    &release(policy_id, &version, env_name, &bundle.digest),
+                )?;
+                let bundle_path = match opts.dry_run {
+                    true => None,
+                    false => Some(package::write(&bundle, &self.dist_dir())?),
+                };
+                Ok::<_, Error>((repo, bundle, already_active, bundle_path))
+            })?;
+        audit.record(
+            Event::Packaged,
+            json!({"digest": bundle.digest, "version": version}),
+        )?;
+
+        // 3. check the environment
+        let targets = env
+            .services
+            .iter()
+            .map(push::target_of)
+            .collect::<Result<Vec<Target>, _>>()?;
+        let health = envcheck::check(&self.http, &targets, self.config.push.timeout())
+            .instrument(tracing::info_span!("envcheck"))
+            .await;
+        if !health.healthy() {
+            let failing = health.failing_services();
+            audit.record(Event::EnvCheckFailed, json!({"failing": failing}))?;
+            return Err(Error::Unhealthy {
+                env: env_name.to_string(),
+                failing,
+                report: health,
+            });
+        }
+        audit.record(Event::EnvCheckOk, json!({"services": targets.len()}))?;
+
+        // 4. route
+        let routes = tracing::info_span!("route").in_scope(|| {
+            route::route(&*self.plugins()?, &policy, env_name, env).map_err(Error::from)
+        })?;
+        audit.record(Event::Routed, json!({"routes": routes}))?;
+
+        let mut report = DeployReport {
+            policy_id: policy_id.to_string(),
+            version: version.clone(),
+            env: env_name.to_string(),
+            digest: bundle.digest.clone(),
+            outcome: DeployOutcome::DryRun,
+            already_active,
+            bundle_path,
+            validation,
+            health,
+            routes,
+            push: None,
+            tag: None,
+        };
+        if opts.dry_run {
+            return Ok(report);
+        }
+
+        // 5. push
+        let routed: Vec<Target> = targets
+            .into_iter()
+            .filter(|t| report.routes.iter().any(|r| r.service == t.service))
+            .collect();
+        let started_at = pde_core::clock::now_rfc3339();
+        let pushed = push::push(
+            &self.http,
+            &bundle,
+            env_name,
+            &routed,
+            &self.config.push,
+            opts.observer,
+        )
+        .instrument(tracing::info_span!("push", targets = routed.len()))
+        .await;
+        let event = match pushed.outcome {
+            Outcome::Deployed => Event::Pushed,
+            Outcome::RolledBack | Outcome::NeedsAttention => Event::PushFailed,
+        };
+        audit.record(
+            event,
+            json!({"digest": report.digest, "targets": pushed.targets}),
+        )?;
+        // `needs-attention` is not a rollback: `push_failed` carries it.
+        if pushed.outcome == Outcome::RolledBack {
+            audit.record(
+                Event::RolledBack,
+                json!({"digest": report.digest, "outcome": pushed.outcome}),
+            )?;
+        }
+        self.state.record(&push::deployment_record(
+            &report.policy_id,
+            env_name,
+            &version,
+            &pushed,
+            &started_at,
+        ))?;
+        for (service, holds) in push::holdings(&pushed, &version) {
+            self.state
+                .set_service_active(policy_id, env_name, &service, holds)?;
+        }
+        report.outcome = pushed.outcome.into();
+        report.push = Some(pushed);
+        if report.outcome != DeployOutcome::Deployed {
+            return Err(Error::DeployFailed {
+                policy_id: policy_id.to_string(),
+                env: env_name.to_string(),
+                outcome: report.outcome,
+                report: Box::new(report),
+            });
+        }
+        self.state
+            .set_active(policy_id, env_name, &version, &report.digest)?;
+
+        // 6. tag
+        let services: Vec<String> = report.routes.iter().map(|r| r.service.clone()).collect();
+        let tagged = tracing::info_span!("tag").in_scope(|| {
+            tag::ensure(
+                &repo,
+                &release(policy_id, &version, env_name, &report.digest),
+                &services,
+            )
+        })?;
+        audit.record(
+            Event::Tagged,
+            json!({"tag": tagged.name, "created": tagged.created}),
+        )?;
+        report.tag = Some(tagged);
+
+        // 7. audit: `deploy` appends `deployed` once this returns.
+        Ok(report)
+    }
+}
+
+fn release<'a>(policy_id: &'a str, version: &'a str, env: &'a str, digest: &'a str) -> Release<'a> {
+    Release {
+        policy_id,
+        version,
+        env,
+        digest,
+    }
+}

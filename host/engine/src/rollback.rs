@@ -1,0 +1,171 @@
+//! `pde rollback ID --env ENV [--to VERSION]`: return an environment to a
+//! version it ran before.
+//!
+//! This is the one path allowed to lower a version. The services that hold
+//! the current release are asked to reactivate the earlier bundle, which they
+//! still store (agents keep their last N bundles), and each is verified with
+//! `GET /active` afterwards. The release tags are left alone: tags record what
+//! was released, and a tag is never moved.
+
+use serde_json::json;
+
+use crate::audit::Event;
+use crate::engine::Engine;
+use crate::error::Error;
+use crate::push;
+use crate::state::{DeploymentRecord, TargetRecord};
+
+pub use crate::error::RollbackError;
+pub use crate::report::{RollbackReport, RollbackTarget};
+
+impl Engine {
+    /// Rolls `policy_id` in `env_name` back to `to` (a version), or to the
+    /// version deployed before the active one.
+    pub async fn rollback(
+        &self,
+        policy_id: &str,
+        env_name: &str,
+        to: Option<&str>,
+    ) -> Result<RollbackReport, Error> {
+        let env = self.environment(env_name)?;
+        let _lock = self.state.lock(policy_id, env_name)?;
+        let active = self.state.active(policy_id, env_name)?.ok_or_else(|| {
+            RollbackError::NothingActive {
+                policy_id: policy_id.to_string(),
+                env: env_name.to_string(),
+            }
+        })?;
+        let history = self.state.history(policy_id)?;
+        let deployed = |d: &&DeploymentRecord| {
+            d.env == env_name && (d.outcome == "deployed" || d.outcome == "rollback")
+        };
+        let target = history
+            .iter()
+            .filter(deployed)
+            .find(|d| match to {
+                Some(v) => d.version == v && d.digest != active.digest,
+                None => d.digest != active.digest,
+            })
+            .ok_or_else(|| RollbackError::NoSuchVersion {
+                policy_id: policy_id.to_string(),
+                env: env_name.to_string(),
+                wanted: to.unwrap_or("previous").to_string(),
+            })?
+            .clone();
+        // The services that hold the active release are the ones to send back.
+        let holders: Vec<String> = history
+            .iter()
+            .filter(deployed)
+            .find(|d| d.digest == active.digest)
+            .map(|d| d.targets.iter().map(|t| t.service.clone()).collect())
+            .unwrap_or_else(|| env.services.iter().map(|s| s.name.clone()).collect());
+        let targets = env
+            .services
+            .iter()
+            .filter(|s| holders.contains(&s.name))
+            .map(crate::push::target_of)
+            .collect::<Result<Vec<_>, _>>()?;
+
+        let started_at = pde_core::clock::now_rfc3339();
+        let results = {
+            let calls = targets.iter().map(|t| async {
+                let result = match push::rollback(
+                    &self.http,
+                    t,
+                    policy_id,
+                    Some(&target.digest),
+                    &self.config.push,
+                )
+                .await
+                {
+                    Ok(()) => {
+                        match push::get_active(&self.http, t, policy_id, &self.config.push).await {
+                            Ok(Some(a)) if a.digest == target.digest => Ok(()),
+                            Ok(other) => Err(format!(
+                                "verify failed: active is {}",
+                                other.map_or("nothing".to_string(), |a| a.digest)
+                            )),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                    Err(e) => Err(e.to_string()),
+                };
+                RollbackTarget {
+                    service: t.service.clone(),
+                    ok: result.is_ok(),
+                    detail: result.err().unwrap_or_else(|| "rolled-back".into()),
+                }
+            });
+            futures::future::join_all(calls).await
+        };
+        let report = RollbackReport {
+            policy_id: policy_id.to_string(),
+            env: env_name.to_string(),
+            from_version: active.version.clone(),
+            from_digest: active.digest.clone(),
+            to_version: target.version.clone(),
+            to_digest: target.digest.clone(),
+            targets: results,
+        };
+        crate::steps::audit::Recorder::new(
+            &self.audit,
+            self.outbox.as_ref(),
+            policy_id,
+            env_name,
+            true,
+        )
+        .record(
+            Event::RolledBack,
+            serde_json::to_value(&report).unwrap_or_else(|_| json!({})),
+        )?;
+        for t in &report.targets {
+            let holds =
+                t.ok.then_some((target.version.as_str(), target.digest.as_str()));
+            self.state
+                .set_service_active(policy_id, env_name, &t.service, holds)?;
+        }
+        let failed: Vec<String> = report
+            .targets
+            .iter()
+            .filter(|t| !t.ok)
+            .map(|t| format!("{} ({})", t.service, t.detail))
+            .collect();
+        self.state.record(&DeploymentRecord {
+            id: None,
+            policy_id: policy_id.to_string(),
+            env: env_name.to_string(),
+            version: target.version.clone(),
+            digest: target.digest.clone(),
+            outcome: if failed.is_empty() {
+                "rollback"
+            } else {
+                "rollback-failed"
+            }
+            .into(),
+            started_at,
+            finished_at: pde_core::clock::now_rfc3339(),
+            actor: crate::audit::default_actor(),
+            targets: report
+                .targets
+                .iter()
+                .map(|t| TargetRecord {
+                    service: t.service.clone(),
+                    outcome: if t.ok { "rolled-back" } else { "failed" }.into(),
+                    previous_digest: Some(active.digest.clone()),
+                    detail: t.detail.clone(),
+                })
+                .collect(),
+        })?;
+        if !failed.is_empty() {
+            return Err(Error::Rollback(RollbackError::Failed {
+                policy_id: policy_id.to_string(),
+                env: env_name.to_string(),
+                failed: failed.join(", "),
+                report: Box::new(report),
+            }));
+        }
+        self.state
+            .set_active(policy_id, env_name, &target.version, &target.digest)?;
+        Ok(report)
+    }
+}

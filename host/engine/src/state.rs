@@ -1,0 +1,841 @@
+//! Deployment state: history, the active version per environment, and locks.
+//!
+//! State lives in an embedded SQLite database at `<state>/state.db` (DESIGN
+//! §5). SQLite because it needs no server, survives crashes (WAL journal,
+//! transactions), and is one file engineers can inspect with `sqlite3`. The
+//! schema is versioned through `PRAGMA user_version`: each entry of
+//! [`MIGRATIONS`] runs once, in order, inside a transaction, and a database
+//! written by a newer pde is refused rather than misread.
+//!
+//! Locks are *not* in the database: a deploy holds an OS file lock on
+//! `<state>/locks/<policy>@<env>.lock` (`File::try_lock`). The OS releases it
+//! when the process dies, so a crashed deploy never leaves a stale lock that
+//! someone must clear by hand, which a lock row in a table would.
+//!
+//! The connection sits behind a `Mutex` so a [`StateStore`] can be shared
+//! across the pipeline's tasks; every call is short.
+
+use std::fs;
+use std::io::{Read, Seek, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use pde_core::{ExitCode, HasExitCode};
+
+/// Schema migrations; `user_version` = how many of them have run.
+const MIGRATIONS: &[&str] = &[
+    r#"
+CREATE TABLE deployments (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    policy_id   TEXT NOT NULL,
+    env         TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    outcome     TEXT NOT NULL,
+    started_at  TEXT NOT NULL,
+    finished_at TEXT NOT NULL,
+    actor       TEXT NOT NULL
+);
+CREATE INDEX deployments_by_policy ON deployments (policy_id, id);
+CREATE INDEX deployments_by_digest ON deployments (env, policy_id, digest, outcome);
+CREATE TABLE targets (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    deployment_id   INTEGER NOT NULL REFERENCES deployments (id) ON DELETE CASCADE,
+    service         TEXT NOT NULL,
+    outcome         TEXT NOT NULL,
+    previous_digest TEXT,
+    detail          TEXT NOT NULL
+);
+CREATE INDEX targets_by_deployment ON targets (deployment_id, id);
+CREATE TABLE active (
+    policy_id   TEXT NOT NULL,
+    env         TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    deployed_at TEXT NOT NULL,
+    PRIMARY KEY (policy_id, env)
+);
+"#,
+    r#"
+-- What each service runs, per policy and environment (push protocol v2):
+-- a service holds many policies, and each is activated on its own.
+-- `digest` NULL means unknown: a compensation failed there.
+CREATE TABLE service_active (
+    policy_id   TEXT NOT NULL,
+    env         TEXT NOT NULL,
+    service     TEXT NOT NULL,
+    version     TEXT,
+    digest      TEXT,
+    updated_at  TEXT NOT NULL,
+    PRIMARY KEY (policy_id, env, service)
+);
+"#,
+];
+
+/// The outcome string of a successful deployment.
+pub const OUTCOME_DEPLOYED: &str = "deployed";
+
+use pde_core::clock::now_rfc3339;
+
+/// Why the state store failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The state directory or a lock file could not be created or opened.
+    #[error(
+        "cannot use state path {path}: {source} (check that the `state` directory in pde.toml is writable)"
+    )]
+    Io {
+        /// The path involved.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A database operation failed.
+    #[error("state database {path}: {action} failed: {source}")]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// What was being done.
+        action: &'static str,
+        /// SQLite's error.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer pde.
+    #[error(
+        "state database {path} has schema version {found}, this pde knows up to {supported}; upgrade pde"
+    )]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its `user_version`.
+        found: i64,
+        /// The newest this build knows.
+        supported: i64,
+    },
+    /// Another deploy of the same policy and environment is running.
+    #[error("policy {policy_id:?} is being deployed to {env:?} by another process{}; wait for it to finish", holder_suffix(.holder))]
+    Locked {
+        /// The policy.
+        policy_id: String,
+        /// The environment.
+        env: String,
+        /// What the holder wrote into the lock file (pid, start time), if readable.
+        holder: String,
+    },
+    /// A policy id or environment name that cannot name a lock file.
+    #[error(
+        "{what} {value:?} cannot be used in a lock file name: use letters, digits, '.', '_' and '-'"
+    )]
+    BadName {
+        /// `policy id` or `environment`.
+        what: &'static str,
+        /// The value.
+        value: String,
+    },
+}
+
+fn holder_suffix(holder: &str) -> String {
+    if holder.is_empty() {
+        String::new()
+    } else {
+        format!(" ({holder})")
+    }
+}
+
+impl HasExitCode for StateError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            StateError::Locked { .. } => ExitCode::Locked,
+            StateError::Io { .. }
+            | StateError::Db { .. }
+            | StateError::TooNew { .. }
+            | StateError::BadName { .. } => ExitCode::Usage,
+        }
+    }
+}
+
+/// The version active for one policy in one environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Active {
+    /// Semver version.
+    pub version: String,
+    /// Bundle digest, `sha256:<hex>`.
+    pub digest: String,
+    /// When it became active (RFC 3339 UTC).
+    pub deployed_at: String,
+}
+
+/// One row of `pde status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveEntry {
+    /// The policy.
+    pub policy_id: String,
+    /// The environment.
+    pub env: String,
+    /// Semver version.
+    pub version: String,
+    /// Bundle digest.
+    pub digest: String,
+    /// When it became active (RFC 3339 UTC).
+    pub deployed_at: String,
+    /// What each service of the environment that took part runs for this
+    /// policy, by service name.
+    #[serde(default)]
+    pub services: Vec<ServiceHolding>,
+}
+
+/// What one service runs for one policy in one environment, as pde last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceHolding {
+    /// Service name.
+    pub service: String,
+    /// The version it runs; `None` when unknown (see `digest`).
+    pub version: Option<String>,
+    /// The digest it runs; `None` when unknown: a compensation or rollback
+    /// failed there, and someone must look.
+    pub digest: Option<String>,
+    /// When pde last changed or confirmed it (RFC 3339 UTC).
+    pub updated_at: String,
+}
+
+/// One deployment attempt, as recorded after it finished.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentRecord {
+    /// Row id; `None` before [`StateStore::record`].
+    pub id: Option<i64>,
+    /// The policy.
+    pub policy_id: String,
+    /// The environment.
+    pub env: String,
+    /// Semver version deployed.
+    pub version: String,
+    /// Bundle digest.
+    pub digest: String,
+    /// `deployed`, `rolled-back`, `needs-attention` or `failed`.
+    pub outcome: String,
+    /// RFC 3339 UTC.
+    pub started_at: String,
+    /// RFC 3339 UTC.
+    pub finished_at: String,
+    /// Who ran it.
+    pub actor: String,
+    /// Per-service results, in the order given.
+    pub targets: Vec<TargetRecord>,
+}
+
+/// What happened at one service during a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    /// Service name.
+    pub service: String,
+    /// Per-target outcome.
+    pub outcome: String,
+    /// The digest the service had before, if any.
+    pub previous_digest: Option<String>,
+    /// Human detail (status code, error), never a secret.
+    pub detail: String,
+}
+
+/// The deployment database of one workspace.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    db_path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+/// Holds the deploy lock of one policy and environment until dropped.
+#[derive(Debug)]
+pub struct DeployLock {
+    file: fs::File,
+    path: PathBuf,
+}
+
+impl DeployLock {
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for DeployLock {
+    fn drop(&mut self) {
+        // Closing the file releases the lock too; unlocking first makes the
+        // release immediate even if the handle were duplicated.
+        if let Err(e) = self.file.unlock() {
+            tracing::warn!(path = %self.path.display(), error = %e, "releasing deploy lock");
+        }
+    }
+}
+
+impl StateStore {
+    /// Opens (creating if needed) `<state_dir>/state.db` and migrates it.
+    pub fn open(state_dir: &Path) -> Result<StateStore, StateError> {
+        fs::create_dir_all(state_dir).map_err(|source| StateError::Io {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let db_path = state_dir.join("state.db");
+        let db = |action| {
+            let path = db_path.clone();
+            move |source| StateError::Db {
+                path,
+                action,
+                source,
+            }
+        };
+        let mut conn = Connection::open(&db_path).map_err(db("open"))?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(db("set busy timeout"))?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db("enable WAL"))?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db("set synchronous"))?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(db("enable foreign keys"))?;
+        migrate(&mut conn, &db_path)?;
+        Ok(StateStore {
+            dir: state_dir.to_path_buf(),
+            db_path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with_conn<T>(
+        &self,
+        action: &'static str,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StateError> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (transactions roll back on drop), so a poisoned mutex is usable.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn).map_err(|source| StateError::Db {
+            path: self.db_path.clone(),
+            action,
+            source,
+        })
+    }
+
+    /// The version active for `policy_id` in `env`, if any.
+    pub fn active(&self, policy_id: &str, env: &str) -> Result<Option<Active>, StateError> {
+        self.with_conn("read active version", |c| {
+            c.query_row(
+                "SELECT version, digest, deployed_at FROM active WHERE policy_id = ?1 AND env = ?2",
+                params![policy_id, env],
+                |r| {
+                    Ok(Active {
+                        version: r.get(0)?,
+                        digest: r.get(1)?,
+                        deployed_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
+    /// Marks `version`/`digest` as active for `policy_id` in `env`, now.
+    pub fn set_active(
+        &self,
+        policy_id: &str,
+        env: &str,
+        version: &str,
+        digest: &str,
+    ) -> Result<(), StateError> {
+        let now = now_rfc3339();
+        self.with_conn("set active version", |c| {
+            c.execute(
+                "INSERT INTO active (policy_id, env, version, digest, deployed_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (policy_id, env) DO UPDATE SET
+                   version = excluded.version, digest = excluded.digest,
+                   deployed_at = excluded.deployed_at",
+                params![policy_id, env, version, digest, now],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Records what `service` runs for `policy_id` in `env`: `Some((version,
+    /// digest))`, or `None` when it is unknown.
+    pub fn set_service_active(
+        &self,
+        policy_id: &str,
+        env: &str,
+        service: &str,
+        holds: Option<(&str, &str)>,
+    ) -> Result<(), StateError> {
+        let now = now_rfc3339();
+        let (version, digest) = holds.unzip();
+        self.with_conn("set service version", |c| {
+            c.execute(
+                "INSERT INTO service_active (policy_id, env, service, version, digest, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (policy_id, env, service) DO UPDATE SET
+                   version = excluded.version, digest = excluded.digest,
+                   updated_at = excluded.updated_at",
+                params![policy_id, env, service, version, digest, now],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Whether `digest` of `policy_id` was ever deployed successfully to `env`
+    /// (the `promote_from` gate).
+    pub fn was_deployed(
+        &self,
+        env: &str,
+        policy_id: &str,
+        digest: &str,
+    ) -> Result<bool, StateError> {
+        self.with_conn("look up deployments", |c| {
+            c.query_row(
+                "SELECT EXISTS (SELECT 1 FROM deployments
+                 WHERE env = ?1 AND policy_id = ?2 AND digest = ?3 AND outcome = ?4)",
+                params![env, policy_id, digest, OUTCOME_DEPLOYED],
+                |r| r.get(0),
+            )
+        })
+    }
+
+    /// Stores a finished deployment with its targets; returns its id.
+    pub fn record(&self, d: &DeploymentRecord) -> Result<i64, StateError> {
+        self.with_conn("record deployment", |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT INTO deployments
+                 (policy_id, env, version, digest, outcome, started_at, finished_at, actor)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                params![
+                    d.policy_id,
+                    d.env,
+                    d.version,
+                    d.digest,
+                    d.outcome,
+                    d.started_at,
+                    d.finished_at,
+                    d.actor
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO targets (deployment_id, service, outcome, previous_digest, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for t in &d.targets {
+                    insert.execute(params![
+                        id,
+                        t.service,
+                        t.outcome,
+                        t.previous_digest,
+                        t.detail
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(id)
+        })
+    }
+
+    /// Every recorded deployment of `policy_id`, newest first.
+    pub fn history(&self, policy_id: &str) -> Result<Vec<DeploymentRecord>, StateError> {
+        self.with_conn("read history", |c| {
+            let mut deployments = c.prepare(
+                "SELECT id, policy_id, env, version, digest, outcome, started_at, finished_at, actor
+                 FROM deployments WHERE policy_id = ?1 ORDER BY id DESC",
+            )?;
+            let mut targets = c.prepare(
+                "SELECT service, outcome, previous_digest, detail
+                 FROM targets WHERE deployment_id = ?1 ORDER BY id",
+            )?;
+            let rows = deployments.query_map(params![policy_id], |r| {
+                Ok(DeploymentRecord {
+                    id: Some(r.get(0)?),
+                    policy_id: r.get(1)?,
+                    env: r.get(2)?,
+                    version: r.get(3)?,
+                    digest: r.get(4)?,
+                    outcome: r.get(5)?,
+                    started_at: r.get(6)?,
+                    finished_at: r.get(7)?,
+                    actor: r.get(8)?,
+                    targets: Vec::new(),
+                })
+            })?;
+            let mut out = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+            for d in &mut out {
+                d.targets = targets
+                    .query_map(params![d.id], |r| {
+                        Ok(TargetRecord {
+                            service: r.get(0)?,
+                            outcome: r.get(1)?,
+                            previous_digest: r.get(2)?,
+                            detail: r.get(3)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+            }
+            Ok(out)
+        })
+    }
+
+    /// What is active where, optionally for one environment; sorted by
+    /// environment, then policy.
+    pub fn status(&self, env: Option<&str>) -> Result<Vec<ActiveEntry>, StateError> {
+        self.with_conn("read status", |c| {
+            let mut q = c.prepare(
+                "SELECT policy_id, env, version, digest, deployed_at FROM active
+                 WHERE ?1 IS NULL OR env = ?1 ORDER BY env, policy_id",
+            )?;
+            let mut entries = q
+                .query_map(params![env], |r| {
+                    Ok(ActiveEntry {
+                        policy_id: r.get(0)?,
+                        env: r.get(1)?,
+                        version: r.get(2)?,
+                        digest: r.get(3)?,
+                        deployed_at: r.get(4)?,
+                        services: Vec::new(),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut q = c.prepare(
+                "SELECT service, version, digest, updated_at FROM service_active
+                 WHERE policy_id = ?1 AND env = ?2 ORDER BY service",
+            )?;
+            for e in &mut entries {
+                e.services = q
+                    .query_map(params![e.policy_id, e.env], |r| {
+                        Ok(ServiceHolding {
+                            service: r.get(0)?,
+                            version: r.get(1)?,
+                            digest: r.get(2)?,
+                            updated_at: r.get(3)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+            }
+            Ok(entries)
+        })
+    }
+
+    /// Takes the deploy lock of `policy_id` in `env` without waiting.
+    /// Held by another deploy (any process, or another handle in this one) →
+    /// [`StateError::Locked`]. Released when the returned guard drops, or by
+    /// the OS if the process dies.
+    pub fn lock(&self, policy_id: &str, env: &str) -> Result<DeployLock, StateError> {
+        check_name("policy id", policy_id)?;
+        check_name("environment", env)?;
+        let dir = self.dir.join("locks");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io { path, source }
+        };
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join(format!("{policy_id}@{env}.lock"));
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                // Best effort: the holder's note is only for the message.
+                let _ = file.read_to_string(&mut holder);
+                return Err(StateError::Locked {
+                    policy_id: policy_id.to_string(),
+                    env: env.to_string(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err(fs::TryLockError::Error(source)) => return Err(StateError::Io { path, source }),
+        }
+        let note = format!("pid {} since {}", std::process::id(), now_rfc3339());
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(note.as_bytes()));
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "could not note lock holder");
+        }
+        Ok(DeployLock { file, path })
+    }
+}
+
+fn check_name(what: &'static str, value: &str) -> Result<(), StateError> {
+    if crate::policy::store::valid_id(value) {
+        Ok(())
+    } else {
+        Err(StateError::BadName {
+            what,
+            value: value.to_string(),
+        })
+    }
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
+    let db = |action| {
+        let path = path.to_path_buf();
+        move |source| StateError::Db {
+            path,
+            action,
+            source,
+        }
+    };
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(db("begin migration"))?;
+    let found: i64 = tx
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(db("read schema version"))?;
+    let supported = MIGRATIONS.len() as i64;
+    if found > supported {
+        return Err(StateError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            supported,
+        });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.execute_batch(sql).map_err(db("migrate schema"))?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(db("write schema version"))?;
+        tracing::info!(path = %path.display(), version = i + 1, "state database migrated");
+    }
+    tx.commit().map_err(db("commit migration"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(policy: &str, env: &str, digest: &str, outcome: &str) -> DeploymentRecord {
+        DeploymentRecord {
+            id: None,
+            policy_id: policy.into(),
+            env: env.into(),
+            version: "1.0.0".into(),
+            digest: digest.into(),
+            outcome: outcome.into(),
+            started_at: now_rfc3339(),
+            finished_at: now_rfc3339(),
+            actor: "ana".into(),
+            targets: vec![
+                TargetRecord {
+                    service: "HMS-API".into(),
+                    outcome: "deployed".into(),
+                    previous_digest: Some("sha256:00".into()),
+                    detail: "200".into(),
+                },
+                TargetRecord {
+                    service: "HMS-BATCH".into(),
+                    outcome: "rolled-back".into(),
+                    previous_digest: None,
+                    detail: "500 then rollback".into(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn history_round_trips_newest_first_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = record("42", "staging", "sha256:aa", "rolled-back");
+        let second = record("42", "staging", "sha256:bb", "deployed");
+        {
+            let s = StateStore::open(dir.path()).unwrap();
+            assert_eq!(s.record(&first).unwrap(), 1);
+            assert_eq!(s.record(&second).unwrap(), 2);
+            s.record(&record("7", "staging", "sha256:cc", "deployed"))
+                .unwrap();
+        }
+        let s = StateStore::open(dir.path()).unwrap();
+        let h = s.history("42").unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(
+            h[0],
+            DeploymentRecord {
+                id: Some(2),
+                ..second
+            }
+        );
+        assert_eq!(
+            h[1],
+            DeploymentRecord {
+                id: Some(1),
+                ..first
+            }
+        );
+        assert_eq!(h[1].targets[1].previous_digest, None);
+        assert!(s.history("nope").unwrap().is_empty());
+    }
+
+    #[test]
+    fn was_deployed_counts_only_successful_deployments_in_that_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        s.record(&record("42", "staging", "sha256:aa", "deployed"))
+            .unwrap();
+        s.record(&record("42", "staging", "sha256:bb", "rolled-back"))
+            .unwrap();
+        assert!(s.was_deployed("staging", "42", "sha256:aa").unwrap());
+        assert!(!s.was_deployed("staging", "42", "sha256:bb").unwrap());
+        assert!(!s.was_deployed("production", "42", "sha256:aa").unwrap());
+        assert!(!s.was_deployed("staging", "7", "sha256:aa").unwrap());
+    }
+
+    #[test]
+    fn active_versions_are_upserted_and_listed() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        assert_eq!(s.active("42", "staging").unwrap(), None);
+        s.set_active("42", "staging", "1.0.0", "sha256:aa").unwrap();
+        s.set_active("42", "staging", "1.1.0", "sha256:bb").unwrap();
+        s.set_active("42", "production", "1.0.0", "sha256:aa")
+            .unwrap();
+        s.set_active("7", "dev", "0.1.0", "sha256:cc").unwrap();
+        let a = s.active("42", "staging").unwrap().unwrap();
+        assert_eq!(
+            (a.version.as_str(), a.digest.as_str()),
+            ("1.1.0", "sha256:bb")
+        );
+        assert!(
+            time::OffsetDateTime::parse(
+                &a.deployed_at,
+                &time::format_description::well_known::Rfc3339
+            )
+            .is_ok()
+        );
+        let all = s.status(None).unwrap();
+        let keys: Vec<_> = all
+            .iter()
+            .map(|e| (e.env.as_str(), e.policy_id.as_str()))
+            .collect();
+        assert_eq!(
+            keys,
+            vec![("dev", "7"), ("production", "42"), ("staging", "42")]
+        );
+        let staging = s.status(Some("staging")).unwrap();
+        assert_eq!(staging.len(), 1);
+        assert_eq!(staging[0].version, "1.1.0");
+    }
+
+    #[test]
+    fn schema_version_is_recorded_and_newer_databases_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(StateStore::open(dir.path()).unwrap());
+        let conn = Connection::open(dir.path().join("state.db")).unwrap();
+        let v: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, MIGRATIONS.len() as i64);
+        let mode: String = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        let e = StateStore::open(dir.path()).unwrap_err();
+        assert!(matches!(e, StateError::TooNew { found: 99, .. }), "{e}");
+    }
+
+    #[test]
+    fn a_second_lock_on_the_same_policy_and_env_is_refused_until_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        let held = s.lock("42", "production").unwrap();
+        assert!(held.path().ends_with("locks/42@production.lock"));
+        let other = StateStore::open(dir.path()).unwrap();
+        let e = other.lock("42", "production").unwrap_err();
+        assert_eq!(e.exit_code(), ExitCode::Locked);
+        let StateError::Locked { holder, .. } = &e else {
+            panic!("expected Locked, got {e}")
+        };
+        assert!(holder.contains(&std::process::id().to_string()), "{holder}");
+        // Other pairs are independent.
+        let _staging = other.lock("42", "staging").unwrap();
+        let _seven = other.lock("7", "production").unwrap();
+        drop(held);
+        let _again = other.lock("42", "production").unwrap();
+    }
+
+    #[test]
+    fn a_lock_held_by_another_process_is_refused_and_freed_when_it_dies() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        drop(s.lock("42", "production").unwrap()); // creates locks/
+        let path = dir.path().join("locks/42@production.lock");
+        // util-linux flock(1) takes the same flock(2) lock, then execs sleep
+        // (--no-fork), so the lock lives exactly as long as that process.
+        let mut child = std::process::Command::new("flock")
+            .args(["--exclusive", "--no-fork"])
+            .arg(&path)
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("flock(1) from util-linux is installed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let refused = loop {
+            match s.lock("42", "production") {
+                Err(e @ StateError::Locked { .. }) => break e,
+                Ok(probe) => drop(probe),
+                Err(e) => panic!("{e}"),
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flock never took the lock"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(refused.exit_code(), ExitCode::Locked);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // The OS released the dead process's lock; no manual cleanup.
+        let _lock = s.lock("42", "production").unwrap();
+    }
+
+    #[test]
+    fn lock_names_cannot_escape_the_lock_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        assert!(matches!(
+            s.lock("../x", "prod"),
+            Err(StateError::BadName { .. })
+        ));
+        assert!(matches!(
+            s.lock("42", "a/b"),
+            Err(StateError::BadName { .. })
+        ));
+    }
+
+    #[test]
+    fn the_store_is_shareable_across_threads() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = std::sync::Arc::new(StateStore::open(dir.path()).unwrap());
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    for j in 0..5 {
+                        s.record(&record("42", "dev", &format!("sha256:{i}{j}"), "deployed"))
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap();
+        }
+        assert_eq!(s.history("42").unwrap().len(), 20);
+    }
+}

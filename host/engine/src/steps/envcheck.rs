@@ -1,0 +1,215 @@
+//! Environment check: is every service of the environment up before anything
+//! is pushed (DESIGN §1, §8 `GET {url}/healthz`)?
+//!
+//! All services are asked at once, each with the same timeout, so the check
+//! costs one round trip to the slowest service rather than the sum. There is
+//! deliberately no retry: this is a snapshot taken right before a push, and a
+//! service that needs a second try to look healthy is not one to push to
+//! without a human looking. The report lists every service, healthy or not,
+//! so the CLI and the audit record can name each failure.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::http::Target;
+
+/// The health of every checked service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthReport {
+    /// One entry per target, in the order given.
+    pub services: Vec<ServiceHealth>,
+}
+
+impl HealthReport {
+    /// True when every service answered 2xx in time (and vacuously for none).
+    pub fn healthy(&self) -> bool {
+        self.services.iter().all(|s| s.healthy)
+    }
+
+    /// The services that are not healthy.
+    pub fn failures(&self) -> Vec<&ServiceHealth> {
+        self.services.iter().filter(|s| !s.healthy).collect()
+    }
+
+    /// `name (why)` of each unhealthy service, comma separated.
+    pub fn failing_services(&self) -> String {
+        self.failures()
+            .iter()
+            .map(|s| {
+                let why = match (&s.status, &s.error) {
+                    (_, Some(e)) => e.clone(),
+                    (Some(code), None) => format!("HTTP {code}"),
+                    (None, None) => "unhealthy".into(),
+                };
+                format!("{} ({why})", s.service)
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// One service's answer to `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServiceHealth {
+    /// The service name.
+    pub service: String,
+    /// Its base URL.
+    pub url: String,
+    /// It answered 2xx within the timeout.
+    pub healthy: bool,
+    /// The HTTP status, when it answered at all.
+    pub status: Option<u16>,
+    /// Why it is not healthy: the status and start of the body, or the
+    /// transport failure (`timed out`, `connection failed: …`).
+    pub error: Option<String>,
+    /// How long the check took, in milliseconds.
+    pub elapsed_ms: u64,
+}
+
+/// `GET {url}/healthz` on every target concurrently; 2xx within `timeout` is
+/// healthy. Tokens are sent as on every other request to the service.
+pub async fn check(
+    client: &reqwest::Client,
+    targets: &[Target],
+    timeout: Duration,
+) -> HealthReport {
+    let services = futures::future::join_all(targets.iter().map(|t| one(client, t, timeout))).await;
+    let report = HealthReport { services };
+    for s in report.failures() {
+        tracing::warn!(service = %s.service, url = %s.url, error = ?s.error, "unhealthy");
+    }
+    report
+}
+
+async fn one(client: &reqwest::Client, t: &Target, timeout: Duration) -> ServiceHealth {
+    let started = Instant::now();
+    let mut request = client.get(format!("{}/healthz", t.url)).timeout(timeout);
+    if let Some(token) = &t.token {
+        request = request.bearer_auth(pde_core::secret::ExposeSecret::expose_secret(token));
+    }
+    let (status, error) = match request.send().await {
+        Ok(resp) => {
+            let status = resp.status();
+            if status.is_success() {
+                (Some(status.as_u16()), None)
+            } else {
+                let body = resp.bytes().await.unwrap_or_default();
+                let excerpt = crate::http::excerpt(&body);
+                (
+                    Some(status.as_u16()),
+                    Some(format!("HTTP {status}: {excerpt}")),
+                )
+            }
+        }
+        Err(e) => (None, Some(crate::http::describe(&e))),
+    };
+    ServiceHealth {
+        service: t.service.clone(),
+        url: t.url.clone(),
+        healthy: error.is_none(),
+        status,
+        error,
+        elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_receiver::{Mode, Receiver, closed_port_url};
+
+    fn http() -> reqwest::Client {
+        crate::http::client(Duration::from_secs(10)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn all_healthy() {
+        let a = Receiver::start(Mode::Ok).await;
+        let b = Receiver::start(Mode::Ok).await;
+        let targets = [
+            Target::new("A", &a.url, None),
+            Target::new("B", &b.url, None),
+        ];
+        let report = check(&http(), &targets, Duration::from_secs(2)).await;
+        assert!(report.healthy(), "{report:#?}");
+        assert!(report.failures().is_empty());
+        assert_eq!(report.services[1].status, Some(200));
+        assert_eq!(
+            a.shared.healthz.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        // Checking is not deploying.
+        assert_eq!(a.deploys() + b.deploys(), 0);
+    }
+
+    #[tokio::test]
+    async fn each_unhealthy_service_is_named_with_its_reason() {
+        let ok = Receiver::start(Mode::Ok).await;
+        let sick = Receiver::start(Mode::Unhealthy).await;
+        let gone = closed_port_url().await;
+        // Accepts connections (the kernel's backlog) but never answers.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let silent_url = format!("http://{}", silent.local_addr().unwrap());
+        let targets = [
+            Target::new("ok", &ok.url, None),
+            Target::new("sick", &sick.url, None),
+            Target::new("gone", &gone, None),
+            Target::new("silent", &silent_url, None),
+        ];
+
+        let report = check(&http(), &targets, Duration::from_millis(300)).await;
+
+        assert!(!report.healthy());
+        let names: Vec<&str> = report
+            .failures()
+            .iter()
+            .map(|s| s.service.as_str())
+            .collect();
+        assert_eq!(names, ["sick", "gone", "silent"]);
+        let sick = &report.services[1];
+        assert_eq!(sick.status, Some(503));
+        let e = sick.error.as_deref().unwrap();
+        assert!(
+            e.contains("503") && e.contains("database unreachable"),
+            "{e}"
+        );
+        let gone = &report.services[2];
+        assert_eq!(gone.status, None);
+        assert!(
+            gone.error.as_deref().unwrap().contains("connection failed"),
+            "{gone:?}"
+        );
+        let silent = &report.services[3];
+        assert_eq!(silent.error.as_deref(), Some("timed out"));
+        // Generous bound: the timeout applies, it is not waited out forever.
+        assert!(silent.elapsed_ms < 5_000, "{silent:?}");
+        assert!(report.services[0].healthy);
+    }
+
+    #[tokio::test]
+    async fn the_token_is_sent_to_healthz() {
+        // A real server that records the Authorization header of /healthz.
+        use axum::{Router, http::HeaderMap, routing::get};
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let s2 = seen.clone();
+        let app = Router::new().route(
+            "/healthz",
+            get(move |h: HeaderMap| async move {
+                *s2.lock().unwrap() = h
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                "ok"
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        let t = Target::new("A", &url, Some("tok".into()));
+        let report = check(&http(), &[t], Duration::from_secs(2)).await;
+        server.abort();
+        assert!(report.healthy());
+        assert_eq!(seen.lock().unwrap().as_deref(), Some("Bearer tok"));
+    }
+}

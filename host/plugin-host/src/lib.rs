@@ -1,0 +1,887 @@
+//! pde-plugin-host: the WebAssembly sandbox that runs validator and router
+//! plugins (DESIGN §3, §4).
+//!
+//! [`PluginHost`] is the facade the pipeline and the CLI use. Loading a plugin
+//! checks, in order and before anything runs: manifest (typos are errors,
+//! limits may only tighten), the pinned sha256, the signature status, that
+//! the file is a component (not a core module), then compiles it (or loads
+//! it from the on-disk cache), reads the `pde:plugin` version it was built
+//! against, and pre-instantiates it against that version's world. Each call
+//! then runs in a fresh store (see [`sandbox`]) and its result is bounded and
+//! checked against the contract here, below every WIT version shim.
+//!
+//! Module map: [`manifest`], [`discovery`], [`signature`], [`cache`],
+//! [`sandbox`] (limits and WASI denial), [`wit`] (one module per WIT
+//! version), [`inspect`].
+
+pub mod cache;
+pub mod diagnostic;
+pub mod discovery;
+pub mod inspect;
+pub mod limits;
+pub mod manifest;
+pub mod sandbox;
+pub mod signature;
+pub mod wit;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use wasmtime::Engine;
+use wasmtime::component::Component;
+
+use crate::diagnostic::{Diagnostic, Severity};
+pub use crate::limits::Limits;
+use pde_core::keys::TrustedKeys;
+use pde_core::{ExitCode, HasExitCode};
+
+/// The plugins of a workspace with the sandbox they run in, loaded once.
+pub struct PluginSet {
+    /// The sandbox they run in.
+    pub host: PluginHost,
+    /// Every plugin of the plugin directory, in name order.
+    pub plugins: Vec<Plugin>,
+}
+
+impl PluginSet {
+    /// The plugins of one kind, in name order.
+    pub fn of_kind(&self, kind: PluginKind) -> impl Iterator<Item = &Plugin> {
+        self.plugins.iter().filter(move |p| p.kind == kind)
+    }
+}
+
+/// At most this many diagnostics (or routes) per call.
+pub const MAX_RESULT_ITEMS: usize = 1000;
+/// At most this many bytes of strings in one call's result.
+pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
+
+/// Everything that can go wrong loading or calling a plugin. Each variant
+/// names the plugin (or file) and says what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginError {
+    /// A plugin file or directory could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The wasm engine could not be set up.
+    #[error("plugin engine: {0}")]
+    Engine(String),
+    /// The manifest is not valid TOML of the documented shape.
+    #[error("plugin manifest {path}: {message}")]
+    BadManifest {
+        /// The manifest.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// The manifest's `kind` is neither `validator` nor `router`.
+    #[error(
+        "plugin manifest {path}: unknown kind {kind:?}; use kind = \"validator\" or kind = \"router\""
+    )]
+    UnknownKind {
+        /// The manifest.
+        path: PathBuf,
+        /// The kind found.
+        kind: String,
+    },
+    /// A `.wasm` has no manifest beside it.
+    #[error("plugin {wasm} has no manifest; create {expected} with name, kind, version and sha256")]
+    MissingManifest {
+        /// The component.
+        wasm: PathBuf,
+        /// Where its manifest should be.
+        expected: PathBuf,
+    },
+    /// A manifest has no `.wasm` beside it.
+    #[error(
+        "plugin manifest {manifest} has no component; expected {expected} (remove the manifest or add the component)"
+    )]
+    OrphanManifest {
+        /// The manifest.
+        manifest: PathBuf,
+        /// Where the component should be.
+        expected: PathBuf,
+    },
+    /// Two manifests declare the same plugin name.
+    #[error("plugin name {name:?} is declared by both {first} and {second}; names must be unique")]
+    DuplicateName {
+        /// The name.
+        name: String,
+        /// The first manifest.
+        first: PathBuf,
+        /// The second manifest.
+        second: PathBuf,
+    },
+    /// A manifest asks for more than the workspace's `[limits]`.
+    #[error(
+        "plugin manifest {path}: [limits] {field} = {asked} exceeds the workspace limit {allowed}; a manifest may only tighten limits (raise it in pde.toml if intended)"
+    )]
+    LimitLoosened {
+        /// The manifest.
+        path: PathBuf,
+        /// Which limit.
+        field: &'static str,
+        /// The manifest's value.
+        asked: u64,
+        /// The workspace value.
+        allowed: u64,
+    },
+    /// No plugin of that name in the plugin directory.
+    #[error("no plugin named {name:?} in {dir}")]
+    NotFound {
+        /// The name asked for.
+        name: String,
+        /// The plugin directory.
+        dir: PathBuf,
+    },
+    /// The component's sha256 differs from the manifest's.
+    #[error(
+        "plugin {plugin}: {path} has sha256 {actual} but its manifest pins {expected}; the file changed since it was approved"
+    )]
+    DigestMismatch {
+        /// The plugin.
+        plugin: String,
+        /// The component.
+        path: PathBuf,
+        /// From the manifest.
+        expected: String,
+        /// Of the file.
+        actual: String,
+    },
+    /// A signature is missing, untrusted or invalid where one is required.
+    #[error("plugin {plugin}: signature not accepted: {reason}")]
+    BadSignature {
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        reason: String,
+    },
+    /// Not a loadable component (core module, garbage, missing imports).
+    #[error("plugin {plugin} is not a usable component: {message}")]
+    BadComponent {
+        /// The plugin.
+        plugin: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+    /// The component implements a different world than declared.
+    #[error("plugin {plugin} should be a {expected} but {found}; {hint}")]
+    WrongWorld {
+        /// The plugin.
+        plugin: String,
+        /// The world the manifest declares.
+        expected: PluginKind,
+        /// What the component is instead.
+        found: String,
+        /// What to do.
+        hint: String,
+    },
+    /// The component was built against a `pde:plugin` version this pde lacks.
+    #[error(
+        "plugin {plugin} was built against pde:plugin@{found}, which this pde does not support (supported: {supported}); rebuild it against a supported wit/ version or upgrade pde"
+    )]
+    UnsupportedWitVersion {
+        /// The plugin.
+        plugin: String,
+        /// The version it names.
+        found: String,
+        /// Versions this host binds.
+        supported: String,
+    },
+    /// The guest trapped (panic, unreachable, stack overflow, bad access).
+    #[error("plugin {plugin} trapped: {message}")]
+    Trap {
+        /// The plugin.
+        plugin: String,
+        /// The trap, with the guest's panic message when it printed one.
+        message: String,
+    },
+    /// The call used up its fuel.
+    #[error(
+        "plugin {plugin} ran out of fuel ({fuel} units); it is looping or the policy is too large (raise [limits] fuel if legitimate)"
+    )]
+    OutOfFuel {
+        /// The plugin.
+        plugin: String,
+        /// The fuel it had.
+        fuel: u64,
+    },
+    /// The call tried to grow memory past its limit.
+    #[error("plugin {plugin} hit its memory limit of {limit_mib} MiB")]
+    MemoryLimit {
+        /// The plugin.
+        plugin: String,
+        /// The limit.
+        limit_mib: u64,
+    },
+    /// The call ran past its wall-time limit.
+    #[error("plugin {plugin} timed out after {timeout_ms} ms")]
+    Timeout {
+        /// The plugin.
+        plugin: String,
+        /// The limit.
+        timeout_ms: u64,
+    },
+    /// The call returned more than the host accepts.
+    #[error("plugin {plugin} returned too large a result: {what}")]
+    ResultTooLarge {
+        /// The plugin.
+        plugin: String,
+        /// Which bound and by how much.
+        what: String,
+    },
+    /// The plugin returned `err(message)`: it could not do its job.
+    #[error("plugin {plugin} failed: {message}")]
+    PluginFailed {
+        /// The plugin.
+        plugin: String,
+        /// Its own message.
+        message: String,
+    },
+    /// A router named a service that it was not given.
+    #[error(
+        "router {plugin} routed to {service:?}, which is not a service of this environment (known: {known})"
+    )]
+    UnknownService {
+        /// The plugin.
+        plugin: String,
+        /// The name it returned.
+        service: String,
+        /// The names it was given.
+        known: String,
+    },
+}
+
+impl HasExitCode for PluginError {
+    fn exit_code(&self) -> ExitCode {
+        use PluginError::*;
+        match self {
+            DigestMismatch { .. } | BadSignature { .. } => ExitCode::Integrity,
+            Io { .. }
+            | BadManifest { .. }
+            | UnknownKind { .. }
+            | MissingManifest { .. }
+            | OrphanManifest { .. }
+            | DuplicateName { .. }
+            | LimitLoosened { .. }
+            | NotFound { .. } => ExitCode::Usage,
+            Engine(_)
+            | BadComponent { .. }
+            | WrongWorld { .. }
+            | UnsupportedWitVersion { .. }
+            | Trap { .. }
+            | OutOfFuel { .. }
+            | MemoryLimit { .. }
+            | Timeout { .. }
+            | ResultTooLarge { .. }
+            | PluginFailed { .. }
+            | UnknownService { .. } => ExitCode::PluginFault,
+        }
+    }
+}
+
+/// Which world a plugin implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PluginKind {
+    /// Exports `validate`.
+    Validator,
+    /// Exports `route`.
+    Router,
+}
+
+impl std::fmt::Display for PluginKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PluginKind::Validator => "validator",
+            PluginKind::Router => "router",
+        })
+    }
+}
+
+/// Whether a plugin carries a signature from a trusted key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum SignatureStatus {
+    /// No `<name>.wasm.sig`.
+    Unsigned,
+    /// Signed by a trusted key.
+    Valid {
+        /// The signing key's id.
+        keyid: String,
+    },
+    /// A signature is present but not accepted.
+    Invalid {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A loaded, checked, pre-instantiated plugin. Cheap to clone.
+#[derive(Clone, Serialize)]
+pub struct Plugin {
+    /// Name from the manifest (or the file stem without one).
+    pub name: String,
+    /// Its world.
+    pub kind: PluginKind,
+    /// Its own version from the manifest (`""` without one).
+    pub version: String,
+    /// Lowercase hex sha256 of the component.
+    pub sha256: String,
+    /// The `pde:plugin` version it was built against.
+    pub wit_version: semver::Version,
+    /// Its signature status against the trusted keys given at load.
+    pub signature: SignatureStatus,
+    /// Its `[settings]`, as JSON.
+    pub settings: serde_json::Value,
+    /// Effective per-call limits.
+    pub limits: Limits,
+    /// The component file.
+    pub path: PathBuf,
+    /// The manifest's description.
+    pub description: String,
+    /// True when the compiled component came from the on-disk cache.
+    pub loaded_from_cache: bool,
+    #[serde(skip)]
+    prepared: Arc<wit::Prepared>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("version", &self.version)
+            .field("sha256", &self.sha256)
+            .field("wit_version", &self.wit_version)
+            .field("signature", &self.signature)
+            .field("limits", &self.limits)
+            .field("path", &self.path)
+            .field("loaded_from_cache", &self.loaded_from_cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// Ok when the plugin carries a valid signature by a trusted key;
+    /// [`PluginError::BadSignature`] otherwise (for `require_signed_plugins`).
+    pub fn require_signature(&self) -> Result<(), PluginError> {
+        match &self.signature {
+            SignatureStatus::Valid { .. } => Ok(()),
+            SignatureStatus::Unsigned => Err(PluginError::BadSignature {
+                plugin: self.name.clone(),
+                reason: format!(
+                    "unsigned; the environment requires signed plugins (sign it with `pde plugin sign {} --key FILE`)",
+                    self.path.display()
+                ),
+            }),
+            SignatureStatus::Invalid { reason } => Err(PluginError::BadSignature {
+                plugin: self.name.clone(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+}
+
+/// The policy handed to a plugin.
+#[derive(Debug, Clone)]
+pub struct PolicyInput {
+    /// Policy id.
+    pub id: String,
+    /// Policy version.
+    pub version: String,
+    /// The whole document.
+    pub document: serde_json::Value,
+}
+
+/// Where a call happens; the plugin's settings come from the [`Plugin`].
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    /// Target environment, `""` when none.
+    pub environment: String,
+}
+
+/// A service of the target environment, as a router sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceInfo {
+    /// Unique name.
+    pub name: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A router's decision for one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    /// A name from the services given.
+    pub service: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A call's value with what it cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallReport<T> {
+    /// What the plugin returned, checked and bounded.
+    pub value: T,
+    /// Fuel consumed.
+    pub fuel_used: u64,
+    /// Peak linear memory, bytes.
+    pub peak_memory_bytes: u64,
+    /// Wall time of instantiation plus the call.
+    pub elapsed: Duration,
+    /// `host.log` lines, then stdout and stderr lines.
+    pub log: Vec<String>,
+}
+
+/// Runs plugins. `Send + Sync`; share it through an `Arc`.
+pub struct PluginHost {
+    engine: Engine,
+    linkers: wit::Linkers,
+    cache: cache::Cache,
+    limits: Limits,
+    gate: sandbox::CallGate,
+    // Declared last: dropped after the engine handles above.
+    _ticker: sandbox::EpochTicker,
+}
+
+/// Lowercase hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, PluginError> {
+    std::fs::read(path).map_err(|source| PluginError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Refuses core modules and non-wasm before compiling; compiles otherwise.
+pub(crate) fn compile_checked(
+    engine: &Engine,
+    plugin: &str,
+    bytes: &[u8],
+) -> Result<Component, PluginError> {
+    precheck(plugin, bytes)?;
+    Component::new(engine, bytes).map_err(|e| PluginError::BadComponent {
+        plugin: plugin.to_string(),
+        message: format!("it does not compile as a WebAssembly component: {e:#}"),
+    })
+}
+
+fn precheck(plugin: &str, bytes: &[u8]) -> Result<(), PluginError> {
+    if wasmparser::Parser::is_core_wasm(bytes) {
+        return Err(PluginError::BadComponent {
+            plugin: plugin.to_string(),
+            message: "it is a core WebAssembly module, not a component; build it for \
+                      --target wasm32-wasip2 (or wrap it with `wasm-tools component new`)"
+                .to_string(),
+        });
+    }
+    if !wasmparser::Parser::is_component(bytes) {
+        return Err(PluginError::BadComponent {
+            plugin: plugin.to_string(),
+            message: "it is not WebAssembly at all (no component header)".to_string(),
+        });
+    }
+    Ok(())
+}
+
+impl PluginHost {
+    /// A host with the workspace's `limits`, caching compiled components in
+    /// `cache_dir` (`None`: no cache).
+    pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
+        let engine = sandbox::engine(&limits)?;
+        let linkers = wit::Linkers::new(&engine)?;
+        let cache = cache::Cache::new(&engine, cache_dir);
+        let ticker = sandbox::EpochTicker::start(&engine)?;
+        Ok(PluginHost {
+            engine,
+            linkers,
+            cache,
+            limits,
+            gate: sandbox::CallGate::default(),
+            _ticker: ticker,
+        })
+    }
+
+    /// The workspace limits this host enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The shared engine (for inspection).
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Where the compiled form of a wasm with `sha256` is cached, if caching.
+    pub fn cache_entry(&self, sha256: &str) -> Option<PathBuf> {
+        self.cache.entry_path(sha256)
+    }
+
+    /// Discovers, checks and loads every plugin of `dir`, sorted by name.
+    pub fn load_dir(&self, dir: &Path, trusted: &TrustedKeys) -> Result<Vec<Plugin>, PluginError> {
+        discovery::discover(dir)?
+            .into_iter()
+            .map(|found| self.load_found(&found, trusted))
+            .collect()
+    }
+
+    /// Loads one `.wasm`; uses the manifest beside it when there is one,
+    /// otherwise infers the kind from its exports (for `pde plugin test`).
+    pub fn load_file(&self, wasm: &Path, trusted: &TrustedKeys) -> Result<Plugin, PluginError> {
+        let manifest_path = wasm.with_extension("toml");
+        if manifest_path.is_file() {
+            let manifest = manifest::Manifest::load(&manifest_path)?;
+            return self.load_found(
+                &discovery::Found {
+                    wasm: wasm.to_path_buf(),
+                    manifest_path,
+                    manifest,
+                },
+                trusted,
+            );
+        }
+        let name = wasm
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("plugin")
+            .to_string();
+        let bytes = read(wasm)?;
+        let sha256 = sha256_hex(&bytes);
+        let signature = signature::status(wasm, &sha256, trusted);
+        self.finish(LoadSpec {
+            name,
+            kind: None,
+            version: String::new(),
+            description: String::new(),
+            settings: serde_json::json!({}),
+            limits: self.limits,
+            path: wasm.to_path_buf(),
+            bytes,
+            sha256,
+            signature,
+        })
+    }
+
+    fn load_found(
+        &self,
+        found: &discovery::Found,
+        trusted: &TrustedKeys,
+    ) -> Result<Plugin, PluginError> {
+        let m = &found.manifest;
+        let kind = m.kind(&found.manifest_path)?;
+        let limits = m.effective_limits(&self.limits, &found.manifest_path)?;
+        let bytes = read(&found.wasm)?;
+        let sha256 = sha256_hex(&bytes);
+        if sha256 != m.sha256 {
+            return Err(PluginError::DigestMismatch {
+                plugin: m.name.clone(),
+                path: found.wasm.clone(),
+                expected: m.sha256.clone(),
+                actual: sha256,
+            });
+        }
+        let signature = signature::status(&found.wasm, &sha256, trusted);
+        self.finish(LoadSpec {
+            name: m.name.clone(),
+            kind: Some(kind),
+            version: m.version.clone(),
+            description: m.description.clone(),
+            settings: m.settings_json(),
+            limits,
+            path: found.wasm.clone(),
+            bytes,
+            sha256,
+            signature,
+        })
+    }
+
+    fn finish(&self, spec: LoadSpec) -> Result<Plugin, PluginError> {
+        let name = spec.name;
+        precheck(&name, &spec.bytes)?;
+        let (component, loaded_from_cache) =
+            self.cache
+                .load_or_compile(&self.engine, &name, &spec.sha256, &spec.bytes)?;
+        let (imports, exports) = inspect::world(&self.engine, &component);
+        let versions = wit::versions_named(imports.iter().chain(&exports).map(String::as_str));
+        let wit_version = match versions.as_slice() {
+            [] => wit::SUPPORTED[wit::SUPPORTED.len() - 1].clone(),
+            [one] => one.clone(),
+            many => {
+                return Err(PluginError::BadComponent {
+                    plugin: name,
+                    message: format!(
+                        "it mixes pde:plugin versions {}; build it against one wit/ version",
+                        many.iter()
+                            .map(|v| v.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+        };
+        let exported = inspect::kind_from_exports(&exports);
+        let kind = match (spec.kind, exported) {
+            (Some(declared), Some(actual)) if declared != actual => {
+                return Err(PluginError::WrongWorld {
+                    plugin: name.clone(),
+                    expected: declared,
+                    found: format!(
+                        "it is a {actual} (it exports `{}`)",
+                        if actual == PluginKind::Router {
+                            "route"
+                        } else {
+                            "validate"
+                        }
+                    ),
+                    hint: format!(
+                        "set kind = \"{actual}\" in {name}.toml, or rebuild it with the {declared} world"
+                    ),
+                });
+            }
+            (Some(k), Some(_)) | (None, Some(k)) => k,
+            (declared, None) => {
+                return Err(PluginError::WrongWorld {
+                    plugin: name.clone(),
+                    expected: declared.unwrap_or(PluginKind::Validator),
+                    found: format!(
+                        "it exports neither `validate` nor `route` (exports: {})",
+                        if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
+                    ),
+                    hint: "implement world `validator` or `router` of wit/v0.1.0/plugin.wit (see docs/plugin-authoring.md)".to_string(),
+                });
+            }
+        };
+        let prepared = wit::prepare(&self.linkers, &component, &name, &wit_version, kind)?;
+        tracing::debug!(plugin = name.as_str(), %kind, %wit_version, loaded_from_cache, "plugin loaded");
+        Ok(Plugin {
+            name,
+            kind,
+            version: spec.version,
+            sha256: spec.sha256,
+            wit_version,
+            signature: spec.signature,
+            settings: spec.settings,
+            limits: spec.limits,
+            path: spec.path,
+            description: spec.description,
+            loaded_from_cache,
+            prepared: Arc::new(prepared),
+        })
+    }
+
+    fn input(plugin: &Plugin, policy: &PolicyInput, ctx: &CallContext) -> wit::CallInput {
+        wit::CallInput {
+            id: policy.id.clone(),
+            version: policy.version.clone(),
+            document: policy.document.to_string(),
+            environment: ctx.environment.clone(),
+            settings: if plugin.settings.is_null() {
+                "{}".to_string()
+            } else {
+                plugin.settings.to_string()
+            },
+        }
+    }
+
+    fn wrong_world(plugin: &Plugin, expected: PluginKind) -> PluginError {
+        PluginError::WrongWorld {
+            plugin: plugin.name.clone(),
+            expected,
+            found: format!("it is a {}", plugin.kind),
+            hint: format!("call it as a {}", plugin.kind),
+        }
+    }
+
+    /// Runs a validator over `policy`. Diagnostics carry `source = plugin name`.
+    pub fn validate(
+        &self,
+        plugin: &Plugin,
+        policy: &PolicyInput,
+        ctx: &CallContext,
+    ) -> Result<CallReport<Vec<Diagnostic>>, PluginError> {
+        let input = Self::input(plugin, policy, ctx);
+        let slot = self.gate.enter();
+        let (out, stats) = plugin
+            .prepared
+            .validate(&self.engine, &plugin.name, &plugin.limits, &input)
+            .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Validator))??;
+        // The store, and with it the pool slot, is gone once the call returns.
+        drop(slot);
+        let raw = out.map_err(|message| PluginError::PluginFailed {
+            plugin: plugin.name.clone(),
+            message,
+        })?;
+        let bytes: usize = raw
+            .iter()
+            .map(|d| d.path.len() + d.code.len() + d.message.len())
+            .sum();
+        check_bounds(&plugin.name, "diagnostics", raw.len(), bytes)?;
+        let value = raw
+            .into_iter()
+            .map(|d| {
+                let severity = match d.severity {
+                    wit::RawSeverity::Error => Severity::Error,
+                    wit::RawSeverity::Warning => Severity::Warning,
+                    wit::RawSeverity::Info => Severity::Info,
+                };
+                Diagnostic::new(severity, &plugin.name, &d.code, &d.path, d.message)
+            })
+            .collect();
+        Ok(report(value, stats))
+    }
+
+    /// Runs a router; every route must name one of `services`.
+    pub fn route(
+        &self,
+        plugin: &Plugin,
+        policy: &PolicyInput,
+        ctx: &CallContext,
+        services: &[ServiceInfo],
+    ) -> Result<CallReport<Vec<Route>>, PluginError> {
+        let input = Self::input(plugin, policy, ctx);
+        let raw_services: Vec<wit::RawService> = services
+            .iter()
+            .map(|s| wit::RawService {
+                name: s.name.clone(),
+                tags: s.tags.clone(),
+                labels: s
+                    .labels
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            })
+            .collect();
+        let slot = self.gate.enter();
+        let (out, stats) = plugin
+            .prepared
+            .route(
+                &self.engine,
+                &plugin.name,
+                &plugin.limits,
+                &input,
+                &raw_services,
+            )
+            .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Router))??;
+        drop(slot);
+        let raw = out.map_err(|message| PluginError::PluginFailed {
+            plugin: plugin.name.clone(),
+            message,
+        })?;
+        let bytes: usize = raw.iter().map(|r| r.service.len() + r.reason.len()).sum();
+        check_bounds(&plugin.name, "routes", raw.len(), bytes)?;
+        for r in &raw {
+            if !services.iter().any(|s| s.name == r.service) {
+                return Err(PluginError::UnknownService {
+                    plugin: plugin.name.clone(),
+                    service: r.service.clone(),
+                    known: services
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
+            }
+        }
+        let value = raw
+            .into_iter()
+            .map(|r| Route {
+                service: r.service,
+                reason: r.reason,
+            })
+            .collect();
+        Ok(report(value, stats))
+    }
+}
+
+struct LoadSpec {
+    name: String,
+    kind: Option<PluginKind>,
+    version: String,
+    description: String,
+    settings: serde_json::Value,
+    limits: Limits,
+    path: PathBuf,
+    bytes: Vec<u8>,
+    sha256: String,
+    signature: SignatureStatus,
+}
+
+fn check_bounds(plugin: &str, what: &str, count: usize, bytes: usize) -> Result<(), PluginError> {
+    if count > MAX_RESULT_ITEMS {
+        return Err(PluginError::ResultTooLarge {
+            plugin: plugin.to_string(),
+            what: format!("{count} {what}, at most {MAX_RESULT_ITEMS} are accepted"),
+        });
+    }
+    if bytes > MAX_RESULT_BYTES {
+        return Err(PluginError::ResultTooLarge {
+            plugin: plugin.to_string(),
+            what: format!("{bytes} bytes of {what}, at most {MAX_RESULT_BYTES} are accepted"),
+        });
+    }
+    Ok(())
+}
+
+fn report<T>(value: T, stats: sandbox::CallStats) -> CallReport<T> {
+    CallReport {
+        value,
+        fuel_used: stats.fuel_used,
+        peak_memory_bytes: stats.peak_memory_bytes,
+        elapsed: stats.elapsed,
+        log: stats.log,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_and_plugins_can_be_shared_across_threads() {
+        fn shareable<T: Send + Sync + 'static>() {}
+        shareable::<PluginHost>();
+        shareable::<Plugin>();
+    }
+
+    #[test]
+    fn exit_codes_follow_the_contract() {
+        let plugin = "p".to_string();
+        let fault = PluginError::Timeout {
+            plugin: plugin.clone(),
+            timeout_ms: 1,
+        };
+        assert_eq!(fault.exit_code(), ExitCode::PluginFault);
+        let integrity = PluginError::BadSignature {
+            plugin,
+            reason: "x".into(),
+        };
+        assert_eq!(integrity.exit_code(), ExitCode::Integrity);
+    }
+
+    #[test]
+    fn results_are_bounded_by_count_and_bytes() {
+        assert!(check_bounds("p", "diagnostics", MAX_RESULT_ITEMS, 10).is_ok());
+        assert!(matches!(
+            check_bounds("p", "diagnostics", MAX_RESULT_ITEMS + 1, 10),
+            Err(PluginError::ResultTooLarge { .. })
+        ));
+        assert!(matches!(
+            check_bounds("p", "routes", 1, MAX_RESULT_BYTES + 1),
+            Err(PluginError::ResultTooLarge { .. })
+        ));
+    }
+}

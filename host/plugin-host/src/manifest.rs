@@ -1,0 +1,210 @@
+//! `<name>.toml`: the manifest that ships beside every plugin (DESIGN §8).
+//!
+//! The manifest is its own serde type with `deny_unknown_fields` (as Extism
+//! does), so a typo such as `timout_ms` is an error rather than a silently
+//! looser sandbox. Its `[limits]` may only tighten the workspace's: a plugin
+//! author cannot grant their own plugin more CPU, memory or time than the
+//! operator allows, and trying to is reported, not clamped, so nobody believes
+//! a limit is in force when it is not.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use super::{PluginError, PluginKind};
+use crate::limits::Limits;
+
+/// The parsed manifest of one plugin.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The plugin's name, unique within the plugin directory.
+    pub name: String,
+    /// `validator` or `router`, checked by [`Manifest::kind`].
+    kind: String,
+    /// The plugin's own version (free text, usually semver).
+    pub version: String,
+    /// Lowercase hex sha256 of the `.wasm` file.
+    pub sha256: String,
+    /// What the plugin checks or decides, for people.
+    #[serde(default)]
+    pub description: String,
+    /// Optional tighter limits for this plugin.
+    #[serde(default)]
+    pub limits: ManifestLimits,
+    /// Settings handed to the plugin in its call context.
+    #[serde(default)]
+    pub settings: Option<toml::Table>,
+}
+
+/// `[limits]` of a manifest: each field optional, each at most the global value.
+#[derive(Debug, Clone, Copy, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManifestLimits {
+    /// Fuel per call.
+    pub fuel: Option<u64>,
+    /// Memory per call, MiB.
+    pub memory_mib: Option<u64>,
+    /// Wall time per call, ms.
+    pub timeout_ms: Option<u64>,
+}
+
+impl Manifest {
+    /// Reads and parses a manifest file.
+    pub fn load(path: &Path) -> Result<Manifest, PluginError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PluginError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses manifest text; `path` is used in messages only.
+    pub fn parse(text: &str, path: &Path) -> Result<Manifest, PluginError> {
+        let manifest: Manifest = toml::from_str(text).map_err(|e| PluginError::BadManifest {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if manifest.name.is_empty()
+            || !manifest
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(PluginError::BadManifest {
+                path: path.to_path_buf(),
+                message: format!(
+                    "name {:?} must be non-empty ASCII letters, digits, '-' or '_'",
+                    manifest.name
+                ),
+            });
+        }
+        let hex_ok = manifest.sha256.len() == 64
+            && manifest
+                .sha256
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c));
+        if !hex_ok {
+            return Err(PluginError::BadManifest {
+                path: path.to_path_buf(),
+                message: format!(
+                    "sha256 {:?} must be 64 lowercase hex digits (run `sha256sum {}.wasm`)",
+                    manifest.sha256, manifest.name
+                ),
+            });
+        }
+        manifest.kind(path)?;
+        Ok(manifest)
+    }
+
+    /// The declared kind, or [`PluginError::UnknownKind`].
+    pub fn kind(&self, path: &Path) -> Result<PluginKind, PluginError> {
+        match self.kind.as_str() {
+            "validator" => Ok(PluginKind::Validator),
+            "router" => Ok(PluginKind::Router),
+            other => Err(PluginError::UnknownKind {
+                path: path.to_path_buf(),
+                kind: other.to_string(),
+            }),
+        }
+    }
+
+    /// The settings as JSON (`{}` when the manifest has none).
+    pub fn settings_json(&self) -> serde_json::Value {
+        match &self.settings {
+            Some(table) => serde_json::to_value(table).unwrap_or_else(|_| serde_json::json!({})),
+            None => serde_json::json!({}),
+        }
+    }
+
+    /// The limits in force for this plugin: the global ones, tightened by the
+    /// manifest. A manifest value above the global one is an error.
+    pub fn effective_limits(&self, global: &Limits, path: &Path) -> Result<Limits, PluginError> {
+        fn pick(
+            field: &'static str,
+            asked: Option<u64>,
+            global: u64,
+            path: &Path,
+        ) -> Result<u64, PluginError> {
+            match asked {
+                None => Ok(global),
+                Some(0) => Err(PluginError::BadManifest {
+                    path: path.to_path_buf(),
+                    message: format!("[limits] {field} must be greater than zero"),
+                }),
+                Some(v) if v > global => Err(PluginError::LimitLoosened {
+                    path: path.to_path_buf(),
+                    field,
+                    asked: v,
+                    allowed: global,
+                }),
+                Some(v) => Ok(v),
+            }
+        }
+        Ok(Limits {
+            fuel: pick("fuel", self.limits.fuel, global.fuel, path)?,
+            memory_mib: pick(
+                "memory_mib",
+                self.limits.memory_mib,
+                global.memory_mib,
+                path,
+            )?,
+            timeout_ms: pick(
+                "timeout_ms",
+                self.limits.timeout_ms,
+                global.timeout_ms,
+                path,
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEX: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    fn text(extra: &str) -> String {
+        format!(
+            "name = \"x\"\nkind = \"validator\"\nversion = \"1.0.0\"\nsha256 = \"{HEX}\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn typo_is_an_error() {
+        let err = Manifest::parse(&text("descripton = \"oops\""), Path::new("x.toml")).unwrap_err();
+        assert!(matches!(err, PluginError::BadManifest { .. }), "{err}");
+        assert!(err.to_string().contains("descripton"), "{err}");
+    }
+
+    #[test]
+    fn limits_only_tighten() {
+        let global = Limits::default();
+        let m = Manifest::parse(&text("[limits]\nfuel = 1000"), Path::new("x.toml")).unwrap();
+        let eff = m.effective_limits(&global, Path::new("x.toml")).unwrap();
+        assert_eq!(eff.fuel, 1000);
+        assert_eq!(eff.memory_mib, global.memory_mib);
+        let m = Manifest::parse(&text("[limits]\nmemory_mib = 4096"), Path::new("x.toml")).unwrap();
+        let err = m
+            .effective_limits(&global, Path::new("x.toml"))
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                PluginError::LimitLoosened {
+                    field: "memory_mib",
+                    asked: 4096,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn settings_become_json() {
+        let m = Manifest::parse(&text("[settings]\nmax_age = 120"), Path::new("x.toml")).unwrap();
+        assert_eq!(m.settings_json(), serde_json::json!({"max_age": 120}));
+    }
+}
