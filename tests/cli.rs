@@ -83,7 +83,10 @@ fn usage_errors_exit_2() {
     assert_eq!(code(&pde(dir.path(), &["frobnicate"])), 2);
     let o = pde(dir.path(), &["status"]);
     assert_eq!(code(&o), 2);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("pde.toml"));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("pde.toml"), "{stderr}");
+    // Printed once: the cause is part of the message, not repeated after it.
+    assert_eq!(stderr.matches("os error 2").count(), 1, "{stderr}");
     let o = pde(dir.path(), &["status", "--output", "json"]);
     assert_eq!(code(&o), 2);
     assert_eq!(json(&o)["exit_code"], 2);
@@ -239,4 +242,104 @@ fn deploy_plan_status_history_and_audit_through_the_binary() {
     std::fs::write(&log, text.replacen("\"42\"", "\"43\"", 1)).unwrap();
     let o = pde(ws.root(), &["audit", "verify"]);
     assert_eq!(code(&o), 6);
+}
+
+/// An audit sink on loopback that records what it takes, or hangs.
+struct Sink {
+    got: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    url: String,
+}
+
+fn start_sink(hang: bool) -> Sink {
+    use axum::routing::post;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let store = got.clone();
+    let app = axum::Router::new().route(
+        "/audit",
+        post(move |axum::Json(v): axum::Json<serde_json::Value>| {
+            let store = store.clone();
+            async move {
+                if hang {
+                    tokio::time::sleep(std::time::Duration::from_secs(600)).await;
+                }
+                store.lock().unwrap().push(v);
+                axum::http::StatusCode::ACCEPTED
+            }
+        }),
+    );
+    let rt = support::runtime();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await });
+    Sink {
+        got,
+        url: format!("http://{addr}/audit"),
+    }
+}
+
+fn with_sink(ws: &Workspace, url: &str) {
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap();
+    // The [audit] table is always the last one written here; replace it.
+    let toml = toml.split("\n[audit]").next().unwrap().to_string();
+    let toml = format!("{toml}\n[audit]\nsink_url = \"{url}\"\nsink_flush_ms = 300\n");
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+}
+
+#[test]
+fn a_hung_audit_sink_is_bounded_and_a_killed_run_loses_nothing() {
+    let ws = Workspace::new("");
+    let agent = AgentProcess::start(&ws.root().join("agents/api"), &ws.release_pub());
+    let env = Workspace::env_toml(
+        "dev",
+        "",
+        &[support::Svc {
+            name: "HMS-API",
+            url: agent.url.clone(),
+            tags: &["api"],
+        }],
+    );
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap() + &env;
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    let hung = start_sink(true);
+    with_sink(&ws, &hung.url);
+    ws.commit("init");
+
+    // A deploy with a sink that never answers still ends, and promptly.
+    let started = std::time::Instant::now();
+    let o = pde(ws.root(), &["deploy", "42", "--env", "dev"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(20),
+        "a hung sink held the deploy for {:?}",
+        started.elapsed()
+    );
+    // A second run is killed outright while the sink hangs.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pde"))
+        .arg("-C")
+        .arg(ws.root())
+        .args(["validate", "42", "--env", "dev"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let _ = child.kill();
+    let _ = child.wait();
+    let logged = std::fs::read_to_string(ws.root().join(".pde/audit.jsonl")).unwrap();
+    let records: Vec<serde_json::Value> = logged
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(records.len() >= 8, "{logged}");
+    assert!(hung.got.lock().unwrap().is_empty());
+
+    // The next run, with a working sink, forwards every pending record, in order.
+    let good = start_sink(false);
+    with_sink(&ws, &good.url);
+    let o = pde(ws.root(), &["status"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let got = good.got.lock().unwrap().clone();
+    assert_eq!(got, records, "every record, in order, byte for byte");
 }

@@ -729,3 +729,61 @@ fn a_v1_receiver_is_refused_and_nothing_is_pushed() {
         "nor to anyone else"
     );
 }
+
+#[test]
+fn rollback_honours_the_workspace_push_settings() {
+    // The workspace says `[push] retries = 2`; the built-in default is 3.
+    let r = Receiver::start(Fault::None);
+    let ws = with_receivers(&[&r], "");
+    ws.engine().deploy_policy("42", "prod").unwrap();
+    ws.write_policy("42.json", &policy_42("1.1.0").to_string());
+    ws.commit("v1.1");
+    ws.engine().deploy_policy("42", "prod").unwrap();
+    let before = r.seen.lock().unwrap().rollbacks;
+    r.set_fault(Fault::RollbackFails);
+    let (code, _) = exit_of(ws.engine().rollback("42", "prod", None));
+    assert_eq!(code, ExitCode::DeployFailed);
+    let attempts = r.seen.lock().unwrap().rollbacks - before;
+    assert_eq!(attempts, 3, "one attempt and the workspace's 2 retries");
+}
+
+#[test]
+fn the_engine_runs_inside_async_code() {
+    let (keys, urls) = agents_for(2);
+    let ws = many_policies(&urls);
+    use_release_key(&ws, &keys);
+    // The caller's own runtime, as a service has one.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(deploy_from_async_code(&ws, &urls));
+}
+
+async fn deploy_from_async_code(ws: &Workspace, urls: &[String]) {
+    // The async engine on the caller's runtime: no nested runtime, no panic.
+    let engine = pde::Engine::open(ws.root()).unwrap();
+    let (a, b) = tokio::join!(engine.deploy_policy("42", "prod"), engine.env_check("prod"));
+    let report = a.unwrap();
+    assert!(b.unwrap().healthy());
+    assert_eq!(report.outcome, DeployOutcome::Deployed);
+    let plan = engine.plan("43", "prod").await.unwrap();
+    assert_eq!(plan.targets.len(), 2);
+    // Spawned onto the runtime, as a service would: the future is Send.
+    let root = ws.root().to_path_buf();
+    let spawned = tokio::spawn(async move {
+        let engine = pde::Engine::open(&root).unwrap();
+        engine.deploy_policy("43", "prod").await.map(|r| r.digest)
+    });
+    let digest = spawned.await.unwrap().unwrap();
+    for url in urls {
+        let got = tokio::task::spawn_blocking({
+            let url = url.clone();
+            move || support::active_digest_of(&url, "43")
+        })
+        .await
+        .unwrap();
+        assert_eq!(got.as_deref(), Some(digest.as_str()));
+    }
+}

@@ -45,7 +45,7 @@ pub enum DeployOutcome {
 
 impl std::fmt::Display for DeployOutcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             DeployOutcome::Deployed => "deployed",
             DeployOutcome::RolledBack => "rolled-back",
             DeployOutcome::NeedsAttention => "needs-attention",

@@ -13,7 +13,7 @@ use crate::audit::Event;
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::push;
-use crate::state::{DeploymentRecord, TargetRecord};
+use crate::state::{DeploymentRecord, RecordOutcome, TargetRecord};
 
 pub use crate::error::RollbackError;
 pub use crate::report::{RollbackReport, RollbackTarget};
@@ -36,9 +36,7 @@ impl Engine {
             }
         })?;
         let history = self.state.history(policy_id)?;
-        let deployed = |d: &&DeploymentRecord| {
-            d.env == env_name && (d.outcome == "deployed" || d.outcome == "rollback")
-        };
+        let deployed = |d: &&DeploymentRecord| d.env == env_name && d.outcome.took_effect();
         let target = history
             .iter()
             .filter(deployed)
@@ -137,11 +135,10 @@ impl Engine {
             version: target.version.clone(),
             digest: target.digest.clone(),
             outcome: if failed.is_empty() {
-                "rollback"
+                RecordOutcome::Rollback
             } else {
-                "rollback-failed"
-            }
-            .into(),
+                RecordOutcome::RollbackFailed
+            },
             started_at,
             finished_at: pde_core::clock::now_rfc3339(),
             actor: crate::audit::default_actor(),

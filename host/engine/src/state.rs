@@ -76,8 +76,73 @@ CREATE TABLE service_active (
 "#,
 ];
 
-/// The outcome string of a successful deployment.
-pub const OUTCOME_DEPLOYED: &str = "deployed";
+/// How a recorded deployment (or rollback) ended. Stored as its kebab-case
+/// name, the same word `--output json` shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecordOutcome {
+    /// Every routed service runs the bundle.
+    Deployed,
+    /// A push failed and every target was sent back.
+    RolledBack,
+    /// A push failed and some compensation failed too.
+    NeedsAttention,
+    /// `pde rollback` returned every holder to this bundle.
+    Rollback,
+    /// `pde rollback` failed on some holder.
+    RollbackFailed,
+}
+
+impl RecordOutcome {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordOutcome::Deployed => "deployed",
+            RecordOutcome::RolledBack => "rolled-back",
+            RecordOutcome::NeedsAttention => "needs-attention",
+            RecordOutcome::Rollback => "rollback",
+            RecordOutcome::RollbackFailed => "rollback-failed",
+        }
+    }
+
+    /// Whether the environment ran this bundle afterwards (a deploy or a
+    /// rollback that completed).
+    pub fn took_effect(self) -> bool {
+        matches!(self, RecordOutcome::Deployed | RecordOutcome::Rollback)
+    }
+}
+
+impl std::fmt::Display for RecordOutcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl rusqlite::types::ToSql for RecordOutcome {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(self.as_str().into())
+    }
+}
+
+impl rusqlite::types::FromSql for RecordOutcome {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let text = value.as_str()?;
+        [
+            RecordOutcome::Deployed,
+            RecordOutcome::RolledBack,
+            RecordOutcome::NeedsAttention,
+            RecordOutcome::Rollback,
+            RecordOutcome::RollbackFailed,
+        ]
+        .into_iter()
+        .find(|o| o.as_str() == text)
+        .ok_or_else(|| {
+            rusqlite::types::FromSqlError::Other(
+                format!("unknown deployment outcome {text:?}").into(),
+            )
+        })
+    }
+}
 
 use pde_core::clock::now_rfc3339;
 
@@ -218,7 +283,7 @@ pub struct DeploymentRecord {
     /// Bundle digest.
     pub digest: String,
     /// `deployed`, `rolled-back`, `needs-attention` or `failed`.
-    pub outcome: String,
+    pub outcome: RecordOutcome,
     /// RFC 3339 UTC.
     pub started_at: String,
     /// RFC 3339 UTC.
@@ -398,7 +463,7 @@ impl StateStore {
             c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM deployments
                  WHERE env = ?1 AND policy_id = ?2 AND digest = ?3 AND outcome = ?4)",
-                params![env, policy_id, digest, OUTCOME_DEPLOYED],
+                params![env, policy_id, digest, RecordOutcome::Deployed],
                 |r| r.get(0),
             )
         })
@@ -621,13 +686,14 @@ mod tests {
     use super::*;
 
     fn record(policy: &str, env: &str, digest: &str, outcome: &str) -> DeploymentRecord {
+        let outcome: RecordOutcome = serde_json::from_value(serde_json::json!(outcome)).unwrap();
         DeploymentRecord {
             id: None,
             policy_id: policy.into(),
             env: env.into(),
             version: "1.0.0".into(),
             digest: digest.into(),
-            outcome: outcome.into(),
+            outcome,
             started_at: now_rfc3339(),
             finished_at: now_rfc3339(),
             actor: "ana".into(),

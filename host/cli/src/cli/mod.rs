@@ -148,6 +148,23 @@ where
     }
 }
 
+/// An error's message, and the causes below it that add something. Library
+/// errors often already say their cause in their own message (`cannot read
+/// pde.toml: No such file…`); printing the chain blindly would say it twice.
+fn explain(error: &anyhow::Error) -> (String, Vec<String>) {
+    let message = error.to_string();
+    let mut said = message.clone();
+    let mut causes = Vec::new();
+    for cause in error.chain().skip(1) {
+        let text = cause.to_string();
+        if !said.contains(&text) {
+            said.push_str(&text);
+            causes.push(text);
+        }
+    }
+    (message, causes)
+}
+
 /// What a subcommand returns.
 pub type CmdResult = Result<ExitCode, Failure>;
 
@@ -208,15 +225,20 @@ pub fn main() -> std::process::ExitCode {
     match result {
         Ok(code) => std::process::ExitCode::from(code.code()),
         Err(f) => {
+            let (message, causes) = explain(&f.error);
             if ctx.json {
                 ctx.print_json(&serde_json::json!({
-                    "error": format!("{:#}", f.error),
+                    "error": message,
+                    "causes": causes,
                     "exit_code": f.code.code(),
                     "kind": f.code,
                     "report": f.report,
                 }));
             }
-            eprintln!("error: {:#}", f.error);
+            eprintln!("error: {message}");
+            for cause in &causes {
+                eprintln!("caused by: {cause}");
+            }
             std::process::ExitCode::from(f.code.code())
         }
     }

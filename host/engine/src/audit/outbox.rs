@@ -65,7 +65,8 @@ enum Signal {
 #[derive(Debug)]
 pub struct Outbox {
     tx: mpsc::Sender<Signal>,
-    done: mpsc::Receiver<()>,
+    // In a mutex only so that the engine (and its futures) stay `Sync`.
+    done: std::sync::Mutex<mpsc::Receiver<()>>,
     flush: Duration,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -99,7 +100,7 @@ impl Outbox {
             })?;
         Ok(Outbox {
             tx,
-            done,
+            done: std::sync::Mutex::new(done),
             flush,
             thread: Some(thread),
         })
@@ -117,6 +118,8 @@ impl Drop for Outbox {
         let _ = self.tx.send(Signal::Close(deadline));
         match self
             .done
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
             .recv_timeout(self.flush + Duration::from_millis(50))
         {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => {

@@ -285,7 +285,7 @@ pub enum Outcome {
 
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             Outcome::Deployed => "deployed",
             Outcome::RolledBack => "rolled-back",
             Outcome::NeedsAttention => "needs-attention",
@@ -295,7 +295,7 @@ impl std::fmt::Display for Outcome {
 
 impl std::fmt::Display for TargetState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             TargetState::Delivered => "delivered",
             TargetState::Unchanged => "unchanged",
             TargetState::Failed => "failed",
@@ -303,6 +303,16 @@ impl std::fmt::Display for TargetState {
             TargetState::RollbackFailed => "rollback-failed",
             TargetState::NotAttempted => "not-attempted",
         })
+    }
+}
+
+impl From<Outcome> for crate::state::RecordOutcome {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Deployed => crate::state::RecordOutcome::Deployed,
+            Outcome::RolledBack => crate::state::RecordOutcome::RolledBack,
+            Outcome::NeedsAttention => crate::state::RecordOutcome::NeedsAttention,
+        }
     }
 }
 
@@ -385,7 +395,7 @@ pub fn deployment_record(
         env: env.to_string(),
         version: version.to_string(),
         digest: pushed.digest.clone(),
-        outcome: pushed.outcome.to_string(),
+        outcome: pushed.outcome.into(),
         started_at: started_at.to_string(),
         finished_at: pde_core::clock::now_rfc3339(),
         actor: crate::audit::default_actor(),
