@@ -152,6 +152,12 @@ pub enum AuditError {
         /// What does not check out.
         reason: String,
     },
+    /// The log was opened read-only (by a read-only command) and asked to append.
+    #[error("audit log {path} is open read-only; this command must not write it")]
+    ReadOnly {
+        /// The log file.
+        path: PathBuf,
+    },
     /// Forwarding to the HTTP sink failed (a warning for callers, never a deploy failure).
     #[error("audit sink {url}: gave up after {attempts} attempt(s): {reason}")]
     Sink {
@@ -168,7 +174,7 @@ impl HasExitCode for AuditError {
     fn exit_code(&self) -> ExitCode {
         match self {
             AuditError::Tampered { .. } => ExitCode::Integrity,
-            AuditError::Io { .. } => ExitCode::Usage,
+            AuditError::Io { .. } | AuditError::ReadOnly { .. } => ExitCode::Usage,
             AuditError::Sink { .. } => ExitCode::DeployFailed,
         }
     }
@@ -186,8 +192,11 @@ pub struct AuditLog {
     path: PathBuf,
     head_path: PathBuf,
     actor: String,
-    /// The log opened for read + append; the mutex serializes appends in-process.
-    file: Mutex<File>,
+    /// The log opened for read + append (read only for
+    /// [`AuditLog::open_read_only`]; `None` when that found no log); the
+    /// mutex serializes appends in-process.
+    file: Mutex<Option<File>>,
+    writable: bool,
 }
 
 /// Releases the OS lock on the log when dropped.
@@ -242,12 +251,31 @@ impl AuditLog {
             head_path: state_dir.join(HEAD_FILE),
             path,
             actor: actor.to_string(),
-            file: Mutex::new(file),
+            file: Mutex::new(Some(file)),
+            writable: true,
         };
         if let Err(e) = log.check_tail() {
             tracing::warn!(error = %e, "audit log is damaged; appends will be refused until it is repaired");
         }
         Ok(log)
+    }
+
+    /// Opens `<state_dir>/audit.jsonl` for reading only, creating nothing:
+    /// a missing log reads as empty. Appends are refused.
+    pub fn open_read_only(state_dir: &Path) -> Result<AuditLog, AuditError> {
+        let path = state_dir.join(LOG_FILE);
+        let file = match File::open(&path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(AuditError::Io { path, source }),
+        };
+        Ok(AuditLog {
+            head_path: state_dir.join(HEAD_FILE),
+            path,
+            actor: default_actor(),
+            file: Mutex::new(file),
+            writable: false,
+        })
     }
 
     /// The log file.
@@ -262,9 +290,12 @@ impl AuditLog {
 
     fn check_tail(&self) -> Result<Option<AuditRecord>, AuditError> {
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(file) = file.as_ref() else {
+            return self.tail(None);
+        };
         file.lock_shared().map_err(self.io(&self.path))?;
-        let _guard = FileLockGuard(&file);
-        self.tail(&file)
+        let _guard = FileLockGuard(file);
+        self.tail(Some(file))
     }
 
     /// Appends a record and fsyncs it; returns the record as written.
@@ -294,9 +325,15 @@ impl AuditLog {
             return Ok(Vec::new());
         }
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let file = match file.as_ref() {
+            Some(f) if self.writable => f,
+            _ => return Err(AuditError::ReadOnly {
+                path: self.path.clone(),
+            }),
+        };
         file.lock().map_err(self.io(&self.path))?;
-        let _guard = FileLockGuard(&file);
-        let last = self.tail(&file)?;
+        let _guard = FileLockGuard(file);
+        let last = self.tail(Some(file))?;
         let (mut seq, mut prev) = last.map_or((1, String::new()), |r| (r.seq + 1, r.hash));
         let ts = crate::state::now_rfc3339();
         let mut bytes = Vec::new();
@@ -392,8 +429,11 @@ impl AuditLog {
     /// that a concurrent append cannot fall between the two reads.
     fn snapshot(&self) -> Result<(Vec<u8>, Option<Head>), AuditError> {
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(file) = file.as_ref() else {
+            return Ok((Vec::new(), self.read_head()?));
+        };
         file.lock_shared().map_err(self.io(&self.path))?;
-        let _guard = FileLockGuard(&file);
+        let _guard = FileLockGuard(file);
         let mut bytes = Vec::new();
         (&*file)
             .seek(SeekFrom::Start(0))
@@ -403,8 +443,11 @@ impl AuditLog {
     }
 
     /// The last record, checked: complete line, valid hash, consistent with the head.
-    fn tail(&self, file: &File) -> Result<Option<AuditRecord>, AuditError> {
-        let (line, start) = last_line(file).map_err(self.io(&self.path))?;
+    fn tail(&self, file: Option<&File>) -> Result<Option<AuditRecord>, AuditError> {
+        let (line, start) = match file {
+            Some(f) => last_line(f).map_err(self.io(&self.path))?,
+            None => (None, 0),
+        };
         let head = self.read_head()?;
         let has_line = line.is_some();
         // Errors below carry line numbers relative to the last line (0 = the
@@ -430,7 +473,7 @@ impl AuditLog {
         // Line numbers cost a full read; only an error pays for one.
         checked.map_err(|e| match e {
             AuditError::Tampered { line, seq, reason } => {
-                let last = if has_line {
+                let last = if let (true, Some(file)) = (has_line, file) {
                     count_lines(file, start).unwrap_or(0) + 1
                 } else {
                     0

@@ -41,21 +41,56 @@ pub struct Engine {
     pub(crate) runtime: tokio::runtime::Runtime,
     plugins: Mutex<Option<Arc<LoadedPlugins>>>,
     sink: Option<AuditSink>,
+    /// False for [`Engine::open_read_only`]: nothing under the state
+    /// directory is created.
+    writable: bool,
+    /// The empty, throwaway state a read-only engine reads when the
+    /// workspace has none yet; removed on drop.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl Engine {
-    /// Opens the workspace whose `pde.toml` is in `dir`.
+    /// Opens the workspace whose `pde.toml` is in `dir`, creating its state
+    /// directory if needed (for commands that write: deploy, package, rollback).
     pub fn open(dir: &Path) -> Result<Engine, Error> {
+        Self::open_with(dir, true)
+    }
+
+    /// Opens the workspace for reading only (`status`, `history`, `audit`,
+    /// `plan`, `validate`, `env check`): the state directory, database and
+    /// audit log are never created. A workspace with no state yet reads as
+    /// one where nothing was deployed.
+    pub fn open_read_only(dir: &Path) -> Result<Engine, Error> {
+        Self::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, writable: bool) -> Result<Engine, Error> {
         let root = dir.to_path_buf();
         let config = Config::load(&root)?;
         let state_dir = root.join(&config.state);
-        std::fs::create_dir_all(&state_dir).map_err(|source| Error::Io {
-            path: state_dir.clone(),
-            source,
-        })?;
+        check_state_inside(&root, &config)?;
         let policies = PolicyStore::open(&root.join(&config.policies));
-        let state = StateStore::open(&state_dir)?;
-        let audit = AuditLog::open(&state_dir)?;
+        let mut scratch = None;
+        let (state, audit) = if writable {
+            std::fs::create_dir_all(&state_dir).map_err(|source| Error::Io {
+                path: state_dir.clone(),
+                source,
+            })?;
+            (StateStore::open(&state_dir)?, AuditLog::open(&state_dir)?)
+        } else {
+            let state = if state_dir.join("state.db").is_file() {
+                StateStore::open(&state_dir)?
+            } else {
+                let tmp = tempfile::tempdir().map_err(|source| Error::Io {
+                    path: std::env::temp_dir(),
+                    source,
+                })?;
+                let empty = StateStore::open(tmp.path())?;
+                scratch = Some(tmp);
+                empty
+            };
+            (state, AuditLog::open_read_only(&state_dir)?)
+        };
         let http = crate::push::client(Duration::from_millis(config.push.timeout_ms))?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -87,6 +122,8 @@ impl Engine {
             runtime,
             plugins: Mutex::new(None),
             sink,
+            writable,
+            _scratch: scratch,
         })
     }
 
@@ -165,10 +202,10 @@ impl Engine {
         if let Some(loaded) = slot.as_ref() {
             return Ok(loaded.clone());
         }
-        let host = PluginHost::new(
-            self.config.limits,
-            Some(self.state_dir().join("cache").join("plugins")),
-        )?;
+        // A read-only engine uses the cache only where state already exists.
+        let cache = (self.writable || self.state_dir().is_dir())
+            .then(|| self.state_dir().join("cache").join("plugins"));
+        let host = PluginHost::new(self.config.limits, cache)?;
         let dir = self.root.join(&self.config.plugins);
         let plugins = if dir.exists() {
             host.load_dir(&dir, &self.plugin_trust()?)?
@@ -198,4 +235,26 @@ impl Engine {
         }
         Ok(record)
     }
+}
+
+/// The state directory must be inside the workspace unless pde.toml says
+/// `allow_state_outside_workspace = true`: `state = "/"` would otherwise
+/// scatter a database and an audit log over whatever directory it names.
+/// `pde.toml` checks the setting as written; this also catches a symbolic
+/// link that leads out.
+fn check_state_inside(root: &Path, config: &Config) -> Result<(), ConfigError> {
+    if config.allow_state_outside_workspace {
+        return Ok(());
+    }
+    let state_dir = root.join(&config.state);
+    let (Ok(root_c), Ok(state_c)) = (root.canonicalize(), state_dir.canonicalize()) else {
+        return Ok(());
+    };
+    if state_c.starts_with(&root_c) && state_c != root_c {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        path: root.join(crate::config::FILE_NAME),
+        message: crate::config::state_outside_message(&config.state),
+    })
 }

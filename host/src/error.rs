@@ -73,6 +73,9 @@ pub enum Error {
     /// Pushing could not even start (e.g. a token variable is unset).
     #[error(transparent)]
     Push(#[from] crate::push::PushError),
+    /// A policy or plugin file is not what the commit holds.
+    #[error(transparent)]
+    Provenance(#[from] crate::provenance::ProvenanceError),
     /// A rollback could not start or did not complete.
     #[error(transparent)]
     Rollback(#[from] crate::rollback::RollbackError),
@@ -134,6 +137,7 @@ impl HasExitCode for Error {
             Error::Vcs(e) => e.exit_code(),
             Error::Push(e) => e.exit_code(),
             Error::Rollback(e) => e.exit_code(),
+            Error::Provenance(e) => e.exit_code(),
             Error::Io { .. } => ExitCode::Usage,
             Error::ValidationFailed { .. } => ExitCode::ValidationFailed,
             Error::Gate(e) => e.exit_code(),

@@ -250,6 +250,7 @@ impl Engine {
         };
 
         // 1. validate
+        self.check_required_plugins(env_name, env)?;
         self.check_plugin_signatures(env_name, env)?;
         let validated = validate::load(self, policy_id).and_then(|policy| {
             let report = validate::validate(self, &policy, Some(env_name))?.into_result()?;
@@ -402,7 +403,7 @@ impl Engine {
         env: Option<&str>,
     ) -> Result<ValidationReport, Error> {
         if let Some(name) = env {
-            self.environment(name)?;
+            self.check_required_plugins(name, self.environment(name)?)?;
         }
         let policy = validate::load(self, policy_id)?;
         validate::validate(self, &policy, env)?.into_result()
@@ -455,6 +456,7 @@ impl Engine {
         policy: &Policy,
         validation: &ValidationReport,
     ) -> Result<Bundle, Error> {
+        self.check_provenance(repo, &policy.path)?;
         if !repo.is_clean(&policy.path)? {
             return Err(GateError::DirtyPolicy {
                 path: policy.path.clone(),

@@ -223,6 +223,28 @@ impl Repo {
         Ok(status.stdout.iter().all(u8::is_ascii_whitespace))
     }
 
+    /// Every uncommitted change under `dir` (modified, staged, deleted,
+    /// untracked or ignored), as `git status --short` lines. An ignored file
+    /// counts: it is in no commit either.
+    pub fn changes_under(&self, dir: &Path) -> Result<Vec<String>, VcsError> {
+        let out = self.git([
+            OsStr::new("status"),
+            OsStr::new("--porcelain"),
+            OsStr::new("--untracked-files=all"),
+            OsStr::new("--ignored=matching"),
+            OsStr::new("--"),
+            dir.as_os_str(),
+        ])?;
+        if !out.status.success() {
+            return Err(self.failed(&["status", "--porcelain"], &out));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
     /// The message of tag `name`; `None` if no such tag. A lightweight tag
     /// has an empty message.
     pub fn tag_message(&self, name: &str) -> Result<Option<String>, VcsError> {

@@ -2,7 +2,7 @@
 
 use pde::ExitCode;
 
-use super::deploy::open;
+use super::deploy::open_read_only;
 use super::{CmdResult, Ctx};
 
 /// Audit log commands.
@@ -21,7 +21,7 @@ pub enum AuditCmd {
 }
 
 pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
-    let engine = open(ctx)?;
+    let engine = open_read_only(ctx)?;
     match cmd {
         AuditCmd::Verify => {
             let report = engine.audit().verify()?;
@@ -62,8 +62,12 @@ pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
             // Verified first, then copied byte for byte: an export is evidence.
             engine.audit().verify()?;
             let path = engine.audit().path();
-            let bytes = std::fs::read(path)
-                .map_err(|e| super::Failure::usage(format!("{}: {e}", path.display())))?;
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                // No log yet (and none is created by reading): nothing to export.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(super::Failure::usage(format!("{}: {e}", path.display()))),
+            };
             std::io::Write::write_all(&mut std::io::stdout(), &bytes)
                 .map_err(super::Failure::usage)?;
         }

@@ -43,7 +43,7 @@ use crate::bundle::Bundle;
 use crate::config::{PushConfig, Service};
 use crate::error::{ExitCode, HasExitCode};
 use retry::{Answer, Hooks, RetryPolicy};
-pub(crate) use retry::{describe, excerpt};
+pub(crate) use retry::{describe, excerpt, redirect_refused};
 
 /// Why talking to a target, or preparing to, failed.
 #[derive(Debug, thiserror::Error)]
@@ -204,6 +204,7 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, PushError> {
         .timeout(timeout)
         .connect_timeout(timeout)
         .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| PushError::Client {
             reason: retry::describe(&e),

@@ -107,6 +107,17 @@ pub(crate) fn describe(e: &reqwest::Error) -> String {
     }
 }
 
+/// What a refused redirect says: where it pointed.
+pub(crate) fn redirect_refused(resp: &reqwest::Response) -> String {
+    let location = resp
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .map_or("(no Location)".into(), |v| {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        });
+    format!("redirect to {location} refused: pde never follows redirects; fix the service url")
+}
+
 /// Reads at most [`MAX_BODY`] bytes of a response.
 async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
     let mut body = Vec::new();
@@ -155,6 +166,12 @@ pub(crate) async fn exchange(
         let reason = match request.send().await {
             Ok(resp) => {
                 let status = resp.status();
+                if status.is_redirection() {
+                    // Redirects are never followed (the body and token would go
+                    // elsewhere); a 3xx is final, and the answer names where it pointed.
+                    let body = redirect_refused(&resp).into_bytes();
+                    return (n, Ok(Answer { status, body }));
+                }
                 match read_body(resp).await {
                     Ok(body) if !status.is_server_error() => {
                         return (n, Ok(Answer { status, body }));
