@@ -259,7 +259,10 @@ impl Config {
             ));
         }
         let lexically_inside = self.state.components().all(|c| {
-            matches!(c, std::path::Component::Normal(_) | std::path::Component::CurDir)
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
         }) && self
             .state
             .components()
@@ -391,11 +394,15 @@ token_env = "HMS_API_TOKEN"
             assert!(err.contains("token_env"), "{err}");
             assert!(!err.contains("hunter2"), "{err}");
         }
-        let sink = format!("{SAMPLE}\n[audit]\nsink_url = \"https://u:hunter2@audit.example.gov\"\n");
+        let sink =
+            format!("{SAMPLE}\n[audit]\nsink_url = \"https://u:hunter2@audit.example.gov\"\n");
         let err = Config::parse(&sink, Path::new("pde.toml"))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("sink_token_env") && !err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("sink_token_env") && !err.contains("hunter2"),
+            "{err}"
+        );
         // An `@` in the path or query is not a credential.
         let ok = SAMPLE.replace("http://127.0.0.1:1", "http://127.0.0.1:1/a@b?c=@");
         Config::parse(&ok, Path::new("pde.toml")).unwrap();

@@ -43,7 +43,9 @@ pub enum ProvenanceError {
         path: PathBuf,
     },
     /// The path leaves the workspace (`..` or an absolute setting).
-    #[error("{path} is outside the workspace {root}; policies and plugins must live in the repository")]
+    #[error(
+        "{path} is outside the workspace {root}; policies and plugins must live in the repository"
+    )]
     Outside {
         /// The path.
         path: PathBuf,

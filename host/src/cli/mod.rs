@@ -162,7 +162,9 @@ fn init_tracing(verbose: u8, service: bool) {
         2 => "debug",
         _ => "trace",
     };
-    let asked = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
+    let asked = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
     let filter = EnvFilter::new(log_directives(default, asked.as_deref()));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -255,10 +257,19 @@ mod tests {
     #[test]
     fn noisy_crates_stay_at_warn_unless_named() {
         let d = log_directives("trace", None);
-        assert!(d.starts_with("trace,") && d.contains("cranelift=warn"), "{d}");
+        assert!(
+            d.starts_with("trace,") && d.contains("cranelift=warn"),
+            "{d}"
+        );
         let d = log_directives("warn", Some("debug,cranelift=trace"));
-        assert!(!d.contains("cranelift=warn") && d.contains("wasmtime=warn"), "{d}");
+        assert!(
+            !d.contains("cranelift=warn") && d.contains("wasmtime=warn"),
+            "{d}"
+        );
         let d = log_directives("warn", Some("wasmtime_environ=debug"));
-        assert!(d.contains("wasmtime=warn") && d.contains("cranelift=warn"), "{d}");
+        assert!(
+            d.contains("wasmtime=warn") && d.contains("cranelift=warn"),
+            "{d}"
+        );
     }
 }

@@ -202,9 +202,11 @@ fn read_bounded(path: &Path) -> Result<String, PolicyError> {
 fn parse_json(path: &Path, text: &str) -> Result<Value, PolicyError> {
     use serde::de::DeserializeSeed;
     let mut de = serde_json::Deserializer::from_str(text);
-    let parsed = StrictValue { pointer: String::new() }
-        .deserialize(&mut de)
-        .and_then(|v| de.end().map(|()| v));
+    let parsed = StrictValue {
+        pointer: String::new(),
+    }
+    .deserialize(&mut de)
+    .and_then(|v| de.end().map(|()| v));
     parsed.map_err(|e| PolicyError::Parse {
         path: path.to_path_buf(),
         message: format!(
@@ -441,7 +443,10 @@ mod tests {
         let PolicyError::Parse { message, .. } = e else {
             panic!("expected a parse error, got {e:?}")
         };
-        assert!(message.contains("duplicate key \"version\" at /version"), "{message}");
+        assert!(
+            message.contains("duplicate key \"version\" at /version"),
+            "{message}"
+        );
         assert!(message.contains("line 1"), "{message}");
         let e = s.read_document("2").unwrap_err().to_string();
         assert!(e.contains("at /rules/1/value/x~1y"), "{e}");
