@@ -55,7 +55,10 @@ fn counting_server() -> (String, Arc<AtomicU32>) {
         let h = h.clone();
         async move {
             h.fetch_add(1, Ordering::SeqCst);
-            (StatusCode::OK, "{\"digest\": \"sha256:x\", \"version\": \"1.0.0\"}")
+            (
+                StatusCode::OK,
+                "{\"digest\": \"sha256:x\", \"version\": \"1.0.0\"}",
+            )
         }
     }));
     (serve(app), hits)
@@ -97,7 +100,11 @@ fn a_307_on_deploy_is_a_permanent_failure_naming_the_location() {
     let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
     let err = stderr(&o);
     assert_eq!(code(&o), 1, "{err}");
-    assert_eq!(hits.load(Ordering::SeqCst), 0, "the bundle was re-posted elsewhere");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the bundle was re-posted elsewhere"
+    );
     let report = ws.engine().state().history("42").unwrap();
     let detail = &report[0].targets[0].detail;
     assert!(detail.contains("307"), "{detail}");
@@ -146,7 +153,10 @@ fn trace_verbosity_keeps_the_compiler_quiet_unless_asked_by_target() {
     };
     let quiet = cold(&["-vvv", "validate", "42"], &[]);
     assert_eq!(from_compiler(&quiet), 0, "{} bytes of log", quiet.len());
-    assert!(quiet.contains("TRACE") || quiet.contains("DEBUG"), "-vvv still logs pde");
+    assert!(
+        quiet.contains("TRACE") || quiet.contains("DEBUG"),
+        "-vvv still logs pde"
+    );
     let quiet = cold(&["validate", "42"], &[("RUST_LOG", "trace")]);
     assert_eq!(from_compiler(&quiet), 0, "{} bytes of log", quiet.len());
     // Asked for by target, it is there.
@@ -240,7 +250,10 @@ fn a_missing_required_plugin_stops_the_deploy_before_anything_runs() {
     let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     let err = stderr(&o);
-    assert!(err.contains("pii-guard") && !err.contains("effective-date"), "{err}");
+    assert!(
+        err.contains("pii-guard") && !err.contains("effective-date"),
+        "{err}"
+    );
     assert!(err.contains("required"), "{err}");
     assert_eq!(support::active_digest(&url), None);
     let events: Vec<String> = ws
@@ -249,7 +262,13 @@ fn a_missing_required_plugin_stops_the_deploy_before_anything_runs() {
         .records()
         .unwrap()
         .iter()
-        .map(|r| serde_json::to_value(r.event).unwrap().as_str().unwrap().to_string())
+        .map(|r| {
+            serde_json::to_value(r.event)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
         .collect();
     assert_eq!(events, ["deploy_start", "deploy_failed"]);
     let o = pde(ws.root(), &["validate", "42", "--env", "prod"]);
@@ -309,12 +328,20 @@ fn a_state_directory_outside_the_workspace_needs_an_explicit_setting() {
         let t = toml.replace("state = \".pde\"", line);
         std::fs::write(ws.root().join("pde.toml"), t).unwrap();
     };
-    for state in [format!("{}", outside.path().display()), "../elsewhere".into(), "/".into()] {
+    for state in [
+        format!("{}", outside.path().display()),
+        "../elsewhere".into(),
+        "/".into(),
+    ] {
         with_state(&format!("state = {state:?}"));
         for args in [&["status"][..], &["deploy", "42", "--env", "prod"]] {
             let o = pde(ws.root(), args);
             assert_eq!(code(&o), 2, "{state} {args:?}: {}", stderr(&o));
-            assert!(stderr(&o).contains("allow_state_outside_workspace"), "{}", stderr(&o));
+            assert!(
+                stderr(&o).contains("allow_state_outside_workspace"),
+                "{}",
+                stderr(&o)
+            );
         }
     }
     assert!(listing(outside.path()).is_empty());
@@ -334,4 +361,107 @@ fn a_state_directory_outside_the_workspace_needs_an_explicit_setting() {
     let o = pde(ws.root(), &["package", "42"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert!(listing(outside.path()).contains(&"dist".to_string()));
+}
+
+// ---- item 12: the audit log is anchored outside the state directory ------
+
+fn rewrite_chain(log: &Path, edit: impl Fn(&mut serde_json::Value)) -> (u64, String) {
+    let text = std::fs::read_to_string(log).unwrap();
+    let mut prev = String::new();
+    let mut out = String::new();
+    let mut seq = 0;
+    for line in text.lines() {
+        let mut v: serde_json::Value = serde_json::from_str(line).unwrap();
+        edit(&mut v);
+        v["prev"] = prev.clone().into();
+        v.as_object_mut().unwrap().remove("hash");
+        let hash = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            pde::bundle::canonical_json(&v),
+        ));
+        v["hash"] = hash.clone().into();
+        out.push_str(&String::from_utf8(pde::bundle::canonical_json(&v)).unwrap());
+        out.push('\n');
+        prev = hash;
+        seq = v["seq"].as_u64().unwrap();
+    }
+    std::fs::write(log, out).unwrap();
+    (seq, prev)
+}
+
+#[test]
+fn the_audit_log_is_anchored_by_release_tags_and_a_signed_head() {
+    let (ws, _url) = agent_workspace("");
+    ws.commit("policies");
+    let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let tag = support::git(ws.root(), &["tag", "-l", "-n99", "policy/42/v1.0.0/prod"]);
+    assert!(
+        tag.contains("audit-seq: ") && tag.contains("audit-hash: "),
+        "{tag}"
+    );
+    let o = pde(ws.root(), &["audit", "verify", "--output", "json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["anchors_checked"], 1, "{report}");
+    assert_eq!(report["head_signature"], "valid", "{report}");
+
+    let state = ws.root().join(".pde");
+    let log = state.join("audit.jsonl");
+    let head = state.join("audit.head");
+    let saved = (std::fs::read(&log).unwrap(), std::fs::read(&head).unwrap());
+    let restore = || {
+        std::fs::write(&log, &saved.0).unwrap();
+        std::fs::write(&head, &saved.1).unwrap();
+    };
+
+    // Deleting both files is not "intact: 0 records" while a tag shows a deploy.
+    std::fs::remove_file(&log).unwrap();
+    std::fs::remove_file(&head).unwrap();
+    let o = pde(ws.root(), &["audit", "verify"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("policy/42/v1.0.0/prod"),
+        "{}",
+        stderr(&o)
+    );
+    restore();
+
+    // A rewritten chain with a matching new head: the tag's head is not in it.
+    let (seq, hash) = rewrite_chain(&log, |v| v["actor"] = "mallory".into());
+    std::fs::write(&head, format!("{{\"seq\":{seq},\"hash\":\"{hash}\"}}")).unwrap();
+    let o = pde(ws.root(), &["audit", "verify"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(stderr(&o).contains("rewritten"), "{}", stderr(&o));
+    // And a deploy does not adopt (and sign) that head.
+    let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    restore();
+
+    // Rewriting only what came after the tag: the head's signature tells.
+    let n = saved.0.iter().filter(|b| **b == b'\n').count() as u64;
+    let (seq, hash) = rewrite_chain(&log, |v| {
+        if v["seq"].as_u64() == Some(n) {
+            v["actor"] = "mallory".into();
+        }
+    });
+    std::fs::write(&head, format!("{{\"seq\":{seq},\"hash\":\"{hash}\"}}")).unwrap();
+    let o = pde(ws.root(), &["audit", "verify"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(stderr(&o).contains("audit.head"), "{}", stderr(&o));
+    restore();
+    let o = pde(ws.root(), &["audit", "verify"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
+    // A new signing key: the old head no longer verifies, until a deploy
+    // whose log matches every tag adopts and re-signs it.
+    pde::keys::generate(&ws.root().join("keys2"), "release.ed25519").unwrap();
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap();
+    let toml = toml.replace("keys/release.ed25519", "keys2/release.ed25519");
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    let o = pde(ws.root(), &["audit", "verify"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = pde(ws.root(), &["audit", "verify"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
 }

@@ -44,6 +44,8 @@ pub struct Engine {
     /// False for [`Engine::open_read_only`]: nothing under the state
     /// directory is created.
     writable: bool,
+    /// Set once the audit head is being signed with the workspace key.
+    head_keyed: std::sync::OnceLock<()>,
     /// The empty, throwaway state a read-only engine reads when the
     /// workspace has none yet; removed on drop.
     _scratch: Option<tempfile::TempDir>,
@@ -123,6 +125,7 @@ impl Engine {
             plugins: Mutex::new(None),
             sink,
             writable,
+            head_keyed: std::sync::OnceLock::new(),
             _scratch: scratch,
         })
     }
@@ -218,6 +221,83 @@ impl Engine {
         Ok(loaded)
     }
 
+    /// Before the first append: the head file is signed with the workspace
+    /// signing key from now on. A head the key does not verify (unsigned by
+    /// an older pde, or signed by a previous key) is only adopted when the
+    /// whole log matches every release tag; otherwise signing it would
+    /// launder a rewrite.
+    fn key_audit_head(&self) -> Result<(), Error> {
+        if self.head_keyed.get().is_some() {
+            return Ok(());
+        }
+        if let Some(key) = self.signing_key()? {
+            let vk = key.verifying_key();
+            let adopt = match self.audit.check_head_key(&vk) {
+                Ok(()) => false,
+                // Our own key id with a bad signature: forged, never adopted.
+                Err(e) if self.audit.head_keyid()? == Some(keys::key_id(&vk)) => {
+                    return Err(e.into());
+                }
+                Err(_) => {
+                    self.audit.verify_anchored(&self.audit_anchors()?, None)?;
+                    tracing::warn!(
+                        "the audit head was not signed by the workspace key (older pde, or a new key); \
+                         the log matches every release tag, so it is signed with this key from now on"
+                    );
+                    true
+                }
+            };
+            self.audit.set_head_key(key, adopt);
+        }
+        let _ = self.head_keyed.set(());
+        Ok(())
+    }
+
+    /// Every release tag of the policy repository, as an audit anchor. None
+    /// when the workspace is not in a Git work tree.
+    pub(crate) fn audit_anchors(&self) -> Result<Vec<crate::audit::Anchor>, Error> {
+        let repo = match crate::vcs::Repo::discover(&self.root) {
+            Ok(r) => r,
+            Err(crate::vcs::VcsError::NotARepo { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(repo
+            .release_tags()?
+            .into_iter()
+            .map(|(name, message)| crate::audit::Anchor {
+                source: format!("tag {name}"),
+                head: crate::vcs::audit_head_in_message(&message),
+            })
+            .collect())
+    }
+
+    /// `pde audit verify`: the chain, the head, every release tag's recorded
+    /// audit head, and the head's signature by the workspace key.
+    pub fn verify_audit(&self) -> Result<crate::audit::VerifyReport, Error> {
+        let key = self.audit_verifying_key()?;
+        Ok(self
+            .audit
+            .verify_anchored(&self.audit_anchors()?, key.as_ref())?)
+    }
+
+    /// The public half of the signing key: from `<key_file>.pub` when there
+    /// is one (an auditor needs no secret), else derived from the secret.
+    fn audit_verifying_key(&self) -> Result<Option<ed25519_dalek::VerifyingKey>, Error> {
+        let signing = &self.config.signing;
+        if let Some(file) = &signing.key_file {
+            let mut public = self.root.join(file).into_os_string();
+            public.push(".pub");
+            let public = PathBuf::from(public);
+            if public.is_file() {
+                return Ok(Some(keys::load_public_key(&public)?));
+            }
+        }
+        if signing.key_file.is_none() && signing.key_env.is_none() {
+            return Ok(None);
+        }
+        Ok(self.signing_key()?.map(|k| k.verifying_key()))
+    }
+
     /// Appends one audit record and forwards it to the sink, if any. The local
     /// log is the source of truth: a sink failure is logged, never fatal.
     pub(crate) fn record(
@@ -227,6 +307,7 @@ impl Engine {
         env: &str,
         data: serde_json::Value,
     ) -> Result<AuditRecord, Error> {
+        self.key_audit_head()?;
         let record = self.audit.append(event, policy_id, env, data)?;
         if let Some(sink) = &self.sink
             && let Err(e) = self.runtime.block_on(sink.forward(&record))

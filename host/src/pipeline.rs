@@ -374,6 +374,7 @@ impl Engine {
 
         // 6. tag
         let services: Vec<String> = report.routes.iter().map(|r| r.service.clone()).collect();
+        let audit_head = self.audit.last()?;
         let tag = vcs::ensure_release_tag(
             &repo,
             policy_id,
@@ -381,6 +382,7 @@ impl Engine {
             env_name,
             &report.digest,
             &services,
+            audit_head.as_ref().map(|(seq, hash)| (*seq, hash.as_str())),
         )?;
         let name = vcs::policy_tag_name(policy_id, &report.version, env_name);
         audit(

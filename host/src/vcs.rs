@@ -265,6 +265,31 @@ impl Repo {
         }
     }
 
+    /// Every release tag (`policy/…`) with its message, in name order. A
+    /// lightweight tag has an empty message.
+    pub fn release_tags(&self) -> Result<Vec<(String, String)>, VcsError> {
+        let out = self.git_ok(&[
+            "for-each-ref",
+            "--format=%(refname:strip=2)%00%(objecttype)%00%(contents)%00",
+            "refs/tags/policy/",
+        ])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .split("\0\n")
+            .filter_map(|entry| {
+                let mut parts = entry.splitn(3, '\0');
+                let name = parts.next()?.trim_start_matches('\n');
+                let kind = parts.next()?;
+                let message = if kind == "tag" {
+                    parts.next().unwrap_or("")
+                } else {
+                    ""
+                };
+                (!name.is_empty()).then(|| (name.to_string(), message.to_string()))
+            })
+            .collect())
+    }
+
     /// Creates annotated tag `name` at `HEAD`. Uses a fallback identity
     /// (`pde <pde@localhost>`) when the repository has none configured.
     pub fn create_annotated_tag(&self, name: &str, message: &str) -> Result<(), VcsError> {
@@ -302,18 +327,37 @@ pub fn policy_tag_name(policy_id: &str, version: &str, env: &str) -> String {
     format!("policy/{policy_id}/v{version}/{env}")
 }
 
-/// The message of a release tag.
+/// The message of a release tag. `audit_head` is the audit log's last
+/// `(seq, hash)` when the tag is made: an anchor outside the state directory
+/// that `pde audit verify` checks the log against.
 pub fn release_tag_message(
     policy_id: &str,
     version: &str,
     env: &str,
     digest: &str,
     services: &[String],
+    audit_head: Option<(u64, &str)>,
 ) -> String {
-    format!(
+    let mut message = format!(
         "pde release of policy {policy_id} v{version} to {env}\n\ndigest: {digest}\nservices: {}\n",
         services.join(", ")
-    )
+    );
+    if let Some((seq, hash)) = audit_head {
+        message.push_str(&format!("audit-seq: {seq}\naudit-hash: {hash}\n"));
+    }
+    message
+}
+
+/// The audit head `(seq, hash)` a release tag message records, if any.
+pub fn audit_head_in_message(message: &str) -> Option<(u64, String)> {
+    let field = |name: &str| {
+        message
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let seq = field("audit-seq: ")?.parse().ok()?;
+    Some((seq, field("audit-hash: ")?.to_string()))
 }
 
 /// The digest a release tag message records, if any.
@@ -334,6 +378,7 @@ pub fn ensure_release_tag(
     env: &str,
     digest: &str,
     services: &[String],
+    audit_head: Option<(u64, &str)>,
 ) -> Result<TagOutcome, VcsError> {
     let name = policy_tag_name(policy_id, version, env);
     let compare = |message: String| {
@@ -351,7 +396,7 @@ pub fn ensure_release_tag(
     if let Some(message) = repo.tag_message(&name)? {
         return compare(message);
     }
-    let message = release_tag_message(policy_id, version, env, digest, services);
+    let message = release_tag_message(policy_id, version, env, digest, services, audit_head);
     match repo.create_annotated_tag(&name, &message) {
         Ok(()) => {
             tracing::info!(tag = %name, %digest, "release tag created");
@@ -448,7 +493,15 @@ mod tests {
         assert_eq!(name, "policy/42/v1.3.0/production");
         assert_eq!(repo.tag_message(&name).unwrap(), None);
 
-        let first = ensure_release_tag(&repo, "42", "1.3.0", "production", "sha256:aa", &services);
+        let first = ensure_release_tag(
+            &repo,
+            "42",
+            "1.3.0",
+            "production",
+            "sha256:aa",
+            &services,
+            None,
+        );
         assert_eq!(first.unwrap(), TagOutcome::Created);
         let message = repo.tag_message(&name).unwrap().unwrap();
         assert!(
@@ -467,16 +520,54 @@ mod tests {
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "tag");
 
-        let again = ensure_release_tag(&repo, "42", "1.3.0", "production", "sha256:aa", &services);
+        let again = ensure_release_tag(
+            &repo,
+            "42",
+            "1.3.0",
+            "production",
+            "sha256:aa",
+            &services,
+            None,
+        );
         assert_eq!(again.unwrap(), TagOutcome::AlreadyPresent);
 
-        let other = ensure_release_tag(&repo, "42", "1.3.0", "production", "sha256:bb", &services);
+        let other = ensure_release_tag(
+            &repo,
+            "42",
+            "1.3.0",
+            "production",
+            "sha256:bb",
+            &services,
+            None,
+        );
         let e = other.unwrap_err();
         assert!(
             matches!(&e, VcsError::TagConflict { existing, new, .. } if existing == "sha256:aa" && new == "sha256:bb")
         );
         assert_eq!(e.exit_code(), ExitCode::Integrity);
         // The tag still records the first digest.
+        let anchored = policy_tag_name("42", "1.4.0", "production");
+        ensure_release_tag(
+            &repo,
+            "42",
+            "1.4.0",
+            "production",
+            "sha256:cc",
+            &services,
+            Some((7, "ab12")),
+        )
+        .unwrap();
+        let m = repo.tag_message(&anchored).unwrap().unwrap();
+        assert_eq!(audit_head_in_message(&m), Some((7, "ab12".to_string())));
+        assert_eq!(digest_in_message(&m), Some("sha256:cc"));
+        let all = repo.release_tags().unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(all[1].0, anchored);
+        assert_eq!(
+            audit_head_in_message(&all[1].1),
+            Some((7, "ab12".to_string()))
+        );
+        assert_eq!(audit_head_in_message(&all[0].1), None);
         let message = repo.tag_message(&name).unwrap().unwrap();
         assert_eq!(digest_in_message(&message), Some("sha256:aa"));
     }
@@ -485,7 +576,8 @@ mod tests {
     fn a_lightweight_tag_in_the_way_is_a_conflict() {
         let (dir, repo) = repo_with_commit();
         git(dir.path(), &["tag", "policy/42/v1.0.0/dev"]);
-        let e = ensure_release_tag(&repo, "42", "1.0.0", "dev", "sha256:aa", &[]).unwrap_err();
+        let e =
+            ensure_release_tag(&repo, "42", "1.0.0", "dev", "sha256:aa", &[], None).unwrap_err();
         assert!(matches!(e, VcsError::TagConflict { ref existing, .. } if existing == "none"));
     }
 

@@ -24,13 +24,15 @@ pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
     let engine = open_read_only(ctx)?;
     match cmd {
         AuditCmd::Verify => {
-            let report = engine.audit().verify()?;
+            let report = engine
+                .verify_audit()
+                .map_err(|e| super::Failure::engine(ctx, e))?;
             if ctx.json {
                 ctx.print_json(&report);
             } else {
                 println!(
-                    "audit log intact: {} record(s), head {}",
-                    report.records, report.last_hash
+                    "audit log intact: {} record(s), head {}\n  release tags matched: {}\n  head signature: {}",
+                    report.records, report.last_hash, report.anchors_checked, report.head_signature
                 );
             }
         }
@@ -60,7 +62,9 @@ pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
         }
         AuditCmd::Export => {
             // Verified first, then copied byte for byte: an export is evidence.
-            engine.audit().verify()?;
+            engine
+                .verify_audit()
+                .map_err(|e| super::Failure::engine(ctx, e))?;
             let path = engine.audit().path();
             let bytes = match std::fs::read(path) {
                 Ok(b) => b,
