@@ -109,7 +109,7 @@ fn the_agent_links_no_plugin_runtime_and_no_database() {
 /// lower layer, and a step from a step earlier in the pipeline.
 const LAYERS: &[&[&str]] = &[
     &["config", "policy", "vcs", "http", "test_receiver"],
-    &["state", "audit"],
+    &["state", "audit", "provenance"],
     &[
         "steps::validate",
         "steps::package",

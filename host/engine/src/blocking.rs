@@ -22,8 +22,19 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Opens the workspace whose `pde.toml` is in `dir`.
+    /// Opens the workspace whose `pde.toml` is in `dir`
+    /// ([`crate::Engine::open`]).
     pub fn open(dir: &Path) -> Result<Engine, Error> {
+        Self::wrap(dir, crate::Engine::open(dir)?)
+    }
+
+    /// Opens the workspace for reading only
+    /// ([`crate::Engine::open_read_only`]).
+    pub fn open_read_only(dir: &Path) -> Result<Engine, Error> {
+        Self::wrap(dir, crate::Engine::open_read_only(dir)?)
+    }
+
+    fn wrap(dir: &Path, inner: crate::Engine) -> Result<Engine, Error> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -31,10 +42,7 @@ impl Engine {
                 path: dir.to_path_buf(),
                 source,
             })?;
-        Ok(Engine {
-            inner: crate::Engine::open(dir)?,
-            runtime,
-        })
+        Ok(Engine { inner, runtime })
     }
 
     /// The async engine inside.

@@ -69,6 +69,10 @@ pub struct Config {
     /// Directory of local state: database, audit log, plugin cache, `dist/`.
     #[serde(default = "default_state")]
     pub state: PathBuf,
+    /// Allow `state` to name a directory outside the workspace (an absolute
+    /// path, or one climbing out with `..`). Off by default.
+    #[serde(default)]
+    pub allow_state_outside_workspace: bool,
     /// Where the bundle signing key comes from.
     #[serde(default)]
     pub signing: SigningConfig,
@@ -188,6 +192,9 @@ pub struct Environment {
     /// Approvals the policy document must carry.
     #[serde(default)]
     pub min_approvals: u32,
+    /// Plugins (by manifest name) that must be installed for a deploy here.
+    #[serde(default)]
+    pub required_plugins: Vec<String>,
     /// The services of this environment.
     #[serde(default)]
     pub services: Vec<Service>,
@@ -245,6 +252,25 @@ impl Config {
         if self.limits.fuel == 0 || self.limits.memory_mib == 0 || self.limits.timeout_ms == 0 {
             return Err(invalid("[limits] values must be greater than zero".into()));
         }
+        if self.audit.sink_url.as_deref().is_some_and(has_userinfo) {
+            return Err(invalid(
+                "[audit] sink_url carries credentials (user:password@); remove them and name \
+                 the token's environment variable with `sink_token_env = \"VAR\"`"
+                    .into(),
+            ));
+        }
+        let lexically_inside = self.state.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::Normal(_) | std::path::Component::CurDir
+            )
+        }) && self
+            .state
+            .components()
+            .any(|c| matches!(c, std::path::Component::Normal(_)));
+        if !lexically_inside && !self.allow_state_outside_workspace {
+            return Err(invalid(state_outside_message(&self.state)));
+        }
         if self.push.concurrency == 0 {
             return Err(invalid("[push] concurrency must be at least 1".into()));
         }
@@ -254,6 +280,16 @@ impl Config {
                 if !seen.insert(&s.name) {
                     return Err(invalid(format!(
                         "environment {name:?} lists service {:?} twice",
+                        s.name
+                    )));
+                }
+                // Credentials in a URL end up in every message and audit
+                // record that names the service; tokens belong in `token_env`.
+                if has_userinfo(&s.url) {
+                    return Err(invalid(format!(
+                        "service {:?} in {name:?}: the url carries credentials (user:password@); \
+                         remove them and put the token in an environment variable named by \
+                         `token_env = \"VAR\"` (sent as `Authorization: Bearer`)",
                         s.name
                     )));
                 }
@@ -291,6 +327,24 @@ impl Config {
     }
 }
 
+/// Why a `state` outside the workspace is refused, and how to allow it.
+pub(crate) fn state_outside_message(state: &Path) -> String {
+    format!(
+        "state = {:?} is not a directory inside the workspace; use a relative path such as \
+         \".pde\", or set `allow_state_outside_workspace = true` at the top of pde.toml if \
+         the state really belongs elsewhere",
+        state.display().to_string()
+    )
+}
+
+/// True when `url` has a `user[:password]@` part. Judged on the authority
+/// alone, without a URL parser, so that no malformed URL slips past it.
+fn has_userinfo(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -325,6 +379,34 @@ token_env = "HMS_API_TOKEN"
             c.environment("prod"),
             Err(ConfigError::UnknownEnv { .. })
         ));
+    }
+
+    #[test]
+    fn credentials_in_urls_are_refused_without_echoing_them() {
+        for url in [
+            "http://user:hunter2@127.0.0.1:1",
+            "https://hunter2@api.example.gov/x",
+            "http://user:hunter2@host?q=1",
+        ] {
+            let bad = SAMPLE.replace("http://127.0.0.1:1", url);
+            let err = Config::parse(&bad, Path::new("pde.toml")).unwrap_err();
+            assert_eq!(err.exit_code(), ExitCode::Usage);
+            let err = err.to_string();
+            assert!(err.contains("token_env"), "{err}");
+            assert!(!err.contains("hunter2"), "{err}");
+        }
+        let sink =
+            format!("{SAMPLE}\n[audit]\nsink_url = \"https://u:hunter2@audit.example.gov\"\n");
+        let err = Config::parse(&sink, Path::new("pde.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sink_token_env") && !err.contains("hunter2"),
+            "{err}"
+        );
+        // An `@` in the path or query is not a credential.
+        let ok = SAMPLE.replace("http://127.0.0.1:1", "http://127.0.0.1:1/a@b?c=@");
+        Config::parse(&ok, Path::new("pde.toml")).unwrap();
     }
 
     #[test]

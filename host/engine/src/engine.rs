@@ -37,6 +37,14 @@ pub struct Engine {
     pub(crate) http: reqwest::Client,
     pub(crate) outbox: Option<Outbox>,
     plugins: Mutex<Option<Arc<Plugins>>>,
+    /// False for [`Engine::open_read_only`]: nothing under the state
+    /// directory is created.
+    writable: bool,
+    /// Set once the audit head is being signed with the workspace key.
+    head_keyed: std::sync::OnceLock<()>,
+    /// The empty, throwaway state a read-only engine reads when the
+    /// workspace has none yet; removed on drop.
+    _scratch: Option<tempfile::TempDir>,
 }
 
 impl Engine {
@@ -44,18 +52,53 @@ impl Engine {
     /// configured, starts its forwarder, which first sends whatever earlier
     /// runs left pending.
     pub fn open(dir: &Path) -> Result<Engine, Error> {
+        Self::open_with(dir, true)
+    }
+
+    /// Opens the workspace for reading only (`status`, `history`, `audit`,
+    /// `plan`, `validate`, `env check`): the state directory, database and
+    /// audit log are never created. A workspace with no state yet reads as
+    /// one where nothing was deployed.
+    pub fn open_read_only(dir: &Path) -> Result<Engine, Error> {
+        Self::open_with(dir, false)
+    }
+
+    fn open_with(dir: &Path, writable: bool) -> Result<Engine, Error> {
         let root = dir.to_path_buf();
         let config = Config::load(&root)?;
         let state_dir = root.join(&config.state);
-        std::fs::create_dir_all(&state_dir).map_err(|source| Error::Io {
-            path: state_dir.clone(),
-            source,
-        })?;
+        check_state_inside(&root, &config)?;
         let policies = PolicyStore::open(&root.join(&config.policies));
-        let state = StateStore::open(&state_dir)?;
-        let audit = AuditLog::open(&state_dir)?;
+        let mut scratch = None;
+        let (state, audit) = if writable {
+            std::fs::create_dir_all(&state_dir).map_err(|source| Error::Io {
+                path: state_dir.clone(),
+                source,
+            })?;
+            (StateStore::open(&state_dir)?, AuditLog::open(&state_dir)?)
+        } else {
+            let state = if state_dir.join("state.db").is_file() {
+                StateStore::open(&state_dir)?
+            } else {
+                let tmp = tempfile::tempdir().map_err(|source| Error::Io {
+                    path: std::env::temp_dir(),
+                    source,
+                })?;
+                let empty = StateStore::open(tmp.path())?;
+                scratch = Some(tmp);
+                empty
+            };
+            (state, AuditLog::open_read_only(&state_dir)?)
+        };
         let http = crate::http::client(config.push.timeout())?;
-        let outbox = match &config.audit.sink_url {
+        // Any run forwards what earlier runs left pending, as long as there
+        // is a state directory to keep the cursor in.
+        let sink_url = config
+            .audit
+            .sink_url
+            .as_ref()
+            .filter(|_| state_dir.is_dir());
+        let outbox = match sink_url {
             Some(url) => {
                 let token = match &config.audit.sink_token_env {
                     Some(var) => Some(pde_core::secret::from_env(var).ok_or_else(|| {
@@ -91,6 +134,9 @@ impl Engine {
             http,
             outbox,
             plugins: Mutex::new(None),
+            writable,
+            head_keyed: std::sync::OnceLock::new(),
+            _scratch: scratch,
         })
     }
 
@@ -107,6 +153,11 @@ impl Engine {
     /// The state directory (`.pde/` by default).
     pub fn state_dir(&self) -> PathBuf {
         self.root.join(&self.config.state)
+    }
+
+    /// The plugin directory.
+    pub fn plugins_dir(&self) -> PathBuf {
+        self.root.join(&self.config.plugins)
     }
 
     /// Where deploys write their bundles (`<state>/dist`).
@@ -174,10 +225,10 @@ impl Engine {
         if let Some(loaded) = slot.as_ref() {
             return Ok(loaded.clone());
         }
-        let host = PluginHost::new(
-            self.config.limits,
-            Some(self.state_dir().join("cache").join("plugins")),
-        )?;
+        // A read-only engine uses the cache only where state already exists.
+        let cache = (self.writable || self.state_dir().is_dir())
+            .then(|| self.state_dir().join("cache").join("plugins"));
+        let host = PluginHost::new(self.config.limits, cache)?;
         let dir = self.root.join(&self.config.plugins);
         let plugins = if dir.exists() {
             host.load_dir(&dir, &self.plugin_trust()?)?
@@ -188,6 +239,83 @@ impl Engine {
         let loaded = Arc::new(Plugins { host, plugins });
         *slot = Some(loaded.clone());
         Ok(loaded)
+    }
+
+    /// Before the first append: the head file is signed with the workspace
+    /// signing key from now on. A head the key does not verify (unsigned by
+    /// an older pde, or signed by a previous key) is only adopted when the
+    /// whole log matches every release tag; otherwise signing it would
+    /// launder a rewrite.
+    pub(crate) fn key_audit_head(&self) -> Result<(), Error> {
+        if self.head_keyed.get().is_some() {
+            return Ok(());
+        }
+        if let Some(key) = self.signing_key()? {
+            let vk = key.verifying_key();
+            let adopt = match self.audit.check_head_key(&vk) {
+                Ok(()) => false,
+                // Our own key id with a bad signature: forged, never adopted.
+                Err(e) if self.audit.head_keyid()? == Some(keys::key_id(&vk)) => {
+                    return Err(e.into());
+                }
+                Err(_) => {
+                    self.audit.verify_anchored(&self.audit_anchors()?, None)?;
+                    tracing::warn!(
+                        "the audit head was not signed by the workspace key (older pde, or a new key); \
+                         the log matches every release tag, so it is signed with this key from now on"
+                    );
+                    true
+                }
+            };
+            self.audit.set_head_key(key, adopt);
+        }
+        let _ = self.head_keyed.set(());
+        Ok(())
+    }
+
+    /// Every release tag of the policy repository, as an audit anchor. None
+    /// when the workspace is not in a Git work tree.
+    pub(crate) fn audit_anchors(&self) -> Result<Vec<crate::audit::Anchor>, Error> {
+        let repo = match crate::vcs::Repo::discover(&self.root) {
+            Ok(r) => r,
+            Err(crate::vcs::VcsError::NotARepo { .. }) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(repo
+            .release_tags()?
+            .into_iter()
+            .map(|(name, message)| crate::audit::Anchor {
+                source: format!("tag {name}"),
+                head: crate::steps::tag::audit_head_in_message(&message),
+            })
+            .collect())
+    }
+
+    /// `pde audit verify`: the chain, the head, every release tag's recorded
+    /// audit head, and the head's signature by the workspace key.
+    pub fn verify_audit(&self) -> Result<crate::audit::VerifyReport, Error> {
+        let key = self.audit_verifying_key()?;
+        Ok(self
+            .audit
+            .verify_anchored(&self.audit_anchors()?, key.as_ref())?)
+    }
+
+    /// The public half of the signing key: from `<key_file>.pub` when there
+    /// is one (an auditor needs no secret), else derived from the secret.
+    fn audit_verifying_key(&self) -> Result<Option<ed25519_dalek::VerifyingKey>, Error> {
+        let signing = &self.config.signing;
+        if let Some(file) = &signing.key_file {
+            let mut public = self.root.join(file).into_os_string();
+            public.push(".pub");
+            let public = PathBuf::from(public);
+            if public.is_file() {
+                return Ok(Some(keys::load_public_key(&public)?));
+            }
+        }
+        if signing.key_file.is_none() && signing.key_env.is_none() {
+            return Ok(None);
+        }
+        Ok(self.signing_key()?.map(|k| k.verifying_key()))
     }
 
     /// What step 1 reads.
@@ -213,6 +341,7 @@ impl Engine {
         };
         let plugins = self.plugins()?;
         if let Some((name, environment)) = env {
+            crate::provenance::check_required(&plugins, name, environment, &self.plugins_dir())?;
             validate::check_signed_plugins(&plugins, name, environment)?;
         }
         let policy = validate::load(&self.policies, policy_id)?;
@@ -227,6 +356,7 @@ impl Engine {
         let validation =
             validate::validate(self.validate_inputs(&plugins), &policy, None)?.into_result()?;
         let repo = Repo::discover(&self.root)?;
+        crate::provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
         let key = self.signing_key()?;
         let bundle = package::seal(&repo, &policy, &validation, key.as_ref())?;
         let path = package::write(&bundle, out.unwrap_or(&self.dist_dir()))?;
@@ -248,4 +378,26 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()?;
         Ok(envcheck::check(&self.http, &targets, self.config.push.timeout()).await)
     }
+}
+
+/// The state directory must be inside the workspace unless pde.toml says
+/// `allow_state_outside_workspace = true`: `state = "/"` would otherwise
+/// scatter a database and an audit log over whatever directory it names.
+/// `pde.toml` checks the setting as written; this also catches a symbolic
+/// link that leads out.
+fn check_state_inside(root: &Path, config: &Config) -> Result<(), ConfigError> {
+    if config.allow_state_outside_workspace {
+        return Ok(());
+    }
+    let state_dir = root.join(&config.state);
+    let (Ok(root_c), Ok(state_c)) = (root.canonicalize(), state_dir.canonicalize()) else {
+        return Ok(());
+    };
+    if state_c.starts_with(&root_c) && state_c != root_c {
+        return Ok(());
+    }
+    Err(ConfigError::Invalid {
+        path: root.join(crate::config::FILE_NAME),
+        message: crate::config::state_outside_message(&config.state),
+    })
 }

@@ -45,6 +45,9 @@ pub enum Error {
     /// Pushing could not even start (e.g. a token variable is unset).
     #[error(transparent)]
     Push(#[from] crate::steps::push::PushError),
+    /// A policy or plugin file is not what the commit holds.
+    #[error(transparent)]
+    Provenance(#[from] crate::provenance::ProvenanceError),
     /// A rollback could not start or did not complete.
     #[error(transparent)]
     Rollback(#[from] RollbackError),
@@ -116,6 +119,7 @@ impl HasExitCode for Error {
             Error::Push(e) => e.exit_code(),
             Error::Http(e) => e.exit_code(),
             Error::Rollback(e) => e.exit_code(),
+            Error::Provenance(e) => e.exit_code(),
             Error::Io { .. } => ExitCode::Usage,
             Error::ValidationFailed { .. } => ExitCode::ValidationFailed,
             Error::Validate(e) => e.exit_code(),

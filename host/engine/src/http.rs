@@ -169,6 +169,17 @@ pub fn excerpt(body: &[u8]) -> String {
     one_line.trim().to_string()
 }
 
+/// What a refused redirect says: where it pointed.
+pub fn redirect_refused(resp: &reqwest::Response) -> String {
+    let location = resp
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .map_or("(no Location)".into(), |v| {
+            String::from_utf8_lossy(v.as_bytes()).into_owned()
+        });
+    format!("redirect to {location} refused: pde never follows redirects; fix the service url")
+}
+
 /// A transport failure in words: what kind, and the innermost cause.
 pub fn describe(e: &reqwest::Error) -> String {
     if e.is_timeout() {
@@ -248,17 +259,14 @@ pub async fn exchange(
                     .get(reqwest::header::RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
-                let location = resp
-                    .headers()
-                    .get(reqwest::header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
+                if status.is_redirection() {
+                    // Redirects are never followed (the body and token would go
+                    // elsewhere); a 3xx is final, and the answer names where it pointed.
+                    let body = redirect_refused(&resp).into_bytes();
+                    return (n, Ok(Answer { status, body }));
+                }
                 match read_body(resp).await {
-                    Ok(mut body) => {
-                        if let Some(location) = location.filter(|_| status.is_redirection()) {
-                            // Never followed; said, so the operator can fix pde.toml.
-                            body = format!("redirect to {location} (not followed)").into_bytes();
-                        }
+                    Ok(body) => {
                         let answer = Answer { status, body };
                         if pde_core::retry::verdict(status.as_u16()) != Verdict::Transient {
                             return (n, Ok(answer));

@@ -13,6 +13,7 @@
 //! - [`bundle`] and [`keys`]: canonical, content-addressed, signed bundles;
 //! - [`envcheck`]: health of the target services;
 //! - [`push`]: concurrent delivery, verification and compensation;
+//! - [`provenance`]: the files a bundle vouches for are what its commit holds;
 //! - [`vcs`]: release tags in the policy Git repository;
 //! - [`audit`]: the hash-chained audit log;
 //! - [`state`]: deployment history and locks;
@@ -28,6 +29,7 @@ pub mod http;
 pub mod pipeline;
 pub mod plan;
 pub mod policy;
+pub mod provenance;
 pub mod report;
 pub mod rollback;
 pub mod state;

@@ -19,6 +19,7 @@ use crate::audit::Event;
 use crate::engine::Engine;
 use crate::error::{Error, HasExitCode};
 use crate::http::Target;
+use crate::provenance;
 use crate::steps::audit::Recorder;
 use crate::steps::push::{self, Outcome};
 use crate::steps::tag::{self, Release};
@@ -56,6 +57,9 @@ impl Engine {
                 true => None,
                 false => Some(self.state.lock(policy_id, env_name)?),
             };
+            if !opts.dry_run {
+                self.key_audit_head()?;
+            }
             audit.record(Event::DeployStart, json!({}))?;
             let result = self.steps(policy_id, env_name, opts, audit).await;
             match &result {
@@ -84,10 +88,13 @@ impl Engine {
     ) -> Result<DeployReport, Error> {
         let env = self.environment(env_name)?;
 
-        // 1. validate
+        // 1. validate: the environment's plugin gates first (a missing or
+        // unsigned plugin is a workspace problem, not a finding), then the
+        // policy.
+        let plugins = self.plugins()?;
+        provenance::check_required(&plugins, env_name, env, &self.plugins_dir())?;
+        validate::check_signed_plugins(&plugins, env_name, env)?;
         let validated = tracing::info_span!("validate").in_scope(|| {
-            let plugins = self.plugins()?;
-            validate::check_signed_plugins(&plugins, env_name, env)?;
             let policy = validate::load(&self.policies, policy_id)?;
             let report = validate::validate(
                 self.validate_inputs(&plugins),
@@ -118,6 +125,7 @@ impl Engine {
         let (repo, bundle, already_active, bundle_path) =
             tracing::info_span!("package").in_scope(|| {
                 let repo = Repo::discover(&self.root)?;
+                provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
                 let key = self.signing_key()?;
                 let bundle = package::seal(&repo, &policy, &validation, key.as_ref())?;
                 let already_active =
@@ -239,13 +247,13 @@ impl Engine {
 
         // 6. tag
         let services: Vec<String> = report.routes.iter().map(|r| r.service.clone()).collect();
-        let tagged = tracing::info_span!("tag").in_scope(|| {
-            tag::ensure(
-                &repo,
-                &release(policy_id, &version, env_name, &report.digest),
-                &services,
-            )
-        })?;
+        let audit_head = self.audit.last()?;
+        let release = Release {
+            audit_head: audit_head.as_ref().map(|(seq, hash)| (*seq, hash.as_str())),
+            ..release(policy_id, &version, env_name, &report.digest)
+        };
+        let tagged =
+            tracing::info_span!("tag").in_scope(|| tag::ensure(&repo, &release, &services))?;
         audit.record(
             Event::Tagged,
             json!({"tag": tagged.name, "created": tagged.created}),
@@ -263,5 +271,6 @@ fn release<'a>(policy_id: &'a str, version: &'a str, env: &'a str, digest: &'a s
         version,
         env,
         digest,
+        audit_head: None,
     }
 }

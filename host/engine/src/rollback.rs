@@ -64,6 +64,7 @@ impl Engine {
             .map(crate::push::target_of)
             .collect::<Result<Vec<_>, _>>()?;
 
+        self.key_audit_head()?;
         let started_at = pde_core::clock::now_rfc3339();
         let results = {
             let calls = targets.iter().map(|t| async {

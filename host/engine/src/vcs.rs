@@ -197,6 +197,28 @@ impl Repo {
         Ok(status.stdout.iter().all(u8::is_ascii_whitespace))
     }
 
+    /// Every uncommitted change under `dir` (modified, staged, deleted,
+    /// untracked or ignored), as `git status --short` lines. An ignored file
+    /// counts: it is in no commit either.
+    pub fn changes_under(&self, dir: &Path) -> Result<Vec<String>, VcsError> {
+        let out = self.git([
+            OsStr::new("status"),
+            OsStr::new("--porcelain"),
+            OsStr::new("--untracked-files=all"),
+            OsStr::new("--ignored=matching"),
+            OsStr::new("--"),
+            dir.as_os_str(),
+        ])?;
+        if !out.status.success() {
+            return Err(self.failed(&["status", "--porcelain"], &out));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(str::to_string)
+            .collect())
+    }
+
     /// The message of tag `name`; `None` if no such tag. A lightweight tag
     /// has an empty message.
     pub fn tag_message(&self, name: &str) -> Result<Option<String>, VcsError> {
@@ -215,6 +237,31 @@ impl Repo {
             Some(("tag", message)) => Ok(Some(message.trim_end().to_string())),
             _ => Ok(Some(String::new())),
         }
+    }
+
+    /// Every release tag (`policy/…`) with its message, in name order. A
+    /// lightweight tag has an empty message.
+    pub fn release_tags(&self) -> Result<Vec<(String, String)>, VcsError> {
+        let out = self.git_ok(&[
+            "for-each-ref",
+            "--format=%(refname:strip=2)%00%(objecttype)%00%(contents)%00",
+            "refs/tags/policy/",
+        ])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        Ok(text
+            .split("\0\n")
+            .filter_map(|entry| {
+                let mut parts = entry.splitn(3, '\0');
+                let name = parts.next()?.trim_start_matches('\n');
+                let kind = parts.next()?;
+                let message = if kind == "tag" {
+                    parts.next().unwrap_or("")
+                } else {
+                    ""
+                };
+                (!name.is_empty()).then(|| (name.to_string(), message.to_string()))
+            })
+            .collect())
     }
 
     /// Creates annotated tag `name` at `HEAD`. Uses a fallback identity

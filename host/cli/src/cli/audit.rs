@@ -2,7 +2,7 @@
 
 use pde::ExitCode;
 
-use super::deploy::open;
+use super::deploy::open_read_only;
 use super::{CmdResult, Ctx};
 
 /// Audit log commands.
@@ -21,16 +21,18 @@ pub enum AuditCmd {
 }
 
 pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
-    let engine = open(ctx)?;
+    let engine = open_read_only(ctx)?;
     match cmd {
         AuditCmd::Verify => {
-            let report = engine.audit().verify()?;
+            let report = engine
+                .verify_audit()
+                .map_err(|e| super::Failure::engine(ctx, e))?;
             if ctx.json {
                 ctx.print_json(&report);
             } else {
                 println!(
-                    "audit log intact: {} record(s), head {}",
-                    report.records, report.last_hash
+                    "audit log intact: {} record(s), head {}\n  release tags matched: {}\n  head signature: {}",
+                    report.records, report.last_hash, report.anchors_checked, report.head_signature
                 );
             }
         }
@@ -60,10 +62,16 @@ pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
         }
         AuditCmd::Export => {
             // Verified first, then copied byte for byte: an export is evidence.
-            engine.audit().verify()?;
+            engine
+                .verify_audit()
+                .map_err(|e| super::Failure::engine(ctx, e))?;
             let path = engine.audit().path();
-            let bytes = std::fs::read(path)
-                .map_err(|e| super::Failure::usage(format!("{}: {e}", path.display())))?;
+            let bytes = match std::fs::read(path) {
+                Ok(b) => b,
+                // No log yet (and none is created by reading): nothing to export.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+                Err(e) => return Err(super::Failure::usage(format!("{}: {e}", path.display()))),
+            };
             std::io::Write::write_all(&mut std::io::stdout(), &bytes)
                 .map_err(super::Failure::usage)?;
         }

@@ -66,6 +66,11 @@ pub(super) fn open(ctx: &Ctx) -> Result<Engine, Failure> {
     Engine::open(&ctx.dir).map_err(|e| Failure::engine(ctx, e))
 }
 
+/// For commands that only read: creates no state directory, database or log.
+pub(super) fn open_read_only(ctx: &Ctx) -> Result<Engine, Failure> {
+    Engine::open_read_only(&ctx.dir).map_err(|e| Failure::engine(ctx, e))
+}
+
 /// Progress bars, one per target, while pushing.
 struct Progress {
     multi: MultiProgress,
@@ -139,7 +144,7 @@ pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
 }
 
 pub fn validate(ctx: &Ctx, args: ValidateArgs) -> CmdResult {
-    let engine = open(ctx)?;
+    let engine = open_read_only(ctx)?;
     let report = engine
         .validate_policy(&args.id, args.env.as_deref())
         .map_err(|e| Failure::engine(ctx, e))?;
@@ -166,7 +171,7 @@ pub fn package(ctx: &Ctx, args: PackageArgs) -> CmdResult {
 }
 
 pub fn plan(ctx: &Ctx, args: PlanArgs) -> CmdResult {
-    let engine = open(ctx)?;
+    let engine = open_read_only(ctx)?;
     let report = engine
         .plan(&args.id, &args.env)
         .map_err(|e| Failure::engine(ctx, e))?;
@@ -201,7 +206,7 @@ pub fn plan(ctx: &Ctx, args: PlanArgs) -> CmdResult {
 
 pub fn env(ctx: &Ctx, cmd: EnvCmd) -> CmdResult {
     let EnvCmd::Check { env } = cmd;
-    let engine = open(ctx)?;
+    let engine = open_read_only(ctx)?;
     let report = engine
         .env_check(&env)
         .map_err(|e| Failure::engine(ctx, e))?;

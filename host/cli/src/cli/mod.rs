@@ -178,12 +178,41 @@ fn init_tracing(verbose: u8, service: bool) {
         2 => "debug",
         _ => "trace",
     };
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let asked = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty());
+    let filter = EnvFilter::new(log_directives(default, asked.as_deref()));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// Crates whose debug and trace output is a flood (cranelift logs every
+/// instruction it lowers: gigabytes per `-vvv` run), kept at `warn` unless
+/// `RUST_LOG` names them.
+const NOISY_TARGETS: [&str; 5] = ["cranelift", "wasmtime", "regalloc2", "wasmparser", "pulley"];
+
+/// The filter: `RUST_LOG` if set, else the level of `-v`; either way the
+/// noisy crates stay at `warn` unless a `RUST_LOG` directive names them
+/// (`RUST_LOG=cranelift=trace`, `RUST_LOG=wasmtime_environ=debug`).
+fn log_directives(default: &str, rust_log: Option<&str>) -> String {
+    let base = rust_log.unwrap_or(default);
+    let named: Vec<&str> = base
+        .split(',')
+        .filter_map(|d| d.split_once('=').map(|(t, _)| t.trim()))
+        .map(|t| t.split('[').next().unwrap_or(t))
+        .collect();
+    let mut directives = base.to_string();
+    for noisy in NOISY_TARGETS {
+        // The most specific directive wins, so `cranelift_codegen=trace` needs
+        // no help; only a directive as broad as the quiet one would lose to it.
+        if !named.iter().any(|t| !t.is_empty() && noisy.starts_with(t)) {
+            directives.push_str(&format!(",{noisy}=warn"));
+        }
+    }
+    directives
 }
 
 /// Entry point of the binary.
@@ -241,5 +270,29 @@ pub fn main() -> std::process::ExitCode {
             }
             std::process::ExitCode::from(f.code.code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_directives;
+
+    #[test]
+    fn noisy_crates_stay_at_warn_unless_named() {
+        let d = log_directives("trace", None);
+        assert!(
+            d.starts_with("trace,") && d.contains("cranelift=warn"),
+            "{d}"
+        );
+        let d = log_directives("warn", Some("debug,cranelift=trace"));
+        assert!(
+            !d.contains("cranelift=warn") && d.contains("wasmtime=warn"),
+            "{d}"
+        );
+        let d = log_directives("warn", Some("wasmtime_environ=debug"));
+        assert!(
+            d.contains("wasmtime=warn") && d.contains("cranelift=warn"),
+            "{d}"
+        );
     }
 }

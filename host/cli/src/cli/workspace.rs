@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use pde::ExitCode;
 
-use super::deploy::open;
+use super::deploy::{open, open_read_only};
 use super::{CmdResult, Ctx, Failure};
 
 /// `pde status [--env ENV]`.
@@ -51,7 +51,7 @@ pub struct KeygenArgs {
 pub struct InitArgs {}
 
 pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
-    let engine = open(ctx)?;
+    let engine = open_read_only(ctx)?;
     if let Some(env) = &args.env {
         engine
             .environment(env)
@@ -113,7 +113,7 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
 }
 
 pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
-    let engine = open(ctx)?;
+    let engine = open_read_only(ctx)?;
     let records = engine.state().history(&args.id)?;
     if ctx.json {
         ctx.print_json(&records);

@@ -19,9 +19,20 @@
 //! that the record there has the head's hash. The log may run *ahead* of the
 //! head: a crash between fsyncing a record and renaming the head leaves an
 //! older, still valid anchor, so the head's directory entry is not fsynced
-//! (one fsync fewer per append). (An attacker who can rewrite the whole
-//! chain and the head cannot be caught locally; that is what the optional
-//! HTTP sink copy, forwarded by the [`outbox`], is for.)
+//! (one fsync fewer per append).
+//!
+//! The chain and the head alone prove nothing against someone who rewrites
+//! both, or deletes both. So the log is anchored (issue 10):
+//! - the head file is signed with the workspace signing key
+//!   ([`AuditLog::set_head_key`]), and an append refuses a head whose
+//!   signature does not verify, so a forged head is never re-signed;
+//! - each release tag records the head `(seq, hash)` at the time of the
+//!   deploy, outside the state directory, in Git;
+//! - [`AuditLog::verify_anchored`] checks the chain against every such tag and
+//!   the head's signature, and an empty log while tags show deploys fails.
+//!
+//! Someone holding the signing key *and* able to rewrite tags can still
+//! rewrite history; the optional HTTP sink copy, forwarded by the [`outbox`], is the defence there.
 //!
 //! Each append fsyncs the record before returning. Appends
 //! are serialized within a process by a mutex and across processes by an
@@ -124,12 +135,27 @@ pub struct AuditEntry {
 }
 
 /// The result of a successful [`AuditLog::verify`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
     /// How many records the log holds.
     pub records: u64,
     /// The hash of the last record, `""` for an empty log.
     pub last_hash: String,
+    /// Release tags whose recorded audit head the log was checked against.
+    pub anchors_checked: usize,
+    /// The head file's signature: `valid`, or why it was not checked.
+    pub head_signature: String,
+}
+
+/// An outside record of the log's head: a release tag's `audit-seq` and
+/// `audit-hash` lines, or just the fact that a release was tagged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Anchor {
+    /// Where it comes from, e.g. `tag policy/42/v1.0.0/prod`.
+    pub source: String,
+    /// The head `(seq, hash)` it records; `None` for a tag made before
+    /// tags carried one (it still shows that a deploy happened).
+    pub head: Option<(u64, String)>,
 }
 
 /// Why the audit log or the sink failed.
@@ -154,6 +180,19 @@ pub enum AuditError {
         /// What does not check out.
         reason: String,
     },
+    /// The log was opened read-only (by a read-only command) and asked to append.
+    #[error("audit log {path} is open read-only; this command must not write it")]
+    ReadOnly {
+        /// The log file.
+        path: PathBuf,
+    },
+    /// The log does not match what is recorded outside it: a release tag's
+    /// audit head, or the signature on the head file.
+    #[error("audit log does not match its anchors: {reason}")]
+    Anchor {
+        /// What does not match, and what that means.
+        reason: String,
+    },
     /// Forwarding to the HTTP sink failed (a warning for callers, never a deploy failure).
     #[error("audit sink {url}: gave up after {attempts} attempt(s): {reason}")]
     Sink {
@@ -169,8 +208,8 @@ pub enum AuditError {
 impl HasExitCode for AuditError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            AuditError::Tampered { .. } => ExitCode::Integrity,
-            AuditError::Io { .. } => ExitCode::Usage,
+            AuditError::Tampered { .. } | AuditError::Anchor { .. } => ExitCode::Integrity,
+            AuditError::Io { .. } | AuditError::ReadOnly { .. } => ExitCode::Usage,
             AuditError::Sink { .. } => ExitCode::DeployFailed,
         }
     }
@@ -180,6 +219,14 @@ impl HasExitCode for AuditError {
 struct Head {
     seq: u64,
     hash: String,
+    /// Signature by the workspace signing key over [`head_message`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sig: Option<crate::keys::Signature>,
+}
+
+/// What the head signature covers.
+fn head_message(seq: u64, hash: &str) -> Vec<u8> {
+    format!("pde.audit.head/v1\nseq: {seq}\nhash: {hash}\n").into_bytes()
 }
 
 /// The hash-chained audit log of one workspace.
@@ -188,8 +235,15 @@ pub struct AuditLog {
     path: PathBuf,
     head_path: PathBuf,
     actor: String,
-    /// The log opened for read + append; the mutex serializes appends in-process.
-    file: Mutex<File>,
+    /// The log opened for read + append (read only for
+    /// [`AuditLog::open_read_only`]; `None` when that found no log); the
+    /// mutex serializes appends in-process.
+    file: Mutex<Option<File>>,
+    writable: bool,
+    /// Signs the head file after each append, once set; with `true` the
+    /// next append may replace a head the key does not verify (adoption,
+    /// decided by the caller).
+    head_key: Mutex<Option<(ed25519_dalek::SigningKey, bool)>>,
 }
 
 /// Releases the OS lock on the log when dropped.
@@ -244,12 +298,59 @@ impl AuditLog {
             head_path: state_dir.join(HEAD_FILE),
             path,
             actor: actor.to_string(),
-            file: Mutex::new(file),
+            file: Mutex::new(Some(file)),
+            writable: true,
+            head_key: Mutex::new(None),
         };
         if let Err(e) = log.check_tail() {
             tracing::warn!(error = %e, "audit log is damaged; appends will be refused until it is repaired");
         }
         Ok(log)
+    }
+
+    /// Opens `<state_dir>/audit.jsonl` for reading only, creating nothing:
+    /// a missing log reads as empty. Appends are refused.
+    pub fn open_read_only(state_dir: &Path) -> Result<AuditLog, AuditError> {
+        let path = state_dir.join(LOG_FILE);
+        let file = match File::open(&path) {
+            Ok(f) => Some(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(AuditError::Io { path, source }),
+        };
+        Ok(AuditLog {
+            head_path: state_dir.join(HEAD_FILE),
+            path,
+            actor: default_actor(),
+            file: Mutex::new(file),
+            writable: false,
+            head_key: Mutex::new(None),
+        })
+    }
+
+    /// Signs the head file with `key` from now on. An append then refuses
+    /// to extend (and re-sign) a head that `key` does not verify, unless
+    /// `adopt` is set: the caller has checked that log against outside
+    /// anchors (an unsigned head from an older pde, or a rotated key).
+    pub fn set_head_key(&self, key: ed25519_dalek::SigningKey, adopt: bool) {
+        *self.head_key.lock().unwrap_or_else(|p| p.into_inner()) = Some((key, adopt));
+    }
+
+    /// Checks the head file's signature against `key`; no head is fine.
+    pub fn check_head_key(&self, key: &ed25519_dalek::VerifyingKey) -> Result<(), AuditError> {
+        match self.read_head()? {
+            Some(head) => check_head_signature(&head, key),
+            None => Ok(()),
+        }
+    }
+
+    /// The key id that signed the head file, if it is signed.
+    pub fn head_keyid(&self) -> Result<Option<String>, AuditError> {
+        Ok(self.read_head()?.and_then(|h| h.sig).map(|s| s.keyid))
+    }
+
+    /// The last record's `(seq, hash)`, checked against the head file.
+    pub fn last(&self) -> Result<Option<(u64, String)>, AuditError> {
+        Ok(self.check_tail()?.map(|r| (r.seq, r.hash)))
     }
 
     /// The log file.
@@ -264,9 +365,12 @@ impl AuditLog {
 
     fn check_tail(&self) -> Result<Option<AuditRecord>, AuditError> {
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(file) = file.as_ref() else {
+            return self.tail(None);
+        };
         file.lock_shared().map_err(self.io(&self.path))?;
-        let _guard = FileLockGuard(&file);
-        self.tail(&file)
+        let _guard = FileLockGuard(file);
+        self.tail(Some(file))
     }
 
     /// Appends a record and fsyncs it; returns the record as written.
@@ -296,9 +400,27 @@ impl AuditLog {
             return Ok(Vec::new());
         }
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let file = match file.as_ref() {
+            Some(f) if self.writable => f,
+            _ => {
+                return Err(AuditError::ReadOnly {
+                    path: self.path.clone(),
+                });
+            }
+        };
         file.lock().map_err(self.io(&self.path))?;
-        let _guard = FileLockGuard(&file);
-        let last = self.tail(&file)?;
+        let _guard = FileLockGuard(file);
+        let mut slot = self.head_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some((key, false)), Some(head)) = (slot.as_ref(), self.read_head()?) {
+            // Extending (and re-signing) a forged head would launder it.
+            check_head_signature(&head, &key.verifying_key())?;
+        }
+        let key = slot.as_mut().map(|(k, adopt)| {
+            *adopt = false;
+            k.clone()
+        });
+        drop(slot);
+        let last = self.tail(Some(file))?;
         let (mut seq, mut prev) = last.map_or((1, String::new()), |r| (r.seq + 1, r.hash));
         let ts = pde_core::clock::now_rfc3339();
         let mut bytes = Vec::new();
@@ -330,9 +452,11 @@ impl AuditLog {
         (&*file).write_all(&bytes).map_err(self.io(&self.path))?;
         file.sync_all().map_err(self.io(&self.path))?;
         let last = written.last().expect("entries is not empty");
+        let sig = key.map(|k| crate::keys::sign(&k, &head_message(last.seq, &last.hash)));
         self.write_head(&Head {
             seq: last.seq,
             hash: last.hash.clone(),
+            sig,
         })?;
         tracing::debug!(
             last_seq = last.seq,
@@ -361,11 +485,76 @@ impl AuditLog {
     /// last line, and that the log ends where the head file says. The first
     /// bad record is named in [`AuditError::Tampered`].
     pub fn verify(&self) -> Result<VerifyReport, AuditError> {
+        self.verify_chain().map(|(report, _, _)| report)
+    }
+
+    /// [`AuditLog::verify`], then the anchors outside the log:
+    /// - every anchor's head must be a record of this log, byte for byte
+    ///   (its hash covers the whole chain before it);
+    /// - a log with no records while anchors show deploys is not intact;
+    /// - with `key`, the head file must carry a valid signature by it.
+    pub fn verify_anchored(
+        &self,
+        anchors: &[Anchor],
+        key: Option<&ed25519_dalek::VerifyingKey>,
+    ) -> Result<VerifyReport, AuditError> {
+        let (mut report, hashes, head) = self.verify_chain()?;
+        if report.records == 0
+            && let Some(a) = anchors.first()
+        {
+            return Err(AuditError::Anchor {
+                reason: format!(
+                    "the log is empty, but {} (and {} other anchor(s)) show deploys: the log \
+                     and its head were deleted or replaced",
+                    a.source,
+                    anchors.len() - 1
+                ),
+            });
+        }
+        for a in anchors {
+            let Some((seq, hash)) = &a.head else { continue };
+            match hashes.get(usize::try_from(*seq).unwrap_or(usize::MAX).wrapping_sub(1)) {
+                Some(h) if h == hash => report.anchors_checked += 1,
+                Some(h) => {
+                    return Err(AuditError::Anchor {
+                        reason: format!(
+                            "{} records audit seq {seq} as {hash}, but the log has {h} there: \
+                             the log was rewritten",
+                            a.source
+                        ),
+                    });
+                }
+                None => {
+                    return Err(AuditError::Anchor {
+                        reason: format!(
+                            "{} records audit seq {seq}, but the log ends at seq {}: records \
+                             were deleted",
+                            a.source, report.records
+                        ),
+                    });
+                }
+            }
+        }
+        report.head_signature = match (key, head) {
+            (None, _) => "not checked: the workspace has no [signing] key".into(),
+            (Some(_), None) => "no head yet".into(),
+            (Some(key), Some(head)) => {
+                check_head_signature(&head, key)?;
+                "valid".into()
+            }
+        };
+        Ok(report)
+    }
+
+    /// The chain check; also returns every record's hash (index = seq - 1)
+    /// and the head file.
+    fn verify_chain(&self) -> Result<(VerifyReport, Vec<String>, Option<Head>), AuditError> {
         let (bytes, head) = self.snapshot()?;
         let torn = !bytes.is_empty() && !bytes.ends_with(b"\n");
         let all: Vec<&[u8]> = lines(&bytes).collect();
         let mut last: Option<AuditRecord> = None;
         let mut at_head: Option<String> = None;
+        let mut hashes = Vec::new();
         let mut line_no = 0u64;
         for (i, line) in all.iter().enumerate() {
             line_no += 1;
@@ -381,21 +570,28 @@ impl AuditLog {
             if head.as_ref().is_some_and(|h| h.seq == record.seq) {
                 at_head = Some(record.hash.clone());
             }
+            hashes.push(record.hash.clone());
             last = Some(record);
         }
         check_head(last.as_ref(), head.as_ref(), at_head.as_deref(), line_no)?;
-        Ok(VerifyReport {
+        let report = VerifyReport {
             records: last.as_ref().map_or(0, |r| r.seq),
             last_hash: last.map(|r| r.hash).unwrap_or_default(),
-        })
+            anchors_checked: 0,
+            head_signature: "not checked".into(),
+        };
+        Ok((report, hashes, head))
     }
 
     /// The log's bytes and the head, read together under a shared lock so
     /// that a concurrent append cannot fall between the two reads.
     fn snapshot(&self) -> Result<(Vec<u8>, Option<Head>), AuditError> {
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(file) = file.as_ref() else {
+            return Ok((Vec::new(), self.read_head()?));
+        };
         file.lock_shared().map_err(self.io(&self.path))?;
-        let _guard = FileLockGuard(&file);
+        let _guard = FileLockGuard(file);
         let mut bytes = Vec::new();
         (&*file)
             .seek(SeekFrom::Start(0))
@@ -405,8 +601,11 @@ impl AuditLog {
     }
 
     /// The last record, checked: complete line, valid hash, consistent with the head.
-    fn tail(&self, file: &File) -> Result<Option<AuditRecord>, AuditError> {
-        let (line, start) = last_line(file).map_err(self.io(&self.path))?;
+    fn tail(&self, file: Option<&File>) -> Result<Option<AuditRecord>, AuditError> {
+        let (line, start) = match file {
+            Some(f) => last_line(f).map_err(self.io(&self.path))?,
+            None => (None, 0),
+        };
         let head = self.read_head()?;
         let has_line = line.is_some();
         // Errors below carry line numbers relative to the last line (0 = the
@@ -432,7 +631,7 @@ impl AuditLog {
         // Line numbers cost a full read; only an error pays for one.
         checked.map_err(|e| match e {
             AuditError::Tampered { line, seq, reason } => {
-                let last = if has_line {
+                let last = if let (true, Some(file)) = (has_line, file) {
                     count_lines(file, start).unwrap_or(0) + 1
                 } else {
                     0
@@ -476,6 +675,29 @@ impl AuditLog {
         })?;
         pde_core::fsutil::atomic_write(&self.head_path, &bytes).map_err(self.io(&self.head_path))
     }
+}
+
+/// The head must carry a valid signature by `key` over its seq and hash.
+fn check_head_signature(head: &Head, key: &ed25519_dalek::VerifyingKey) -> Result<(), AuditError> {
+    let Some(sig) = &head.sig else {
+        return Err(AuditError::Anchor {
+            reason: format!(
+                "{HEAD_FILE} is not signed by the workspace key: it was replaced, or written \
+                 before heads were signed (the next deploy signs it)"
+            ),
+        });
+    };
+    let mut trusted = crate::keys::TrustedKeys::new();
+    trusted.add(*key);
+    trusted
+        .verify(&head_message(head.seq, &head.hash), sig)
+        .map_err(|e| AuditError::Anchor {
+            reason: format!(
+                "{HEAD_FILE} (seq {}) does not carry a valid signature by the workspace key \
+                 ({e}): the head was forged or the log rewritten",
+                head.seq
+            ),
+        })
 }
 
 /// Hash of a record value, computed without its `hash` field.
@@ -799,7 +1021,9 @@ mod tests {
             report,
             VerifyReport {
                 records: 3,
-                last_hash: records[2].hash.clone()
+                last_hash: records[2].hash.clone(),
+                anchors_checked: 0,
+                head_signature: "not checked".into(),
             }
         );
     }
@@ -811,7 +1035,9 @@ mod tests {
             log.verify().unwrap(),
             VerifyReport {
                 records: 0,
-                last_hash: String::new()
+                last_hash: String::new(),
+                anchors_checked: 0,
+                head_signature: "not checked".into(),
             }
         );
     }
@@ -971,6 +1197,114 @@ mod tests {
         assert_eq!(log.records().unwrap()[1..], written[..]);
         assert_eq!(log.verify().unwrap().last_hash, written[2].hash);
         assert!(log.append_all(vec![]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn anchors_and_a_signed_head_catch_deletion_and_rewrites() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let (dir, log) = log_with(0);
+        log.set_head_key(key.clone(), false);
+        for i in 0..4 {
+            log.append(Event::Pushed, "42", "prod", json!({"i": i}))
+                .unwrap();
+        }
+        let (seq, hash) = log.last().unwrap().unwrap();
+        assert_eq!(seq, 4);
+        let anchor = Anchor {
+            source: "tag policy/42/v1.0.0/prod".into(),
+            head: Some((3, log.records().unwrap()[2].hash.clone())),
+        };
+        let vk = key.verifying_key();
+        let report = log
+            .verify_anchored(std::slice::from_ref(&anchor), Some(&vk))
+            .unwrap();
+        assert_eq!(
+            (report.anchors_checked, report.head_signature.as_str()),
+            (1, "valid")
+        );
+        assert_eq!(report.last_hash, hash);
+
+        // Both files deleted: the tag still shows a deploy.
+        let saved = (
+            fs::read(log.path()).unwrap(),
+            fs::read(dir.path().join(HEAD_FILE)).unwrap(),
+        );
+        fs::write(log.path(), "").unwrap();
+        fs::remove_file(dir.path().join(HEAD_FILE)).unwrap();
+        let e = log
+            .verify_anchored(std::slice::from_ref(&anchor), Some(&vk))
+            .unwrap_err();
+        assert!(matches!(e, AuditError::Anchor { .. }), "{e}");
+        assert_eq!(e.exit_code(), ExitCode::Integrity);
+        let old_tag = Anchor {
+            head: None,
+            ..anchor.clone()
+        };
+        assert!(log.verify_anchored(&[old_tag], None).is_err());
+        assert!(
+            log.verify_anchored(&[], None).is_ok(),
+            "no anchors, nothing to contradict"
+        );
+
+        // A rewritten chain with a fresh head: consistent, but not the tagged one.
+        let other = tempfile::tempdir().unwrap();
+        let forged = AuditLog::open_with_actor(other.path(), "mallory").unwrap();
+        for i in 0..4 {
+            forged
+                .append(Event::Pushed, "42", "prod", json!({"i": i}))
+                .unwrap();
+        }
+        fs::write(log.path(), fs::read(forged.path()).unwrap()).unwrap();
+        fs::write(
+            dir.path().join(HEAD_FILE),
+            fs::read(other.path().join(HEAD_FILE)).unwrap(),
+        )
+        .unwrap();
+        assert!(log.verify().is_ok(), "the chain alone cannot tell");
+        let e = log
+            .verify_anchored(std::slice::from_ref(&anchor), None)
+            .unwrap_err();
+        assert!(e.to_string().contains("rewritten"), "{e}");
+        // Past the last anchor only the signed head tells.
+        let e = log.verify_anchored(&[], Some(&vk)).unwrap_err();
+        assert!(e.to_string().contains("not signed"), "{e}");
+        let mallory = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        forged.set_head_key(mallory, true);
+        forged
+            .append(Event::Deployed, "42", "prod", json!({}))
+            .unwrap();
+        fs::write(log.path(), fs::read(forged.path()).unwrap()).unwrap();
+        fs::write(
+            dir.path().join(HEAD_FILE),
+            fs::read(other.path().join(HEAD_FILE)).unwrap(),
+        )
+        .unwrap();
+        let e = log.verify_anchored(&[], Some(&vk)).unwrap_err();
+        assert!(e.to_string().contains("valid signature"), "{e}");
+        // ... and an append refuses to re-sign the forged head.
+        let e = log
+            .append(Event::Deployed, "42", "prod", json!({}))
+            .unwrap_err();
+        assert!(matches!(e, AuditError::Anchor { .. }), "{e}");
+
+        // Adoption is one append only: the next one checks the head again.
+        let fresh = tempfile::tempdir().unwrap();
+        let adopted = AuditLog::open_with_actor(fresh.path(), "ana").unwrap();
+        adopted
+            .append(Event::Pushed, "42", "prod", json!({}))
+            .unwrap();
+        adopted.set_head_key(key.clone(), true);
+        adopted
+            .append(Event::Pushed, "42", "prod", json!({}))
+            .unwrap();
+        adopted.check_head_key(&vk).unwrap();
+        adopted
+            .append(Event::Pushed, "42", "prod", json!({}))
+            .unwrap();
+
+        fs::write(log.path(), &saved.0).unwrap();
+        fs::write(dir.path().join(HEAD_FILE), &saved.1).unwrap();
+        log.verify_anchored(&[anchor], Some(&vk)).unwrap();
     }
 
     #[test]

@@ -194,15 +194,107 @@ fn read_bounded(path: &Path) -> Result<String, PolicyError> {
     })
 }
 
+/// Parses JSON, refusing duplicate object keys.
+///
+/// `serde_json` keeps the last of two equal keys, so `"version": "9.9.9",
+/// "version": "1.0.0"` would be approved by one reader as 9.9.9 and deployed
+/// by another as 1.0.0. YAML already refuses duplicates; JSON must too.
 fn parse_json(path: &Path, text: &str) -> Result<Value, PolicyError> {
-    serde_json::from_str(text).map_err(|e| PolicyError::Parse {
+    use serde::de::DeserializeSeed;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let parsed = StrictValue {
+        pointer: String::new(),
+    }
+    .deserialize(&mut de)
+    .and_then(|v| de.end().map(|()| v));
+    parsed.map_err(|e| PolicyError::Parse {
         path: path.to_path_buf(),
         message: format!(
-            "invalid JSON at line {}, column {}: {e}",
+            "invalid JSON at line {}, column {}: {}",
             e.line(),
-            e.column()
+            e.column(),
+            // serde_json appends the position to custom messages; it is already in front.
+            e.to_string()
+                .rsplit_once(" at line ")
+                .map_or_else(|| e.to_string(), |(m, _)| m.to_string())
         ),
     })
+}
+
+/// A [`Value`] seed that knows its JSON pointer, to name a duplicate key.
+struct StrictValue {
+    pointer: String,
+}
+
+impl StrictValue {
+    fn child(&self, token: &str) -> StrictValue {
+        let escaped = token.replace('~', "~0").replace('/', "~1");
+        StrictValue {
+            pointer: format!("{}/{escaped}", self.pointer),
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for StrictValue {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for StrictValue {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_none<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(v) = seq.next_element_seed(self.child(&items.len().to_string()))? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            let child = self.child(&key);
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key {key:?} at {}",
+                    child.pointer
+                )));
+            }
+            let value = map.next_value_seed(child)?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
 }
 
 fn yaml_options() -> serde_saphyr::Options {
@@ -332,6 +424,36 @@ mod tests {
         ]);
         assert!(matches!(s.load("1"), Err(PolicyError::Parse { .. })));
         assert!(matches!(s.load("2"), Err(PolicyError::Parse { .. })));
+    }
+
+    #[test]
+    fn json_duplicate_keys_are_refused_with_their_pointer() {
+        let (_d, s) = store(&[
+            (
+                "1.json",
+                r#"{"id": "1", "version": "9.9.9", "version": "1.0.0"}"#,
+            ),
+            (
+                "2.json",
+                r#"{"id": "2", "rules": [{"key": "a"}, {"key": "b", "value": {"x/y": 1, "x/y": 2}}]}"#,
+            ),
+        ]);
+        let e = s.load("1").unwrap_err();
+        assert_eq!(e.exit_code(), ExitCode::ValidationFailed);
+        let PolicyError::Parse { message, .. } = e else {
+            panic!("expected a parse error, got {e:?}")
+        };
+        assert!(
+            message.contains("duplicate key \"version\" at /version"),
+            "{message}"
+        );
+        assert!(message.contains("line 1"), "{message}");
+        let e = s.read_document("2").unwrap_err().to_string();
+        assert!(e.contains("at /rules/1/value/x~1y"), "{e}");
+        // Without duplicates the strict parser reads what serde_json reads.
+        let (_d, s) = store(&[("42.json", JSON_42)]);
+        let (_, v) = s.read_document("42").unwrap();
+        assert_eq!(v, serde_json::from_str::<Value>(JSON_42).unwrap());
     }
 
     #[test]

@@ -93,6 +93,9 @@ async fn one(client: &reqwest::Client, t: &Target, timeout: Duration) -> Service
             let status = resp.status();
             if status.is_success() {
                 (Some(status.as_u16()), None)
+            } else if status.is_redirection() {
+                let why = crate::http::redirect_refused(&resp);
+                (Some(status.as_u16()), Some(format!("HTTP {status}: {why}")))
             } else {
                 let body = resp.bytes().await.unwrap_or_default();
                 let excerpt = crate::http::excerpt(&body);

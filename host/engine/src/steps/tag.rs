@@ -71,6 +71,10 @@ pub struct Release<'a> {
     pub env: &'a str,
     /// The bundle digest.
     pub digest: &'a str,
+    /// The audit log's last `(seq, hash)` when the tag is made: an anchor
+    /// outside the state directory that `pde audit verify` checks the log
+    /// against.
+    pub audit_head: Option<(u64, &'a str)>,
 }
 
 /// The release tag name: `policy/<id>/v<version>/<env>`.
@@ -85,11 +89,28 @@ pub fn tag_message(release: &Release<'_>, services: &[String]) -> String {
         version,
         env,
         digest,
+        audit_head,
     } = release;
-    format!(
+    let mut message = format!(
         "pde release of policy {policy_id} v{version} to {env}\n\ndigest: {digest}\nservices: {}\n",
         services.join(", ")
-    )
+    );
+    if let Some((seq, hash)) = audit_head {
+        message.push_str(&format!("audit-seq: {seq}\naudit-hash: {hash}\n"));
+    }
+    message
+}
+
+/// The audit head `(seq, hash)` a release tag message records, if any.
+pub fn audit_head_in_message(message: &str) -> Option<(u64, String)> {
+    let field = |name: &str| {
+        message
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let seq = field("audit-seq: ")?.parse().ok()?;
+    Some((seq, field("audit-hash: ")?.to_string()))
 }
 
 /// The digest a release tag message records, if any.
@@ -199,6 +220,7 @@ mod tests {
             version: "1.3.0",
             env: "production",
             digest,
+            audit_head: None,
         }
     }
 
@@ -242,6 +264,23 @@ mod tests {
         // The tag still records the first digest.
         let message = repo.tag_message(&name).unwrap().unwrap();
         assert_eq!(digest_in_message(&message), Some("sha256:aa"));
+
+        // A release records the audit head it was made at.
+        let anchored = Release {
+            version: "1.4.0",
+            audit_head: Some((7, "ab12")),
+            ..release("sha256:cc")
+        };
+        ensure(&repo, &anchored, &services).unwrap();
+        let m = repo
+            .tag_message(&tag_name("42", "1.4.0", "production"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(audit_head_in_message(&m), Some((7, "ab12".to_string())));
+        assert_eq!(digest_in_message(&m), Some("sha256:cc"));
+        let all = repo.release_tags().unwrap();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert_eq!(audit_head_in_message(&all[0].1), None);
     }
 
     #[test]
