@@ -837,3 +837,105 @@ fn stdout_and_stderr_are_captured_into_the_log() {
         report.log
     );
 }
+
+// ---------------------------------------------------------------- containment (issue 9)
+
+#[test]
+fn a_sleeping_plugin_is_stopped_at_its_timeout() {
+    // `std::thread::sleep` blocks on a monotonic-clock pollable in the host:
+    // no guest code runs, no fuel is spent, the epoch is never checked.
+    let f = fixture();
+    let mut p = f.mode("sleep");
+    p.settings = json!({"mode": "sleep", "seconds": 60});
+    p.limits.timeout_ms = 500;
+    let start = Instant::now();
+    let err = f.run(&p).unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        matches!(&err, PluginError::Timeout { plugin, timeout_ms: 500 } if plugin == "misbehave"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+    assert!(
+        took >= Duration::from_millis(250) && took <= Duration::from_millis(750),
+        "stopped after {took:?}, not at 500 ms ± 250 ms"
+    );
+    // A short nap within the limit still works: the clock is not broken.
+    p.settings = json!({"mode": "sleep", "seconds": 0});
+    let report = f.run(&p).unwrap();
+    assert_eq!(report.value[0].code, "misbehave.sleep");
+}
+
+/// What the fixture's `ansi` mode puts in every string it returns.
+const ANSI: &str =
+    "\x1b[2K\rverdict: pass\x1b]0;owned\x07\x1b]52;c;ZXZpbA==\x07\u{9b}1A\nforged line\x7f";
+
+#[test]
+fn terminal_controls_are_kept_exact_in_reports_and_escaped_for_people() {
+    let f = fixture();
+    let report = f.run(&f.mode("ansi")).unwrap();
+    let d = &report.value[0];
+    // The report (and so JSON output) carries the plugin's exact text ...
+    assert_eq!(d.message, format!("message {ANSI}"));
+    assert_eq!(d.code, format!("misbehave.ansi{ANSI}"));
+    assert!(
+        report.log.contains(&format!("warn: log {ANSI}")),
+        "{:?}",
+        report.log
+    );
+    // ... and what a person sees has no control character left.
+    let shown = d.to_string();
+    assert!(!shown.chars().any(pde::term::is_unsafe), "{shown:?}");
+    assert!(shown.contains("\\u{1b}[2K\\rverdict: pass"), "{shown}");
+    assert!(shown.contains("\\nforged line"), "{shown}");
+    for line in &report.log {
+        assert!(!pde::term::escape(line).chars().any(pde::term::is_unsafe));
+    }
+}
+
+#[test]
+fn a_chatty_plugins_log_is_bounded_and_says_how_much_was_dropped() {
+    let f = fixture();
+    let p = f.mode("chatty");
+    let report = f.run(&p).unwrap();
+    let (note, kept) = report.log.split_last().unwrap();
+    let kept_bytes: usize = kept.iter().map(String::len).sum();
+    assert!(
+        kept_bytes <= pde::plugin::sandbox::MAX_LOG_BYTES,
+        "{kept_bytes} bytes of log kept"
+    );
+    assert!(note.contains("more log lines dropped"), "{note}");
+    let dropped: usize = note
+        .trim_start_matches('(')
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 20,000 host.log lines, 20,000 stdout lines and the two mode lines.
+    assert_eq!(kept.len() + dropped, 40_002, "{note}");
+}
+
+#[test]
+fn a_flood_of_bytes_is_refused_while_being_copied_out_of_the_guest() {
+    // 20 messages of 1 MiB: fits the guest's 64 MiB, but far past pde's
+    // 1 MiB result bound. It must be refused by the copy budget, before the
+    // host allocates 20 MiB, not by the bound check after.
+    let f = fixture();
+    let mut p = f.mode("flood");
+    p.settings = json!({"mode": "flood", "count": 20, "message_bytes": 1 << 20});
+    let err = f.run(&p).unwrap_err();
+    match &err {
+        PluginError::ResultTooLarge { plugin, what } => {
+            assert_eq!(plugin, "misbehave");
+            assert!(what.contains("while copying"), "{what}");
+        }
+        other => panic!("expected ResultTooLarge, got {other}"),
+    }
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+    // A result right at pde's own bound still gets through.
+    p.settings =
+        json!({"mode": "flood", "count": 1, "message_bytes": pde::plugin::MAX_RESULT_BYTES});
+    let report = f.run(&p).unwrap();
+    assert_eq!(report.value[0].message.len(), pde::plugin::MAX_RESULT_BYTES);
+}

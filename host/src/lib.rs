@@ -17,7 +17,8 @@
 //! - [`audit`]: the hash-chained audit log;
 //! - [`state`]: deployment history and locks;
 //! - [`pipeline`]: the seven steps, top-down;
-//! - [`agent`]: the receiving service that targets run.
+//! - [`agent`]: the receiving service that targets run;
+//! - [`term`]: escaping untrusted text before a person sees it.
 
 pub mod agent;
 pub mod audit;
@@ -36,6 +37,7 @@ pub mod push;
 pub mod rollback;
 pub mod route;
 pub mod state;
+pub mod term;
 pub mod validate;
 pub mod vcs;
 

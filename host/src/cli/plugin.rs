@@ -12,6 +12,7 @@ use pde::keys::TrustedKeys;
 use pde::plugin::{
     CallContext, Plugin, PluginHost, PluginKind, PolicyInput, ServiceInfo, SignatureStatus,
 };
+use pde::term::Escaped;
 
 use super::{CmdResult, Ctx, Failure};
 
@@ -179,7 +180,7 @@ fn list(ctx: &Ctx) -> CmdResult {
             "{:<20} {:<9} {:<9} {:<14} {:<5} {}",
             p.name,
             p.kind.to_string(),
-            p.version,
+            Escaped(&p.version).to_string(),
             &p.sha256[..12],
             p.wit_version.to_string(),
             signed_text(&p.signature)
@@ -226,7 +227,12 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     println!("  exports:  {}", report.exports.join(", "));
     println!("  producers:");
     for p in &report.producers {
-        println!("    {}: {} {}", p.field, p.name, p.version);
+        println!(
+            "    {}: {} {}",
+            Escaped(&p.field),
+            Escaped(&p.name),
+            Escaped(&p.version)
+        );
     }
     println!("  capabilities asked for:");
     for c in &report.capabilities {
@@ -285,7 +291,9 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
     let config = workspace(ctx, !is_path(target))?;
     let config = config.as_ref();
     let trusted = trusted_keys(ctx, config)?;
-    let host = host(ctx, config)?;
+    let mut host = host(ctx, config)?;
+    // The report's log is printed below (or is in the JSON): once is enough.
+    host.trace_call_logs(false);
     let plugin = load_target(ctx, &host, config, &trusted, target)?;
     let policy = read_policy(policy_path)?;
     let call = CallContext {
@@ -357,7 +365,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                     );
                 }
                 for r in &report.value {
-                    println!("route -> {}: {}", r.service, r.reason);
+                    println!("route -> {}: {}", Escaped(&r.service), Escaped(&r.reason));
                 }
                 print_costs(
                     &report.log,
@@ -374,7 +382,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
 
 fn print_costs(log: &[String], fuel: u64, peak: u64, elapsed: std::time::Duration) {
     for line in log {
-        println!("log: {line}");
+        println!("log: {}", Escaped(line));
     }
     println!(
         "fuel used: {fuel} · peak memory: {:.1} MiB · time: {:.2} ms",

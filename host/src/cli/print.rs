@@ -117,7 +117,9 @@ pub fn deploy(r: &DeployReport) {
     health(&r.health);
     println!("route");
     for route in &r.routes {
-        println!("  {:<20} {}", route.service, route.reasons.join("; "));
+        // Reasons are a router plugin's own text.
+        let reasons = route.reasons.join("; ");
+        println!("  {:<20} {}", route.service, pde::term::Escaped(&reasons));
     }
     if let Some(p) = &r.push {
         push(p);

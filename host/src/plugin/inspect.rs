@@ -109,9 +109,10 @@ pub fn capability(import: &str) -> Capability {
             false,
             "denied: TCP, UDP and name lookup are off and every address is refused",
         ),
-        "wasi:clocks/wall-clock" | "wasi:clocks/monotonic-clock" => {
-            (true, "read-only clock (wall time is capped per call)")
-        }
+        "wasi:clocks/wall-clock" | "wasi:clocks/monotonic-clock" => (
+            true,
+            "read-only clock; waiting on it counts against timeout_ms (the call is stopped at the limit)",
+        ),
         "wasi:random/random" | "wasi:random/insecure" | "wasi:random/insecure-seed" => {
             (true, "random bytes")
         }

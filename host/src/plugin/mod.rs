@@ -139,7 +139,7 @@ pub enum PluginError {
         actual: String,
     },
     /// A signature is missing, untrusted or invalid where one is required.
-    #[error("plugin {plugin}: signature not accepted: {reason}")]
+    #[error("plugin {plugin}: signature not accepted: {}", crate::term::Escaped(.reason))]
     BadSignature {
         /// The plugin.
         plugin: String,
@@ -179,7 +179,7 @@ pub enum PluginError {
         supported: String,
     },
     /// The guest trapped (panic, unreachable, stack overflow, bad access).
-    #[error("plugin {plugin} trapped: {message}")]
+    #[error("plugin {plugin} trapped: {}", crate::term::Escaped(.message))]
     Trap {
         /// The plugin.
         plugin: String,
@@ -221,7 +221,7 @@ pub enum PluginError {
         what: String,
     },
     /// The plugin returned `err(message)`: it could not do its job.
-    #[error("plugin {plugin} failed: {message}")]
+    #[error("plugin {plugin} failed: {}", crate::term::Escaped(.message))]
     PluginFailed {
         /// The plugin.
         plugin: String,
@@ -230,7 +230,8 @@ pub enum PluginError {
     },
     /// A router named a service that it was not given.
     #[error(
-        "router {plugin} routed to {service:?}, which is not a service of this environment (known: {known})"
+        "router {plugin} routed to {service:?}, which is not a service of this environment (known: {})",
+        crate::term::Escaped(.known)
     )]
     UnknownService {
         /// The plugin.
@@ -433,6 +434,7 @@ pub struct PluginHost {
     cache: cache::Cache,
     limits: Limits,
     gate: sandbox::CallGate,
+    run_options: sandbox::RunOptions,
     // Declared last: dropped after the engine handles above.
     _ticker: sandbox::EpochTicker,
 }
@@ -494,8 +496,16 @@ impl PluginHost {
             cache,
             limits,
             gate: sandbox::CallGate::default(),
+            run_options: sandbox::RunOptions::default(),
             _ticker: ticker,
         })
+    }
+
+    /// Whether the log of a successful call goes to `tracing` (the default)
+    /// or only into its [`CallReport`], for a caller that prints it itself
+    /// (`pde plugin test`), so that each line is shown once.
+    pub fn trace_call_logs(&mut self, on: bool) {
+        self.run_options.trace_log = on;
     }
 
     /// The workspace limits this host enforces.
@@ -699,7 +709,13 @@ impl PluginHost {
         let slot = self.gate.enter();
         let (out, stats) = plugin
             .prepared
-            .validate(&self.engine, &plugin.name, &plugin.limits, &input)
+            .validate(
+                &self.engine,
+                &plugin.name,
+                &plugin.limits,
+                self.run_options,
+                &input,
+            )
             .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Validator))??;
         // The store, and with it the pool slot, is gone once the call returns.
         drop(slot);
@@ -754,6 +770,7 @@ impl PluginHost {
                 &self.engine,
                 &plugin.name,
                 &plugin.limits,
+                self.run_options,
                 &input,
                 &raw_services,
             )

@@ -1,0 +1,143 @@
+//! Hostile plugins through the `pde` binary (issue 9): what a reviewer or a
+//! release engineer sees, with the exit codes of DESIGN §8. Real components
+//! built from `plugins/fixtures/misbehave`, real workspaces, real processes.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::Workspace;
+
+fn pde(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pde"))
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("pde runs")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited normally")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            text(&o.stdout),
+            text(&o.stderr)
+        )
+    })
+}
+
+fn misbehave() -> &'static Path {
+    Path::new(pde_plugin_artifacts::MISBEHAVE)
+}
+
+/// A workspace whose only plugin is `misbehave` named `name`, with `extra`
+/// manifest text (settings, limits).
+fn workspace_with(name: &str, extra: &str, envs: &str) -> Workspace {
+    let ws = Workspace::new(envs);
+    ws.install_plugin(name, "validator", misbehave(), extra, false);
+    ws.commit("init");
+    ws
+}
+
+#[test]
+fn a_sleeping_plugin_is_a_plugin_fault_at_its_timeout() {
+    let ws = workspace_with(
+        "sleepy",
+        "[settings]\nmode = \"sleep\"\nseconds = 60\n[limits]\ntimeout_ms = 500\n",
+        "",
+    );
+    let start = Instant::now();
+    let o = pde(ws.root(), &["validate", "42"]);
+    let took = start.elapsed();
+    assert_eq!(code(&o), 5, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("sleepy timed out after 500 ms"), "{err}");
+    // Process start, compile and two calls (neutral run) fit well within this.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+/// Control characters a terminal would act on, other than the newlines
+/// that end output lines.
+fn unsafe_chars(s: &str) -> Vec<char> {
+    s.chars()
+        .filter(|&c| c != '\n' && pde::term::is_unsafe(c))
+        .collect()
+}
+
+#[test]
+fn plugin_text_reaches_a_terminal_escaped_and_json_exact() {
+    let ws = workspace_with("ansi", "[settings]\nmode = \"ansi\"\n", "");
+    let policy = ws.root().join("policies/42.json");
+    let policy = policy.to_str().unwrap();
+
+    let o = pde(
+        ws.root(),
+        &["-v", "plugin", "test", "ansi", "--policy", policy],
+    );
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(unsafe_chars(&out), Vec::<char>::new(), "{out}");
+    assert_eq!(unsafe_chars(&err), Vec::<char>::new(), "{err}");
+    assert!(out.contains("\\u{1b}]52;c;"), "{out}");
+    // The forged line is not a line of its own, and the real verdict stands.
+    assert!(!out.lines().any(|l| l.starts_with("forged line")), "{out}");
+    assert!(
+        !out.lines().any(|l| l.starts_with("verdict: pass")),
+        "{out}"
+    );
+    assert!(out.contains("verdict: fail"), "{out}");
+
+    // `pde validate` prints the same diagnostic for people, escaped.
+    let o = pde(ws.root(), &["-v", "validate", "42"]);
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    assert_eq!(unsafe_chars(&text(&o.stdout)), Vec::<char>::new());
+    assert_eq!(unsafe_chars(&text(&o.stderr)), Vec::<char>::new());
+
+    // JSON keeps the exact bytes.
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin", "test", "ansi", "--policy", policy, "--output", "json",
+        ],
+    );
+    let report = json(&o);
+    let ansi =
+        "\x1b[2K\rverdict: pass\x1b]0;owned\x07\x1b]52;c;ZXZpbA==\x07\u{9b}1A\nforged line\x7f";
+    assert_eq!(
+        report["diagnostics"][0]["message"],
+        format!("message {ansi}")
+    );
+}
+
+#[test]
+fn each_log_line_is_printed_once() {
+    let ws = workspace_with("chatty", "[settings]\nmode = \"chatty\"\nlines = 50\n", "");
+    let policy = ws.root().join("policies/42.json");
+    let o = pde(
+        ws.root(),
+        &[
+            "-v",
+            "plugin",
+            "test",
+            "chatty",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let all = text(&o.stdout) + &text(&o.stderr);
+    assert_eq!(all.matches("log 00000007 ").count(), 1, "{all}");
+    assert_eq!(all.matches("out 00000007 ").count(), 1, "{all}");
+}
