@@ -509,6 +509,13 @@ fn load_file_without_manifest_infers_the_kind() {
 
 // ---------------------------------------------------------------- signatures
 
+fn signer(name: &str) -> pde::plugin::signature::Signer {
+    pde::plugin::signature::Signer {
+        name: name.to_string(),
+        note: Some("reviewed in SEC-42".to_string()),
+    }
+}
+
 #[test]
 fn signatures_are_valid_invalid_or_absent() {
     let keys = tempfile::tempdir().unwrap();
@@ -525,30 +532,26 @@ fn signatures_are_valid_invalid_or_absent() {
     assert_eq!(err.exit_code(), ExitCode::Integrity);
 
     let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
-    let (sig_path, _) = pde::plugin::signature::sign_file(&wasm, &key).unwrap();
+    let (sig_path, file) =
+        pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("Sec Team")).unwrap();
     assert_eq!(sig_path, dir.path().join("eb.wasm.sig"));
     let signed = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    // Who, when and why are recorded, and covered by the signature.
     assert_eq!(
         signed.signature,
         SignatureStatus::Valid {
-            keyid: good.key_id.clone()
+            keyid: good.key_id.clone(),
+            signer: "Sec Team".into(),
+            signed_at: file.signed_at.clone(),
+            note: Some("reviewed in SEC-42".into()),
         }
     );
+    assert!(file.signed_at.ends_with('Z'), "{}", file.signed_at);
     signed.require_signature().unwrap();
 
-    // Signed by a key nobody trusts.
-    let other_key = pde::keys::load_signing_key(&other.secret_path).unwrap();
-    pde::plugin::signature::sign_file(&wasm, &other_key).unwrap();
-    let untrusted = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
-    assert!(
-        matches!(&untrusted.signature, SignatureStatus::Invalid { reason } if reason.contains("untrusted")),
-        "{:?}",
-        untrusted.signature
-    );
-
-    // A trusted key's signature over a different digest.
-    let sig = pde::keys::sign(&key, b"sha256:0000");
-    std::fs::write(&sig_path, serde_json::to_string(&sig).unwrap()).unwrap();
+    // Someone rewrites the signer in the file: the signature no longer matches.
+    let text = std::fs::read_to_string(&sig_path).unwrap();
+    std::fs::write(&sig_path, text.replace("Sec Team", "Mallory")).unwrap();
     let forged = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
     assert!(
         matches!(&forged.signature, SignatureStatus::Invalid { reason } if reason.contains("does not match")),
@@ -559,6 +562,132 @@ fn signatures_are_valid_invalid_or_absent() {
         forged.require_signature().unwrap_err().exit_code(),
         ExitCode::Integrity
     );
+
+    // Signed by a key nobody trusts.
+    let other_key = pde::keys::load_signing_key(&other.secret_path).unwrap();
+    pde::plugin::signature::sign_file(host.engine(), &wasm, &other_key, &signer("x")).unwrap();
+    let untrusted = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert!(
+        matches!(&untrusted.signature, SignatureStatus::Invalid { reason } if reason.contains("untrusted")),
+        "{:?}",
+        untrusted.signature
+    );
+}
+
+#[test]
+fn editing_a_signed_manifest_invalidates_the_signature() {
+    let keys = tempfile::tempdir().unwrap();
+    let good = pde::keys::generate(keys.path(), "good").unwrap();
+    let trusted = TrustedKeys::from_files(&[&good.public_path]).unwrap();
+    let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
+    let host = host();
+    let original = "[limits]\ntimeout_ms = 500\n[settings]\nage = { min = 16, max = 120 }\n";
+    // Each edit a reviewer never approved, and the field it changes.
+    let edits = [
+        ("max = 120", "max = 999999999", "settings"),
+        ("timeout_ms = 500", "timeout_ms = 2000", "limits"),
+        ("version = \"0.1.0\"", "version = \"0.1.1\"", "version"),
+    ];
+    for (from, to, field) in edits {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = install(
+            dir.path(),
+            "eb",
+            "eligibility-bounds",
+            "validator",
+            original,
+        );
+        pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("Sec Team")).unwrap();
+        let signed = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+        signed.require_signature().unwrap();
+
+        let toml = dir.path().join("eb.toml");
+        let text = std::fs::read_to_string(&toml).unwrap();
+        assert!(text.contains(from), "{text}");
+        std::fs::write(&toml, text.replace(from, to)).unwrap();
+        let edited = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+        match &edited.signature {
+            SignatureStatus::Invalid { reason } => {
+                assert!(reason.contains("manifest changed"), "{reason}");
+                assert!(reason.contains(field), "{reason}");
+            }
+            other => panic!("{field} edited after signing, still {other:?}"),
+        }
+        assert_eq!(
+            edited.require_signature().unwrap_err().exit_code(),
+            ExitCode::Integrity
+        );
+    }
+}
+
+#[test]
+fn a_legacy_signature_must_be_re_signed() {
+    // The old format: {keyid, alg, sig} over "sha256:<hex of the wasm>" only.
+    let keys = tempfile::tempdir().unwrap();
+    let good = pde::keys::generate(keys.path(), "good").unwrap();
+    let trusted = TrustedKeys::from_files(&[&good.public_path]).unwrap();
+    let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let digest = sha256_hex(&std::fs::read(&wasm).unwrap());
+    let old = pde::keys::sign(&key, format!("sha256:{digest}").as_bytes());
+    std::fs::write(
+        dir.path().join("eb.wasm.sig"),
+        serde_json::to_string(&old).unwrap(),
+    )
+    .unwrap();
+    let plugin = host().load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert!(
+        matches!(&plugin.signature, SignatureStatus::Invalid { reason } if reason.contains("legacy signature, re-sign required")),
+        "{:?}",
+        plugin.signature
+    );
+    assert_eq!(
+        plugin.require_signature().unwrap_err().exit_code(),
+        ExitCode::Integrity
+    );
+}
+
+#[test]
+fn a_revoked_key_no_longer_counts() {
+    let keys = tempfile::tempdir().unwrap();
+    let good = pde::keys::generate(keys.path(), "good").unwrap();
+    let mut trusted = TrustedKeys::from_files(&[&good.public_path]).unwrap();
+    let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let host = host();
+    pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("Sec Team")).unwrap();
+    trusted.revoke(&[good.key_id.as_str()]);
+    let plugin = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert!(
+        matches!(&plugin.signature, SignatureStatus::Invalid { reason } if reason.contains("revoked")),
+        "{:?}",
+        plugin.signature
+    );
+}
+
+#[test]
+fn signing_refuses_what_inspect_refuses() {
+    let keys = tempfile::tempdir().unwrap();
+    let good = pde::keys::generate(keys.path(), "good").unwrap();
+    let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
+    let host = host();
+    for (bytes, why) in [
+        (b"random bytes, not wasm".to_vec(), "not WebAssembly"),
+        (b"\0asm\x01\0\0\0".to_vec(), "core WebAssembly module"),
+        (b"\0asm\x0d\0\x01\0\xff\xff".to_vec(), "does not compile"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = install_bytes(dir.path(), "junk", &bytes, "validator", "");
+        let err = pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("x"))
+            .unwrap_err();
+        assert!(
+            matches!(err, PluginError::BadComponent { .. }) && err.to_string().contains(why),
+            "{err}"
+        );
+        assert!(!dir.path().join("junk.wasm.sig").exists());
+    }
 }
 
 // ---------------------------------------------------------------- cache

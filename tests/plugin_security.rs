@@ -141,3 +141,137 @@ fn each_log_line_is_printed_once() {
     assert_eq!(all.matches("log 00000007 ").count(), 1, "{all}");
     assert_eq!(all.matches("out 00000007 ").count(), 1, "{all}");
 }
+
+const PRODUCTION: &str = "[environments.production]\nrequire_signed_plugins = true\n";
+
+#[test]
+fn validate_in_production_refuses_an_unsigned_plugin_with_exit_6() {
+    let ws = workspace_with("unsigned", "[settings]\nmode = \"ok\"\n", PRODUCTION);
+    let o = pde(ws.root(), &["validate", "42", "--env", "production"]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("unsigned"), "{}", text(&o.stderr));
+    // Without an environment there is no gate to apply.
+    assert_eq!(code(&pde(ws.root(), &["validate", "42"])), 0);
+}
+
+#[test]
+fn a_manifest_edited_after_signing_fails_verify_and_the_production_gate() {
+    let ws = Workspace::new(PRODUCTION);
+    ws.install_plugin(
+        "bounds",
+        "validator",
+        misbehave(),
+        "[settings]\nmode = \"ok\"\nmax = 5000\n",
+        false,
+    );
+    let wasm = ws.root().join("plugins/bounds.wasm");
+    let wasm = wasm.to_str().unwrap();
+    let key = ws.root().join("keys/security.ed25519");
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "sign",
+            wasm,
+            "--key",
+            key.to_str().unwrap(),
+            "--signer",
+            "Sec Team",
+            "--note",
+            "SEC-42",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    ws.commit("signed");
+
+    let o = pde(ws.root(), &["plugin", "verify", wasm]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("signed by Sec Team") && out.contains("SEC-42"),
+        "{out}"
+    );
+    let list = json(&pde(ws.root(), &["plugin", "list", "--output", "json"]));
+    assert_eq!(list[0]["signature"]["signer"], "Sec Team", "{list}");
+    assert_eq!(list[0]["signature"]["note"], "SEC-42", "{list}");
+    let o = pde(ws.root(), &["validate", "42", "--env", "production"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+
+    // Raise a setting after the review.
+    let toml = ws.root().join("plugins/bounds.toml");
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("max = 5000", "max = 999999999");
+    std::fs::write(&toml, edited).unwrap();
+    ws.commit("raise max");
+    let o = pde(ws.root(), &["plugin", "verify", wasm]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stdout));
+    assert!(
+        text(&o.stderr).contains("manifest changed"),
+        "{}",
+        text(&o.stderr)
+    );
+    let list = pde(ws.root(), &["plugin", "list"]);
+    assert!(
+        text(&list.stdout).contains("INVALID"),
+        "{}",
+        text(&list.stdout)
+    );
+    let o = pde(ws.root(), &["validate", "42", "--env", "production"]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stderr));
+    let o = pde(ws.root(), &["plan", "42", "--env", "production"]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stderr));
+}
+
+#[test]
+fn a_revoked_key_fails_verify() {
+    let ws = Workspace::new("");
+    ws.install_plugin("p", "validator", misbehave(), "", true);
+    let wasm = ws.root().join("plugins/p.wasm");
+    let wasm = wasm.to_str().unwrap();
+    assert_eq!(code(&pde(ws.root(), &["plugin", "verify", wasm])), 0);
+    let keyid = pde::keys::key_id(
+        &pde::keys::load_public_key(&ws.root().join("keys/security.ed25519.pub")).unwrap(),
+    );
+    let config = std::fs::read_to_string(ws.root().join("pde.toml"))
+        .unwrap()
+        .replace(
+            "plugin_keys = [\"keys/security.ed25519.pub\"]",
+            &format!("plugin_keys = [\"keys/security.ed25519.pub\"]\nrevoked = [\"{keyid}\"]"),
+        );
+    std::fs::write(ws.root().join("pde.toml"), config).unwrap();
+    let o = pde(ws.root(), &["plugin", "verify", wasm]);
+    assert_eq!(code(&o), 6);
+    assert!(text(&o.stderr).contains("revoked"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn sign_refuses_bytes_that_are_not_a_component() {
+    let ws = Workspace::new("");
+    let wasm = ws.root().join("plugins/junk.wasm");
+    std::fs::write(&wasm, b"definitely not wasm").unwrap();
+    let sum = pde::plugin::sha256_hex(b"definitely not wasm");
+    std::fs::write(
+        ws.root().join("plugins/junk.toml"),
+        format!("name = \"junk\"\nkind = \"validator\"\nversion = \"1\"\nsha256 = \"{sum}\"\n"),
+    )
+    .unwrap();
+    let key = ws.root().join("keys/security.ed25519");
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "sign",
+            wasm.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 5, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("not WebAssembly"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!ws.root().join("plugins/junk.wasm.sig").exists());
+}

@@ -134,7 +134,9 @@ impl Engine {
             .iter()
             .map(|p| self.root.join(p))
             .collect();
-        Ok(TrustedKeys::from_files(&paths)?)
+        let mut trusted = TrustedKeys::from_files(&paths)?;
+        trusted.revoke(&self.config.trust.revoked);
+        Ok(trusted)
     }
 
     /// The bundle signing key named by `[signing]`, or none when the

@@ -402,7 +402,10 @@ impl Engine {
         env: Option<&str>,
     ) -> Result<ValidationReport, Error> {
         if let Some(name) = env {
-            self.environment(name)?;
+            // One signature gate for every command that evaluates an
+            // environment: validate must not pass what plan and deploy refuse.
+            let environment = self.environment(name)?;
+            self.check_plugin_signatures(name, environment)?;
         }
         let policy = validate::load(self, policy_id)?;
         validate::validate(self, &policy, env)?.into_result()

@@ -37,13 +37,19 @@ pub enum PluginCmd {
         #[arg(long, value_name = "ENV")]
         env: Option<String>,
     },
-    /// Sign a component: writes `PATH.sig`.
+    /// Sign a component and its manifest (`PATH` with `.toml`): writes `PATH.sig`.
     Sign {
         /// The `.wasm` file.
         path: PathBuf,
         /// The signing key file (hex seed).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
+        /// Who signs, recorded in the signature (default: $USER).
+        #[arg(long, value_name = "NAME")]
+        signer: Option<String>,
+        /// A note recorded in the signature, e.g. the review ticket.
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
     },
     /// Verify a component's signature (default keys: the workspace's [trust] plugin_keys).
     Verify {
@@ -65,7 +71,12 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             policy,
             env,
         } => test(ctx, &target, &policy, env.as_deref()),
-        PluginCmd::Sign { path, key } => sign(ctx, &path, &key),
+        PluginCmd::Sign {
+            path,
+            key,
+            signer,
+            note,
+        } => sign(ctx, &path, &key, signer, note),
         PluginCmd::Verify { path, keys } => verify(ctx, &path, &keys),
     }
 }
@@ -88,7 +99,9 @@ fn trusted_keys(ctx: &Ctx, config: Option<&Config>) -> Result<TrustedKeys, Failu
         .iter()
         .map(|p| ctx.dir.join(p))
         .collect();
-    Ok(TrustedKeys::from_files(&paths)?)
+    let mut trusted = TrustedKeys::from_files(&paths)?;
+    trusted.revoke(&config.trust.revoked);
+    Ok(trusted)
 }
 
 fn host(ctx: &Ctx, config: Option<&Config>) -> Result<PluginHost, Failure> {
@@ -136,8 +149,19 @@ fn load_target(
 fn signed_text(s: &SignatureStatus) -> String {
     match s {
         SignatureStatus::Unsigned => "unsigned".into(),
-        SignatureStatus::Valid { keyid } => format!("signed ({keyid})"),
-        SignatureStatus::Invalid { reason } => format!("INVALID ({reason})"),
+        SignatureStatus::Valid {
+            keyid,
+            signer,
+            signed_at,
+            note,
+        } => format!(
+            "signed by {} ({keyid}) at {signed_at}{}",
+            Escaped(signer),
+            note.as_deref()
+                .map(|n| format!(": {}", Escaped(n)))
+                .unwrap_or_default()
+        ),
+        SignatureStatus::Invalid { reason } => format!("INVALID ({})", Escaped(reason)),
     }
 }
 
@@ -391,19 +415,38 @@ fn print_costs(log: &[String], fuel: u64, peak: u64, elapsed: std::time::Duratio
     );
 }
 
-fn sign(ctx: &Ctx, path: &Path, key: &Path) -> CmdResult {
+fn sign(
+    ctx: &Ctx,
+    path: &Path,
+    key: &Path,
+    signer: Option<String>,
+    note: Option<String>,
+) -> CmdResult {
     let key = pde::keys::load_signing_key(key)?;
-    let (sig_path, sig) = pde::plugin::signature::sign_file(path, &key)?;
+    let signer = pde::plugin::signature::Signer {
+        name: signer
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "unknown".to_string()),
+        note,
+    };
+    // Compiles the component: what inspect refuses is never signed.
+    let host = PluginHost::new(Default::default(), None)?;
+    let (sig_path, sig) = pde::plugin::signature::sign_file(host.engine(), path, &key, &signer)?;
     if ctx.json {
         ctx.print_json(&serde_json::json!({
             "signature_file": sig_path,
             "keyid": sig.keyid,
+            "signer": sig.signer,
+            "signed_at": sig.signed_at,
+            "note": sig.note,
+            "manifest": sig.manifest,
         }));
     } else {
         println!(
-            "signed {} with key {} -> {}",
+            "signed {} and its manifest with key {} as {} -> {}",
             path.display(),
             sig.keyid,
+            Escaped(&sig.signer),
             sig_path.display()
         );
     }
@@ -426,18 +469,35 @@ fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
         .with_context(|| format!("reading {}", path.display()))
         .map_err(Failure::usage_error)?;
     let digest = pde::plugin::sha256_hex(&bytes);
-    let status = pde::plugin::signature::status(path, &digest, &trusted);
+    let manifest_path = pde::plugin::signature::manifest_path(path);
+    let manifest = if manifest_path.is_file() {
+        let m = pde::plugin::manifest::Manifest::load(&manifest_path)?;
+        // The signature covers the manifest, and the manifest pins the bytes.
+        if m.sha256 != digest {
+            return Err(pde::plugin::PluginError::DigestMismatch {
+                plugin: m.name.clone(),
+                path: path.to_path_buf(),
+                expected: m.sha256.clone(),
+                actual: digest,
+            }
+            .into());
+        }
+        Some(m)
+    } else {
+        None
+    };
+    let status = pde::plugin::signature::status(path, manifest.as_ref(), &trusted);
     match status {
-        SignatureStatus::Valid { keyid } => {
+        SignatureStatus::Valid { .. } => {
             // On failure the CLI prints the error document instead (one JSON document).
             if ctx.json {
                 ctx.print_json(&serde_json::json!({
                     "path": path,
                     "sha256": digest,
-                    "signature": SignatureStatus::Valid { keyid },
+                    "signature": status,
                 }));
             } else {
-                println!("{}: valid signature by key {keyid}", path.display());
+                println!("{}: valid, {}", path.display(), signed_text(&status));
             }
             Ok(ExitCode::Ok)
         }

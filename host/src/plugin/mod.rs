@@ -296,10 +296,16 @@ impl std::fmt::Display for PluginKind {
 pub enum SignatureStatus {
     /// No `<name>.wasm.sig`.
     Unsigned,
-    /// Signed by a trusted key.
+    /// Signed by a trusted key, over the manifest as it is now.
     Valid {
         /// The signing key's id.
         keyid: String,
+        /// Who signed (recorded in, and covered by, the signature).
+        signer: String,
+        /// When, RFC 3339 UTC.
+        signed_at: String,
+        /// The signer's note, if any.
+        note: Option<String>,
     },
     /// A signature is present but not accepted.
     Invalid {
@@ -553,7 +559,7 @@ impl PluginHost {
             .to_string();
         let bytes = read(wasm)?;
         let sha256 = sha256_hex(&bytes);
-        let signature = signature::status(wasm, &sha256, trusted);
+        let signature = signature::status(wasm, None, trusted);
         self.finish(LoadSpec {
             name,
             kind: None,
@@ -586,7 +592,7 @@ impl PluginHost {
                 actual: sha256,
             });
         }
-        let signature = signature::status(&found.wasm, &sha256, trusted);
+        let signature = signature::status(&found.wasm, Some(m), trusted);
         self.finish(LoadSpec {
             name: m.name.clone(),
             kind: Some(kind),
