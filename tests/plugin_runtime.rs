@@ -1068,3 +1068,31 @@ fn a_flood_of_bytes_is_refused_while_being_copied_out_of_the_guest() {
     let report = f.run(&p).unwrap();
     assert_eq!(report.value[0].message.len(), pde::plugin::MAX_RESULT_BYTES);
 }
+
+#[test]
+fn denied_capabilities_are_reported_at_run_time() {
+    let f = fixture();
+    // A plugin that asks for nothing is reported as asking for nothing.
+    let report = f.run(&f.mode("ok")).unwrap();
+    assert_eq!(report.denied, Vec::<String>::new());
+    for (mode, expected) in [
+        (
+            "read-file",
+            "tried wasi:filesystem: open a file or directory",
+        ),
+        ("socket", "tried wasi:sockets: create a TCP socket: denied"),
+        (
+            "env",
+            "tried wasi:cli/environment: read environment variables",
+        ),
+    ] {
+        let report = f.run(&f.mode(mode)).unwrap();
+        // Still denied: the probe reports `info` only when it was refused.
+        assert_eq!(report.value[0].severity, Severity::Info, "{mode}");
+        assert!(
+            report.denied.iter().any(|d| d.starts_with(expected)),
+            "{mode}: {:?}",
+            report.denied
+        );
+    }
+}

@@ -275,3 +275,34 @@ fn sign_refuses_bytes_that_are_not_a_component() {
     );
     assert!(!ws.root().join("plugins/junk.wasm.sig").exists());
 }
+
+#[test]
+fn plugin_test_shows_what_the_sandbox_denied() {
+    let ws = workspace_with("snoop", "[settings]\nmode = \"read-file\"\n", "");
+    let policy = ws.root().join("policies/42.json");
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "test",
+            "snoop",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("tried wasi:filesystem") && l.ends_with("denied")),
+        "{out}"
+    );
+    // And `-v validate` logs it.
+    let o = pde(ws.root(), &["-v", "validate", "42"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("tried wasi:filesystem"),
+        "{}",
+        text(&o.stderr)
+    );
+}

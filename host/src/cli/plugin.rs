@@ -338,6 +338,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                     "peak_memory_bytes": report.peak_memory_bytes,
                     "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
                     "log": report.log,
+                    "denied": report.denied,
                 }));
             } else {
                 for d in &report.value {
@@ -345,6 +346,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                 }
                 print_costs(
                     &report.log,
+                    &report.denied,
                     report.fuel_used,
                     report.peak_memory_bytes,
                     report.elapsed,
@@ -381,6 +383,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                     "peak_memory_bytes": report.peak_memory_bytes,
                     "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
                     "log": report.log,
+                    "denied": report.denied,
                 }));
             } else {
                 if services.is_empty() {
@@ -393,6 +396,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                 }
                 print_costs(
                     &report.log,
+                    &report.denied,
                     report.fuel_used,
                     report.peak_memory_bytes,
                     report.elapsed,
@@ -404,9 +408,19 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
     }
 }
 
-fn print_costs(log: &[String], fuel: u64, peak: u64, elapsed: std::time::Duration) {
+fn print_costs(
+    log: &[String],
+    denied: &[String],
+    fuel: u64,
+    peak: u64,
+    elapsed: std::time::Duration,
+) {
     for line in log {
         println!("log: {}", Escaped(line));
+    }
+    // What the sandbox refused, as the host saw it.
+    for what in denied {
+        println!("{}", Escaped(what));
     }
     println!(
         "fuel used: {fuel} · peak memory: {:.1} MiB · time: {:.2} ms",

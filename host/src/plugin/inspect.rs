@@ -87,7 +87,7 @@ pub fn capability(import: &str) -> Capability {
         "wasi:cli/stdin" => (true, "empty: reads end at once"),
         "wasi:cli/environment" => (
             false,
-            "denied: no environment variables, no arguments, no cwd",
+            "denied: no environment variables, no arguments, no cwd (attempts are reported at run time)",
         ),
         "wasi:cli/exit" => (true, "ends the call (reported as a trap)"),
         "wasi:cli/terminal-input"
@@ -97,7 +97,7 @@ pub fn capability(import: &str) -> Capability {
         | "wasi:cli/terminal-stderr" => (true, "always reports: not a terminal"),
         "wasi:filesystem/preopens" | "wasi:filesystem/types" => (
             false,
-            "denied: no preopened directories, so no file can be opened",
+            "denied: no preopened directories, so no file can be opened (attempts are reported at run time)",
         ),
         "wasi:sockets/network"
         | "wasi:sockets/instance-network"
@@ -107,7 +107,7 @@ pub fn capability(import: &str) -> Capability {
         | "wasi:sockets/udp-create-socket"
         | "wasi:sockets/ip-name-lookup" => (
             false,
-            "denied: TCP, UDP and name lookup are off and every address is refused",
+            "denied: TCP, UDP and name lookup are off and every address is refused (attempts are reported at run time)",
         ),
         "wasi:clocks/wall-clock" | "wasi:clocks/monotonic-clock" => (
             true,

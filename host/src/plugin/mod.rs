@@ -429,8 +429,11 @@ pub struct CallReport<T> {
     pub peak_memory_bytes: u64,
     /// Wall time of instantiation plus the call.
     pub elapsed: Duration,
-    /// `host.log` lines, then stdout and stderr lines.
+    /// `host.log` lines and stdout and stderr lines, in the order written.
     pub log: Vec<String>,
+    /// Denied capabilities the plugin tried to use, each once, e.g.
+    /// "tried wasi:sockets: create a TCP socket: denied".
+    pub denied: Vec<String>,
 }
 
 /// Runs plugins. `Send + Sync`; share it through an `Arc`.
@@ -848,6 +851,7 @@ fn report<T>(value: T, stats: sandbox::CallStats) -> CallReport<T> {
         peak_memory_bytes: stats.peak_memory_bytes,
         elapsed: stats.elapsed,
         log: stats.log,
+        denied: stats.denied,
     }
 }
 

@@ -48,7 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Linker, ResourceTable, Val};
 use wasmtime::{
     Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     StoreLimits, StoreLimitsBuilder, Trap,
@@ -256,6 +256,8 @@ pub struct CallLog {
 #[derive(Default)]
 struct LogState {
     lines: Vec<String>,
+    /// Denied capability attempts, each once.
+    denied: Vec<String>,
     bytes: usize,
     dropped: usize,
     /// Unfinished stdout and stderr lines, each at most [`MAX_LOG_LINE_BYTES`].
@@ -321,9 +323,17 @@ impl CallLog {
         }
     }
 
+    /// A denied capability the guest tried to use; each kind is kept once.
+    pub fn denied(&self, what: String) {
+        let mut state = self.state();
+        if state.denied.len() < MAX_DENIED && !state.denied.contains(&what) {
+            state.denied.push(what);
+        }
+    }
+
     /// The lines, with unfinished stream lines ended and a note when lines
-    /// were dropped.
-    fn finish(&self) -> Vec<String> {
+    /// were dropped; then the denied attempts.
+    fn finish(&self) -> (Vec<String>, Vec<String>) {
         let mut state = self.state();
         state.end_line(0);
         state.end_line(1);
@@ -334,7 +344,7 @@ impl CallLog {
                 state.dropped
             ));
         }
-        lines
+        (lines, std::mem::take(&mut state.denied))
     }
 }
 
@@ -403,9 +413,112 @@ impl tokio::io::AsyncWrite for CapturedOutput {
     }
 }
 
-/// Sends a call's log to `tracing`, once, each line escaped and at the level
-/// the guest gave it (stdout, stderr and notes at `info`).
-pub fn trace_log(plugin: &str, log: &[String]) {
+/// Most distinct denied attempts recorded per call.
+const MAX_DENIED: usize = 32;
+
+/// The WASI 0.2 version wasmtime-wasi links; guests built against any
+/// compatible 0.2.x resolve to it. (A wasmtime upgrade that moves it makes
+/// `denied_capabilities_are_reported_at_run_time` fail, not pass silently.)
+pub const WASI_VERSION: &str = "0.2.12";
+
+/// Links WASI p2 deny-by-default into `linker`, for every WIT version module.
+///
+/// Everything wasmtime-wasi provides is linked async (see the module docs),
+/// then the entry points of what pde denies are replaced by functions that
+/// deny the same way *and* record the attempt, so a reviewer sees that the
+/// plugin tried, not only the plugin's own account of it:
+/// - `wasi:filesystem/preopens.get-directories`: the guest's libc asks for
+///   preopened directories before it opens any path, and gets none. The path
+///   itself never reaches the host (with nothing preopened the guest's libc
+///   refuses it on its own), so the report names the attempt, not the file;
+/// - `wasi:cli/environment.get-environment` and `get-arguments`: empty;
+/// - `wasi:sockets/tcp-create-socket`, `udp-create-socket`: access denied;
+/// - `wasi:sockets/ip-name-lookup.resolve-addresses`: refused, with the name.
+pub fn link_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_async(linker)?;
+    linker.allow_shadowing(true);
+    // Each returns what it records and the value the guest gets.
+    type Deny = fn(&[Val]) -> (String, Val);
+    let entries: [(&str, &str, Deny); 6] = [
+        ("wasi:filesystem/preopens", "get-directories", |_| {
+            (
+                "tried wasi:filesystem: open a file or directory (no directory is preopened): denied".into(),
+                Val::List(Vec::new()),
+            )
+        }),
+        ("wasi:cli/environment", "get-environment", |_| {
+            (
+                "tried wasi:cli/environment: read environment variables (none are given): denied"
+                    .into(),
+                Val::List(Vec::new()),
+            )
+        }),
+        ("wasi:cli/environment", "get-arguments", |_| {
+            (
+                "tried wasi:cli/environment: read arguments (none are given): denied".into(),
+                Val::List(Vec::new()),
+            )
+        }),
+        (
+            "wasi:sockets/tcp-create-socket",
+            "create-tcp-socket",
+            |_| {
+                (
+                    "tried wasi:sockets: create a TCP socket: denied".into(),
+                    Val::Result(Err(Some(Box::new(Val::Enum("access-denied".into()))))),
+                )
+            },
+        ),
+        (
+            "wasi:sockets/udp-create-socket",
+            "create-udp-socket",
+            |_| {
+                (
+                    "tried wasi:sockets: create a UDP socket: denied".into(),
+                    Val::Result(Err(Some(Box::new(Val::Enum("access-denied".into()))))),
+                )
+            },
+        ),
+        (
+            "wasi:sockets/ip-name-lookup",
+            "resolve-addresses",
+            |params| {
+                let name = match params.get(1) {
+                    Some(Val::String(name)) => name.clone(),
+                    _ => String::new(),
+                };
+                (
+                    format!("tried wasi:sockets: resolve `{name}`: denied"),
+                    // What wasmtime-wasi answers when name lookup is off.
+                    Val::Result(Err(Some(Box::new(Val::Enum(
+                        "permanent-resolver-failure".into(),
+                    ))))),
+                )
+            },
+        ),
+    ];
+    for (interface, function, deny) in entries {
+        let mut instance = linker.instance(&format!("{interface}@{WASI_VERSION}"))?;
+        instance.func_new(function, move |store, _ty, params, results| {
+            let (what, result) = deny(params);
+            store.data().log.denied(what);
+            if let Some(slot) = results.first_mut() {
+                *slot = result;
+            }
+            Ok(())
+        })?;
+    }
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// Sends a call's log and denied attempts to `tracing`, once, each line
+/// escaped and at the level the guest gave it (stdout, stderr, notes and
+/// denied attempts at `info`, so `-v` shows them).
+pub fn trace_log(plugin: &str, log: &[String], denied: &[String]) {
+    for what in denied {
+        tracing::info!(plugin, "{}", escape(what));
+    }
     for line in log {
         let text = escape(line);
         let text = text.as_ref();
@@ -567,6 +680,8 @@ pub struct CallStats {
     pub elapsed: Duration,
     /// `host.log` lines and stdout/stderr lines, in the order written.
     pub log: Vec<String>,
+    /// Denied capabilities the guest tried to use, each once.
+    pub denied: Vec<String>,
 }
 
 /// How a call treats its log.
@@ -605,16 +720,18 @@ pub fn run<R>(
     let elapsed = start.elapsed();
     let fuel_left = store.get_fuel().unwrap_or(0);
     let state = store.data();
+    let (log, denied) = state.log.finish();
     let stats = CallStats {
         fuel_used: limits.fuel.saturating_sub(fuel_left),
         peak_memory_bytes: state.limiter.peak as u64,
         elapsed,
-        log: state.log.finish(),
+        log,
+        denied,
     };
     let result = match outcome {
         Ok(Ok(value)) => {
             if options.trace_log {
-                trace_log(plugin, &stats.log);
+                trace_log(plugin, &stats.log, &stats.denied);
             }
             return Ok((value, stats));
         }
@@ -625,7 +742,7 @@ pub fn run<R>(
         },
         Ok(Err(error)) => classify(plugin, limits, &error, state, &stats),
     };
-    trace_log(plugin, &stats.log);
+    trace_log(plugin, &stats.log, &stats.denied);
     Err(result)
 }
 

@@ -62,7 +62,7 @@ impl host::Host for HostState {
 pub fn linker(engine: &Engine) -> Result<Linker<HostState>, PluginError> {
     let mut linker = Linker::new(engine);
     let fail = |e: wasmtime::Error| PluginError::Engine(format!("linking WIT 0.1.0: {e:#}"));
-    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(fail)?;
+    sandbox::link_wasi(&mut linker).map_err(fail)?;
     validator_world::Validator::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
         .map_err(fail)?;
     Ok(linker)
