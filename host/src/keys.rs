@@ -240,7 +240,7 @@ impl TrustedKeys {
             return Err(SignatureError::Algorithm(signature.alg.clone()));
         }
         // Checked first: a revoked key is refused whatever else holds.
-        if self.revoked.iter().any(|r| *r == signature.keyid) {
+        if self.revoked.contains(&signature.keyid) {
             return Err(SignatureError::Revoked(signature.keyid.clone()));
         }
         let key = self
