@@ -1096,3 +1096,32 @@ fn denied_capabilities_are_reported_at_run_time() {
         );
     }
 }
+
+#[test]
+fn a_component_exporting_more_than_its_world_is_refused_and_flagged() {
+    // `extra-exports` exports `validate`, componentize-py's `exports`
+    // runtime instance (tolerated) and `backdoor` (not part of any world).
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "plus", "extra-exports", "validator", "");
+    let err = load_err(dir.path());
+    match &err {
+        PluginError::WrongWorld { plugin, found, .. } => {
+            assert_eq!(plugin, "plus");
+            assert!(found.contains("`backdoor`"), "{found}");
+            assert!(!found.contains("`exports`"), "{found}");
+        }
+        other => panic!("expected WrongWorld, got {other}"),
+    }
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+
+    let host = host();
+    let bytes = std::fs::read(artifact("extra-exports")).unwrap();
+    let report = pde::plugin::inspect::inspect(host.engine(), "plus", &bytes).unwrap();
+    assert_eq!(report.kind, Some(PluginKind::Validator));
+    assert_eq!(report.tolerated_exports, vec!["exports".to_string()]);
+    assert_eq!(report.unexpected_exports, vec!["backdoor".to_string()]);
+    // The SDK's components export their world and nothing else.
+    let bytes = std::fs::read(artifact("eligibility-bounds")).unwrap();
+    let report = pde::plugin::inspect::inspect(host.engine(), "eb", &bytes).unwrap();
+    assert!(report.tolerated_exports.is_empty() && report.unexpected_exports.is_empty());
+}

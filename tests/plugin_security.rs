@@ -306,3 +306,127 @@ fn plugin_test_shows_what_the_sandbox_denied() {
         text(&o.stderr)
     );
 }
+
+#[test]
+fn inspect_shows_manifest_pin_signature_world_and_capabilities() {
+    let ws = Workspace::new("");
+    ws.install_plugin(
+        "bounds",
+        "validator",
+        misbehave(),
+        "[limits]\ntimeout_ms = 700\n[settings]\nmode = \"ok\"\n",
+        true,
+    );
+    let o = pde(
+        ws.root(),
+        &["plugin", "inspect", "bounds", "--output", "json"],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let r = json(&o);
+    assert_eq!(r["manifest"]["version"], "1.0.0", "{r}");
+    assert_eq!(r["manifest"]["limits"]["timeout_ms"], 700, "{r}");
+    assert_eq!(r["manifest"]["settings"]["mode"], "ok", "{r}");
+    assert_eq!(r["sha256_matches_manifest"], true, "{r}");
+    assert_eq!(r["signature"]["status"], "valid", "{r}");
+    assert_eq!(r["signature"]["signer"], "security team", "{r}");
+    assert_eq!(r["kind"], "validator", "{r}");
+    assert_eq!(r["exports"], serde_json::json!(["validate"]), "{r}");
+    let caps = r["capabilities"].as_array().unwrap();
+    assert!(
+        caps.iter().any(|c| c["import"]
+            .as_str()
+            .unwrap()
+            .starts_with("wasi:filesystem/")
+            && c["granted"] == false),
+        "{r}"
+    );
+
+    // Human output says the same, and a changed file shows in the pin.
+    let wasm = ws.root().join("plugins/bounds.wasm");
+    let mut bytes = std::fs::read(&wasm).unwrap();
+    // A custom section: still a valid component, other bytes.
+    bytes.extend_from_slice(b"\0\x05\x04nope");
+    std::fs::write(&wasm, bytes).unwrap();
+    let o = pde(ws.root(), &["plugin", "inspect", wasm.to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(out.contains("pinned sha256: DOES NOT MATCH"), "{out}");
+    assert!(out.contains("signature: INVALID"), "{out}");
+    assert!(out.contains("limits:   {\"timeout_ms\":700}"), "{out}");
+    assert!(out.contains("DENIED  wasi:sockets/tcp"), "{out}");
+}
+
+#[test]
+fn diff_shows_what_a_reviewer_approves() {
+    let ws = Workspace::new("");
+    let dirs = ["old", "new"].map(|d| ws.root().join(d));
+    for (dir, extra) in dirs.iter().zip([
+        "[limits]\ntimeout_ms = 500\n[settings]\nmode = \"ok\"\nmax = 5000\n",
+        "[limits]\ntimeout_ms = 1500\n[settings]\nmode = \"ok\"\nmax = 999999999\n",
+    ]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let wasm = dir.join("misbehave.wasm");
+        std::fs::copy(misbehave(), &wasm).unwrap();
+        let sum = pde::plugin::sha256_hex(&std::fs::read(&wasm).unwrap());
+        std::fs::write(
+            dir.join("misbehave.toml"),
+            format!("name = \"misbehave\"\nkind = \"validator\"\nversion = \"1.0.0\"\nsha256 = \"{sum}\"\n{extra}"),
+        )
+        .unwrap();
+    }
+    let (old, new) = (
+        dirs[0].join("misbehave.wasm"),
+        dirs[1].join("misbehave.wasm"),
+    );
+    let policy = ws.root().join("policies/42.json");
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "diff",
+            old.to_str().unwrap(),
+            new.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let r = json(&o);
+    let changes: Vec<(String, String, String)> = r["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap().to_string();
+            (s("what"), s("old"), s("new"))
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        vec![
+            ("limits.timeout_ms".into(), "500".into(), "1500".into()),
+            ("settings.max".into(), "5000".into(), "999999999".into()),
+        ]
+    );
+    assert!(r["costs"]["old"]["fuel_used"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["costs"]["new"]["fuel_used"].as_u64().unwrap() > 0, "{r}");
+
+    // Another component: world, exports, size and producers all show.
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "diff",
+            pde_plugin_artifacts::ELIGIBILITY_BOUNDS,
+            pde_plugin_artifacts::CATEGORY_ROUTER,
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("~ world: validator -> router"), "{out}");
+    assert!(out.contains("- export removed: validate"), "{out}");
+    assert!(out.contains("+ export added: route"), "{out}");
+    assert!(out.contains("~ size:"), "{out}");
+}

@@ -562,7 +562,7 @@ impl PluginHost {
             .to_string();
         let bytes = read(wasm)?;
         let sha256 = sha256_hex(&bytes);
-        let signature = signature::status(wasm, None, trusted);
+        let signature = signature::status(wasm, None, &sha256, trusted);
         self.finish(LoadSpec {
             name,
             kind: None,
@@ -595,7 +595,7 @@ impl PluginHost {
                 actual: sha256,
             });
         }
-        let signature = signature::status(&found.wasm, Some(m), trusted);
+        let signature = signature::status(&found.wasm, Some(m), &sha256, trusted);
         self.finish(LoadSpec {
             name: m.name.clone(),
             kind: Some(kind),
@@ -666,6 +666,26 @@ impl PluginHost {
                 });
             }
         };
+        // A plugin exports exactly its world (see `inspect::TOLERATED_EXPORTS`).
+        let (_, unexpected) = inspect::extra_exports(Some(kind), &exports);
+        if !unexpected.is_empty() {
+            return Err(PluginError::WrongWorld {
+                plugin: name.clone(),
+                expected: kind,
+                found: format!(
+                    "it also exports {}, which world {kind} does not have",
+                    unexpected
+                        .iter()
+                        .map(|e| format!("`{e}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                hint: format!(
+                    "a plugin exports exactly `{}` (only componentize-py's `exports` runtime interface is tolerated); remove the other exports (see docs/plugin-authoring.md)",
+                    inspect::world_export(kind)
+                ),
+            });
+        }
         let prepared = wit::prepare(&self.linkers, &component, &name, &wit_version, kind)?;
         tracing::debug!(plugin = name.as_str(), %kind, %wit_version, loaded_from_cache, "plugin loaded");
         Ok(Plugin {

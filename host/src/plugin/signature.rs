@@ -154,10 +154,15 @@ pub fn sign_file(
     Ok((path, file))
 }
 
-/// The signature status of the plugin at `wasm` whose manifest, as it is
-/// now, is `manifest` (`None`: the component has no manifest, so nothing a
-/// signature could cover).
-pub fn status(wasm: &Path, manifest: Option<&Manifest>, trusted: &TrustedKeys) -> SignatureStatus {
+/// The signature status of the plugin at `wasm`, whose bytes have sha256
+/// `actual_sha256` and whose manifest, as it is now, is `manifest` (`None`:
+/// the component has no manifest, so nothing a signature could cover).
+pub fn status(
+    wasm: &Path,
+    manifest: Option<&Manifest>,
+    actual_sha256: &str,
+    trusted: &TrustedKeys,
+) -> SignatureStatus {
     let path = sig_path(wasm);
     let invalid = |reason: String| SignatureStatus::Invalid { reason };
     let text = match std::fs::read_to_string(&path) {
@@ -194,6 +199,14 @@ pub fn status(wasm: &Path, manifest: Option<&Manifest>, trusted: &TrustedKeys) -
             wasm.display()
         ));
     };
+    // The signature covers the bytes only through the manifest's pin.
+    if manifest.sha256 != actual_sha256 {
+        return invalid(format!(
+            "{} is not the component its signed manifest pins (sha256 {actual_sha256}, pinned {})",
+            wasm.display(),
+            manifest.sha256
+        ));
+    }
     let now = manifest.signed_fields();
     if now != file.manifest {
         let changed: Vec<&str> = ["name", "kind", "version", "sha256", "limits", "settings"]
