@@ -511,6 +511,13 @@ fn load_file_without_manifest_infers_the_kind() {
 
 // ---------------------------------------------------------------- signatures
 
+fn signer(name: &str) -> pde::plugin::signature::Signer {
+    pde::plugin::signature::Signer {
+        name: name.to_string(),
+        note: Some("reviewed in SEC-42".to_string()),
+    }
+}
+
 #[test]
 fn signatures_are_valid_invalid_or_absent() {
     let keys = tempfile::tempdir().unwrap();
@@ -527,30 +534,26 @@ fn signatures_are_valid_invalid_or_absent() {
     assert_eq!(err.exit_code(), ExitCode::Integrity);
 
     let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
-    let (sig_path, _) = pde::plugin::signature::sign_file(&wasm, &key).unwrap();
+    let (sig_path, file) =
+        pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("Sec Team")).unwrap();
     assert_eq!(sig_path, dir.path().join("eb.wasm.sig"));
     let signed = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    // Who, when and why are recorded, and covered by the signature.
     assert_eq!(
         signed.signature,
         SignatureStatus::Valid {
-            keyid: good.key_id.clone()
+            keyid: good.key_id.clone(),
+            signer: "Sec Team".into(),
+            signed_at: file.signed_at.clone(),
+            note: Some("reviewed in SEC-42".into()),
         }
     );
+    assert!(file.signed_at.ends_with('Z'), "{}", file.signed_at);
     signed.require_signature().unwrap();
 
-    // Signed by a key nobody trusts.
-    let other_key = pde::keys::load_signing_key(&other.secret_path).unwrap();
-    pde::plugin::signature::sign_file(&wasm, &other_key).unwrap();
-    let untrusted = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
-    assert!(
-        matches!(&untrusted.signature, SignatureStatus::Invalid { reason } if reason.contains("untrusted")),
-        "{:?}",
-        untrusted.signature
-    );
-
-    // A trusted key's signature over a different digest.
-    let sig = pde::keys::sign(&key, b"sha256:0000");
-    std::fs::write(&sig_path, serde_json::to_string(&sig).unwrap()).unwrap();
+    // Someone rewrites the signer in the file: the signature no longer matches.
+    let text = std::fs::read_to_string(&sig_path).unwrap();
+    std::fs::write(&sig_path, text.replace("Sec Team", "Mallory")).unwrap();
     let forged = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
     assert!(
         matches!(&forged.signature, SignatureStatus::Invalid { reason } if reason.contains("does not match")),
@@ -561,6 +564,132 @@ fn signatures_are_valid_invalid_or_absent() {
         forged.require_signature().unwrap_err().exit_code(),
         ExitCode::Integrity
     );
+
+    // Signed by a key nobody trusts.
+    let other_key = pde::keys::load_signing_key(&other.secret_path).unwrap();
+    pde::plugin::signature::sign_file(host.engine(), &wasm, &other_key, &signer("x")).unwrap();
+    let untrusted = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert!(
+        matches!(&untrusted.signature, SignatureStatus::Invalid { reason } if reason.contains("untrusted")),
+        "{:?}",
+        untrusted.signature
+    );
+}
+
+#[test]
+fn editing_a_signed_manifest_invalidates_the_signature() {
+    let keys = tempfile::tempdir().unwrap();
+    let good = pde::keys::generate(keys.path(), "good").unwrap();
+    let trusted = TrustedKeys::from_files(&[&good.public_path]).unwrap();
+    let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
+    let host = host();
+    let original = "[limits]\ntimeout_ms = 500\n[settings]\nage = { min = 16, max = 120 }\n";
+    // Each edit a reviewer never approved, and the field it changes.
+    let edits = [
+        ("max = 120", "max = 999999999", "settings"),
+        ("timeout_ms = 500", "timeout_ms = 2000", "limits"),
+        ("version = \"0.1.0\"", "version = \"0.1.1\"", "version"),
+    ];
+    for (from, to, field) in edits {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = install(
+            dir.path(),
+            "eb",
+            "eligibility-bounds",
+            "validator",
+            original,
+        );
+        pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("Sec Team")).unwrap();
+        let signed = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+        signed.require_signature().unwrap();
+
+        let toml = dir.path().join("eb.toml");
+        let text = std::fs::read_to_string(&toml).unwrap();
+        assert!(text.contains(from), "{text}");
+        std::fs::write(&toml, text.replace(from, to)).unwrap();
+        let edited = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+        match &edited.signature {
+            SignatureStatus::Invalid { reason } => {
+                assert!(reason.contains("manifest changed"), "{reason}");
+                assert!(reason.contains(field), "{reason}");
+            }
+            other => panic!("{field} edited after signing, still {other:?}"),
+        }
+        assert_eq!(
+            edited.require_signature().unwrap_err().exit_code(),
+            ExitCode::Integrity
+        );
+    }
+}
+
+#[test]
+fn a_legacy_signature_must_be_re_signed() {
+    // The old format: {keyid, alg, sig} over "sha256:<hex of the wasm>" only.
+    let keys = tempfile::tempdir().unwrap();
+    let good = pde::keys::generate(keys.path(), "good").unwrap();
+    let trusted = TrustedKeys::from_files(&[&good.public_path]).unwrap();
+    let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let digest = sha256_hex(&std::fs::read(&wasm).unwrap());
+    let old = pde::keys::sign(&key, format!("sha256:{digest}").as_bytes());
+    std::fs::write(
+        dir.path().join("eb.wasm.sig"),
+        serde_json::to_string(&old).unwrap(),
+    )
+    .unwrap();
+    let plugin = host().load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert!(
+        matches!(&plugin.signature, SignatureStatus::Invalid { reason } if reason.contains("legacy signature, re-sign required")),
+        "{:?}",
+        plugin.signature
+    );
+    assert_eq!(
+        plugin.require_signature().unwrap_err().exit_code(),
+        ExitCode::Integrity
+    );
+}
+
+#[test]
+fn a_revoked_key_no_longer_counts() {
+    let keys = tempfile::tempdir().unwrap();
+    let good = pde::keys::generate(keys.path(), "good").unwrap();
+    let mut trusted = TrustedKeys::from_files(&[&good.public_path]).unwrap();
+    let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let host = host();
+    pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("Sec Team")).unwrap();
+    trusted.revoke(&[good.key_id.as_str()]);
+    let plugin = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
+    assert!(
+        matches!(&plugin.signature, SignatureStatus::Invalid { reason } if reason.contains("revoked")),
+        "{:?}",
+        plugin.signature
+    );
+}
+
+#[test]
+fn signing_refuses_what_inspect_refuses() {
+    let keys = tempfile::tempdir().unwrap();
+    let good = pde::keys::generate(keys.path(), "good").unwrap();
+    let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
+    let host = host();
+    for (bytes, why) in [
+        (b"random bytes, not wasm".to_vec(), "not WebAssembly"),
+        (b"\0asm\x01\0\0\0".to_vec(), "core WebAssembly module"),
+        (b"\0asm\x0d\0\x01\0\xff\xff".to_vec(), "does not compile"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let wasm = install_bytes(dir.path(), "junk", &bytes, "validator", "");
+        let err = pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("x"))
+            .unwrap_err();
+        assert!(
+            matches!(err, PluginError::BadComponent { .. }) && err.to_string().contains(why),
+            "{err}"
+        );
+        assert!(!dir.path().join("junk.wasm.sig").exists());
+    }
 }
 
 // ---------------------------------------------------------------- cache
@@ -838,4 +967,163 @@ fn stdout_and_stderr_are_captured_into_the_log() {
         "{:?}",
         report.log
     );
+}
+
+// ---------------------------------------------------------------- containment (issue 9)
+
+#[test]
+fn a_sleeping_plugin_is_stopped_at_its_timeout() {
+    // `std::thread::sleep` blocks on a monotonic-clock pollable in the host:
+    // no guest code runs, no fuel is spent, the epoch is never checked.
+    let f = fixture();
+    let mut p = f.mode("sleep");
+    p.settings = json!({"mode": "sleep", "seconds": 60});
+    p.limits.timeout_ms = 500;
+    let start = Instant::now();
+    let err = f.run(&p).unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        matches!(&err, PluginError::Timeout { plugin, timeout_ms: 500 } if plugin == "misbehave"),
+        "{err}"
+    );
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+    assert!(
+        took >= Duration::from_millis(250) && took <= Duration::from_millis(750),
+        "stopped after {took:?}, not at 500 ms ± 250 ms"
+    );
+    // A short nap within the limit still works: the clock is not broken.
+    p.settings = json!({"mode": "sleep", "seconds": 0});
+    let report = f.run(&p).unwrap();
+    assert_eq!(report.value[0].code, "misbehave.sleep");
+}
+
+/// What the fixture's `ansi` mode puts in every string it returns.
+const ANSI: &str =
+    "\x1b[2K\rverdict: pass\x1b]0;owned\x07\x1b]52;c;ZXZpbA==\x07\u{9b}1A\nforged line\x7f";
+
+#[test]
+fn terminal_controls_are_kept_exact_in_reports_and_escaped_for_people() {
+    let f = fixture();
+    let report = f.run(&f.mode("ansi")).unwrap();
+    let d = &report.value[0];
+    // The report (and so JSON output) carries the plugin's exact text ...
+    assert_eq!(d.message, format!("message {ANSI}"));
+    assert_eq!(d.code, format!("misbehave.ansi{ANSI}"));
+    assert!(
+        report.log.contains(&format!("warn: log {ANSI}")),
+        "{:?}",
+        report.log
+    );
+    // ... and what a person sees has no control character left.
+    let shown = d.to_string();
+    assert!(!shown.chars().any(pde::term::is_unsafe), "{shown:?}");
+    assert!(shown.contains("\\u{1b}[2K\\rverdict: pass"), "{shown}");
+    assert!(shown.contains("\\nforged line"), "{shown}");
+    for line in &report.log {
+        assert!(!pde::term::escape(line).chars().any(pde::term::is_unsafe));
+    }
+}
+
+#[test]
+fn a_chatty_plugins_log_is_bounded_and_says_how_much_was_dropped() {
+    let f = fixture();
+    let p = f.mode("chatty");
+    let report = f.run(&p).unwrap();
+    let (note, kept) = report.log.split_last().unwrap();
+    let kept_bytes: usize = kept.iter().map(String::len).sum();
+    assert!(
+        kept_bytes <= pde::plugin::sandbox::MAX_LOG_BYTES,
+        "{kept_bytes} bytes of log kept"
+    );
+    assert!(note.contains("more log lines dropped"), "{note}");
+    let dropped: usize = note
+        .trim_start_matches('(')
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // 20,000 host.log lines, 20,000 stdout lines and the two mode lines.
+    assert_eq!(kept.len() + dropped, 40_002, "{note}");
+}
+
+#[test]
+fn a_flood_of_bytes_is_refused_while_being_copied_out_of_the_guest() {
+    // 20 messages of 1 MiB: fits the guest's 64 MiB, but far past pde's
+    // 1 MiB result bound. It must be refused by the copy budget, before the
+    // host allocates 20 MiB, not by the bound check after.
+    let f = fixture();
+    let mut p = f.mode("flood");
+    p.settings = json!({"mode": "flood", "count": 20, "message_bytes": 1 << 20});
+    let err = f.run(&p).unwrap_err();
+    match &err {
+        PluginError::ResultTooLarge { plugin, what } => {
+            assert_eq!(plugin, "misbehave");
+            assert!(what.contains("while copying"), "{what}");
+        }
+        other => panic!("expected ResultTooLarge, got {other}"),
+    }
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+    // A result right at pde's own bound still gets through.
+    p.settings =
+        json!({"mode": "flood", "count": 1, "message_bytes": pde::plugin::MAX_RESULT_BYTES});
+    let report = f.run(&p).unwrap();
+    assert_eq!(report.value[0].message.len(), pde::plugin::MAX_RESULT_BYTES);
+}
+
+#[test]
+fn denied_capabilities_are_reported_at_run_time() {
+    let f = fixture();
+    // A plugin that asks for nothing is reported as asking for nothing.
+    let report = f.run(&f.mode("ok")).unwrap();
+    assert_eq!(report.denied, Vec::<String>::new());
+    for (mode, expected) in [
+        (
+            "read-file",
+            "tried wasi:filesystem: open a file or directory",
+        ),
+        ("socket", "tried wasi:sockets: create a TCP socket: denied"),
+        (
+            "env",
+            "tried wasi:cli/environment: read environment variables",
+        ),
+    ] {
+        let report = f.run(&f.mode(mode)).unwrap();
+        // Still denied: the probe reports `info` only when it was refused.
+        assert_eq!(report.value[0].severity, Severity::Info, "{mode}");
+        assert!(
+            report.denied.iter().any(|d| d.starts_with(expected)),
+            "{mode}: {:?}",
+            report.denied
+        );
+    }
+}
+
+#[test]
+fn a_component_exporting_more_than_its_world_is_refused_and_flagged() {
+    // `extra-exports` exports `validate`, componentize-py's `exports`
+    // runtime instance (tolerated) and `backdoor` (not part of any world).
+    let dir = tempfile::tempdir().unwrap();
+    install(dir.path(), "plus", "extra-exports", "validator", "");
+    let err = load_err(dir.path());
+    match &err {
+        PluginError::WrongWorld { plugin, found, .. } => {
+            assert_eq!(plugin, "plus");
+            assert!(found.contains("`backdoor`"), "{found}");
+            assert!(!found.contains("`exports`"), "{found}");
+        }
+        other => panic!("expected WrongWorld, got {other}"),
+    }
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+
+    let host = host();
+    let bytes = std::fs::read(artifact("extra-exports")).unwrap();
+    let report = pde::plugin::inspect::inspect(host.engine(), "plus", &bytes).unwrap();
+    assert_eq!(report.kind, Some(PluginKind::Validator));
+    assert_eq!(report.tolerated_exports, vec!["exports".to_string()]);
+    assert_eq!(report.unexpected_exports, vec!["backdoor".to_string()]);
+    // The SDK's components export their world and nothing else.
+    let bytes = std::fs::read(artifact("eligibility-bounds")).unwrap();
+    let report = pde::plugin::inspect::inspect(host.engine(), "eb", &bytes).unwrap();
+    assert!(report.tolerated_exports.is_empty() && report.unexpected_exports.is_empty());
 }

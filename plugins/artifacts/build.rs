@@ -31,6 +31,11 @@ const PLUGINS: &[(&str, &str, &str)] = &[
     ("effective-date", "validator", "plugins/effective-date"),
     ("category-router", "router", "plugins/category-router"),
     ("misbehave", "validator", "plugins/fixtures/misbehave"),
+    (
+        "extra-exports",
+        "validator",
+        "plugins/fixtures/extra-exports",
+    ),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

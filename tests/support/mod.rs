@@ -158,12 +158,12 @@ impl Workspace {
         .unwrap();
         if sign {
             let key = keys::load_signing_key(&self.root().join("keys/security.ed25519")).unwrap();
-            let sig = keys::sign(&key, format!("sha256:{sum}").as_bytes());
-            std::fs::write(
-                self.root().join("plugins").join(format!("{name}.wasm.sig")),
-                serde_json::to_string(&sig).unwrap(),
-            )
-            .unwrap();
+            let host = pde::plugin::PluginHost::new(Default::default(), None).unwrap();
+            let signer = pde::plugin::signature::Signer {
+                name: "security team".into(),
+                note: None,
+            };
+            pde::plugin::signature::sign_file(host.engine(), &dest, &key, &signer).unwrap();
         }
     }
 

@@ -183,12 +183,16 @@ pub enum SignatureError {
     /// The signature does not match the message.
     #[error("signature by key {0} does not match")]
     Invalid(String),
+    /// The key was trusted once but has been revoked (`[trust] revoked`).
+    #[error("signed by revoked key {0}")]
+    Revoked(String),
 }
 
 /// A set of public keys whose signatures are accepted.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedKeys {
     keys: Vec<VerifyingKey>,
+    revoked: Vec<String>,
 }
 
 impl TrustedKeys {
@@ -212,6 +216,14 @@ impl TrustedKeys {
         Ok(set)
     }
 
+    /// Stops trusting the keys with these ids, even when they are also
+    /// listed as trusted: a signature by one is reported as revoked.
+    pub fn revoke<S: AsRef<str>>(&mut self, key_ids: &[S]) -> &mut Self {
+        self.revoked
+            .extend(key_ids.iter().map(|k| k.as_ref().trim().to_string()));
+        self
+    }
+
     /// True when no key is trusted.
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
@@ -226,6 +238,10 @@ impl TrustedKeys {
     pub fn verify(&self, message: &[u8], signature: &Signature) -> Result<(), SignatureError> {
         if signature.alg != "ed25519" {
             return Err(SignatureError::Algorithm(signature.alg.clone()));
+        }
+        // Checked first: a revoked key is refused whatever else holds.
+        if self.revoked.contains(&signature.keyid) {
+            return Err(SignatureError::Revoked(signature.keyid.clone()));
         }
         let key = self
             .keys

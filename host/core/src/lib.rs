@@ -7,7 +7,8 @@
 //!   ed25519 key files and trust sets;
 //! - [`wire`]: types of the push protocol shared by pusher and agent;
 //! - [`fsutil`], [`clock`], [`retry`], [`secret`]: atomic durable writes,
-//!   RFC 3339 time, the HTTP retry policy, secret strings.
+//!   RFC 3339 time, the HTTP retry policy, secret strings;
+//! - [`term`]: escaping untrusted text before a person sees it.
 
 pub mod bundle;
 pub mod canonical;
@@ -17,6 +18,7 @@ pub mod fsutil;
 pub mod keys;
 pub mod retry;
 pub mod secret;
+pub mod term;
 pub mod wire;
 
 pub use exit::{ExitCode, HasExitCode};

@@ -120,6 +120,10 @@ pub struct TrustConfig {
     /// Public key files (hex), relative to the workspace root.
     #[serde(default)]
     pub plugin_keys: Vec<PathBuf>,
+    /// Key ids whose plugin signatures no longer count (a lost or retired
+    /// key), even if the key is still listed in `plugin_keys`.
+    #[serde(default)]
+    pub revoked: Vec<String>,
 }
 
 pub use pde_plugin_host::Limits;

@@ -194,7 +194,9 @@ impl Engine {
             .iter()
             .map(|p| self.root.join(p))
             .collect();
-        Ok(TrustedKeys::from_files(&paths)?)
+        let mut trusted = TrustedKeys::from_files(&paths)?;
+        trusted.revoke(&self.config.trust.revoked);
+        Ok(trusted)
     }
 
     /// The bundle signing key named by `[signing]`, or none when the
@@ -345,7 +347,9 @@ impl Engine {
             validate::check_signed_plugins(&plugins, name, environment)?;
         }
         let policy = validate::load(&self.policies, policy_id)?;
-        Ok(validate::validate(self.validate_inputs(&plugins), &policy, env)?.into_result()?)
+        let report =
+            off_runtime(|| validate::validate(self.validate_inputs(&plugins), &policy, env))?;
+        Ok(report.into_result()?)
     }
 
     /// `pde package ID [-o DIR]`: steps 1 and 2, writing the bundle.
@@ -354,7 +358,8 @@ impl Engine {
         let plugins = self.plugins()?;
         let policy = validate::load(&self.policies, policy_id)?;
         let validation =
-            validate::validate(self.validate_inputs(&plugins), &policy, None)?.into_result()?;
+            off_runtime(|| validate::validate(self.validate_inputs(&plugins), &policy, None))?
+                .into_result()?;
         let repo = Repo::discover(&self.root)?;
         crate::provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
         let key = self.signing_key()?;
@@ -399,5 +404,22 @@ fn check_state_inside(root: &Path, config: &Config) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid {
         path: root.join(crate::config::FILE_NAME),
         message: crate::config::state_outside_message(&config.state),
+    })
+}
+
+/// Runs `work`, which calls plugins, outside any async context.
+///
+/// The sandbox drives each call on a tokio runtime of its own (its timer
+/// bounds the call's wall time, WASI waits included), and tokio refuses to
+/// block on a runtime from inside another one. So when the engine runs on the
+/// caller's runtime (or the blocking facade's), plugin work moves to a scoped
+/// thread for its duration: a thread start per step, not per plugin call.
+pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return work();
+    }
+    std::thread::scope(|s| match s.spawn(work).join() {
+        Ok(out) => out,
+        Err(panic) => std::panic::resume_unwind(panic),
     })
 }

@@ -18,7 +18,8 @@
 //! - [`audit`]: the hash-chained audit log;
 //! - [`state`]: deployment history and locks;
 //! - [`pipeline`]: the seven steps, top-down;
-//! - [`agent`]: the receiving service that targets run.
+//! - [`agent`]: the receiving service that targets run;
+//! - [`term`]: escaping untrusted text before a person sees it.
 
 pub mod audit;
 pub mod blocking;
@@ -40,7 +41,7 @@ pub mod vcs;
 
 pub use engine::Engine;
 pub use error::{Error, ExitCode};
-pub use pde_core::{bundle, keys};
+pub use pde_core::{bundle, keys, term};
 pub use pde_plugin_host as plugin;
 pub use pde_plugin_host::diagnostic;
 /// The steps under their own names, as callers know them (`pde::push::…`).

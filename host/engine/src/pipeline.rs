@@ -94,7 +94,9 @@ impl Engine {
         let plugins = self.plugins()?;
         provenance::check_required(&plugins, env_name, env, &self.plugins_dir())?;
         validate::check_signed_plugins(&plugins, env_name, env)?;
-        let validated = tracing::info_span!("validate").in_scope(|| {
+        let span = tracing::info_span!("validate");
+        let validated = crate::engine::off_runtime(|| {
+            let _span = span.enter();
             let policy = validate::load(&self.policies, policy_id)?;
             let report = validate::validate(
                 self.validate_inputs(&plugins),
@@ -167,7 +169,9 @@ impl Engine {
         audit.record(Event::EnvCheckOk, json!({"services": targets.len()}))?;
 
         // 4. route
-        let routes = tracing::info_span!("route").in_scope(|| {
+        let span = tracing::info_span!("route");
+        let routes = crate::engine::off_runtime(|| {
+            let _span = span.enter();
             route::route(&*self.plugins()?, &policy, env_name, env).map_err(Error::from)
         })?;
         audit.record(Event::Routed, json!({"routes": routes}))?;

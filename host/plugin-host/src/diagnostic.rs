@@ -76,10 +76,16 @@ impl std::fmt::Display for Diagnostic {
         } else {
             &self.path
         };
+        // Every field may come from a plugin or a policy file: hostile text
+        // that must not reach a terminal raw (see `pde_core::term`).
+        use pde_core::term::Escaped;
         write!(
             f,
-            "{sev}[{}] {path}: {} ({})",
-            self.code, self.message, self.source
+            "{sev}[{}] {}: {} ({})",
+            Escaped(&self.code),
+            Escaped(path),
+            Escaped(&self.message),
+            Escaped(&self.source)
         )
     }
 }

@@ -6,11 +6,56 @@
 //! the list says plainly that filesystem, sockets and environment are linked
 //! but empty, rather than leaving readers to guess.
 
+use std::path::Path;
+
 use serde::Serialize;
 use wasmtime::Engine;
 use wasmtime::component::Component;
 
-use super::{PluginError, PluginKind, wit};
+use super::manifest::Manifest;
+use super::{PluginError, PluginKind, SignatureStatus, signature, wit};
+use pde_core::keys::TrustedKeys;
+
+/// Exports a plugin may have beside its world's function, and why.
+///
+/// A plugin exports exactly its world: `validate` for a validator, `route`
+/// for a router. The one exception is what a supported toolchain adds to
+/// every component whatever the world, which the plugin author cannot
+/// remove: componentize-py exports an `exports` instance with its runtime's
+/// `init`. pde never calls it; `inspect` lists it as tolerated. Anything else
+/// is refused at load (a plugin fault), so a reviewer never signs a
+/// component with entry points nobody reviewed.
+pub const TOLERATED_EXPORTS: &[(&str, &str)] = &[(
+    "exports",
+    "componentize-py's runtime interface (init); tolerated, never called by pde",
+)];
+
+/// The export a world consists of.
+pub fn world_export(kind: PluginKind) -> &'static str {
+    match kind {
+        PluginKind::Validator => "validate",
+        PluginKind::Router => "route",
+    }
+}
+
+/// Exports beside the world's function: `(tolerated, unexpected)`. With no
+/// world (`None`), every export that is not tolerated is unexpected.
+pub fn extra_exports(kind: Option<PluginKind>, exports: &[String]) -> (Vec<String>, Vec<String>) {
+    let world = kind.map(world_export);
+    let mut tolerated = Vec::new();
+    let mut unexpected = Vec::new();
+    for e in exports {
+        if Some(e.as_str()) == world {
+            continue;
+        }
+        if TOLERATED_EXPORTS.iter().any(|(name, _)| name == e) {
+            tolerated.push(e.clone());
+        } else {
+            unexpected.push(e.clone());
+        }
+    }
+    (tolerated, unexpected)
+}
 
 /// One `producers` entry (language, processed-by, sdk).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -53,6 +98,17 @@ pub struct Inspection {
     pub producers: Vec<Producer>,
     /// Every import and what the host does with it.
     pub capabilities: Vec<Capability>,
+    /// Exports beside the world that pde tolerates (see [`TOLERATED_EXPORTS`]).
+    pub tolerated_exports: Vec<String>,
+    /// Exports that are not part of the world: pde refuses to load it.
+    pub unexpected_exports: Vec<String>,
+    /// The manifest beside the component, if any: the fields a signature
+    /// covers plus the description.
+    pub manifest: Option<serde_json::Value>,
+    /// Whether the manifest's pinned sha256 is this file's (`None`: no manifest).
+    pub sha256_matches_manifest: Option<bool>,
+    /// The signature status against the trusted keys given (`None`: not asked).
+    pub signature: Option<SignatureStatus>,
 }
 
 /// The imported and exported names of a compiled component.
@@ -87,7 +143,7 @@ pub fn capability(import: &str) -> Capability {
         "wasi:cli/stdin" => (true, "empty: reads end at once"),
         "wasi:cli/environment" => (
             false,
-            "denied: no environment variables, no arguments, no cwd",
+            "denied: no environment variables, no arguments, no cwd (attempts are reported at run time)",
         ),
         "wasi:cli/exit" => (true, "ends the call (reported as a trap)"),
         "wasi:cli/terminal-input"
@@ -97,7 +153,7 @@ pub fn capability(import: &str) -> Capability {
         | "wasi:cli/terminal-stderr" => (true, "always reports: not a terminal"),
         "wasi:filesystem/preopens" | "wasi:filesystem/types" => (
             false,
-            "denied: no preopened directories, so no file can be opened",
+            "denied: no preopened directories, so no file can be opened (attempts are reported at run time)",
         ),
         "wasi:sockets/network"
         | "wasi:sockets/instance-network"
@@ -107,11 +163,12 @@ pub fn capability(import: &str) -> Capability {
         | "wasi:sockets/udp-create-socket"
         | "wasi:sockets/ip-name-lookup" => (
             false,
-            "denied: TCP, UDP and name lookup are off and every address is refused",
+            "denied: TCP, UDP and name lookup are off and every address is refused (attempts are reported at run time)",
         ),
-        "wasi:clocks/wall-clock" | "wasi:clocks/monotonic-clock" => {
-            (true, "read-only clock (wall time is capped per call)")
-        }
+        "wasi:clocks/wall-clock" | "wasi:clocks/monotonic-clock" => (
+            true,
+            "read-only clock; waiting on it counts against timeout_ms (the call is stopped at the limit)",
+        ),
         "wasi:random/random" | "wasi:random/insecure" | "wasi:random/insecure-seed" => {
             (true, "random bytes")
         }
@@ -165,14 +222,151 @@ pub fn inspect(engine: &Engine, name: &str, bytes: &[u8]) -> Result<Inspection, 
         .into_iter()
         .map(|v| v.to_string())
         .collect();
+    let kind = kind_from_exports(&exports);
+    let (tolerated_exports, unexpected_exports) = extra_exports(kind, &exports);
     Ok(Inspection {
         sha256: super::sha256_hex(bytes),
         size: bytes.len() as u64,
-        kind: kind_from_exports(&exports),
+        kind,
         wit_versions,
         capabilities: imports.iter().map(|i| capability(i)).collect(),
         imports,
         exports,
         producers: producers(bytes),
+        tolerated_exports,
+        unexpected_exports,
+        manifest: None,
+        sha256_matches_manifest: None,
+        signature: None,
     })
+}
+
+/// The whole picture of the plugin at `wasm`, for a reviewer: the component
+/// ([`inspect`]), its manifest if one lies beside it, whether the manifest
+/// pins these bytes, and its signature status against `trusted`.
+pub fn inspect_plugin(
+    engine: &Engine,
+    wasm: &Path,
+    trusted: &TrustedKeys,
+) -> Result<Inspection, PluginError> {
+    let bytes = super::read(wasm)?;
+    let manifest_path = signature::manifest_path(wasm);
+    let manifest = if manifest_path.is_file() {
+        Some(Manifest::load(&manifest_path)?)
+    } else {
+        None
+    };
+    let name = match &manifest {
+        Some(m) => m.name.clone(),
+        None => wasm
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("plugin")
+            .to_string(),
+    };
+    let mut report = inspect(engine, &name, &bytes)?;
+    if let Some(m) = &manifest {
+        let mut fields = m.signed_fields();
+        fields["description"] = m.description.clone().into();
+        report.manifest = Some(fields);
+        report.sha256_matches_manifest = Some(m.sha256 == report.sha256);
+    }
+    report.signature = Some(signature::status(
+        wasm,
+        manifest.as_ref(),
+        &report.sha256,
+        trusted,
+    ));
+    Ok(report)
+}
+
+/// One difference between two plugins.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Change {
+    /// What differs, e.g. `import added`, `settings.max`, `limits`.
+    pub what: String,
+    /// The old value (`""` when added).
+    pub old: String,
+    /// The new value (`""` when removed).
+    pub new: String,
+}
+
+/// What changed from `old` to `new` (two [`inspect_plugin`] reports), in the
+/// order a reviewer reads it: world, WIT version, exports, imports, size and
+/// digest, producers, then the manifest (version, limits, settings).
+pub fn diff(old: &Inspection, new: &Inspection) -> Vec<Change> {
+    let mut out = Vec::new();
+    let mut change = |what: &str, o: String, n: String| {
+        if o != n {
+            out.push(Change {
+                what: what.to_string(),
+                old: o,
+                new: n,
+            });
+        }
+    };
+    let kind = |i: &Inspection| i.kind.map(|k| k.to_string()).unwrap_or_default();
+    change("world", kind(old), kind(new));
+    change(
+        "pde:plugin version",
+        old.wit_versions.join(", "),
+        new.wit_versions.join(", "),
+    );
+    for (label, a, b) in [
+        ("export", &old.exports, &new.exports),
+        ("import", &old.imports, &new.imports),
+    ] {
+        for removed in a.iter().filter(|x| !b.contains(x)) {
+            change(&format!("{label} removed"), removed.clone(), String::new());
+        }
+        for added in b.iter().filter(|x| !a.contains(x)) {
+            change(&format!("{label} added"), String::new(), added.clone());
+        }
+    }
+    change("size", old.size.to_string(), new.size.to_string());
+    change("sha256", old.sha256.clone(), new.sha256.clone());
+    let producer = |p: &Producer| format!("{}: {} {}", p.field, p.name, p.version);
+    for p in old.producers.iter().filter(|p| !new.producers.contains(p)) {
+        change("producer removed", producer(p), String::new());
+    }
+    for p in new.producers.iter().filter(|p| !old.producers.contains(p)) {
+        change("producer added", String::new(), producer(p));
+    }
+    let null = serde_json::Value::Null;
+    let field = |i: &Inspection, k: &str| -> serde_json::Value {
+        i.manifest
+            .as_ref()
+            .and_then(|m| m.get(k))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for k in ["name", "version"] {
+        change(
+            &format!("manifest {k}"),
+            text(&field(old, k)),
+            text(&field(new, k)),
+        );
+    }
+    for table in ["limits", "settings"] {
+        let (a, b) = (field(old, table), field(new, table));
+        let keys: std::collections::BTreeSet<&String> = a
+            .as_object()
+            .into_iter()
+            .chain(b.as_object())
+            .flat_map(|m| m.keys())
+            .collect();
+        for k in keys {
+            change(
+                &format!("{table}.{k}"),
+                text(a.get(k).unwrap_or(&null)),
+                text(b.get(k).unwrap_or(&null)),
+            );
+        }
+    }
+    out
 }

@@ -157,7 +157,7 @@ pub enum PluginError {
         actual: String,
     },
     /// A signature is missing, untrusted or invalid where one is required.
-    #[error("plugin {plugin}: signature not accepted: {reason}")]
+    #[error("plugin {plugin}: signature not accepted: {}", pde_core::term::Escaped(.reason))]
     BadSignature {
         /// The plugin.
         plugin: String,
@@ -197,7 +197,7 @@ pub enum PluginError {
         supported: String,
     },
     /// The guest trapped (panic, unreachable, stack overflow, bad access).
-    #[error("plugin {plugin} trapped: {message}")]
+    #[error("plugin {plugin} trapped: {}", pde_core::term::Escaped(.message))]
     Trap {
         /// The plugin.
         plugin: String,
@@ -239,7 +239,7 @@ pub enum PluginError {
         what: String,
     },
     /// The plugin returned `err(message)`: it could not do its job.
-    #[error("plugin {plugin} failed: {message}")]
+    #[error("plugin {plugin} failed: {}", pde_core::term::Escaped(.message))]
     PluginFailed {
         /// The plugin.
         plugin: String,
@@ -248,7 +248,8 @@ pub enum PluginError {
     },
     /// A router named a service that it was not given.
     #[error(
-        "router {plugin} routed to {service:?}, which is not a service of this environment (known: {known})"
+        "router {plugin} routed to {service:?}, which is not a service of this environment (known: {})",
+        pde_core::term::Escaped(.known)
     )]
     UnknownService {
         /// The plugin.
@@ -313,10 +314,16 @@ impl std::fmt::Display for PluginKind {
 pub enum SignatureStatus {
     /// No `<name>.wasm.sig`.
     Unsigned,
-    /// Signed by a trusted key.
+    /// Signed by a trusted key, over the manifest as it is now.
     Valid {
         /// The signing key's id.
         keyid: String,
+        /// Who signed (recorded in, and covered by, the signature).
+        signer: String,
+        /// When, RFC 3339 UTC.
+        signed_at: String,
+        /// The signer's note, if any.
+        note: Option<String>,
     },
     /// A signature is present but not accepted.
     Invalid {
@@ -440,8 +447,11 @@ pub struct CallReport<T> {
     pub peak_memory_bytes: u64,
     /// Wall time of instantiation plus the call.
     pub elapsed: Duration,
-    /// `host.log` lines, then stdout and stderr lines.
+    /// `host.log` lines and stdout and stderr lines, in the order written.
     pub log: Vec<String>,
+    /// Denied capabilities the plugin tried to use, each once, e.g.
+    /// "tried wasi:sockets: create a TCP socket: denied".
+    pub denied: Vec<String>,
 }
 
 /// Runs plugins. `Send + Sync`; share it through an `Arc`.
@@ -451,6 +461,7 @@ pub struct PluginHost {
     cache: cache::Cache,
     limits: Limits,
     gate: sandbox::CallGate,
+    run_options: sandbox::RunOptions,
     // Declared last: dropped after the engine handles above.
     _ticker: sandbox::EpochTicker,
 }
@@ -512,8 +523,16 @@ impl PluginHost {
             cache,
             limits,
             gate: sandbox::CallGate::default(),
+            run_options: sandbox::RunOptions::default(),
             _ticker: ticker,
         })
+    }
+
+    /// Whether the log of a successful call goes to `tracing` (the default)
+    /// or only into its [`CallReport`], for a caller that prints it itself
+    /// (`pde plugin test`), so that each line is shown once.
+    pub fn trace_call_logs(&mut self, on: bool) {
+        self.run_options.trace_log = on;
     }
 
     /// The workspace limits this host enforces.
@@ -561,7 +580,7 @@ impl PluginHost {
             .to_string();
         let bytes = read(wasm)?;
         let sha256 = sha256_hex(&bytes);
-        let signature = signature::status(wasm, &sha256, trusted);
+        let signature = signature::status(wasm, None, &sha256, trusted);
         self.finish(LoadSpec {
             name,
             kind: None,
@@ -594,7 +613,7 @@ impl PluginHost {
                 actual: sha256,
             });
         }
-        let signature = signature::status(&found.wasm, &sha256, trusted);
+        let signature = signature::status(&found.wasm, Some(m), &sha256, trusted);
         self.finish(LoadSpec {
             name: m.name.clone(),
             kind: Some(kind),
@@ -665,6 +684,26 @@ impl PluginHost {
                 });
             }
         };
+        // A plugin exports exactly its world (see `inspect::TOLERATED_EXPORTS`).
+        let (_, unexpected) = inspect::extra_exports(Some(kind), &exports);
+        if !unexpected.is_empty() {
+            return Err(PluginError::WrongWorld {
+                plugin: name.clone(),
+                expected: kind,
+                found: format!(
+                    "it also exports {}, which world {kind} does not have",
+                    unexpected
+                        .iter()
+                        .map(|e| format!("`{e}`"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                hint: format!(
+                    "a plugin exports exactly `{}` (only componentize-py's `exports` runtime interface is tolerated); remove the other exports (see docs/plugin-authoring.md)",
+                    inspect::world_export(kind)
+                ),
+            });
+        }
         let prepared = wit::prepare(&self.linkers, &component, &name, &wit_version, kind)?;
         tracing::debug!(plugin = name.as_str(), %kind, %wit_version, loaded_from_cache, "plugin loaded");
         Ok(Plugin {
@@ -717,7 +756,13 @@ impl PluginHost {
         let slot = self.gate.enter();
         let (out, stats) = plugin
             .prepared
-            .validate(&self.engine, &plugin.name, &plugin.limits, &input)
+            .validate(
+                &self.engine,
+                &plugin.name,
+                &plugin.limits,
+                self.run_options,
+                &input,
+            )
             .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Validator))??;
         // The store, and with it the pool slot, is gone once the call returns.
         drop(slot);
@@ -772,6 +817,7 @@ impl PluginHost {
                 &self.engine,
                 &plugin.name,
                 &plugin.limits,
+                self.run_options,
                 &input,
                 &raw_services,
             )
@@ -843,6 +889,7 @@ fn report<T>(value: T, stats: sandbox::CallStats) -> CallReport<T> {
         peak_memory_bytes: stats.peak_memory_bytes,
         elapsed: stats.elapsed,
         log: stats.log,
+        denied: stats.denied,
     }
 }
 

@@ -117,6 +117,31 @@ impl Manifest {
         }
     }
 
+    /// What a plugin signature covers: name, kind, version, the pinned
+    /// sha256 of the `.wasm`, the manifest's own `[limits]` and its
+    /// `[settings]`, as one JSON value (signed as canonical JSON). The
+    /// description is left out: it is prose, and changes nothing at run time.
+    pub fn signed_fields(&self) -> serde_json::Value {
+        let mut limits = serde_json::Map::new();
+        for (field, value) in [
+            ("fuel", self.limits.fuel),
+            ("memory_mib", self.limits.memory_mib),
+            ("timeout_ms", self.limits.timeout_ms),
+        ] {
+            if let Some(v) = value {
+                limits.insert(field.to_string(), v.into());
+            }
+        }
+        serde_json::json!({
+            "name": self.name,
+            "kind": self.kind,
+            "version": self.version,
+            "sha256": self.sha256,
+            "limits": limits,
+            "settings": self.settings_json(),
+        })
+    }
+
     /// The limits in force for this plugin: the global ones, tightened by the
     /// manifest. A manifest value above the global one is an error.
     pub fn effective_limits(&self, global: &Limits, path: &Path) -> Result<Limits, PluginError> {

@@ -18,11 +18,28 @@
 //!   in-memory buffers that become the call's log; output past the bound is
 //!   dropped (and says so), never an error the guest could trip over.
 //! - **Three limits, each reported by name.** Fuel (CPU) ends as
-//!   `Trap::OutOfFuel`; wall time uses epoch interruption, with one ticker
-//!   thread per host, and ends as `Trap::Interrupt`; memory is capped by
-//!   `StoreLimits`, but a refused `memory.grow` is not a trap (the guest sees
-//!   -1 and usually aborts), so [`Limiter`] records the refusal and the call is
-//!   reported as a memory-limit failure whatever the guest did next.
+//!   `Trap::OutOfFuel`; memory is capped by `StoreLimits`, but a refused
+//!   `memory.grow` is not a trap (the guest sees -1 and usually aborts), so
+//!   [`Limiter`] records the refusal and the call is reported as a
+//!   memory-limit failure whatever the guest did next.
+//! - **Wall time bounds the whole call, whatever the guest waits on.** Two
+//!   mechanisms, one limit. Guest code is stopped by epoch interruption (one
+//!   ticker thread per host, `Trap::Interrupt`). But a guest blocked in a host
+//!   call, e.g. on a `wasi:clocks/monotonic-clock` pollable
+//!   (`std::thread::sleep`), runs no guest code and spends no fuel, so the
+//!   epoch is never checked. So every call runs as a wasmtime async call on a
+//!   fiber, with the WASI host functions linked async, inside a host-side
+//!   `tokio::time::timeout`: a guest waiting in the host yields, the timer
+//!   fires, and the call's future is dropped (which unwinds the fiber; the
+//!   store is thrown away anyway). See docs/ARCHITECTURE.md "Decisions".
+//! - **Data copied out of the guest is bounded while it is copied.**
+//!   wasmtime's per-host-call copy budget ("hostcall fuel", 128 MiB by
+//!   default) is set to [`HOSTCALL_COPY_BYTES`], just above pde's own result
+//!   bounds, so a flood is refused before the host allocates it.
+//! - **One bounded log per call.** `host.log` lines, stdout and stderr lines
+//!   share one byte budget ([`MAX_LOG_BYTES`]); lines past it are counted and
+//!   a note says how many were dropped. The log is traced once (escaped, see
+//!   [`pde_core::term`]) or handed back for the caller to print, never both.
 //!
 //! The version shims in `wit/` only translate types; they call [`run`] and
 //! [`HostState::log`], so no WIT version can skip a check (Zed's #55533).
@@ -31,7 +48,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{Linker, ResourceTable, Val};
 use wasmtime::{
     Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     StoreLimits, StoreLimitsBuilder, Trap,
@@ -40,17 +57,24 @@ use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::PluginError;
+use super::{MAX_RESULT_BYTES, MAX_RESULT_ITEMS, PluginError};
 use crate::limits::Limits;
+use pde_core::term::escape;
 
 /// How often the epoch advances; wall-time limits are accurate to about this.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
-/// Bytes of stdout plus stderr kept per call.
-pub const MAX_OUTPUT_BYTES: usize = 64 * 1024;
-/// Lines of `host.log` kept per call.
-pub const MAX_LOG_LINES: usize = 1000;
-/// Bytes of one `host.log` message kept.
+/// Bytes of log (`host.log` lines, stdout and stderr lines together) kept
+/// per call; lines past the budget are counted, not kept.
+pub const MAX_LOG_BYTES: usize = 64 * 1024;
+/// Bytes of one log line kept; the rest of a longer line is cut off.
 pub const MAX_LOG_LINE_BYTES: usize = 4096;
+/// Bytes wasmtime may copy out of the guest in one host call or one call's
+/// result ("hostcall fuel"). Just above the most a result within pde's own
+/// bounds can take (strings of [`MAX_RESULT_BYTES`] plus
+/// [`MAX_RESULT_ITEMS`] records of at most 256 bytes as host values), so
+/// everything pde would accept gets through and a flood is refused while
+/// being copied, not after.
+pub const HOSTCALL_COPY_BYTES: usize = MAX_RESULT_BYTES + MAX_RESULT_ITEMS * 256;
 
 /// Most plugin calls that can run at once on one host; further calls wait
 /// for a slot (see [`CallGate`]). Sizes the instance pool.
@@ -107,7 +131,11 @@ pub fn engine(limits: &Limits) -> Result<Engine, PluginError> {
         .max_memory_size(slot_bytes)
         .linear_memory_keep_resident(MEMORY_KEEP_RESIDENT)
         .table_keep_resident(TABLE_KEEP_RESIDENT)
-        .pagemap_scan(Enabled::Auto);
+        .pagemap_scan(Enabled::Auto)
+        // Every call runs on a fiber (see the module docs); one stack per
+        // call that may run at once. Stacks are not zeroed between calls:
+        // wasm cannot read its native stack, so nothing leaks through them.
+        .total_stacks(MAX_CONCURRENT_CALLS);
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
     config.consume_fuel(true);
@@ -215,52 +243,116 @@ pub enum LogLevel {
     Trace,
 }
 
-/// A bounded, shared byte buffer behind the guest's stdout or stderr.
+/// The log of one call: `host.log` lines and the lines the guest wrote to
+/// stdout and stderr, in order, under one byte budget ([`MAX_LOG_BYTES`]).
 ///
-/// Unlike `MemoryOutputPipe`, writes past the bound are dropped rather than
-/// failing: a chatty plugin loses log lines, it does not crash.
+/// Nothing here can fail: a chatty plugin loses log lines, it does not crash,
+/// and the report says how many were dropped.
 #[derive(Clone)]
-pub struct CapturedOutput {
-    inner: Arc<std::sync::Mutex<Captured>>,
+pub struct CallLog {
+    inner: Arc<std::sync::Mutex<LogState>>,
 }
 
 #[derive(Default)]
-struct Captured {
-    bytes: Vec<u8>,
+struct LogState {
+    lines: Vec<String>,
+    /// Denied capability attempts, each once.
+    denied: Vec<String>,
+    bytes: usize,
     dropped: usize,
+    /// Unfinished stdout and stderr lines, each at most [`MAX_LOG_LINE_BYTES`].
+    partial: [Vec<u8>; 2],
 }
 
-impl CapturedOutput {
+impl LogState {
+    fn push(&mut self, line: String) {
+        if self.bytes + line.len() > MAX_LOG_BYTES {
+            self.dropped += 1;
+            return;
+        }
+        self.bytes += line.len();
+        self.lines.push(line);
+    }
+
+    fn end_line(&mut self, stream: usize) {
+        let bytes = std::mem::take(&mut self.partial[stream]);
+        if bytes.is_empty() {
+            return;
+        }
+        let prefix = if stream == 0 { "stdout" } else { "stderr" };
+        self.push(format!("{prefix}: {}", String::from_utf8_lossy(&bytes)));
+    }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+impl CallLog {
     fn new() -> Self {
-        CapturedOutput {
-            inner: Arc::new(std::sync::Mutex::new(Captured::default())),
+        CallLog {
+            inner: Arc::new(std::sync::Mutex::new(LogState::default())),
         }
     }
 
-    fn push(&self, data: &[u8]) {
-        let mut c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let room = MAX_OUTPUT_BYTES.saturating_sub(c.bytes.len());
-        let take = room.min(data.len());
-        c.bytes.extend_from_slice(&data[..take]);
-        c.dropped += data.len() - take;
+    fn state(&self) -> std::sync::MutexGuard<'_, LogState> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The captured text as lines, with a note if output was dropped.
-    fn lines(&self, stream: &str) -> Vec<String> {
-        let c = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<String> = String::from_utf8_lossy(&c.bytes)
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(|l| format!("{stream}: {l}"))
-            .collect();
-        if c.dropped > 0 {
-            out.push(format!(
-                "{stream}: ({} more bytes dropped: output is limited to {MAX_OUTPUT_BYTES} bytes per call)",
-                c.dropped
+    /// A `host.log` line.
+    fn line(&self, tag: &str, message: &str) {
+        let message = truncate(message, MAX_LOG_LINE_BYTES);
+        self.state().push(format!("{tag}: {message}"));
+    }
+
+    /// Bytes written to stdout (`stream` 0) or stderr (1), split into lines.
+    fn write(&self, stream: usize, data: &[u8]) {
+        let mut state = self.state();
+        for (i, piece) in data.split(|&b| b == b'\n').enumerate() {
+            if i > 0 {
+                state.end_line(stream);
+            }
+            let partial = &mut state.partial[stream];
+            let room = MAX_LOG_LINE_BYTES.saturating_sub(partial.len());
+            partial.extend_from_slice(&piece[..room.min(piece.len())]);
+        }
+    }
+
+    /// A denied capability the guest tried to use; each kind is kept once.
+    pub fn denied(&self, what: String) {
+        let mut state = self.state();
+        if state.denied.len() < MAX_DENIED && !state.denied.contains(&what) {
+            state.denied.push(what);
+        }
+    }
+
+    /// The lines, with unfinished stream lines ended and a note when lines
+    /// were dropped; then the denied attempts.
+    fn finish(&self) -> (Vec<String>, Vec<String>) {
+        let mut state = self.state();
+        state.end_line(0);
+        state.end_line(1);
+        let mut lines = std::mem::take(&mut state.lines);
+        if state.dropped > 0 {
+            lines.push(format!(
+                "({} more log lines dropped: the log is limited to {MAX_LOG_BYTES} bytes per call)",
+                state.dropped
             ));
         }
-        out
+        (lines, std::mem::take(&mut state.denied))
     }
+}
+
+/// The guest's stdout or stderr: a writer into the call's [`CallLog`].
+#[derive(Clone)]
+pub struct CapturedOutput {
+    log: CallLog,
+    stream: usize,
 }
 
 impl IsTerminal for CapturedOutput {
@@ -285,7 +377,7 @@ impl Pollable for CapturedOutput {
 
 impl OutputStream for CapturedOutput {
     fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
-        self.push(&bytes);
+        self.log.write(self.stream, &bytes);
         Ok(())
     }
     fn flush(&mut self) -> StreamResult<()> {
@@ -302,7 +394,7 @@ impl tokio::io::AsyncWrite for CapturedOutput {
         _cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.push(buf);
+        self.log.write(self.stream, buf);
         std::task::Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(
@@ -316,6 +408,125 @@ impl tokio::io::AsyncWrite for CapturedOutput {
         _cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
         std::task::Poll::Ready(Ok(()))
+    }
+}
+
+/// Most distinct denied attempts recorded per call.
+const MAX_DENIED: usize = 32;
+
+/// The WASI 0.2 version wasmtime-wasi links; guests built against any
+/// compatible 0.2.x resolve to it. (A wasmtime upgrade that moves it makes
+/// `denied_capabilities_are_reported_at_run_time` fail, not pass silently.)
+pub const WASI_VERSION: &str = "0.2.12";
+
+/// Links WASI p2 deny-by-default into `linker`, for every WIT version module.
+///
+/// Everything wasmtime-wasi provides is linked async (see the module docs),
+/// then the entry points of what pde denies are replaced by functions that
+/// deny the same way *and* record the attempt, so a reviewer sees that the
+/// plugin tried, not only the plugin's own account of it:
+/// - `wasi:filesystem/preopens.get-directories`: the guest's libc asks for
+///   preopened directories before it opens any path, and gets none. The path
+///   itself never reaches the host (with nothing preopened the guest's libc
+///   refuses it on its own), so the report names the attempt, not the file;
+/// - `wasi:cli/environment.get-environment` and `get-arguments`: empty;
+/// - `wasi:sockets/tcp-create-socket`, `udp-create-socket`: access denied;
+/// - `wasi:sockets/ip-name-lookup.resolve-addresses`: refused, with the name.
+pub fn link_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
+    wasmtime_wasi::p2::add_to_linker_async(linker)?;
+    linker.allow_shadowing(true);
+    // Each returns what it records and the value the guest gets.
+    type Deny = fn(&[Val]) -> (String, Val);
+    let entries: [(&str, &str, Deny); 6] = [
+        ("wasi:filesystem/preopens", "get-directories", |_| {
+            (
+                "tried wasi:filesystem: open a file or directory (no directory is preopened): denied".into(),
+                Val::List(Vec::new()),
+            )
+        }),
+        ("wasi:cli/environment", "get-environment", |_| {
+            (
+                "tried wasi:cli/environment: read environment variables (none are given): denied"
+                    .into(),
+                Val::List(Vec::new()),
+            )
+        }),
+        ("wasi:cli/environment", "get-arguments", |_| {
+            (
+                "tried wasi:cli/environment: read arguments (none are given): denied".into(),
+                Val::List(Vec::new()),
+            )
+        }),
+        (
+            "wasi:sockets/tcp-create-socket",
+            "create-tcp-socket",
+            |_| {
+                (
+                    "tried wasi:sockets: create a TCP socket: denied".into(),
+                    Val::Result(Err(Some(Box::new(Val::Enum("access-denied".into()))))),
+                )
+            },
+        ),
+        (
+            "wasi:sockets/udp-create-socket",
+            "create-udp-socket",
+            |_| {
+                (
+                    "tried wasi:sockets: create a UDP socket: denied".into(),
+                    Val::Result(Err(Some(Box::new(Val::Enum("access-denied".into()))))),
+                )
+            },
+        ),
+        (
+            "wasi:sockets/ip-name-lookup",
+            "resolve-addresses",
+            |params| {
+                let name = match params.get(1) {
+                    Some(Val::String(name)) => name.clone(),
+                    _ => String::new(),
+                };
+                (
+                    format!("tried wasi:sockets: resolve `{name}`: denied"),
+                    // What wasmtime-wasi answers when name lookup is off.
+                    Val::Result(Err(Some(Box::new(Val::Enum(
+                        "permanent-resolver-failure".into(),
+                    ))))),
+                )
+            },
+        ),
+    ];
+    for (interface, function, deny) in entries {
+        let mut instance = linker.instance(&format!("{interface}@{WASI_VERSION}"))?;
+        instance.func_new(function, move |store, _ty, params, results| {
+            let (what, result) = deny(params);
+            store.data().log.denied(what);
+            if let Some(slot) = results.first_mut() {
+                *slot = result;
+            }
+            Ok(())
+        })?;
+    }
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// Sends a call's log and denied attempts to `tracing`, once, each line
+/// escaped and at the level the guest gave it (stdout, stderr, notes and
+/// denied attempts at `info`, so `-v` shows them).
+pub fn trace_log(plugin: &str, log: &[String], denied: &[String]) {
+    for what in denied {
+        tracing::info!(plugin, "{}", escape(what));
+    }
+    for line in log {
+        let text = escape(line);
+        let text = text.as_ref();
+        match line.split_once(": ").map(|(tag, _)| tag) {
+            Some("error") => tracing::error!(plugin, "{text}"),
+            Some("warn") => tracing::warn!(plugin, "{text}"),
+            Some("debug") => tracing::debug!(plugin, "{text}"),
+            Some("trace") => tracing::trace!(plugin, "{text}"),
+            _ => tracing::info!(plugin, "{text}"),
+        }
     }
 }
 
@@ -380,14 +591,10 @@ impl ResourceLimiter for Limiter {
 
 /// What a store holds for one call.
 pub struct HostState {
-    plugin: String,
     wasi: WasiCtx,
     table: ResourceTable,
     limiter: Limiter,
-    stdout: CapturedOutput,
-    stderr: CapturedOutput,
-    log: Vec<String>,
-    log_dropped: usize,
+    log: CallLog,
 }
 
 impl WasiView for HostState {
@@ -400,25 +607,9 @@ impl WasiView for HostState {
 }
 
 impl HostState {
-    /// `host.log`, the same for every WIT version: bounded, attributed, traced.
+    /// `host.log`, the same for every WIT version: bounded and attributed.
+    /// Kept raw (JSON output must be exact); escaped where it is shown.
     pub fn log(&mut self, level: LogLevel, message: &str) {
-        if self.log.len() >= MAX_LOG_LINES {
-            self.log_dropped += 1;
-            return;
-        }
-        let mut end = message.len().min(MAX_LOG_LINE_BYTES);
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
-        let message = &message[..end];
-        let plugin = self.plugin.as_str();
-        match level {
-            LogLevel::Error => tracing::error!(plugin, "{message}"),
-            LogLevel::Warn => tracing::warn!(plugin, "{message}"),
-            LogLevel::Info => tracing::info!(plugin, "{message}"),
-            LogLevel::Debug => tracing::debug!(plugin, "{message}"),
-            LogLevel::Trace => tracing::trace!(plugin, "{message}"),
-        }
         let tag = match level {
             LogLevel::Error => "error",
             LogLevel::Warn => "warn",
@@ -426,45 +617,30 @@ impl HostState {
             LogLevel::Debug => "debug",
             LogLevel::Trace => "trace",
         };
-        self.log.push(format!("{tag}: {message}"));
-    }
-
-    fn collect_log(&self) -> Vec<String> {
-        let mut log = self.log.clone();
-        if self.log_dropped > 0 {
-            log.push(format!(
-                "({} more log lines dropped: at most {MAX_LOG_LINES} per call)",
-                self.log_dropped
-            ));
-        }
-        for line in self.stdout.lines("stdout") {
-            tracing::info!(plugin = self.plugin.as_str(), "{line}");
-            log.push(line);
-        }
-        for line in self.stderr.lines("stderr") {
-            tracing::info!(plugin = self.plugin.as_str(), "{line}");
-            log.push(line);
-        }
-        log
+        self.log.line(tag, message);
     }
 }
 
-/// A fresh store for one call of `plugin`, with its limits applied.
-pub fn new_store(engine: &Engine, plugin: &str, limits: &Limits) -> Store<HostState> {
-    let stdout = CapturedOutput::new();
-    let stderr = CapturedOutput::new();
+/// A fresh store for one call, with its limits applied.
+pub fn new_store(engine: &Engine, limits: &Limits) -> Store<HostState> {
+    let log = CallLog::new();
     // Nothing inherited: no preopens, env, args; sockets off and every address refused.
     let mut builder = WasiCtx::builder();
     builder
-        .stdout(stdout.clone())
-        .stderr(stderr.clone())
+        .stdout(CapturedOutput {
+            log: log.clone(),
+            stream: 0,
+        })
+        .stderr(CapturedOutput {
+            log: log.clone(),
+            stream: 1,
+        })
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
         .socket_addr_check(|_, _| Box::pin(async { false }));
     let memory_bytes = memory_limit_bytes(limits);
     let state = HostState {
-        plugin: plugin.to_string(),
         wasi: builder.build(),
         table: ResourceTable::new(),
         limiter: Limiter {
@@ -479,12 +655,10 @@ pub fn new_store(engine: &Engine, plugin: &str, limits: &Limits) -> Store<HostSt
             peak: 0,
             hit: false,
         },
-        stdout,
-        stderr,
-        log: Vec::new(),
-        log_dropped: 0,
+        log,
     };
     let mut store = Store::new(engine, state);
+    store.set_hostcall_fuel(HOSTCALL_COPY_BYTES);
     store.limiter(|s| &mut s.limiter);
     // set_fuel only fails when fuel is not enabled, which `engine()` does.
     let _ = store.set_fuel(limits.fuel);
@@ -502,34 +676,80 @@ pub struct CallStats {
     pub peak_memory_bytes: u64,
     /// Wall time of instantiate + call.
     pub elapsed: Duration,
-    /// `host.log` lines, then captured stdout and stderr.
+    /// `host.log` lines and stdout/stderr lines, in the order written.
     pub log: Vec<String>,
+    /// Denied capabilities the guest tried to use, each once.
+    pub denied: Vec<String>,
+}
+
+/// How a call treats its log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Send the log of a successful call to `tracing` (the log of a failed
+    /// call always is, since no report carries it). Off when the caller
+    /// prints the report's log itself, so each line is shown once.
+    pub trace_log: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions { trace_log: true }
+    }
 }
 
 /// Runs `call` in a fresh store and turns every way it can end into a named
-/// result. The version shims pass a closure that instantiates and calls.
+/// result. The version shims pass an async closure that instantiates and
+/// calls; `limits.timeout_ms` bounds all of it, guest code and host waits.
 pub fn run<R>(
     engine: &Engine,
     plugin: &str,
     limits: &Limits,
-    call: impl FnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+    options: RunOptions,
+    call: impl AsyncFnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
 ) -> Result<(R, CallStats), PluginError> {
     let start = Instant::now();
-    let mut store = new_store(engine, plugin, limits);
-    let outcome = call(&mut store);
+    let mut store = new_store(engine, limits);
+    let budget = Duration::from_millis(limits.timeout_ms);
+    // `in_tokio` enters wasmtime-wasi's runtime (or the caller's), whose
+    // timer drives both WASI waits and this timeout.
+    let outcome = wasmtime_wasi::runtime::in_tokio(async {
+        tokio::time::timeout(budget, call(&mut store)).await
+    });
     let elapsed = start.elapsed();
     let fuel_left = store.get_fuel().unwrap_or(0);
     let state = store.data();
+    let (log, denied) = state.log.finish();
     let stats = CallStats {
         fuel_used: limits.fuel.saturating_sub(fuel_left),
         peak_memory_bytes: state.limiter.peak as u64,
         elapsed,
-        log: state.collect_log(),
+        log,
+        denied,
     };
-    match outcome {
-        Ok(value) => Ok((value, stats)),
-        Err(error) => Err(classify(plugin, limits, &error, state, &stats)),
-    }
+    let result = match outcome {
+        Ok(Ok(value)) => {
+            if options.trace_log {
+                trace_log(plugin, &stats.log, &stats.denied);
+            }
+            return Ok((value, stats));
+        }
+        // The host-side timer fired while the guest waited in a host call.
+        Err(_elapsed) => PluginError::Timeout {
+            plugin: plugin.to_string(),
+            timeout_ms: limits.timeout_ms,
+        },
+        Ok(Err(error)) => classify(plugin, limits, &error, state, &stats),
+    };
+    trace_log(plugin, &stats.log, &stats.denied);
+    Err(result)
+}
+
+/// True when wasmtime refused to copy more than [`HOSTCALL_COPY_BYTES`] out
+/// of the guest. Its error type is private, so it is recognised by message.
+fn copy_budget_exhausted(error: &wasmtime::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.to_string().contains("fuel allocated for hostcalls"))
 }
 
 fn classify(
@@ -546,6 +766,15 @@ fn classify(
         return PluginError::MemoryLimit {
             plugin,
             limit_mib: limits.memory_mib,
+        };
+    }
+    if copy_budget_exhausted(error) {
+        return PluginError::ResultTooLarge {
+            plugin,
+            what: format!(
+                "refused while copying it out of the guest: more than {HOSTCALL_COPY_BYTES} bytes \
+                 (at most {MAX_RESULT_ITEMS} items and {MAX_RESULT_BYTES} bytes of strings are accepted)"
+            ),
         };
     }
     match error.downcast_ref::<Trap>() {

@@ -12,6 +12,7 @@ use pde::keys::TrustedKeys;
 use pde::plugin::{
     CallContext, Plugin, PluginHost, PluginKind, PolicyInput, ServiceInfo, SignatureStatus,
 };
+use pde::term::Escaped;
 
 use super::{CmdResult, Ctx, Failure};
 
@@ -20,10 +21,23 @@ use super::{CmdResult, Ctx, Failure};
 pub enum PluginCmd {
     /// List the plugins of the workspace: name, kind, version, digest, WIT version, signature.
     List,
-    /// Show a component's world, digest, size, producers and capabilities.
+    /// Show the whole picture: manifest, pinned digest, signature, world,
+    /// exports, imports and what is granted or denied.
     Inspect {
         /// A `.wasm` file, or the name of a workspace plugin.
         target: String,
+    },
+    /// What changed between two plugins: world, exports, imports, size,
+    /// producers, manifest version, limits and settings (and, with
+    /// `--policy`, fuel, memory and time on that policy).
+    Diff {
+        /// The approved plugin: a `.wasm` file or a workspace plugin name.
+        old: String,
+        /// The update under review: a `.wasm` file or a workspace plugin name.
+        new: String,
+        /// Run both over this policy file and compare their costs.
+        #[arg(long, value_name = "FILE")]
+        policy: Option<PathBuf>,
     },
     /// Run one plugin alone over one policy file.
     Test {
@@ -36,13 +50,19 @@ pub enum PluginCmd {
         #[arg(long, value_name = "ENV")]
         env: Option<String>,
     },
-    /// Sign a component: writes `PATH.sig`.
+    /// Sign a component and its manifest (`PATH` with `.toml`): writes `PATH.sig`.
     Sign {
         /// The `.wasm` file.
         path: PathBuf,
         /// The signing key file (hex seed).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
+        /// Who signs, recorded in the signature (default: $USER).
+        #[arg(long, value_name = "NAME")]
+        signer: Option<String>,
+        /// A note recorded in the signature, e.g. the review ticket.
+        #[arg(long, value_name = "TEXT")]
+        note: Option<String>,
     },
     /// Verify a component's signature (default keys: the workspace's [trust] plugin_keys).
     Verify {
@@ -59,12 +79,18 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
     match cmd {
         PluginCmd::List => list(ctx),
         PluginCmd::Inspect { target } => inspect(ctx, &target),
+        PluginCmd::Diff { old, new, policy } => diff(ctx, &old, &new, policy.as_deref()),
         PluginCmd::Test {
             target,
             policy,
             env,
         } => test(ctx, &target, &policy, env.as_deref()),
-        PluginCmd::Sign { path, key } => sign(ctx, &path, &key),
+        PluginCmd::Sign {
+            path,
+            key,
+            signer,
+            note,
+        } => sign(ctx, &path, &key, signer, note),
         PluginCmd::Verify { path, keys } => verify(ctx, &path, &keys),
     }
 }
@@ -87,7 +113,9 @@ fn trusted_keys(ctx: &Ctx, config: Option<&Config>) -> Result<TrustedKeys, Failu
         .iter()
         .map(|p| ctx.dir.join(p))
         .collect();
-    Ok(TrustedKeys::from_files(&paths)?)
+    let mut trusted = TrustedKeys::from_files(&paths)?;
+    trusted.revoke(&config.trust.revoked);
+    Ok(trusted)
 }
 
 fn host(ctx: &Ctx, config: Option<&Config>) -> Result<PluginHost, Failure> {
@@ -135,8 +163,19 @@ fn load_target(
 fn signed_text(s: &SignatureStatus) -> String {
     match s {
         SignatureStatus::Unsigned => "unsigned".into(),
-        SignatureStatus::Valid { keyid } => format!("signed ({keyid})"),
-        SignatureStatus::Invalid { reason } => format!("INVALID ({reason})"),
+        SignatureStatus::Valid {
+            keyid,
+            signer,
+            signed_at,
+            note,
+        } => format!(
+            "signed by {} ({keyid}) at {signed_at}{}",
+            Escaped(signer),
+            note.as_deref()
+                .map(|n| format!(": {}", Escaped(n)))
+                .unwrap_or_default()
+        ),
+        SignatureStatus::Invalid { reason } => format!("INVALID ({})", Escaped(reason)),
     }
 }
 
@@ -179,7 +218,7 @@ fn list(ctx: &Ctx) -> CmdResult {
             "{:<20} {:<9} {:<9} {:<14} {:<5} {}",
             p.name,
             p.kind.to_string(),
-            p.version,
+            Escaped(&p.version).to_string(),
             &p.sha256[..12],
             p.wit_version.to_string(),
             signed_text(&p.signature)
@@ -188,26 +227,41 @@ fn list(ctx: &Ctx) -> CmdResult {
     Ok(ExitCode::Ok)
 }
 
-fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
-    let path = if is_path(target) {
-        PathBuf::from(target)
-    } else {
-        let config = workspace(ctx, true)?;
-        let config = config.as_ref().expect("required");
-        let host = host(ctx, Some(config))?;
-        let trusted = trusted_keys(ctx, Some(config))?;
-        load_target(ctx, &host, Some(config), &trusted, target)?.path
+/// The `.wasm` path of TARGET: a path, or a workspace plugin by name
+/// (found by its manifest, without loading it, so that inspect and diff
+/// can show a plugin that would not load).
+fn target_path(ctx: &Ctx, config: Option<&Config>, target: &str) -> Result<PathBuf, Failure> {
+    if is_path(target) {
+        return Ok(PathBuf::from(target));
+    }
+    let Some(config) = config else {
+        return Err(Failure::usage(format!(
+            "{target:?} is not a .wasm file and there is no {} in {} to look the name up in",
+            pde::config::FILE_NAME,
+            ctx.dir.display()
+        )));
     };
-    let bytes = std::fs::read(&path)
-        .with_context(|| format!("reading {}", path.display()))
-        .map_err(Failure::usage_error)?;
-    let engine = PluginHost::new(Default::default(), None)?;
-    let name = path
-        .file_stem()
-        .and_then(|s| s.to_str())
-        .unwrap_or("plugin")
-        .to_string();
-    let report = pde::plugin::inspect::inspect(engine.engine(), &name, &bytes)?;
+    let dir = ctx.dir.join(&config.plugins);
+    pde::plugin::discovery::discover(&dir)?
+        .into_iter()
+        .find(|f| f.manifest.name == target)
+        .map(|f| f.wasm)
+        .ok_or_else(|| {
+            pde::plugin::PluginError::NotFound {
+                name: target.to_string(),
+                dir,
+            }
+            .into()
+        })
+}
+
+fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
+    let config = workspace(ctx, !is_path(target))?;
+    let config = config.as_ref();
+    let trusted = trusted_keys(ctx, config)?;
+    let path = target_path(ctx, config, target)?;
+    let host = PluginHost::new(config.map(|c| c.limits).unwrap_or_default(), None)?;
+    let report = pde::plugin::inspect::inspect_plugin(host.engine(), &path, &trusted)?;
     if ctx.json {
         ctx.print_json(&report);
         return Ok(ExitCode::Ok);
@@ -215,6 +269,45 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     println!("{}", path.display());
     println!("  sha256:   {}", report.sha256);
     println!("  size:     {} bytes", report.size);
+    match &report.manifest {
+        None => {
+            println!("  manifest: none beside it (pde will not load it from a plugin directory)")
+        }
+        Some(m) => {
+            let text = |k: &str| match m.get(k) {
+                Some(serde_json::Value::String(s)) => Escaped(s).to_string(),
+                Some(v) => v.to_string(),
+                None => String::new(),
+            };
+            println!(
+                "  manifest: {} {} v{}: {}",
+                text("name"),
+                text("kind"),
+                text("version"),
+                text("description")
+            );
+            let pinned = if report.sha256_matches_manifest == Some(true) {
+                "matches the file".to_string()
+            } else {
+                format!("DOES NOT MATCH the file (pins {})", text("sha256"))
+            };
+            println!("    pinned sha256: {pinned}");
+            let limits = m.get("limits").cloned().unwrap_or_default();
+            let limits = if limits.as_object().is_none_or(|o| o.is_empty()) {
+                "workspace [limits]".to_string()
+            } else {
+                format!("{limits} (tightening the workspace [limits])")
+            };
+            println!("    limits:   {limits}");
+            println!(
+                "    settings: {}",
+                m.get("settings").cloned().unwrap_or_default()
+            );
+        }
+    }
+    if let Some(sig) = &report.signature {
+        println!("  signature: {}", signed_text(sig));
+    }
     println!(
         "  world:    {}",
         report
@@ -224,17 +317,119 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     );
     println!("  pde:plugin versions: {}", report.wit_versions.join(", "));
     println!("  exports:  {}", report.exports.join(", "));
+    for e in &report.tolerated_exports {
+        let why = pde::plugin::inspect::TOLERATED_EXPORTS
+            .iter()
+            .find(|(name, _)| name == e)
+            .map(|(_, why)| *why)
+            .unwrap_or_default();
+        println!("    tolerated  {e}: {why}");
+    }
+    for e in &report.unexpected_exports {
+        println!("    NOT IN THE WORLD  {e}: pde refuses to load a plugin that exports it");
+    }
     println!("  producers:");
     for p in &report.producers {
-        println!("    {}: {} {}", p.field, p.name, p.version);
+        println!(
+            "    {}: {} {}",
+            Escaped(&p.field),
+            Escaped(&p.name),
+            Escaped(&p.version)
+        );
     }
-    println!("  capabilities asked for:");
+    println!("  imports (capabilities asked for):");
     for c in &report.capabilities {
         println!(
             "    {} {:<40} {}",
             if c.granted { "granted" } else { "DENIED " },
             c.import,
             c.note
+        );
+    }
+    Ok(ExitCode::Ok)
+}
+
+/// What one run of a plugin cost, for `diff --policy`.
+#[derive(serde::Serialize)]
+struct Costs {
+    fuel_used: u64,
+    peak_memory_bytes: u64,
+    elapsed_ms: f64,
+}
+
+fn run_costs(host: &PluginHost, plugin: &Plugin, policy: &PolicyInput) -> Result<Costs, Failure> {
+    let call = CallContext::default();
+    let (fuel_used, peak_memory_bytes, elapsed) = match plugin.kind {
+        PluginKind::Validator => {
+            let r = host.validate(plugin, policy, &call)?;
+            (r.fuel_used, r.peak_memory_bytes, r.elapsed)
+        }
+        PluginKind::Router => {
+            let r = host.route(plugin, policy, &call, &[])?;
+            (r.fuel_used, r.peak_memory_bytes, r.elapsed)
+        }
+    };
+    Ok(Costs {
+        fuel_used,
+        peak_memory_bytes,
+        elapsed_ms: elapsed.as_secs_f64() * 1000.0,
+    })
+}
+
+fn diff(ctx: &Ctx, old: &str, new: &str, policy: Option<&Path>) -> CmdResult {
+    let config = workspace(ctx, !is_path(old) || !is_path(new))?;
+    let config = config.as_ref();
+    let trusted = trusted_keys(ctx, config)?;
+    let (old_path, new_path) = (
+        target_path(ctx, config, old)?,
+        target_path(ctx, config, new)?,
+    );
+    let mut host = host(ctx, config)?;
+    host.trace_call_logs(false);
+    let a = pde::plugin::inspect::inspect_plugin(host.engine(), &old_path, &trusted)?;
+    let b = pde::plugin::inspect::inspect_plugin(host.engine(), &new_path, &trusted)?;
+    let changes = pde::plugin::inspect::diff(&a, &b);
+    let costs = match policy {
+        None => None,
+        Some(file) => {
+            let policy = read_policy(file)?;
+            let old_plugin = host.load_file(&old_path, &trusted)?;
+            let new_plugin = host.load_file(&new_path, &trusted)?;
+            Some((
+                run_costs(&host, &old_plugin, &policy)?,
+                run_costs(&host, &new_plugin, &policy)?,
+            ))
+        }
+    };
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({
+            "old": old_path,
+            "new": new_path,
+            "changes": changes,
+            "costs": costs.as_ref().map(|(o, n)| serde_json::json!({"old": o, "new": n})),
+        }));
+        return Ok(ExitCode::Ok);
+    }
+    println!("{} -> {}", old_path.display(), new_path.display());
+    if changes.is_empty() {
+        println!("  no changes in world, exports, imports, bytes, producers or manifest");
+    }
+    for c in &changes {
+        match (c.old.is_empty(), c.new.is_empty()) {
+            (true, _) => println!("  + {}: {}", c.what, Escaped(&c.new)),
+            (_, true) => println!("  - {}: {}", c.what, Escaped(&c.old)),
+            _ => println!("  ~ {}: {} -> {}", c.what, Escaped(&c.old), Escaped(&c.new)),
+        }
+    }
+    if let Some((o, n)) = &costs {
+        println!(
+            "  fuel used:   {} -> {}\n  peak memory: {:.1} MiB -> {:.1} MiB\n  time:        {:.2} ms -> {:.2} ms",
+            o.fuel_used,
+            n.fuel_used,
+            o.peak_memory_bytes as f64 / (1024.0 * 1024.0),
+            n.peak_memory_bytes as f64 / (1024.0 * 1024.0),
+            o.elapsed_ms,
+            n.elapsed_ms
         );
     }
     Ok(ExitCode::Ok)
@@ -285,7 +480,9 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
     let config = workspace(ctx, !is_path(target))?;
     let config = config.as_ref();
     let trusted = trusted_keys(ctx, config)?;
-    let host = host(ctx, config)?;
+    let mut host = host(ctx, config)?;
+    // The report's log is printed below (or is in the JSON): once is enough.
+    host.trace_call_logs(false);
     let plugin = load_target(ctx, &host, config, &trusted, target)?;
     let policy = read_policy(policy_path)?;
     let call = CallContext {
@@ -306,6 +503,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                     "peak_memory_bytes": report.peak_memory_bytes,
                     "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
                     "log": report.log,
+                    "denied": report.denied,
                 }));
             } else {
                 for d in &report.value {
@@ -313,6 +511,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                 }
                 print_costs(
                     &report.log,
+                    &report.denied,
                     report.fuel_used,
                     report.peak_memory_bytes,
                     report.elapsed,
@@ -349,6 +548,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                     "peak_memory_bytes": report.peak_memory_bytes,
                     "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
                     "log": report.log,
+                    "denied": report.denied,
                 }));
             } else {
                 if services.is_empty() {
@@ -357,10 +557,11 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                     );
                 }
                 for r in &report.value {
-                    println!("route -> {}: {}", r.service, r.reason);
+                    println!("route -> {}: {}", Escaped(&r.service), Escaped(&r.reason));
                 }
                 print_costs(
                     &report.log,
+                    &report.denied,
                     report.fuel_used,
                     report.peak_memory_bytes,
                     report.elapsed,
@@ -372,9 +573,19 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
     }
 }
 
-fn print_costs(log: &[String], fuel: u64, peak: u64, elapsed: std::time::Duration) {
+fn print_costs(
+    log: &[String],
+    denied: &[String],
+    fuel: u64,
+    peak: u64,
+    elapsed: std::time::Duration,
+) {
     for line in log {
-        println!("log: {line}");
+        println!("log: {}", Escaped(line));
+    }
+    // What the sandbox refused, as the host saw it.
+    for what in denied {
+        println!("{}", Escaped(what));
     }
     println!(
         "fuel used: {fuel} · peak memory: {:.1} MiB · time: {:.2} ms",
@@ -383,19 +594,38 @@ fn print_costs(log: &[String], fuel: u64, peak: u64, elapsed: std::time::Duratio
     );
 }
 
-fn sign(ctx: &Ctx, path: &Path, key: &Path) -> CmdResult {
+fn sign(
+    ctx: &Ctx,
+    path: &Path,
+    key: &Path,
+    signer: Option<String>,
+    note: Option<String>,
+) -> CmdResult {
     let key = pde::keys::load_signing_key(key)?;
-    let (sig_path, sig) = pde::plugin::signature::sign_file(path, &key)?;
+    let signer = pde::plugin::signature::Signer {
+        name: signer
+            .or_else(|| std::env::var("USER").ok())
+            .unwrap_or_else(|| "unknown".to_string()),
+        note,
+    };
+    // Compiles the component: what inspect refuses is never signed.
+    let host = PluginHost::new(Default::default(), None)?;
+    let (sig_path, sig) = pde::plugin::signature::sign_file(host.engine(), path, &key, &signer)?;
     if ctx.json {
         ctx.print_json(&serde_json::json!({
             "signature_file": sig_path,
             "keyid": sig.keyid,
+            "signer": sig.signer,
+            "signed_at": sig.signed_at,
+            "note": sig.note,
+            "manifest": sig.manifest,
         }));
     } else {
         println!(
-            "signed {} with key {} -> {}",
+            "signed {} and its manifest with key {} as {} -> {}",
             path.display(),
             sig.keyid,
+            Escaped(&sig.signer),
             sig_path.display()
         );
     }
@@ -418,18 +648,35 @@ fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
         .with_context(|| format!("reading {}", path.display()))
         .map_err(Failure::usage_error)?;
     let digest = pde::plugin::sha256_hex(&bytes);
-    let status = pde::plugin::signature::status(path, &digest, &trusted);
+    let manifest_path = pde::plugin::signature::manifest_path(path);
+    let manifest = if manifest_path.is_file() {
+        let m = pde::plugin::manifest::Manifest::load(&manifest_path)?;
+        // The signature covers the manifest, and the manifest pins the bytes.
+        if m.sha256 != digest {
+            return Err(pde::plugin::PluginError::DigestMismatch {
+                plugin: m.name.clone(),
+                path: path.to_path_buf(),
+                expected: m.sha256.clone(),
+                actual: digest,
+            }
+            .into());
+        }
+        Some(m)
+    } else {
+        None
+    };
+    let status = pde::plugin::signature::status(path, manifest.as_ref(), &digest, &trusted);
     match status {
-        SignatureStatus::Valid { keyid } => {
+        SignatureStatus::Valid { .. } => {
             // On failure the CLI prints the error document instead (one JSON document).
             if ctx.json {
                 ctx.print_json(&serde_json::json!({
                     "path": path,
                     "sha256": digest,
-                    "signature": SignatureStatus::Valid { keyid },
+                    "signature": status,
                 }));
             } else {
-                println!("{}: valid signature by key {keyid}", path.display());
+                println!("{}: valid, {}", path.display(), signed_text(&status));
             }
             Ok(ExitCode::Ok)
         }

@@ -86,6 +86,8 @@ pub fn health(r: &HealthReport) {
             .clone()
             .or_else(|| s.status.map(|c| format!("HTTP {c}")))
             .unwrap_or_default();
+        // `why` may quote a target's own response: hostile text too.
+        let why = pde::term::escape(&why);
         println!(
             "  {:<20} {state:<10} {why} ({} ms) {}",
             s.service, s.elapsed_ms, s.url
@@ -102,7 +104,7 @@ pub fn push(r: &PushReport) {
             t.service,
             label(&t.state),
             t.attempts,
-            t.detail
+            pde::term::Escaped(&t.detail)
         );
     }
 }
@@ -117,7 +119,9 @@ pub fn deploy(r: &DeployReport) {
     health(&r.health);
     println!("route");
     for route in &r.routes {
-        println!("  {:<20} {}", route.service, route.reasons.join("; "));
+        // Reasons are a router plugin's own text.
+        let reasons = route.reasons.join("; ");
+        println!("  {:<20} {}", route.service, pde::term::Escaped(&reasons));
     }
     if let Some(p) = &r.push {
         push(p);

@@ -14,7 +14,7 @@ use semver::Version;
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
-use super::sandbox::{CallStats, HostState};
+use super::sandbox::{CallStats, HostState, RunOptions};
 use super::{PluginError, PluginKind};
 use crate::limits::Limits;
 
@@ -169,12 +169,13 @@ impl Prepared {
         engine: &Engine,
         plugin: &str,
         limits: &Limits,
+        options: RunOptions,
         input: &CallInput,
     ) -> Option<Called<RawDiagnostic>> {
         match self {
-            Prepared::V0_1(since_v0_1_0::Prepared::Validator(pre)) => {
-                Some(since_v0_1_0::validate(engine, pre, plugin, limits, input))
-            }
+            Prepared::V0_1(since_v0_1_0::Prepared::Validator(pre)) => Some(since_v0_1_0::validate(
+                engine, pre, plugin, limits, options, input,
+            )),
             Prepared::V0_1(since_v0_1_0::Prepared::Router(_)) => None,
         }
     }
@@ -185,12 +186,13 @@ impl Prepared {
         engine: &Engine,
         plugin: &str,
         limits: &Limits,
+        options: RunOptions,
         input: &CallInput,
         services: &[RawService],
     ) -> Option<Called<RawRoute>> {
         match self {
             Prepared::V0_1(since_v0_1_0::Prepared::Router(pre)) => Some(since_v0_1_0::route(
-                engine, pre, plugin, limits, input, services,
+                engine, pre, plugin, limits, options, input, services,
             )),
             Prepared::V0_1(since_v0_1_0::Prepared::Validator(_)) => None,
         }

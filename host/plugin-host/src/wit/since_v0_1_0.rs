@@ -13,7 +13,7 @@ use wasmtime::component::{Component, HasSelf, Linker};
 
 use super::{CallInput, Called, RawDiagnostic, RawRoute, RawService, RawSeverity};
 use crate::PluginError;
-use crate::sandbox::{self, HostState, LogLevel};
+use crate::sandbox::{self, HostState, LogLevel, RunOptions};
 
 /// The oldest plugin WIT version this module binds.
 pub const MIN_VERSION: Version = Version::new(0, 1, 0);
@@ -22,6 +22,9 @@ mod validator_world {
     wasmtime::component::bindgen!({
         path: "../../wit/v0.1.0",
         world: "validator",
+        // Async exports: the call runs on a fiber, so a guest waiting in a
+        // host call yields to the host's timeout (see `sandbox`).
+        exports: { default: async },
     });
 }
 
@@ -29,6 +32,7 @@ mod router_world {
     wasmtime::component::bindgen!({
         path: "../../wit/v0.1.0",
         world: "router",
+        exports: { default: async },
         with: {
             "pde:plugin/types": super::validator_world::pde::plugin::types,
             "pde:plugin/host": super::validator_world::pde::plugin::host,
@@ -53,11 +57,12 @@ impl host::Host for HostState {
     }
 }
 
-/// The linker for 0.1.0 plugins: WASI p2 (sync, nothing behind it) + `host`.
+/// The linker for 0.1.0 plugins: WASI p2 (async, so waits yield to the
+/// call's timeout; nothing behind it) + `host`.
 pub fn linker(engine: &Engine) -> Result<Linker<HostState>, PluginError> {
     let mut linker = Linker::new(engine);
     let fail = |e: wasmtime::Error| PluginError::Engine(format!("linking WIT 0.1.0: {e:#}"));
-    wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(fail)?;
+    sandbox::link_wasi(&mut linker).map_err(fail)?;
     validator_world::Validator::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
         .map_err(fail)?;
     Ok(linker)
@@ -112,12 +117,13 @@ pub fn validate(
     pre: &validator_world::ValidatorPre<HostState>,
     plugin: &str,
     limits: &crate::limits::Limits,
+    options: RunOptions,
     input: &CallInput,
 ) -> Called<RawDiagnostic> {
     let (p, c) = policy(input);
-    let (out, stats) = sandbox::run(engine, plugin, limits, |store| {
-        let instance = pre.instantiate(&mut *store)?;
-        instance.call_validate(&mut *store, &p, &c)
+    let (out, stats) = sandbox::run(engine, plugin, limits, options, async |store| {
+        let instance = pre.instantiate_async(&mut *store).await?;
+        instance.call_validate(&mut *store, &p, &c).await
     })?;
     let out = out.map(|list| {
         list.into_iter()
@@ -142,6 +148,7 @@ pub fn route(
     pre: &router_world::RouterPre<HostState>,
     plugin: &str,
     limits: &crate::limits::Limits,
+    options: RunOptions,
     input: &CallInput,
     services: &[RawService],
 ) -> Called<RawRoute> {
@@ -154,9 +161,9 @@ pub fn route(
             labels: s.labels.clone(),
         })
         .collect();
-    let (out, stats) = sandbox::run(engine, plugin, limits, |store| {
-        let instance = pre.instantiate(&mut *store)?;
-        instance.call_route(&mut *store, &p, &c, &services)
+    let (out, stats) = sandbox::run(engine, plugin, limits, options, async |store| {
+        let instance = pre.instantiate_async(&mut *store).await?;
+        instance.call_route(&mut *store, &p, &c, &services).await
     })?;
     let out = out.map(|list| {
         list.into_iter()

@@ -1,0 +1,432 @@
+//! Hostile plugins through the `pde` binary (issue 9): what a reviewer or a
+//! release engineer sees, with the exit codes of DESIGN §8. Real components
+//! built from `plugins/fixtures/misbehave`, real workspaces, real processes.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use support::Workspace;
+
+fn pde(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pde"))
+        .arg("-C")
+        .arg(dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("pde runs")
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().expect("exited normally")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}\nstderr: {}",
+            text(&o.stdout),
+            text(&o.stderr)
+        )
+    })
+}
+
+fn misbehave() -> &'static Path {
+    Path::new(pde_plugin_artifacts::MISBEHAVE)
+}
+
+/// A workspace whose only plugin is `misbehave` named `name`, with `extra`
+/// manifest text (settings, limits).
+fn workspace_with(name: &str, extra: &str, envs: &str) -> Workspace {
+    let ws = Workspace::new(envs);
+    ws.install_plugin(name, "validator", misbehave(), extra, false);
+    ws.commit("init");
+    ws
+}
+
+#[test]
+fn a_sleeping_plugin_is_a_plugin_fault_at_its_timeout() {
+    let ws = workspace_with(
+        "sleepy",
+        "[settings]\nmode = \"sleep\"\nseconds = 60\n[limits]\ntimeout_ms = 500\n",
+        "",
+    );
+    let start = Instant::now();
+    let o = pde(ws.root(), &["validate", "42"]);
+    let took = start.elapsed();
+    assert_eq!(code(&o), 5, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(err.contains("sleepy timed out after 500 ms"), "{err}");
+    // Process start, compile and two calls (neutral run) fit well within this.
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+/// Control characters a terminal would act on, other than the newlines
+/// that end output lines.
+fn unsafe_chars(s: &str) -> Vec<char> {
+    s.chars()
+        .filter(|&c| c != '\n' && pde::term::is_unsafe(c))
+        .collect()
+}
+
+#[test]
+fn plugin_text_reaches_a_terminal_escaped_and_json_exact() {
+    let ws = workspace_with("ansi", "[settings]\nmode = \"ansi\"\n", "");
+    let policy = ws.root().join("policies/42.json");
+    let policy = policy.to_str().unwrap();
+
+    let o = pde(
+        ws.root(),
+        &["-v", "plugin", "test", "ansi", "--policy", policy],
+    );
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    let (out, err) = (text(&o.stdout), text(&o.stderr));
+    assert_eq!(unsafe_chars(&out), Vec::<char>::new(), "{out}");
+    assert_eq!(unsafe_chars(&err), Vec::<char>::new(), "{err}");
+    assert!(out.contains("\\u{1b}]52;c;"), "{out}");
+    // The forged line is not a line of its own, and the real verdict stands.
+    assert!(!out.lines().any(|l| l.starts_with("forged line")), "{out}");
+    assert!(
+        !out.lines().any(|l| l.starts_with("verdict: pass")),
+        "{out}"
+    );
+    assert!(out.contains("verdict: fail"), "{out}");
+
+    // `pde validate` prints the same diagnostic for people, escaped.
+    let o = pde(ws.root(), &["-v", "validate", "42"]);
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    assert_eq!(unsafe_chars(&text(&o.stdout)), Vec::<char>::new());
+    assert_eq!(unsafe_chars(&text(&o.stderr)), Vec::<char>::new());
+
+    // JSON keeps the exact bytes.
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin", "test", "ansi", "--policy", policy, "--output", "json",
+        ],
+    );
+    let report = json(&o);
+    let ansi =
+        "\x1b[2K\rverdict: pass\x1b]0;owned\x07\x1b]52;c;ZXZpbA==\x07\u{9b}1A\nforged line\x7f";
+    assert_eq!(
+        report["diagnostics"][0]["message"],
+        format!("message {ansi}")
+    );
+}
+
+#[test]
+fn each_log_line_is_printed_once() {
+    let ws = workspace_with("chatty", "[settings]\nmode = \"chatty\"\nlines = 50\n", "");
+    let policy = ws.root().join("policies/42.json");
+    let o = pde(
+        ws.root(),
+        &[
+            "-v",
+            "plugin",
+            "test",
+            "chatty",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let all = text(&o.stdout) + &text(&o.stderr);
+    assert_eq!(all.matches("log 00000007 ").count(), 1, "{all}");
+    assert_eq!(all.matches("out 00000007 ").count(), 1, "{all}");
+}
+
+const PRODUCTION: &str = "[environments.production]\nrequire_signed_plugins = true\n";
+
+#[test]
+fn validate_in_production_refuses_an_unsigned_plugin_with_exit_6() {
+    let ws = workspace_with("unsigned", "[settings]\nmode = \"ok\"\n", PRODUCTION);
+    let o = pde(ws.root(), &["validate", "42", "--env", "production"]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("unsigned"), "{}", text(&o.stderr));
+    // Without an environment there is no gate to apply.
+    assert_eq!(code(&pde(ws.root(), &["validate", "42"])), 0);
+}
+
+#[test]
+fn a_manifest_edited_after_signing_fails_verify_and_the_production_gate() {
+    let ws = Workspace::new(PRODUCTION);
+    ws.install_plugin(
+        "bounds",
+        "validator",
+        misbehave(),
+        "[settings]\nmode = \"ok\"\nmax = 5000\n",
+        false,
+    );
+    let wasm = ws.root().join("plugins/bounds.wasm");
+    let wasm = wasm.to_str().unwrap();
+    let key = ws.root().join("keys/security.ed25519");
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "sign",
+            wasm,
+            "--key",
+            key.to_str().unwrap(),
+            "--signer",
+            "Sec Team",
+            "--note",
+            "SEC-42",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    ws.commit("signed");
+
+    let o = pde(ws.root(), &["plugin", "verify", wasm]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.contains("signed by Sec Team") && out.contains("SEC-42"),
+        "{out}"
+    );
+    let list = json(&pde(ws.root(), &["plugin", "list", "--output", "json"]));
+    assert_eq!(list[0]["signature"]["signer"], "Sec Team", "{list}");
+    assert_eq!(list[0]["signature"]["note"], "SEC-42", "{list}");
+    let o = pde(ws.root(), &["validate", "42", "--env", "production"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+
+    // Raise a setting after the review.
+    let toml = ws.root().join("plugins/bounds.toml");
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("max = 5000", "max = 999999999");
+    std::fs::write(&toml, edited).unwrap();
+    ws.commit("raise max");
+    let o = pde(ws.root(), &["plugin", "verify", wasm]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stdout));
+    assert!(
+        text(&o.stderr).contains("manifest changed"),
+        "{}",
+        text(&o.stderr)
+    );
+    let list = pde(ws.root(), &["plugin", "list"]);
+    assert!(
+        text(&list.stdout).contains("INVALID"),
+        "{}",
+        text(&list.stdout)
+    );
+    let o = pde(ws.root(), &["validate", "42", "--env", "production"]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stderr));
+    let o = pde(ws.root(), &["plan", "42", "--env", "production"]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stderr));
+}
+
+#[test]
+fn a_revoked_key_fails_verify() {
+    let ws = Workspace::new("");
+    ws.install_plugin("p", "validator", misbehave(), "", true);
+    let wasm = ws.root().join("plugins/p.wasm");
+    let wasm = wasm.to_str().unwrap();
+    assert_eq!(code(&pde(ws.root(), &["plugin", "verify", wasm])), 0);
+    let keyid = pde::keys::key_id(
+        &pde::keys::load_public_key(&ws.root().join("keys/security.ed25519.pub")).unwrap(),
+    );
+    let config = std::fs::read_to_string(ws.root().join("pde.toml"))
+        .unwrap()
+        .replace(
+            "plugin_keys = [\"keys/security.ed25519.pub\"]",
+            &format!("plugin_keys = [\"keys/security.ed25519.pub\"]\nrevoked = [\"{keyid}\"]"),
+        );
+    std::fs::write(ws.root().join("pde.toml"), config).unwrap();
+    let o = pde(ws.root(), &["plugin", "verify", wasm]);
+    assert_eq!(code(&o), 6);
+    assert!(text(&o.stderr).contains("revoked"), "{}", text(&o.stderr));
+}
+
+#[test]
+fn sign_refuses_bytes_that_are_not_a_component() {
+    let ws = Workspace::new("");
+    let wasm = ws.root().join("plugins/junk.wasm");
+    std::fs::write(&wasm, b"definitely not wasm").unwrap();
+    let sum = pde::plugin::sha256_hex(b"definitely not wasm");
+    std::fs::write(
+        ws.root().join("plugins/junk.toml"),
+        format!("name = \"junk\"\nkind = \"validator\"\nversion = \"1\"\nsha256 = \"{sum}\"\n"),
+    )
+    .unwrap();
+    let key = ws.root().join("keys/security.ed25519");
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "sign",
+            wasm.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 5, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("not WebAssembly"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(!ws.root().join("plugins/junk.wasm.sig").exists());
+}
+
+#[test]
+fn plugin_test_shows_what_the_sandbox_denied() {
+    let ws = workspace_with("snoop", "[settings]\nmode = \"read-file\"\n", "");
+    let policy = ws.root().join("policies/42.json");
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "test",
+            "snoop",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("tried wasi:filesystem") && l.ends_with("denied")),
+        "{out}"
+    );
+    // And `-v validate` logs it.
+    let o = pde(ws.root(), &["-v", "validate", "42"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("tried wasi:filesystem"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn inspect_shows_manifest_pin_signature_world_and_capabilities() {
+    let ws = Workspace::new("");
+    ws.install_plugin(
+        "bounds",
+        "validator",
+        misbehave(),
+        "[limits]\ntimeout_ms = 700\n[settings]\nmode = \"ok\"\n",
+        true,
+    );
+    let o = pde(
+        ws.root(),
+        &["plugin", "inspect", "bounds", "--output", "json"],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let r = json(&o);
+    assert_eq!(r["manifest"]["version"], "1.0.0", "{r}");
+    assert_eq!(r["manifest"]["limits"]["timeout_ms"], 700, "{r}");
+    assert_eq!(r["manifest"]["settings"]["mode"], "ok", "{r}");
+    assert_eq!(r["sha256_matches_manifest"], true, "{r}");
+    assert_eq!(r["signature"]["status"], "valid", "{r}");
+    assert_eq!(r["signature"]["signer"], "security team", "{r}");
+    assert_eq!(r["kind"], "validator", "{r}");
+    assert_eq!(r["exports"], serde_json::json!(["validate"]), "{r}");
+    let caps = r["capabilities"].as_array().unwrap();
+    assert!(
+        caps.iter().any(|c| c["import"]
+            .as_str()
+            .unwrap()
+            .starts_with("wasi:filesystem/")
+            && c["granted"] == false),
+        "{r}"
+    );
+
+    // Human output says the same, and a changed file shows in the pin.
+    let wasm = ws.root().join("plugins/bounds.wasm");
+    let mut bytes = std::fs::read(&wasm).unwrap();
+    // A custom section: still a valid component, other bytes.
+    bytes.extend_from_slice(b"\0\x05\x04nope");
+    std::fs::write(&wasm, bytes).unwrap();
+    let o = pde(ws.root(), &["plugin", "inspect", wasm.to_str().unwrap()]);
+    let out = text(&o.stdout);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(out.contains("pinned sha256: DOES NOT MATCH"), "{out}");
+    assert!(out.contains("signature: INVALID"), "{out}");
+    assert!(out.contains("limits:   {\"timeout_ms\":700}"), "{out}");
+    assert!(out.contains("DENIED  wasi:sockets/tcp"), "{out}");
+}
+
+#[test]
+fn diff_shows_what_a_reviewer_approves() {
+    let ws = Workspace::new("");
+    let dirs = ["old", "new"].map(|d| ws.root().join(d));
+    for (dir, extra) in dirs.iter().zip([
+        "[limits]\ntimeout_ms = 500\n[settings]\nmode = \"ok\"\nmax = 5000\n",
+        "[limits]\ntimeout_ms = 1500\n[settings]\nmode = \"ok\"\nmax = 999999999\n",
+    ]) {
+        std::fs::create_dir_all(dir).unwrap();
+        let wasm = dir.join("misbehave.wasm");
+        std::fs::copy(misbehave(), &wasm).unwrap();
+        let sum = pde::plugin::sha256_hex(&std::fs::read(&wasm).unwrap());
+        std::fs::write(
+            dir.join("misbehave.toml"),
+            format!("name = \"misbehave\"\nkind = \"validator\"\nversion = \"1.0.0\"\nsha256 = \"{sum}\"\n{extra}"),
+        )
+        .unwrap();
+    }
+    let (old, new) = (
+        dirs[0].join("misbehave.wasm"),
+        dirs[1].join("misbehave.wasm"),
+    );
+    let policy = ws.root().join("policies/42.json");
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "diff",
+            old.to_str().unwrap(),
+            new.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let r = json(&o);
+    let changes: Vec<(String, String, String)> = r["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let s = |k: &str| c[k].as_str().unwrap().to_string();
+            (s("what"), s("old"), s("new"))
+        })
+        .collect();
+    assert_eq!(
+        changes,
+        vec![
+            ("limits.timeout_ms".into(), "500".into(), "1500".into()),
+            ("settings.max".into(), "5000".into(), "999999999".into()),
+        ]
+    );
+    assert!(r["costs"]["old"]["fuel_used"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["costs"]["new"]["fuel_used"].as_u64().unwrap() > 0, "{r}");
+
+    // Another component: world, exports, size and producers all show.
+    let o = pde(
+        ws.root(),
+        &[
+            "plugin",
+            "diff",
+            pde_plugin_artifacts::ELIGIBILITY_BOUNDS,
+            pde_plugin_artifacts::CATEGORY_ROUTER,
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let out = text(&o.stdout);
+    assert!(out.contains("~ world: validator -> router"), "{out}");
+    assert!(out.contains("- export removed: validate"), "{out}");
+    assert!(out.contains("+ export added: route"), "{out}");
+    assert!(out.contains("~ size:"), "{out}");
+}
