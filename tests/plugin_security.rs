@@ -1,6 +1,8 @@
 //! Hostile plugins through the `pde` binary (issue 9): what a reviewer or a
 //! release engineer sees, with the exit codes of DESIGN §8. Real components
 //! built from `plugins/fixtures/misbehave`, real workspaces, real processes.
+// Test code: a failed unwrap is a failed test, with its location.
+#![allow(clippy::unwrap_used)]
 
 mod support;
 
