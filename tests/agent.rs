@@ -1693,3 +1693,73 @@ async fn v1_state_is_migrated() {
     assert_eq!(body["outcome"], "deactivated");
     assert_eq!(active_all(&c, &agent.base).await, actives(&[("42", &a42)]));
 }
+
+/// Peak resident memory of a process, from `/proc/<pid>/status`.
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb * 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_flood_of_large_unsigned_bodies_stays_within_a_memory_bound() {
+    // 16 parallel 16 MiB bodies from someone with no trusted key, shaped to
+    // cost the most to parse (a million tiny objects). The agent must stay
+    // under 256 MiB and still serve a real deploy afterwards.
+    const BOUND: u64 = 256 << 20;
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = spawn_agent(&dir.path().join("data"), &s.public, &dir.path().join("log"));
+    let head = format!(
+        "{{\"env\":\"prod\",\"bundle\":{{\"format\":\"pde.bundle/v1\",\"digest\":\"sha256:{}\",\"signatures\":[],\"payload\":{{\"manifest\":{{}},\"policy\":{{\"rules\":[",
+        "0".repeat(64)
+    );
+    let tail = "{}]}}}}";
+    let room = (16 << 20) - 1024 - head.len() - tail.len();
+    let body = format!("{head}{}{tail}", "{\"k\":1},".repeat(room / 8));
+    assert!(body.len() < 16 << 20);
+    let body = std::sync::Arc::new(body);
+    let c = client();
+    let floods: Vec<_> = (0..16)
+        .map(|i| {
+            let c = c.clone();
+            let body = body.clone();
+            let url = format!("{}/deploy", agent.base);
+            tokio::spawn(async move {
+                c.post(url)
+                    .header("Idempotency-Key", format!("flood-{i}"))
+                    .header("Content-Type", "application/json")
+                    .body(body.as_str().to_owned())
+                    .send()
+                    .await
+                    .map(|r| r.status())
+            })
+        })
+        .collect();
+    for f in floods {
+        let status = f.await.unwrap().unwrap();
+        assert_eq!(
+            status,
+            StatusCode::FORBIDDEN,
+            "an unsigned bundle is refused"
+        );
+    }
+    let peak = peak_rss_bytes(agent.child.id());
+    assert!(
+        peak < BOUND,
+        "agent peaked at {} MiB for 16 parallel 16 MiB bodies (bound {} MiB)",
+        peak >> 20,
+        BOUND >> 20
+    );
+    // Still serving, and a real deploy goes through.
+    let a = sealed(&s, "1.0.0");
+    assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await.as_deref(),
+        Some(a.digest.as_str())
+    );
+}

@@ -35,6 +35,7 @@ pub fn start_agent(data_dir: &Path, trusted: &Path) -> String {
         max_body_bytes: 16 << 20,
         keep: 10,
         on_activate: None,
+        max_concurrent_deploys: 4,
     };
     let agent = pde_agent::Agent::open(cfg).expect("agent opens");
     let listener = runtime()

@@ -13,7 +13,10 @@ use std::path::{Path, PathBuf};
 use pde_core::keys::TrustedKeys;
 use pde_core::secret;
 
-use crate::{Agent, AgentConfig, AgentError, DEFAULT_KEEP, DEFAULT_MAX_BODY_BYTES};
+use crate::{
+    Agent, AgentConfig, AgentError, DEFAULT_KEEP, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENT_DEPLOYS,
+};
 
 /// Run the receiving service that `pde deploy` pushes bundles to.
 #[derive(Debug, clap::Args)]
@@ -42,6 +45,10 @@ pub struct AgentArgs {
     /// Shell command run after each activation, with the bundle path appended.
     #[arg(long, value_name = "CMD")]
     pub on_activate: Option<String>,
+    /// Deploy bodies read and verified at once; others wait before their
+    /// body is read (bounds memory under a flood).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONCURRENT_DEPLOYS)]
+    pub max_concurrent_deploys: usize,
 }
 
 impl AgentArgs {
@@ -71,6 +78,7 @@ impl AgentArgs {
             max_body_bytes: self.max_body_bytes,
             keep: self.keep,
             on_activate: self.on_activate,
+            max_concurrent_deploys: self.max_concurrent_deploys,
         })
     }
 }

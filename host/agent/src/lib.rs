@@ -44,6 +44,8 @@ pub use store::ActiveRecord;
 
 /// Default `--max-body-bytes`: 16 MiB.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Default `--max-concurrent-deploys`.
+pub const DEFAULT_MAX_CONCURRENT_DEPLOYS: usize = 4;
 /// Default `--keep`: stored bundles kept.
 pub const DEFAULT_KEEP: usize = 10;
 
@@ -64,6 +66,9 @@ pub struct AgentConfig {
     pub keep: usize,
     /// Shell command run after each activation, with the bundle path appended.
     pub on_activate: Option<String>,
+    /// Deploy bodies read and verified at once; the rest wait before their
+    /// body is read, so memory stays bounded whatever is sent.
+    pub max_concurrent_deploys: usize,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -76,6 +81,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("keep", &self.keep)
             .field("on_activate", &self.on_activate)
+            .field("max_concurrent_deploys", &self.max_concurrent_deploys)
             .finish()
     }
 }
@@ -92,6 +98,7 @@ impl AgentConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             keep: DEFAULT_KEEP,
             on_activate: None,
+            max_concurrent_deploys: DEFAULT_MAX_CONCURRENT_DEPLOYS,
         }
     }
 }
@@ -178,6 +185,11 @@ impl Agent {
                 "--keep must be at least 1 (the active bundle is always kept)".into(),
             ));
         }
+        if cfg.max_concurrent_deploys == 0 {
+            return Err(AgentError::Config(
+                "--max-concurrent-deploys must be at least 1".into(),
+            ));
+        }
         if cfg.max_body_bytes == 0 {
             return Err(AgentError::Config(
                 "--max-body-bytes must be at least 1".into(),
@@ -255,6 +267,7 @@ impl Agent {
                 .map(|t| auth::TokenCheck::new(t.expose_secret())),
             state: routes::AppState {
                 store: Arc::new(Mutex::new(store)),
+                deploy_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_deploys)),
                 hooks: Arc::default(),
                 settings: Arc::new(routes::Settings {
                     trusted: cfg.trusted,

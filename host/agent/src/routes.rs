@@ -14,7 +14,7 @@ use std::time::Instant;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{FromRequest, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -39,6 +39,9 @@ pub use pde_core::wire::PROTOCOL_VERSIONS;
 /// Longest idempotency key accepted.
 const MAX_KEY_LEN: usize = 512;
 
+/// How long a deploy body may take to arrive once its slot is granted.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Everything a handler needs.
 #[derive(Clone)]
 pub struct AppState {
@@ -46,6 +49,8 @@ pub struct AppState {
     pub store: Arc<Mutex<Store>>,
     /// Immutable settings.
     pub settings: Arc<Settings>,
+    /// Deploy bodies read and verified at once (`--max-concurrent-deploys`).
+    pub deploy_slots: Arc<tokio::sync::Semaphore>,
     /// The queue of the activation-hook worker, started on first use.
     pub hooks: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HookJob>>>,
 }
@@ -228,12 +233,50 @@ where
 }
 
 /// Parses and verifies a deploy body: `{bundle, env}`.
+///
+/// Cheap checks come first and allocate next to nothing, so a flood of large
+/// bodies from someone without a trusted key costs a scan, not a parse:
+/// 1. the envelope and the bundle's head (`format`, `digest`, `signatures`)
+///    are read as borrowed slices of the body; the payload is not parsed;
+/// 2. the signatures are checked against the *claimed* digest string, which
+///    is what they sign;
+/// 3. only then is the payload parsed and its canonical digest recomputed,
+///    which must equal the claimed one.
+///
+/// The payload is stored as received, unknown fields included, so the stored
+/// file still hashes to its digest.
 fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), ApiError> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::bad_request("malformed_request", format!("body is not JSON: {e}"))
+    use std::borrow::Cow;
+
+    use serde_json::value::RawValue;
+
+    #[derive(serde::Deserialize)]
+    struct Envelope<'a> {
+        #[serde(borrow, default)]
+        env: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        bundle: Option<&'a RawValue>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Head<'a> {
+        #[serde(borrow, default)]
+        format: Option<Cow<'a, str>>,
+        #[serde(borrow, default)]
+        digest: Option<Cow<'a, str>>,
+        #[serde(default)]
+        signatures: Option<Vec<pde_core::keys::Signature>>,
+        #[serde(borrow, default)]
+        payload: Option<&'a RawValue>,
+    }
+
+    let envelope: Envelope<'_> = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(
+            "malformed_request",
+            format!("body is not a JSON object of the deploy request: {e}"),
+        )
     })?;
-    let env = match value.get("env") {
-        Some(Value::String(env)) if !env.trim().is_empty() => env.clone(),
+    let env = match envelope.env {
+        Some(env) if !env.trim().is_empty() => env.into_owned(),
         _ => {
             return Err(ApiError::bad_request(
                 "malformed_request",
@@ -241,23 +284,54 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
             ));
         }
     };
-    let Some(Value::Object(raw)) = value.get("bundle") else {
-        return Err(ApiError::bad_request(
-            "malformed_request",
-            "`bundle` must be a pde.bundle/v1 object",
-        ));
-    };
-    // Keep exactly what the digest and signatures cover, plus the fields that
-    // carry them; the payload is stored as received, unknown fields included,
-    // so the stored file still hashes to its digest.
-    let mut kept = serde_json::Map::new();
-    for field in ["format", "digest", "signatures", "payload"] {
-        if let Some(v) = raw.get(field) {
-            kept.insert(field.to_string(), v.clone());
-        }
+    let raw = envelope
+        .bundle
+        .filter(|b| b.get().trim_start().starts_with('{'))
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "malformed_request",
+                "`bundle` must be a pde.bundle/v1 object",
+            )
+        })?;
+    let head: Head<'_> = serde_json::from_str(raw.get())
+        .map_err(|e| bundle_error(&BundleError::Malformed(e.to_string())))?;
+    let format = head.format.as_deref().unwrap_or_default();
+    if format != pde_core::bundle::FORMAT {
+        return Err(bundle_error(&BundleError::Format(format.to_string())));
     }
+    let (Some(digest), Some(payload)) = (head.digest, head.payload) else {
+        return Err(bundle_error(&BundleError::Malformed(
+            "a bundle needs `digest` and `payload`".into(),
+        )));
+    };
+    let signatures = head.signatures.unwrap_or_default();
+    if settings.check_signatures {
+        settings
+            .trusted
+            .verify_any(digest.as_bytes(), &signatures)
+            .map_err(|source| {
+                bundle_error(&BundleError::Signature {
+                    digest: digest.to_string(),
+                    source,
+                })
+            })?;
+    } else {
+        warn!(%digest, "accepting bundle WITHOUT checking its signature (--insecure-accept-unsigned)");
+    }
+    // Signed by a trusted key (or explicitly unchecked): now the real work.
+    let payload: Value = serde_json::from_str(payload.get())
+        .map_err(|e| bundle_error(&BundleError::Malformed(e.to_string())))?;
+    let mut kept = serde_json::Map::new();
+    kept.insert("format".into(), Value::String(format.to_string()));
+    kept.insert("digest".into(), Value::String(digest.into_owned()));
+    kept.insert(
+        "signatures".into(),
+        serde_json::to_value(&signatures).unwrap_or_default(),
+    );
+    kept.insert("payload".into(), payload);
     let kept = Value::Object(kept);
-    let bundle = Bundle::from_value(kept.clone()).map_err(|e| bundle_error(&e))?;
+    let bytes = canonical_json(&kept);
+    let bundle = Bundle::from_value(kept).map_err(|e| bundle_error(&e))?;
     let policy_id = &bundle.payload.manifest.policy_id;
     if !is_valid_policy_id(policy_id) {
         return Err(ApiError::bad_request(
@@ -267,19 +341,12 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
             ),
         ));
     }
-    if settings.check_signatures {
-        bundle
-            .verify_signature(&settings.trusted)
-            .map_err(|e| bundle_error(&e))?;
-    } else {
-        warn!(digest = %bundle.digest, "accepting bundle WITHOUT checking its signature (--insecure-accept-unsigned)");
-    }
     Ok((
         Incoming {
             digest: bundle.digest.clone(),
             version: bundle.payload.manifest.version.clone(),
             policy_id: bundle.payload.manifest.policy_id.clone(),
-            bytes: canonical_json(&kept),
+            bytes,
         },
         env,
     ))
@@ -384,14 +451,35 @@ async fn hook_worker(
 }
 
 /// `POST /deploy`.
-pub async fn deploy(
-    State(app): State<AppState>,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let key = idempotency_key(&headers).inspect_err(|e| {
+pub async fn deploy(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let key = idempotency_key(request.headers()).inspect_err(|e| {
         warn!(outcome = "rejected", error = e.code, "deploy rejected");
     })?;
+    // Bodies are read only with a slot: at most `deploy_slots` of them are
+    // in memory at once, whoever sends them. A slow sender gives its slot up
+    // after BODY_TIMEOUT.
+    let _slot = app
+        .deploy_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|e| ApiError::internal("the deploy queue closed", e))?;
+    let read = tokio::time::timeout(BODY_TIMEOUT, Bytes::from_request(request, &())).await;
+    let Ok(body) = read else {
+        warn!(
+            outcome = "rejected",
+            error = "request_timeout",
+            "deploy body too slow"
+        );
+        return Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        ));
+    };
     let body = body_bytes(body, app.settings.max_body_bytes)?;
     let settings = app.settings.clone();
     let parsed = tokio::task::spawn_blocking(move || parse_deploy(&body, &settings))
