@@ -7,4 +7,15 @@ cd "$(dirname "$0")/.."
 ensure_wasm_target
 cargo fmt --all --check
 cargo test --workspace --locked "$@"
+# The binaries install from the checkout as users install them (`cargo
+# install --path`), without the wasm target or the example plugins; debug
+# profile and this target dir, so nothing is compiled twice.
+install_root=$(mktemp -d "${TMPDIR:-/tmp}/pde-install.XXXXXX")
+for crate in host/cli host/agent; do
+    CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target} \
+        cargo install --locked --debug --quiet --path "$crate" --root "$install_root"
+done
+"$install_root/bin/pde" --version
+"$install_root/bin/pde-agent" --version
+rm -rf "$install_root"
 cargo clippy --workspace --all-targets --locked -- -D warnings

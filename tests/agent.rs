@@ -1763,3 +1763,93 @@ async fn a_flood_of_large_unsigned_bodies_stays_within_a_memory_bound() {
         Some(a.digest.as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_what_happens_in_the_prometheus_text_format() {
+    let s = signer();
+    let agent = start(&s).await;
+    let c = client();
+    let scrape = || async {
+        let r = c
+            .get(format!("{}/metrics", agent.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let text = r.text().await.unwrap();
+        // An independent parser: the `prometheus-parse` crate.
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let parsed = prometheus_parse::Scrape::parse(lines).unwrap();
+        parsed
+            .samples
+            .into_iter()
+            .map(|s| {
+                let mut labels: Vec<String> =
+                    s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                labels.sort();
+                let value = match s.value {
+                    prometheus_parse::Value::Counter(v)
+                    | prometheus_parse::Value::Gauge(v)
+                    | prometheus_parse::Value::Untyped(v) => v,
+                    _ => f64::NAN,
+                };
+                (format!("{}{{{}}}", s.metric, labels.join(",")), value)
+            })
+            .collect::<std::collections::BTreeMap<String, f64>>()
+    };
+    let before = scrape().await;
+    assert_eq!(
+        before.get("pde_agent_last_activation_timestamp_seconds{}"),
+        Some(&0.0)
+    );
+
+    let a = sealed(&s, "1.0.0");
+    let b = sealed(&s, "1.1.0");
+    assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+    assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK); // a repeat
+    assert_eq!(deploy(&c, &agent.base, &b).await.0, StatusCode::OK);
+    // Signed by nobody we trust: refused, and counted by reason.
+    let stranger = signer();
+    let forged = sealed(&stranger, "9.9.9");
+    assert_eq!(
+        deploy(&c, &agent.base, &forged).await.0,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        rollback(&c, &agent.base, "42", Value::Null).await.0,
+        StatusCode::OK
+    );
+
+    let after = scrape().await;
+    let get = |k: &str| {
+        after
+            .get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in {after:?}"))
+    };
+    assert_eq!(get("pde_agent_deploys_total{outcome=activated}"), 2.0);
+    assert_eq!(get("pde_agent_deploys_total{outcome=unchanged}"), 1.0);
+    assert_eq!(
+        get("pde_agent_rejected_requests_total{reason=signature}"),
+        1.0
+    );
+    assert_eq!(get("pde_agent_rollbacks_total{outcome=rolled-back}"), 1.0);
+    assert_eq!(
+        get("pde_agent_active_policy{policy_id=42,version=1.0.0}"),
+        1.0
+    );
+    assert!(
+        !after.keys().any(|k| k.contains("version=1.1.0")),
+        "{after:?}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let last = get("pde_agent_last_activation_timestamp_seconds{}");
+    assert!(
+        (now - last).abs() < 600.0,
+        "last activation {last}, now {now}"
+    );
+    assert_eq!(get("pde_agent_hook_failures_total{}"), 0.0);
+}

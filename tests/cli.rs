@@ -343,3 +343,199 @@ fn a_hung_audit_sink_is_bounded_and_a_killed_run_loses_nothing() {
     let got = good.got.lock().unwrap().clone();
     assert_eq!(got, records, "every record, in order, byte for byte");
 }
+
+/// Every command and subcommand of the CLI, as a user types them.
+const COMMANDS: &[&str] = &[
+    "deploy",
+    "validate",
+    "package",
+    "plan",
+    "env",
+    "status",
+    "history",
+    "rollback",
+    "audit",
+    "keygen",
+    "init",
+    "plugin",
+    "agent",
+    "completions",
+    "man",
+];
+const SUBCOMMANDS: &[&str] = &[
+    "check", "verify", "show", "export", "list", "inspect", "test", "sign", "diff",
+];
+
+#[test]
+fn completions_and_man_pages_cover_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    for shell in ["bash", "zsh", "fish"] {
+        let o = pde(dir.path(), &["completions", shell]);
+        assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+        let script = String::from_utf8(o.stdout).unwrap();
+        for name in COMMANDS.iter().chain(SUBCOMMANDS) {
+            assert!(script.contains(name), "{shell} completion lacks {name}");
+        }
+    }
+    assert_eq!(code(&pde(dir.path(), &["completions", "tcsh"])), 2);
+
+    let o = pde(dir.path(), &["man", "--out", "man"]);
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let page = |name: &str| dir.path().join("man").join(format!("{name}.1"));
+    let top = std::fs::read_to_string(page("pde")).unwrap();
+    assert!(top.starts_with(".ie") || top.contains(".TH pde"), "{top}");
+    for name in COMMANDS {
+        assert!(
+            page(&format!("pde-{name}")).is_file(),
+            "no man page for {name}"
+        );
+        assert!(top.contains(name), "pde.1 does not list {name}");
+    }
+    for name in ["plugin-inspect", "plugin-diff", "audit-verify", "env-check"] {
+        assert!(
+            page(&format!("pde-{name}")).is_file(),
+            "no man page for {name}"
+        );
+    }
+}
+
+#[test]
+fn version_says_what_a_bug_report_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = pde(dir.path(), &["--version"]);
+    assert_eq!(code(&o), 0);
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        text.starts_with(&format!("pde {}", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
+    for needed in [
+        "commit: ",
+        "wasmtime: 48.",
+        "plugin WIT: pde:plugin@0.1.0",
+        "bundle formats: pde.bundle/",
+        "push protocol: v2",
+    ] {
+        assert!(text.contains(needed), "--version lacks {needed:?}:\n{text}");
+    }
+    assert!(
+        !text.contains("commit: unknown"),
+        "built from a git checkout:\n{text}"
+    );
+}
+
+#[test]
+fn the_systemd_unit_is_hardened_and_verifies() {
+    let unit_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/systemd/pde-agent.service");
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    for key in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "ReadWritePaths=/var/lib/pde-agent",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "LoadCredential=agent-token:",
+        "--token-file %d/agent-token",
+        "MemoryDenyWriteExecute=yes",
+        "CapabilityBoundingSet=\n",
+    ] {
+        assert!(unit.contains(key), "the unit lacks {key:?}");
+    }
+    // The agent it starts takes exactly these flags.
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart=/usr/local/bin/pde-agent "))
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let o = pde(dir.path(), &["agent", "--help"]);
+    let help = String::from_utf8(o.stdout).unwrap();
+    for flag in exec.split_whitespace().filter(|w| w.starts_with("--")) {
+        assert!(help.contains(flag), "pde agent has no {flag}");
+    }
+    // systemd's own checker, with the binary path pointed at a real one.
+    if let Ok(out) = Command::new("systemd-analyze").arg("--version").output()
+        && out.status.success()
+    {
+        let copy = dir.path().join("pde-agent.service");
+        let real = format!("ExecStart={} agent ", env!("CARGO_BIN_EXE_pde"));
+        std::fs::write(
+            &copy,
+            unit.replace("ExecStart=/usr/local/bin/pde-agent ", &real),
+        )
+        .unwrap();
+        let o = Command::new("systemd-analyze")
+            .args(["verify"])
+            .arg(&copy)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "systemd-analyze verify: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+#[test]
+fn agent_logs_can_be_json_lines_with_request_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("k");
+    assert_eq!(code(&pde(dir.path(), &["keygen", "--out", "k"])), 0);
+    let log = dir.path().join("agent.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pde"))
+        .args([
+            "agent",
+            "--log-format",
+            "json",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .arg("--trusted-key")
+        .arg(keys.join("release.ed25519.pub"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let base = format!(
+        "http://{}",
+        line.trim().strip_prefix("listening on ").unwrap()
+    );
+    let answered = support::runtime().block_on(async {
+        let c = reqwest::Client::new();
+        let r = c
+            .get(format!("{base}/active/42"))
+            .header("X-Request-Id", "req-7f3a")
+            .send()
+            .await
+            .unwrap();
+        (
+            r.status().as_u16(),
+            r.headers().get("x-request-id").cloned(),
+        )
+    });
+    assert_eq!(answered.0, 404);
+    assert_eq!(answered.1.unwrap(), "req-7f3a");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(!lines.is_empty());
+    let handled = lines
+        .iter()
+        .find(|l| l["span"]["request_id"] == "req-7f3a")
+        .unwrap_or_else(|| panic!("no line carries the request id:\n{text}"));
+    assert_eq!(handled["span"]["path"], "/active/42");
+    assert_eq!(handled["fields"]["status"], 404);
+}

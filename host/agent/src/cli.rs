@@ -18,9 +18,23 @@ use crate::{
     DEFAULT_MAX_CONCURRENT_DEPLOYS,
 };
 
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines (coloured on a terminal).
+    #[default]
+    Human,
+    /// One JSON object per line, with the request's span fields
+    /// (`request_id`, `method`, `path`), for log shippers.
+    Json,
+}
+
 /// Run the receiving service that `pde deploy` pushes bundles to.
 #[derive(Debug, clap::Args)]
 pub struct AgentArgs {
+    /// Log line format on stderr.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
     /// Address to listen on, e.g. 127.0.0.1:8700 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR")]
     pub listen: SocketAddr,
@@ -31,8 +45,13 @@ pub struct AgentArgs {
     #[arg(long = "trusted-key", value_name = "FILE")]
     pub trusted_keys: Vec<PathBuf>,
     /// Require `Authorization: Bearer <token>`, the token read from this variable.
-    #[arg(long, value_name = "NAME")]
+    #[arg(long, value_name = "NAME", conflicts_with = "token_file")]
     pub token_env: Option<String>,
+    /// Require `Authorization: Bearer <token>`, the token read from this file
+    /// (e.g. a systemd credential, `%d/agent-token`); surrounding whitespace
+    /// is ignored.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     /// With no --trusted-key, accept bundles without checking signatures.
     #[arg(long)]
     pub insecure_accept_unsigned: bool,
@@ -57,13 +76,19 @@ impl AgentArgs {
     pub fn config(self, base: &Path) -> Result<AgentConfig, AgentError> {
         let trusted = TrustedKeys::from_files(&self.trusted_keys)
             .map_err(|e| AgentError::Config(e.to_string()))?;
-        let token = match &self.token_env {
-            None => None,
-            Some(name) => Some(secret::from_env(name).ok_or_else(|| {
+        let token = match (&self.token_env, &self.token_file) {
+            (Some(name), _) => Some(secret::from_env(name).ok_or_else(|| {
                 AgentError::Config(format!(
                     "--token-env {name}: the variable is not set (or empty); export it with the bearer token"
                 ))
             })?),
+            (None, Some(file)) => {
+                let text = std::fs::read_to_string(file).map_err(|e| {
+                    AgentError::Config(format!("--token-file {}: {e}", file.display()))
+                })?;
+                Some(secret::Secret::from(text.trim().to_string()))
+            }
+            (None, None) => None,
         };
         let data_dir = if self.data_dir.is_absolute() {
             self.data_dir
@@ -80,6 +105,24 @@ impl AgentArgs {
             on_activate: self.on_activate,
             max_concurrent_deploys: self.max_concurrent_deploys,
         })
+    }
+}
+
+/// Installs the `tracing` subscriber for an agent process: `filter` as the
+/// level filter, lines in `format` on stderr.
+pub fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
     }
 }
 

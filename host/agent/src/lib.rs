@@ -21,6 +21,7 @@
 mod auth;
 pub mod cli;
 mod hook;
+mod metrics;
 mod routes;
 pub mod store;
 
@@ -267,6 +268,7 @@ impl Agent {
                 .map(|t| auth::TokenCheck::new(t.expose_secret())),
             state: routes::AppState {
                 store: Arc::new(Mutex::new(store)),
+                metrics: Arc::default(),
                 deploy_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_deploys)),
                 hooks: Arc::default(),
                 settings: Arc::new(routes::Settings {
@@ -290,7 +292,8 @@ impl Agent {
             .route("/rollback", post(routes::rollback))
             .route("/active", get(routes::active))
             .route("/active/{policy_id}", get(routes::active_one))
-            .route("/bundles", get(routes::bundles));
+            .route("/bundles", get(routes::bundles))
+            .route("/metrics", get(routes::metrics));
         if let Some(check) = &self.token {
             protected = protected.layer(middleware::from_fn_with_state(
                 check.clone(),
@@ -308,7 +311,10 @@ impl Agent {
                 limit,
                 routes::check_content_length,
             ))
-            .layer(middleware::from_fn(routes::log_requests))
+            .layer(middleware::from_fn_with_state(
+                self.state.clone(),
+                routes::log_requests,
+            ))
             .with_state(self.state.clone())
     }
 

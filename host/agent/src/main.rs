@@ -32,11 +32,7 @@ fn main() -> std::process::ExitCode {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    pde_agent::cli::init_logging(filter, cli.agent.log_format);
     match pde_agent::cli::run(cli.agent, std::path::Path::new(".")) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

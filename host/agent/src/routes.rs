@@ -49,6 +49,8 @@ pub struct AppState {
     pub store: Arc<Mutex<Store>>,
     /// Immutable settings.
     pub settings: Arc<Settings>,
+    /// Counters and gauges for `GET /metrics`.
+    pub metrics: super::metrics::Shared,
     /// Deploy bodies read and verified at once (`--max-concurrent-deploys`).
     pub deploy_slots: Arc<tokio::sync::Semaphore>,
     /// The queue of the activation-hook worker, started on first use.
@@ -118,13 +120,20 @@ impl ApiError {
     }
 }
 
+/// The error code of a refused request, left on the response so that the
+/// request middleware can count it.
+#[derive(Debug, Clone, Copy)]
+pub struct Refused(pub &'static str);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
+        let mut response = (
             self.status,
             Json(json!({"error": self.code, "reason": self.reason})),
         )
-            .into_response()
+            .into_response();
+        response.extensions_mut().insert(Refused(self.code));
+        response
     }
 }
 
@@ -144,19 +153,41 @@ fn bundle_error(e: &BundleError) -> ApiError {
     ApiError::new(status, code, e.to_string())
 }
 
-/// Middleware: one span per request, and one line with its status and time.
-pub async fn log_requests(request: Request, next: Next) -> Response {
+/// Middleware: one span per request (with a request id, taken from an
+/// `X-Request-Id` header or made up), one line with its status and time, and
+/// the count of refusals by reason.
+pub async fn log_requests(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            format!(
+                "{:x}",
+                NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )
+        });
     let span = info_span!(
         "request",
+        request_id = %request_id,
         method = %request.method(),
         path = %request.uri().path(),
     );
     let started = Instant::now();
     async move {
         let mut response = next.run(request).await;
+        if let Some(Refused(code)) = response.extensions().get::<Refused>().copied() {
+            app.metrics.rejected(code);
+        }
         response
             .headers_mut()
             .insert(PROTOCOL_HEADER, axum::http::HeaderValue::from_static("2"));
+        if let Ok(id) = axum::http::HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert("x-request-id", id);
+        }
         info!(
             status = response.status().as_u16(),
             elapsed_ms = started.elapsed().as_millis() as u64,
@@ -395,7 +426,7 @@ async fn after_activation(
     };
     let queue = app.hooks.get_or_init(|| {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(hook_worker(cmd, app.store.clone(), rx));
+        tokio::spawn(hook_worker(cmd, app.store.clone(), app.metrics.clone(), rx));
         tx
     });
     let (done, verdict) = tokio::sync::oneshot::channel();
@@ -416,6 +447,7 @@ async fn after_activation(
 async fn hook_worker(
     cmd: String,
     store: Arc<Mutex<Store>>,
+    metrics: super::metrics::Shared,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<HookJob>,
 ) {
     while let Some(HookJob {
@@ -428,6 +460,7 @@ async fn hook_worker(
             Ok(()) => false,
             Err(e) => {
                 warn!(digest = %record.digest, error = %e, "activation hook failed; the bundle stays active");
+                metrics.hook_failed();
                 true
             }
         };
@@ -502,6 +535,7 @@ pub async fn deploy(State(app): State<AppState>, request: Request) -> Result<Res
     };
     match outcome? {
         DeployOutcome::Repeat(active) => {
+            app.metrics.deploy("unchanged");
             info!(%digest, %env, policy_id = %active.policy_id, outcome = "repeat", "deploy is a repeat of an earlier request; nothing to do");
             Ok(
                 Json(json!({"outcome": "unchanged", "digest": digest, "active": active}))
@@ -509,6 +543,7 @@ pub async fn deploy(State(app): State<AppState>, request: Request) -> Result<Res
             )
         }
         DeployOutcome::AlreadyActive(active) => {
+            app.metrics.deploy("already-active");
             info!(%digest, %env, policy_id = %active.policy_id, outcome = "already-active", "deployed bundle is already active");
             Ok(
                 Json(json!({"outcome": "already-active", "digest": digest, "active": active}))
@@ -527,6 +562,7 @@ pub async fn deploy(State(app): State<AppState>, request: Request) -> Result<Res
             ))
         }
         DeployOutcome::Activated(record) => {
+            app.metrics.deploy("activated");
             info!(%digest, %env, policy_id = %record.policy_id, version = %record.version, outcome = "activated", "bundle activated");
             let record = after_activation(&app, guard, record).await?;
             Ok(
@@ -665,6 +701,7 @@ pub async fn rollback(
             ))
         }
         Ok(RollbackOutcome::Deactivated { digest }) => {
+            app.metrics.rollback("deactivated");
             info!(%digest, outcome = "deactivated", "rolled back to the policy not being active");
             Ok(
                 Json(json!({"outcome": "deactivated", "digest": digest, "active": null}))
@@ -679,6 +716,7 @@ pub async fn rollback(
             .into_response())
         }
         Ok(RollbackOutcome::Activated(record)) => {
+            app.metrics.rollback("rolled-back");
             info!(digest = %record.digest, version = %record.version, outcome = "rolled-back", "rolled back");
             let record = after_activation(&app, guard, record).await?;
             Ok(
@@ -687,6 +725,20 @@ pub async fn rollback(
             )
         }
     }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    let store = app.store.lock().await;
+    let body = app.metrics.render(&store);
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// `GET /healthz`: the process is up and serving. Also announces the push

@@ -7,7 +7,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use pde::ExitCode;
 use pde::error::HasExitCode;
 
@@ -74,6 +74,10 @@ enum Command {
     Plugin(plugin::PluginCmd),
     /// Run the receiving service that targets push bundles to.
     Agent(pde_agent::cli::AgentArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(CompletionsArgs),
+    /// Write man pages for pde and every subcommand.
+    Man(ManArgs),
 }
 
 /// What every command gets besides its own arguments.
@@ -165,10 +169,82 @@ fn explain(error: &anyhow::Error) -> (String, Vec<String>) {
     (message, causes)
 }
 
+/// `pde completions SHELL`.
+#[derive(Debug, clap::Args)]
+pub struct CompletionsArgs {
+    /// The shell to complete for.
+    #[arg(value_enum)]
+    shell: clap_complete::Shell,
+}
+
+/// `pde man --out DIR`.
+#[derive(Debug, clap::Args)]
+pub struct ManArgs {
+    /// Directory for `pde.1` and one `pde-<command>.1` per subcommand.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+fn completions(args: CompletionsArgs) -> CmdResult {
+    let mut cmd = Cli::command();
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut cmd, "pde", &mut script);
+    // A closed pipe (`pde completions bash | head`) is not an error.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), &script);
+    Ok(ExitCode::Ok)
+}
+
+fn man(ctx: &Ctx, args: ManArgs) -> CmdResult {
+    let out = if args.out.is_absolute() {
+        args.out
+    } else {
+        ctx.dir.join(args.out)
+    };
+    std::fs::create_dir_all(&out)
+        .map_err(|e| Failure::usage(format!("cannot create {}: {e}", out.display())))?;
+    clap_mangen::generate_to(Cli::command(), &out)
+        .map_err(|e| Failure::usage(format!("cannot write man pages to {}: {e}", out.display())))?;
+    if ctx.json {
+        let mut pages: Vec<String> = std::fs::read_dir(&out)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        pages.sort();
+        ctx.print_json(&serde_json::json!({"dir": out, "pages": pages}));
+    } else {
+        println!("man pages written to {}", out.display());
+    }
+    Ok(ExitCode::Ok)
+}
+
+/// What `pde --version` says: enough for a bug report.
+fn long_version() -> String {
+    let wit: Vec<String> = pde::plugin::wit::SUPPORTED
+        .iter()
+        .map(|v| format!("pde:plugin@{v}"))
+        .collect();
+    format!(
+        "{}\ncommit: {}\nwasmtime: {}\nplugin WIT: {}\nbundle formats: {}\npush protocol: v{}",
+        env!("CARGO_PKG_VERSION"),
+        env!("PDE_GIT_COMMIT"),
+        env!("PDE_WASMTIME_VERSION"),
+        wit.join(", "),
+        pde_core::bundle::FORMAT,
+        pde_core::wire::PROTOCOL_VERSIONS
+            .iter()
+            .map(u32::to_string)
+            .collect::<Vec<_>>()
+            .join(", v"),
+    )
+}
+
 /// What a subcommand returns.
 pub type CmdResult = Result<ExitCode, Failure>;
 
-fn init_tracing(verbose: u8, service: bool) {
+fn init_tracing(verbose: u8, service: bool, format: pde_agent::cli::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let default = match verbose {
         // A long-running service logs every request by default.
@@ -182,11 +258,7 @@ fn init_tracing(verbose: u8, service: bool) {
         .ok()
         .filter(|v| !v.trim().is_empty());
     let filter = EnvFilter::new(log_directives(default, asked.as_deref()));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    pde_agent::cli::init_logging(filter, format);
 }
 
 /// Crates whose debug and trace output is a flood (cranelift logs every
@@ -217,7 +289,11 @@ fn log_directives(default: &str, rust_log: Option<&str>) -> String {
 
 /// Entry point of the binary.
 pub fn main() -> std::process::ExitCode {
-    let cli = match Cli::try_parse() {
+    let parsed = Cli::command()
+        .long_version(&*Box::leak(long_version().into_boxed_str()))
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m));
+    let cli = match parsed {
         Ok(cli) => cli,
         Err(e) => {
             let usage = e.use_stderr();
@@ -225,7 +301,15 @@ pub fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(if usage { ExitCode::Usage.code() } else { 0 });
         }
     };
-    init_tracing(cli.verbose, matches!(cli.command, Command::Agent(_)));
+    let log_format = match &cli.command {
+        Command::Agent(args) => args.log_format,
+        _ => pde_agent::cli::LogFormat::Human,
+    };
+    init_tracing(
+        cli.verbose,
+        matches!(cli.command, Command::Agent(_)),
+        log_format,
+    );
     let dir = match &cli.dir {
         Some(d) => d.clone(),
         None => PathBuf::from("."),
@@ -247,6 +331,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Keygen(args) => workspace::keygen(&ctx, args),
         Command::Init(args) => workspace::init(&ctx, args),
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),
+        Command::Completions(args) => completions(args),
+        Command::Man(args) => man(&ctx, args),
         Command::Agent(args) => pde_agent::cli::run(args, &ctx.dir)
             .map(|()| ExitCode::Ok)
             .map_err(Failure::from),
