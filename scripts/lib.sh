@@ -17,3 +17,28 @@ ensure_wasm_target() {
         exit 2
     fi
 }
+
+# A Python virtual environment with the pinned test tools from PyPI
+# (maturin builds the policy_deploy wheel, pytest runs its tests). Made
+# once under the target dir; prints its path.
+ensure_pyenv() {
+    local target_dir=$1 env="$1/pyenv"
+    if [ ! -x "$env/bin/pytest" ] || ! cmp -s scripts/requirements-test.txt "$env/requirements-test.txt"; then
+        echo "==> creating the Python test environment in $env" >&2
+        python3 -m venv "$env" >&2
+        "$env/bin/pip" install --quiet --disable-pip-version-check -r scripts/requirements-test.txt >&2
+        cp scripts/requirements-test.txt "$env/requirements-test.txt"
+    fi
+    echo "$env"
+}
+
+# Builds the policy_deploy wheel (debug profile, the shared target dir) and
+# installs it into the Python test environment.
+build_python_binding() {
+    local target_dir=$1 env=$2
+    rm -rf "$target_dir/wheels"
+    (cd host/python && CARGO_TARGET_DIR="$target_dir" "$env/bin/maturin" build --locked \
+        --profile dev --quiet --out "$target_dir/wheels" >&2)
+    "$env/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps \
+        "$target_dir"/wheels/policy_deploy-*.whl >&2
+}

@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 ensure_wasm_target
 cargo fmt --all --check
 cargo test --workspace --locked "$@"
+# The Python binding: the wheel built with maturin from the same target dir,
+# tested with pytest against real `pde agent` processes.
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+pyenv=$(ensure_pyenv "$target_dir")
+build_python_binding "$target_dir" "$pyenv"
+cargo build --locked -q -p pde-cli
+PDE_BIN="$target_dir/debug/pde" "$pyenv/bin/pytest" -q host/python/tests
 # The binaries install from the checkout as users install them (`cargo
 # install --path`), without the wasm target or the example plugins; debug
 # profile and this target dir, so nothing is compiled twice.

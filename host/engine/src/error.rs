@@ -201,3 +201,21 @@ impl HasExitCode for RollbackError {
         }
     }
 }
+
+impl Error {
+    /// The report an error carries, as `--output json` shows it: the
+    /// validation findings, the health of every service, the per-target
+    /// results of a push or a rollback. `None` for errors without one.
+    pub fn report(&self) -> Option<serde_json::Value> {
+        let value = match self {
+            Error::ValidationFailed { report, .. } => serde_json::to_value(report.as_ref()),
+            Error::Unhealthy { report, .. } => serde_json::to_value(report),
+            Error::DeployFailed { report, .. } => serde_json::to_value(report.as_ref()),
+            Error::Rollback(RollbackError::Failed { report, .. }) => {
+                serde_json::to_value(report.as_ref())
+            }
+            _ => return None,
+        };
+        value.ok()
+    }
+}
