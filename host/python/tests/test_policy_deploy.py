@@ -189,3 +189,66 @@ def policy_deploy_bin() -> str:
     from conftest import pde_bin
 
     return pde_bin()
+
+
+def test_the_seed_script_runs_against_the_example_workspace(tmp_path):
+    """The example workspace of the README's demo, with its real plugins
+    (built from source, signed as a security team would), staging first
+    because production only takes what staging runs; then the seed script,
+    unchanged, deploys to production."""
+    import re
+    import shutil
+
+    from conftest import git, pde_bin
+
+    root = Path(__file__).resolve().parents[3]
+    wasm_dir = root / "target" / "wasm-plugins" / "wasm32-wasip2" / "plugin"
+    ws = tmp_path / "workspace"
+    shutil.copytree(root / "examples" / "workspace", ws)
+    pde = pde_bin()
+    for name in ("release.ed25519", "security-team.ed25519"):
+        subprocess.run([pde, "keygen", "--out", str(ws / "keys"), "--name", name], check=True, capture_output=True)
+    for name in ("eligibility-bounds", "pii-guard", "effective-date", "category-router"):
+        wasm = wasm_dir / (name.replace("-", "_") + ".wasm")
+        assert wasm.is_file(), f"{wasm} is built by `cargo test` (plugins/artifacts)"
+        target = ws / "plugins" / f"{name}.wasm"
+        shutil.copy(wasm, target)
+        manifest = (root / "plugins" / name / f"{name}.toml").read_text()
+        manifest = "\n".join(l for l in manifest.splitlines() if not l.startswith("sha256"))
+        digest = hashlib.sha256(target.read_bytes()).hexdigest()
+        (ws / "plugins" / f"{name}.toml").write_text(f'sha256 = "{digest}"\n{manifest}\n')
+        subprocess.run(
+            [pde, "plugin", "sign", f"plugins/{name}.wasm", "--key", "keys/security-team.ed25519"],
+            cwd=ws,
+            check=True,
+            capture_output=True,
+        )
+    # One real agent per service of staging and production, on free ports.
+    config = (ws / "pde.toml").read_text()
+    agents = {}
+    for url in sorted(set(re.findall(r'"(http://127\.0\.0\.1:187[12]\d)"', config))):
+        agent = Agent(tmp_path / "agents" / url[-5:], ws / "keys" / "release.ed25519.pub")
+        agents[url] = agent
+        config = config.replace(f'"{url}"', f'"{agent.url}"')
+    (ws / "pde.toml").write_text(config)
+    (ws / ".gitignore").write_text(".pde/\nkeys/*.ed25519\n")
+    git(ws, "init", "-q")
+    git(ws, "add", "-A")
+    git(ws, "commit", "-qm", "HMS policies")
+    try:
+        staged = deploy_policy(42, "staging", workspace=ws)
+        assert staged.outcome == "deployed"
+        script = tmp_path / "release.py"
+        script.write_text(SEED_SCRIPT)
+        out = subprocess.run([sys.executable, str(script)], cwd=ws, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout == "\u2705 Policy 42 deployed to production.\n"
+        production = [a.active() for u, a in agents.items() if u.startswith("http://127.0.0.1:1872")]
+        holders = [active["42"] for active in production if "42" in active]
+        # The router sends 42 to the services its categories need; each runs
+        # the very bundle staging checked.
+        assert holders and all(d == staged.digest for d in holders), production
+        assert policy_deploy.status("production", workspace=ws)[0]["digest"] == staged.digest
+    finally:
+        for a in agents.values():
+            a.stop()
