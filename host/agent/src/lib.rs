@@ -359,16 +359,3 @@ pub async fn shutdown_signal() {
     }
     info!("shutting down");
 }
-
-/// Opens the agent, binds `listen`, logs the bound address and serves until
-/// ctrl-c or SIGTERM.
-pub async fn run(cfg: AgentConfig, listen: SocketAddr) -> Result<(), AgentError> {
-    let agent = Agent::open(cfg)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| AgentError::Bind {
-            addr: listen,
-            source,
-        })?;
-    agent.serve(listener, shutdown_signal()).await
-}
