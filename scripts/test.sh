@@ -6,5 +6,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_wasm_target
 cargo fmt --all --check
+# An independent RFC 8785 + ed25519 implementation for tests/jcs.rs.
+PDE_TEST_PYTHON=$(bash scripts/pyenv.sh)
+export PDE_TEST_PYTHON
 cargo test --workspace --locked "$@"
 cargo clippy --workspace --all-targets --locked -- -D warnings
