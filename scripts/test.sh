@@ -6,11 +6,15 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_wasm_target
 cargo fmt --all --check
+# One Python venv from PyPI (scripts/requirements-test.txt): an independent
+# RFC 8785 and ed25519 implementation for tests/jcs.rs, maturin and pytest
+# for the policy_deploy package.
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+pyenv=$(ensure_pyenv "$target_dir")
+export PDE_TEST_PYTHON="$pyenv/bin/python"
 cargo test --workspace --locked "$@"
 # The Python binding: the wheel built with maturin from the same target dir,
 # tested with pytest against real `pde agent` processes.
-target_dir=${CARGO_TARGET_DIR:-$PWD/target}
-pyenv=$(ensure_pyenv "$target_dir")
 build_python_binding "$target_dir" "$pyenv"
 cargo build --locked -q -p pde-cli
 PDE_BIN="$target_dir/debug/pde" "$pyenv/bin/pytest" -q host/python/tests

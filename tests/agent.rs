@@ -72,7 +72,7 @@ fn sealed(signer: &Signer, version: &str) -> Bundle {
 }
 
 fn sealed_for(signer: &Signer, policy_id: &str, version: &str) -> Bundle {
-    Bundle::seal(payload(policy_id, version), &[&signer.key])
+    Bundle::seal(payload(policy_id, version), &[&signer.key]).unwrap()
 }
 
 fn to_json(bundle: &Bundle) -> Value {
@@ -1852,4 +1852,63 @@ async fn metrics_count_what_happens_in_the_prometheus_text_format() {
         "last activation {last}, now {now}"
     );
     assert_eq!(get("pde_agent_hook_failures_total{}"), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn v1_and_v2_bundles_are_accepted_each_verified_with_its_own_digest_algorithm() {
+    use pde::bundle::{FORMAT, FORMAT_V1};
+    let signer = signer();
+    let agent = start(&signer).await;
+    let c = client();
+    let v1 = Bundle::seal_as(FORMAT_V1, float_payload("42", "1.0.0"), &[&signer.key]).unwrap();
+    let v2 = Bundle::seal(float_payload("43", "1.0.0"), &[&signer.key]).unwrap();
+    assert_eq!(v2.format, FORMAT);
+    // Same content, different canonical bytes: the format tag picks the algorithm.
+    let v2_of_42 = Bundle::seal(float_payload("42", "1.0.0"), &[&signer.key]).unwrap();
+    assert_ne!(v1.digest, v2_of_42.digest);
+
+    for b in [&v1, &v2] {
+        let (status, body) = deploy(&c, &agent.base, b).await;
+        assert_eq!(status, StatusCode::OK, "{}: {body}", b.format);
+        assert_eq!(
+            active_digest(&c, &agent.base, &b.payload.manifest.policy_id)
+                .await
+                .as_deref(),
+            Some(b.digest.as_str())
+        );
+        // What was stored still hashes to its digest with its own algorithm.
+        let stored = std::fs::read(bundle_file(&agent.data_dir, &b.digest)).unwrap();
+        Bundle::from_slice(&stored)
+            .unwrap()
+            .verify_digest()
+            .unwrap();
+    }
+
+    // A v1 digest relabelled as v2 is signed but does not hash: 422, nothing changes.
+    let relabelled =
+        Bundle::seal_as(FORMAT_V1, float_payload("42", "1.1.0"), &[&signer.key]).unwrap();
+    let mut v = to_json(&relabelled);
+    v["format"] = json!(FORMAT);
+    let (status, body) = send_deploy(&c, &agent.base, &v, Some(&key_for(&relabelled)), None).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"], "digest_mismatch", "{body}");
+    // An unknown format is refused before anything else.
+    let mut v = to_json(&relabelled);
+    v["format"] = json!("pde.bundle/v3");
+    let (status, body) = send_deploy(&c, &agent.base, &v, Some(&key_for(&relabelled)), None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(body["error"], "unsupported_format", "{body}");
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await.as_deref(),
+        Some(v1.digest.as_str())
+    );
+}
+
+/// A payload of `policy_id` whose rule values are floats, where the v1 and
+/// the RFC 8785 (v2) canonical forms write different bytes.
+fn float_payload(policy_id: &str, version: &str) -> Payload {
+    let mut p = payload(policy_id, version);
+    p.policy["rules"][0]["value"] = json!(1.0);
+    p.policy["config"] = json!({"rate": 2.5e-7, "ceiling": 1e21, "naïve": "grüße"});
+    p
 }

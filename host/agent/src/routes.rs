@@ -27,7 +27,7 @@ use super::store::{
     ActiveRecord, DeployOutcome, Incoming, RollbackOutcome, Store, StoreError, is_valid_policy_id,
     is_well_formed_digest, probe_writable,
 };
-use pde_core::bundle::{Bundle, BundleError, canonical_json};
+use pde_core::bundle::{Bundle, BundleError, canonical_bytes};
 use pde_core::keys::TrustedKeys;
 
 /// The header that makes a deploy idempotent.
@@ -147,6 +147,7 @@ fn bundle_error(e: &BundleError) -> ApiError {
     let (status, code) = match e {
         BundleError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed_bundle"),
         BundleError::Format(_) => (StatusCode::BAD_REQUEST, "unsupported_format"),
+        BundleError::Canonical(_) => (StatusCode::BAD_REQUEST, "malformed_bundle"),
         BundleError::Digest { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "digest_mismatch"),
         BundleError::Signature { .. } => (StatusCode::FORBIDDEN, "signature_rejected"),
     };
@@ -321,13 +322,13 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
         .ok_or_else(|| {
             ApiError::bad_request(
                 "malformed_request",
-                "`bundle` must be a pde.bundle/v1 object",
+                "`bundle` must be a pde.bundle/v2 (or v1) object",
             )
         })?;
     let head: Head<'_> = serde_json::from_str(raw.get())
         .map_err(|e| bundle_error(&BundleError::Malformed(e.to_string())))?;
     let format = head.format.as_deref().unwrap_or_default();
-    if format != pde_core::bundle::FORMAT {
+    if !pde_core::bundle::FORMATS.contains(&format) {
         return Err(bundle_error(&BundleError::Format(format.to_string())));
     }
     let (Some(digest), Some(payload)) = (head.digest, head.payload) else {
@@ -361,7 +362,9 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
     );
     kept.insert("payload".into(), payload);
     let kept = Value::Object(kept);
-    let bytes = canonical_json(&kept);
+    // Stored in its own format's canonical form, so the file hashes back to
+    // its digest with the algorithm its format tag names.
+    let bytes = canonical_bytes(format, &kept).map_err(|e| bundle_error(&e))?;
     let bundle = Bundle::from_value(kept).map_err(|e| bundle_error(&e))?;
     let policy_id = &bundle.payload.manifest.policy_id;
     if !is_valid_policy_id(policy_id) {

@@ -1013,7 +1013,8 @@ mod tests {
                 policy: serde_json::json!({"id": policy_id, "version": version}),
             },
             &[&key],
-        );
+        )
+        .unwrap();
         Incoming {
             digest: bundle.digest.clone(),
             version: version.into(),

@@ -1,8 +1,12 @@
-//! Bundles (`pde.bundle/v1`): the canonical, content-addressed, signed artifact
-//! that goes to every service.
+//! Bundles: the canonical, content-addressed, signed artifact that goes to
+//! every service.
 //!
-//! The digest is the sha256 of the canonical JSON of the payload: object keys
-//! sorted, no insignificant whitespace, UTF-8. The payload carries no timestamp
+//! The digest is the sha256 of the canonical JSON of the payload. In
+//! `pde.bundle/v2` (what pde writes) that is RFC 8785 (JCS) proper, so a
+//! service or an auditor can recompute it with any JCS library. In
+//! `pde.bundle/v1` it is pde's older form ([`canonical_json`]: JCS key order,
+//! but numbers as `serde_json` writes them); v1 bundles are still read and
+//! verified with that algorithm so that bundles already deployed stay valid. The payload carries no timestamp
 //! and no environment name, so building twice from the same commit gives the
 //! same bytes, and the artifact checked in staging is the one promoted to
 //! production. Canonicalisation is done here, explicitly, rather than relying
@@ -12,17 +16,39 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use crate::canonical::{canonical_json, digest_of};
+pub use crate::canonical::{CanonicalError, canonical_json, digest_of, jcs, jcs_digest};
 use crate::exit::{ExitCode, HasExitCode};
 use crate::keys::{Signature, SignatureError, TrustedKeys};
 
-/// The format tag of this bundle version.
-pub const FORMAT: &str = "pde.bundle/v1";
+/// The format tag of the bundles pde writes: digest over RFC 8785 canonical JSON.
+pub const FORMAT: &str = "pde.bundle/v2";
+/// The older format tag, still accepted: digest over [`canonical_json`].
+pub const FORMAT_V1: &str = "pde.bundle/v1";
+/// Every format this build reads.
+pub const FORMATS: [&str; 2] = [FORMAT_V1, FORMAT];
+
+/// `sha256:<hex>` of `payload` as bundle format `format` hashes it.
+pub fn payload_digest(format: &str, payload: &Value) -> Result<String, BundleError> {
+    match format {
+        FORMAT => jcs_digest(payload).map_err(BundleError::Canonical),
+        FORMAT_V1 => Ok(digest_of(payload)),
+        other => Err(BundleError::Format(other.to_string())),
+    }
+}
+
+/// The bytes a bundle (or any value) of format `format` is written as.
+pub fn canonical_bytes(format: &str, value: &Value) -> Result<Vec<u8>, BundleError> {
+    match format {
+        FORMAT => jcs(value).map_err(BundleError::Canonical),
+        FORMAT_V1 => Ok(canonical_json(value)),
+        other => Err(BundleError::Format(other.to_string())),
+    }
+}
 
 /// A signed bundle, exactly as it is written to `dist/` and sent to services.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Bundle {
-    /// Always [`FORMAT`].
+    /// [`FORMAT`] for bundles pde writes; [`FORMAT_V1`] for older ones.
     pub format: String,
     /// `sha256:<hex>` of the canonical payload.
     pub digest: String,
@@ -74,8 +100,11 @@ pub enum BundleError {
     #[error("malformed bundle: {0}")]
     Malformed(String),
     /// The format tag is not one this build understands.
-    #[error("unsupported bundle format {0:?} (expected {FORMAT:?})")]
+    #[error("unsupported bundle format {0:?} (expected {FORMAT:?} or {FORMAT_V1:?})")]
     Format(String),
+    /// The payload has no RFC 8785 form (a number a double would round).
+    #[error("payload cannot be canonicalised: {0}")]
+    Canonical(CanonicalError),
     /// The digest does not match the payload.
     #[error("digest mismatch: bundle says {claimed}, payload hashes to {actual}")]
     Digest {
@@ -98,6 +127,9 @@ impl HasExitCode for BundleError {
     fn exit_code(&self) -> ExitCode {
         match self {
             BundleError::Malformed(_) | BundleError::Format(_) => ExitCode::Usage,
+            // Validation refuses such numbers first; reaching here means the
+            // policy itself is the problem.
+            BundleError::Canonical(_) => ExitCode::ValidationFailed,
             BundleError::Digest { .. } | BundleError::Signature { .. } => ExitCode::Integrity,
         }
     }
@@ -109,26 +141,40 @@ impl Payload {
         serde_json::to_value(self).expect("payload serialises")
     }
 
-    /// `sha256:<hex>` of the canonical payload.
-    pub fn digest(&self) -> String {
-        digest_of(&self.to_value())
+    /// `sha256:<hex>` of the payload as bundle format `format` hashes it.
+    pub fn digest(&self, format: &str) -> Result<String, BundleError> {
+        payload_digest(format, &self.to_value())
     }
 }
 
 impl Bundle {
-    /// Seals a payload: computes its digest and signs the digest with each key.
-    pub fn seal(payload: Payload, keys: &[&ed25519_dalek::SigningKey]) -> Bundle {
-        let digest = payload.digest();
+    /// Seals a payload as a [`FORMAT`] bundle: computes its digest and signs
+    /// the digest with each key.
+    pub fn seal(
+        payload: Payload,
+        keys: &[&ed25519_dalek::SigningKey],
+    ) -> Result<Bundle, BundleError> {
+        Self::seal_as(FORMAT, payload, keys)
+    }
+
+    /// Seals a payload in a given format; [`FORMAT_V1`] exists so that tests
+    /// and tools can still make what older pushers made.
+    pub fn seal_as(
+        format: &str,
+        payload: Payload,
+        keys: &[&ed25519_dalek::SigningKey],
+    ) -> Result<Bundle, BundleError> {
+        let digest = payload.digest(format)?;
         let signatures = keys
             .iter()
             .map(|k| crate::keys::sign(k, digest.as_bytes()))
             .collect();
-        Bundle {
-            format: FORMAT.to_string(),
+        Ok(Bundle {
+            format: format.to_string(),
             digest,
             signatures,
             payload,
-        }
+        })
     }
 
     /// Parses a bundle received from elsewhere and checks its format and digest.
@@ -140,13 +186,13 @@ impl Bundle {
             .get("format")
             .and_then(Value::as_str)
             .unwrap_or_default();
-        if format != FORMAT {
+        if !FORMATS.contains(&format) {
             return Err(BundleError::Format(format.to_string()));
         }
         let payload = value
             .get("payload")
             .ok_or_else(|| BundleError::Malformed("missing payload".into()))?;
-        let actual = digest_of(payload);
+        let actual = payload_digest(format, payload)?;
         let bundle: Bundle =
             serde_json::from_value(value).map_err(|e| BundleError::Malformed(e.to_string()))?;
         if bundle.digest != actual {
@@ -167,7 +213,7 @@ impl Bundle {
 
     /// Checks that the digest matches the payload.
     pub fn verify_digest(&self) -> Result<(), BundleError> {
-        let actual = self.payload.digest();
+        let actual = self.payload.digest(&self.format)?;
         if actual != self.digest {
             return Err(BundleError::Digest {
                 claimed: self.digest.clone(),
@@ -187,9 +233,15 @@ impl Bundle {
             })
     }
 
-    /// The bundle's canonical bytes, as written to disk and sent over the wire.
+    /// The bundle's canonical bytes, as written to disk and sent over the
+    /// wire: RFC 8785 for [`FORMAT`], the v1 form for [`FORMAT_V1`].
+    ///
+    /// A bundle made by [`Bundle::seal`] always has such bytes; one built by
+    /// hand with an integer a double cannot hold falls back to the v1 form,
+    /// whose digest check then fails where it is read rather than here.
     pub fn to_canonical_bytes(&self) -> Vec<u8> {
-        canonical_json(&serde_json::to_value(self).expect("bundle serialises"))
+        let value = serde_json::to_value(self).expect("bundle serialises");
+        canonical_bytes(&self.format, &value).unwrap_or_else(|_| canonical_json(&value))
     }
 }
 
@@ -222,8 +274,8 @@ mod tests {
     #[test]
     fn seal_is_deterministic_and_verifies() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        let a = Bundle::seal(payload(), &[&key]);
-        let b = Bundle::seal(payload(), &[&key]);
+        let a = Bundle::seal(payload(), &[&key]).unwrap();
+        let b = Bundle::seal(payload(), &[&key]).unwrap();
         assert_eq!(a.to_canonical_bytes(), b.to_canonical_bytes());
         let mut trusted = TrustedKeys::new();
         trusted.add(key.verifying_key());
@@ -233,9 +285,43 @@ mod tests {
     }
 
     #[test]
+    fn v2_digest_is_jcs_and_v1_bundles_still_verify() {
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let mut p = payload();
+        p.policy = json!({"value": 1.0, "big": 1e21, "tiny": 2.5e-7});
+        let v2 = Bundle::seal(p.clone(), &[&key]).unwrap();
+        assert_eq!(v2.format, FORMAT);
+        assert_eq!(v2.digest, jcs_digest(&p.to_value()).unwrap());
+        let v1 = Bundle::seal_as(FORMAT_V1, p.clone(), &[&key]).unwrap();
+        assert_eq!(v1.digest, digest_of(&p.to_value()));
+        // The two forms differ on floats, so the format tag decides.
+        assert_ne!(v1.digest, v2.digest);
+        for b in [&v1, &v2] {
+            // Read back, `1` is an integer where `1.0` was a float: the same
+            // number, the same digest, the same bytes.
+            let parsed = Bundle::from_slice(&b.to_canonical_bytes()).unwrap();
+            assert_eq!(parsed.digest, b.digest);
+            assert_eq!(parsed.to_canonical_bytes(), b.to_canonical_bytes());
+            parsed.verify_digest().unwrap();
+        }
+        // A v1 digest relabelled as v2 (or back) no longer matches.
+        let mut relabelled = serde_json::to_value(&v1).unwrap();
+        relabelled["format"] = json!(FORMAT);
+        assert!(matches!(
+            Bundle::from_value(relabelled),
+            Err(BundleError::Digest { .. })
+        ));
+        p.policy = json!({"value": 9_007_199_254_740_993_u64});
+        assert!(matches!(
+            Bundle::seal(p, &[&key]),
+            Err(BundleError::Canonical(_))
+        ));
+    }
+
+    #[test]
     fn tampering_is_detected() {
         let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
-        let bundle = Bundle::seal(payload(), &[&key]);
+        let bundle = Bundle::seal(payload(), &[&key]).unwrap();
         let mut v = serde_json::to_value(&bundle).unwrap();
         v["payload"]["policy"]["z"] = json!(2);
         assert!(matches!(

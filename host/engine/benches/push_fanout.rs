@@ -101,7 +101,7 @@ fn bundle(version: &str) -> Bundle {
         policy: json!({"id": "42", "version": version, "title": "Benefit eligibility",
                        "agency": "HMS", "effective": "2026-01-01", "rules": rules}),
     };
-    Bundle::seal(payload, &[&key])
+    Bundle::seal(payload, &[&key]).expect("seals")
 }
 
 fn cfg(concurrency: usize) -> PushConfig {

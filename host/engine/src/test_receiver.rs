@@ -375,7 +375,7 @@ pub(crate) fn bundle(version: &str) -> Bundle {
         },
         policy: json!({"id": "42", "version": version, "rules": [{"key": "income.max", "value": 1}]}),
     };
-    Bundle::seal(payload, &[&key])
+    Bundle::seal(payload, &[&key]).expect("test payload has a canonical form")
 }
 
 /// A loopback URL where nothing listens (connections are refused).

@@ -26,7 +26,7 @@ pub mod schema;
 pub mod store;
 
 pub use checks::{check_approvals, check_conflicts, check_rules_unique, check_version};
-pub use schema::check_schema;
+pub use schema::{check_canonical_numbers, check_schema};
 pub use store::{MAX_POLICY_BYTES, PolicyStore};
 
 /// A policy loaded from the store and checked against the schema.

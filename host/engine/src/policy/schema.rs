@@ -50,6 +50,27 @@ pub fn check_schema(doc: &Value) -> Vec<Diagnostic> {
     out
 }
 
+/// One error per number that RFC 8785 canonical JSON would round (an
+/// integer beyond ±(2^53−1)), with its JSON pointer.
+///
+/// A bundle's digest is computed over that form; a number it cannot hold
+/// would give a digest that other JCS implementations disagree with, or a
+/// silently different value, so it is refused here, where the author can fix
+/// it (usually by writing it as a string).
+pub fn check_canonical_numbers(doc: &Value) -> Vec<Diagnostic> {
+    pde_core::canonical::unrepresentable_numbers(doc)
+        .into_iter()
+        .take(MAX_SCHEMA_DIAGNOSTICS)
+        .map(|e| {
+            let pointer = match &e {
+                pde_core::canonical::CanonicalError::Number { pointer, .. } => pointer.clone(),
+                pde_core::canonical::CanonicalError::Serialize(_) => String::new(),
+            };
+            Diagnostic::error("schema", "schema.canonical-number", &pointer, e.to_string())
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use super::{Policy, PolicyDoc, PolicyError, check_schema};
+use super::{Policy, PolicyDoc, PolicyError, check_canonical_numbers, check_schema};
 use crate::diagnostic::Diagnostic;
 
 /// The largest policy file pde reads: 4 MiB.
@@ -81,7 +81,8 @@ impl PolicyStore {
     /// Loads policy `id`: parse, schema check, id check, typed view.
     pub fn load(&self, id: &str) -> Result<Policy, PolicyError> {
         let (path, document) = self.read_document(id)?;
-        let diagnostics = check_schema(&document);
+        let mut diagnostics = check_schema(&document);
+        diagnostics.extend(check_canonical_numbers(&document));
         if !diagnostics.is_empty() {
             return Err(PolicyError::Invalid {
                 id: id.to_string(),
@@ -319,6 +320,8 @@ fn yaml_options() -> serde_saphyr::Options {
 }
 
 fn parse_yaml(path: &Path, text: &str) -> Result<Value, PolicyError> {
+    // serde-saphyr refuses `.nan` and `.inf` by default (RFC 8785 has no
+    // form for them), naming line and column; tests/jcs.rs holds it to that.
     serde_saphyr::from_str_with_options::<Value>(text, yaml_options()).map_err(|e| {
         let message = match e.location() {
             Some(loc) => format!(

@@ -25,6 +25,9 @@ pub enum PackageError {
     /// Git failed.
     #[error(transparent)]
     Vcs(#[from] VcsError),
+    /// The policy has no canonical form (validation refuses this first).
+    #[error(transparent)]
+    Bundle(#[from] pde_core::bundle::BundleError),
     /// The state database failed.
     #[error(transparent)]
     State(#[from] StateError),
@@ -81,6 +84,7 @@ impl HasExitCode for PackageError {
         match self {
             PackageError::Vcs(e) => e.exit_code(),
             PackageError::State(e) => e.exit_code(),
+            PackageError::Bundle(e) => e.exit_code(),
             // Not eligible for that environment yet, like a validation failure.
             PackageError::NotPromoted { .. } | PackageError::VersionReused { .. } => {
                 ExitCode::ValidationFailed
@@ -126,7 +130,7 @@ pub fn seal(
         },
         policy: policy.document.clone(),
     };
-    Ok(Bundle::seal(payload, &key.into_iter().collect::<Vec<_>>()))
+    Ok(Bundle::seal(payload, &key.into_iter().collect::<Vec<_>>())?)
 }
 
 /// Writes `bundle` atomically into `dir` as

@@ -126,7 +126,7 @@ async fn the_bundle_arrives_byte_for_byte() {
     let mut bundle = test_receiver::bundle("2.0.0");
     bundle.payload.policy = serde_json::json!({"id": "42", "text": "é ü \u{1F600}", "n": 1.5e-7});
     let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
-    let bundle = Bundle::seal(bundle.payload, &[&key]);
+    let bundle = Bundle::seal(bundle.payload, &[&key]).unwrap();
     let r = Receiver::start(Mode::Ok).await;
     let report = push(&http(), &bundle, ENV, &[target("A", &r)], &cfg(), &()).await;
     assert_eq!(report.outcome, Outcome::Deployed, "{report:#?}");
@@ -520,6 +520,7 @@ fn bundle_of(policy_id: &str, version: &str) -> Bundle {
         },
         &[&key],
     )
+    .unwrap()
 }
 
 #[tokio::test]
