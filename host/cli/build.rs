@@ -6,6 +6,9 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-changed=../../Cargo.lock");
+    // A new commit moves HEAD's branch ref (or HEAD itself when detached).
+    println!("cargo:rerun-if-changed=../../.git/HEAD");
+    println!("cargo:rerun-if-changed=../../.git/refs/heads");
     println!("cargo:rerun-if-env-changed=PDE_GIT_COMMIT");
     let commit = std::env::var("PDE_GIT_COMMIT").ok().or_else(|| {
         let out = Command::new("git")

@@ -232,7 +232,7 @@ fn long_version() -> String {
         env!("PDE_GIT_COMMIT"),
         env!("PDE_WASMTIME_VERSION"),
         wit.join(", "),
-        pde_core::bundle::FORMAT,
+        pde_core::bundle::FORMATS.join(", "),
         pde_core::wire::PROTOCOL_VERSIONS
             .iter()
             .map(u32::to_string)
