@@ -1,12 +1,8 @@
 //! The agent's command line, shared by `pde agent` and the `pde-agent`
-//! binary: the flags, and the run that prints where it listens.
-//!
-//! The first line on stdout is always `listening on <addr>` with the bound
-//! address (the real port when `--listen` asks for port 0), so scripts and
-//! tests can find the agent without racing for a port. That line is the
-//! only thing this crate prints; everything else goes through `tracing`.
+//! binary: the flags, the logging set-up, and the run. Nothing here prints:
+//! [`run`] hands the bound address to its caller, and each binary prints its
+//! `listening on <addr>` line.
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -126,9 +122,14 @@ pub fn init_logging(filter: tracing_subscriber::EnvFilter, format: LogFormat) {
     }
 }
 
-/// Opens the agent, binds, prints `listening on <addr>` and serves until
-/// ctrl-c or SIGTERM. Runs its own tokio runtime.
-pub fn run(args: AgentArgs, base: &Path) -> Result<(), AgentError> {
+/// Opens the agent, binds, tells `listening` the bound address (the real
+/// port when `--listen` asks for port 0), and serves until ctrl-c or
+/// SIGTERM. Runs its own tokio runtime.
+pub fn run(
+    args: AgentArgs,
+    base: &Path,
+    listening: impl FnOnce(SocketAddr) + Send,
+) -> Result<(), AgentError> {
     let listen = args.listen;
     let cfg = args.config(base)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -143,9 +144,7 @@ pub fn run(args: AgentArgs, base: &Path) -> Result<(), AgentError> {
                 addr: listen,
                 source,
             })?;
-        let addr = listener.local_addr().map_err(AgentError::Serve)?;
-        println!("listening on {addr}");
-        let _ = std::io::stdout().flush();
+        listening(listener.local_addr().map_err(AgentError::Serve)?);
         agent.serve(listener, crate::shutdown_signal()).await
     })
 }

@@ -33,7 +33,13 @@ fn main() -> std::process::ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     pde_agent::cli::init_logging(filter, cli.agent.log_format);
-    match pde_agent::cli::run(cli.agent, std::path::Path::new(".")) {
+    // The first line on stdout is where it listens, so scripts and tests can
+    // start it on port 0 without racing for a port.
+    let listening = |addr| {
+        println!("listening on {addr}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    };
+    match pde_agent::cli::run(cli.agent, std::path::Path::new("."), listening) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -297,11 +297,12 @@ impl Repo {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::fs;
 
-    fn git(dir: &Path, args: &[&str]) {
+    /// Runs git in `dir` for a test, panicking with its stderr on failure.
+    pub(crate) fn git(dir: &Path, args: &[&str]) {
         let out = Command::new("git")
             .arg("-C")
             .arg(dir)
@@ -316,7 +317,8 @@ mod tests {
         );
     }
 
-    fn repo_with_commit() -> (tempfile::TempDir, Repo) {
+    /// A repository with one commit (`policies/42.json`), for tests.
+    pub(crate) fn repo_with_commit() -> (tempfile::TempDir, Repo) {
         let dir = tempfile::tempdir().unwrap();
         git(dir.path(), &["init", "-q"]);
         fs::create_dir(dir.path().join("policies")).unwrap();

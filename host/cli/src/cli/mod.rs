@@ -333,9 +333,13 @@ pub fn main() -> std::process::ExitCode {
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),
         Command::Completions(args) => completions(args),
         Command::Man(args) => man(&ctx, args),
-        Command::Agent(args) => pde_agent::cli::run(args, &ctx.dir)
-            .map(|()| ExitCode::Ok)
-            .map_err(Failure::from),
+        Command::Agent(args) => pde_agent::cli::run(args, &ctx.dir, |addr| {
+            // The first line on stdout: where it listens (port 0 included).
+            println!("listening on {addr}");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        })
+        .map(|()| ExitCode::Ok)
+        .map_err(Failure::from),
     };
     match result {
         Ok(code) => std::process::ExitCode::from(code.code()),

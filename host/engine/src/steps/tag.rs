@@ -174,45 +174,10 @@ fn compare(name: &str, message: &str, digest: &str) -> Result<TagOutcome, TagErr
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
     use std::process::Command;
 
     use super::*;
-
-    fn git(dir: &Path, args: &[&str]) {
-        let out = Command::new("git")
-            .arg("-C")
-            .arg(dir)
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn repo_with_commit() -> (tempfile::TempDir, Repo) {
-        let dir = tempfile::tempdir().unwrap();
-        git(dir.path(), &["init", "-q"]);
-        std::fs::write(dir.path().join("a"), "a").unwrap();
-        git(dir.path(), &["add", "a"]);
-        git(
-            dir.path(),
-            &[
-                "-c",
-                "user.name=t",
-                "-c",
-                "user.email=t@t",
-                "commit",
-                "-qm",
-                "a",
-            ],
-        );
-        let repo = Repo::discover(dir.path()).unwrap();
-        (dir, repo)
-    }
+    use crate::vcs::tests::{git, repo_with_commit};
 
     fn release<'a>(digest: &'a str) -> Release<'a> {
         Release {
