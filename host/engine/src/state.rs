@@ -358,8 +358,7 @@ impl StateStore {
         let mut conn = Connection::open(&db_path).map_err(db("open"))?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(db("set busy timeout"))?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(db("enable WAL"))?;
+        enable_wal(&conn).map_err(db("enable WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db("set synchronous"))?;
         conn.pragma_update(None, "foreign_keys", "ON")
@@ -649,6 +648,39 @@ fn check_name(what: &'static str, value: &str) -> Result<(), StateError> {
     }
 }
 
+/// Switches the database to WAL, tolerating other processes doing the same.
+///
+/// Changing the journal mode needs an exclusive lock, and SQLite reports
+/// `SQLITE_BUSY` for it *without* consulting the busy handler when another
+/// connection is creating or migrating the same file at that moment (two
+/// deploys of different policies started together). WAL is persistent, so
+/// once any opener has switched, the others only need to see it.
+fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(2);
+    loop {
+        let attempt = conn
+            .pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0))
+            .and_then(|mode| {
+                if mode.eq_ignore_ascii_case("wal") {
+                    Ok(())
+                } else {
+                    conn.pragma_update(None, "journal_mode", "WAL")
+                }
+            });
+        match attempt {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
     let db = |action| {
         let path = path.to_path_buf();
@@ -684,6 +716,30 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_processes_may_create_the_same_database_at_once() {
+        // Regression: two deploys started together failed with "enable WAL
+        // failed: database is locked" because the journal-mode switch
+        // bypasses SQLite's busy handler.
+        for _round in 0..20 {
+            let dir = tempfile::tempdir().unwrap();
+            let barrier = std::sync::Arc::new(std::sync::Barrier::new(8));
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let dir = dir.path().to_path_buf();
+                    let barrier = barrier.clone();
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        StateStore::open(&dir).map(|_| ())
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.join().unwrap().unwrap();
+            }
+        }
+    }
 
     fn record(policy: &str, env: &str, digest: &str, outcome: &str) -> DeploymentRecord {
         let outcome: RecordOutcome = serde_json::from_value(serde_json::json!(outcome)).unwrap();
