@@ -1740,14 +1740,27 @@ async fn a_flood_of_large_unsigned_bodies_stays_within_a_memory_bound() {
             })
         })
         .collect();
+    // Each is refused. On a starved machine (CI runs this beside whole
+    // builds) a waiting connection may instead be cut by the kernel before
+    // its turn; that is a refusal too. What must never happen is an accept.
+    let mut refused = 0;
     for f in floods {
-        let status = f.await.unwrap().unwrap();
-        assert_eq!(
-            status,
-            StatusCode::FORBIDDEN,
-            "an unsigned bundle is refused"
-        );
+        match f.await.unwrap() {
+            Ok(status) => {
+                assert_eq!(
+                    status,
+                    StatusCode::FORBIDDEN,
+                    "an unsigned bundle is refused"
+                );
+                refused += 1;
+            }
+            Err(e) => assert!(
+                e.is_request() || e.is_timeout() || e.is_connect(),
+                "unexpected client error: {e}"
+            ),
+        }
     }
+    assert!(refused > 0, "no flood request got an answer at all");
     let peak = peak_rss_bytes(agent.child.id());
     assert!(
         peak < BOUND,

@@ -36,6 +36,8 @@ pub fn start_agent(data_dir: &Path, trusted: &Path) -> String {
         keep: 10,
         on_activate: None,
         max_concurrent_deploys: 4,
+        approvers: pde::approval::Approvers::new(),
+        min_approvals: 0,
     };
     let agent = pde_agent::Agent::open(cfg).expect("agent opens");
     let listener = runtime()
@@ -267,4 +269,52 @@ pub fn active_policies(url: &str) -> std::collections::BTreeMap<String, String> 
             .map(|(id, a)| (id.clone(), a["digest"].as_str().unwrap().to_string()))
             .collect()
     })
+}
+
+/// A `pde agent` process; killed on drop.
+pub struct AgentProcess {
+    pub child: std::process::Child,
+    pub url: String,
+}
+
+impl AgentProcess {
+    pub fn start(data_dir: &Path, trusted: &Path) -> AgentProcess {
+        Self::start_with(data_dir, trusted, &[])
+    }
+
+    /// Starts `pde agent` with `extra` arguments after the usual ones.
+    pub fn start_with(data_dir: &Path, trusted: &Path, extra: &[&std::ffi::OsStr]) -> AgentProcess {
+        use std::io::BufRead;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pde"))
+            .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .arg("--trusted-key")
+            .arg(trusted)
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("agent starts");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        // Keep draining, so a later line never meets a closed pipe.
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        AgentProcess {
+            child,
+            url: format!("http://{addr}"),
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -48,6 +48,14 @@ pub struct AgentArgs {
     /// is ignored.
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Refuse bundles that do not carry at least N signed approvals of their
+    /// policy by distinct --approver-key keys (defence in depth: a
+    /// compromised pusher cannot skip the sign-off).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub min_approvals: u32,
+    /// Public key whose signed approvals count (repeatable).
+    #[arg(long = "approver-key", value_name = "FILE")]
+    pub approver_keys: Vec<PathBuf>,
     /// With no --trusted-key, accept bundles without checking signatures.
     #[arg(long)]
     pub insecure_accept_unsigned: bool,
@@ -86,6 +94,19 @@ impl AgentArgs {
             }
             (None, None) => None,
         };
+        let mut approvers = pde_core::approval::Approvers::new();
+        for file in &self.approver_keys {
+            let key = pde_core::keys::load_public_key(file)
+                .map_err(|e| AgentError::Config(format!("--approver-key: {e}")))?;
+            approvers.add(key, &[]);
+        }
+        if self.min_approvals > 0 && approvers.key_ids().len() < self.min_approvals as usize {
+            return Err(AgentError::Config(format!(
+                "--min-approvals {} needs at least that many distinct --approver-key files                  ({} given); no bundle could ever be accepted",
+                self.min_approvals,
+                approvers.key_ids().len()
+            )));
+        }
         let data_dir = if self.data_dir.is_absolute() {
             self.data_dir
         } else {
@@ -100,6 +121,8 @@ impl AgentArgs {
             keep: self.keep,
             on_activate: self.on_activate,
             max_concurrent_deploys: self.max_concurrent_deploys,
+            approvers,
+            min_approvals: self.min_approvals,
         })
     }
 }

@@ -70,6 +70,11 @@ pub struct AgentConfig {
     /// Deploy bodies read and verified at once; the rest wait before their
     /// body is read, so memory stays bounded whatever is sent.
     pub max_concurrent_deploys: usize,
+    /// Keys whose signed approvals count (`--approver-key`).
+    pub approvers: pde_core::approval::Approvers,
+    /// Approvals by distinct `approvers` a bundle must carry to be activated
+    /// (`--min-approvals`; 0: none needed).
+    pub min_approvals: u32,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -83,6 +88,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("keep", &self.keep)
             .field("on_activate", &self.on_activate)
             .field("max_concurrent_deploys", &self.max_concurrent_deploys)
+            .field("approvers", &self.approvers.key_ids())
+            .field("min_approvals", &self.min_approvals)
             .finish()
     }
 }
@@ -100,6 +107,8 @@ impl AgentConfig {
             keep: DEFAULT_KEEP,
             on_activate: None,
             max_concurrent_deploys: DEFAULT_MAX_CONCURRENT_DEPLOYS,
+            approvers: pde_core::approval::Approvers::new(),
+            min_approvals: 0,
         }
     }
 }
@@ -259,6 +268,8 @@ impl Agent {
             token_required = cfg.token.is_some(),
             max_body_bytes = cfg.max_body_bytes,
             keep = cfg.keep,
+            approvers = ?cfg.approvers.key_ids(),
+            min_approvals = cfg.min_approvals,
             "agent ready"
         );
         Ok(Agent {
@@ -274,6 +285,8 @@ impl Agent {
                 settings: Arc::new(routes::Settings {
                     trusted: cfg.trusted,
                     check_signatures,
+                    approvers: cfg.approvers,
+                    min_approvals: cfg.min_approvals,
                     max_body_bytes: cfg.max_body_bytes,
                     on_activate: cfg.on_activate,
                     data_dir: cfg.data_dir,

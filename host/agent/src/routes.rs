@@ -63,6 +63,10 @@ pub struct Settings {
     pub trusted: TrustedKeys,
     /// `false` only with `--insecure-accept-unsigned` and no trusted key.
     pub check_signatures: bool,
+    /// Keys whose signed approvals count.
+    pub approvers: pde_core::approval::Approvers,
+    /// Approvals by distinct approver keys a bundle must carry.
+    pub min_approvals: u32,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Command run after each activation.
@@ -297,6 +301,8 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
         digest: Option<Cow<'a, str>>,
         #[serde(default)]
         signatures: Option<Vec<pde_core::keys::Signature>>,
+        #[serde(default)]
+        approvals: Option<Vec<pde_core::approval::SignedApproval>>,
         #[serde(borrow, default)]
         payload: Option<&'a RawValue>,
     }
@@ -360,12 +366,20 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
         "signatures".into(),
         serde_json::to_value(&signatures).unwrap_or_default(),
     );
+    let approvals = head.approvals.unwrap_or_default();
+    if !approvals.is_empty() {
+        kept.insert(
+            "approvals".into(),
+            serde_json::to_value(&approvals).unwrap_or_default(),
+        );
+    }
     kept.insert("payload".into(), payload);
     let kept = Value::Object(kept);
     // Stored in its own format's canonical form, so the file hashes back to
     // its digest with the algorithm its format tag names.
     let bytes = canonical_bytes(format, &kept).map_err(|e| bundle_error(&e))?;
     let bundle = Bundle::from_value(kept).map_err(|e| bundle_error(&e))?;
+    check_approvals(&bundle, settings)?;
     let policy_id = &bundle.payload.manifest.policy_id;
     if !is_valid_policy_id(policy_id) {
         return Err(ApiError::bad_request(
@@ -383,6 +397,46 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
             bytes,
         },
         env,
+    ))
+}
+
+/// With `--min-approvals N`, the bundle must carry N valid approvals of the
+/// policy in its payload by distinct `--approver-key` keys. Counted by the
+/// same function as the pusher's, over the content digest recomputed here.
+fn check_approvals(bundle: &Bundle, settings: &Settings) -> Result<(), ApiError> {
+    if settings.min_approvals == 0 {
+        return Ok(());
+    }
+    let policy = &bundle.payload.policy;
+    let digest = pde_core::approval::policy_digest(policy).map_err(|e| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "malformed_bundle",
+            e.to_string(),
+        )
+    })?;
+    let tally = pde_core::approval::tally(
+        &bundle.approvals,
+        &bundle.payload.manifest.policy_id,
+        &digest,
+        &settings.approvers,
+    );
+    let have = tally.counted.len();
+    if have >= settings.min_approvals as usize {
+        return Ok(());
+    }
+    let mut reason = format!(
+        "bundle {} carries {have} valid approval(s) of policy content {digest} by distinct \
+         trusted approver keys; this agent requires {}",
+        bundle.digest, settings.min_approvals
+    );
+    for r in &tally.rejected {
+        reason.push_str(&format!("; {r}"));
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "approvals_insufficient",
+        reason,
     ))
 }
 
@@ -661,6 +715,9 @@ pub async fn rollback(
                     .verify_signature(&settings.trusted)
                     .map_err(|e| bundle_error(&e))?;
             }
+            // A bundle stored before approvals were required must not come
+            // back through the side door.
+            check_approvals(&bundle, &settings)?;
         }
         Ok(s.rollback(&policy_id, to.as_deref(), hook)?)
     })

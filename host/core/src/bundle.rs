@@ -16,6 +16,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::approval::SignedApproval;
 pub use crate::canonical::{CanonicalError, canonical_json, digest_of, jcs, jcs_digest};
 use crate::exit::{ExitCode, HasExitCode};
 use crate::keys::{Signature, SignatureError, TrustedKeys};
@@ -54,6 +55,13 @@ pub struct Bundle {
     pub digest: String,
     /// Ed25519 signatures over the digest string.
     pub signatures: Vec<Signature>,
+    /// Signed approvals of the policy's content ([`crate::approval`]). Like
+    /// the signatures they sit outside the digest: each is checked on its own
+    /// against the policy in the payload, and adding one never changes what
+    /// was promoted. Absent (not `[]`) when there are none, so bundles without
+    /// approvals keep the exact bytes they always had.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub approvals: Vec<SignedApproval>,
     /// What the digest covers.
     pub payload: Payload,
 }
@@ -173,6 +181,7 @@ impl Bundle {
             format: format.to_string(),
             digest,
             signatures,
+            approvals: Vec::new(),
             payload,
         })
     }

@@ -3,13 +3,14 @@
 //! Nothing here knows about the engine, the plugin sandbox or the agent;
 //! they all depend on this crate and never the other way round:
 //! - [`exit`]: exit codes (DESIGN §8), imported by every error type;
-//! - [`canonical`], [`bundle`], [`keys`]: canonical JSON, the signed bundle,
-//!   ed25519 key files and trust sets;
+//! - [`canonical`], [`bundle`], [`keys`], [`approval`]: canonical JSON, the
+//!   signed bundle, ed25519 key files and trust sets, signed approvals;
 //! - [`wire`]: types of the push protocol shared by pusher and agent;
 //! - [`fsutil`], [`clock`], [`retry`], [`secret`]: atomic durable writes,
 //!   RFC 3339 time, the HTTP retry policy, secret strings;
 //! - [`term`]: escaping untrusted text before a person sees it.
 
+pub mod approval;
 pub mod bundle;
 pub mod canonical;
 pub mod clock;

@@ -124,6 +124,23 @@ pub struct TrustConfig {
     /// key), even if the key is still listed in `plugin_keys`.
     #[serde(default)]
     pub revoked: Vec<String>,
+    /// Keys whose signed approvals (`pde approve`) count, with the roles
+    /// each is trusted for.
+    #[serde(default)]
+    pub approver_keys: Vec<ApproverKey>,
+}
+
+/// One entry of `[trust] approver_keys`:
+/// `{ file = "keys/ana.pub", roles = ["legal"] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApproverKey {
+    /// Public key file (hex), relative to the workspace root.
+    pub file: PathBuf,
+    /// Roles this key may approve in; an approval claiming another role
+    /// still counts towards `min_approvals`, but not towards `required_roles`.
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 pub use pde_plugin_host::Limits;
@@ -193,9 +210,16 @@ pub struct Environment {
     pub require_signed_plugins: bool,
     /// Only a digest already deployed in this environment may come here.
     pub promote_from: Option<String>,
-    /// Approvals the policy document must carry.
+    /// Distinct approvers a policy needs before it may come here.
     #[serde(default)]
     pub min_approvals: u32,
+    /// Roles that must each be credited by a valid approval, e.g. `["legal"]`.
+    #[serde(default)]
+    pub required_roles: Vec<String>,
+    /// Only signed approvals by `[trust] approver_keys` count here; the
+    /// unsigned `approvals` entries of the policy document do not.
+    #[serde(default)]
+    pub require_signed_approvals: bool,
     /// Plugins (by manifest name) that must be installed for a deploy here.
     #[serde(default)]
     pub required_plugins: Vec<String>,
@@ -279,6 +303,25 @@ impl Config {
             return Err(invalid("[push] concurrency must be at least 1".into()));
         }
         for (name, env) in &self.environments {
+            // Such a gate could never pass; say so now rather than at the
+            // first deploy, with the line to add.
+            let needs_signed = env.require_signed_approvals
+                && (env.min_approvals > 0 || !env.required_roles.is_empty());
+            if needs_signed && self.trust.approver_keys.is_empty() {
+                return Err(invalid(format!(
+                    "environment {name:?} requires signed approvals but [trust] lists no approver \
+                     keys; add `approver_keys = [{{ file = \"keys/<name>.pub\", roles = [...] }}]`"
+                )));
+            }
+            if let Some(role) = env.required_roles.iter().find(|r| {
+                !self.trust.approver_keys.iter().any(|k| k.roles.contains(r))
+                    && env.require_signed_approvals
+            }) {
+                return Err(invalid(format!(
+                    "environment {name:?} requires a {role:?} approval, but no key in \
+                     [trust] approver_keys is trusted for that role"
+                )));
+            }
             let mut seen = std::collections::BTreeSet::new();
             for s in &env.services {
                 if !seen.insert(&s.name) {

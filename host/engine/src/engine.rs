@@ -199,6 +199,18 @@ impl Engine {
         Ok(trusted)
     }
 
+    /// The keys whose signed approvals count (`[trust] approver_keys`),
+    /// minus `[trust] revoked`.
+    pub fn approvers(&self) -> Result<pde_core::approval::Approvers, Error> {
+        let mut approvers = pde_core::approval::Approvers::new();
+        for entry in &self.config.trust.approver_keys {
+            let key = pde_core::keys::load_public_key(&self.root.join(&entry.file))?;
+            approvers.add(key, &entry.roles);
+        }
+        approvers.revoke(&self.config.trust.revoked);
+        Ok(approvers)
+    }
+
     /// The bundle signing key named by `[signing]`, or none when the
     /// workspace has no `[signing]` table.
     ///
@@ -321,11 +333,16 @@ impl Engine {
     }
 
     /// What step 1 reads.
-    pub(crate) fn validate_inputs<'a>(&'a self, plugins: &'a Plugins) -> validate::Inputs<'a> {
+    pub(crate) fn validate_inputs<'a>(
+        &'a self,
+        plugins: &'a Plugins,
+        approvers: &'a pde_core::approval::Approvers,
+    ) -> validate::Inputs<'a> {
         validate::Inputs {
             policies: &self.policies,
             state: &self.state,
             plugins,
+            approvers,
         }
     }
 
@@ -347,9 +364,31 @@ impl Engine {
             validate::check_signed_plugins(&plugins, name, environment)?;
         }
         let policy = validate::load(&self.policies, policy_id)?;
-        let report =
-            off_runtime(|| validate::validate(self.validate_inputs(&plugins), &policy, env))?;
+        let approvers = self.approvers()?;
+        let report = off_runtime(|| {
+            validate::validate(self.validate_inputs(&plugins, &approvers), &policy, env)
+        })?;
         Ok(report.into_result()?)
+    }
+
+    /// `pde approve ID --key FILE`: signs the policy's content digest and
+    /// writes the approval beside the policy, to be committed with it.
+    ///
+    /// The policy must load (schema-valid): an approval of a document that
+    /// cannot be deployed would be a signature over nothing anyone can use.
+    pub fn approve(
+        &self,
+        policy_id: &str,
+        key_file: &Path,
+        signoff: crate::policy::approvals::Signoff,
+    ) -> Result<crate::policy::approvals::Approved, Error> {
+        let policy = validate::load(&self.policies, policy_id)?;
+        let key = pde_core::keys::load_signing_key(key_file)?;
+        let approvers = self.approvers()?;
+        let approved = crate::policy::approvals::approve(&policy, &key, signoff, &approvers)?;
+        tracing::info!(policy_id, keyid = %approved.keyid, digest = %approved.policy_digest,
+            "approval written");
+        Ok(approved)
     }
 
     /// `pde package ID [-o DIR]`: steps 1 and 2, writing the bundle.
@@ -357,9 +396,11 @@ impl Engine {
         let _span = tracing::info_span!("package", policy_id).entered();
         let plugins = self.plugins()?;
         let policy = validate::load(&self.policies, policy_id)?;
-        let validation =
-            off_runtime(|| validate::validate(self.validate_inputs(&plugins), &policy, None))?
-                .into_result()?;
+        let approvers = self.approvers()?;
+        let validation = off_runtime(|| {
+            validate::validate(self.validate_inputs(&plugins, &approvers), &policy, None)
+        })?
+        .into_result()?;
         let repo = Repo::discover(&self.root)?;
         crate::provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
         let key = self.signing_key()?;

@@ -24,6 +24,9 @@ pub enum Error {
     /// A plugin could not be loaded or misbehaved.
     #[error(transparent)]
     Plugin(#[from] crate::plugin::PluginError),
+    /// An approval could not be signed or written.
+    #[error(transparent)]
+    Approve(#[from] crate::policy::approvals::ApproveError),
     /// A key could not be read.
     #[error(transparent)]
     Key(#[from] crate::keys::KeyError),
@@ -112,6 +115,7 @@ impl HasExitCode for Error {
             Error::Policy(e) => e.exit_code(),
             Error::Plugin(e) => e.exit_code(),
             Error::Key(e) => e.exit_code(),
+            Error::Approve(e) => e.exit_code(),
             Error::Bundle(e) => e.exit_code(),
             Error::State(e) => e.exit_code(),
             Error::Audit(e) => e.exit_code(),

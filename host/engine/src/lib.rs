@@ -41,7 +41,7 @@ pub mod vcs;
 
 pub use engine::Engine;
 pub use error::{Error, ExitCode};
-pub use pde_core::{bundle, keys, term};
+pub use pde_core::{approval, bundle, keys, term};
 pub use pde_plugin_host as plugin;
 pub use pde_plugin_host::diagnostic;
 /// The steps under their own names, as callers know them (`pde::push::…`).

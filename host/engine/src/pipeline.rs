@@ -94,12 +94,13 @@ impl Engine {
         let plugins = self.plugins()?;
         provenance::check_required(&plugins, env_name, env, &self.plugins_dir())?;
         validate::check_signed_plugins(&plugins, env_name, env)?;
+        let approvers = self.approvers()?;
         let span = tracing::info_span!("validate");
         let validated = crate::engine::off_runtime(|| {
             let _span = span.enter();
             let policy = validate::load(&self.policies, policy_id)?;
             let report = validate::validate(
-                self.validate_inputs(&plugins),
+                self.validate_inputs(&plugins, &approvers),
                 &policy,
                 Some((env_name, env)),
             )?
@@ -119,7 +120,9 @@ impl Engine {
         audit.record(
             Event::Validated,
             json!({"version": validation.version, "warnings": validation.warnings(),
-                   "validators": validation.validator_records()}),
+                   "validators": validation.validator_records(),
+                   "policy_digest": validation.approvals.policy_digest,
+                   "approvals": validation.approvals.counted}),
         )?;
 
         // 2. package

@@ -67,6 +67,17 @@ pub enum ProvenanceError {
         /// `git status --short` lines, `; `-joined.
         changes: String,
     },
+    /// The policy's approvals directory differs from the commit.
+    #[error(
+        "the approvals in {dir} have uncommitted changes ({changes}); commit them with the \
+         policy (`git add {dir} && git commit`) so the bundle's commit holds what it carries"
+    )]
+    DirtyApprovals {
+        /// The approvals directory.
+        dir: PathBuf,
+        /// `git status --short` lines, `; `-joined.
+        changes: String,
+    },
     /// An environment's `required_plugins` names a plugin that is not installed.
     #[error(
         "environment {env} requires plugin(s) {missing}, not found in {dir}; restore them \
@@ -131,6 +142,32 @@ fn walk_inside(root: &Path, path: &Path) -> Result<(), ProvenanceError> {
 /// The plugins directory: no link on the way to it, no link in it, and no
 /// uncommitted change under it (a deleted validator included).
 pub fn check_plugins_dir(repo: &Repo, root: &Path, dir: &Path) -> Result<(), ProvenanceError> {
+    let changes = uncommitted_in(repo, root, dir)?;
+    if changes.is_empty() {
+        return Ok(());
+    }
+    Err(ProvenanceError::DirtyPlugins {
+        dir: dir.to_path_buf(),
+        changes: changes.join("; "),
+    })
+}
+
+/// A policy's signed approvals (`<id>.approvals/`): like the plugins, they
+/// must be what the commit holds, since the bundle carries them.
+pub fn check_approvals_dir(repo: &Repo, root: &Path, dir: &Path) -> Result<(), ProvenanceError> {
+    let changes = uncommitted_in(repo, root, dir)?;
+    if changes.is_empty() {
+        return Ok(());
+    }
+    Err(ProvenanceError::DirtyApprovals {
+        dir: dir.to_path_buf(),
+        changes: changes.join("; "),
+    })
+}
+
+/// `git status` lines under `dir`, after refusing links on the way to it
+/// and in it.
+fn uncommitted_in(repo: &Repo, root: &Path, dir: &Path) -> Result<Vec<String>, ProvenanceError> {
     walk_inside(root, dir)?;
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
@@ -144,14 +181,7 @@ pub fn check_plugins_dir(repo: &Repo, root: &Path, dir: &Path) -> Result<(), Pro
         Ok(r) => r.join(dir.strip_prefix(root).unwrap_or(dir)),
         Err(_) => dir.to_path_buf(),
     };
-    let changes = repo.changes_under(&abs)?;
-    if changes.is_empty() {
-        return Ok(());
-    }
-    Err(ProvenanceError::DirtyPlugins {
-        dir: dir.to_path_buf(),
-        changes: changes.join("; "),
-    })
+    Ok(repo.changes_under(&abs)?)
 }
 
 /// `required_plugins` of the environment: each must be installed. Runs
@@ -186,6 +216,7 @@ pub fn check(
     plugins_dir: &Path,
 ) -> Result<(), ProvenanceError> {
     check_regular_file(root, policy_path)?;
+    check_approvals_dir(repo, root, &policy_path.with_extension("approvals"))?;
     check_plugins_dir(repo, root, plugins_dir)
 }
 

@@ -11,6 +11,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use pde::ExitCode;
 use pde::error::HasExitCode;
 
+mod approve;
 mod audit;
 mod deploy;
 mod plugin;
@@ -49,6 +50,8 @@ enum Command {
     Deploy(deploy::DeployArgs),
     /// Validate a policy: schema, versions, conflicts and every validator plugin.
     Validate(deploy::ValidateArgs),
+    /// Sign off on a policy's current content with your approver key.
+    Approve(approve::ApproveArgs),
     /// Build the signed bundle of a policy.
     Package(deploy::PackageArgs),
     /// Show what a deploy would do, without doing it.
@@ -321,6 +324,7 @@ pub fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Deploy(args) => deploy::deploy(&ctx, args),
         Command::Validate(args) => deploy::validate(&ctx, args),
+        Command::Approve(args) => approve::approve(&ctx, args),
         Command::Package(args) => deploy::package(&ctx, args),
         Command::Plan(args) => deploy::plan(&ctx, args),
         Command::Env(cmd) => deploy::env(&ctx, cmd),

@@ -1,5 +1,5 @@
 //! Built-in checks beyond the schema: rule keys, ownership across the store,
-//! versions and approvals.
+//! and versions (approvals have their own module, [`super::approvals`]).
 //!
 //! Each check returns diagnostics instead of failing fast, so one `pde
 //! validate` run tells the author everything that is wrong. A check that
@@ -117,31 +117,6 @@ pub fn check_version(policy: &Policy, active: Option<&semver::Version>) -> Vec<D
     }
 }
 
-/// At least `min` distinct approvers (compared trimmed and case-insensitively).
-pub fn check_approvals(policy: &Policy, min: u32) -> Vec<Diagnostic> {
-    let approvers: BTreeSet<String> = policy
-        .doc
-        .approvals
-        .iter()
-        .map(|a| a.by.trim().to_lowercase())
-        .filter(|by| !by.is_empty())
-        .collect();
-    let have = approvers.len();
-    if (have as u64) < u64::from(min) {
-        vec![Diagnostic::error(
-            "approvals",
-            "approvals.insufficient",
-            "/approvals",
-            format!(
-                "policy {:?} has {have} distinct approval(s); this environment requires {min}",
-                policy.id
-            ),
-        )]
-    } else {
-        vec![]
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,22 +183,5 @@ mod tests {
             check_version(&p, Some(&semver::Version::new(2, 0, 0))).len(),
             1
         );
-    }
-
-    #[test]
-    fn approvals_count_distinct_people() {
-        let d = tempfile::tempdir().unwrap();
-        write(
-            d.path(),
-            "1",
-            &doc("1", "1.0.0", &["a"], &["Ana", "ana ", "Bo"]),
-        );
-        let p = PolicyStore::open(d.path()).load("1").unwrap();
-        assert!(check_approvals(&p, 2).is_empty());
-        let found = check_approvals(&p, 3);
-        assert_eq!(found.len(), 1);
-        assert_eq!(found[0].code, "approvals.insufficient");
-        assert!(found[0].message.contains("2 distinct"));
-        assert!(check_approvals(&p, 0).is_empty());
     }
 }

@@ -11,7 +11,8 @@
 //!
 //! - [`store`]: finding, reading and parsing policy files;
 //! - [`schema`]: the bundled JSON Schema and its diagnostics;
-//! - [`checks`]: uniqueness, ownership, version and approval checks.
+//! - [`checks`]: uniqueness, ownership and version checks;
+//! - [`approvals`]: signed approvals beside the policy, and what counts.
 
 use std::path::PathBuf;
 
@@ -21,11 +22,12 @@ use serde_json::Value;
 use crate::diagnostic::Diagnostic;
 use pde_core::{ExitCode, HasExitCode};
 
+pub mod approvals;
 pub mod checks;
 pub mod schema;
 pub mod store;
 
-pub use checks::{check_approvals, check_conflicts, check_rules_unique, check_version};
+pub use checks::{check_conflicts, check_rules_unique, check_version};
 pub use schema::{check_canonical_numbers, check_schema};
 pub use store::{MAX_POLICY_BYTES, PolicyStore};
 
@@ -42,6 +44,9 @@ pub struct Policy {
     pub path: PathBuf,
     /// The typed view of `document`.
     pub doc: PolicyDoc,
+    /// The files of `<id>.approvals/`, as read (see [`approvals`]).
+    #[serde(skip)]
+    pub signed_approvals: Vec<approvals::ApprovalFile>,
 }
 
 /// The typed shape of a policy document (DESIGN §8).

@@ -115,12 +115,19 @@ impl PolicyStore {
                 format!("{:?} is not a semantic version: {e}", doc.version),
             )],
         })?;
+        let approvals_dir = super::approvals::dir_of(&path);
+        let signed_approvals =
+            super::approvals::read_dir(&approvals_dir).map_err(|source| PolicyError::Read {
+                path: approvals_dir,
+                source,
+            })?;
         Ok(Policy {
             id: doc.id.clone(),
             version,
             document,
             path,
             doc,
+            signed_approvals,
         })
     }
 

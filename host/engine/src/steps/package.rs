@@ -130,7 +130,9 @@ pub fn seal(
         },
         policy: policy.document.clone(),
     };
-    Ok(Bundle::seal(payload, &key.into_iter().collect::<Vec<_>>())?)
+    let mut bundle = Bundle::seal(payload, &key.into_iter().collect::<Vec<_>>())?;
+    bundle.approvals = validation.approvals.carried.clone();
+    Ok(bundle)
 }
 
 /// Writes `bundle` atomically into `dir` as

@@ -16,6 +16,7 @@ use crate::config::Environment;
 use crate::diagnostic::{Diagnostic, Severity};
 use crate::plugin::PluginSet as Plugins;
 use crate::plugin::{CallContext, PluginKind, PolicyInput, SignatureStatus};
+use crate::policy::approvals::{self, Requirement, Verdict};
 use crate::policy::{self, Policy, PolicyStore};
 use crate::state::StateStore;
 
@@ -68,8 +69,8 @@ impl HasExitCode for ValidateError {
     }
 }
 
-/// What step 1 reads: the policy store, the state (the active version) and
-/// the workspace plugins.
+/// What step 1 reads: the policy store, the state (the active version),
+/// the workspace plugins and the trusted approver keys.
 #[derive(Clone, Copy)]
 pub struct Inputs<'a> {
     /// Every policy, for rule ownership.
@@ -78,6 +79,8 @@ pub struct Inputs<'a> {
     pub state: &'a StateStore,
     /// The validator plugins.
     pub plugins: &'a Plugins,
+    /// The keys whose signed approvals count.
+    pub approvers: &'a pde_core::approval::Approvers,
 }
 
 /// Refuses to go on in an environment that requires signed plugins when one
@@ -122,6 +125,8 @@ pub struct ValidationReport {
     pub diagnostics: Vec<Diagnostic>,
     /// What each validator plugin did.
     pub plugins: Vec<PluginRun>,
+    /// The policy's approvals as judged (the bundle carries the counted ones).
+    pub approvals: Verdict,
 }
 
 /// One validator plugin's run.
@@ -158,6 +163,7 @@ impl ValidationReport {
             environment: None,
             diagnostics,
             plugins: Vec::new(),
+            approvals: Verdict::default(),
         }
     }
 
@@ -225,7 +231,7 @@ pub fn validate(
 ) -> Result<ValidationReport, ValidateError> {
     let mut diagnostics = policy::check_rules_unique(policy);
     diagnostics.extend(policy::check_conflicts(policy, inputs.policies));
-    if let Some((env_name, environment)) = env {
+    if let Some((env_name, _)) = env {
         let active = inputs.state.active(&policy.id, env_name)?;
         let active_version = active
             .as_ref()
@@ -236,8 +242,14 @@ pub fn validate(
         if active_version.as_ref() != Some(&policy.version) {
             diagnostics.extend(policy::check_version(policy, active_version.as_ref()));
         }
-        diagnostics.extend(policy::check_approvals(policy, environment.min_approvals));
     }
+    let requirement = env.map(|(_, environment)| Requirement {
+        min: environment.min_approvals,
+        roles: environment.required_roles.clone(),
+        signed_only: environment.require_signed_approvals,
+    });
+    let approvals = approvals::judge(policy, inputs.approvers, requirement.as_ref());
+    diagnostics.extend(approvals.diagnostics.iter().cloned());
 
     let loaded = inputs.plugins;
     let input = PolicyInput {
@@ -291,5 +303,6 @@ pub fn validate(
         environment: env.map(|(name, _)| name.to_string()),
         diagnostics,
         plugins: runs,
+        approvals,
     })
 }
