@@ -123,7 +123,7 @@ const LAYERS: &[&[&str]] = &[
     &["error"],
     &["engine"],
     &["pipeline", "rollback"],
-    &["plan"],
+    &["plan", "live"],
     &["blocking"],
 ];
 

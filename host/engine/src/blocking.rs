@@ -9,6 +9,7 @@
 use std::path::Path;
 
 use crate::error::Error;
+use crate::live::LiveReport;
 use crate::pipeline::{DeployOptions, DeployReport};
 use crate::plan::PlanReport;
 use crate::rollback::RollbackReport;
@@ -81,6 +82,11 @@ impl Engine {
     ) -> Result<RollbackReport, Error> {
         self.runtime
             .block_on(self.inner.rollback(policy_id, env, to))
+    }
+
+    /// [`crate::Engine::live_status`], blocking.
+    pub fn live_status(&self, env: Option<&str>) -> Result<LiveReport, Error> {
+        self.runtime.block_on(self.inner.live_status(env))
     }
 
     /// [`crate::Engine::env_check`], blocking.

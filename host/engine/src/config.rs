@@ -226,6 +226,136 @@ pub struct Environment {
     /// The services of this environment.
     #[serde(default)]
     pub services: Vec<Service>,
+    /// Readiness checks beyond each service's `/healthz`, run with them
+    /// before anything is pushed.
+    #[serde(default)]
+    pub checks: Vec<Check>,
+}
+
+/// `[[environments.<name>.checks]]`: one readiness check, chosen by `kind`.
+///
+/// A failing check stops a deploy exactly as an unhealthy service does
+/// (exit 4, nothing pushed).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Check {
+    /// `url` must answer 2xx; with `json_field`, the JSON body's value at
+    /// that pointer must equal `equals`.
+    Http {
+        /// Unique name within the environment, shown in reports.
+        name: String,
+        /// The URL to `GET`.
+        url: String,
+        /// A JSON pointer into the body, e.g. `/status`.
+        json_field: Option<String>,
+        /// The value `json_field` must hold (any JSON value).
+        equals: Option<serde_json::Value>,
+        /// Environment variable holding a bearer token for `url`.
+        token_env: Option<String>,
+    },
+    /// A Prometheus instant query that must return no series.
+    Prometheus {
+        /// Unique name within the environment.
+        name: String,
+        /// The Prometheus base URL; `/api/v1/query` is appended.
+        url: String,
+        /// The PromQL query, e.g. `ALERTS{severity="critical"}`.
+        query: String,
+        /// Environment variable holding a bearer token for Prometheus.
+        token_env: Option<String>,
+    },
+    /// A change freeze: deploys are refused between `start` and `end`
+    /// unless overridden with a reason.
+    Freeze {
+        /// Unique name within the environment.
+        name: String,
+        /// Start of the window: a local date-time (`2026-12-20T18:00:00`)
+        /// read in `timezone`, or RFC 3339 with an offset.
+        start: String,
+        /// End of the window (exclusive), in the same forms as `start`.
+        end: String,
+        /// IANA time zone of local `start`/`end`, e.g. `America/New_York`.
+        timezone: Option<String>,
+    },
+}
+
+impl Check {
+    /// The check's name.
+    pub fn name(&self) -> &str {
+        match self {
+            Check::Http { name, .. }
+            | Check::Prometheus { name, .. }
+            | Check::Freeze { name, .. } => name,
+        }
+    }
+
+    /// `http`, `prometheus` or `freeze`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Check::Http { .. } => "http",
+            Check::Prometheus { .. } => "prometheus",
+            Check::Freeze { .. } => "freeze",
+        }
+    }
+}
+
+/// A change-freeze window as instants: `[start, end)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreezeWindow {
+    /// First instant of the freeze.
+    pub start: jiff::Timestamp,
+    /// First instant after the freeze.
+    pub end: jiff::Timestamp,
+}
+
+impl FreezeWindow {
+    /// Reads `start`/`end` of a freeze check. Local date-times need
+    /// `timezone`; RFC 3339 instants carry their own offset. The error says
+    /// what is wrong in words fit for pde.toml's reader.
+    pub fn parse(start: &str, end: &str, timezone: Option<&str>) -> Result<FreezeWindow, String> {
+        let zone = match timezone {
+            Some(name) => Some(
+                jiff::tz::TimeZone::get(name)
+                    .map_err(|e| format!("unknown time zone {name:?} (use an IANA name such as \"America/New_York\"): {e}"))?,
+            ),
+            None => None,
+        };
+        let at = |text: &str, which: &str| -> Result<jiff::Timestamp, String> {
+            if let Ok(ts) = text.parse::<jiff::Timestamp>() {
+                return Ok(ts);
+            }
+            let civil: jiff::civil::DateTime = text.parse().map_err(|e| {
+                format!("{which} = {text:?} is neither a local date-time (2026-12-20T18:00:00) nor RFC 3339 with an offset: {e}")
+            })?;
+            let zone = zone.as_ref().ok_or_else(|| {
+                format!("{which} = {text:?} is a local date-time: add `timezone = \"Area/City\"`, or give an RFC 3339 offset")
+            })?;
+            // A local time that a DST change skips or repeats is resolved
+            // the way `jiff` (and RFC 9557) does by default: "compatible".
+            civil
+                .to_zoned(zone.clone())
+                .map(|z| z.timestamp())
+                .map_err(|e| {
+                    format!(
+                        "{which} = {text:?} in {}: {e}",
+                        timezone.unwrap_or_default()
+                    )
+                })
+        };
+        let window = FreezeWindow {
+            start: at(start, "start")?,
+            end: at(end, "end")?,
+        };
+        if window.end <= window.start {
+            return Err(format!("end {end:?} is not after start {start:?}"));
+        }
+        Ok(window)
+    }
+
+    /// Whether `now` falls inside the window.
+    pub fn contains(&self, now: jiff::Timestamp) -> bool {
+        self.start <= now && now < self.end
+    }
 }
 
 /// `[[environments.<name>.services]]`.
@@ -347,6 +477,53 @@ impl Config {
                     )));
                 }
             }
+            let mut names = std::collections::BTreeSet::new();
+            for c in &env.checks {
+                let what = format!("check {:?} in {name:?}", c.name());
+                if !names.insert(c.name()) {
+                    return Err(invalid(format!(
+                        "{what} is listed twice; names must be unique"
+                    )));
+                }
+                match c {
+                    Check::Http {
+                        url,
+                        json_field,
+                        equals,
+                        ..
+                    } => {
+                        check_url(&what, url).map_err(&invalid)?;
+                        if json_field.is_some() != equals.is_some() {
+                            return Err(invalid(format!(
+                                "{what}: json_field and equals go together; set both or neither"
+                            )));
+                        }
+                        if json_field
+                            .as_deref()
+                            .is_some_and(|p| !p.is_empty() && !p.starts_with('/'))
+                        {
+                            return Err(invalid(format!(
+                                "{what}: json_field must be a JSON pointer such as \"/status\""
+                            )));
+                        }
+                    }
+                    Check::Prometheus { url, query, .. } => {
+                        check_url(&what, url).map_err(&invalid)?;
+                        if query.trim().is_empty() {
+                            return Err(invalid(format!("{what}: query is empty")));
+                        }
+                    }
+                    Check::Freeze {
+                        start,
+                        end,
+                        timezone,
+                        ..
+                    } => {
+                        FreezeWindow::parse(start, end, timezone.as_deref())
+                            .map_err(|e| invalid(format!("{what}: {e}")))?;
+                    }
+                }
+            }
             if let Some(from) = &env.promote_from
                 && !self.environments.contains_key(from)
             {
@@ -382,6 +559,23 @@ pub(crate) fn state_outside_message(state: &Path) -> String {
          the state really belongs elsewhere",
         state.display().to_string()
     )
+}
+
+/// A check's URL: http(s), and no credentials in it (tokens go in
+/// `token_env`, so they never reach a message or the audit log).
+fn check_url(what: &str, url: &str) -> Result<(), String> {
+    if has_userinfo(url) {
+        return Err(format!(
+            "{what}: the url carries credentials (user:password@); remove them and name the \
+             token's environment variable with `token_env = \"VAR\"`"
+        ));
+    }
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!(
+            "{what}: url {url:?} must start with http:// or https://"
+        ));
+    }
+    Ok(())
 }
 
 /// True when `url` has a `user[:password]@` part. Judged on the authority
@@ -454,6 +648,90 @@ token_env = "HMS_API_TOKEN"
         // An `@` in the path or query is not a credential.
         let ok = SAMPLE.replace("http://127.0.0.1:1", "http://127.0.0.1:1/a@b?c=@");
         Config::parse(&ok, Path::new("pde.toml")).unwrap();
+    }
+
+    const CHECKS: &str = r#"
+[[environments.production.checks]]
+kind = "http"
+name = "gateway"
+url = "http://127.0.0.1:1/status"
+json_field = "/status"
+equals = "green"
+[[environments.production.checks]]
+kind = "prometheus"
+name = "no-critical-alerts"
+url = "http://127.0.0.1:1"
+query = 'ALERTS{severity="critical"}'
+[[environments.production.checks]]
+kind = "freeze"
+name = "holidays"
+start = "2026-12-24T00:00:00"
+end = "2026-12-26T00:00:00"
+timezone = "America/New_York"
+"#;
+
+    #[test]
+    fn checks_parse_by_kind() {
+        let c = Config::parse(&format!("{SAMPLE}{CHECKS}"), Path::new("pde.toml")).unwrap();
+        let checks = &c.environment("production").unwrap().checks;
+        let kinds: Vec<(&str, &str)> = checks.iter().map(|c| (c.kind(), c.name())).collect();
+        assert_eq!(
+            kinds,
+            [
+                ("http", "gateway"),
+                ("prometheus", "no-critical-alerts"),
+                ("freeze", "holidays")
+            ]
+        );
+        assert!(matches!(&checks[0], Check::Http { equals: Some(v), .. } if v == "green"));
+    }
+
+    #[test]
+    fn bad_checks_are_refused_by_name() {
+        for (from, to, says) in [
+            (
+                "json_field = \"/status\"",
+                "json_feld = \"/status\"",
+                "json_feld",
+            ),
+            ("kind = \"freeze\"", "kind = \"frost\"", "frost"),
+            ("America/New_York", "America/Gotham", "America/Gotham"),
+            ("timezone = \"America/New_York\"", "", "timezone"),
+            ("2026-12-26T00:00:00", "2026-12-23T00:00:00", "not after"),
+            ("equals = \"green\"", "", "together"),
+            ("name = \"holidays\"", "name = \"gateway\"", "twice"),
+        ] {
+            let bad = format!("{SAMPLE}{CHECKS}").replace(from, to);
+            let err = Config::parse(&bad, Path::new("pde.toml")).unwrap_err();
+            assert_eq!(err.exit_code(), ExitCode::Usage);
+            let err = err.to_string();
+            assert!(err.contains(says), "{from} -> {to}: {err}");
+        }
+    }
+
+    #[test]
+    fn freeze_windows_are_read_in_their_time_zone() {
+        let w = FreezeWindow::parse(
+            "2026-12-24T00:00:00",
+            "2026-12-26T00:00:00",
+            Some("America/New_York"),
+        )
+        .unwrap();
+        // New York is UTC-5 in December: the window opens at 05:00 UTC.
+        let at = |s: &str| s.parse::<jiff::Timestamp>().unwrap();
+        assert!(!w.contains(at("2026-12-24T04:59:59Z")));
+        assert!(w.contains(at("2026-12-24T05:00:00Z")));
+        assert!(w.contains(at("2026-12-26T04:59:59Z")));
+        assert!(!w.contains(at("2026-12-26T05:00:00Z")));
+        // RFC 3339 with an offset needs no zone.
+        let w = FreezeWindow::parse(
+            "2026-07-01T09:00:00+02:00",
+            "2026-07-01T10:00:00+02:00",
+            None,
+        )
+        .unwrap();
+        assert!(w.contains(at("2026-07-01T07:30:00Z")));
+        assert!(!w.contains(at("2026-07-01T08:00:00Z")));
     }
 
     #[test]

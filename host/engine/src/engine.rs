@@ -414,7 +414,9 @@ impl Engine {
         })
     }
 
-    /// `pde env check ENV`: step 3 alone.
+    /// `pde env check ENV`: step 3 alone, every service's health and every
+    /// readiness check. An active freeze shows as failing: nothing here
+    /// overrides it.
     pub async fn env_check(&self, env_name: &str) -> Result<HealthReport, Error> {
         let env = self.environment(env_name)?;
         let targets = env
@@ -422,7 +424,15 @@ impl Engine {
             .iter()
             .map(crate::steps::push::target_of)
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(envcheck::check(&self.http, &targets, self.config.push.timeout()).await)
+        Ok(envcheck::check_all(
+            &self.http,
+            &targets,
+            &env.checks,
+            self.config.push.timeout(),
+            jiff::Timestamp::now(),
+            None,
+        )
+        .await?)
     }
 }
 

@@ -78,13 +78,17 @@ pub enum Error {
     /// The bundle could not be built or is not admitted (step 2).
     #[error(transparent)]
     Package(#[from] crate::steps::package::PackageError),
+    /// The readiness checks could not start (a token variable is unset).
+    #[error(transparent)]
+    Readiness(#[from] crate::steps::envcheck::ReadinessError),
     /// Routing failed or reached no service (step 4).
     #[error(transparent)]
     Route(#[from] crate::steps::route::RouteError),
     /// The release could not be tagged (step 6).
     #[error(transparent)]
     Tag(#[from] crate::steps::tag::TagError),
-    /// A service of the environment is unhealthy; nothing was pushed.
+    /// A service of the environment is unhealthy, or a readiness check
+    /// failed; nothing was pushed.
     #[error("environment {env} is unhealthy: {failing}; nothing was pushed")]
     Unhealthy {
         /// The environment.
@@ -128,6 +132,7 @@ impl HasExitCode for Error {
             Error::ValidationFailed { .. } => ExitCode::ValidationFailed,
             Error::Validate(e) => e.exit_code(),
             Error::Package(e) => e.exit_code(),
+            Error::Readiness(e) => e.exit_code(),
             Error::Route(e) => e.exit_code(),
             Error::Tag(e) => e.exit_code(),
             Error::Unhealthy { .. } => ExitCode::EnvUnhealthy,

@@ -18,6 +18,7 @@
 //! - [`audit`]: the hash-chained audit log;
 //! - [`state`]: deployment history and locks;
 //! - [`pipeline`]: the seven steps, top-down;
+//! - [`live`]: `pde status --live`, what services run against the state;
 //! - [`agent`]: the receiving service that targets run;
 //! - [`term`]: escaping untrusted text before a person sees it.
 
@@ -27,6 +28,7 @@ pub mod config;
 mod engine;
 pub mod error;
 pub mod http;
+pub mod live;
 pub mod pipeline;
 pub mod plan;
 pub mod policy;

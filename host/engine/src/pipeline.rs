@@ -157,19 +157,39 @@ impl Engine {
             .iter()
             .map(push::target_of)
             .collect::<Result<Vec<Target>, _>>()?;
-        let health = envcheck::check(&self.http, &targets, self.config.push.timeout())
-            .instrument(tracing::info_span!("envcheck"))
-            .await;
+        let health = envcheck::check_all(
+            &self.http,
+            &targets,
+            &env.checks,
+            self.config.push.timeout(),
+            jiff::Timestamp::now(),
+            opts.override_freeze,
+        )
+        .instrument(tracing::info_span!("envcheck"))
+        .await?;
         if !health.healthy() {
             let failing = health.failing_services();
-            audit.record(Event::EnvCheckFailed, json!({"failing": failing}))?;
+            audit.record(
+                Event::EnvCheckFailed,
+                json!({"failing": failing, "checks": health.checks}),
+            )?;
             return Err(Error::Unhealthy {
                 env: env_name.to_string(),
                 failing,
                 report: health,
             });
         }
-        audit.record(Event::EnvCheckOk, json!({"services": targets.len()}))?;
+        // An override is recorded where the check it bypassed is: on the
+        // `env_check_ok` record, with who (the record's actor) and why.
+        let mut ok = json!({"services": targets.len(), "checks": health.checks});
+        let overridden = health.overridden_freezes();
+        if !overridden.is_empty() {
+            ok["freeze_override"] = json!({
+                "reason": overridden[0].1,
+                "checks": overridden.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
+            });
+        }
+        audit.record(Event::EnvCheckOk, ok)?;
 
         // 4. route
         let span = tracing::info_span!("route");

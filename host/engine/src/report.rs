@@ -18,6 +18,9 @@ pub struct DeployOptions<'a> {
     pub dry_run: bool,
     /// Told about every target's progress (the CLI draws progress bars).
     pub observer: &'a dyn Observer,
+    /// `--override-freeze REASON`: an active change freeze lets this deploy
+    /// through, and the reason goes into the audit log.
+    pub override_freeze: Option<&'a str>,
 }
 
 impl Default for DeployOptions<'_> {
@@ -25,6 +28,7 @@ impl Default for DeployOptions<'_> {
         DeployOptions {
             dry_run: false,
             observer: &(),
+            override_freeze: None,
         }
     }
 }

@@ -106,6 +106,7 @@ fn deploy_policy(
                 Some(o) => o,
                 None => &(),
             },
+            ..DeployOptions::default()
         };
         engine.deploy(&policy_id, &target_env, &opts)
     });

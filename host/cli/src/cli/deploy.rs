@@ -20,6 +20,9 @@ pub struct DeployArgs {
     /// Validate, package, check and route, but push nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Deploy during an active change freeze; REASON goes into the audit log.
+    #[arg(long, value_name = "REASON")]
+    pub override_freeze: Option<String>,
 }
 
 /// `pde validate ID [--env ENV]`.
@@ -55,7 +58,7 @@ pub struct PlanArgs {
 /// `pde env …`.
 #[derive(Debug, clap::Subcommand)]
 pub enum EnvCmd {
-    /// Check the health of every service of an environment.
+    /// Check every service's health and every readiness check of an environment.
     Check {
         /// The environment.
         env: String,
@@ -118,6 +121,15 @@ impl Observer for Progress {
 }
 
 pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
+    if args
+        .override_freeze
+        .as_deref()
+        .is_some_and(|r| r.trim().is_empty())
+    {
+        return Err(Failure::usage(
+            "--override-freeze needs a reason (it goes into the audit log)",
+        ));
+    }
     let engine = open(ctx)?;
     let progress = Progress {
         // Bars only for a person at a terminal; hidden otherwise.
@@ -131,6 +143,7 @@ pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
     let opts = pde::pipeline::DeployOptions {
         dry_run: args.dry_run,
         observer: &progress,
+        override_freeze: args.override_freeze.as_deref(),
     };
     let report = engine
         .deploy(&args.id, &args.env, &opts)

@@ -93,6 +93,19 @@ pub fn health(r: &HealthReport) {
             s.service, s.elapsed_ms, s.url
         );
     }
+    for c in &r.checks {
+        let state = match (c.passed, &c.overridden) {
+            (true, Some(_)) => "OVERRIDDEN",
+            (true, None) => "passed",
+            (false, _) => "FAILED",
+        };
+        // A check's detail quotes what an endpoint or Prometheus said.
+        let detail = pde::term::escape(&c.detail);
+        println!(
+            "  check {:<14} {state:<10} {:<10} {detail} ({} ms)",
+            c.name, c.kind, c.elapsed_ms
+        );
+    }
 }
 
 /// Per-target push results.

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use pde::ExitCode;
 
 use super::deploy::{open, open_read_only};
-use super::{CmdResult, Ctx, Failure};
+use super::{CmdResult, Ctx, Failure, print};
 
 /// `pde status [--env ENV]`.
 #[derive(Debug, clap::Args)]
@@ -13,6 +13,10 @@ pub struct StatusArgs {
     /// Only this environment.
     #[arg(long)]
     pub env: Option<String>,
+    /// Ask every service's `GET /active` and compare with the state; exit 4
+    /// when anything drifted.
+    #[arg(long)]
+    pub live: bool,
 }
 
 /// `pde history ID`.
@@ -57,6 +61,23 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
             .environment(env)
             .map_err(|e| Failure::engine(ctx, e))?;
     }
+    if args.live {
+        let report = engine
+            .live_status(args.env.as_deref())
+            .map_err(|e| Failure::engine(ctx, e))?;
+        if ctx.json {
+            ctx.print_json(&report);
+        } else {
+            print_live(&report);
+        }
+        // Drift is an environment that is not as pde left it: exit 4, the
+        // code scripts already read as "environment unhealthy".
+        return Ok(if report.in_sync() {
+            ExitCode::Ok
+        } else {
+            ExitCode::EnvUnhealthy
+        });
+    }
     let entries = engine.state().status(args.env.as_deref())?;
     if ctx.json {
         ctx.print_json(&entries);
@@ -66,6 +87,64 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
         print_status_matrices(&entries);
     }
     Ok(ExitCode::Ok)
+}
+
+/// One line per service and policy: expected, actual, verdict.
+fn print_live(r: &pde::live::LiveReport) {
+    let short = |d: &Option<pde::live::Running>| match d {
+        None => "-".to_string(),
+        Some(run) => match (&run.version, &run.digest) {
+            (Some(v), Some(d)) => format!("{v} {}", d.get(..19).unwrap_or(d)),
+            _ => "UNKNOWN".to_string(),
+        },
+    };
+    println!(
+        "{:<12} {:<20} {:<10} {:<30} {:<30} state",
+        "env", "service", "policy", "expected (pde)", "actual (service)"
+    );
+    for s in &r.services {
+        if let Some(e) = &s.error {
+            // The error may quote the service's own answer.
+            println!(
+                "{:<12} {:<20} {:<10} {:<30} {:<30} NO ANSWER: {}",
+                s.env,
+                s.service,
+                "*",
+                "",
+                "",
+                pde::term::escape(e)
+            );
+        }
+        if s.policies.is_empty() && s.error.is_none() {
+            println!(
+                "{:<12} {:<20} {:<10} {:<30} {:<30} in-sync (nothing active)",
+                s.env, s.service, "-", "-", "-"
+            );
+        }
+        for p in &s.policies {
+            let state = print::label(&p.state);
+            let state = if p.state.is_drift() {
+                format!("{} DRIFT", state.to_uppercase())
+            } else {
+                state
+            };
+            println!(
+                "{:<12} {:<20} {:<10} {:<30} {:<30} {state}",
+                s.env,
+                s.service,
+                // A policy id the service reports is its text, not ours.
+                pde::term::escape(&p.policy_id),
+                short(&p.expected),
+                short(&p.actual)
+            );
+        }
+    }
+    println!();
+    if r.in_sync() {
+        println!("✓ every service runs what pde deployed there");
+    } else {
+        println!("✗ {} finding(s) of drift", r.drift);
+    }
 }
 
 /// One policy × service table per environment: what each service runs for

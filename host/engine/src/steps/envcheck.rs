@@ -7,24 +7,49 @@
 //! service that needs a second try to look healthy is not one to push to
 //! without a human looking. The report lists every service, healthy or not,
 //! so the CLI and the audit record can name each failure.
+//!
+//! The environment's readiness checks ([`readiness`]) run beside the
+//! services' health, and their results are part of the same report: a
+//! failing check stops a deploy exactly as an unhealthy service does.
+
+pub mod readiness;
 
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::config::Check;
 use crate::http::Target;
+
+pub use readiness::{CheckResult, ReadinessError};
 
 /// The health of every checked service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct HealthReport {
     /// One entry per target, in the order given.
     pub services: Vec<ServiceHealth>,
+    /// One entry per readiness check of the environment, in pde.toml's order.
+    pub checks: Vec<CheckResult>,
 }
 
 impl HealthReport {
-    /// True when every service answered 2xx in time (and vacuously for none).
+    /// True when every service answered 2xx in time and every readiness
+    /// check passed (vacuously for none).
     pub fn healthy(&self) -> bool {
-        self.services.iter().all(|s| s.healthy)
+        self.services.iter().all(|s| s.healthy) && self.checks.iter().all(|c| c.passed)
+    }
+
+    /// The readiness checks that failed.
+    pub fn failed_checks(&self) -> Vec<&CheckResult> {
+        self.checks.iter().filter(|c| !c.passed).collect()
+    }
+
+    /// The freeze checks that an override let through: (check, reason).
+    pub fn overridden_freezes(&self) -> Vec<(&str, &str)> {
+        self.checks
+            .iter()
+            .filter_map(|c| c.overridden.as_deref().map(|r| (c.name.as_str(), r)))
+            .collect()
     }
 
     /// The services that are not healthy.
@@ -32,7 +57,8 @@ impl HealthReport {
         self.services.iter().filter(|s| !s.healthy).collect()
     }
 
-    /// `name (why)` of each unhealthy service, comma separated.
+    /// `name (why)` of each unhealthy service and `check name (why)` of
+    /// each failed readiness check, comma separated.
     pub fn failing_services(&self) -> String {
         self.failures()
             .iter()
@@ -44,6 +70,11 @@ impl HealthReport {
                 };
                 format!("{} ({why})", s.service)
             })
+            .chain(
+                self.failed_checks()
+                    .iter()
+                    .map(|c| format!("check {} ({})", c.name, c.detail)),
+            )
             .collect::<Vec<_>>()
             .join(", ")
     }
@@ -75,11 +106,34 @@ pub async fn check(
     timeout: Duration,
 ) -> HealthReport {
     let services = futures::future::join_all(targets.iter().map(|t| one(client, t, timeout))).await;
-    let report = HealthReport { services };
+    let report = HealthReport {
+        services,
+        checks: Vec::new(),
+    };
     for s in report.failures() {
         tracing::warn!(service = %s.service, url = %s.url, error = ?s.error, "unhealthy");
     }
     report
+}
+
+/// [`check`] and the environment's readiness `checks`, all at once: the
+/// whole of step 3. `now` decides change freezes; `override_freeze` (a
+/// reason) lets an active one through.
+pub async fn check_all(
+    client: &reqwest::Client,
+    targets: &[Target],
+    checks: &[Check],
+    timeout: Duration,
+    now: jiff::Timestamp,
+    override_freeze: Option<&str>,
+) -> Result<HealthReport, ReadinessError> {
+    let (mut report, checks) = futures::future::join(
+        check(client, targets, timeout),
+        readiness::run(client, checks, timeout, now, override_freeze),
+    )
+    .await;
+    report.checks = checks?;
+    Ok(report)
 }
 
 async fn one(client: &reqwest::Client, t: &Target, timeout: Duration) -> ServiceHealth {
