@@ -31,7 +31,7 @@ pub const MAX_SAFE_INTEGER: u64 = (1 << 53) - 1;
 pub enum CanonicalError {
     /// A number that a double cannot hold exactly.
     #[error(
-        "number {number} at {pointer:?} cannot be written exactly in RFC 8785 canonical JSON: integers must lie within ±(2^53−1) (write it as a string instead)"
+        "number {number} at {pointer:?} cannot be written exactly in RFC 8785 canonical JSON: integers (and doubles from 2^53 up to 1e21, which it writes as integers) must lie within ±(2^53−1) (write it as a string instead)"
     )]
     Number {
         /// JSON pointer (RFC 6901) to the number; `""` is the whole document.
@@ -129,7 +129,14 @@ fn walk(value: &Value, pointer: &mut String, out: &mut Vec<CanonicalError>) {
             let too_big = match (n.as_u64(), n.as_i64()) {
                 (Some(u), _) => u > MAX_SAFE_INTEGER,
                 (None, Some(i)) => i.unsigned_abs() > MAX_SAFE_INTEGER,
-                (None, None) => false,
+                // A double from 2^53 up to 1e21 is written by RFC 8785 as
+                // plain integer digits ("4.8e17" → "480000000000000000"),
+                // which every reader then sees as an integer beyond
+                // ±(2^53−1): stock JCS libraries refuse to canonicalise it
+                // again, so a verifier could not recompute the digest.
+                (None, None) => n
+                    .as_f64()
+                    .is_some_and(|f| f.abs() > MAX_SAFE_INTEGER as f64 && f.abs() < 1e21),
             };
             if too_big {
                 out.push(CanonicalError::Number {
@@ -192,6 +199,32 @@ mod tests {
         assert_eq!(pointers, ["/a~1b", "/rules/0/value"]);
         assert!(jcs(&v).is_err());
         assert!(jcs(&json!({"max": 9_007_199_254_740_991_u64})).is_ok());
+    }
+
+    #[test]
+    fn doubles_that_jcs_writes_as_unsafe_integers_are_refused() {
+        // Found by tests/fuzz.rs: 4.876967313192871e17 canonicalised to
+        // "487696731319287100", which no JCS implementation reads back.
+        let v: Value = serde_json::from_str(
+            r#"{"a": 4.876967313192871e17, "b": -9007199254740992.0, "ok": [9007199254740991.0, 1e21, 1.5e300, 0.5]}"#,
+        )
+        .unwrap();
+        let pointers: Vec<String> = unrepresentable_numbers(&v)
+            .into_iter()
+            .map(|e| match e {
+                CanonicalError::Number { pointer, .. } => pointer,
+                other => panic!("{other}"),
+            })
+            .collect();
+        assert_eq!(pointers, ["/a", "/b"]);
+        let ok = jcs(&v["ok"]).unwrap();
+        assert_eq!(
+            String::from_utf8(ok.clone()).unwrap(),
+            "[9007199254740991,1e+21,1.5e+300,0.5]"
+        );
+        // What it writes, it reads back and writes identically.
+        let back: Value = serde_json::from_slice(&ok).unwrap();
+        assert_eq!(jcs(&back).unwrap(), ok);
     }
 
     #[test]
