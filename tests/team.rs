@@ -317,6 +317,11 @@ fn a_killed_holder_frees_the_lock_and_its_stale_lease_is_unlocked_with_an_audit_
     // The server closed A's session, so the lock is free; the lease row
     // A left behind is stale, and `pde unlock` clears it with a record.
     // The server ends A's session as soon as it sees the socket close.
+    wait_until("status to report A's lease as stale", || {
+        let text = String::from_utf8(pde(&b, &["status"]).stdout).unwrap();
+        text.contains("STALE LEASE: policy 42 in production")
+            && text.contains(&format!("pid {}", a.id()))
+    });
     let mut o = pde(
         &b,
         &["unlock", "42", "--env", "production", "--output", "json"],

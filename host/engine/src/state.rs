@@ -572,7 +572,7 @@ enum LockHolder {
     },
     /// Held for its `Drop`, which releases the advisory lock.
     Pg {
-        _lock: pg::PgLock,
+        _lock: Box<pg::PgLock>,
     },
 }
 
@@ -587,7 +587,9 @@ impl DeployLock {
 
     pub(crate) fn pg(lock: pg::PgLock) -> DeployLock {
         DeployLock {
-            holder: LockHolder::Pg { _lock: lock },
+            holder: LockHolder::Pg {
+                _lock: Box::new(lock),
+            },
         }
     }
 }

@@ -89,10 +89,36 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     let entries = engine.state().status(args.env.as_deref())?;
     if ctx.json {
         ctx.print_json(&entries);
-    } else if entries.is_empty() {
+        return Ok(ExitCode::Ok);
+    }
+    if entries.is_empty() {
         println!("nothing deployed yet");
     } else {
         print_status_matrices(&entries);
+    }
+    // Who is deploying right now, and leases left by deploys that died.
+    for lease in engine.state().leases()? {
+        if args.env.as_ref().is_some_and(|e| *e != lease.env) {
+            continue;
+        }
+        if lease.stale {
+            println!(
+                "STALE LEASE: policy {} in {}: {}, which is no longer running; clear it with \
+                 `pde unlock {} --env {}`",
+                lease.policy_id,
+                lease.env,
+                lease.describe(),
+                lease.policy_id,
+                lease.env
+            );
+        } else {
+            println!(
+                "DEPLOYING: policy {} in {}: {}",
+                lease.policy_id,
+                lease.env,
+                lease.describe()
+            );
+        }
     }
     Ok(ExitCode::Ok)
 }

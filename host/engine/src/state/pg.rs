@@ -786,7 +786,7 @@ impl StateBackend for PgState {
                 d.outcome == RecordOutcome::InProgress && env.is_none_or(|e| d.env == e)
             }));
         }
-        out.sort_by(|a, b| b.id.cmp(&a.id));
+        out.sort_by_key(|d| std::cmp::Reverse(d.id));
         Ok(out)
     }
 
