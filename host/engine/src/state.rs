@@ -1416,6 +1416,52 @@ mod tests {
     }
 
     #[test]
+    fn a_dead_holders_note_is_a_stale_lease_that_unlock_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        drop(s.lock("42", "production").unwrap());
+        assert!(
+            s.leases().unwrap().is_empty(),
+            "a released lock leaves no lease"
+        );
+        let path = dir.path().join("locks/42@production.lock");
+        fs::write(&path, "ana on host-1 pid 999 since 2026-11-29T10:00:00Z").unwrap();
+        let mut child = std::process::Command::new("flock")
+            .args(["--exclusive", "--no-fork"])
+            .arg(&path)
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("flock(1) from util-linux is installed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !s.is_locked("42", "production").unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flock never took the lock"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let live = s.leases().unwrap();
+        assert_eq!(live.len(), 1);
+        assert!(!live[0].stale);
+        assert_eq!(
+            (live[0].holder.as_str(), live[0].host.as_str()),
+            ("ana", "host-1")
+        );
+        assert_eq!(
+            s.unlock("42", "production").unwrap_err().exit_code(),
+            ExitCode::Locked
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let stale = s.leases().unwrap();
+        assert!(stale[0].stale, "{stale:?}");
+        let cleared = s.unlock("42", "production").unwrap().unwrap();
+        assert_eq!(cleared.pid, 999);
+        assert!(s.leases().unwrap().is_empty());
+        assert_eq!(s.unlock("42", "production").unwrap(), None);
+    }
+
+    #[test]
     fn lock_names_cannot_escape_the_lock_directory() {
         let dir = tempfile::tempdir().unwrap();
         let s = StateStore::open(dir.path()).unwrap();

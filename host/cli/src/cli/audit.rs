@@ -63,6 +63,9 @@ pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
         AuditCmd::Export => {
             // Verified first, then copied byte for byte: an export is evidence.
             // The shared chain's lines are the file log's, so both export alike.
+            engine
+                .verify_audit()
+                .map_err(|e| super::Failure::engine(ctx, e))?;
             let bytes = engine
                 .audit()
                 .export()
