@@ -254,6 +254,9 @@ pub trait ChainStore: Send + Sync + std::fmt::Debug {
     fn snapshot(&self) -> Result<(Vec<String>, Option<String>), AuditError>;
     /// The head alone.
     fn head(&self) -> Result<Option<String>, AuditError>;
+    /// The last line and the head, read together (what an append checks),
+    /// without reading the whole chain.
+    fn tail(&self) -> Result<(Option<String>, Option<String>), AuditError>;
     /// Claims the audit sink's cursor (the seq of the last record the sink
     /// acknowledged) so that no other machine forwards at the same time:
     /// runs `forward` with it and stores what it returns, in one
@@ -434,8 +437,8 @@ impl AuditLog {
 
     fn check_tail(&self) -> Result<Option<AuditRecord>, AuditError> {
         if let Some(store) = &self.shared {
-            let (lines, head) = store.snapshot()?;
-            return shared_tail(lines.last().map(String::as_str), head.as_deref());
+            let (last, head) = store.tail()?;
+            return shared_tail(last.as_deref(), head.as_deref());
         }
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let Some(file) = file.as_ref() else {

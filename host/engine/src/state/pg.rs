@@ -956,6 +956,32 @@ impl ChainStore for PgChain {
         })
     }
 
+    fn tail(&self) -> Result<(Option<String>, Option<String>), AuditError> {
+        let url = self.target.url.clone();
+        self.with(move |c| {
+            let db = |e: postgres::Error| AuditError::Shared {
+                location: url.clone(),
+                reason: e.to_string(),
+            };
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(db)?;
+            let last: Option<String> = tx
+                .query_opt("SELECT line FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
+                .map_err(db)?
+                .map(|r| r.get(0));
+            let head: Option<String> = tx
+                .query_one("SELECT head FROM audit_head WHERE id = 1", &[])
+                .map_err(db)?
+                .get(0);
+            tx.commit().map_err(db)?;
+            Ok((last, head))
+        })
+    }
+
     fn with_sink_cursor(
         &self,
         forward: &mut (dyn FnMut(u64) -> u64 + Send),
