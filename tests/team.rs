@@ -227,6 +227,44 @@ fn behaves_as_state(s: &dyn StateBackend) {
         [("HMS-API", Some("sha256:bb")), ("HMS-BATCH", None)]
     );
 
+    // Deploys recorded before they push: in progress while the lock is
+    // held, interrupted once it is not, settled by the next holder.
+    let planned = record("9", "qa", "sha256:dd", RecordOutcome::Deployed);
+    let lock = s.lock("9", "qa").unwrap();
+    let id = s.begin(&planned).unwrap();
+    assert_eq!(
+        s.history_checked("9").unwrap()[0].outcome,
+        RecordOutcome::InProgress
+    );
+    assert!(
+        s.status(Some("qa")).unwrap().is_empty(),
+        "a live deploy is not interrupted"
+    );
+    drop(lock); // the holder died
+    assert_eq!(
+        s.history_checked("9").unwrap()[0].outcome,
+        RecordOutcome::Interrupted
+    );
+    let qa = s.status(Some("qa")).unwrap();
+    assert_eq!(qa.len(), 1, "{qa:?}");
+    let shown = qa[0].interrupted.as_ref().expect("shown as interrupted");
+    assert_eq!((shown.id, shown.digest.as_str()), (Some(id), "sha256:dd"));
+    let next = s.lock("9", "qa").unwrap();
+    assert_eq!(s.settle_interrupted("9", "qa").unwrap(), [id]);
+    assert_eq!(
+        s.history("9").unwrap()[0].outcome,
+        RecordOutcome::Interrupted
+    );
+    let id2 = s.begin(&planned).unwrap();
+    s.finish(id2, &planned).unwrap();
+    let h = s.history_checked("9").unwrap();
+    assert_eq!(
+        h.iter().map(|d| d.outcome).collect::<Vec<_>>(),
+        [RecordOutcome::Deployed, RecordOutcome::Interrupted]
+    );
+    assert_eq!(h[0].targets, planned.targets);
+    drop(next);
+
     // Locks: one holder per (policy, env), named to the next; released on drop.
     let held = s.lock("42", "production").unwrap();
     let e = s.lock("42", "production").unwrap_err();
