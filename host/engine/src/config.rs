@@ -337,9 +337,10 @@ impl Config {
         }
         if let Some(url) = &self.state.url {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                return Err(invalid(format!(
-                    "[state] url {url:?} is not a postgres:// URL"
-                )));
+                // Not echoed: a URL of another kind may carry a password.
+                return Err(invalid(
+                    "[state] url must be a postgres://user@host:port/database URL".into(),
+                ));
             }
             // Only the password is a secret; `user@` alone is fine.
             if url
@@ -347,6 +348,9 @@ impl Config {
                 .and_then(|(_, rest)| rest.split(['/', '?']).next())
                 .and_then(|authority| authority.rsplit_once('@'))
                 .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+                || url
+                    .split_once('?')
+                    .is_some_and(|(_, query)| query.to_ascii_lowercase().contains("password"))
             {
                 return Err(invalid(
                     "[state] url carries a password (user:password@); remove it and name the \
@@ -464,6 +468,39 @@ url = "http://127.0.0.1:1"
 tags = ["api"]
 token_env = "HMS_API_TOKEN"
 "#;
+
+    #[test]
+    fn state_is_a_directory_or_a_table_naming_a_shared_database() {
+        let parse = |text: &str| Config::parse(text, Path::new("pde.toml"));
+        let c = parse("state = \".pde-local\"\n").unwrap();
+        assert_eq!(
+            (c.state.dir.as_path(), c.state.url.as_deref()),
+            (Path::new(".pde-local"), None)
+        );
+        assert_eq!(parse("").unwrap().state, StateSetting::default());
+        let url = "postgres://release@db.example.gov:5432/pde";
+        let table = parse(&format!(
+            "[state]\nurl = \"{url}\"\npassword_env = \"PDE_PG_PASSWORD\"\n"
+        ))
+        .unwrap();
+        assert_eq!(table.state.dir, PathBuf::from(".pde"));
+        assert_eq!(table.state.url.as_deref(), Some(url));
+        assert_eq!(table.state.password_env.as_deref(), Some("PDE_PG_PASSWORD"));
+        let inline = parse(&format!("state = {{ dir = \".team\", url = \"{url}\" }}\n")).unwrap();
+        assert_eq!(inline.state.dir, PathBuf::from(".team"));
+        // A password in the file, a non-postgres URL, a stray key: refused.
+        for bad in [
+            "[state]\nurl = \"postgres://release:hunter2@db/pde\"\n",
+            "[state]\nurl = \"mysql://release:hunter2@db/pde\"\n",
+            "[state]\nurl = \"postgres://release@db/pde?password=hunter2\"\n",
+            "[state]\npassword_env = \"X\"\n",
+            "[state]\nurl = \"postgres://db/pde\"\npasword_env = \"X\"\n",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), ExitCode::Usage, "{bad}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
 
     #[test]
     fn parses_the_documented_shape() {
