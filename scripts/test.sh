@@ -12,6 +12,13 @@ cargo fmt --all --check
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 pyenv=$(ensure_pyenv "$target_dir")
 export PDE_TEST_PYTHON="$pyenv/bin/python"
+# A throw-away PostgreSQL 15 cluster on loopback for the team-state tests
+# (tests/team.rs), as an unprivileged user, stopped however this script ends.
+# Those tests fail, not skip, without it when CI is set.
+pg_dir="${TMPDIR:-/tmp}/pde-test-pg.$$"
+trap 'scripts/pg-cluster.sh stop "$pg_dir"' EXIT
+read -r PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD < <(scripts/pg-cluster.sh start "$pg_dir")
+export PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD
 cargo test --workspace --locked "$@"
 # The Python binding: the wheel built with maturin from the same target dir,
 # tested with pytest against real `pde agent` processes.

@@ -3,6 +3,7 @@
 //! §8 test receiver with injectable faults, all on 127.0.0.1.
 #![allow(dead_code)]
 
+pub mod pg;
 pub mod receiver;
 
 use std::net::SocketAddr;

@@ -66,9 +66,10 @@ pub struct Config {
     /// Directory of plugins (`<name>.wasm` + `<name>.toml`).
     #[serde(default = "default_plugins")]
     pub plugins: PathBuf,
-    /// Directory of local state: database, audit log, plugin cache, `dist/`.
-    #[serde(default = "default_state")]
-    pub state: PathBuf,
+    /// Directory of local state: database, audit log, plugin cache, `dist/`;
+    /// as a `[state]` table it may also name a shared PostgreSQL database.
+    #[serde(default)]
+    pub state: StateSetting,
     /// Allow `state` to name a directory outside the workspace (an absolute
     /// path, or one climbing out with `..`). Off by default.
     #[serde(default)]
@@ -101,6 +102,77 @@ fn default_plugins() -> PathBuf {
 }
 fn default_state() -> PathBuf {
     ".pde".into()
+}
+
+/// `state`: either a directory (`state = ".pde"`, the default) or a table
+/// `[state]` with `dir`, and `url` + `password_env` for a team's shared
+/// PostgreSQL database (issue 12). It dereferences to the directory, which
+/// keeps the plugin cache and `dist/` even when the state is shared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StateSetting {
+    /// The local state directory, relative to the workspace root.
+    pub dir: PathBuf,
+    /// `postgres://user@host:port/db`: shared state instead of SQLite.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The environment variable holding the database password.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+}
+
+impl Default for StateSetting {
+    fn default() -> StateSetting {
+        StateSetting {
+            dir: default_state(),
+            url: None,
+            password_env: None,
+        }
+    }
+}
+
+impl std::ops::Deref for StateSetting {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl AsRef<Path> for StateSetting {
+    fn as_ref(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl<'de> Deserialize<'de> for StateSetting {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<StateSetting, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            #[serde(default = "default_state")]
+            dir: PathBuf,
+            url: Option<String>,
+            password_env: Option<String>,
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Dir(PathBuf),
+            Table(Table),
+        }
+        Ok(match Raw::deserialize(d)? {
+            Raw::Dir(dir) => StateSetting {
+                dir,
+                url: None,
+                password_env: None,
+            },
+            Raw::Table(t) => StateSetting {
+                dir: t.dir,
+                url: t.url,
+                password_env: t.password_env,
+            },
+        })
+    }
 }
 
 /// `[signing]`: exactly one of `key_file` or `key_env`.
@@ -417,6 +489,32 @@ impl Config {
                     .into(),
             ));
         }
+        if let Some(url) = &self.state.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                // Not echoed: a URL of another kind may carry a password.
+                return Err(invalid(
+                    "[state] url must be a postgres://user@host:port/database URL".into(),
+                ));
+            }
+            // Only the password is a secret; `user@` alone is fine.
+            if url
+                .split_once("://")
+                .and_then(|(_, rest)| rest.split(['/', '?']).next())
+                .and_then(|authority| authority.rsplit_once('@'))
+                .is_some_and(|(userinfo, _)| userinfo.contains(':'))
+                || url
+                    .split_once('?')
+                    .is_some_and(|(_, query)| query.to_ascii_lowercase().contains("password"))
+            {
+                return Err(invalid(
+                    "[state] url carries a password (user:password@); remove it and name the \
+                     variable that holds it with `password_env = \"PDE_PG_PASSWORD\"`"
+                        .into(),
+                ));
+            }
+        } else if self.state.password_env.is_some() {
+            return Err(invalid("[state] password_env is set but url is not".into()));
+        }
         let lexically_inside = self.state.components().all(|c| {
             matches!(
                 c,
@@ -607,6 +705,39 @@ url = "http://127.0.0.1:1"
 tags = ["api"]
 token_env = "HMS_API_TOKEN"
 "#;
+
+    #[test]
+    fn state_is_a_directory_or_a_table_naming_a_shared_database() {
+        let parse = |text: &str| Config::parse(text, Path::new("pde.toml"));
+        let c = parse("state = \".pde-local\"\n").unwrap();
+        assert_eq!(
+            (c.state.dir.as_path(), c.state.url.as_deref()),
+            (Path::new(".pde-local"), None)
+        );
+        assert_eq!(parse("").unwrap().state, StateSetting::default());
+        let url = "postgres://release@db.example.gov:5432/pde";
+        let table = parse(&format!(
+            "[state]\nurl = \"{url}\"\npassword_env = \"PDE_PG_PASSWORD\"\n"
+        ))
+        .unwrap();
+        assert_eq!(table.state.dir, PathBuf::from(".pde"));
+        assert_eq!(table.state.url.as_deref(), Some(url));
+        assert_eq!(table.state.password_env.as_deref(), Some("PDE_PG_PASSWORD"));
+        let inline = parse(&format!("state = {{ dir = \".team\", url = \"{url}\" }}\n")).unwrap();
+        assert_eq!(inline.state.dir, PathBuf::from(".team"));
+        // A password in the file, a non-postgres URL, a stray key: refused.
+        for bad in [
+            "[state]\nurl = \"postgres://release:hunter2@db/pde\"\n",
+            "[state]\nurl = \"mysql://release:hunter2@db/pde\"\n",
+            "[state]\nurl = \"postgres://release@db/pde?password=hunter2\"\n",
+            "[state]\npassword_env = \"X\"\n",
+            "[state]\nurl = \"postgres://db/pde\"\npasword_env = \"X\"\n",
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), ExitCode::Usage, "{bad}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+    }
 
     #[test]
     fn parses_the_documented_shape() {

@@ -21,6 +21,7 @@ use crate::keys::{self, TrustedKeys};
 use crate::plugin::{PluginHost, PluginSet as Plugins};
 use crate::policy::PolicyStore;
 use crate::state::StateStore;
+use crate::state::pg::{PgState, PgTarget};
 use crate::steps::envcheck::{self, HealthReport};
 use crate::steps::package::{self, PackageReport};
 use crate::steps::validate::{self, ValidationReport};
@@ -70,7 +71,23 @@ impl Engine {
         check_state_inside(&root, &config)?;
         let policies = PolicyStore::open(&root.join(&config.policies));
         let mut scratch = None;
-        let (state, audit) = if writable {
+        let (state, audit) = if let Some(url) = &config.state.url {
+            // A team's shared database: state and audit chain both live
+            // there; the directory keeps only the plugin cache and `dist/`.
+            if writable {
+                std::fs::create_dir_all(&state_dir).map_err(|source| Error::Io {
+                    path: state_dir.clone(),
+                    source,
+                })?;
+            }
+            let target = PgTarget::new(url, config.state.password_env.as_deref())?;
+            let state = StateStore::from_backend(Box::new(PgState::open(target)?));
+            let chain = state.audit_chain().ok_or_else(|| ConfigError::Invalid {
+                path: root.join(crate::config::FILE_NAME),
+                message: "the [state] backend keeps no audit chain".into(),
+            })?;
+            (state, AuditLog::open_shared(chain, writable))
+        } else if writable {
             std::fs::create_dir_all(&state_dir).map_err(|source| Error::Io {
                 path: state_dir.clone(),
                 source,
@@ -118,10 +135,14 @@ impl Engine {
                     flush: Duration::from_millis(config.audit.sink_flush_ms.unwrap_or(2000)),
                     rest: Duration::from_millis(500),
                 };
-                Some(Outbox::start(&state_dir, sink).map_err(|source| Error::Io {
-                    path: state_dir.clone(),
-                    source,
-                })?)
+                Some(
+                    Outbox::start_with(&state_dir, sink, state.audit_chain()).map_err(
+                        |source| Error::Io {
+                            path: state_dir.clone(),
+                            source,
+                        },
+                    )?,
+                )
             }
             None => None,
         };
@@ -458,19 +479,4 @@ fn check_state_inside(root: &Path, config: &Config) -> Result<(), ConfigError> {
     })
 }
 
-/// Runs `work`, which calls plugins, outside any async context.
-///
-/// The sandbox drives each call on a tokio runtime of its own (its timer
-/// bounds the call's wall time, WASI waits included), and tokio refuses to
-/// block on a runtime from inside another one. So when the engine runs on the
-/// caller's runtime (or the blocking facade's), plugin work moves to a scoped
-/// thread for its duration: a thread start per step, not per plugin call.
-pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return work();
-    }
-    std::thread::scope(|s| match s.spawn(work).join() {
-        Ok(out) => out,
-        Err(panic) => std::panic::resume_unwind(panic),
-    })
-}
+pub(crate) use crate::runtime::off_runtime;

@@ -16,7 +16,8 @@
 //! - [`provenance`]: the files a bundle vouches for are what its commit holds;
 //! - [`vcs`]: release tags in the policy Git repository;
 //! - [`audit`]: the hash-chained audit log;
-//! - [`state`]: deployment history and locks;
+//! - [`state`]: deployment history and locks, in SQLite or a team's PostgreSQL;
+//! - [`team`]: unlocking stale leases and migrating state into PostgreSQL;
 //! - [`pipeline`]: the seven steps, top-down;
 //! - [`live`]: `pde status --live`, what services run against the state;
 //! - [`agent`]: the receiving service that targets run;
@@ -35,8 +36,10 @@ pub mod policy;
 pub mod provenance;
 pub mod report;
 pub mod rollback;
+mod runtime;
 pub mod state;
 pub mod steps;
+pub mod team;
 #[cfg(test)]
 mod test_receiver;
 pub mod vcs;

@@ -59,6 +59,7 @@ impl Engine {
             };
             if !opts.dry_run {
                 self.key_audit_head()?;
+                self.settle_interrupted(policy_id, env_name)?;
             }
             audit.record(Event::DeployStart, json!({}))?;
             let result = self.steps(policy_id, env_name, opts, audit).await;
@@ -223,6 +224,28 @@ impl Engine {
             .filter(|t| report.routes.iter().any(|r| r.service == t.service))
             .collect();
         let started_at = pde_core::clock::now_rfc3339();
+        // Recorded before the first byte leaves, so a deploy killed mid-push
+        // shows as interrupted rather than not at all.
+        let in_progress = self.state.begin(&crate::state::DeploymentRecord {
+            id: None,
+            policy_id: policy_id.to_string(),
+            env: env_name.to_string(),
+            version: version.clone(),
+            digest: bundle.digest.clone(),
+            outcome: crate::state::RecordOutcome::InProgress,
+            started_at: started_at.clone(),
+            finished_at: started_at.clone(),
+            actor: crate::audit::default_actor(),
+            targets: routed
+                .iter()
+                .map(|t| crate::state::TargetRecord {
+                    service: t.service.clone(),
+                    outcome: "pending".into(),
+                    previous_digest: None,
+                    detail: String::new(),
+                })
+                .collect(),
+        })?;
         let pushed = push::push(
             &self.http,
             &bundle,
@@ -248,13 +271,10 @@ impl Engine {
                 json!({"digest": report.digest, "outcome": pushed.outcome}),
             )?;
         }
-        self.state.record(&push::deployment_record(
-            &report.policy_id,
-            env_name,
-            &version,
-            &pushed,
-            &started_at,
-        ))?;
+        self.state.finish(
+            in_progress,
+            &push::deployment_record(&report.policy_id, env_name, &version, &pushed, &started_at),
+        )?;
         for (service, holds) in push::holdings(&pushed, &version) {
             self.state
                 .set_service_active(policy_id, env_name, &service, holds)?;

@@ -29,6 +29,7 @@ impl Engine {
     ) -> Result<RollbackReport, Error> {
         let env = self.environment(env_name)?;
         let _lock = self.state.lock(policy_id, env_name)?;
+        self.settle_interrupted(policy_id, env_name)?;
         let active = self.state.active(policy_id, env_name)?.ok_or_else(|| {
             RollbackError::NothingActive {
                 policy_id: policy_id.to_string(),
@@ -66,6 +67,26 @@ impl Engine {
 
         self.key_audit_head()?;
         let started_at = pde_core::clock::now_rfc3339();
+        let in_progress = self.state.begin(&DeploymentRecord {
+            id: None,
+            policy_id: policy_id.to_string(),
+            env: env_name.to_string(),
+            version: target.version.clone(),
+            digest: target.digest.clone(),
+            outcome: RecordOutcome::InProgress,
+            started_at: started_at.clone(),
+            finished_at: started_at.clone(),
+            actor: crate::audit::default_actor(),
+            targets: targets
+                .iter()
+                .map(|t| TargetRecord {
+                    service: t.service.clone(),
+                    outcome: "pending".into(),
+                    previous_digest: Some(active.digest.clone()),
+                    detail: String::new(),
+                })
+                .collect(),
+        })?;
         let results = {
             let calls = targets.iter().map(|t| async {
                 let result = match push::rollback(
@@ -129,31 +150,34 @@ impl Engine {
             .filter(|t| !t.ok)
             .map(|t| format!("{} ({})", t.service, t.detail))
             .collect();
-        self.state.record(&DeploymentRecord {
-            id: None,
-            policy_id: policy_id.to_string(),
-            env: env_name.to_string(),
-            version: target.version.clone(),
-            digest: target.digest.clone(),
-            outcome: if failed.is_empty() {
-                RecordOutcome::Rollback
-            } else {
-                RecordOutcome::RollbackFailed
+        self.state.finish(
+            in_progress,
+            &DeploymentRecord {
+                id: None,
+                policy_id: policy_id.to_string(),
+                env: env_name.to_string(),
+                version: target.version.clone(),
+                digest: target.digest.clone(),
+                outcome: if failed.is_empty() {
+                    RecordOutcome::Rollback
+                } else {
+                    RecordOutcome::RollbackFailed
+                },
+                started_at,
+                finished_at: pde_core::clock::now_rfc3339(),
+                actor: crate::audit::default_actor(),
+                targets: report
+                    .targets
+                    .iter()
+                    .map(|t| TargetRecord {
+                        service: t.service.clone(),
+                        outcome: if t.ok { "rolled-back" } else { "failed" }.into(),
+                        previous_digest: Some(active.digest.clone()),
+                        detail: t.detail.clone(),
+                    })
+                    .collect(),
             },
-            started_at,
-            finished_at: pde_core::clock::now_rfc3339(),
-            actor: crate::audit::default_actor(),
-            targets: report
-                .targets
-                .iter()
-                .map(|t| TargetRecord {
-                    service: t.service.clone(),
-                    outcome: if t.ok { "rolled-back" } else { "failed" }.into(),
-                    previous_digest: Some(active.digest.clone()),
-                    detail: t.detail.clone(),
-                })
-                .collect(),
-        })?;
+        )?;
         if !failed.is_empty() {
             return Err(Error::Rollback(RollbackError::Failed {
                 policy_id: policy_id.to_string(),

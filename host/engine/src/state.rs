@@ -14,6 +14,14 @@
 //!
 //! The connection sits behind a `Mutex` so a [`StateStore`] can be shared
 //! across the pipeline's tasks; every call is short.
+//!
+//! A team shares its state instead (issue 12): `[state] url = "postgres://…"`
+//! selects [`pg::PgState`]. Both backends implement [`StateBackend`], the one
+//! interface the engine uses, and one set of behaviour tests runs against
+//! both (`host/engine/src/state/tests.rs` for SQLite, `tests/team.rs` for
+//! PostgreSQL through the same functions).
+
+pub mod pg;
 
 use std::fs;
 use std::io::{Read, Seek, Write};
@@ -74,6 +82,11 @@ CREATE TABLE service_active (
     PRIMARY KEY (policy_id, env, service)
 );
 "#,
+    r#"
+-- Deploys are recorded `in-progress` when their push starts (issue 12), so
+-- a killed one is seen; older pde could not read that outcome.
+CREATE INDEX deployments_in_progress ON deployments (outcome, policy_id, env);
+"#,
 ];
 
 /// How a recorded deployment (or rollback) ended. Stored as its kebab-case
@@ -91,6 +104,13 @@ pub enum RecordOutcome {
     Rollback,
     /// `pde rollback` failed on some holder.
     RollbackFailed,
+    /// Recorded when a push (or rollback) starts; replaced by its outcome
+    /// when it ends. Still there while nobody holds the lock: the process
+    /// died mid-push, which reads as [`RecordOutcome::Interrupted`].
+    InProgress,
+    /// The deploy or rollback was killed mid-way; the next one of that
+    /// policy and environment settles it.
+    Interrupted,
 }
 
 impl RecordOutcome {
@@ -102,6 +122,8 @@ impl RecordOutcome {
             RecordOutcome::NeedsAttention => "needs-attention",
             RecordOutcome::Rollback => "rollback",
             RecordOutcome::RollbackFailed => "rollback-failed",
+            RecordOutcome::InProgress => "in-progress",
+            RecordOutcome::Interrupted => "interrupted",
         }
     }
 
@@ -124,19 +146,27 @@ impl rusqlite::types::ToSql for RecordOutcome {
     }
 }
 
-impl rusqlite::types::FromSql for RecordOutcome {
-    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
-        let text = value.as_str()?;
+impl RecordOutcome {
+    /// The outcome stored as `text`, if it names one.
+    pub fn parse(text: &str) -> Option<RecordOutcome> {
         [
             RecordOutcome::Deployed,
             RecordOutcome::RolledBack,
             RecordOutcome::NeedsAttention,
             RecordOutcome::Rollback,
             RecordOutcome::RollbackFailed,
+            RecordOutcome::InProgress,
+            RecordOutcome::Interrupted,
         ]
         .into_iter()
         .find(|o| o.as_str() == text)
-        .ok_or_else(|| {
+    }
+}
+
+impl rusqlite::types::FromSql for RecordOutcome {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let text = value.as_str()?;
+        RecordOutcome::parse(text).ok_or_else(|| {
             rusqlite::types::FromSqlError::Other(
                 format!("unknown deployment outcome {text:?}").into(),
             )
@@ -171,12 +201,31 @@ pub enum StateError {
         #[source]
         source: rusqlite::Error,
     },
+    /// A PostgreSQL operation failed.
+    #[error("state database {location}: {action} failed: {source}")]
+    Pg {
+        /// The database URL (it never holds a password).
+        location: String,
+        /// What was being done.
+        action: &'static str,
+        /// The client's error.
+        #[source]
+        source: postgres::Error,
+    },
+    /// The shared database cannot be used as configured.
+    #[error("state database {location}: {message}")]
+    PgConfig {
+        /// The database URL (it never holds a password).
+        location: String,
+        /// What is wrong and how to fix it.
+        message: String,
+    },
     /// The database was written by a newer pde.
     #[error(
         "state database {path} has schema version {found}, this pde knows up to {supported}; upgrade pde"
     )]
     TooNew {
-        /// The database file.
+        /// The database file or URL.
         path: PathBuf,
         /// Its `user_version`.
         found: i64,
@@ -219,6 +268,8 @@ impl HasExitCode for StateError {
             StateError::Locked { .. } => ExitCode::Locked,
             StateError::Io { .. }
             | StateError::Db { .. }
+            | StateError::Pg { .. }
+            | StateError::PgConfig { .. }
             | StateError::TooNew { .. }
             | StateError::BadName { .. } => ExitCode::Usage,
         }
@@ -253,6 +304,10 @@ pub struct ActiveEntry {
     /// policy, by service name.
     #[serde(default)]
     pub services: Vec<ServiceHolding>,
+    /// A deploy or rollback of this policy here that was killed mid-way;
+    /// `services` is what each target was last known to run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interrupted: Option<Box<DeploymentRecord>>,
 }
 
 /// What one service runs for one policy in one environment, as pde last saw it.
@@ -307,9 +362,197 @@ pub struct TargetRecord {
     pub detail: String,
 }
 
-/// The deployment database of one workspace.
+/// Who holds (or last held) the deploy lock of a policy and environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The policy.
+    pub policy_id: String,
+    /// The environment.
+    pub env: String,
+    /// Who ran the deploy ([`crate::audit::default_actor`]).
+    pub holder: String,
+    /// The machine it ran on.
+    pub host: String,
+    /// Its process id there.
+    pub pid: i64,
+    /// When it took the lock (RFC 3339 UTC).
+    pub since: String,
+    /// True when no live process holds the lock any more: the holder died
+    /// and left its lease behind.
+    pub stale: bool,
+}
+
+impl Lease {
+    /// `ana on host-1 (pid 42) since 2026-…`, for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "held by {} on {} (pid {}) since {}",
+            self.holder, self.host, self.pid, self.since
+        )
+    }
+}
+
+/// The operations pde needs from a deployment state store. Implemented by
+/// [`SqliteState`] (one checkout) and [`pg::PgState`] (a team).
+///
+/// Synchronous on purpose: every call is one short query, callers are both
+/// sync (validation runs on plugin threads) and async (the pipeline), and a
+/// sync interface keeps the two backends and their callers simple. The
+/// PostgreSQL backend moves each call off the async runtime itself.
+pub trait StateBackend: Send + Sync + std::fmt::Debug {
+    /// Where the state lives, for messages (never holds a password).
+    fn location(&self) -> String;
+    /// The version active for `policy_id` in `env`, if any.
+    fn active(&self, policy_id: &str, env: &str) -> Result<Option<Active>, StateError>;
+    /// Marks `version`/`digest` as active for `policy_id` in `env`, now.
+    fn set_active(
+        &self,
+        policy_id: &str,
+        env: &str,
+        version: &str,
+        digest: &str,
+    ) -> Result<(), StateError>;
+    /// Records what `service` runs for `policy_id` in `env`: `Some((version,
+    /// digest))`, or `None` when it is unknown.
+    fn set_service_active(
+        &self,
+        policy_id: &str,
+        env: &str,
+        service: &str,
+        holds: Option<(&str, &str)>,
+    ) -> Result<(), StateError>;
+    /// Whether `digest` of `policy_id` was ever deployed successfully to `env`
+    /// (the `promote_from` gate).
+    fn was_deployed(&self, env: &str, policy_id: &str, digest: &str) -> Result<bool, StateError>;
+    /// Stores a finished deployment with its targets; returns its id.
+    fn record(&self, d: &DeploymentRecord) -> Result<i64, StateError>;
+    /// Every recorded deployment of `policy_id`, newest first.
+    fn history(&self, policy_id: &str) -> Result<Vec<DeploymentRecord>, StateError>;
+    /// What the `active` table says is active where, optionally for one
+    /// environment; sorted by environment, then policy. See
+    /// [`StateBackend::status`].
+    fn active_entries(&self, env: Option<&str>) -> Result<Vec<ActiveEntry>, StateError>;
+    /// Records `d` as [`RecordOutcome::InProgress`] before anything is
+    /// pushed; returns its id for [`StateBackend::finish`].
+    fn begin(&self, d: &DeploymentRecord) -> Result<i64, StateError>;
+    /// Replaces the in-progress record `id` with how it ended.
+    fn finish(&self, id: i64, d: &DeploymentRecord) -> Result<(), StateError>;
+    /// Marks the in-progress records of `policy_id` in `env` as
+    /// interrupted; the caller holds the lock, so their deploys are dead.
+    /// Returns their ids.
+    fn settle_interrupted(&self, policy_id: &str, env: &str) -> Result<Vec<i64>, StateError>;
+    /// In-progress records (any policy, optionally one environment),
+    /// newest first, live or not.
+    fn in_progress(&self, env: Option<&str>) -> Result<Vec<DeploymentRecord>, StateError>;
+    /// Whether a live deploy holds the lock of `policy_id` in `env` now.
+    fn is_locked(&self, policy_id: &str, env: &str) -> Result<bool, StateError>;
+    /// What is active where, optionally for one environment; sorted by
+    /// environment, then policy. A deploy killed mid-way shows on its
+    /// entry (one is added if it was the first) as `interrupted`.
+    fn status(&self, env: Option<&str>) -> Result<Vec<ActiveEntry>, StateError> {
+        let mut entries = self.active_entries(env)?;
+        for d in self.in_progress(env)? {
+            if self.is_locked(&d.policy_id, &d.env)? {
+                continue;
+            }
+            let at = entries
+                .iter()
+                .position(|e| e.policy_id == d.policy_id && e.env == d.env);
+            let entry = match at {
+                Some(i) => &mut entries[i],
+                None => {
+                    let services = self
+                        .active_entries(Some(&d.env))
+                        .ok()
+                        .into_iter()
+                        .flatten()
+                        .find(|e| e.policy_id == d.policy_id)
+                        .map(|e| e.services)
+                        .unwrap_or_default();
+                    entries.push(ActiveEntry {
+                        policy_id: d.policy_id.clone(),
+                        env: d.env.clone(),
+                        version: String::new(),
+                        digest: String::new(),
+                        deployed_at: String::new(),
+                        services,
+                        interrupted: None,
+                    });
+                    entries
+                        .last_mut()
+                        .unwrap_or_else(|| unreachable!("just pushed"))
+                }
+            };
+            if entry.interrupted.is_none() {
+                entry.interrupted = Some(Box::new(DeploymentRecord {
+                    outcome: RecordOutcome::Interrupted,
+                    ..d
+                }));
+            }
+        }
+        entries.sort_by(|a, b| (&a.env, &a.policy_id).cmp(&(&b.env, &b.policy_id)));
+        Ok(entries)
+    }
+    /// Every recorded deployment of `policy_id`, newest first, with an
+    /// in-progress record whose lock nobody holds shown as interrupted.
+    fn history_checked(&self, policy_id: &str) -> Result<Vec<DeploymentRecord>, StateError> {
+        let mut records = self.history(policy_id)?;
+        for d in &mut records {
+            if d.outcome == RecordOutcome::InProgress && !self.is_locked(&d.policy_id, &d.env)? {
+                d.outcome = RecordOutcome::Interrupted;
+            }
+        }
+        Ok(records)
+    }
+    /// Takes the deploy lock of `policy_id` in `env` without waiting. Held by
+    /// another deploy → [`StateError::Locked`] naming the holder. Released
+    /// when the guard drops, or when the holder dies.
+    fn lock(&self, policy_id: &str, env: &str) -> Result<DeployLock, StateError>;
+    /// Every recorded lease, live or stale.
+    fn leases(&self) -> Result<Vec<Lease>, StateError>;
+    /// Clears the lease of `policy_id` in `env` left by a holder that died;
+    /// returns it (`None`: there was none). A live holder →
+    /// [`StateError::Locked`].
+    fn unlock(&self, policy_id: &str, env: &str) -> Result<Option<Lease>, StateError>;
+    /// The shared audit chain kept in the same database, if this backend
+    /// keeps one (PostgreSQL does; SQLite leaves the audit log in files).
+    fn audit_chain(&self) -> Option<std::sync::Arc<dyn crate::audit::ChainStore>> {
+        None
+    }
+}
+
+/// The deployment state of one workspace: a [`StateBackend`] chosen by
+/// `pde.toml`. Dereferences to the backend.
 #[derive(Debug)]
 pub struct StateStore {
+    backend: Box<dyn StateBackend>,
+}
+
+impl StateStore {
+    /// Opens (creating if needed) the SQLite database `<state_dir>/state.db`.
+    pub fn open(state_dir: &Path) -> Result<StateStore, StateError> {
+        Ok(StateStore {
+            backend: Box::new(SqliteState::open(state_dir)?),
+        })
+    }
+
+    /// Wraps any backend.
+    pub fn from_backend(backend: Box<dyn StateBackend>) -> StateStore {
+        StateStore { backend }
+    }
+}
+
+impl std::ops::Deref for StateStore {
+    type Target = dyn StateBackend;
+
+    fn deref(&self) -> &(dyn StateBackend + 'static) {
+        &*self.backend
+    }
+}
+
+/// The deployment database of one checkout, in SQLite.
+#[derive(Debug)]
+pub struct SqliteState {
     dir: PathBuf,
     db_path: PathBuf,
     conn: Mutex<Connection>,
@@ -318,30 +561,58 @@ pub struct StateStore {
 /// Holds the deploy lock of one policy and environment until dropped.
 #[derive(Debug)]
 pub struct DeployLock {
-    file: fs::File,
-    path: PathBuf,
+    holder: LockHolder,
+}
+
+#[derive(Debug)]
+enum LockHolder {
+    File {
+        file: fs::File,
+        path: PathBuf,
+    },
+    /// Held for its `Drop`, which releases the advisory lock.
+    Pg {
+        _lock: Box<pg::PgLock>,
+    },
 }
 
 impl DeployLock {
-    /// The lock file.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The lock file, for the SQLite backend's file lock.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.holder {
+            LockHolder::File { path, .. } => Some(path),
+            LockHolder::Pg { .. } => None,
+        }
+    }
+
+    pub(crate) fn pg(lock: pg::PgLock) -> DeployLock {
+        DeployLock {
+            holder: LockHolder::Pg {
+                _lock: Box::new(lock),
+            },
+        }
     }
 }
 
 impl Drop for DeployLock {
     fn drop(&mut self) {
         // Closing the file releases the lock too; unlocking first makes the
-        // release immediate even if the handle were duplicated.
-        if let Err(e) = self.file.unlock() {
-            tracing::warn!(path = %self.path.display(), error = %e, "releasing deploy lock");
+        // release immediate even if the handle were duplicated. The
+        // PostgreSQL guard releases itself when dropped.
+        if let LockHolder::File { file, path } = &self.holder {
+            // An emptied note means "released"; a note left behind by a
+            // holder that died is what `pde unlock` reports as stale.
+            let _ = file.set_len(0);
+            if let Err(e) = file.unlock() {
+                tracing::warn!(path = %path.display(), error = %e, "releasing deploy lock");
+            }
         }
     }
 }
 
-impl StateStore {
+impl SqliteState {
     /// Opens (creating if needed) `<state_dir>/state.db` and migrates it.
-    pub fn open(state_dir: &Path) -> Result<StateStore, StateError> {
+    pub fn open(state_dir: &Path) -> Result<SqliteState, StateError> {
         fs::create_dir_all(state_dir).map_err(|source| StateError::Io {
             path: state_dir.to_path_buf(),
             source,
@@ -364,7 +635,7 @@ impl StateStore {
         conn.pragma_update(None, "foreign_keys", "ON")
             .map_err(db("enable foreign keys"))?;
         migrate(&mut conn, &db_path)?;
-        Ok(StateStore {
+        Ok(SqliteState {
             dir: state_dir.to_path_buf(),
             db_path,
             conn: Mutex::new(conn),
@@ -386,8 +657,22 @@ impl StateStore {
         })
     }
 
-    /// The version active for `policy_id` in `env`, if any.
-    pub fn active(&self, policy_id: &str, env: &str) -> Result<Option<Active>, StateError> {
+    fn lock_path(&self, policy_id: &str, env: &str) -> Result<PathBuf, StateError> {
+        check_name("policy id", policy_id)?;
+        check_name("environment", env)?;
+        Ok(self
+            .dir
+            .join("locks")
+            .join(format!("{policy_id}@{env}.lock")))
+    }
+}
+
+impl StateBackend for SqliteState {
+    fn location(&self) -> String {
+        self.db_path.display().to_string()
+    }
+
+    fn active(&self, policy_id: &str, env: &str) -> Result<Option<Active>, StateError> {
         self.with_conn("read active version", |c| {
             c.query_row(
                 "SELECT version, digest, deployed_at FROM active WHERE policy_id = ?1 AND env = ?2",
@@ -405,7 +690,7 @@ impl StateStore {
     }
 
     /// Marks `version`/`digest` as active for `policy_id` in `env`, now.
-    pub fn set_active(
+    fn set_active(
         &self,
         policy_id: &str,
         env: &str,
@@ -428,7 +713,7 @@ impl StateStore {
 
     /// Records what `service` runs for `policy_id` in `env`: `Some((version,
     /// digest))`, or `None` when it is unknown.
-    pub fn set_service_active(
+    fn set_service_active(
         &self,
         policy_id: &str,
         env: &str,
@@ -452,12 +737,7 @@ impl StateStore {
 
     /// Whether `digest` of `policy_id` was ever deployed successfully to `env`
     /// (the `promote_from` gate).
-    pub fn was_deployed(
-        &self,
-        env: &str,
-        policy_id: &str,
-        digest: &str,
-    ) -> Result<bool, StateError> {
+    fn was_deployed(&self, env: &str, policy_id: &str, digest: &str) -> Result<bool, StateError> {
         self.with_conn("look up deployments", |c| {
             c.query_row(
                 "SELECT EXISTS (SELECT 1 FROM deployments
@@ -469,7 +749,7 @@ impl StateStore {
     }
 
     /// Stores a finished deployment with its targets; returns its id.
-    pub fn record(&self, d: &DeploymentRecord) -> Result<i64, StateError> {
+    fn record(&self, d: &DeploymentRecord) -> Result<i64, StateError> {
         self.with_conn("record deployment", |c| {
             let tx = c.transaction()?;
             tx.execute(
@@ -509,12 +789,249 @@ impl StateStore {
     }
 
     /// Every recorded deployment of `policy_id`, newest first.
-    pub fn history(&self, policy_id: &str) -> Result<Vec<DeploymentRecord>, StateError> {
-        self.with_conn("read history", |c| {
-            let mut deployments = c.prepare(
-                "SELECT id, policy_id, env, version, digest, outcome, started_at, finished_at, actor
-                 FROM deployments WHERE policy_id = ?1 ORDER BY id DESC",
+    fn history(&self, policy_id: &str) -> Result<Vec<DeploymentRecord>, StateError> {
+        self.deployments(Some(policy_id), "DESC")
+    }
+
+    /// What is active where, optionally for one environment; sorted by
+    /// environment, then policy.
+    fn active_entries(&self, env: Option<&str>) -> Result<Vec<ActiveEntry>, StateError> {
+        self.with_conn("read status", |c| {
+            let mut q = c.prepare(
+                "SELECT policy_id, env, version, digest, deployed_at FROM active
+                 WHERE ?1 IS NULL OR env = ?1 ORDER BY env, policy_id",
             )?;
+            let mut entries = q
+                .query_map(params![env], |r| {
+                    Ok(ActiveEntry {
+                        policy_id: r.get(0)?,
+                        env: r.get(1)?,
+                        version: r.get(2)?,
+                        digest: r.get(3)?,
+                        deployed_at: r.get(4)?,
+                        services: Vec::new(),
+                        interrupted: None,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut q = c.prepare(
+                "SELECT service, version, digest, updated_at FROM service_active
+                 WHERE policy_id = ?1 AND env = ?2 ORDER BY service",
+            )?;
+            for e in &mut entries {
+                e.services = q
+                    .query_map(params![e.policy_id, e.env], |r| {
+                        Ok(ServiceHolding {
+                            service: r.get(0)?,
+                            version: r.get(1)?,
+                            digest: r.get(2)?,
+                            updated_at: r.get(3)?,
+                        })
+                    })?
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+            }
+            Ok(entries)
+        })
+    }
+
+    /// Takes the deploy lock of `policy_id` in `env` without waiting.
+    /// Held by another deploy (any process, or another handle in this one) →
+    /// [`StateError::Locked`]. Released when the returned guard drops, or by
+    /// the OS if the process dies.
+    fn lock(&self, policy_id: &str, env: &str) -> Result<DeployLock, StateError> {
+        check_name("policy id", policy_id)?;
+        check_name("environment", env)?;
+        let dir = self.dir.join("locks");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io { path, source }
+        };
+        fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let path = dir.join(format!("{policy_id}@{env}.lock"));
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io(&path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                // Best effort: the holder's note is only for the message.
+                let _ = file.read_to_string(&mut holder);
+                return Err(StateError::Locked {
+                    policy_id: policy_id.to_string(),
+                    env: env.to_string(),
+                    holder: holder.trim().to_string(),
+                });
+            }
+            Err(fs::TryLockError::Error(source)) => return Err(StateError::Io { path, source }),
+        }
+        let note = format!(
+            "{} on {} pid {} since {}",
+            crate::audit::default_actor().replace(char::is_whitespace, "_"),
+            host_name(),
+            std::process::id(),
+            now_rfc3339()
+        );
+        let written = file
+            .set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(note.as_bytes()));
+        if let Err(e) = written {
+            tracing::debug!(path = %path.display(), error = %e, "could not note lock holder");
+        }
+        Ok(DeployLock {
+            holder: LockHolder::File { file, path },
+        })
+    }
+
+    fn begin(&self, d: &DeploymentRecord) -> Result<i64, StateError> {
+        self.record(&DeploymentRecord {
+            outcome: RecordOutcome::InProgress,
+            ..d.clone()
+        })
+    }
+
+    fn finish(&self, id: i64, d: &DeploymentRecord) -> Result<(), StateError> {
+        self.with_conn("finish deployment", |c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE deployments SET version = ?2, digest = ?3, outcome = ?4,
+                   finished_at = ?5 WHERE id = ?1",
+                params![id, d.version, d.digest, d.outcome, d.finished_at],
+            )?;
+            tx.execute("DELETE FROM targets WHERE deployment_id = ?1", params![id])?;
+            {
+                let mut insert = tx.prepare(
+                    "INSERT INTO targets (deployment_id, service, outcome, previous_digest, detail)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for t in &d.targets {
+                    insert.execute(params![
+                        id,
+                        t.service,
+                        t.outcome,
+                        t.previous_digest,
+                        t.detail
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    fn settle_interrupted(&self, policy_id: &str, env: &str) -> Result<Vec<i64>, StateError> {
+        let now = now_rfc3339();
+        self.with_conn("settle interrupted deployments", |c| {
+            let tx = c.transaction()?;
+            let ids = tx
+                .prepare(
+                    "SELECT id FROM deployments
+                     WHERE policy_id = ?1 AND env = ?2 AND outcome = ?3 ORDER BY id",
+                )?
+                .query_map(params![policy_id, env, RecordOutcome::InProgress], |r| {
+                    r.get(0)
+                })?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            tx.execute(
+                "UPDATE deployments SET outcome = ?4, finished_at = ?5
+                 WHERE policy_id = ?1 AND env = ?2 AND outcome = ?3",
+                params![
+                    policy_id,
+                    env,
+                    RecordOutcome::InProgress,
+                    RecordOutcome::Interrupted,
+                    now
+                ],
+            )?;
+            tx.commit()?;
+            Ok(ids)
+        })
+    }
+
+    fn in_progress(&self, env: Option<&str>) -> Result<Vec<DeploymentRecord>, StateError> {
+        Ok(self
+            .deployments(None, "DESC")?
+            .into_iter()
+            .filter(|d| d.outcome == RecordOutcome::InProgress && env.is_none_or(|e| d.env == e))
+            .collect())
+    }
+
+    fn is_locked(&self, policy_id: &str, env: &str) -> Result<bool, StateError> {
+        let path = self.lock_path(policy_id, env)?;
+        let file = match fs::OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(source) => return Err(StateError::Io { path, source }),
+        };
+        match file.try_lock() {
+            Ok(()) => {
+                let _ = file.unlock();
+                Ok(false)
+            }
+            Err(fs::TryLockError::WouldBlock) => Ok(true),
+            Err(fs::TryLockError::Error(source)) => Err(StateError::Io { path, source }),
+        }
+    }
+
+    fn leases(&self) -> Result<Vec<Lease>, StateError> {
+        // The OS releases a dead holder's file lock, so a file lease is never
+        // stale in the sense that blocks anyone; a note left by a dead
+        // holder is shown as stale so that `pde unlock` can clear it.
+        let dir = self.dir.join("locks");
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(StateError::Io { path: dir, source }),
+        };
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some((policy_id, env)) = name.strip_suffix(".lock").and_then(|n| n.split_once('@'))
+            else {
+                continue;
+            };
+            if let Some(lease) = self.file_lease(policy_id, env)? {
+                out.push(lease);
+            }
+        }
+        out.sort_by(|a, b| (&a.env, &a.policy_id).cmp(&(&b.env, &b.policy_id)));
+        Ok(out)
+    }
+
+    fn unlock(&self, policy_id: &str, env: &str) -> Result<Option<Lease>, StateError> {
+        let Some(lease) = self.file_lease(policy_id, env)? else {
+            return Ok(None);
+        };
+        if !lease.stale {
+            return Err(StateError::Locked {
+                policy_id: policy_id.to_string(),
+                env: env.to_string(),
+                holder: lease.describe(),
+            });
+        }
+        let path = self.lock_path(policy_id, env)?;
+        fs::remove_file(&path).map_err(|source| StateError::Io { path, source })?;
+        Ok(Some(lease))
+    }
+}
+
+impl SqliteState {
+    /// Recorded deployments, of one policy or all, by id in `order`.
+    fn deployments(
+        &self,
+        policy_id: Option<&str>,
+        order: &'static str,
+    ) -> Result<Vec<DeploymentRecord>, StateError> {
+        self.with_conn("read history", |c| {
+            let mut deployments = c.prepare(&format!(
+                "SELECT id, policy_id, env, version, digest, outcome, started_at, finished_at, actor
+                 FROM deployments WHERE ?1 IS NULL OR policy_id = ?1 ORDER BY id {order}"
+            ))?;
+
             let mut targets = c.prepare(
                 "SELECT service, outcome, previous_digest, detail
                  FROM targets WHERE deployment_id = ?1 ORDER BY id",
@@ -550,91 +1067,63 @@ impl StateStore {
         })
     }
 
-    /// What is active where, optionally for one environment; sorted by
-    /// environment, then policy.
-    pub fn status(&self, env: Option<&str>) -> Result<Vec<ActiveEntry>, StateError> {
-        self.with_conn("read status", |c| {
-            let mut q = c.prepare(
-                "SELECT policy_id, env, version, digest, deployed_at FROM active
-                 WHERE ?1 IS NULL OR env = ?1 ORDER BY env, policy_id",
-            )?;
-            let mut entries = q
-                .query_map(params![env], |r| {
-                    Ok(ActiveEntry {
-                        policy_id: r.get(0)?,
-                        env: r.get(1)?,
-                        version: r.get(2)?,
-                        digest: r.get(3)?,
-                        deployed_at: r.get(4)?,
-                        services: Vec::new(),
-                    })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let mut q = c.prepare(
-                "SELECT service, version, digest, updated_at FROM service_active
-                 WHERE policy_id = ?1 AND env = ?2 ORDER BY service",
-            )?;
-            for e in &mut entries {
-                e.services = q
-                    .query_map(params![e.policy_id, e.env], |r| {
-                        Ok(ServiceHolding {
-                            service: r.get(0)?,
-                            version: r.get(1)?,
-                            digest: r.get(2)?,
-                            updated_at: r.get(3)?,
-                        })
-                    })?
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-            }
-            Ok(entries)
-        })
+    /// Every recorded deployment, oldest first (`pde state migrate`).
+    pub fn all_history(&self) -> Result<Vec<DeploymentRecord>, StateError> {
+        self.deployments(None, "ASC")
     }
+}
 
-    /// Takes the deploy lock of `policy_id` in `env` without waiting.
-    /// Held by another deploy (any process, or another handle in this one) →
-    /// [`StateError::Locked`]. Released when the returned guard drops, or by
-    /// the OS if the process dies.
-    pub fn lock(&self, policy_id: &str, env: &str) -> Result<DeployLock, StateError> {
-        check_name("policy id", policy_id)?;
-        check_name("environment", env)?;
-        let dir = self.dir.join("locks");
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StateError::Io { path, source }
+impl SqliteState {
+    /// The note in a lock file, and whether a live process holds it.
+    fn file_lease(&self, policy_id: &str, env: &str) -> Result<Option<Lease>, StateError> {
+        let path = self.lock_path(policy_id, env)?;
+        let mut file = match fs::OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => return Err(StateError::Io { path, source }),
         };
-        fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let path = dir.join(format!("{policy_id}@{env}.lock"));
-        let mut file = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io(&path))?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                // Best effort: the holder's note is only for the message.
-                let _ = file.read_to_string(&mut holder);
-                return Err(StateError::Locked {
-                    policy_id: policy_id.to_string(),
-                    env: env.to_string(),
-                    holder: holder.trim().to_string(),
-                });
+        let mut note = String::new();
+        // Best effort: the note is only for people.
+        let _ = file.read_to_string(&mut note);
+        let stale = match file.try_lock() {
+            Ok(()) => {
+                let _ = file.unlock();
+                true
             }
+            Err(fs::TryLockError::WouldBlock) => false,
             Err(fs::TryLockError::Error(source)) => return Err(StateError::Io { path, source }),
+        };
+        if note.trim().is_empty() {
+            return Ok(None);
         }
-        let note = format!("pid {} since {}", std::process::id(), now_rfc3339());
-        let written = file
-            .set_len(0)
-            .and_then(|()| file.rewind())
-            .and_then(|()| file.write_all(note.as_bytes()));
-        if let Err(e) = written {
-            tracing::debug!(path = %path.display(), error = %e, "could not note lock holder");
-        }
-        Ok(DeployLock { file, path })
+        // "<actor> on <host> pid <pid> since <time>", as `lock` writes it.
+        let field = |key: &str| {
+            note.split_whitespace()
+                .skip_while(|w| *w != key)
+                .nth(1)
+                .unwrap_or("")
+                .to_string()
+        };
+        Ok(Some(Lease {
+            policy_id: policy_id.to_string(),
+            env: env.to_string(),
+            holder: note.split_whitespace().next().unwrap_or("").to_string(),
+            host: field("on"),
+            pid: field("pid").parse().unwrap_or(0),
+            since: field("since"),
+            stale,
+        }))
     }
+}
+
+/// This machine's name, for lease records.
+pub(crate) fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "unknown".to_string())
 }
 
 fn check_name(what: &'static str, value: &str) -> Result<(), StateError> {
@@ -877,7 +1366,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = StateStore::open(dir.path()).unwrap();
         let held = s.lock("42", "production").unwrap();
-        assert!(held.path().ends_with("locks/42@production.lock"));
+        assert!(held.path().unwrap().ends_with("locks/42@production.lock"));
         let other = StateStore::open(dir.path()).unwrap();
         let e = other.lock("42", "production").unwrap_err();
         assert_eq!(e.exit_code(), ExitCode::Locked);
@@ -924,6 +1413,52 @@ mod tests {
         child.wait().unwrap();
         // The OS released the dead process's lock; no manual cleanup.
         let _lock = s.lock("42", "production").unwrap();
+    }
+
+    #[test]
+    fn a_dead_holders_note_is_a_stale_lease_that_unlock_clears() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::open(dir.path()).unwrap();
+        drop(s.lock("42", "production").unwrap());
+        assert!(
+            s.leases().unwrap().is_empty(),
+            "a released lock leaves no lease"
+        );
+        let path = dir.path().join("locks/42@production.lock");
+        fs::write(&path, "ana on host-1 pid 999 since 2026-11-29T10:00:00Z").unwrap();
+        let mut child = std::process::Command::new("flock")
+            .args(["--exclusive", "--no-fork"])
+            .arg(&path)
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("flock(1) from util-linux is installed");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !s.is_locked("42", "production").unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "flock never took the lock"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let live = s.leases().unwrap();
+        assert_eq!(live.len(), 1);
+        assert!(!live[0].stale);
+        assert_eq!(
+            (live[0].holder.as_str(), live[0].host.as_str()),
+            ("ana", "host-1")
+        );
+        assert_eq!(
+            s.unlock("42", "production").unwrap_err().exit_code(),
+            ExitCode::Locked
+        );
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let stale = s.leases().unwrap();
+        assert!(stale[0].stale, "{stale:?}");
+        let cleared = s.unlock("42", "production").unwrap().unwrap();
+        assert_eq!(cleared.pid, 999);
+        assert!(s.leases().unwrap().is_empty());
+        assert_eq!(s.unlock("42", "production").unwrap(), None);
     }
 
     #[test]

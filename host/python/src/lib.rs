@@ -165,7 +165,7 @@ fn history(py: Python<'_>, policy_id: &Bound<'_, PyAny>, workspace: String) -> P
     let policy_id = policy_id_of(policy_id)?;
     let records = py.detach(|| {
         let engine = Engine::open_read_only(Path::new(&workspace))?;
-        Ok::<_, pde::Error>(engine.state().history(&policy_id)?)
+        Ok::<_, pde::Error>(engine.state().history_checked(&policy_id)?)
     });
     to_json(&records.map_err(fail)?)
 }

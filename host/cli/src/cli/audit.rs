@@ -62,16 +62,14 @@ pub fn run(ctx: &Ctx, cmd: AuditCmd) -> CmdResult {
         }
         AuditCmd::Export => {
             // Verified first, then copied byte for byte: an export is evidence.
+            // The shared chain's lines are the file log's, so both export alike.
             engine
                 .verify_audit()
                 .map_err(|e| super::Failure::engine(ctx, e))?;
-            let path = engine.audit().path();
-            let bytes = match std::fs::read(path) {
-                Ok(b) => b,
-                // No log yet (and none is created by reading): nothing to export.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-                Err(e) => return Err(super::Failure::usage(format!("{}: {e}", path.display()))),
-            };
+            let bytes = engine
+                .audit()
+                .export()
+                .map_err(|e| super::Failure::engine(ctx, e.into()))?;
             std::io::Write::write_all(&mut std::io::stdout(), &bytes)
                 .map_err(super::Failure::usage)?;
         }

@@ -68,6 +68,11 @@ enum Command {
     /// Check, show and export the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Clear the deploy lease of a policy and environment left by a deploy that died.
+    Unlock(workspace::UnlockArgs),
+    /// Shared state: move a checkout's state into the team database.
+    #[command(subcommand)]
+    State(workspace::StateCmd),
     /// Create an ed25519 key pair for signing bundles or plugins.
     Keygen(workspace::KeygenArgs),
     /// Create a new policy workspace in the current directory.
@@ -332,6 +337,8 @@ pub fn main() -> std::process::ExitCode {
         Command::History(args) => workspace::history(&ctx, args),
         Command::Rollback(args) => workspace::rollback(&ctx, args),
         Command::Audit(cmd) => audit::run(&ctx, cmd),
+        Command::Unlock(args) => workspace::unlock(&ctx, args),
+        Command::State(cmd) => workspace::state(&ctx, cmd),
         Command::Keygen(args) => workspace::keygen(&ctx, args),
         Command::Init(args) => workspace::init(&ctx, args),
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),

@@ -39,6 +39,35 @@ pub struct RollbackArgs {
     pub to: Option<String>,
 }
 
+/// `pde unlock ID --env ENV`.
+#[derive(Debug, clap::Args)]
+pub struct UnlockArgs {
+    /// The policy id.
+    pub id: String,
+    /// The environment.
+    #[arg(long)]
+    pub env: String,
+}
+
+/// `pde state …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum StateCmd {
+    /// Copy this checkout's SQLite history and file audit chain into the
+    /// PostgreSQL database of `[state] url`, then verify the chain there.
+    Migrate {
+        /// Where the state comes from.
+        #[arg(long, value_enum)]
+        from: MigrateFrom,
+    },
+}
+
+/// The source of `pde state migrate`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum MigrateFrom {
+    /// `<state>/state.db` and `<state>/audit.jsonl`.
+    Sqlite,
+}
+
 /// `pde keygen --out DIR`.
 #[derive(Debug, clap::Args)]
 pub struct KeygenArgs {
@@ -81,10 +110,36 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     let entries = engine.state().status(args.env.as_deref())?;
     if ctx.json {
         ctx.print_json(&entries);
-    } else if entries.is_empty() {
+        return Ok(ExitCode::Ok);
+    }
+    if entries.is_empty() {
         println!("nothing deployed yet");
     } else {
         print_status_matrices(&entries);
+    }
+    // Who is deploying right now, and leases left by deploys that died.
+    for lease in engine.state().leases()? {
+        if args.env.as_ref().is_some_and(|e| *e != lease.env) {
+            continue;
+        }
+        if lease.stale {
+            println!(
+                "STALE LEASE: policy {} in {}: {}, which is no longer running; clear it with \
+                 `pde unlock {} --env {}`",
+                lease.policy_id,
+                lease.env,
+                lease.describe(),
+                lease.policy_id,
+                lease.env
+            );
+        } else {
+            println!(
+                "DEPLOYING: policy {} in {}: {}",
+                lease.policy_id,
+                lease.env,
+                lease.describe()
+            );
+        }
     }
     Ok(ExitCode::Ok)
 }
@@ -170,7 +225,12 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
         }
         println!(" since");
         for e in rows {
-            print!("{:<12} {:<10}", e.policy_id, e.version);
+            let version = if e.version.is_empty() {
+                "(none)"
+            } else {
+                &e.version
+            };
+            print!("{:<12} {:<10}", e.policy_id, version);
             for s in &services {
                 let cell = match e.services.iter().find(|h| h.service == *s) {
                     None => "-".to_string(),
@@ -183,6 +243,14 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
                 print!(" {cell:<width$}");
             }
             println!(" {}", e.deployed_at);
+            if let Some(d) = &e.interrupted {
+                println!(
+                    "{:<12} INTERRUPTED: v{} ({}) started {} by {} was killed mid-way; the \
+                     services show what each was last known to run. The next deploy or \
+                     rollback settles it.",
+                    "", d.version, d.digest, d.started_at, d.actor
+                );
+            }
         }
     }
     println!();
@@ -193,7 +261,7 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
 
 pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
     let engine = open_read_only(ctx)?;
-    let records = engine.state().history(&args.id)?;
+    let records = engine.state().history_checked(&args.id)?;
     if ctx.json {
         ctx.print_json(&records);
         return Ok(ExitCode::Ok);
@@ -230,6 +298,53 @@ pub fn rollback(ctx: &Ctx, args: RollbackArgs) -> CmdResult {
         );
     }
     Ok(ExitCode::Ok)
+}
+
+pub fn unlock(ctx: &Ctx, args: UnlockArgs) -> CmdResult {
+    let engine = open(ctx)?;
+    let cleared = engine
+        .unlock(&args.id, &args.env)
+        .map_err(|e| Failure::engine(ctx, e))?;
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({ "cleared": cleared }));
+    } else {
+        match cleared {
+            Some(lease) => println!(
+                "cleared the stale lease of policy {} in {} ({}); audited",
+                args.id,
+                args.env,
+                lease.describe()
+            ),
+            None => println!("policy {} in {} has no lease", args.id, args.env),
+        }
+    }
+    Ok(ExitCode::Ok)
+}
+
+pub fn state(ctx: &Ctx, cmd: StateCmd) -> CmdResult {
+    match cmd {
+        StateCmd::Migrate {
+            from: MigrateFrom::Sqlite,
+        } => {
+            let engine = open(ctx)?;
+            let report = engine
+                .migrate_from_sqlite()
+                .map_err(|e| Failure::engine(ctx, e))?;
+            if ctx.json {
+                ctx.print_json(&report);
+            } else {
+                println!(
+                    "migrated {} deployment(s), {} active entr(ies) and {} audit record(s) to {}\n  audit chain verified, head {}",
+                    report.deployments,
+                    report.active,
+                    report.audit_records,
+                    report.to,
+                    report.audit_head
+                );
+            }
+            Ok(ExitCode::Ok)
+        }
+    }
 }
 
 pub fn keygen(ctx: &Ctx, args: KeygenArgs) -> CmdResult {

@@ -96,6 +96,9 @@ pub enum Event {
     Deployed,
     /// The deploy ended in any other way.
     DeployFailed,
+    /// `pde unlock` cleared a deploy lease left by a holder that died
+    /// (an addition of issue 12).
+    Unlocked,
 }
 
 /// One line of the audit log.
@@ -193,6 +196,15 @@ pub enum AuditError {
         /// What does not match, and what that means.
         reason: String,
     },
+    /// The shared audit chain in the team database could not be read or
+    /// written.
+    #[error("shared audit chain {location}: {reason}")]
+    Shared {
+        /// The database URL (never holds a password).
+        location: String,
+        /// What failed.
+        reason: String,
+    },
     /// Forwarding to the HTTP sink failed (a warning for callers, never a deploy failure).
     #[error("audit sink {url}: gave up after {attempts} attempt(s): {reason}")]
     Sink {
@@ -209,7 +221,9 @@ impl HasExitCode for AuditError {
     fn exit_code(&self) -> ExitCode {
         match self {
             AuditError::Tampered { .. } | AuditError::Anchor { .. } => ExitCode::Integrity,
-            AuditError::Io { .. } | AuditError::ReadOnly { .. } => ExitCode::Usage,
+            AuditError::Io { .. } | AuditError::ReadOnly { .. } | AuditError::Shared { .. } => {
+                ExitCode::Usage
+            }
             AuditError::Sink { .. } => ExitCode::DeployFailed,
         }
     }
@@ -229,9 +243,49 @@ fn head_message(seq: u64, hash: &str) -> Vec<u8> {
     format!("pde.audit.head/v1\nseq: {seq}\nhash: {hash}\n").into_bytes()
 }
 
+/// Where a shared audit chain keeps its lines and head: a team database
+/// (issue 12). The lines are exactly the file log's lines and the head is
+/// the head file's JSON, so chaining, hashing and verification are the file
+/// log's own code.
+pub trait ChainStore: Send + Sync + std::fmt::Debug {
+    /// Where the chain lives, for messages (never holds a password).
+    fn location(&self) -> String;
+    /// Every line, in seq order, and the head, read in one snapshot.
+    fn snapshot(&self) -> Result<(Vec<String>, Option<String>), AuditError>;
+    /// The head alone.
+    fn head(&self) -> Result<Option<String>, AuditError>;
+    /// The last line and the head, read together (what an append checks),
+    /// without reading the whole chain.
+    fn tail(&self) -> Result<(Option<String>, Option<String>), AuditError>;
+    /// Claims the audit sink's cursor (the seq of the last record the sink
+    /// acknowledged) so that no other machine forwards at the same time:
+    /// runs `forward` with it and stores what it returns, in one
+    /// transaction. `None`: another machine holds the claim right now.
+    fn with_sink_cursor(
+        &self,
+        forward: &mut (dyn FnMut(u64) -> u64 + Send),
+    ) -> Result<Option<u64>, AuditError>;
+    /// Appends under an exclusive lock on the whole chain: `extend` gets the
+    /// last line and the head, and returns the new `(seq, line)`s and the new
+    /// head, which are stored in the same transaction.
+    #[allow(clippy::type_complexity)]
+    fn append(
+        &self,
+        extend: &mut (
+                 dyn FnMut(
+            Option<&str>,
+            Option<&str>,
+        ) -> Result<(Vec<(u64, String)>, String), AuditError>
+                     + Send
+             ),
+    ) -> Result<(), AuditError>;
+}
+
 /// The hash-chained audit log of one workspace.
 #[derive(Debug)]
 pub struct AuditLog {
+    /// Set when the chain lives in a shared database instead of the files.
+    shared: Option<std::sync::Arc<dyn ChainStore>>,
     path: PathBuf,
     head_path: PathBuf,
     actor: String,
@@ -295,6 +349,7 @@ impl AuditLog {
                 .map_err(io(state_dir))?;
         }
         let log = AuditLog {
+            shared: None,
             head_path: state_dir.join(HEAD_FILE),
             path,
             actor: actor.to_string(),
@@ -318,6 +373,7 @@ impl AuditLog {
             Err(source) => return Err(AuditError::Io { path, source }),
         };
         Ok(AuditLog {
+            shared: None,
             head_path: state_dir.join(HEAD_FILE),
             path,
             actor: default_actor(),
@@ -325,6 +381,22 @@ impl AuditLog {
             writable: false,
             head_key: Mutex::new(None),
         })
+    }
+
+    /// The chain kept in a shared database (`[state] url`), with the same
+    /// records, hashing and checks as the file log. `writable` false refuses
+    /// appends, as [`AuditLog::open_read_only`] does.
+    pub fn open_shared(store: std::sync::Arc<dyn ChainStore>, writable: bool) -> AuditLog {
+        let location = PathBuf::from(store.location());
+        AuditLog {
+            head_path: location.join(HEAD_FILE),
+            path: location,
+            actor: default_actor(),
+            file: Mutex::new(None),
+            writable,
+            head_key: Mutex::new(None),
+            shared: Some(store),
+        }
     }
 
     /// Signs the head file with `key` from now on. An append then refuses
@@ -364,6 +436,10 @@ impl AuditLog {
     }
 
     fn check_tail(&self) -> Result<Option<AuditRecord>, AuditError> {
+        if let Some(store) = &self.shared {
+            let (last, head) = store.tail()?;
+            return shared_tail(last.as_deref(), head.as_deref());
+        }
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let Some(file) = file.as_ref() else {
             return self.tail(None);
@@ -399,6 +475,9 @@ impl AuditLog {
         if entries.is_empty() {
             return Ok(Vec::new());
         }
+        if let Some(store) = &self.shared {
+            return self.append_shared(store.as_ref(), entries);
+        }
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let file = match file.as_ref() {
             Some(f) if self.writable => f,
@@ -421,32 +500,14 @@ impl AuditLog {
         });
         drop(slot);
         let last = self.tail(Some(file))?;
-        let (mut seq, mut prev) = last.map_or((1, String::new()), |r| (r.seq + 1, r.hash));
-        let ts = pde_core::clock::now_rfc3339();
-        let mut bytes = Vec::new();
-        let mut written = Vec::with_capacity(entries.len());
-        for mut entry in entries {
-            redact(&mut entry.data);
-            let mut record = AuditRecord {
-                seq,
-                ts: ts.clone(),
-                actor: self.actor.clone(),
-                event: entry.event,
-                policy_id: entry.policy_id,
-                env: entry.env,
-                data: entry.data,
-                prev,
-                hash: String::new(),
-            };
-            let mut value = serde_json::to_value(&record).expect("audit record serialises");
-            record.hash = hash_of(&mut value);
-            value["hash"] = Value::String(record.hash.clone());
-            bytes.extend(canonical_json(&value));
-            bytes.push(b'\n');
-            seq += 1;
-            prev = record.hash.clone();
-            written.push(record);
-        }
+        let (written, lines) = self.chain(last, entries);
+        let bytes: Vec<u8> = lines
+            .into_iter()
+            .flat_map(|mut l| {
+                l.push(b'\n');
+                l
+            })
+            .collect();
         // One write: a crash leaves at most a torn tail, which the next
         // append and `verify` detect.
         (&*file).write_all(&bytes).map_err(self.io(&self.path))?;
@@ -464,6 +525,154 @@ impl AuditLog {
             "audit records appended"
         );
         Ok(written)
+    }
+
+    /// Chains `entries` after `last`: the records and their canonical lines
+    /// (without `\n`). The one place a record is built and hashed, for the
+    /// file log and the shared chain alike.
+    fn chain(
+        &self,
+        last: Option<AuditRecord>,
+        entries: Vec<AuditEntry>,
+    ) -> (Vec<AuditRecord>, Vec<Vec<u8>>) {
+        let (mut seq, mut prev) = last.map_or((1, String::new()), |r| (r.seq + 1, r.hash));
+        let ts = pde_core::clock::now_rfc3339();
+        let mut lines = Vec::with_capacity(entries.len());
+        let mut written = Vec::with_capacity(entries.len());
+        for mut entry in entries {
+            redact(&mut entry.data);
+            let mut record = AuditRecord {
+                seq,
+                ts: ts.clone(),
+                actor: self.actor.clone(),
+                event: entry.event,
+                policy_id: entry.policy_id,
+                env: entry.env,
+                data: entry.data,
+                prev,
+                hash: String::new(),
+            };
+            let mut value = serde_json::to_value(&record).expect("audit record serialises");
+            record.hash = hash_of(&mut value);
+            value["hash"] = Value::String(record.hash.clone());
+            lines.push(canonical_json(&value));
+            seq += 1;
+            prev = record.hash.clone();
+            written.push(record);
+        }
+        (written, lines)
+    }
+
+    /// [`AuditLog::append_all`] on the shared chain: the same checks of the
+    /// tail and the head's signature, inside the store's exclusive lock.
+    fn append_shared(
+        &self,
+        store: &dyn ChainStore,
+        entries: Vec<AuditEntry>,
+    ) -> Result<Vec<AuditRecord>, AuditError> {
+        if !self.writable {
+            return Err(AuditError::ReadOnly {
+                path: self.path.clone(),
+            });
+        }
+        let mut slot = self.head_key.lock().unwrap_or_else(|p| p.into_inner());
+        let mut entries = Some(entries);
+        let mut written = Vec::new();
+        store.append(&mut |last_line, head_json| {
+            let head = parse_head(head_json)?;
+            if let (Some((key, false)), Some(head)) = (slot.as_ref(), head.as_ref()) {
+                check_head_signature(head, &key.verifying_key())?;
+            }
+            let key = slot.as_ref().map(|(k, _)| k.clone());
+            let last = shared_tail(last_line, head_json)?;
+            let (records, lines) = self.chain(last, entries.take().unwrap_or_default());
+            let last = records.last().ok_or_else(|| AuditError::Shared {
+                location: store.location(),
+                reason: "append retried after a failure".into(),
+            })?;
+            let sig = key.map(|k| crate::keys::sign(&k, &head_message(last.seq, &last.hash)));
+            let head = Head {
+                seq: last.seq,
+                hash: last.hash.clone(),
+                sig,
+            };
+            let head = serde_json::to_string(&head).map_err(|e| AuditError::Shared {
+                location: store.location(),
+                reason: e.to_string(),
+            })?;
+            let rows = records
+                .iter()
+                .zip(lines)
+                .map(|(r, l)| (r.seq, String::from_utf8_lossy(&l).into_owned()))
+                .collect();
+            written = records;
+            Ok((rows, head))
+        })?;
+        if let Some((_, adopt)) = slot.as_mut() {
+            *adopt = false;
+        }
+        tracing::debug!(count = written.len(), "shared audit records appended");
+        Ok(written)
+    }
+
+    /// The log as stored, after checking it: the bytes `pde audit export`
+    /// writes (the file's JSON lines, or the shared chain's, identically).
+    pub fn export(&self) -> Result<Vec<u8>, AuditError> {
+        self.verify()?;
+        Ok(self.snapshot()?.0)
+    }
+
+    /// The verified lines (without `\n`) and the head record's JSON, for
+    /// moving a chain into a shared database unchanged.
+    pub fn export_chain(&self) -> Result<(Vec<String>, Option<String>), AuditError> {
+        self.verify()?;
+        let (bytes, head) = self.snapshot()?;
+        let lines = lines(&bytes)
+            .map(|l| String::from_utf8_lossy(l).into_owned())
+            .collect();
+        let head = head
+            .map(|h| serde_json::to_string(&h))
+            .transpose()
+            .map_err(|e| AuditError::Io {
+                path: self.head_path.clone(),
+                source: std::io::Error::other(e),
+            })?;
+        Ok((lines, head))
+    }
+
+    /// Stores `lines` and `head` (from [`AuditLog::export_chain`]) as this
+    /// shared chain, which must be empty; the records keep their seq,
+    /// hashes and head signature, so the chain verifies as before.
+    pub fn import_chain(&self, lines: Vec<String>, head: Option<String>) -> Result<(), AuditError> {
+        let Some(store) = &self.shared else {
+            return Err(AuditError::ReadOnly {
+                path: self.path.clone(),
+            });
+        };
+        let location = store.location();
+        let Some(head) = head else {
+            // An empty file log (no head yet) moves as nothing.
+            return self.verify().map(drop);
+        };
+        let mut rows = Some(lines);
+        store.append(&mut |last, current| {
+            if last.is_some() || current.is_some() {
+                return Err(AuditError::Shared {
+                    location: location.clone(),
+                    reason: "the shared audit chain is not empty; migrate into a new database"
+                        .into(),
+                });
+            }
+            let rows = rows
+                .take()
+                .unwrap_or_default()
+                .into_iter()
+                .enumerate()
+                .map(|(i, l)| (i as u64 + 1, l))
+                .collect();
+            Ok((rows, head.clone()))
+        })?;
+        self.verify().map(drop)
     }
 
     /// Every record, in order, without checking the chain (see [`AuditLog::verify`]).
@@ -586,6 +795,15 @@ impl AuditLog {
     /// The log's bytes and the head, read together under a shared lock so
     /// that a concurrent append cannot fall between the two reads.
     fn snapshot(&self) -> Result<(Vec<u8>, Option<Head>), AuditError> {
+        if let Some(store) = &self.shared {
+            let (lines, head) = store.snapshot()?;
+            let mut bytes = Vec::new();
+            for line in lines {
+                bytes.extend(line.into_bytes());
+                bytes.push(b'\n');
+            }
+            return Ok((bytes, parse_head(head.as_deref())?));
+        }
         let file = self.file.lock().unwrap_or_else(|p| p.into_inner());
         let Some(file) = file.as_ref() else {
             return Ok((Vec::new(), self.read_head()?));
@@ -647,6 +865,9 @@ impl AuditLog {
     }
 
     fn read_head(&self) -> Result<Option<Head>, AuditError> {
+        if let Some(store) = &self.shared {
+            return parse_head(store.head()?.as_deref());
+        }
         match fs::read(&self.head_path) {
             Ok(bytes) => {
                 serde_json::from_slice(&bytes)
@@ -674,6 +895,39 @@ impl AuditLog {
             source: std::io::Error::other(e),
         })?;
         pde_core::fsutil::atomic_write(&self.head_path, &bytes).map_err(self.io(&self.head_path))
+    }
+}
+
+/// The shared chain's head row, parsed.
+fn parse_head(json: Option<&str>) -> Result<Option<Head>, AuditError> {
+    json.map(|j| {
+        serde_json::from_str(j).map_err(|e| AuditError::Tampered {
+            line: 0,
+            seq: None,
+            reason: format!("the shared chain's head is not a valid head record: {e}"),
+        })
+    })
+    .transpose()
+}
+
+/// The shared chain's last record, checked against its head as the file
+/// log's tail is.
+fn shared_tail(
+    last_line: Option<&str>,
+    head_json: Option<&str>,
+) -> Result<Option<AuditRecord>, AuditError> {
+    let head = parse_head(head_json)?;
+    match last_line {
+        None => check_head(None, head.as_ref(), None, 0).map(|()| None),
+        Some(line) => {
+            let record = check_line(line.as_bytes(), 0, 0, None)?;
+            let at_head = head.as_ref().and_then(|h| match record.seq {
+                s if s == h.seq => Some(record.hash.as_str()),
+                _ => None,
+            });
+            check_head(Some(&record), head.as_ref(), at_head, 0)?;
+            Ok(Some(record))
+        }
     }
 }
 
@@ -958,6 +1212,7 @@ mod tests {
             Event::Tagged,
             Event::Deployed,
             Event::DeployFailed,
+            Event::Unlocked,
         ]
         .iter()
         .map(|e| {
@@ -983,7 +1238,8 @@ mod tests {
                 "rolled_back",
                 "tagged",
                 "deployed",
-                "deploy_failed"
+                "deploy_failed",
+                "unlocked"
             ]
         );
     }

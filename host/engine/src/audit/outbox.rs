@@ -19,6 +19,13 @@
 //!   `[audit] sink_flush_ms` (default 2000) to catch up; then the process
 //!   moves on and the rest waits for the next run.
 //!
+//! With shared state (issue 12) the log is the team's chain in the database
+//! and the cursor is a row there: every machine's forwarder claims it
+//! (`SELECT … FOR UPDATE SKIP LOCKED`) for each record it sends and moves it
+//! in the same transaction, so each record goes to the sink once across all
+//! machines, in order, and whichever machine runs next sends what is
+//! pending.
+//!
 //! Each request is retried as [`pde_core::retry`] decides (5xx, 429,
 //! timeouts); a record the sink refuses permanently (another 4xx) stops
 //! forwarding, logged, until a later run: skipping it would break the order
@@ -84,6 +91,16 @@ impl Outbox {
     /// Starts the forwarder for the log in `state_dir`. It sends whatever is
     /// pending from earlier runs right away.
     pub fn start(state_dir: &Path, sink: SinkConfig) -> std::io::Result<Outbox> {
+        Self::start_with(state_dir, sink, None)
+    }
+
+    /// [`Outbox::start`], forwarding the shared chain `shared` (with its
+    /// cursor in the database) when given, else the file log.
+    pub fn start_with(
+        state_dir: &Path,
+        sink: SinkConfig,
+        shared: Option<std::sync::Arc<dyn super::ChainStore>>,
+    ) -> std::io::Result<Outbox> {
         let (tx, rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel();
         let flush = sink.flush;
@@ -91,6 +108,7 @@ impl Outbox {
             state_dir: state_dir.to_path_buf(),
             cursor_path: state_dir.join(CURSOR_FILE),
             sink,
+            shared,
         };
         let thread = thread::Builder::new()
             .name("pde-audit-outbox".into())
@@ -151,6 +169,7 @@ struct Forwarder {
     state_dir: PathBuf,
     cursor_path: PathBuf,
     sink: SinkConfig,
+    shared: Option<std::sync::Arc<dyn super::ChainStore>>,
 }
 
 impl Forwarder {
@@ -174,7 +193,10 @@ impl Forwarder {
         };
         let mut closing: Option<Instant> = None;
         loop {
-            let caught_up = runtime.block_on(self.forward_pending(&client, closing));
+            let caught_up = match &self.shared {
+                Some(store) => self.forward_shared(store, &runtime, &client, closing),
+                None => runtime.block_on(self.forward_pending(&client, closing)),
+            };
             if closing.is_some_and(|d| caught_up || Instant::now() >= d) {
                 return;
             }
@@ -223,6 +245,70 @@ impl Forwarder {
             }
         }
         true
+    }
+
+    /// [`Forwarder::forward_pending`] for the shared chain: one record per
+    /// claim of the database cursor. Not async: the claim holds a database
+    /// transaction, and the send runs on `runtime` inside it.
+    fn forward_shared(
+        &self,
+        store: &std::sync::Arc<dyn super::ChainStore>,
+        runtime: &tokio::runtime::Runtime,
+        client: &reqwest::Client,
+        deadline: Option<Instant>,
+    ) -> bool {
+        let log = AuditLog::open_shared(store.clone(), false);
+        // Records read so far; re-read when the cursor passes them (another
+        // machine appended, or forwarded, meanwhile).
+        let mut records: Vec<AuditRecord> = Vec::new();
+        let mut reread = true;
+        loop {
+            if reread {
+                records = match log.records() {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "audit sink: cannot read the shared chain");
+                        return false;
+                    }
+                };
+            }
+            let mut beyond = false;
+            let mut failed = false;
+            let claimed = store.with_sink_cursor(&mut |cursor| {
+                let Some(record) = records.iter().find(|r| r.seq == cursor + 1) else {
+                    beyond = true;
+                    return cursor;
+                };
+                let send = self.send(client, record);
+                let delivered = runtime.block_on(async {
+                    match deadline {
+                        Some(d) => {
+                            let left = d.saturating_duration_since(Instant::now());
+                            tokio::time::timeout(left, send).await.unwrap_or(false)
+                        }
+                        None => send.await,
+                    }
+                });
+                if delivered {
+                    cursor + 1
+                } else {
+                    failed = true;
+                    cursor
+                }
+            });
+            match claimed {
+                // Nothing after the cursor even in a fresh read: caught up.
+                Ok(Some(_)) if beyond && reread => return true,
+                Ok(Some(_)) if beyond => reread = true,
+                Ok(Some(_)) if !failed => reread = false,
+                // Failed, or another machine is sending: rest, then retry.
+                Ok(_) => return false,
+                Err(e) => {
+                    tracing::warn!(error = %e, "audit sink: cannot claim the shared cursor");
+                    return false;
+                }
+            }
+        }
     }
 
     fn pending(&self) -> Result<Vec<AuditRecord>, super::AuditError> {
