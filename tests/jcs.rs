@@ -221,11 +221,17 @@ fn both(o: &Output) -> String {
 
 /// The Python block of `docs/agent.md` after its `verify-v2-bundle` marker.
 fn doc_snippet() -> String {
+    doc_snippet_after("verify-v2-bundle", 12)
+}
+
+/// The Python block of `docs/agent.md` after the marker `<!-- NAME`, which
+/// must have at most `max_lines` non-blank lines.
+fn doc_snippet_after(name: &str, max_lines: usize) -> String {
     let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/agent.md"))
         .unwrap();
     let after = doc
-        .split_once("<!-- verify-v2-bundle")
-        .expect("docs/agent.md has the verify-v2-bundle marker")
+        .split_once(&format!("<!-- {name}"))
+        .unwrap_or_else(|| panic!("docs/agent.md has the {name} marker"))
         .1;
     let block = after
         .split_once("```python\n")
@@ -234,8 +240,8 @@ fn doc_snippet() -> String {
     let code = block.split_once("\n```").expect("the block ends").0;
     let lines = code.lines().filter(|l| !l.trim().is_empty()).count();
     assert!(
-        lines <= 12,
-        "the doc promises about 10 lines; it has {lines}"
+        lines <= max_lines,
+        "the doc's {name} block should stay short; it has {lines} lines"
     );
     code.to_string()
 }
@@ -343,4 +349,72 @@ fn a_policy_number_jcs_cannot_hold_is_a_validation_finding_with_its_pointer() {
     assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
     assert!(both(&o).contains("line 10, column 12"), "{}", both(&o));
     assert!(both(&o).contains(".nan"), "{}", both(&o));
+}
+
+#[test]
+fn the_python_in_docs_agent_md_counts_the_approvals_pde_carries_and_refuses_forgeries() {
+    let ws = support::Workspace::new("");
+    let dir = ws.root().join("keys/approvers");
+    for name in ["ana", "bo"] {
+        pde::keys::generate(&dir, name).unwrap();
+    }
+    let toml_path = ws.root().join("pde.toml");
+    let toml = std::fs::read_to_string(&toml_path).unwrap().replace(
+        "plugin_keys = [\"keys/security.ed25519.pub\"]\n",
+        "plugin_keys = [\"keys/security.ed25519.pub\"]\n\
+         approver_keys = [{ file = \"keys/approvers/ana.pub\" }, { file = \"keys/approvers/bo.pub\" }]\n",
+    );
+    std::fs::write(&toml_path, toml).unwrap();
+    ws.write_policy("42.json", &awkward_policy().to_string());
+    for name in ["ana", "bo"] {
+        let key = dir.join(name);
+        let o = pde(
+            ws.root(),
+            &[
+                "approve",
+                "42",
+                "--key",
+                key.to_str().unwrap(),
+                "--by",
+                name,
+            ],
+        );
+        assert_eq!(o.status.code(), Some(0), "{}", both(&o));
+    }
+    ws.commit("policy 42, approved");
+    let bundle_path = packaged_bundle(&ws);
+    let bundle: Value = serde_json::from_slice(&std::fs::read(&bundle_path).unwrap()).unwrap();
+    assert_eq!(bundle["approvals"].as_array().unwrap().len(), 2, "{bundle}");
+    let content = pde::approval::policy_digest(&awkward_policy()).unwrap();
+    let snippet = doc_snippet_after("verify-approvals", 16);
+    let (ana, bo) = (dir.join("ana.pub"), dir.join("bo.pub"));
+
+    let o = run_python(&snippet, &[&bundle_path, &ana, &bo], b"");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("2 approvals of {content}")
+    );
+    // Only keys the verifier trusts count.
+    let o = run_python(&snippet, &[&bundle_path, &ana], b"");
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("1 approvals of {content}")
+    );
+    // An approval whose role was altered after signing is a forgery.
+    let mut forged = bundle.clone();
+    forged["approvals"][0]["statement"]["role"] = json!("legal");
+    let forged_path = ws.root().join("forged.json");
+    std::fs::write(&forged_path, forged.to_string()).unwrap();
+    let o = run_python(&snippet, &[&forged_path, &ana, &bo], b"");
+    assert!(!o.status.success(), "an altered approval passed");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("BadSignatureError"));
+    // A policy edited after approval: no approval is for this content.
+    let mut edited = bundle.clone();
+    edited["payload"]["policy"]["rules"][0]["value"] = json!(21);
+    let edited_path = ws.root().join("edited.json");
+    std::fs::write(&edited_path, edited.to_string()).unwrap();
+    let o = run_python(&snippet, &[&edited_path, &ana, &bo], b"");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("0 approvals of "));
 }
