@@ -9,41 +9,18 @@ mod support;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use pde::approval::{self, SignedApproval, Statement};
 use pde::bundle::{self, Bundle, Manifest, Payload};
 use pde::keys;
 use serde_json::{Value, json};
-use support::{AgentProcess, Svc, Workspace, policy_42};
-
-fn pde(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pde"))
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env("PDE_ACTOR", "release-engineer")
-        .output()
-        .expect("pde runs")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "stdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
+use support::{AgentProcess, Svc, Workspace, both, code, pde, policy_42};
 
 /// Codes of the diagnostics in a `pde validate --output json` answer (the
 /// report of a failure, or of a pass).
 fn diagnostic_codes(o: &Output) -> Vec<String> {
-    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(o)));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", both(o)));
     let diags = v
         .pointer("/report/diagnostics")
         .or_else(|| v.pointer("/diagnostics"))
@@ -134,13 +111,13 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
 
     // Unsigned entries still count where signatures are not required…
     let o = pde(ws.root(), &["validate", "42", "--env", "staging"]);
-    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(code(&o), 0, "{}", both(&o));
     // …and not in production, which also wants a legal sign-off.
     let o = pde(
         ws.root(),
         &["--output", "json", "validate", "42", "--env", "prod"],
     );
-    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert_eq!(code(&o), 3, "{}", both(&o));
     let codes = diagnostic_codes(&o);
     for want in [
         "approvals.insufficient",
@@ -167,7 +144,7 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
             "reviewed",
         ],
     );
-    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(code(&o), 0, "{}", both(&o));
     let ana_file = approvals_dir(&ws).join(format!("{}.json", people.keyid("ana")));
     let written: SignedApproval =
         serde_json::from_slice(&std::fs::read(&ana_file).unwrap()).unwrap();
@@ -193,11 +170,11 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
             "legal",
         ],
     );
-    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(code(&o), 0, "{}", both(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("not in [trust] approver_keys"),
         "{}",
-        text(&o)
+        both(&o)
     );
     let mut forged = people.sign("carol", &policy_42("1.0.0"), Some("program"));
     forged.signature.keyid = people.keyid("bo");
@@ -211,7 +188,7 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
         ws.root(),
         &["--output", "json", "validate", "42", "--env", "prod"],
     );
-    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert_eq!(code(&o), 3, "{}", both(&o));
     let codes = diagnostic_codes(&o);
     assert!(
         codes.contains(&"approvals.duplicate".to_string()),
@@ -229,7 +206,7 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("has 1 valid approval"),
         "{}",
-        text(&o)
+        both(&o)
     );
     std::fs::remove_file(approvals_dir(&ws).join("forged.json")).unwrap();
     std::fs::remove_file(approvals_dir(&ws).join("copy-of-ana.json")).unwrap();
@@ -249,17 +226,17 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
             "bo",
         ],
     );
-    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(code(&o), 0, "{}", both(&o));
     let o = pde(ws.root(), &["validate", "42", "--env", "prod"]);
-    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(code(&o), 0, "{}", both(&o));
 
     // Approvals are committed with the policy, or nothing is packaged.
     let o = pde(ws.root(), &["package", "42"]);
-    assert_eq!(code(&o), 2, "{}", text(&o));
+    assert_eq!(code(&o), 2, "{}", both(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("42.approvals"),
         "{}",
-        text(&o)
+        both(&o)
     );
     ws.commit("approvals of 42");
 
@@ -283,7 +260,7 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
         ws.root(),
         &["--output", "json", "deploy", "42", "--env", "prod"],
     );
-    assert_eq!(code(&o), 0, "{}", text(&o));
+    assert_eq!(code(&o), 0, "{}", both(&o));
     let report: Value = serde_json::from_slice(&o.stdout).unwrap();
     let digest = report["digest"].as_str().unwrap().to_string();
     assert_eq!(
@@ -332,7 +309,7 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
         ws.root(),
         &["--output", "json", "validate", "42", "--env", "prod"],
     );
-    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert_eq!(code(&o), 3, "{}", both(&o));
     let codes = diagnostic_codes(&o);
     assert_eq!(
         codes.iter().filter(|c| *c == "approvals.stale").count(),
@@ -342,10 +319,10 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("edited after it was approved"),
         "{}",
-        text(&o)
+        both(&o)
     );
     let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
-    assert_eq!(code(&o), 3, "{}", text(&o));
+    assert_eq!(code(&o), 3, "{}", both(&o));
     assert_eq!(
         support::active_digest(&agent.url).as_deref(),
         Some(digest.as_str())
@@ -530,12 +507,12 @@ fn a_pusher_that_skips_approvals_is_stopped_by_the_agent() {
     std::fs::write(&path, toml).unwrap();
     ws.commit("dev");
     let o = pde(ws.root(), &["deploy", "42", "--env", "dev"]);
-    assert_eq!(code(&o), 1, "{}", text(&o));
+    assert_eq!(code(&o), 1, "{}", both(&o));
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("approvals_insufficient")
             || String::from_utf8_lossy(&o.stdout).contains("approvals_insufficient"),
         "{}",
-        text(&o)
+        both(&o)
     );
     assert_eq!(support::active_digest(&agent.url), None);
 }

@@ -9,9 +9,6 @@
 mod support;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
 use axum::Router;
@@ -20,79 +17,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use serde_json::{Value, json};
-use support::{Svc, Workspace};
-
-fn pde(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pde"))
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("pde runs")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn json_of(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// A `pde agent` process; killed on drop (or earlier, by [`Self::stop`]).
-struct AgentProcess {
-    child: Child,
-    url: String,
-}
-
-impl AgentProcess {
-    fn start(data_dir: &Path, trusted: &Path) -> AgentProcess {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_pde"))
-            .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .arg("--trusted-key")
-            .arg(trusted)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("agent starts");
-        let mut line = String::new();
-        let mut out = BufReader::new(child.stdout.take().unwrap());
-        out.read_line(&mut line).unwrap();
-        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_string();
-        AgentProcess {
-            child,
-            url: format!("http://{addr}"),
-        }
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+use support::{AgentProcess, Svc, Workspace, code, json, pde, stderr};
 
 /// A loopback server standing in for a status endpoint and for Prometheus.
 ///
@@ -216,7 +141,7 @@ fn audit(ws: &Workspace) -> Vec<Value> {
         &["audit", "show", "--policy", "42", "--output", "json"],
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    json_of(&o).as_array().unwrap().clone()
+    json(&o).as_array().unwrap().clone()
 }
 
 fn events(records: &[Value]) -> Vec<String> {
@@ -236,7 +161,7 @@ fn assert_refused(checks: &str, check: &str, says: &str) {
         &["deploy", "42", "--env", "prod", "--output", "json"],
     );
     assert_eq!(code(&o), 4, "{}", stderr(&o));
-    let out = json_of(&o);
+    let out = json(&o);
     assert_eq!(out["exit_code"], 4);
     let report = &out["report"];
     assert_eq!(report["services"][0]["healthy"], true, "{report:#}");
@@ -366,7 +291,7 @@ fn passing_checks_let_the_deploy_through() {
         &["deploy", "42", "--env", "prod", "--output", "json"],
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let report = json_of(&o);
+    let report = json(&o);
     let checks = report["health"]["checks"].as_array().unwrap();
     assert_eq!(checks.len(), 3);
     assert!(checks.iter().all(|c| c["passed"] == true), "{checks:#?}");
@@ -414,7 +339,7 @@ fn a_freeze_override_lets_the_deploy_through_and_is_audited() {
         ],
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let report = json_of(&o);
+    let report = json(&o);
     assert_eq!(report["outcome"], "deployed");
     assert_eq!(report["health"]["checks"][0]["overridden"], reason);
     assert_eq!(
@@ -451,7 +376,7 @@ fn env_check_lists_every_service_and_every_check() {
 
     let o = pde(ws.root(), &["env", "check", "prod", "--output", "json"]);
     assert_eq!(code(&o), 4, "a failing check is an unhealthy environment");
-    let report = json_of(&o);
+    let report = json(&o);
     assert_eq!(report["services"][0]["service"], "HMS-API");
     assert_eq!(report["services"][0]["healthy"], true);
     let checks: Vec<(&str, &str, bool)> = report["checks"]
@@ -552,7 +477,7 @@ fn status_live_is_clean_after_deploys_and_finds_drift_made_behind_pdes_back() {
         &["deploy", "42", "--env", "prod", "--output", "json"],
     );
     assert_eq!(code(&first), 0, "{}", stderr(&first));
-    let first = json_of(&first)["digest"].as_str().unwrap().to_string();
+    let first = json(&first)["digest"].as_str().unwrap().to_string();
     ws.write_policy("42.json", &support::policy_42("1.1.0").to_string());
     ws.commit("42 v1.1.0");
     let second = pde(
@@ -560,12 +485,12 @@ fn status_live_is_clean_after_deploys_and_finds_drift_made_behind_pdes_back() {
         &["deploy", "42", "--env", "prod", "--output", "json"],
     );
     assert_eq!(code(&second), 0, "{}", stderr(&second));
-    let second = json_of(&second)["digest"].as_str().unwrap().to_string();
+    let second = json(&second)["digest"].as_str().unwrap().to_string();
 
     // Clean: every service runs what pde deployed there.
     let o = pde(ws.root(), &["status", "--live", "--output", "json"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let clean = json_of(&o);
+    let clean = json(&o);
     assert_eq!(clean["drift"], 0);
     assert_eq!(
         live_states(&clean),
@@ -590,7 +515,7 @@ fn status_live_is_clean_after_deploys_and_finds_drift_made_behind_pdes_back() {
         &["status", "--live", "--env", "prod", "--output", "json"],
     );
     assert_eq!(code(&o), 4, "drift exits 4: {}", stderr(&o));
-    let drift = json_of(&o);
+    let drift = json(&o);
     assert_eq!(drift["drift"], 3, "{drift:#}");
     assert_eq!(
         live_states(&drift),
@@ -665,7 +590,7 @@ fn status_live_shows_policies_pde_does_not_know_as_information() {
         ],
     );
     assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let bundle = std::fs::read(json_of(&o)["path"].as_str().unwrap()).unwrap();
+    let bundle = std::fs::read(json(&o)["path"].as_str().unwrap()).unwrap();
     let bundle: Value = serde_json::from_slice(&bundle).unwrap();
     support::runtime().block_on(async {
         let r = reqwest::Client::new()
@@ -685,7 +610,7 @@ fn status_live_shows_policies_pde_does_not_know_as_information() {
 
     let o = pde(ours.root(), &["status", "--live", "--output", "json"]);
     assert_eq!(code(&o), 0, "information is not drift: {}", stderr(&o));
-    let report = json_of(&o);
+    let report = json(&o);
     assert_eq!(
         live_states(&report),
         [

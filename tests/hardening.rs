@@ -8,34 +8,12 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Output};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{any, get};
-use support::{Svc, Workspace};
-
-fn pde(dir: &Path, args: &[&str]) -> Output {
-    pde_env(dir, args, &[])
-}
-
-fn pde_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pde"));
-    cmd.arg("-C").arg(dir).args(args).env_remove("RUST_LOG");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("pde runs")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use support::{Svc, Workspace, code, pde, pde_env, stderr};
 
 fn serve(app: axum::Router) -> String {
     let rt = support::runtime();

@@ -7,6 +7,8 @@
 
 mod support;
 
+use support::{both, pde, stderr};
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -194,29 +196,6 @@ fn doubles_jcs_writes_as_unsafe_integers_cannot_be_read_back() {
             "rfc8785 re-read its own output of {text}"
         );
     }
-}
-
-fn pde(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pde"))
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .output()
-        .expect("pde runs")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Findings go to stdout, the verdict to stderr.
-fn both(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The Python block of `docs/agent.md` after its `verify-v2-bundle` marker.

@@ -313,9 +313,57 @@ impl AgentProcess {
     }
 }
 
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
+impl AgentProcess {
+    /// Kills the agent now (as a crash would) and reaps it.
+    pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Runs the `pde` binary in `dir` (`-C`), with `RUST_LOG` cleared so log
+/// lines never mix into what a test reads.
+pub fn pde(dir: &Path, args: &[&str]) -> std::process::Output {
+    pde_env(dir, args, &[])
+}
+
+/// [`pde`] with extra environment variables.
+pub fn pde_env(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pde"));
+    cmd.arg("-C").arg(dir).args(args).env_remove("RUST_LOG");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("pde runs")
+}
+
+/// The exit code of a process that exited normally.
+pub fn code(o: &std::process::Output) -> i32 {
+    o.status.code().expect("exited normally")
+}
+
+/// stderr as text.
+pub fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// stdout and stderr, for assertion messages.
+pub fn both(o: &std::process::Output) -> String {
+    format!(
+        "stdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// stdout parsed as JSON (`--output json`), or a panic showing both streams.
+pub fn json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", both(o)))
 }

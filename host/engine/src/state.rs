@@ -768,21 +768,7 @@ impl StateBackend for SqliteState {
                 ],
             )?;
             let id = tx.last_insert_rowid();
-            {
-                let mut insert = tx.prepare(
-                    "INSERT INTO targets (deployment_id, service, outcome, previous_digest, detail)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for t in &d.targets {
-                    insert.execute(params![
-                        id,
-                        t.service,
-                        t.outcome,
-                        t.previous_digest,
-                        t.detail
-                    ])?;
-                }
-            }
+            insert_targets(&tx, id, &d.targets)?;
             tx.commit()?;
             Ok(id)
         })
@@ -904,21 +890,7 @@ impl StateBackend for SqliteState {
                 params![id, d.version, d.digest, d.outcome, d.finished_at],
             )?;
             tx.execute("DELETE FROM targets WHERE deployment_id = ?1", params![id])?;
-            {
-                let mut insert = tx.prepare(
-                    "INSERT INTO targets (deployment_id, service, outcome, previous_digest, detail)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
-                )?;
-                for t in &d.targets {
-                    insert.execute(params![
-                        id,
-                        t.service,
-                        t.outcome,
-                        t.previous_digest,
-                        t.detail
-                    ])?;
-                }
-            }
+            insert_targets(&tx, id, &d.targets)?;
             tx.commit()
         })
     }
@@ -1135,6 +1107,28 @@ fn check_name(what: &'static str, value: &str) -> Result<(), StateError> {
             value: value.to_string(),
         })
     }
+}
+
+/// The per-target rows of deployment `id`, in one prepared statement.
+fn insert_targets(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    targets: &[TargetRecord],
+) -> rusqlite::Result<()> {
+    let mut insert = tx.prepare(
+        "INSERT INTO targets (deployment_id, service, outcome, previous_digest, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for t in targets {
+        insert.execute(params![
+            id,
+            t.service,
+            t.outcome,
+            t.previous_digest,
+            t.detail
+        ])?;
+    }
+    Ok(())
 }
 
 /// Switches the database to WAL, tolerating other processes doing the same.
