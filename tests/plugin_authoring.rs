@@ -112,7 +112,7 @@ fn plugin_test_outside_a_workspace_takes_settings_from_json_or_a_file() {
     assert_eq!(codes(&json_of(&o)), vec!["eligibility.age-range"]);
 
     // Settings that are not a table, or not there, are usage errors.
-    for bad in [r#"[1, 2]"#, "{not json", "no-such-file.toml"] {
+    for bad in ["[1, 2]", "{not json", "no-such-file.toml"] {
         let o = run(&["--settings", bad]);
         assert_eq!(code(&o), 2, "{bad}: {}", String::from_utf8_lossy(&o.stdout));
     }

@@ -225,7 +225,7 @@ pub fn inspect(engine: &Engine, name: &str, bytes: &[u8]) -> Result<Inspection, 
 
 /// [`inspect`] of a component already compiled from `bytes`.
 pub(crate) fn inspect_compiled(engine: &Engine, component: &Component, bytes: &[u8]) -> Inspection {
-    let (imports, exports) = world(engine, &component);
+    let (imports, exports) = world(engine, component);
     let wit_versions = wit::versions_named(imports.iter().chain(&exports).map(String::as_str))
         .into_iter()
         .map(|v| v.to_string())
