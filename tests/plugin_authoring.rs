@@ -669,3 +669,83 @@ fn plugin_new_scaffolds_a_validator_and_a_router_that_build_and_pass_plugin_test
         .collect();
     assert_eq!(routes, vec!["HMS-API", "Portal"]);
 }
+
+#[test]
+fn plugin_new_honours_dir_and_picks_the_sdk_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // From a source build, the default is this checkout's SDK, by path.
+    let o = pde(
+        root,
+        cache.path(),
+        &[
+            "plugin", "new", "by-path", "--kind", "router", "--dir", "sub/proj",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let cargo_toml = std::fs::read_to_string(root.join("sub/proj/Cargo.toml")).unwrap();
+    let sdk = repo().join("plugins/sdk").canonicalize().unwrap();
+    assert!(
+        cargo_toml.contains(&format!(
+            "pde-plugin = {{ path = {:?} }}",
+            sdk.display().to_string()
+        )),
+        "{cargo_toml}"
+    );
+    assert!(cargo_toml.contains("name = \"by-path\""), "{cargo_toml}");
+    assert!(root.join("sub/proj/services.toml").is_file());
+    assert!(!root.join("by-path").exists());
+
+    let o = pde(
+        root,
+        cache.path(),
+        &[
+            "plugin",
+            "new",
+            "by-git",
+            "--kind",
+            "validator",
+            "--sdk-git",
+            "https://git.example.gov/pde.git",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let cargo_toml = std::fs::read_to_string(root.join("by-git/Cargo.toml")).unwrap();
+    assert!(
+        cargo_toml.contains(r#"pde-plugin = { git = "https://git.example.gov/pde.git" }"#),
+        "{cargo_toml}"
+    );
+    // Both at once is a usage error, and so is an SDK path without a crate.
+    let o = pde(
+        root,
+        cache.path(),
+        &[
+            "plugin",
+            "new",
+            "both",
+            "--kind",
+            "router",
+            "--sdk-git",
+            "u",
+            "--sdk-path",
+            ".",
+        ],
+    );
+    assert_eq!(code(&o), 2);
+    let o = pde(
+        root,
+        cache.path(),
+        &[
+            "plugin",
+            "new",
+            "nowhere",
+            "--kind",
+            "router",
+            "--sdk-path",
+            ".",
+        ],
+    );
+    assert_eq!(code(&o), 2);
+    assert!(!root.join("nowhere").exists(), "nothing written on failure");
+}
