@@ -322,7 +322,7 @@ const COMMANDS: &[&str] = &[
     "man",
 ];
 const SUBCOMMANDS: &[&str] = &[
-    "check", "verify", "show", "export", "list", "inspect", "test", "sign", "diff",
+    "check", "verify", "show", "export", "list", "inspect", "test", "sign", "diff", "new",
 ];
 
 #[test]
@@ -350,7 +350,13 @@ fn completions_and_man_pages_cover_every_command() {
         );
         assert!(top.contains(name), "pde.1 does not list {name}");
     }
-    for name in ["plugin-inspect", "plugin-diff", "audit-verify", "env-check"] {
+    for name in [
+        "plugin-inspect",
+        "plugin-diff",
+        "plugin-new",
+        "audit-verify",
+        "env-check",
+    ] {
         assert!(
             page(&format!("pde-{name}")).is_file(),
             "no man page for {name}"

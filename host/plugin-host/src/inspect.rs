@@ -109,6 +109,9 @@ pub struct Inspection {
     pub sha256_matches_manifest: Option<bool>,
     /// The signature status against the trusted keys given (`None`: not asked).
     pub signature: Option<SignatureStatus>,
+    /// Whether the compiled component came from the on-disk cache (`None`:
+    /// no cache was used).
+    pub loaded_from_cache: Option<bool>,
 }
 
 /// The imported and exported names of a compiled component.
@@ -217,14 +220,19 @@ pub fn producers(bytes: &[u8]) -> Vec<Producer> {
 /// [`PluginError::BadComponent`].
 pub fn inspect(engine: &Engine, name: &str, bytes: &[u8]) -> Result<Inspection, PluginError> {
     let component = super::compile_checked(engine, name, bytes)?;
-    let (imports, exports) = world(engine, &component);
+    Ok(inspect_compiled(engine, &component, bytes))
+}
+
+/// [`inspect`] of a component already compiled from `bytes`.
+pub(crate) fn inspect_compiled(engine: &Engine, component: &Component, bytes: &[u8]) -> Inspection {
+    let (imports, exports) = world(engine, component);
     let wit_versions = wit::versions_named(imports.iter().chain(&exports).map(String::as_str))
         .into_iter()
         .map(|v| v.to_string())
         .collect();
     let kind = kind_from_exports(&exports);
     let (tolerated_exports, unexpected_exports) = extra_exports(kind, &exports);
-    Ok(Inspection {
+    Inspection {
         sha256: super::sha256_hex(bytes),
         size: bytes.len() as u64,
         kind,
@@ -238,7 +246,8 @@ pub fn inspect(engine: &Engine, name: &str, bytes: &[u8]) -> Result<Inspection, 
         manifest: None,
         sha256_matches_manifest: None,
         signature: None,
-    })
+        loaded_from_cache: None,
+    }
 }
 
 /// The whole picture of the plugin at `wasm`, for a reviewer: the component
@@ -248,6 +257,16 @@ pub fn inspect_plugin(
     engine: &Engine,
     wasm: &Path,
     trusted: &TrustedKeys,
+) -> Result<Inspection, PluginError> {
+    inspect_plugin_with(wasm, trusted, |name, bytes| inspect(engine, name, bytes))
+}
+
+/// [`inspect_plugin`] with the component inspected by `inspect_bytes(name, bytes)`
+/// (e.g. through the compile cache).
+pub(crate) fn inspect_plugin_with(
+    wasm: &Path,
+    trusted: &TrustedKeys,
+    inspect_bytes: impl FnOnce(&str, &[u8]) -> Result<Inspection, PluginError>,
 ) -> Result<Inspection, PluginError> {
     let bytes = super::read(wasm)?;
     let manifest_path = signature::manifest_path(wasm);
@@ -264,7 +283,7 @@ pub fn inspect_plugin(
             .unwrap_or("plugin")
             .to_string(),
     };
-    let mut report = inspect(engine, &name, &bytes)?;
+    let mut report = inspect_bytes(&name, &bytes)?;
     if let Some(m) = &manifest {
         let mut fields = m.signed_fields();
         fields["description"] = m.description.clone().into();

@@ -550,6 +550,24 @@ impl PluginHost {
         self.cache.entry_path(sha256)
     }
 
+    /// [`inspect::inspect_plugin`] through this host's compile cache, so a
+    /// large component is not recompiled for every `pde plugin inspect`.
+    pub fn inspect_file(
+        &self,
+        wasm: &Path,
+        trusted: &TrustedKeys,
+    ) -> Result<inspect::Inspection, PluginError> {
+        inspect::inspect_plugin_with(wasm, trusted, |name, bytes| {
+            precheck(name, bytes)?;
+            let (component, cached) =
+                self.cache
+                    .load_or_compile(&self.engine, name, &sha256_hex(bytes), bytes)?;
+            let mut report = inspect::inspect_compiled(&self.engine, &component, bytes);
+            report.loaded_from_cache = self.cache.enabled().then_some(cached);
+            Ok(report)
+        })
+    }
+
     /// Discovers, checks and loads every plugin of `dir`, sorted by name.
     pub fn load_dir(&self, dir: &Path, trusted: &TrustedKeys) -> Result<Vec<Plugin>, PluginError> {
         discovery::discover(dir)?

@@ -14,7 +14,7 @@
 #[allow(clippy::too_many_arguments)]
 pub mod validator {
     wit_bindgen::generate!({
-        path: "../../wit/v0.1.0/plugin.wit",
+        path: "wit/v0.1.0/plugin.wit",
         world: "pde:plugin/validator@0.1.0",
         pub_export_macro: true,
         default_bindings_module: "::pde_plugin::__private::validator",
@@ -27,7 +27,7 @@ pub mod validator {
 #[allow(clippy::too_many_arguments)]
 pub mod router {
     wit_bindgen::generate!({
-        path: "../../wit/v0.1.0/plugin.wit",
+        path: "wit/v0.1.0/plugin.wit",
         world: "pde:plugin/router@0.1.0",
         pub_export_macro: true,
         default_bindings_module: "::pde_plugin::__private::router",

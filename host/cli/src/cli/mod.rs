@@ -16,6 +16,7 @@ mod audit;
 mod deploy;
 mod plugin;
 mod print;
+mod scaffold;
 mod workspace;
 
 /// pde: the Policy Deployment Engine.

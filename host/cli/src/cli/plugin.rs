@@ -39,16 +39,26 @@ pub enum PluginCmd {
         #[arg(long, value_name = "FILE")]
         policy: Option<PathBuf>,
     },
-    /// Run one plugin alone over one policy file.
+    /// Run one plugin alone over one policy file; works outside a workspace.
     Test {
         /// A `.wasm` file, or the name of a workspace plugin.
         target: String,
         /// The policy document (JSON or YAML).
         #[arg(long, value_name = "FILE")]
         policy: PathBuf,
-        /// The environment to pass (and, for routers, whose services to offer).
+        /// The environment to pass (and, for routers in a workspace, whose
+        /// services to offer).
         #[arg(long, value_name = "ENV")]
         env: Option<String>,
+        /// Settings replacing the manifest's `[settings]`: inline JSON
+        /// (`'{"max": 3}'`) or a TOML or JSON file.
+        #[arg(long, value_name = "FILE|JSON")]
+        settings: Option<String>,
+        /// Services to offer a router, replacing the workspace's: a TOML file
+        /// of `[[services]]` tables or a JSON list, with pde.toml's fields
+        /// (name, url, tags, labels).
+        #[arg(long, value_name = "FILE")]
+        services: Option<PathBuf>,
     },
     /// Sign a component and its manifest (`PATH` with `.toml`): writes `PATH.sig`.
     Sign {
@@ -64,6 +74,9 @@ pub enum PluginCmd {
         #[arg(long, value_name = "TEXT")]
         note: Option<String>,
     },
+    /// Scaffold a plugin project (Cargo.toml, src/lib.rs, manifest, sample
+    /// policy, README) in a new directory; works outside a workspace.
+    New(super::scaffold::NewArgs),
     /// Verify a component's signature (default keys: the workspace's [trust] plugin_keys).
     Verify {
         /// The `.wasm` file.
@@ -84,7 +97,18 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             target,
             policy,
             env,
-        } => test(ctx, &target, &policy, env.as_deref()),
+            settings,
+            services,
+        } => test(
+            ctx,
+            &target,
+            &policy,
+            &TestOptions {
+                env: env.as_deref(),
+                settings: settings.as_deref(),
+                services: services.as_deref(),
+            },
+        ),
         PluginCmd::Sign {
             path,
             key,
@@ -92,6 +116,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             note,
         } => sign(ctx, &path, &key, signer, note),
         PluginCmd::Verify { path, keys } => verify(ctx, &path, &keys),
+        PluginCmd::New(args) => super::scaffold::new(ctx, args),
     }
 }
 
@@ -118,9 +143,15 @@ fn trusted_keys(ctx: &Ctx, config: Option<&Config>) -> Result<TrustedKeys, Failu
     Ok(trusted)
 }
 
+/// A host caching compiled components in the workspace's state directory,
+/// or outside a workspace in the per-user cache (large components, e.g.
+/// Python ones, take a minute to compile; see `pde::plugin::cache`).
 fn host(ctx: &Ctx, config: Option<&Config>) -> Result<PluginHost, Failure> {
     let limits = config.map(|c| c.limits).unwrap_or_default();
-    let cache = config.map(|c| ctx.dir.join(&c.state).join("cache").join("plugins"));
+    let cache = match config {
+        Some(c) => Some(ctx.dir.join(&c.state).join("cache").join("plugins")),
+        None => pde::plugin::cache::user_cache_dir(),
+    };
     Ok(PluginHost::new(limits, cache)?)
 }
 
@@ -260,8 +291,8 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     let config = config.as_ref();
     let trusted = trusted_keys(ctx, config)?;
     let path = target_path(ctx, config, target)?;
-    let host = PluginHost::new(config.map(|c| c.limits).unwrap_or_default(), None)?;
-    let report = pde::plugin::inspect::inspect_plugin(host.engine(), &path, &trusted)?;
+    let host = host(ctx, config)?;
+    let report = host.inspect_file(&path, &trusted)?;
     if ctx.json {
         ctx.print_json(&report);
         return Ok(ExitCode::Ok);
@@ -269,6 +300,9 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     println!("{}", path.display());
     println!("  sha256:   {}", report.sha256);
     println!("  size:     {} bytes", report.size);
+    if let Some(cached) = report.loaded_from_cache {
+        println!("  compiled: {}", cache_text(cached));
+    }
     match &report.manifest {
         None => {
             println!("  manifest: none beside it (pde will not load it from a plugin directory)")
@@ -386,8 +420,8 @@ fn diff(ctx: &Ctx, old: &str, new: &str, policy: Option<&Path>) -> CmdResult {
     );
     let mut host = host(ctx, config)?;
     host.trace_call_logs(false);
-    let a = pde::plugin::inspect::inspect_plugin(host.engine(), &old_path, &trusted)?;
-    let b = pde::plugin::inspect::inspect_plugin(host.engine(), &new_path, &trusted)?;
+    let a = host.inspect_file(&old_path, &trusted)?;
+    let b = host.inspect_file(&new_path, &trusted)?;
     let changes = pde::plugin::inspect::diff(&a, &b);
     let costs = match policy {
         None => None,
@@ -476,18 +510,115 @@ fn read_policy(path: &Path) -> Result<PolicyInput, Failure> {
     })
 }
 
-fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdResult {
+/// `pde plugin test`'s options beside the target and policy.
+struct TestOptions<'a> {
+    env: Option<&'a str>,
+    settings: Option<&'a str>,
+    services: Option<&'a Path>,
+}
+
+fn cache_text(cached: bool) -> &'static str {
+    if cached {
+        "loaded from the compile cache"
+    } else {
+        "compiled now (and cached when a cache directory is available)"
+    }
+}
+
+/// Reads `text` as JSON or, failing that, TOML; `what` names it in errors.
+fn json_or_toml(text: &str, what: &str) -> Result<serde_json::Value, Failure> {
+    match serde_json::from_str(text) {
+        Ok(v) => Ok(v),
+        Err(json_err) => toml::from_str::<serde_json::Value>(text).map_err(|toml_err| {
+            Failure::usage(format!(
+                "{what} is neither JSON ({json_err}) nor TOML ({})",
+                toml_err.message()
+            ))
+        }),
+    }
+}
+
+/// `--settings`: inline JSON when it looks like an object, else a file.
+fn read_settings(arg: &str) -> Result<serde_json::Value, Failure> {
+    let trimmed = arg.trim_start();
+    let value = if trimmed.starts_with('{') {
+        serde_json::from_str(trimmed)
+            .map_err(|e| Failure::usage(format!("--settings is not valid JSON: {e}")))?
+    } else {
+        let text = std::fs::read_to_string(arg)
+            .with_context(|| format!("reading settings {arg}"))
+            .map_err(Failure::usage_error)?;
+        json_or_toml(&text, arg)?
+    };
+    if !value.is_object() {
+        return Err(Failure::usage(format!(
+            "--settings must be a table (a JSON object), not {value}"
+        )));
+    }
+    Ok(value)
+}
+
+/// `--services`: a TOML file of `[[services]]`, or a JSON list (or a JSON
+/// object with a `services` list), checked as strictly as pde.toml's.
+fn read_services(path: &Path) -> Result<Vec<ServiceInfo>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading services {}", path.display()))
+        .map_err(Failure::usage_error)?;
+    let value = json_or_toml(&text, &path.display().to_string())?;
+    let list = match value {
+        serde_json::Value::Array(_) => value,
+        serde_json::Value::Object(mut table) if table.len() == 1 => {
+            table.remove("services").ok_or_else(|| {
+                Failure::usage(format!(
+                    "{} must hold [[services]] tables or a JSON list of services",
+                    path.display()
+                ))
+            })?
+        }
+        _ => {
+            return Err(Failure::usage(format!(
+                "{} must hold [[services]] tables or a JSON list of services",
+                path.display()
+            )));
+        }
+    };
+    let services: Vec<pde::config::Service> = serde_json::from_value(list)
+        .map_err(|e| Failure::usage(format!("{}: {e}", path.display())))?;
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &services {
+        if !seen.insert(s.name.as_str()) {
+            return Err(Failure::usage(format!(
+                "{}: service {:?} is listed twice",
+                path.display(),
+                s.name
+            )));
+        }
+    }
+    Ok(services.iter().map(ServiceInfo::from).collect())
+}
+
+fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> CmdResult {
+    let env = opts.env;
     let config = workspace(ctx, !is_path(target))?;
     let config = config.as_ref();
     let trusted = trusted_keys(ctx, config)?;
     let mut host = host(ctx, config)?;
     // The report's log is printed below (or is in the JSON): once is enough.
     host.trace_call_logs(false);
-    let plugin = load_target(ctx, &host, config, &trusted, target)?;
+    let mut plugin = load_target(ctx, &host, config, &trusted, target)?;
+    if let Some(arg) = opts.settings {
+        // Only this run sees them: the manifest (and its signature) stay as they are.
+        plugin.settings = read_settings(arg)?;
+    }
+    let offered = opts.services.map(read_services).transpose()?;
     let policy = read_policy(policy_path)?;
     let call = CallContext {
         environment: env.unwrap_or_default().to_string(),
     };
+    let cache = host
+        .cache_entry(&plugin.sha256)
+        .map(|_| plugin.loaded_from_cache);
+    tracing::info!(plugin = plugin.name.as_str(), loaded_from_cache = ?cache, "plugin ready");
     match plugin.kind {
         PluginKind::Validator => {
             let report = host.validate(&plugin, &policy, &call)?;
@@ -504,10 +635,15 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                     "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
                     "log": report.log,
                     "denied": report.denied,
+                    "loaded_from_cache": cache,
+                    "settings": plugin.settings,
                 }));
             } else {
                 for d in &report.value {
                     println!("{d}");
+                }
+                if let Some(cached) = cache {
+                    println!("compiled: {}", cache_text(cached));
                 }
                 print_costs(
                     &report.log,
@@ -528,8 +664,9 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
             })
         }
         PluginKind::Router => {
-            let services: Vec<ServiceInfo> = match (env, config) {
-                (Some(name), Some(config)) => config
+            let services: Vec<ServiceInfo> = match (offered, env, config) {
+                (Some(services), _, _) => services,
+                (None, Some(name), Some(config)) => config
                     .environment(name)?
                     .services
                     .iter()
@@ -549,15 +686,21 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, env: Option<&str>) -> CmdRe
                     "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
                     "log": report.log,
                     "denied": report.denied,
+                    "loaded_from_cache": cache,
+                    "settings": plugin.settings,
                 }));
             } else {
                 if services.is_empty() {
                     println!(
-                        "(no services offered: pass --env ENV to offer that environment's services)"
+                        "(no services offered: pass --services FILE, or --env ENV in a workspace \
+                         to offer that environment's services)"
                     );
                 }
                 for r in &report.value {
                     println!("route -> {}: {}", Escaped(&r.service), Escaped(&r.reason));
+                }
+                if let Some(cached) = cache {
+                    println!("compiled: {}", cache_text(cached));
                 }
                 print_costs(
                     &report.log,

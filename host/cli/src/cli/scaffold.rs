@@ -1,0 +1,243 @@
+//! `pde plugin new`: a Rust plugin project an outside author can build and
+//! `pde plugin test` as generated.
+//!
+//! The templates live in `host/cli/templates/plugin-rust/` as plain files
+//! (compiled in with `include_str!`), so they read as the author will see
+//! them. The SDK dependency is the one line that differs between a source
+//! checkout, a git URL and crates.io, so it is chosen here and printed.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use pde::ExitCode;
+
+use super::{CmdResult, Ctx, Failure};
+
+/// The kind of plugin to scaffold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NewKind {
+    /// Looks at a policy and reports findings.
+    Validator,
+    /// Picks the services of an environment that get a policy.
+    Router,
+}
+
+/// The language of the scaffold (only Rust for now).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Lang {
+    /// A Rust crate on the `pde-plugin` SDK, built for `wasm32-wasip2`.
+    Rust,
+}
+
+/// `pde plugin new` arguments.
+#[derive(Debug, clap::Args)]
+pub struct NewArgs {
+    /// The plugin's name: lowercase letters, digits and `-`, starting with a letter.
+    pub name: String,
+    /// Validator or router.
+    #[arg(long, value_enum)]
+    pub kind: NewKind,
+    /// The plugin's language.
+    #[arg(long, value_enum, default_value = "rust")]
+    pub lang: Lang,
+    /// The directory to create (default: NAME, under `-C`). It must not exist.
+    // Its own id: `dir` is the global `-C`'s, which clap would copy in here.
+    #[arg(long = "dir", id = "project_dir", value_name = "DIR")]
+    pub project_dir: Option<PathBuf>,
+    /// Depend on the SDK at this path (a checkout's `plugins/sdk` or a
+    /// vendored copy). Default: this source checkout's SDK when pde runs
+    /// from one, else `pde-plugin` from crates.io.
+    #[arg(long, value_name = "DIR", conflicts_with = "sdk_git")]
+    pub sdk_path: Option<PathBuf>,
+    /// Depend on the SDK from this git repository (the pde repository's URL).
+    #[arg(long, value_name = "URL")]
+    pub sdk_git: Option<String>,
+}
+
+const CARGO_TOML: &str = include_str!("../../templates/plugin-rust/Cargo.toml.tmpl");
+const README: &str = include_str!("../../templates/plugin-rust/README.md.tmpl");
+const GITIGNORE: &str = include_str!("../../templates/plugin-rust/gitignore.tmpl");
+const POLICY: &str = include_str!("../../templates/plugin-rust/policy.json.tmpl");
+const SERVICES: &str = include_str!("../../templates/plugin-rust/services.toml.tmpl");
+const VALIDATOR_RS: &str = include_str!("../../templates/plugin-rust/validator.rs.tmpl");
+const VALIDATOR_TOML: &str = include_str!("../../templates/plugin-rust/validator.toml.tmpl");
+const ROUTER_RS: &str = include_str!("../../templates/plugin-rust/router.rs.tmpl");
+const ROUTER_TOML: &str = include_str!("../../templates/plugin-rust/router.toml.tmpl");
+
+/// The SDK's version on crates.io that a scaffold asks for by default.
+const SDK_VERSION: &str = "0.1";
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.ends_with('-')
+        && name.len() <= 64
+}
+
+/// The `pde-plugin = …` line of the generated Cargo.toml, and where it points.
+fn sdk_line(args: &NewArgs) -> Result<(String, String), Failure> {
+    let path_line = |dir: &Path| -> Result<(String, String), Failure> {
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("--sdk-path {}", dir.display()))
+            .map_err(Failure::usage_error)?;
+        if !dir.join("Cargo.toml").is_file() {
+            return Err(Failure::usage(format!(
+                "--sdk-path {}: no Cargo.toml there (point it at the pde repository's plugins/sdk)",
+                dir.display()
+            )));
+        }
+        // TOML basic strings escape backslashes and quotes; a Debug string does both.
+        let shown = dir.display().to_string();
+        Ok((
+            format!("pde-plugin = {{ path = {shown:?} }}"),
+            format!("the SDK at {shown}"),
+        ))
+    };
+    if let Some(dir) = &args.sdk_path {
+        return path_line(dir);
+    }
+    if let Some(url) = &args.sdk_git {
+        return Ok((
+            format!("pde-plugin = {{ git = {url:?} }}"),
+            format!("the SDK from {url}"),
+        ));
+    }
+    // Run from a source build: the checkout this binary was built from.
+    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/sdk");
+    if checkout.join("Cargo.toml").is_file() {
+        return path_line(&checkout);
+    }
+    Ok((
+        format!("pde-plugin = {SDK_VERSION:?}"),
+        format!("pde-plugin {SDK_VERSION} from crates.io"),
+    ))
+}
+
+fn render(template: &str, vars: &[(&str, &str)]) -> String {
+    vars.iter()
+        .fold(template.to_string(), |text, (key, value)| {
+            text.replace(&format!("{{{{{key}}}}}"), value)
+        })
+}
+
+/// Creates the project.
+pub fn new(ctx: &Ctx, args: NewArgs) -> CmdResult {
+    let Lang::Rust = args.lang;
+    if !valid_name(&args.name) {
+        return Err(Failure::usage(format!(
+            "plugin name {:?}: use lowercase letters, digits and '-', starting with a letter",
+            args.name
+        )));
+    }
+    let dir = ctx.dir.join(
+        args.project_dir
+            .clone()
+            .unwrap_or_else(|| args.name.clone().into()),
+    );
+    if dir.exists() {
+        return Err(Failure::usage(format!(
+            "{} already exists; pick another NAME or --dir",
+            dir.display()
+        )));
+    }
+    let (sdk, sdk_from) = sdk_line(&args)?;
+    let crate_name = args.name.replace('-', "_");
+    let (kind, lib, manifest, try_args, router_note) = match args.kind {
+        NewKind::Validator => (
+            "validator",
+            VALIDATOR_RS,
+            VALIDATOR_TOML,
+            "--env production",
+            "",
+        ),
+        NewKind::Router => (
+            "router",
+            ROUTER_RS,
+            ROUTER_TOML,
+            "--services services.toml",
+            ", and `--services FILE` the services it chooses from",
+        ),
+    };
+    let vars = [
+        ("name", args.name.as_str()),
+        ("crate", crate_name.as_str()),
+        ("kind", kind),
+        ("sdk", sdk.as_str()),
+        ("try", try_args),
+        ("router_note", router_note),
+    ];
+    let mut files: Vec<(PathBuf, String)> = vec![
+        ("Cargo.toml".into(), render(CARGO_TOML, &vars)),
+        ("src/lib.rs".into(), render(lib, &vars)),
+        (
+            format!("{}.toml", args.name).into(),
+            render(manifest, &vars),
+        ),
+        ("README.md".into(), render(README, &vars)),
+        (".gitignore".into(), GITIGNORE.to_string()),
+        ("policy.json".into(), POLICY.to_string()),
+    ];
+    if args.kind == NewKind::Router {
+        files.push(("services.toml".into(), SERVICES.to_string()));
+    }
+    for (rel, text) in &files {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))
+                .map_err(Failure::usage_error)?;
+        }
+        std::fs::write(&path, text)
+            .with_context(|| format!("writing {}", path.display()))
+            .map_err(Failure::usage_error)?;
+    }
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({
+            "dir": dir,
+            "name": args.name,
+            "kind": kind,
+            "sdk": sdk,
+            "files": files.iter().map(|(rel, _)| rel).collect::<Vec<_>>(),
+            "wasm": format!("target/wasm32-wasip2/release/{crate_name}.wasm"),
+        }));
+    } else {
+        println!(
+            "created {kind} plugin {} in {} (depending on {sdk_from})",
+            args.name,
+            dir.display()
+        );
+        println!("next:");
+        println!("  cd {}", dir.display());
+        println!("  cargo build --target wasm32-wasip2 --release");
+        println!(
+            "  pde plugin test target/wasm32-wasip2/release/{crate_name}.wasm --policy policy.json {try_args}"
+        );
+    }
+    Ok(ExitCode::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_crate_and_file_safe() {
+        for ok in ["bounds", "my-check2", "a"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "Bounds", "2x", "a_b", "a-", "../x", "a b"] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn render_fills_every_placeholder() {
+        let text = render(
+            "{{name}} is a {{kind}}",
+            &[("name", "x"), ("kind", "router")],
+        );
+        assert_eq!(text, "x is a router");
+    }
+}
