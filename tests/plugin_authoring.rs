@@ -5,10 +5,13 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::{Value, json};
+use support::{code, json};
 
 /// Runs `pde -C dir ARGS` from `dir` with the per-user cache in `cache`
 /// (never the runner's real home).
@@ -23,20 +26,6 @@ fn pde(dir: &Path, cache: &Path, args: &[&str]) -> Output {
         .env("PDE_CACHE_DIR", cache)
         .output()
         .expect("pde runs")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn json_of(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not JSON ({e}): {}\nstderr: {}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    })
 }
 
 /// Copies a built example component into `dir` as `<stem>.wasm`, alone
@@ -89,12 +78,12 @@ fn plugin_test_outside_a_workspace_takes_settings_from_json_or_a_file() {
     // The plugin's defaults (age up to 120): 70 passes.
     let o = run(&[]);
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(json_of(&o)["verdict"], "pass");
+    assert_eq!(json(&o)["verdict"], "pass");
 
     // Inline JSON settings make 70 too old.
     let o = run(&["--settings", r#"{"age": {"min": 0, "max": 60}}"#]);
     assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
-    let report = json_of(&o);
+    let report = json(&o);
     assert_eq!(report["verdict"], "fail");
     assert_eq!(codes(&report), vec!["eligibility.age-range"]);
     assert_eq!(report["settings"]["age"]["max"], 60);
@@ -104,12 +93,12 @@ fn plugin_test_outside_a_workspace_takes_settings_from_json_or_a_file() {
     std::fs::write(&toml_file, "age = { min = 0, max = 60 }\n").unwrap();
     let o = run(&["--settings", toml_file.to_str().unwrap()]);
     assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(codes(&json_of(&o)), vec!["eligibility.age-range"]);
+    assert_eq!(codes(&json(&o)), vec!["eligibility.age-range"]);
     let json_file = root.join("settings.json");
     std::fs::write(&json_file, r#"{"age": {"min": 75, "max": 120}}"#).unwrap();
     let o = run(&["--settings", json_file.to_str().unwrap()]);
     assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(codes(&json_of(&o)), vec!["eligibility.age-range"]);
+    assert_eq!(codes(&json(&o)), vec!["eligibility.age-range"]);
 
     // Settings that are not a table, or not there, are usage errors.
     for bad in ["[1, 2]", "{not json", "no-such-file.toml"] {
@@ -162,7 +151,7 @@ fn plugin_test_passes_env_into_the_call_context() {
         ],
     );
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
-    let report = json_of(&o);
+    let report = json(&o);
     let message = report["diagnostics"][0]["message"].as_str().unwrap();
     assert!(
         message.starts_with(r#"environment="staging" settings={"#),
@@ -221,7 +210,7 @@ fn plugin_test_offers_a_router_the_services_of_a_file() {
     };
     let routed = |o: &Output| -> Vec<String> {
         assert_eq!(code(o), 0, "{}", String::from_utf8_lossy(&o.stderr));
-        let mut names: Vec<String> = json_of(o)["routes"]
+        let mut names: Vec<String> = json(o)["routes"]
             .as_array()
             .unwrap()
             .iter()
@@ -283,7 +272,7 @@ fn a_second_plugin_test_outside_a_workspace_hits_the_per_user_cache() {
             ],
         );
         assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
-        json_of(&o)["loaded_from_cache"].clone()
+        json(&o)["loaded_from_cache"].clone()
     };
 
     assert_eq!(test(), json!(false), "a cold cache compiles");
@@ -312,7 +301,7 @@ fn a_second_plugin_test_outside_a_workspace_hits_the_per_user_cache() {
         &["plugin", "inspect", wasm, "--output", "json"],
     );
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(json_of(&o)["loaded_from_cache"], json!(true));
+    assert_eq!(json(&o)["loaded_from_cache"], json!(true));
 
     // A corrupted entry is never trusted: it is discarded and recompiled.
     let mut bytes = std::fs::read(&stored[0]).unwrap();
@@ -340,7 +329,7 @@ fn a_second_plugin_test_outside_a_workspace_hits_the_per_user_cache() {
             .output()
             .unwrap();
         assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
-        json_of(&o)["loaded_from_cache"].clone()
+        json(&o)["loaded_from_cache"].clone()
     };
     assert_eq!(run_xdg(), json!(false));
     assert_eq!(entries(&xdg.path().join("pde").join("plugins")).len(), 1);
@@ -513,7 +502,7 @@ fn plugin_new_scaffolds_a_validator_and_a_router_that_build_and_pass_plugin_test
         ],
     );
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
-    let made = json_of(&o);
+    let made = json(&o);
     assert_eq!(made["wasm"], "target/wasm32-wasip2/release/desc_check.wasm");
     let project = root.join("desc-check");
     for f in [
@@ -565,7 +554,7 @@ fn plugin_new_scaffolds_a_validator_and_a_router_that_build_and_pass_plugin_test
         ];
         args.extend_from_slice(extra);
         let o = pde(&project, cache.path(), &args);
-        (code(&o), json_of(&o))
+        (code(&o), json(&o))
     };
     // As generated: its sample policy passes, in production too.
     let (c, report) = test(&project.join("policy.json"), &["--env", "production"]);
@@ -626,7 +615,7 @@ fn plugin_new_scaffolds_a_validator_and_a_router_that_build_and_pass_plugin_test
     args.extend(["--output", "json"]);
     let o = pde(root, cache.path(), &args);
     assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(json_of(&o)["plugin"], "desc-check");
+    assert_eq!(json(&o)["plugin"], "desc-check");
 
     // The router template, with the sample services it ships.
     let o = pde(
@@ -661,7 +650,7 @@ fn plugin_new_scaffolds_a_validator_and_a_router_that_build_and_pass_plugin_test
         ],
     );
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
-    let routes: Vec<String> = json_of(&o)["routes"]
+    let routes: Vec<String> = json(&o)["routes"]
         .as_array()
         .unwrap()
         .iter()
