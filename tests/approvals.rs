@@ -59,6 +59,16 @@ impl Approvers {
     fn keyid(&self, name: &str) -> String {
         keys::key_id(&self.key(name).verifying_key())
     }
+    /// `pde approve 42 --key <name's key> EXTRA…`, which must succeed.
+    fn approve(&self, ws: &Workspace, name: &str, extra: &[&str]) -> Output {
+        let key = self.secret(name);
+        let mut args = vec!["approve", "42", "--key", key.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = pde(ws.root(), &args);
+        assert_eq!(code(&o), 0, "{}", both(&o));
+        o
+    }
+
     fn sign(&self, name: &str, policy: &Value, role: Option<&str>) -> SignedApproval {
         SignedApproval::sign(
             Statement {
@@ -128,23 +138,11 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
     }
 
     // ana approves as legal: one of two.
-    let ana = people.secret("ana");
-    let o = pde(
-        ws.root(),
-        &[
-            "approve",
-            "42",
-            "--key",
-            ana.to_str().unwrap(),
-            "--role",
-            "legal",
-            "--by",
-            "ana",
-            "--note",
-            "reviewed",
-        ],
+    people.approve(
+        &ws,
+        "ana",
+        &["--role", "legal", "--by", "ana", "--note", "reviewed"],
     );
-    assert_eq!(code(&o), 0, "{}", both(&o));
     let ana_file = approvals_dir(&ws).join(format!("{}.json", people.keyid("ana")));
     let written: SignedApproval =
         serde_json::from_slice(&std::fs::read(&ana_file).unwrap()).unwrap();
@@ -158,19 +156,7 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
     // A duplicate of ana's approval, carol's (untrusted) approval, and a
     // forgery: carol's signature under bo's key id. None may count.
     std::fs::copy(&ana_file, approvals_dir(&ws).join("copy-of-ana.json")).unwrap();
-    let carol = people.secret("carol");
-    let o = pde(
-        ws.root(),
-        &[
-            "approve",
-            "42",
-            "--key",
-            carol.to_str().unwrap(),
-            "--role",
-            "legal",
-        ],
-    );
-    assert_eq!(code(&o), 0, "{}", both(&o));
+    let o = people.approve(&ws, "carol", &["--role", "legal"]);
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("not in [trust] approver_keys"),
         "{}",
@@ -212,21 +198,7 @@ fn approvals_are_signed_bound_to_the_content_and_counted_per_distinct_trusted_ke
     std::fs::remove_file(approvals_dir(&ws).join("copy-of-ana.json")).unwrap();
 
     // bo approves: two distinct trusted keys, legal among them.
-    let bo = people.secret("bo");
-    let o = pde(
-        ws.root(),
-        &[
-            "approve",
-            "42",
-            "--key",
-            bo.to_str().unwrap(),
-            "--role",
-            "program",
-            "--by",
-            "bo",
-        ],
-    );
-    assert_eq!(code(&o), 0, "{}", both(&o));
+    people.approve(&ws, "bo", &["--role", "program", "--by", "bo"]);
     let o = pde(ws.root(), &["validate", "42", "--env", "prod"]);
     assert_eq!(code(&o), 0, "{}", both(&o));
 

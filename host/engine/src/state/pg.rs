@@ -310,34 +310,8 @@ impl PgState {
                 return Ok(false);
             }
             for d in history {
-                // Keep the ids people have seen in `pde history`.
-                let id: i64 = tx
-                    .query_one(
-                        "INSERT INTO deployments
-                         (id, policy_id, env, version, digest, outcome, started_at, finished_at,
-                          actor)
-                         VALUES (COALESCE($1, nextval(pg_get_serial_sequence('deployments', 'id'))),
-                                 $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
-                        &[
-                            &d.id,
-                            &d.policy_id,
-                            &d.env,
-                            &d.version,
-                            &d.digest,
-                            &d.outcome.as_str(),
-                            &d.started_at,
-                            &d.finished_at,
-                            &d.actor,
-                        ],
-                    )?
-                    .get(0);
-                for t in &d.targets {
-                    tx.execute(
-                        "INSERT INTO targets (deployment_id, service, outcome, previous_digest, detail)
-                         VALUES ($1, $2, $3, $4, $5)",
-                        &[&id, &t.service, &t.outcome, &t.previous_digest, &t.detail],
-                    )?;
-                }
+                // Keeps the ids people have seen in `pde history`.
+                insert_deployment(&mut tx, d.id, d)?;
             }
             tx.execute(
                 "SELECT setval(pg_get_serial_sequence('deployments', 'id'),
@@ -404,16 +378,21 @@ impl PgState {
     }
 }
 
+/// Inserts `d` with its targets, as row `keep_id` (a migrated history
+/// keeps its ids) or, with `None`, the next one.
 fn insert_deployment(
     tx: &mut postgres::Transaction<'_>,
+    keep_id: Option<i64>,
     d: &DeploymentRecord,
 ) -> Result<i64, postgres::Error> {
     let id: i64 = tx
         .query_one(
             "INSERT INTO deployments
-             (policy_id, env, version, digest, outcome, started_at, finished_at, actor)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+             (id, policy_id, env, version, digest, outcome, started_at, finished_at, actor)
+             VALUES (COALESCE($1, nextval(pg_get_serial_sequence('deployments', 'id'))),
+                     $2, $3, $4, $5, $6, $7, $8, $9) RETURNING id",
             &[
+                &keep_id,
                 &d.policy_id,
                 &d.env,
                 &d.version,
@@ -425,14 +404,24 @@ fn insert_deployment(
             ],
         )?
         .get(0);
-    for t in &d.targets {
+    insert_targets(tx, id, &d.targets)?;
+    Ok(id)
+}
+
+/// The per-target rows of deployment `id`.
+fn insert_targets(
+    tx: &mut postgres::Transaction<'_>,
+    id: i64,
+    targets: &[TargetRecord],
+) -> Result<(), postgres::Error> {
+    for t in targets {
         tx.execute(
             "INSERT INTO targets (deployment_id, service, outcome, previous_digest, detail)
              VALUES ($1, $2, $3, $4, $5)",
             &[&id, &t.service, &t.outcome, &t.previous_digest, &t.detail],
         )?;
     }
-    Ok(id)
+    Ok(())
 }
 
 /// The advisory lock key of a policy and environment: 64 bits of a hash, so
@@ -559,7 +548,7 @@ impl StateBackend for PgState {
     fn record(&self, d: &DeploymentRecord) -> Result<i64, StateError> {
         self.call("record deployment", |c| {
             let mut tx = c.transaction()?;
-            let id = insert_deployment(&mut tx, d)?;
+            let id = insert_deployment(&mut tx, None, d)?;
             tx.commit()?;
             Ok(id)
         })
@@ -738,13 +727,7 @@ impl StateBackend for PgState {
                 ],
             )?;
             tx.execute("DELETE FROM targets WHERE deployment_id = $1", &[&id])?;
-            for t in &d.targets {
-                tx.execute(
-                    "INSERT INTO targets (deployment_id, service, outcome, previous_digest, detail)
-                     VALUES ($1, $2, $3, $4, $5)",
-                    &[&id, &t.service, &t.outcome, &t.previous_digest, &t.detail],
-                )?;
-            }
+            insert_targets(&mut tx, id, &d.targets)?;
             tx.commit()
         })
     }
