@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 . scripts/lib.sh
 ensure_wasm_target
 cargo fmt --all --check
+# CI builds once from cold: the incremental cache would only add gigabytes.
+if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
 # One Python venv from PyPI (scripts/requirements-test.txt): an independent
 # RFC 8785 and ed25519 implementation for tests/jcs.rs, maturin and pytest
 # for the policy_deploy package.
