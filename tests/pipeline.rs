@@ -787,3 +787,342 @@ async fn deploy_from_async_code(ws: &Workspace, urls: &[String]) {
         assert_eq!(got.as_deref(), Some(digest.as_str()));
     }
 }
+
+// --------------------------------------------- WIT 0.1.0 and 0.2.0 together
+
+/// Policy 42 as the heating program publishes it: a monthly benefit of
+/// `amount`, and the change notes of this version.
+fn heating(version: &str, amount: u32, effective: &str, notes: &[&str]) -> String {
+    serde_json::json!({
+        "id": "42",
+        "version": version,
+        "title": "Winter heating assistance",
+        "agency": "HMS",
+        "effective": effective,
+        "approvals": [
+            {"by": "director@hms.example.gov", "role": "program-director", "at": "2030-11-20T15:04:00Z"}
+        ],
+        "rules": [
+            {"key": "heating.monthly-amount", "category": "benefits", "value": amount,
+             "description": "Monthly heating benefit in USD"},
+            {"key": "heating.min-age", "category": "eligibility", "value": 18,
+             "description": "Applicant must be at least 18"}
+        ],
+        "config": {"change_notes": notes}
+    })
+    .to_string()
+}
+
+/// A workspace whose `prod` has three real agents with labels, and four
+/// signed plugins: a validator and a router built against pde:plugin@0.1.0
+/// (the `legacy-*` fixtures) and against 0.2.0 (`benefit-change`,
+/// `label-router`, through the SDK). Policy 42 v1.0.0 is committed.
+fn mixed_versions() -> (Workspace, Vec<String>) {
+    let ws = Workspace::new("");
+    let services = [
+        ("HMS-API", "api", "benefits"),
+        ("HMS-PORTAL", "portal", "public"),
+        ("HMS-PAYMENTS", "payments", "benefits"),
+    ];
+    let mut env = String::from("[environments.prod]\n");
+    let mut urls = Vec::new();
+    for (name, tag, tier) in services {
+        let url = ws.agent(&name.to_lowercase());
+        env.push_str(&format!(
+            "[[environments.prod.services]]\nname = \"{name}\"\nurl = \"{url}\"\n\
+             tags = [\"{tag}\"]\nlabels = {{ tier = \"{tier}\" }}\n"
+        ));
+        urls.push(url);
+    }
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap() + &env;
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    let artifact = |name| std::path::PathBuf::from(pde_plugin_artifacts::wasm(name).unwrap());
+    for (name, kind, settings) in [
+        ("legacy-validator", "validator", ""),
+        (
+            "benefit-change",
+            "validator",
+            "[settings]\ntoday = \"2031-03-01\"\n",
+        ),
+        ("legacy-router", "router", "[settings]\ntag = \"api\"\n"),
+        (
+            "label-router",
+            "router",
+            "[settings.match]\ntier = \"benefits\"\n",
+        ),
+    ] {
+        ws.install_plugin(name, kind, &artifact(name), settings, true);
+    }
+    ws.write_policy("42.json", &heating("1.0.0", 200, "2031-01-01", &[]));
+    ws.commit("policy 42 v1 and plugins of both WIT versions");
+    (ws, urls)
+}
+
+/// The findings of `report` as (source, code, severity).
+fn findings(report: &pde::validate::ValidationReport) -> Vec<(String, String, String)> {
+    report
+        .diagnostics
+        .iter()
+        .map(|d| {
+            (
+                d.source.clone(),
+                d.code.clone(),
+                format!("{:?}", d.severity).to_lowercase(),
+            )
+        })
+        .collect()
+}
+
+fn has(report: &pde::validate::ValidationReport, source: &str, code: &str, severity: &str) -> bool {
+    findings(report)
+        .iter()
+        .any(|(s, c, v)| s == source && c == code && v == severity)
+}
+
+#[test]
+fn a_0_1_0_and_a_0_2_0_plugin_run_in_one_deploy_and_the_0_2_0_validator_judges_the_change() {
+    let (ws, urls) = mixed_versions();
+
+    // v1: a first deploy. Both validators and both routers run; nothing is
+    // active yet, so benefit-change has no change to judge.
+    let v1 = ws.engine().deploy_policy("42", "prod").expect("v1 deploys");
+    assert_eq!(v1.outcome, DeployOutcome::Deployed);
+    let runs: Vec<(&str, u32)> = v1
+        .validation
+        .plugins
+        .iter()
+        .map(|p| (p.name.as_str(), p.warnings))
+        .collect();
+    assert_eq!(runs, [("benefit-change", 0), ("legacy-validator", 1)]);
+    assert!(
+        v1.validation.plugins.iter().all(|p| p.fuel_used > 0),
+        "{:?}",
+        v1.validation.plugins
+    );
+    assert!(v1.validation.active.is_none());
+    let seen: Vec<&str> = v1
+        .validation
+        .diagnostics
+        .iter()
+        .filter(|d| d.code == "legacy.seen")
+        .map(|d| d.message.as_str())
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "pde:plugin@0.1.0 validator saw policy 42 version 1.0.0 (environment none)",
+            "pde:plugin@0.1.0 validator saw policy 42 version 1.0.0 (environment `prod`)",
+        ],
+        "the 0.1.0 validator ran twice: env-neutral (recorded) and for prod"
+    );
+    let routes: Vec<(&str, Vec<&str>)> = v1
+        .routes
+        .iter()
+        .map(|r| {
+            (
+                r.service.as_str(),
+                r.reasons.iter().map(String::as_str).collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            (
+                "HMS-API",
+                vec![
+                    "label-router: labels tier=benefits match the selector",
+                    "legacy-router: pde:plugin@0.1.0 router: tagged `api`",
+                ]
+            ),
+            (
+                "HMS-PAYMENTS",
+                vec!["label-router: labels tier=benefits match the selector"]
+            ),
+        ]
+    );
+    assert_eq!(
+        support::active_digest(&urls[0]).as_deref(),
+        Some(v1.digest.as_str())
+    );
+    assert_eq!(support::active_digest(&urls[1]), None, "not routed");
+    // The bundle records both validators; the state keeps the bundle.
+    let bundle =
+        pde::bundle::Bundle::from_slice(&std::fs::read(v1.bundle_path.as_ref().unwrap()).unwrap())
+            .unwrap();
+    let recorded: Vec<&str> = bundle
+        .payload
+        .manifest
+        .validators
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(recorded, ["benefit-change", "legacy-validator"]);
+    let kept = ws.engine().state().bundle(&v1.digest).unwrap().unwrap();
+    assert_eq!(kept, bundle.to_canonical_bytes());
+
+    // v2 cuts the benefit by 25% and takes effect a month from "today"
+    // (2031-03-01): benefit-change, told v1 is active, blocks it. The 0.1.0
+    // validator ran in the same deploy and reported as before.
+    ws.write_policy("42.json", &heating("2.0.0", 150, "2031-04-01", &[]));
+    ws.commit("v2: cut the monthly amount");
+    let (code, err) = exit_of(ws.engine().deploy_policy("42", "prod"));
+    assert_eq!(code, ExitCode::ValidationFailed, "{err}");
+    let pde::Error::ValidationFailed { report, errors, .. } = err else {
+        panic!("not a validation failure: {err}")
+    };
+    assert_eq!(errors, 1, "{:?}", findings(&report));
+    assert!(has(
+        &report,
+        "benefit-change",
+        "benefit-change.short-notice",
+        "error"
+    ));
+    let blocked = report
+        .diagnostics
+        .iter()
+        .find(|d| d.code == "benefit-change.short-notice")
+        .unwrap();
+    assert_eq!(blocked.path, "/rules/0/value");
+    assert!(
+        blocked
+            .message
+            .contains("cut by 25.0% (200 -> 150) against the active version 1.0.0"),
+        "{}",
+        blocked.message
+    );
+    assert!(
+        report
+            .diagnostics
+            .iter()
+            .any(|d| d.code == "benefit-change.compared" && d.message.contains(&v1.digest))
+    );
+    assert!(has(&report, "legacy-validator", "legacy.seen", "warning"));
+    let legacy = report
+        .plugins
+        .iter()
+        .find(|p| p.name == "legacy-validator")
+        .expect("the 0.1.0 validator ran in this deploy");
+    assert!(legacy.fuel_used > 0);
+    let active = report.active.as_ref().expect("judged against v1");
+    assert_eq!(
+        (active.version.as_str(), active.digest.as_str()),
+        ("1.0.0", v1.digest.as_str())
+    );
+    // Nothing moved.
+    for url in [&urls[0], &urls[2]] {
+        assert_eq!(
+            support::active_digest(url).as_deref(),
+            Some(v1.digest.as_str())
+        );
+    }
+    let engine = ws.engine();
+    assert_eq!(
+        engine.state().active("42", "prod").unwrap().unwrap().digest,
+        v1.digest
+    );
+    assert_eq!(
+        audit_events(&engine).last().map(String::as_str),
+        Some("deploy_failed")
+    );
+
+    // The bundle does not depend on the environment: without one, nothing is
+    // active and the same v2 passes (and packages).
+    let neutral = engine
+        .validate_policy("42", None)
+        .expect("passes without an env");
+    assert!(neutral.active.is_none());
+    assert!(!has(
+        &neutral,
+        "benefit-change",
+        "benefit-change.short-notice",
+        "error"
+    ));
+
+    // With 90 days' notice the same cut deploys; routers of both versions
+    // route it, and benefit-change said what it compared with.
+    ws.write_policy("42.json", &heating("2.0.0", 150, "2031-06-01", &[]));
+    ws.commit("v2: effective with 90 days' notice");
+    let v2 = ws.engine().deploy_policy("42", "prod").expect("v2 deploys");
+    assert_eq!(v2.routes.len(), 2);
+    assert!(has(
+        &v2.validation,
+        "benefit-change",
+        "benefit-change.compared",
+        "info"
+    ));
+    assert_eq!(
+        v2.validation.active.as_ref().map(|a| a.digest.as_str()),
+        Some(v1.digest.as_str())
+    );
+    assert_eq!(
+        support::active_digest(&urls[0]).as_deref(),
+        Some(v2.digest.as_str())
+    );
+}
+
+#[test]
+fn an_active_version_whose_bundle_is_gone_blocks_0_2_0_validators_until_it_is_found() {
+    let (ws, _urls) = mixed_versions();
+    let v1 = ws.engine().deploy_policy("42", "prod").expect("v1 deploys");
+    // As if v1 had been deployed by a pde that did not keep bundles in the
+    // state, from another checkout: neither the state nor dist/ has it.
+    let db = ws.root().join(".pde/state.db");
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    assert_eq!(conn.execute("DELETE FROM bundles", []).unwrap(), 1);
+    drop(conn);
+    let file = v1.bundle_path.clone().unwrap();
+    let saved = std::fs::read(&file).unwrap();
+    std::fs::remove_file(&file).unwrap();
+
+    // A 0.2.0 validator would be told "nothing is active" and pass the
+    // change unjudged: refused, naming it and what to do.
+    ws.write_policy("42.json", &heating("2.0.0", 150, "2031-06-01", &["raise"]));
+    ws.commit("v2");
+    let (code, err) = exit_of(ws.engine().validate_policy("42", Some("prod")));
+    assert_eq!(code, ExitCode::ValidationFailed, "{err}");
+    let pde::Error::ValidationFailed { report, .. } = err else {
+        panic!("{err}")
+    };
+    let d = report
+        .diagnostics
+        .iter()
+        .find(|d| d.code == "active.unavailable")
+        .unwrap_or_else(|| panic!("{:?}", findings(&report)));
+    assert!(d.is_error());
+    assert!(d.message.contains(&v1.digest), "{}", d.message);
+    assert!(d.message.contains("benefit-change"), "{}", d.message);
+    assert!(
+        !d.message.contains("legacy-validator"),
+        "a 0.1.0 plugin is never told: {}",
+        d.message
+    );
+    assert!(
+        d.message
+            .contains(&file.file_name().unwrap().to_string_lossy().to_string())
+    );
+
+    // The checkout's dist/ copy (what a pde before 0.2.0 left behind) is
+    // found again, digest checked.
+    std::fs::write(&file, &saved).unwrap();
+    let report = ws
+        .engine()
+        .validate_policy("42", Some("prod"))
+        .expect("judged against v1 from dist/");
+    assert_eq!(report.active.map(|a| a.digest), Some(v1.digest.clone()));
+    // A copy that does not hash to the active digest is not used.
+    let mut tampered: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    tampered["payload"]["policy"]["rules"][0]["value"] = serde_json::json!(999);
+    std::fs::write(&file, tampered.to_string()).unwrap();
+    let (code, err) = exit_of(ws.engine().validate_policy("42", Some("prod")));
+    assert_eq!(code, ExitCode::ValidationFailed);
+    let pde::Error::ValidationFailed { report, .. } = err else {
+        panic!("{err}")
+    };
+    let d = report
+        .diagnostics
+        .iter()
+        .find(|d| d.code == "active.unavailable")
+        .unwrap_or_else(|| panic!("{:?}", findings(&report)));
+    assert!(d.message.contains("is damaged"), "{}", d.message);
+}

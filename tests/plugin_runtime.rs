@@ -96,9 +96,7 @@ fn assert_no_errors(found: &[pde::diagnostic::Diagnostic]) {
 }
 
 fn ctx(env: &str) -> CallContext {
-    CallContext {
-        environment: env.to_string(),
-    }
+    CallContext::env(env)
 }
 
 fn service(name: &str, tags: &[&str]) -> ServiceInfo {
@@ -124,7 +122,7 @@ fn eligibility_bounds_flags_out_of_range_rules_and_passes_sane_ones() {
     let host = host();
     let plugin = load_one(&host, dir.path());
     assert_eq!(plugin.kind, PluginKind::Validator);
-    assert_eq!(plugin.wit_version, semver::Version::new(0, 1, 0));
+    assert_eq!(plugin.wit_version, semver::Version::new(0, 2, 0));
     assert_eq!(plugin.signature, SignatureStatus::Unsigned);
 
     let bad = policy(json!([
@@ -200,6 +198,8 @@ fn every_shipped_plugin_loads_from_one_directory_with_its_template() {
         "pii-guard",
         "effective-date",
         "category-router",
+        "benefit-change",
+        "label-router",
     ] {
         install_shipped(dir.path(), name);
     }
@@ -208,16 +208,19 @@ fn every_shipped_plugin_loads_from_one_directory_with_its_template() {
     assert_eq!(
         got,
         vec![
+            ("benefit-change", PluginKind::Validator),
             ("category-router", PluginKind::Router),
             ("effective-date", PluginKind::Validator),
             ("eligibility-bounds", PluginKind::Validator),
+            ("label-router", PluginKind::Router),
             ("pii-guard", PluginKind::Validator),
         ]
     );
+    // Built with the SDK, so against its contract: the newest.
     assert!(
         plugins
             .iter()
-            .all(|p| p.wit_version == semver::Version::new(0, 1, 0))
+            .all(|p| p.wit_version == semver::Version::new(0, 2, 0) && p.sees_active_policy())
     );
 }
 
@@ -1126,4 +1129,355 @@ fn a_component_exporting_more_than_its_world_is_refused_and_flagged() {
     let bytes = std::fs::read(artifact("eligibility-bounds")).unwrap();
     let report = pde::plugin::inspect::inspect(host.engine(), "eb", &bytes).unwrap();
     assert!(report.tolerated_exports.is_empty() && report.unexpected_exports.is_empty());
+}
+
+// ------------------------------------------------------- WIT versions
+
+/// Policy 42 as it is active (`version`, a monthly benefit of `amount`).
+fn heating(version: &str, amount: u32, effective: &str) -> Value {
+    json!({
+        "id": "42", "version": version, "title": "Heating assistance", "agency": "HMS",
+        "effective": effective,
+        "approvals": [{"by": "a.smith", "role": "policy-owner", "at": "2030-11-01"}],
+        "rules": [
+            {"key": "heating.monthly-amount", "category": "benefits", "value": amount,
+             "description": "Monthly heating benefit in USD"}
+        ],
+        "config": {}
+    })
+}
+
+fn as_input(doc: Value) -> PolicyInput {
+    PolicyInput {
+        id: doc["id"].as_str().unwrap().to_string(),
+        version: doc["version"].as_str().unwrap().to_string(),
+        document: doc,
+    }
+}
+
+/// The context of a deploy to `prod` where `active` is active.
+fn with_active(active: Value) -> CallContext {
+    CallContext {
+        environment: "prod".into(),
+        active: Some(pde::plugin::ActivePolicy {
+            version: active["version"].as_str().unwrap().to_string(),
+            digest: "sha256:0123456789abcdef".into(),
+            deployed_at: "2031-01-02T10:00:00Z".into(),
+            document: active,
+        }),
+    }
+}
+
+#[test]
+fn a_0_1_0_and_a_0_2_0_validator_run_side_by_side_and_only_0_2_0_sees_the_active_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    install(
+        dir.path(),
+        "legacy-validator",
+        "legacy-validator",
+        "validator",
+        "",
+    );
+    install(
+        dir.path(),
+        "benefit-change",
+        "benefit-change",
+        "validator",
+        "[settings]\ntoday = \"2031-03-01\"\n",
+    );
+    let host = host();
+    let plugins = host.load_dir(dir.path(), &TrustedKeys::new()).unwrap();
+    let versions: Vec<(&str, String, bool)> = plugins
+        .iter()
+        .map(|p| {
+            (
+                p.name.as_str(),
+                p.wit_version.to_string(),
+                p.sees_active_policy(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        versions,
+        [
+            ("benefit-change", "0.2.0".to_string(), true),
+            ("legacy-validator", "0.1.0".to_string(), false),
+        ]
+    );
+    let (change, legacy) = (&plugins[0], &plugins[1]);
+
+    // v2 cuts the benefit by 25% and takes effect in a month.
+    let v2 = as_input(heating("2.0.0", 150, "2031-04-01"));
+    let ctx = with_active(heating("1.0.0", 200, "2031-01-01"));
+    let report = host.validate(change, &v2, &ctx).unwrap();
+    let found: Vec<(&str, Severity, &str)> = report
+        .value
+        .iter()
+        .map(|d| (d.code.as_str(), d.severity, d.source.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (
+                "benefit-change.short-notice",
+                Severity::Error,
+                "benefit-change"
+            ),
+            ("benefit-change.compared", Severity::Info, "benefit-change"),
+        ]
+    );
+    assert!(
+        report.value[0]
+            .message
+            .contains("cut by 25.0% (200 -> 150) against the active version 1.0.0"),
+        "{}",
+        report.value[0].message
+    );
+    assert!(report.value[1].message.contains("sha256:0123456789abcdef"));
+
+    // The 0.1.0 plugin runs in the same host with the same context; it is
+    // told the environment, never the active version, and works as before.
+    let report = host.validate(legacy, &v2, &ctx).unwrap();
+    assert_eq!(report.value.len(), 1);
+    let d = &report.value[0];
+    assert_eq!(
+        (d.code.as_str(), d.severity, d.source.as_str()),
+        ("legacy.seen", Severity::Warning, "legacy-validator")
+    );
+    assert_eq!(
+        d.message,
+        "pde:plugin@0.1.0 validator saw policy 42 version 2.0.0 (environment `prod`)"
+    );
+    assert!(report.fuel_used > 0);
+    assert_eq!(
+        report.log,
+        ["info: legacy-validator (pde:plugin@0.1.0): checked policy 42"]
+    );
+
+    // With nothing active there is no change to judge.
+    let first = host.validate(change, &v2, &ctx("prod")).unwrap();
+    assert!(first.value.is_empty(), "{:?}", first.value);
+}
+
+#[test]
+fn the_hosts_checks_apply_below_the_0_1_0_shim() {
+    // Result bounds: 1 + 1000 findings from a 0.1.0 validator.
+    let dir = tempfile::tempdir().unwrap();
+    install(
+        dir.path(),
+        "legacy-validator",
+        "legacy-validator",
+        "validator",
+        "[settings]\nextra = 1000\n",
+    );
+    let host = host();
+    let plugin = load_one(&host, dir.path());
+    let err = host
+        .validate(&plugin, &policy(json!([])), &ctx("prod"))
+        .unwrap_err();
+    assert!(
+        matches!(&err, PluginError::ResultTooLarge { plugin, what }
+            if plugin == "legacy-validator" && what.contains("1001 diagnostics")),
+        "{err}"
+    );
+    // Fuel: the manifest's (tighter) limit stops it, by name.
+    let mut starved = plugin.clone();
+    starved.settings = json!({});
+    starved.limits.fuel = 10_000;
+    let err = host
+        .validate(&starved, &policy(json!([])), &ctx("prod"))
+        .unwrap_err();
+    assert!(
+        matches!(err, PluginError::OutOfFuel { fuel: 10_000, .. }),
+        "{err}"
+    );
+
+    // A 0.1.0 router naming a service it was not offered.
+    let dir = tempfile::tempdir().unwrap();
+    install(
+        dir.path(),
+        "legacy-router",
+        "legacy-router",
+        "router",
+        "[settings]\nalso = \"NOT-OFFERED\"\n",
+    );
+    let router = load_one(&host, dir.path());
+    assert_eq!(router.wit_version, semver::Version::new(0, 1, 0));
+    let services = [service("HMS-API", &["api"]), service("Portal", &["portal"])];
+    let err = host
+        .route(&router, &policy(json!([])), &ctx("prod"), &services)
+        .unwrap_err();
+    assert!(
+        matches!(&err, PluginError::UnknownService { service, .. } if service == "NOT-OFFERED"),
+        "{err}"
+    );
+    let mut honest = router.clone();
+    honest.settings = json!({});
+    let report = host
+        .route(&honest, &policy(json!([])), &ctx("prod"), &services)
+        .unwrap();
+    assert_eq!(report.value.len(), 1);
+    assert_eq!(report.value[0].service, "HMS-API");
+    assert_eq!(
+        report.value[0].reason,
+        "pde:plugin@0.1.0 router: tagged `api`"
+    );
+}
+
+/// `bytes` with every `pde:plugin` name of version `from` renamed to `to`
+/// (same length, so the component stays well-formed).
+fn retarget(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
+    assert_eq!(from.len(), to.len());
+    let mut out = bytes.to_vec();
+    let mut renamed = 0;
+    for name in ["pde:plugin/host@", "pde:plugin/types@", "pde:plugin@"] {
+        let (old, new) = (format!("{name}{from}"), format!("{name}{to}"));
+        let mut at = 0;
+        while let Some(pos) = out[at..]
+            .windows(old.len())
+            .position(|w| w == old.as_bytes())
+        {
+            let start = at + pos;
+            out[start..start + old.len()].copy_from_slice(new.as_bytes());
+            at = start + old.len();
+            renamed += 1;
+        }
+    }
+    assert!(renamed > 0, "no pde:plugin@{from} name in the component");
+    out
+}
+
+#[test]
+fn a_plugin_of_an_unknown_wit_version_is_refused_by_name() {
+    // The 0.1.0 fixture, its interface names rewritten to 0.3.0: a real
+    // component of a contract this pde does not know.
+    let bytes = std::fs::read(artifact("legacy-validator")).unwrap();
+    let future = retarget(&bytes, "0.1.0", "0.3.0");
+    let host = host();
+    let report = pde::plugin::inspect::inspect(host.engine(), "future", &future).unwrap();
+    assert_eq!(report.wit_versions, ["0.3.0"]);
+    assert_eq!(report.wit_bound_by, None);
+    assert_eq!(report.wit_supported, ["0.1.0", "0.2.0"]);
+    assert!(!report.sees_active_policy);
+
+    let dir = tempfile::tempdir().unwrap();
+    install_bytes(dir.path(), "future", &future, "validator", "");
+    let err = load_err(dir.path());
+    match &err {
+        PluginError::UnsupportedWitVersion {
+            plugin,
+            found,
+            supported,
+        } => {
+            assert_eq!(plugin, "future");
+            assert_eq!(found, "0.3.0");
+            assert_eq!(supported, "0.1.0, 0.2.0");
+        }
+        other => panic!("expected UnsupportedWitVersion, got {other}"),
+    }
+    assert!(err.to_string().contains("pde:plugin@0.3.0"), "{err}");
+    assert_eq!(err.exit_code(), ExitCode::PluginFault);
+
+    // The unmodified bytes load, so it is the version that is refused, not
+    // the rewrite.
+    install_bytes(dir.path(), "future", &bytes, "validator", "");
+    assert_eq!(
+        load_one(&host, dir.path()).wit_version,
+        semver::Version::new(0, 1, 0)
+    );
+    // Claiming a supported version is not enough: a 0.1.0 component named
+    // 0.2.0 lacks `context.active` and fails the 0.2.0 type check.
+    let pretender = retarget(&bytes, "0.1.0", "0.2.0");
+    install_bytes(dir.path(), "future", &pretender, "validator", "");
+    match load_err(dir.path()) {
+        PluginError::BadComponent { plugin, message } => {
+            assert_eq!(plugin, "future");
+            assert!(
+                message.contains("does not link as a WIT 0.2.0 validator"),
+                "{message}"
+            );
+        }
+        other => panic!("expected BadComponent, got {other}"),
+    }
+}
+
+#[test]
+fn inspect_names_the_wit_version_and_the_module_that_binds_it() {
+    let host = host();
+    for (name, version, sees) in [
+        ("legacy-validator", "0.1.0", false),
+        ("legacy-router", "0.1.0", false),
+        ("benefit-change", "0.2.0", true),
+        ("label-router", "0.2.0", true),
+    ] {
+        let bytes = std::fs::read(artifact(name)).unwrap();
+        let r = pde::plugin::inspect::inspect(host.engine(), name, &bytes).unwrap();
+        assert_eq!(r.wit_versions, [version], "{name}");
+        assert_eq!(r.wit_bound_by.as_deref(), Some(version), "{name}");
+        assert_eq!(r.sees_active_policy, sees, "{name}");
+    }
+}
+
+#[test]
+fn label_router_routes_to_the_services_whose_labels_match_its_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    install_shipped(dir.path(), "label-router");
+    let host = host();
+    let plugin = load_one(&host, dir.path());
+    assert_eq!(plugin.kind, PluginKind::Router);
+    let labelled = |name: &str, labels: &[(&str, &str)]| ServiceInfo {
+        name: name.to_string(),
+        tags: Vec::new(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let services = [
+        labelled("HMS-API", &[("tier", "benefits"), ("region", "east")]),
+        labelled("HMS-PORTAL", &[("tier", "public")]),
+        labelled("HMS-WEST", &[("tier", "benefits"), ("region", "west")]),
+    ];
+    // The shipped template: `[settings.match] tier = "benefits"`.
+    let report = host
+        .route(&plugin, &policy(json!([])), &ctx("prod"), &services)
+        .unwrap();
+    let got: Vec<(&str, &str)> = report
+        .value
+        .iter()
+        .map(|r| (r.service.as_str(), r.reason.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("HMS-API", "labels tier=benefits match the selector"),
+            ("HMS-WEST", "labels tier=benefits match the selector"),
+        ]
+    );
+    assert!(
+        report.log[0].contains("2 of 3 service(s) match"),
+        "{:?}",
+        report.log
+    );
+    // Every label must match.
+    let mut narrow = plugin.clone();
+    narrow.settings = json!({"match": {"tier": "benefits", "region": ["west"]}});
+    let report = host
+        .route(&narrow, &policy(json!([])), &ctx("prod"), &services)
+        .unwrap();
+    assert_eq!(report.value.len(), 1);
+    assert_eq!(
+        report.value[0].reason,
+        "labels region=west, tier=benefits match the selector"
+    );
+    // An empty selector is the plugin's own failure, not "route everywhere".
+    let mut empty = plugin.clone();
+    empty.settings = json!({"match": {}});
+    let err = host
+        .route(&empty, &policy(json!([])), &ctx("prod"), &services)
+        .unwrap_err();
+    assert!(
+        matches!(&err, PluginError::PluginFailed { message, .. } if message.contains("is empty")),
+        "{err}"
+    );
 }

@@ -288,6 +288,16 @@ fn behaves_as_state(s: &dyn StateBackend) {
     drop(held);
     let _again = s.lock("42", "production").unwrap();
     assert!(s.lock("../x", "production").is_err());
+
+    // Bundles by digest: stored once, read back byte for byte.
+    assert_eq!(s.bundle("sha256:ee").unwrap(), None);
+    s.put_bundle("sha256:ee", b"{\"a\":1}").unwrap();
+    s.put_bundle("sha256:ee", b"other bytes").unwrap();
+    assert_eq!(
+        s.bundle("sha256:ee").unwrap().as_deref(),
+        Some(&b"{\"a\":1}"[..]),
+        "the bytes of a digest never change"
+    );
 }
 
 #[test]
@@ -523,6 +533,63 @@ fn engineer_b_promotes_what_engineer_a_deployed_to_staging() {
 }
 
 #[test]
+fn engineer_b_sees_the_version_engineer_a_made_active_through_the_shared_state() {
+    // Validators built against pde:plugin@0.2.0 are shown the active
+    // version; B's checkout never had A's bundle in its dist/, so it comes
+    // from the shared database.
+    let db = pg::fresh_database();
+    let ws = team_workspace_with(&db, |ws| {
+        env_with("dev", "", &[("HMS-API", &ws.agent("dev-api"))])
+    });
+    ws.install_plugin(
+        "benefit-change",
+        "validator",
+        Path::new(pde_plugin_artifacts::BENEFIT_CHANGE),
+        "[settings]\ntoday = \"2031-03-01\"\ncategories = [\"eligibility\"]\n",
+        true,
+    );
+    ws.commit("benefit-change");
+    let b = checkout(&ws);
+    let b = b.path().join("b");
+    let a = pde(
+        ws.root(),
+        &["deploy", "42", "--env", "dev", "--output", "json"],
+    );
+    assert_eq!(code(&a), 0, "{}", stderr(&a));
+    let digest = json(&a)["digest"].as_str().unwrap().to_string();
+
+    // B raises the version and cuts the income limit by half, effective in
+    // 2099: enough notice, so it passes, judged against A's version.
+    let mut v2 = support::policy_42("1.1.0");
+    v2["rules"][1]["value"] = 21000.into();
+    std::fs::write(b.join("policies/42.json"), v2.to_string()).unwrap();
+    let o = pde(&b, &["validate", "42", "--env", "dev", "--output", "json"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let report = json(&o);
+    assert_eq!(report["active"]["version"], "1.0.0", "{report}");
+    assert_eq!(report["active"]["digest"], digest.as_str());
+    assert!(report["active"].get("document").is_none(), "{report}");
+    let compared: Vec<&str> = report["diagnostics"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|d| d["code"] == "benefit-change.compared")
+        .map(|d| d["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(compared.len(), 1, "{report}");
+    assert!(compared[0].contains(&digest), "{}", compared[0]);
+    assert!(
+        !b.join(".pde/dist").exists(),
+        "B's checkout had no bundle of its own"
+    );
+    // Too little notice for that cut, and B is refused by A's version.
+    v2["effective"] = "2031-04-01".into();
+    std::fs::write(b.join("policies/42.json"), v2.to_string()).unwrap();
+    let o = pde(&b, &["validate", "42", "--env", "dev"]);
+    assert_eq!(code(&o), 3, "{}", stderr(&o));
+}
+
+#[test]
 fn a_sqlite_workspace_migrates_with_its_chain_intact() {
     let ws = Workspace::new("");
     let api = ws.agent("api");
@@ -550,6 +617,7 @@ fn a_sqlite_workspace_migrates_with_its_chain_intact() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let report = json(&o);
     assert_eq!(report["deployments"], 1);
+    assert_eq!(report["bundles"], 1, "{report}");
     assert!(report["audit_records"].as_u64().unwrap() >= 8, "{report}");
 
     // The same bytes, the same history, and a verified chain (release tag

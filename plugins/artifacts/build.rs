@@ -30,12 +30,23 @@ const PLUGINS: &[(&str, &str, &str)] = &[
     ("pii-guard", "validator", "plugins/pii-guard"),
     ("effective-date", "validator", "plugins/effective-date"),
     ("category-router", "router", "plugins/category-router"),
+    ("benefit-change", "validator", "plugins/benefit-change"),
+    ("label-router", "router", "plugins/label-router"),
     ("misbehave", "validator", "plugins/fixtures/misbehave"),
     (
         "extra-exports",
         "validator",
         "plugins/fixtures/extra-exports",
     ),
+    // pde:plugin@0.1.0 components, built with wit-bindgen directly: the
+    // SDK builds against the newest contract, and these stand in for the
+    // plugins agencies built before 0.2.0.
+    (
+        "legacy-validator",
+        "validator",
+        "plugins/fixtures/legacy-validator",
+    ),
+    ("legacy-router", "router", "plugins/fixtures/legacy-router"),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

@@ -37,6 +37,16 @@ pub fn payload_digest(format: &str, payload: &Value) -> Result<String, BundleErr
     }
 }
 
+/// The file name a bundle of `policy_id` at `version` with `digest` is
+/// written as under `dist/`: `<policy>-<version>-<first 12 hex digits>.bundle.json`.
+pub fn file_name(policy_id: &str, version: &str, digest: &str) -> String {
+    let hex = digest.trim_start_matches("sha256:");
+    format!(
+        "{policy_id}-{version}-{}.bundle.json",
+        &hex[..12.min(hex.len())]
+    )
+}
+
 /// The bytes a bundle (or any value) of format `format` is written as.
 pub fn canonical_bytes(format: &str, value: &Value) -> Result<Vec<u8>, BundleError> {
     match format {

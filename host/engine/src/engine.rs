@@ -37,6 +37,8 @@ pub struct Engine {
     pub(crate) audit: AuditLog,
     pub(crate) http: reqwest::Client,
     pub(crate) outbox: Option<Outbox>,
+    /// `<state>/dist`, where deploys write their bundles.
+    dist: PathBuf,
     plugins: Mutex<Option<Arc<Plugins>>>,
     /// False for [`Engine::open_read_only`]: nothing under the state
     /// directory is created.
@@ -147,6 +149,7 @@ impl Engine {
             None => None,
         };
         Ok(Engine {
+            dist: state_dir.join("dist"),
             root,
             config,
             policies,
@@ -183,7 +186,7 @@ impl Engine {
 
     /// Where deploys write their bundles (`<state>/dist`).
     pub fn dist_dir(&self) -> PathBuf {
-        self.state_dir().join("dist")
+        self.dist.clone()
     }
 
     /// The policy store.
@@ -364,6 +367,7 @@ impl Engine {
             state: &self.state,
             plugins,
             approvers,
+            dist: &self.dist,
         }
     }
 

@@ -143,7 +143,14 @@ impl Engine {
                 )?;
                 let bundle_path = match opts.dry_run {
                     true => None,
-                    false => Some(package::write(&bundle, &self.dist_dir())?),
+                    false => {
+                        // Kept in the state before anything is pushed, so
+                        // whoever shares it can show this version to the
+                        // validators of the next deploy once it is active.
+                        self.state
+                            .put_bundle(&bundle.digest, &bundle.to_canonical_bytes())?;
+                        Some(package::write(&bundle, &self.dist_dir())?)
+                    }
                 };
                 Ok::<_, Error>((repo, bundle, already_active, bundle_path))
             })?;
@@ -196,7 +203,14 @@ impl Engine {
         let span = tracing::info_span!("route");
         let routes = crate::engine::off_runtime(|| {
             let _span = span.enter();
-            route::route(&*self.plugins()?, &policy, env_name, env).map_err(Error::from)
+            route::route(
+                &*self.plugins()?,
+                &policy,
+                env_name,
+                env,
+                validation.active.as_ref(),
+            )
+            .map_err(Error::from)
         })?;
         audit.record(Event::Routed, json!({"routes": routes}))?;
 

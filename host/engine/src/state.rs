@@ -87,6 +87,16 @@ CREATE TABLE service_active (
 -- a killed one is seen; older pde could not read that outcome.
 CREATE INDEX deployments_in_progress ON deployments (outcome, policy_id, env);
 "#,
+    r#"
+-- The bundles deploys pushed, by digest (issue 13): validators built
+-- against pde:plugin@0.2.0 are shown the policy active in the target
+-- environment, read from its bundle here.
+CREATE TABLE bundles (
+    digest    TEXT PRIMARY KEY,
+    bytes     BLOB NOT NULL,
+    stored_at TEXT NOT NULL
+);
+"#,
 ];
 
 /// How a recorded deployment (or rollback) ended. Stored as its kebab-case
@@ -424,6 +434,14 @@ pub trait StateBackend: Send + Sync + std::fmt::Debug {
     /// Whether `digest` of `policy_id` was ever deployed successfully to `env`
     /// (the `promote_from` gate).
     fn was_deployed(&self, env: &str, policy_id: &str, digest: &str) -> Result<bool, StateError>;
+    /// Keeps a bundle's bytes under its digest before it is pushed, so that
+    /// whoever shares this state can later read the version that is active
+    /// (validators compare a change against it). Storing the same digest
+    /// again is a no-op: the bytes of a digest never change.
+    fn put_bundle(&self, digest: &str, bytes: &[u8]) -> Result<(), StateError>;
+    /// The bytes stored under `digest` by [`StateBackend::put_bundle`], if
+    /// any. The caller checks them against the digest.
+    fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>, StateError>;
     /// Stores a finished deployment with its targets; returns its id.
     fn record(&self, d: &DeploymentRecord) -> Result<i64, StateError>;
     /// Every recorded deployment of `policy_id`, newest first.
@@ -548,6 +566,45 @@ impl std::ops::Deref for StateStore {
     fn deref(&self) -> &(dyn StateBackend + 'static) {
         &*self.backend
     }
+}
+
+/// The bundle with `digest` (policy `policy_id` at `version`), as a deploy
+/// stored it: from the state ([`StateBackend::put_bundle`]), or, for a
+/// deploy made before the state kept bundles, from this checkout's `dist`
+/// directory. Either copy must hash to `digest`; a copy that does not is
+/// passed over (and named in the reason if nothing else is found).
+///
+/// `Ok(Err(why))` when neither holds it.
+pub fn stored_bundle(
+    state: &dyn StateBackend,
+    dist: &Path,
+    policy_id: &str,
+    version: &str,
+    digest: &str,
+) -> Result<Result<pde_core::bundle::Bundle, String>, StateError> {
+    use pde_core::bundle::{Bundle, file_name};
+    let check = |bytes: &[u8], from: &str| match Bundle::from_slice(bytes) {
+        Ok(b) if b.digest == digest => Ok(b),
+        Ok(b) => Err(format!("{from} holds {} instead", b.digest)),
+        Err(e) => Err(format!("{from} is damaged: {e}")),
+    };
+    let mut why = Vec::new();
+    match state.bundle(digest)? {
+        Some(bytes) => match check(&bytes, "the state") {
+            Ok(b) => return Ok(Ok(b)),
+            Err(e) => why.push(e),
+        },
+        None => why.push(format!("the state ({}) does not hold it", state.location())),
+    }
+    let path = dist.join(file_name(policy_id, version, digest));
+    match fs::read(&path) {
+        Ok(bytes) => match check(&bytes, &path.display().to_string()) {
+            Ok(b) => return Ok(Ok(b)),
+            Err(e) => why.push(e),
+        },
+        Err(_) => why.push(format!("there is no {}", path.display())),
+    }
+    Ok(Err(why.join("; ")))
 }
 
 /// The deployment database of one checkout, in SQLite.
@@ -749,6 +806,29 @@ impl StateBackend for SqliteState {
     }
 
     /// Stores a finished deployment with its targets; returns its id.
+    fn put_bundle(&self, digest: &str, bytes: &[u8]) -> Result<(), StateError> {
+        let now = now_rfc3339();
+        self.with_conn("store bundle", |c| {
+            c.execute(
+                "INSERT INTO bundles (digest, bytes, stored_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (digest) DO NOTHING",
+                params![digest, bytes, now],
+            )
+            .map(drop)
+        })
+    }
+
+    fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>, StateError> {
+        self.with_conn("read bundle", |c| {
+            c.query_row(
+                "SELECT bytes FROM bundles WHERE digest = ?1",
+                params![digest],
+                |r| r.get(0),
+            )
+            .optional()
+        })
+    }
+
     fn record(&self, d: &DeploymentRecord) -> Result<i64, StateError> {
         self.with_conn("record deployment", |c| {
             let tx = c.transaction()?;

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::audit::{AuditLog, Event};
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::state::{Lease, SqliteState, StateBackend as _, StateError, pg::PgState};
+use crate::state::{Lease, SqliteState, StateBackend as _, StateError, pg::PgState, stored_bundle};
 
 /// What `pde state migrate --from sqlite` moved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -19,6 +19,9 @@ pub struct MigrateReport {
     pub deployments: usize,
     /// Active (policy, environment) entries copied.
     pub active: usize,
+    /// Bundles copied (from the SQLite state, or this checkout's `dist/`),
+    /// so every machine can show the active versions to validators.
+    pub bundles: usize,
     /// Audit records copied; the chain verified afterwards.
     pub audit_records: u64,
     /// The last audit record's hash, the same before and after.
@@ -79,6 +82,26 @@ impl Engine {
             self.config.state.password_env.as_deref(),
         )?)?;
         pg.import(&history, &status)?;
+        // Every bundle this checkout still has of what it deployed: the
+        // active ones are what validators compare a change against, the
+        // older ones what a rollback makes active.
+        let mut bundles = 0;
+        let mut seen = std::collections::BTreeSet::new();
+        let deployed = history
+            .iter()
+            .map(|d| (&d.policy_id, &d.version, &d.digest))
+            .chain(status.iter().map(|e| (&e.policy_id, &e.version, &e.digest)));
+        for (policy_id, version, digest) in deployed {
+            if digest.is_empty() || !seen.insert(digest.as_str()) {
+                continue;
+            }
+            if let Ok(bundle) =
+                stored_bundle(&sqlite, &self.dist_dir(), policy_id, version, digest)?
+            {
+                pg.put_bundle(digest, &bundle.to_canonical_bytes())?;
+                bundles += 1;
+            }
+        }
         self.audit.import_chain(lines, head)?;
         let after = self.audit.verify()?;
         if (after.records, &after.last_hash) != (before.records, &before.last_hash) {
@@ -94,6 +117,7 @@ impl Engine {
             to: url.clone(),
             deployments: history.len(),
             active: status.len(),
+            bundles,
             audit_records: after.records,
             audit_head: after.last_hash,
         })

@@ -90,6 +90,15 @@ pub struct Inspection {
     pub kind: Option<PluginKind>,
     /// `pde:plugin` versions it names.
     pub wit_versions: Vec<String>,
+    /// The version module of this pde that binds it (its `MIN_VERSION`,
+    /// e.g. `0.2.0`); `None` when this pde supports none of `wit_versions`
+    /// (or the component names none, or several), and will refuse to load it.
+    pub wit_bound_by: Option<String>,
+    /// The `pde:plugin` versions this pde supports, oldest first.
+    pub wit_supported: Vec<String>,
+    /// Whether a validator or router of that version is told the policy
+    /// active in the target environment (`context.active`, since 0.2.0).
+    pub sees_active_policy: bool,
     /// Imported names.
     pub imports: Vec<String>,
     /// Exported names.
@@ -226,10 +235,12 @@ pub fn inspect(engine: &Engine, name: &str, bytes: &[u8]) -> Result<Inspection, 
 /// [`inspect`] of a component already compiled from `bytes`.
 pub(crate) fn inspect_compiled(engine: &Engine, component: &Component, bytes: &[u8]) -> Inspection {
     let (imports, exports) = world(engine, component);
-    let wit_versions = wit::versions_named(imports.iter().chain(&exports).map(String::as_str))
-        .into_iter()
-        .map(|v| v.to_string())
-        .collect();
+    let named = wit::versions_named(imports.iter().chain(&exports).map(String::as_str));
+    let bound_by = match named.as_slice() {
+        [one] => wit::select(one),
+        _ => None,
+    };
+    let wit_versions = named.iter().map(|v| v.to_string()).collect();
     let kind = kind_from_exports(&exports);
     let (tolerated_exports, unexpected_exports) = extra_exports(kind, &exports);
     Inspection {
@@ -237,6 +248,9 @@ pub(crate) fn inspect_compiled(engine: &Engine, component: &Component, bytes: &[
         size: bytes.len() as u64,
         kind,
         wit_versions,
+        wit_bound_by: bound_by.map(|v| v.to_string()),
+        wit_supported: wit::SUPPORTED.iter().map(|v| v.to_string()).collect(),
+        sees_active_policy: bound_by.is_some_and(|v| *v >= wit::ACTIVE_POLICY_SINCE),
         capabilities: imports.iter().map(|i| capability(i)).collect(),
         imports,
         exports,

@@ -378,6 +378,12 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
+    /// True when this plugin's contract carries the active policy in its
+    /// context (`pde:plugin@0.2.0` and later).
+    pub fn sees_active_policy(&self) -> bool {
+        wit::carries_active_policy(&self.wit_version)
+    }
+
     /// Ok when the plugin carries a valid signature by a trusted key;
     /// [`PluginError::BadSignature`] otherwise (for `require_signed_plugins`).
     pub fn require_signature(&self) -> Result<(), PluginError> {
@@ -414,6 +420,37 @@ pub struct PolicyInput {
 pub struct CallContext {
     /// Target environment, `""` when none.
     pub environment: String,
+    /// The version of the policy active in `environment`, if any. Plugins
+    /// built against `pde:plugin@0.2.0` or later are told it
+    /// (`context.active`); older ones are not (see [`wit`]).
+    pub active: Option<ActivePolicy>,
+}
+
+impl CallContext {
+    /// A context for `environment` with nothing active there.
+    pub fn env(environment: impl Into<String>) -> Self {
+        CallContext {
+            environment: environment.into(),
+            active: None,
+        }
+    }
+}
+
+/// The version of a policy that is active in an environment: what a deploy
+/// would replace. Read from the bundle that made it active, digest checked.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActivePolicy {
+    /// Its semver version.
+    pub version: String,
+    /// Its bundle digest, `sha256:<hex>`; `""` when it was given without a
+    /// bundle (`pde plugin test --active` with a plain document).
+    pub digest: String,
+    /// When it became active, RFC 3339 UTC; `""` when unknown.
+    pub deployed_at: String,
+    /// The active policy document (not serialised: reports name the
+    /// version and digest, the document is in the bundle).
+    #[serde(skip_serializing)]
+    pub document: serde_json::Value,
 }
 
 /// A service of the target environment, as a router sees it.
@@ -655,7 +692,7 @@ impl PluginHost {
         let (imports, exports) = inspect::world(&self.engine, &component);
         let versions = wit::versions_named(imports.iter().chain(&exports).map(String::as_str));
         let wit_version = match versions.as_slice() {
-            [] => wit::SUPPORTED[wit::SUPPORTED.len() - 1].clone(),
+            [] => wit::latest::MIN_VERSION.clone(),
             [one] => one.clone(),
             many => {
                 return Err(PluginError::BadComponent {
@@ -696,9 +733,16 @@ impl PluginHost {
                     expected: declared.unwrap_or(PluginKind::Validator),
                     found: format!(
                         "it exports neither `validate` nor `route` (exports: {})",
-                        if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
+                        if exports.is_empty() {
+                            "none".to_string()
+                        } else {
+                            exports.join(", ")
+                        }
                     ),
-                    hint: "implement world `validator` or `router` of wit/v0.1.0/plugin.wit (see docs/plugin-authoring.md)".to_string(),
+                    hint: format!(
+                        "implement world `validator` or `router` of wit/v{}/plugin.wit (see docs/plugin-authoring.md)",
+                        wit::latest::MIN_VERSION
+                    ),
                 });
             }
         };
@@ -751,6 +795,17 @@ impl PluginHost {
             } else {
                 plugin.settings.to_string()
             },
+            // Serialised only for a plugin whose contract carries it.
+            active: ctx
+                .active
+                .as_ref()
+                .filter(|_| wit::carries_active_policy(&plugin.wit_version))
+                .map(|a| wit::ActiveInput {
+                    version: a.version.clone(),
+                    digest: a.digest.clone(),
+                    deployed_at: a.deployed_at.clone(),
+                    document: a.document.to_string(),
+                }),
         }
     }
 

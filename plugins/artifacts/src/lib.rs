@@ -10,8 +10,10 @@ include!(concat!(env!("OUT_DIR"), "/artifacts.rs"));
 /// Every built plugin as `(name, kind, wasm path)`, where `kind` is
 /// `"validator"` or `"router"` (the world the component implements).
 ///
-/// `misbehave` and `extra-exports` are test fixtures, listed here too;
-/// they are never shipped.
+/// `misbehave`, `extra-exports`, `legacy-validator` and `legacy-router`
+/// are test fixtures, listed here too; they are never shipped. The two
+/// `legacy-*` ones are built against `pde:plugin@0.1.0`, every other one
+/// (through the SDK) against 0.2.0.
 pub fn all() -> &'static [(&'static str, &'static str, &'static str)] {
     ALL
 }
@@ -55,6 +57,50 @@ mod tests {
         names
     }
 
+    /// The `pde:plugin` interfaces a component imports at its top level.
+    fn pde_imports(bytes: &[u8]) -> Vec<String> {
+        use wasmparser::{Parser, Payload};
+        let mut depth = 0usize;
+        let mut names = Vec::new();
+        for payload in Parser::new(0).parse_all(bytes) {
+            match payload.expect("the component parses") {
+                Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+                Payload::End(_) => depth = depth.saturating_sub(1),
+                Payload::ComponentImportSection(reader) if depth == 0 => {
+                    for import in reader {
+                        let name = import.expect("import entry").name.name.to_string();
+                        if name.starts_with("pde:plugin/") {
+                            names.push(name);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn the_sdk_builds_against_0_2_0_and_the_legacy_fixtures_against_0_1_0() {
+        for &(name, _, path) in all() {
+            let bytes = std::fs::read(path).unwrap();
+            let version = if name.starts_with("legacy-") || name == "extra-exports" {
+                "0.1.0"
+            } else {
+                "0.2.0"
+            };
+            assert_eq!(
+                pde_imports(&bytes),
+                [
+                    format!("pde:plugin/host@{version}"),
+                    format!("pde:plugin/types@{version}")
+                ],
+                "{name}"
+            );
+        }
+    }
+
     #[test]
     fn each_component_exports_only_its_world_function() {
         // Both worlds are generated in one SDK crate; this proves a
@@ -76,7 +122,7 @@ mod tests {
 
     #[test]
     fn every_artifact_is_a_component_on_disk() {
-        assert_eq!(all().len(), 6);
+        assert_eq!(all().len(), 10);
         for &(name, kind, path) in all() {
             let bytes = std::fs::read(path).unwrap();
             assert_eq!(
@@ -90,5 +136,8 @@ mod tests {
         assert_eq!(wasm("nope"), None);
         assert!(MISBEHAVE.starts_with(WASM_DIR));
         assert!(manifest_template("eligibility-bounds").is_some());
+        assert!(manifest_template("benefit-change").is_some());
+        assert!(manifest_template("label-router").is_some());
+        assert!(manifest_template("legacy-router").is_none());
     }
 }

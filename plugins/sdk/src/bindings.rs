@@ -8,14 +8,20 @@
 //! even though both worlds live in this one crate. The router bindings reuse
 //! the validator's `types` and `host` modules so there is one Rust type per
 //! WIT type.
+//!
+//! The SDK builds against the newest contract it carries, `wit/v0.2.0`
+//! (whose context holds the policy active in the target environment). Hosts
+//! that support 0.2.0 load these components; plugins built with an earlier
+//! SDK against `wit/v0.1.0` keep loading too (see the repository's
+//! `wit/README.md`).
 
 /// Bindings for `world validator` (generated code: the canonical ABI
 /// flattens records into many parameters, hence the lint allowance).
 #[allow(clippy::too_many_arguments)]
 pub mod validator {
     wit_bindgen::generate!({
-        path: "wit/v0.1.0/plugin.wit",
-        world: "pde:plugin/validator@0.1.0",
+        path: "wit/v0.2.0/plugin.wit",
+        world: "pde:plugin/validator@0.2.0",
         pub_export_macro: true,
         default_bindings_module: "::pde_plugin::__private::validator",
         runtime_path: "::pde_plugin::__private::wit_bindgen::rt",
@@ -27,14 +33,14 @@ pub mod validator {
 #[allow(clippy::too_many_arguments)]
 pub mod router {
     wit_bindgen::generate!({
-        path: "wit/v0.1.0/plugin.wit",
-        world: "pde:plugin/router@0.1.0",
+        path: "wit/v0.2.0/plugin.wit",
+        world: "pde:plugin/router@0.2.0",
         pub_export_macro: true,
         default_bindings_module: "::pde_plugin::__private::router",
         runtime_path: "::pde_plugin::__private::wit_bindgen::rt",
         with: {
-            "pde:plugin/types@0.1.0": crate::bindings::validator::pde::plugin::types,
-            "pde:plugin/host@0.1.0": crate::bindings::validator::pde::plugin::host,
+            "pde:plugin/types@0.2.0": crate::bindings::validator::pde::plugin::types,
+            "pde:plugin/host@0.2.0": crate::bindings::validator::pde::plugin::host,
         },
     });
 }

@@ -4,15 +4,22 @@
 //! parses them once and lets plugins read them either loosely as a
 //! [`Value`] or strictly into their own `serde` type, so a typo in a
 //! manifest can be turned into a clear error instead of a silent default.
+//!
+//! The context also carries the version of the policy active in the target
+//! environment, when there is one ([`Context::active`], `pde:plugin@0.2.0`).
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-/// The call's context: target environment and this plugin's settings.
+use crate::active::ActivePolicy;
+
+/// The call's context: target environment, this plugin's settings, and the
+/// version of the policy active in that environment.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Context {
     environment: String,
     settings: Value,
+    active: Option<ActivePolicy>,
 }
 
 impl Default for Context {
@@ -20,17 +27,26 @@ impl Default for Context {
         Context {
             environment: String::new(),
             settings: Value::Object(Default::default()),
+            active: None,
         }
     }
 }
 
 impl Context {
-    /// Builds a context from parsed settings (use in unit tests).
+    /// Builds a context from parsed settings, with nothing active (use in
+    /// unit tests; add an active version with [`Context::with_active`]).
     pub fn new(environment: impl Into<String>, settings: Value) -> Self {
         Context {
             environment: environment.into(),
             settings,
+            active: None,
         }
+    }
+
+    /// This context with `active` as the version active in the environment.
+    pub fn with_active(mut self, active: ActivePolicy) -> Self {
+        self.active = Some(active);
+        self
     }
 
     /// Parses the settings JSON the host passed; an empty string means `{}`.
@@ -48,6 +64,18 @@ impl Context {
     /// `pde validate` without `--env` and for `pde plugin test`.
     pub fn environment(&self) -> &str {
         &self.environment
+    }
+
+    /// The version of this policy active in the target environment: what
+    /// the policy being validated (or routed) would replace.
+    ///
+    /// `None` on a first deploy (nothing active there yet), without an
+    /// environment, and in the environment-neutral run pde records in the
+    /// bundle. So a check of the change blocks a deploy without entering the
+    /// bundle, and a plugin must not read `None` as "no change": it means
+    /// there is nothing to compare with.
+    pub fn active(&self) -> Option<&ActivePolicy> {
+        self.active.as_ref()
     }
 
     /// The plugin's `[settings]` table as JSON (an object, possibly empty).
@@ -90,6 +118,15 @@ mod tests {
         let bad = Context::new("", json!({"maks": 3}));
         let err = bad.settings_as::<S>().unwrap_err();
         assert!(err.contains("maks"), "{err}");
+    }
+
+    #[test]
+    fn active_is_none_unless_given() {
+        let c = Context::new("prod", json!({}));
+        assert!(c.active().is_none());
+        let c = c.with_active(ActivePolicy::from_value(json!({"version": "1.0.0"})));
+        assert_eq!(c.active().map(ActivePolicy::version), Some("1.0.0"));
+        assert!(Context::default().active().is_none());
     }
 
     #[test]

@@ -1,12 +1,20 @@
 //! `pde-plugin`: write pde validator and router plugins in plain Rust.
 //!
 //! pde plugins are WebAssembly components built for `wasm32-wasip2` against
-//! the WIT contract in `wit/v0.1.0/plugin.wit`. This crate hides the
-//! generated bindings: a plugin implements [`Validator`] or [`Router`] over
-//! ordinary Rust types ([`Policy`], [`Context`], [`Diagnostic`], [`Service`],
+//! the WIT contract in `wit/v0.2.0/plugin.wit` (this crate carries every
+//! version; it builds against the newest). This crate hides the generated
+//! bindings: a plugin implements [`Validator`] or [`Router`] over ordinary
+//! Rust types ([`Policy`], [`Context`], [`Diagnostic`], [`Service`],
 //! [`Route`]) and exports itself with [`export_validator!`] or
 //! [`export_router!`]. The same logic compiles natively, so it can be unit
 //! tested with `cargo test` without any wasm tooling.
+//!
+//! Since 0.2 (contract `pde:plugin@0.2.0`) the context carries the version
+//! of the policy active in the target environment, [`Context::active`], so
+//! a validator can judge the change: see [`ActivePolicy::rule_changes`].
+//! Components built with it need a pde that supports `pde:plugin@0.2.0`;
+//! components built with SDK 0.1 (contract 0.1.0) keep loading in pde
+//! alongside them.
 //!
 //! ```
 //! use pde_plugin::{Context, Diagnostic, Diagnostics, Policy, Validator};
@@ -32,6 +40,7 @@
 // resolve inside the crate itself.
 extern crate self as pde_plugin;
 
+mod active;
 mod bindings;
 mod context;
 mod diagnostic;
@@ -39,6 +48,7 @@ mod log;
 mod policy;
 mod route;
 
+pub use active::{ActivePolicy, RuleChange};
 pub use context::Context;
 pub use diagnostic::{Diagnostic, Diagnostics, Severity, json_pointer, pointer_escape};
 #[cfg(not(target_arch = "wasm32"))]
@@ -139,14 +149,27 @@ pub mod __private {
     pub use std::vec::Vec;
     pub use wit_bindgen;
 
-    use crate::{Context, Diagnostic, Policy, Route, Router, Service, Severity, Validator};
+    use crate::{
+        ActivePolicy, Context, Diagnostic, Policy, Route, Router, Service, Severity, Validator,
+    };
 
     fn policy_from_wit(policy: types::Policy) -> Result<Policy, String> {
         Policy::from_json(policy.id, policy.version, &policy.document)
     }
 
-    fn context_from_wit(context: types::Context) -> Result<Context, String> {
-        Context::from_json(context.environment, &context.settings)
+    /// The context, with the active version under the policy's own id.
+    fn context_from_wit(context: types::Context, policy: &Policy) -> Result<Context, String> {
+        let ctx = Context::from_json(context.environment, &context.settings)?;
+        let Some(active) = context.active else {
+            return Ok(ctx);
+        };
+        let document = Policy::from_json(policy.id(), active.version, &active.document)
+            .map_err(|e| format!("the active policy: {e}"))?;
+        Ok(ctx.with_active(ActivePolicy::new(
+            document,
+            active.digest,
+            active.deployed_at,
+        )))
     }
 
     fn diagnostic_to_wit(d: Diagnostic) -> types::Diagnostic {
@@ -168,7 +191,7 @@ pub mod __private {
         context: types::Context,
     ) -> Result<Vec<types::Diagnostic>, String> {
         let policy = policy_from_wit(policy)?;
-        let context = context_from_wit(context)?;
+        let context = context_from_wit(context, &policy)?;
         let found = V::validate(&policy, &context)?;
         Ok(found.into_iter().map(diagnostic_to_wit).collect())
     }
@@ -180,7 +203,7 @@ pub mod __private {
         services: Vec<types::Service>,
     ) -> Result<Vec<types::Route>, String> {
         let policy = policy_from_wit(policy)?;
-        let context = context_from_wit(context)?;
+        let context = context_from_wit(context, &policy)?;
         let services: Vec<Service> = services
             .into_iter()
             .map(|s| Service {

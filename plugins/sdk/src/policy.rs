@@ -150,6 +150,11 @@ impl Policy {
             .collect()
     }
 
+    /// The rule with key `key`, if any (keys are unique within a policy).
+    pub fn rule(&self, key: &str) -> Option<Rule<'_>> {
+        self.rules().into_iter().find(|r| r.key == Some(key))
+    }
+
     /// The `approvals` array, in order (same leniency as [`Policy::rules`]).
     pub fn approvals(&self) -> Vec<Approval<'_>> {
         self.array("approvals")
@@ -236,6 +241,8 @@ mod tests {
         assert_eq!(rules[0].number(), Some(65.0));
         assert_eq!(rules[0].field_pointer("value"), "/rules/0/value");
         assert_eq!(rules[1].value, None);
+        assert_eq!(p.rule("x").map(|r| r.index), Some(1));
+        assert!(p.rule("nope").is_none());
         let approvals = p.approvals();
         assert_eq!(approvals.len(), 2, "non-object entries keep their index");
         assert_eq!(approvals[0].role, Some("policy-owner"));

@@ -10,7 +10,8 @@ use pde::ExitCode;
 use pde::config::Config;
 use pde::keys::TrustedKeys;
 use pde::plugin::{
-    CallContext, Plugin, PluginHost, PluginKind, PolicyInput, ServiceInfo, SignatureStatus,
+    ActivePolicy, CallContext, Plugin, PluginHost, PluginKind, PolicyInput, ServiceInfo,
+    SignatureStatus,
 };
 use pde::term::Escaped;
 
@@ -59,6 +60,12 @@ pub enum PluginCmd {
         /// (name, url, tags, labels).
         #[arg(long, value_name = "FILE")]
         services: Option<PathBuf>,
+        /// The version to present as active in the environment
+        /// (`context.active`, seen by plugins built against
+        /// pde:plugin@0.2.0): a bundle file (`*.bundle.json`, digest
+        /// checked) or a policy document (JSON or YAML). Default: none.
+        #[arg(long, value_name = "FILE")]
+        active: Option<PathBuf>,
     },
     /// Sign a component and its manifest (`PATH` with `.toml`): writes `PATH.sig`.
     Sign {
@@ -99,6 +106,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             env,
             settings,
             services,
+            active,
         } => test(
             ctx,
             &target,
@@ -107,6 +115,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
                 env: env.as_deref(),
                 settings: settings.as_deref(),
                 services: services.as_deref(),
+                active: active.as_deref(),
             },
         ),
         PluginCmd::Sign {
@@ -349,7 +358,24 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
             .map(|k| k.to_string())
             .unwrap_or_else(|| "none (exports neither validate nor route)".into())
     );
-    println!("  pde:plugin versions: {}", report.wit_versions.join(", "));
+    let supported = report.wit_supported.join(", ");
+    let binding = match &report.wit_bound_by {
+        Some(module) if report.sees_active_policy => format!(
+            "supported (bound by the {module} module; its context carries the active policy)"
+        ),
+        Some(module) => format!(
+            "supported (bound by the {module} module; not told the active policy, which needs 0.2.0)"
+        ),
+        None => format!("NOT SUPPORTED by this pde (it binds {supported}): it will not load"),
+    };
+    println!(
+        "  pde:plugin version: {} {binding}",
+        if report.wit_versions.is_empty() {
+            "none named".to_string()
+        } else {
+            report.wit_versions.join(", ")
+        }
+    );
     println!("  exports:  {}", report.exports.join(", "));
     for e in &report.tolerated_exports {
         let why = pde::plugin::inspect::TOLERATED_EXPORTS
@@ -470,24 +496,7 @@ fn diff(ctx: &Ctx, old: &str, new: &str, policy: Option<&Path>) -> CmdResult {
 }
 
 fn read_policy(path: &Path) -> Result<PolicyInput, Failure> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading policy {}", path.display()))
-        .map_err(Failure::usage_error)?;
-    let document: serde_json::Value = match serde_json::from_str(&text) {
-        Ok(v) => v,
-        Err(json_err) => serde_saphyr::from_str(&text).map_err(|yaml_err| {
-            Failure::usage(format!(
-                "{} is neither JSON ({json_err}) nor YAML ({yaml_err})",
-                path.display()
-            ))
-        })?,
-    };
-    if !document.is_object() {
-        return Err(Failure::usage(format!(
-            "{} must hold a policy object",
-            path.display()
-        )));
-    }
+    let document = read_document(path)?;
     let field = |k: &str| {
         document
             .get(k)
@@ -510,11 +519,66 @@ fn read_policy(path: &Path) -> Result<PolicyInput, Failure> {
     })
 }
 
+/// `--active`: a bundle (digest checked; its policy, version and digest),
+/// or a plain policy document (no digest, no deploy time).
+fn read_active(path: &Path) -> Result<ActivePolicy, Failure> {
+    let value = read_document(path)?;
+    if value.get("format").is_some() && value.get("payload").is_some() {
+        let bundle = pde::bundle::Bundle::from_value(value).map_err(|e| {
+            Failure::usage(format!(
+                "--active {}: not a usable bundle: {e}",
+                path.display()
+            ))
+        })?;
+        return Ok(ActivePolicy {
+            version: bundle.payload.manifest.version,
+            digest: bundle.digest,
+            deployed_at: String::new(),
+            document: bundle.payload.policy,
+        });
+    }
+    let version = value
+        .get("version")
+        .and_then(|v| v.as_str())
+        .unwrap_or_default()
+        .to_string();
+    Ok(ActivePolicy {
+        version,
+        digest: String::new(),
+        deployed_at: String::new(),
+        document: value,
+    })
+}
+
+/// A JSON or YAML object from `path`.
+fn read_document(path: &Path) -> Result<serde_json::Value, Failure> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading policy {}", path.display()))
+        .map_err(Failure::usage_error)?;
+    let document: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(json_err) => serde_saphyr::from_str(&text).map_err(|yaml_err| {
+            Failure::usage(format!(
+                "{} is neither JSON ({json_err}) nor YAML ({yaml_err})",
+                path.display()
+            ))
+        })?,
+    };
+    if !document.is_object() {
+        return Err(Failure::usage(format!(
+            "{} must hold a policy object",
+            path.display()
+        )));
+    }
+    Ok(document)
+}
+
 /// `pde plugin test`'s options beside the target and policy.
 struct TestOptions<'a> {
     env: Option<&'a str>,
     settings: Option<&'a str>,
     services: Option<&'a Path>,
+    active: Option<&'a Path>,
 }
 
 fn cache_text(cached: bool) -> &'static str {
@@ -614,7 +678,16 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
     let policy = read_policy(policy_path)?;
     let call = CallContext {
         environment: env.unwrap_or_default().to_string(),
+        active: opts.active.map(read_active).transpose()?,
     };
+    if call.active.is_some() && !plugin.sees_active_policy() {
+        tracing::warn!(
+            plugin = plugin.name.as_str(),
+            wit = %plugin.wit_version,
+            "--active is not passed on: the plugin is built against pde:plugin@{}, and only 0.2.0 and later are told the active policy",
+            plugin.wit_version
+        );
+    }
     let cache = host
         .cache_entry(&plugin.sha256)
         .map(|_| plugin.loaded_from_cache);
@@ -637,6 +710,8 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
                     "denied": report.denied,
                     "loaded_from_cache": cache,
                     "settings": plugin.settings,
+                    "wit_version": plugin.wit_version.to_string(),
+                    "active": call.active.as_ref().filter(|_| plugin.sees_active_policy()),
                 }));
             } else {
                 for d in &report.value {
@@ -645,6 +720,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
                 if let Some(cached) = cache {
                     println!("compiled: {}", cache_text(cached));
                 }
+                print_active(&plugin, call.active.as_ref());
                 print_costs(
                     &report.log,
                     &report.denied,
@@ -688,6 +764,8 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
                     "denied": report.denied,
                     "loaded_from_cache": cache,
                     "settings": plugin.settings,
+                    "wit_version": plugin.wit_version.to_string(),
+                    "active": call.active.as_ref().filter(|_| plugin.sees_active_policy()),
                 }));
             } else {
                 if services.is_empty() {
@@ -702,6 +780,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
                 if let Some(cached) = cache {
                     println!("compiled: {}", cache_text(cached));
                 }
+                print_active(&plugin, call.active.as_ref());
                 print_costs(
                     &report.log,
                     &report.denied,
@@ -713,6 +792,26 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
             }
             Ok(ExitCode::Ok)
         }
+    }
+}
+
+/// Which active version the plugin was shown, if `--active` gave one.
+fn print_active(plugin: &Plugin, active: Option<&ActivePolicy>) {
+    let Some(active) = active else {
+        return;
+    };
+    if plugin.sees_active_policy() {
+        let digest = if active.digest.is_empty() {
+            "a plain document, no bundle digest".to_string()
+        } else {
+            active.digest.clone()
+        };
+        println!("active: version {} ({digest})", Escaped(&active.version));
+    } else {
+        println!(
+            "active: not shown to the plugin (built against pde:plugin@{}; 0.2.0 and later are told the active policy)",
+            plugin.wit_version
+        );
     }
 }
 

@@ -59,6 +59,14 @@ pub fn validation(r: &ValidationReport) {
         .map(|e| format!(" for {e}"))
         .unwrap_or_default();
     println!("validate  policy {} v{}{env}", r.policy_id, r.version);
+    if let Some(a) = &r.active {
+        println!(
+            "  against the active version {} ({}, since {})",
+            pde::term::Escaped(&a.version),
+            a.digest,
+            a.deployed_at
+        );
+    }
     for p in &r.plugins {
         println!(
             "  plugin {:<22} {} error(s), {} warning(s), {} fuel, {} µs",

@@ -65,7 +65,7 @@ const ROUTER_RS: &str = include_str!("../../templates/plugin-rust/router.rs.tmpl
 const ROUTER_TOML: &str = include_str!("../../templates/plugin-rust/router.toml.tmpl");
 
 /// The SDK's version on crates.io that a scaffold asks for by default.
-const SDK_VERSION: &str = "0.1";
+const SDK_VERSION: &str = "0.2";
 
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();

@@ -334,9 +334,10 @@ pub fn state(ctx: &Ctx, cmd: StateCmd) -> CmdResult {
                 ctx.print_json(&report);
             } else {
                 println!(
-                    "migrated {} deployment(s), {} active entr(ies) and {} audit record(s) to {}\n  audit chain verified, head {}",
+                    "migrated {} deployment(s), {} active entr(ies), {} bundle(s) and {} audit record(s) to {}\n  audit chain verified, head {}",
                     report.deployments,
                     report.active,
+                    report.bundles,
                     report.audit_records,
                     report.to,
                     report.audit_head

@@ -105,6 +105,16 @@ INSERT INTO audit_sink_cursor (id, cursor) VALUES (1, 0);
 -- one is seen (the same step as SQLite's third migration).
 CREATE INDEX deployments_in_progress ON deployments (outcome, policy_id, env);
 "#,
+    r#"
+-- The bundles deploys pushed, by digest (issue 13; SQLite's fourth
+-- migration): every machine of the team can read the active version's
+-- policy, which pde:plugin@0.2.0 validators are shown.
+CREATE TABLE bundles (
+    digest    TEXT PRIMARY KEY,
+    bytes     BYTEA NOT NULL,
+    stored_at TEXT NOT NULL
+);
+"#,
 ];
 
 /// Serialises first-time migration of one database across machines.
@@ -542,6 +552,27 @@ impl StateBackend for PgState {
                 &[&env, &policy_id, &digest, &RecordOutcome::Deployed.as_str()],
             )?
             .get(0))
+        })
+    }
+
+    fn put_bundle(&self, digest: &str, bytes: &[u8]) -> Result<(), StateError> {
+        let now = now_rfc3339();
+        self.call("store bundle", |c| {
+            c.execute(
+                "INSERT INTO bundles (digest, bytes, stored_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (digest) DO NOTHING",
+                &[&digest, &bytes, &now],
+            )
+            .map(drop)
+        })
+    }
+
+    fn bundle(&self, digest: &str) -> Result<Option<Vec<u8>>, StateError> {
+        self.call("read bundle", |c| {
+            Ok(
+                c.query_opt("SELECT bytes FROM bundles WHERE digest = $1", &[&digest])?
+                    .map(|r| r.get(0)),
+            )
         })
     }
 

@@ -138,14 +138,11 @@ pub fn seal(
 /// Writes `bundle` atomically into `dir` as
 /// `<policy>-<version>-<digest prefix>.bundle.json`.
 pub fn write(bundle: &Bundle, dir: &Path) -> Result<PathBuf, PackageError> {
-    let hex = bundle.digest.trim_start_matches("sha256:");
-    let name = format!(
-        "{}-{}-{}.bundle.json",
-        bundle.payload.manifest.policy_id,
-        bundle.payload.manifest.version,
-        &hex[..12.min(hex.len())]
-    );
-    let path = dir.join(name);
+    let path = dir.join(pde_core::bundle::file_name(
+        &bundle.payload.manifest.policy_id,
+        &bundle.payload.manifest.version,
+        &bundle.digest,
+    ));
     let written = std::fs::create_dir_all(dir)
         .and_then(|()| pde_core::fsutil::atomic_write(&path, &bundle.to_canonical_bytes()));
     written.map_err(|source| PackageError::Write {

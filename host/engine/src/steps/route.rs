@@ -12,7 +12,7 @@ use pde_core::{ExitCode, HasExitCode};
 
 use crate::config::{Environment, Service};
 use crate::plugin::PluginSet as Plugins;
-use crate::plugin::{CallContext, PluginError, PluginKind, PolicyInput, ServiceInfo};
+use crate::plugin::{ActivePolicy, CallContext, PluginError, PluginKind, PolicyInput, ServiceInfo};
 use crate::policy::Policy;
 
 /// Why routing produced no targets.
@@ -65,15 +65,19 @@ impl From<&Service> for ServiceInfo {
     }
 }
 
-/// Asks every router plugin where `policy` goes in `env_name`. Routing to no
-/// service at all is an error: a deploy that reaches nobody is a mistake.
+/// Asks every router plugin where `policy` goes in `env_name`. Routers get
+/// the context validators get in that environment: `active` is the version
+/// active there, as validation found it (routers built against
+/// `pde:plugin@0.2.0` see it). Routing to no service at all is an error: a
+/// deploy that reaches nobody is a mistake.
 pub fn route(
     plugins: &Plugins,
     policy: &Policy,
     env_name: &str,
     env: &Environment,
+    active: Option<&ActivePolicy>,
 ) -> Result<Vec<RouteDecision>, RouteError> {
-    let routes = pick(plugins, policy, env_name, env)?;
+    let routes = pick(plugins, policy, env_name, env, active)?;
     if routes.is_empty() {
         return Err(RouteError::NoRoutes {
             env: env_name.to_string(),
@@ -88,6 +92,7 @@ fn pick(
     policy: &Policy,
     env_name: &str,
     env: &Environment,
+    active: Option<&ActivePolicy>,
 ) -> Result<Vec<RouteDecision>, RouteError> {
     let routers: Vec<_> = loaded.of_kind(PluginKind::Router).collect();
     if routers.is_empty() {
@@ -109,6 +114,7 @@ fn pick(
     };
     let ctx = CallContext {
         environment: env_name.to_string(),
+        active: active.cloned(),
     };
     let mut picked: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for router in routers {

@@ -6,6 +6,16 @@
 //! environment (the artifact checked in staging is the one promoted to
 //! production, byte for byte), yet plugins are promised the environment in
 //! their context. Calls cost micro- to milliseconds, so the second run is cheap.
+//!
+//! The environment's run also carries the version of the policy active there
+//! (plugins built against `pde:plugin@0.2.0` see it as `context.active`), so a
+//! validator can judge the change and not only the new document. It is read
+//! from the bundle that made it active, which the deploy stored in the state
+//! ([`stored_bundle`]), digest checked. The environment-neutral run never
+//! gets it, for the same reason it gets no environment: what goes into the
+//! bundle must not depend on where the bundle goes.
+
+use std::path::Path;
 
 use serde::Serialize;
 
@@ -15,10 +25,10 @@ use crate::bundle::ValidatorRecord;
 use crate::config::Environment;
 use crate::diagnostic::{Diagnostic, Severity};
 use crate::plugin::PluginSet as Plugins;
-use crate::plugin::{CallContext, PluginKind, PolicyInput, SignatureStatus};
+use crate::plugin::{ActivePolicy, CallContext, PluginKind, PolicyInput, SignatureStatus};
 use crate::policy::approvals::{self, Requirement, Verdict};
 use crate::policy::{self, Policy, PolicyStore};
-use crate::state::StateStore;
+use crate::state::{Active, StateStore, stored_bundle};
 
 /// Why step 1 did not pass.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +91,9 @@ pub struct Inputs<'a> {
     pub plugins: &'a Plugins,
     /// The keys whose signed approvals count.
     pub approvers: &'a pde_core::approval::Approvers,
+    /// This checkout's `<state>/dist`, where bundles deployed before the
+    /// state kept them can still be found.
+    pub dist: &'a Path,
 }
 
 /// Refuses to go on in an environment that requires signed plugins when one
@@ -127,6 +140,12 @@ pub struct ValidationReport {
     pub plugins: Vec<PluginRun>,
     /// The policy's approvals as judged (the bundle carries the counted ones).
     pub approvals: Verdict,
+    /// The version active in the environment that the environment's run
+    /// was judged against (its document is not serialised); `None` without
+    /// an environment, when nothing is active there, or when its bundle
+    /// could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active: Option<ActivePolicy>,
 }
 
 /// One validator plugin's run.
@@ -164,6 +183,7 @@ impl ValidationReport {
             diagnostics,
             plugins: Vec::new(),
             approvals: Verdict::default(),
+            active: None,
         }
     }
 
@@ -231,6 +251,7 @@ pub fn validate(
 ) -> Result<ValidationReport, ValidateError> {
     let mut diagnostics = policy::check_rules_unique(policy);
     diagnostics.extend(policy::check_conflicts(policy, inputs.policies));
+    let mut active_policy = None;
     if let Some((env_name, _)) = env {
         let active = inputs.state.active(&policy.id, env_name)?;
         let active_version = active
@@ -239,8 +260,20 @@ pub fn validate(
         // Re-deploying the version that is already active is judged later,
         // by digest: the same bytes are an idempotent no-op, other bytes are
         // refused (see `package::check_redeploy`).
-        if active_version.as_ref() != Some(&policy.version) {
+        let same_version = active_version.as_ref() == Some(&policy.version);
+        if !same_version {
             diagnostics.extend(policy::check_version(policy, active_version.as_ref()));
+        }
+        if let Some(active) = &active {
+            match read_active(inputs, &policy.id, active)? {
+                Ok(found) => active_policy = Some(found),
+                // The same version again changes nothing to judge, and its
+                // deploy stores the bundle that is missing.
+                Err(_) if same_version => {}
+                Err(why) => diagnostics.extend(unreadable_active(
+                    inputs, &policy.id, env_name, active, &why,
+                )),
+            }
         }
     }
     let requirement = env.map(|(_, environment)| Requirement {
@@ -257,15 +290,15 @@ pub fn validate(
         version: policy.version.to_string(),
         document: policy.document.clone(),
     };
+    // The run recorded in the bundle: no environment, nothing active.
+    let neutral_ctx = CallContext::default();
+    let env_ctx = env.map(|(env_name, _)| CallContext {
+        environment: env_name.to_string(),
+        active: active_policy.clone(),
+    });
     let mut runs = Vec::new();
     for plugin in loaded.of_kind(PluginKind::Validator) {
-        let neutral = loaded.host.validate(
-            plugin,
-            &input,
-            &CallContext {
-                environment: String::new(),
-            },
-        )?;
+        let neutral = loaded.host.validate(plugin, &input, &neutral_ctx)?;
         let count = |sev| neutral.value.iter().filter(|d| d.severity == sev).count() as u32;
         let mut run = PluginRun {
             name: plugin.name.clone(),
@@ -276,14 +309,8 @@ pub fn validate(
             elapsed_us: neutral.elapsed.as_micros() as u64,
         };
         let mut found = neutral.value;
-        if let Some((env_name, _)) = env {
-            let specific = loaded.host.validate(
-                plugin,
-                &input,
-                &CallContext {
-                    environment: env_name.to_string(),
-                },
-            )?;
+        if let Some(env_ctx) = &env_ctx {
+            let specific = loaded.host.validate(plugin, &input, env_ctx)?;
             run.fuel_used += specific.fuel_used;
             run.elapsed_us += specific.elapsed.as_micros() as u64;
             for d in specific.value {
@@ -304,5 +331,70 @@ pub fn validate(
         diagnostics,
         plugins: runs,
         approvals,
+        active: active_policy,
     })
+}
+
+/// The policy `active` names, from the bundle the deploy stored
+/// ([`stored_bundle`]); `Ok(Err(why))` when it cannot be read.
+fn read_active(
+    inputs: Inputs<'_>,
+    policy_id: &str,
+    active: &Active,
+) -> Result<Result<ActivePolicy, String>, ValidateError> {
+    let found = stored_bundle(
+        &**inputs.state,
+        inputs.dist,
+        policy_id,
+        &active.version,
+        &active.digest,
+    )?;
+    Ok(found.map(|bundle| ActivePolicy {
+        version: bundle.payload.manifest.version,
+        digest: bundle.digest,
+        deployed_at: active.deployed_at.clone(),
+        document: bundle.payload.policy,
+    }))
+}
+
+/// A version is active but its bundle cannot be read. Plugins built against
+/// `pde:plugin@0.2.0` judge changes against it, and telling them "nothing
+/// is active" would pass a change unjudged, so that is an error; when no
+/// plugin would be told, nothing is lost and nothing is said.
+fn unreadable_active(
+    inputs: Inputs<'_>,
+    policy_id: &str,
+    env: &str,
+    active: &Active,
+    why: &str,
+) -> Option<Diagnostic> {
+    let told: Vec<&str> = inputs
+        .plugins
+        .plugins
+        .iter()
+        .filter(|p| p.sees_active_policy())
+        .map(|p| p.name.as_str())
+        .collect();
+    if told.is_empty() {
+        return None;
+    }
+    let file = pde_core::bundle::file_name(policy_id, &active.version, &active.digest);
+    Some(Diagnostic::error(
+        "active",
+        "active.unavailable",
+        "",
+        format!(
+            "version {} of policy {policy_id} is active in {env} ({}), but its bundle cannot be \
+             read ({why}). {} judge a change against the active version (pde:plugin@0.2.0) and \
+             cannot do so without it. Copy {file} into {} from the checkout that deployed it, or \
+             deploy version {} again from its release tag policy/{policy_id}/v{}/{env} (a no-op \
+             for the services, which stores its bundle)",
+            active.version,
+            active.digest,
+            told.join(", "),
+            inputs.dist.display(),
+            active.version,
+            active.version,
+        ),
+    ))
 }

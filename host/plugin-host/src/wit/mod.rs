@@ -4,11 +4,23 @@
 //! export names (`pde:plugin/host@0.1.0`). [`select`] reads that version and
 //! picks the module that binds it (semver-compatible with the module's
 //! `MIN_VERSION`); an unknown version is refused by name before anything runs.
-//! Supporting 0.2.0 means adding `since_v0_2_0.rs`, a variant in
-//! [`Prepared`] and a row in [`SUPPORTED`], nothing else. The shims translate
-//! types only: every check sits below them, in `sandbox` and the facade.
+//! Supporting a new version means adding `since_v0_X_Y.rs`, a variant in
+//! [`Prepared`] and a row in [`SUPPORTED`], nothing else; 0.2.0 was added
+//! that way. The newest module ([`latest`]) is the one implementation: the
+//! older shims convert their types to its types and forward to it. The shims
+//! translate types only: every check sits below them, in `sandbox` and the
+//! facade.
+//!
+//! | module | binds | adds |
+//! |---|---|---|
+//! | [`since_v0_1_0`] | 0.1.x | validators, routers, `host.log` |
+//! | [`since_v0_2_0`] | 0.2.x | `context.active`: the policy active in the target environment |
 
 pub mod since_v0_1_0;
+pub mod since_v0_2_0;
+
+/// The newest version module, which older shims forward to.
+pub use since_v0_2_0 as latest;
 
 use semver::Version;
 use wasmtime::Engine;
@@ -22,7 +34,16 @@ use crate::limits::Limits;
 pub const PACKAGE: &str = "pde:plugin";
 
 /// The `MIN_VERSION` of every version module, oldest first.
-pub const SUPPORTED: &[Version] = &[since_v0_1_0::MIN_VERSION];
+pub const SUPPORTED: &[Version] = &[since_v0_1_0::MIN_VERSION, since_v0_2_0::MIN_VERSION];
+
+/// The first version whose context carries the active policy.
+pub const ACTIVE_POLICY_SINCE: Version = since_v0_2_0::MIN_VERSION;
+
+/// True when a plugin built against `version` is told the active policy
+/// (`context.active`, since 0.2.0).
+pub fn carries_active_policy(version: &Version) -> bool {
+    select(version).is_some_and(|min| *min >= ACTIVE_POLICY_SINCE)
+}
 
 /// What a shim's call returns: the plugin's own `result<list<T>, string>`
 /// with its costs, or the named way the call failed.
@@ -41,6 +62,22 @@ pub struct CallInput {
     pub environment: String,
     /// The plugin's settings as JSON text.
     pub settings: String,
+    /// The version of the policy active in `environment`, if any. Only
+    /// versions since [`ACTIVE_POLICY_SINCE`] pass it on.
+    pub active: Option<ActiveInput>,
+}
+
+/// The policy active in the target environment, independent of the WIT version.
+#[derive(Debug, Clone)]
+pub struct ActiveInput {
+    /// Its version.
+    pub version: String,
+    /// Its bundle digest, `sha256:<hex>` (`""` when unknown).
+    pub digest: String,
+    /// When it became active, RFC 3339 (`""` when unknown).
+    pub deployed_at: String,
+    /// Its document as JSON text.
+    pub document: String,
 }
 
 /// Severity as returned by a plugin.
@@ -90,6 +127,7 @@ pub struct RawRoute {
 /// The version module able to run a given plugin, with its linker.
 pub struct Linkers {
     v0_1_0: Linker<HostState>,
+    v0_2_0: Linker<HostState>,
 }
 
 impl Linkers {
@@ -97,6 +135,7 @@ impl Linkers {
     pub fn new(engine: &Engine) -> Result<Linkers, PluginError> {
         Ok(Linkers {
             v0_1_0: since_v0_1_0::linker(engine)?,
+            v0_2_0: since_v0_2_0::linker(engine)?,
         })
     }
 }
@@ -105,6 +144,8 @@ impl Linkers {
 pub enum Prepared {
     /// Built against 0.1.x.
     V0_1(since_v0_1_0::Prepared),
+    /// Built against 0.2.x.
+    V0_2(since_v0_2_0::Prepared),
 }
 
 /// The `pde:plugin` versions named by `names` (imports and exports).
@@ -151,6 +192,8 @@ pub fn prepare(
     let router = kind == PluginKind::Router;
     let result = if *min == since_v0_1_0::MIN_VERSION {
         since_v0_1_0::prepare(&linkers.v0_1_0, component, router).map(Prepared::V0_1)
+    } else if *min == since_v0_2_0::MIN_VERSION {
+        since_v0_2_0::prepare(&linkers.v0_2_0, component, router).map(Prepared::V0_2)
     } else {
         Err(format!("no module binds WIT {min}"))
     };
@@ -176,7 +219,11 @@ impl Prepared {
             Prepared::V0_1(since_v0_1_0::Prepared::Validator(pre)) => Some(since_v0_1_0::validate(
                 engine, pre, plugin, limits, options, input,
             )),
-            Prepared::V0_1(since_v0_1_0::Prepared::Router(_)) => None,
+            Prepared::V0_2(since_v0_2_0::Prepared::Validator(pre)) => Some(since_v0_2_0::validate(
+                engine, pre, plugin, limits, options, input,
+            )),
+            Prepared::V0_1(since_v0_1_0::Prepared::Router(_))
+            | Prepared::V0_2(since_v0_2_0::Prepared::Router(_)) => None,
         }
     }
 
@@ -194,7 +241,11 @@ impl Prepared {
             Prepared::V0_1(since_v0_1_0::Prepared::Router(pre)) => Some(since_v0_1_0::route(
                 engine, pre, plugin, limits, options, input, services,
             )),
-            Prepared::V0_1(since_v0_1_0::Prepared::Validator(_)) => None,
+            Prepared::V0_2(since_v0_2_0::Prepared::Router(pre)) => Some(since_v0_2_0::route(
+                engine, pre, plugin, limits, options, input, services,
+            )),
+            Prepared::V0_1(since_v0_1_0::Prepared::Validator(_))
+            | Prepared::V0_2(since_v0_2_0::Prepared::Validator(_)) => None,
         }
     }
 }
@@ -227,7 +278,63 @@ mod tests {
             select(&Version::new(0, 1, 3)),
             Some(&since_v0_1_0::MIN_VERSION)
         );
-        assert_eq!(select(&Version::new(0, 2, 0)), None);
+        assert_eq!(
+            select(&Version::new(0, 2, 0)),
+            Some(&since_v0_2_0::MIN_VERSION)
+        );
+        assert_eq!(
+            select(&Version::new(0, 2, 7)),
+            Some(&since_v0_2_0::MIN_VERSION)
+        );
+        // Unknown versions, older or newer, bind to nothing.
+        assert_eq!(select(&Version::new(0, 3, 0)), None);
+        assert_eq!(select(&Version::new(0, 0, 9)), None);
         assert_eq!(select(&Version::new(1, 0, 0)), None);
+    }
+
+    #[test]
+    fn only_versions_since_0_2_0_are_told_the_active_policy() {
+        assert!(!carries_active_policy(&Version::new(0, 1, 0)));
+        assert!(!carries_active_policy(&Version::new(0, 1, 9)));
+        assert!(carries_active_policy(&Version::new(0, 2, 0)));
+        assert!(carries_active_policy(&Version::new(0, 2, 3)));
+        assert!(!carries_active_policy(&Version::new(0, 3, 0)));
+    }
+
+    #[test]
+    fn supported_versions_are_listed_oldest_first_and_latest_is_last() {
+        assert!(SUPPORTED.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(SUPPORTED.last(), Some(&latest::MIN_VERSION));
+    }
+
+    fn input(active: bool) -> CallInput {
+        CallInput {
+            id: "42".into(),
+            version: "2.0.0".into(),
+            document: "{}".into(),
+            environment: "prod".into(),
+            settings: "{}".into(),
+            active: active.then(|| ActiveInput {
+                version: "1.0.0".into(),
+                digest: "sha256:ab".into(),
+                deployed_at: "2031-01-01T00:00:00Z".into(),
+                document: r#"{"id":"42"}"#.into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_newest_context_carries_the_active_policy_and_0_1_0_drops_it() {
+        let c = latest::context(&input(true));
+        let a = c.active.clone().expect("0.2.0 passes it on");
+        assert_eq!(
+            (a.version.as_str(), a.digest.as_str()),
+            ("1.0.0", "sha256:ab")
+        );
+        assert_eq!(a.document, r#"{"id":"42"}"#);
+        assert!(latest::context(&input(false)).active.is_none());
+        // The 0.1.0 shim converts the newest context, losing only `active`.
+        let old = since_v0_1_0::context_of(c);
+        assert_eq!((old.0.as_str(), old.1.as_str()), ("prod", "{}"));
     }
 }

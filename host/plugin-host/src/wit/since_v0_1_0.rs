@@ -1,19 +1,26 @@
 //! Bindings for `pde:plugin@0.1.0` (wit/v0.1.0/plugin.wit).
 //!
-//! This module only translates between the 0.1.0 types and the
-//! version-independent ones of [`super`]; it never checks anything itself.
-//! Limits, capability denial and result bounds live once, below every shim,
-//! in [`crate::sandbox`] and [`crate::plugin`] (the lesson of Zed's
-//! issue #55533, where an old shim's private copy of a host function skipped
-//! a check). A future 0.2.0 is a new `since_v0_2_0.rs` beside this one.
+//! A shim, in the manner of Zed's `since_v0_X` modules: it converts the
+//! 0.1.0 types to and from those of the newest version ([`latest`]) and
+//! forwards to it, so there is one implementation of `host.log` and of the
+//! translation into the version-independent types of [`super`]. It never
+//! checks anything itself: limits, capability denial, result bounds and
+//! attribution live once, below every shim, in [`crate::sandbox`] and the
+//! [`crate::PluginHost`] facade (the lesson of Zed's issue #55533, where an
+//! old shim's private copy of a host function skipped a check).
+//!
+//! What 0.1.0 lacks: `context.active` (the policy active in the target
+//! environment). A 0.1.0 plugin is simply not told; everything else is the
+//! same.
 
 use semver::Version;
 use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
 
-use super::{CallInput, Called, RawDiagnostic, RawRoute, RawService, RawSeverity};
+use super::since_v0_2_0 as latest;
+use super::{CallInput, Called, RawDiagnostic, RawRoute, RawService};
 use crate::PluginError;
-use crate::sandbox::{self, HostState, LogLevel, RunOptions};
+use crate::sandbox::{self, HostState, RunOptions};
 
 /// The oldest plugin WIT version this module binds.
 pub const MIN_VERSION: Version = Version::new(0, 1, 0);
@@ -46,14 +53,73 @@ impl types::Host for HostState {}
 
 impl host::Host for HostState {
     fn log(&mut self, level: host::Level, message: String) {
-        let level = match level {
-            host::Level::Error => LogLevel::Error,
-            host::Level::Warn => LogLevel::Warn,
-            host::Level::Info => LogLevel::Info,
-            host::Level::Debug => LogLevel::Debug,
-            host::Level::Trace => LogLevel::Trace,
-        };
-        HostState::log(self, level, &message);
+        latest::host::Host::log(self, level.into(), message);
+    }
+}
+
+impl From<host::Level> for latest::host::Level {
+    fn from(level: host::Level) -> Self {
+        match level {
+            host::Level::Error => latest::host::Level::Error,
+            host::Level::Warn => latest::host::Level::Warn,
+            host::Level::Info => latest::host::Level::Info,
+            host::Level::Debug => latest::host::Level::Debug,
+            host::Level::Trace => latest::host::Level::Trace,
+        }
+    }
+}
+
+impl From<latest::types::Policy> for types::Policy {
+    fn from(p: latest::types::Policy) -> Self {
+        types::Policy {
+            id: p.id,
+            version: p.version,
+            document: p.document,
+        }
+    }
+}
+
+impl From<latest::types::Context> for types::Context {
+    /// Drops `active`, which 0.1.0 does not have.
+    fn from(c: latest::types::Context) -> Self {
+        types::Context {
+            environment: c.environment,
+            settings: c.settings,
+        }
+    }
+}
+
+impl From<latest::types::Service> for types::Service {
+    fn from(s: latest::types::Service) -> Self {
+        types::Service {
+            name: s.name,
+            tags: s.tags,
+            labels: s.labels,
+        }
+    }
+}
+
+impl From<types::Diagnostic> for latest::types::Diagnostic {
+    fn from(d: types::Diagnostic) -> Self {
+        latest::types::Diagnostic {
+            severity: match d.severity {
+                types::Severity::Error => latest::types::Severity::Error,
+                types::Severity::Warning => latest::types::Severity::Warning,
+                types::Severity::Info => latest::types::Severity::Info,
+            },
+            path: d.path,
+            code: d.code,
+            message: d.message,
+        }
+    }
+}
+
+impl From<types::Route> for latest::types::Route {
+    fn from(r: types::Route) -> Self {
+        latest::types::Route {
+            service: r.service,
+            reason: r.reason,
+        }
     }
 }
 
@@ -97,20 +163,6 @@ pub fn prepare(
     }
 }
 
-fn policy(input: &CallInput) -> (types::Policy, types::Context) {
-    (
-        types::Policy {
-            id: input.id.clone(),
-            version: input.version.clone(),
-            document: input.document.clone(),
-        },
-        types::Context {
-            environment: input.environment.clone(),
-            settings: input.settings.clone(),
-        },
-    )
-}
-
 /// Calls `validate` in a fresh sandbox.
 pub fn validate(
     engine: &Engine,
@@ -120,23 +172,15 @@ pub fn validate(
     options: RunOptions,
     input: &CallInput,
 ) -> Called<RawDiagnostic> {
-    let (p, c) = policy(input);
+    let p: types::Policy = latest::policy(input).into();
+    let c: types::Context = latest::context(input).into();
     let (out, stats) = sandbox::run(engine, plugin, limits, options, async |store| {
         let instance = pre.instantiate_async(&mut *store).await?;
         instance.call_validate(&mut *store, &p, &c).await
     })?;
     let out = out.map(|list| {
         list.into_iter()
-            .map(|d| RawDiagnostic {
-                severity: match d.severity {
-                    types::Severity::Error => RawSeverity::Error,
-                    types::Severity::Warning => RawSeverity::Warning,
-                    types::Severity::Info => RawSeverity::Info,
-                },
-                path: d.path,
-                code: d.code,
-                message: d.message,
-            })
+            .map(|d| latest::raw_diagnostic(d.into()))
             .collect()
     });
     Ok((out, stats))
@@ -152,26 +196,26 @@ pub fn route(
     input: &CallInput,
     services: &[RawService],
 ) -> Called<RawRoute> {
-    let (p, c) = policy(input);
-    let services: Vec<types::Service> = services
-        .iter()
-        .map(|s| types::Service {
-            name: s.name.clone(),
-            tags: s.tags.clone(),
-            labels: s.labels.clone(),
-        })
-        .collect();
+    let p: types::Policy = latest::policy(input).into();
+    let c: types::Context = latest::context(input).into();
+    let services: Vec<types::Service> =
+        services.iter().map(|s| latest::service(s).into()).collect();
     let (out, stats) = sandbox::run(engine, plugin, limits, options, async |store| {
         let instance = pre.instantiate_async(&mut *store).await?;
         instance.call_route(&mut *store, &p, &c, &services).await
     })?;
     let out = out.map(|list| {
         list.into_iter()
-            .map(|r| RawRoute {
-                service: r.service,
-                reason: r.reason,
-            })
+            .map(|r| latest::raw_route(r.into()))
             .collect()
     });
     Ok((out, stats))
+}
+
+/// The newest context as a 0.1.0 plugin receives it, as
+/// `(environment, settings)` (for the tests of [`super`]).
+#[cfg(test)]
+pub(super) fn context_of(c: latest::types::Context) -> (String, String) {
+    let c: types::Context = c.into();
+    (c.environment, c.settings)
 }

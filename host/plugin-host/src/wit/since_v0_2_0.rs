@@ -1,0 +1,198 @@
+//! Bindings for `pde:plugin@0.2.0` (wit/v0.2.0/plugin.wit), the newest
+//! contract: the context carries the policy active in the target environment.
+//!
+//! This is the one implementation of the contract. It translates between the
+//! 0.2.0 types and the version-independent ones of [`super`], and older
+//! shims (`since_v0_1_0`) translate their types onto these and call the
+//! functions here, as Zed's extension host forwards `since_v0_X` to `latest`.
+//! Nothing in this module checks anything: limits, capability denial, result
+//! bounds and attribution live once, below every shim, in
+//! [`crate::sandbox`] and the [`crate::PluginHost`] facade (Zed's
+//! issue #55533 is what happens when a shim keeps its own copy).
+
+use semver::Version;
+use wasmtime::Engine;
+use wasmtime::component::{Component, HasSelf, Linker};
+
+use super::{CallInput, Called, RawDiagnostic, RawRoute, RawService, RawSeverity};
+use crate::PluginError;
+use crate::sandbox::{self, HostState, LogLevel, RunOptions};
+
+/// The oldest plugin WIT version this module binds.
+pub const MIN_VERSION: Version = Version::new(0, 2, 0);
+
+mod validator_world {
+    wasmtime::component::bindgen!({
+        path: "../../wit/v0.2.0",
+        world: "validator",
+        // Async exports: the call runs on a fiber, so a guest waiting in a
+        // host call yields to the host's timeout (see `sandbox`).
+        exports: { default: async },
+    });
+}
+
+mod router_world {
+    wasmtime::component::bindgen!({
+        path: "../../wit/v0.2.0",
+        world: "router",
+        exports: { default: async },
+        with: {
+            "pde:plugin/types": super::validator_world::pde::plugin::types,
+            "pde:plugin/host": super::validator_world::pde::plugin::host,
+        },
+    });
+}
+
+pub use validator_world::pde::plugin::{host, types};
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    /// `host.log` of every version ends here, then in [`HostState::log`].
+    fn log(&mut self, level: host::Level, message: String) {
+        let level = match level {
+            host::Level::Error => LogLevel::Error,
+            host::Level::Warn => LogLevel::Warn,
+            host::Level::Info => LogLevel::Info,
+            host::Level::Debug => LogLevel::Debug,
+            host::Level::Trace => LogLevel::Trace,
+        };
+        HostState::log(self, level, &message);
+    }
+}
+
+/// The linker for 0.2.0 plugins: WASI p2 (async, so waits yield to the
+/// call's timeout; nothing behind it) + `host`.
+pub fn linker(engine: &Engine) -> Result<Linker<HostState>, PluginError> {
+    let mut linker = Linker::new(engine);
+    let fail = |e: wasmtime::Error| PluginError::Engine(format!("linking WIT 0.2.0: {e:#}"));
+    sandbox::link_wasi(&mut linker).map_err(fail)?;
+    validator_world::Validator::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
+        .map_err(fail)?;
+    Ok(linker)
+}
+
+/// A component pre-instantiated against the 0.2.0 linker, as one world.
+pub enum Prepared {
+    /// World `validator`.
+    Validator(validator_world::ValidatorPre<HostState>),
+    /// World `router`.
+    Router(router_world::RouterPre<HostState>),
+}
+
+/// Links `component` and type-checks it against world `validator` or `router`.
+/// Errors are returned as text; the caller turns them into a named error.
+pub fn prepare(
+    linker: &Linker<HostState>,
+    component: &Component,
+    router: bool,
+) -> Result<Prepared, String> {
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("{e:#}"))?;
+    if router {
+        router_world::RouterPre::new(pre)
+            .map(Prepared::Router)
+            .map_err(|e| format!("{e:#}"))
+    } else {
+        validator_world::ValidatorPre::new(pre)
+            .map(Prepared::Validator)
+            .map_err(|e| format!("{e:#}"))
+    }
+}
+
+/// The call's policy as this version passes it.
+pub fn policy(input: &CallInput) -> types::Policy {
+    types::Policy {
+        id: input.id.clone(),
+        version: input.version.clone(),
+        document: input.document.clone(),
+    }
+}
+
+/// The call's context as this version passes it, active policy included.
+pub fn context(input: &CallInput) -> types::Context {
+    types::Context {
+        environment: input.environment.clone(),
+        settings: input.settings.clone(),
+        active: input.active.as_ref().map(|a| types::ActivePolicy {
+            version: a.version.clone(),
+            digest: a.digest.clone(),
+            deployed_at: a.deployed_at.clone(),
+            document: a.document.clone(),
+        }),
+    }
+}
+
+/// A service as this version passes it.
+pub fn service(s: &RawService) -> types::Service {
+    types::Service {
+        name: s.name.clone(),
+        tags: s.tags.clone(),
+        labels: s.labels.clone(),
+    }
+}
+
+/// A diagnostic of this version, before the host checks and attributes it.
+pub fn raw_diagnostic(d: types::Diagnostic) -> RawDiagnostic {
+    RawDiagnostic {
+        severity: match d.severity {
+            types::Severity::Error => RawSeverity::Error,
+            types::Severity::Warning => RawSeverity::Warning,
+            types::Severity::Info => RawSeverity::Info,
+        },
+        path: d.path,
+        code: d.code,
+        message: d.message,
+    }
+}
+
+/// A route of this version, before the host checks it.
+pub fn raw_route(r: types::Route) -> RawRoute {
+    RawRoute {
+        service: r.service,
+        reason: r.reason,
+    }
+}
+
+/// Calls `validate` in a fresh sandbox.
+pub fn validate(
+    engine: &Engine,
+    pre: &validator_world::ValidatorPre<HostState>,
+    plugin: &str,
+    limits: &crate::limits::Limits,
+    options: RunOptions,
+    input: &CallInput,
+) -> Called<RawDiagnostic> {
+    let (p, c) = (policy(input), context(input));
+    let (out, stats) = sandbox::run(engine, plugin, limits, options, async |store| {
+        let instance = pre.instantiate_async(&mut *store).await?;
+        instance.call_validate(&mut *store, &p, &c).await
+    })?;
+    Ok((
+        out.map(|list| list.into_iter().map(raw_diagnostic).collect()),
+        stats,
+    ))
+}
+
+/// Calls `route` in a fresh sandbox.
+pub fn route(
+    engine: &Engine,
+    pre: &router_world::RouterPre<HostState>,
+    plugin: &str,
+    limits: &crate::limits::Limits,
+    options: RunOptions,
+    input: &CallInput,
+    services: &[RawService],
+) -> Called<RawRoute> {
+    let (p, c) = (policy(input), context(input));
+    let services: Vec<types::Service> = services.iter().map(service).collect();
+    let (out, stats) = sandbox::run(engine, plugin, limits, options, async |store| {
+        let instance = pre.instantiate_async(&mut *store).await?;
+        instance.call_route(&mut *store, &p, &c, &services).await
+    })?;
+    Ok((
+        out.map(|list| list.into_iter().map(raw_route).collect()),
+        stats,
+    ))
+}
