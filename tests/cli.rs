@@ -377,7 +377,7 @@ fn version_says_what_a_bug_report_needs() {
     for needed in [
         "commit: ",
         "wasmtime: 48.",
-        "plugin WIT: pde:plugin@0.1.0",
+        "plugin WIT: pde:plugin@0.1.0, pde:plugin@0.2.0",
         "bundle formats: pde.bundle/",
         "push protocol: v2",
     ] {

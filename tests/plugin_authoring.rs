@@ -161,6 +161,133 @@ fn plugin_test_passes_env_into_the_call_context() {
 }
 
 #[test]
+fn plugin_test_shows_a_0_2_0_plugin_the_active_version_of_a_bundle_or_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let change = bare(root, pde_plugin_artifacts::BENEFIT_CHANGE, "change");
+    let legacy = bare(root, pde_plugin_artifacts::LEGACY_VALIDATOR, "legacy");
+    let rule = |amount: u32| {
+        json!([{"key": "heating.amount", "category": "benefits", "value": amount,
+                "description": "monthly"}])
+    };
+    let policy = write_policy(root, rule(100)); // effective 2030-01-01
+    let v1 = json!({
+        "id": "42", "version": "0.9.0", "title": "t", "agency": "a",
+        "effective": "2029-01-01", "approvals": [], "rules": rule(200), "config": {}
+    });
+    std::fs::write(root.join("v1.json"), v1.to_string()).unwrap();
+    // The same document as a sealed bundle: its digest is checked and shown.
+    let bundle = pde::bundle::Bundle::seal(
+        pde::bundle::Payload {
+            manifest: pde::bundle::Manifest {
+                policy_id: "42".into(),
+                version: "0.9.0".into(),
+                source_commit: "0".repeat(40),
+                validators: Vec::new(),
+            },
+            policy: v1,
+        },
+        &[],
+    )
+    .unwrap();
+    std::fs::write(root.join("v1.bundle.json"), bundle.to_canonical_bytes()).unwrap();
+    let run = |wasm: &Path, active: &str| {
+        let o = pde(
+            root,
+            cache.path(),
+            &[
+                "plugin",
+                "test",
+                wasm.to_str().unwrap(),
+                "--policy",
+                policy.to_str().unwrap(),
+                "--env",
+                "prod",
+                "--settings",
+                r#"{"today": "2029-12-01"}"#,
+                "--active",
+                active,
+                "--output",
+                "json",
+            ],
+        );
+        (code(&o), json(&o))
+    };
+    // A 50% cut a month ahead: blocked, against the document's version.
+    let (c, report) = run(&change, "v1.json");
+    assert_eq!(c, 3, "{report}");
+    assert_eq!(
+        codes(&report),
+        ["benefit-change.short-notice", "benefit-change.compared"]
+    );
+    assert_eq!(report["active"]["version"], "0.9.0");
+    assert_eq!(report["active"]["digest"], "");
+    let (c, report) = run(&change, "v1.bundle.json");
+    assert_eq!(c, 3, "{report}");
+    assert_eq!(report["active"]["digest"], bundle.digest.as_str());
+    assert!(
+        report["diagnostics"][1]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&bundle.digest),
+        "{report}"
+    );
+    // A bundle that does not hash to its digest is refused (exit 2).
+    let mut edited: Value = serde_json::from_slice(&bundle.to_canonical_bytes()).unwrap();
+    edited["payload"]["policy"]["rules"][0]["value"] = json!(101);
+    std::fs::write(root.join("edited.bundle.json"), edited.to_string()).unwrap();
+    let o = pde(
+        root,
+        cache.path(),
+        &[
+            "plugin",
+            "test",
+            change.to_str().unwrap(),
+            "--policy",
+            policy.to_str().unwrap(),
+            "--active",
+            "edited.bundle.json",
+        ],
+    );
+    assert_eq!(code(&o), 2, "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a usable bundle"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // A 0.1.0 plugin is not told: its report says so and it runs as before.
+    let (c, report) = run(&legacy, "v1.json");
+    assert_eq!(c, 0, "{report}");
+    assert_eq!(report["wit_version"], "0.1.0");
+    assert_eq!(report["active"], Value::Null);
+    assert_eq!(codes(&report), ["legacy.seen"]);
+    // And inspect says which version each was built against.
+    for (wasm, says) in [
+        (
+            &change,
+            "0.2.0 supported (bound by the 0.2.0 module; its context carries the active policy)",
+        ),
+        (
+            &legacy,
+            "0.1.0 supported (bound by the 0.1.0 module; not told the active policy",
+        ),
+    ] {
+        let o = pde(
+            root,
+            cache.path(),
+            &["plugin", "inspect", wasm.to_str().unwrap()],
+        );
+        assert_eq!(code(&o), 0);
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.contains(&format!("pde:plugin version: {says}")),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn plugin_test_offers_a_router_the_services_of_a_file() {
     let dir = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
@@ -427,6 +554,7 @@ fn the_sdk_packages_with_no_file_outside_its_crate() {
         "src/lib.rs",
         "src/bindings.rs",
         "wit/v0.1.0/plugin.wit",
+        "wit/v0.2.0/plugin.wit",
     ] {
         assert!(files.contains(&needed), "{needed} not packaged: {files:?}");
     }
@@ -593,6 +721,34 @@ fn plugin_new_scaffolds_a_validator_and_a_router_that_build_and_pass_plugin_test
         ],
     );
     assert_eq!(c, 3);
+    // Built with the SDK against pde:plugin@0.2.0, it is shown the active
+    // version given with --active: a rule that version had and the policy
+    // dropped is a warning of the template's second check.
+    let mut older: Value =
+        serde_json::from_str(&std::fs::read_to_string(project.join("policy.json")).unwrap())
+            .unwrap();
+    older["version"] = json!("0.9.0");
+    older["rules"].as_array_mut().unwrap().push(json!(
+        {"key": "retired.rule", "category": "forms", "value": 1, "description": "d"}
+    ));
+    let active = project.join("active.json");
+    std::fs::write(&active, older.to_string()).unwrap();
+    let (c, report) = test(
+        &project.join("policy.json"),
+        &["--env", "production", "--active", active.to_str().unwrap()],
+    );
+    assert_eq!(c, 0, "{report}");
+    assert_eq!(codes(&report), vec!["desc-check.rule-removed"]);
+    assert!(
+        report["diagnostics"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"retired.rule\" was removed since the active version 0.9.0"),
+        "{report}"
+    );
+    assert_eq!(report["wit_version"], "0.2.0");
+    assert_eq!(report["active"]["version"], "0.9.0");
+    assert_eq!(report["active"]["digest"], "");
     // Its manifest template is a manifest pde reads, once sha256 is filled in.
     let manifest = std::fs::read_to_string(project.join("desc-check.toml")).unwrap();
     let sha = pde::plugin::sha256_hex(&std::fs::read(wasm).unwrap());

@@ -1208,8 +1208,8 @@ fn a_0_1_0_and_a_0_2_0_validator_run_side_by_side_and_only_0_2_0_sees_the_active
 
     // v2 cuts the benefit by 25% and takes effect in a month.
     let v2 = as_input(heating("2.0.0", 150, "2031-04-01"));
-    let ctx = with_active(heating("1.0.0", 200, "2031-01-01"));
-    let report = host.validate(change, &v2, &ctx).unwrap();
+    let deploy = with_active(heating("1.0.0", 200, "2031-01-01"));
+    let report = host.validate(change, &v2, &deploy).unwrap();
     let found: Vec<(&str, Severity, &str)> = report
         .value
         .iter()
@@ -1237,7 +1237,7 @@ fn a_0_1_0_and_a_0_2_0_validator_run_side_by_side_and_only_0_2_0_sees_the_active
 
     // The 0.1.0 plugin runs in the same host with the same context; it is
     // told the environment, never the active version, and works as before.
-    let report = host.validate(legacy, &v2, &ctx).unwrap();
+    let report = host.validate(legacy, &v2, &deploy).unwrap();
     assert_eq!(report.value.len(), 1);
     let d = &report.value[0];
     assert_eq!(
@@ -1283,12 +1283,12 @@ fn the_hosts_checks_apply_below_the_0_1_0_shim() {
     // Fuel: the manifest's (tighter) limit stops it, by name.
     let mut starved = plugin.clone();
     starved.settings = json!({});
-    starved.limits.fuel = 10_000;
+    starved.limits.fuel = 1_000; // a whole call takes about 6,000
     let err = host
         .validate(&starved, &policy(json!([])), &ctx("prod"))
         .unwrap_err();
     assert!(
-        matches!(err, PluginError::OutOfFuel { fuel: 10_000, .. }),
+        matches!(err, PluginError::OutOfFuel { fuel: 1_000, .. }),
         "{err}"
     );
 

@@ -15,6 +15,11 @@
 //!
 //! `call_overhead/*` uses a policy with no rules, where the gap between
 //! sandboxed and native is almost pure per-call overhead.
+//!
+//! `active_policy/*` is the price of `pde:plugin@0.2.0`'s `context.active`
+//! for a plugin that never looks at it: the same call with and without an
+//! active version as large as the policy (the host serialises and passes
+//! it, the SDK parses it).
 //! Results and the command are recorded in BENCHMARKS.md.
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -109,6 +114,29 @@ fn calls(c: &mut Criterion) {
         });
         group.bench_with_input(BenchmarkId::new("native_logic", n), &parsed, |b, parsed| {
             b.iter(|| eligibility_bounds::check(parsed, &ctx).unwrap().len())
+        });
+    }
+    group.finish();
+
+    let mut group = c.benchmark_group("active_policy");
+    for n in [50usize, 1000] {
+        let p = policy(n);
+        let with = CallContext {
+            environment: "production".into(),
+            active: Some(pde::plugin::ActivePolicy {
+                version: "1.2.0".into(),
+                digest: format!("sha256:{}", "0".repeat(64)),
+                deployed_at: "2031-01-01T00:00:00Z".into(),
+                document: p.document.clone(),
+            }),
+        };
+        let without = CallContext::env("production");
+        assert!(plugin.sees_active_policy());
+        group.bench_with_input(BenchmarkId::new("none", n), &p, |b, p| {
+            b.iter(|| host.validate(&plugin, p, &without).unwrap().value.len())
+        });
+        group.bench_with_input(BenchmarkId::new("same_size", n), &p, |b, p| {
+            b.iter(|| host.validate(&plugin, p, &with).unwrap().value.len())
         });
     }
     group.finish();

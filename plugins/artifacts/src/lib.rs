@@ -90,13 +90,12 @@ mod tests {
             } else {
                 "0.2.0"
             };
-            assert_eq!(
-                pde_imports(&bytes),
-                [
-                    format!("pde:plugin/host@{version}"),
-                    format!("pde:plugin/types@{version}")
-                ],
-                "{name}"
+            // `host` is only imported by a plugin that logs.
+            let imports = pde_imports(&bytes);
+            assert!(
+                imports.contains(&format!("pde:plugin/types@{version}"))
+                    && imports.iter().all(|i| i.ends_with(&format!("@{version}"))),
+                "{name}: {imports:?}"
             );
         }
     }

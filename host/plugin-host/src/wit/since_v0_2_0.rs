@@ -43,7 +43,8 @@ mod router_world {
     });
 }
 
-pub use validator_world::pde::plugin::{host, types};
+// Crate-visible: the older shims convert to these types.
+pub(crate) use validator_world::pde::plugin::{host, types};
 
 impl types::Host for HostState {}
 
@@ -102,7 +103,7 @@ pub fn prepare(
 }
 
 /// The call's policy as this version passes it.
-pub fn policy(input: &CallInput) -> types::Policy {
+pub(crate) fn policy(input: &CallInput) -> types::Policy {
     types::Policy {
         id: input.id.clone(),
         version: input.version.clone(),
@@ -111,7 +112,7 @@ pub fn policy(input: &CallInput) -> types::Policy {
 }
 
 /// The call's context as this version passes it, active policy included.
-pub fn context(input: &CallInput) -> types::Context {
+pub(crate) fn context(input: &CallInput) -> types::Context {
     types::Context {
         environment: input.environment.clone(),
         settings: input.settings.clone(),
@@ -125,7 +126,7 @@ pub fn context(input: &CallInput) -> types::Context {
 }
 
 /// A service as this version passes it.
-pub fn service(s: &RawService) -> types::Service {
+pub(crate) fn service(s: &RawService) -> types::Service {
     types::Service {
         name: s.name.clone(),
         tags: s.tags.clone(),
@@ -134,7 +135,7 @@ pub fn service(s: &RawService) -> types::Service {
 }
 
 /// A diagnostic of this version, before the host checks and attributes it.
-pub fn raw_diagnostic(d: types::Diagnostic) -> RawDiagnostic {
+pub(crate) fn raw_diagnostic(d: types::Diagnostic) -> RawDiagnostic {
     RawDiagnostic {
         severity: match d.severity {
             types::Severity::Error => RawSeverity::Error,
@@ -148,7 +149,7 @@ pub fn raw_diagnostic(d: types::Diagnostic) -> RawDiagnostic {
 }
 
 /// A route of this version, before the host checks it.
-pub fn raw_route(r: types::Route) -> RawRoute {
+pub(crate) fn raw_route(r: types::Route) -> RawRoute {
     RawRoute {
         service: r.service,
         reason: r.reason,
