@@ -1004,6 +1004,14 @@ fn a_0_1_0_and_a_0_2_0_plugin_run_in_one_deploy_and_the_0_2_0_validator_judges_t
         .find(|p| p.name == "legacy-validator")
         .expect("the 0.1.0 validator ran in this deploy");
     assert!(legacy.fuel_used > 0);
+    // What a bundle would record is the env-neutral run's: no error there,
+    // since that run is never told the active version.
+    let change = report
+        .plugins
+        .iter()
+        .find(|p| p.name == "benefit-change")
+        .unwrap();
+    assert_eq!((change.errors, change.warnings), (0, 0));
     let active = report.active.as_ref().expect("judged against v1");
     assert_eq!(
         (active.version.as_str(), active.digest.as_str()),
