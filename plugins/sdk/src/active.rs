@@ -14,6 +14,8 @@
 //! are recorded in the bundle: a finding about the change blocks the deploy
 //! but never enters the bundle, which must not depend on the environment.
 
+use std::collections::BTreeMap;
+
 use serde_json::Value;
 
 use crate::policy::{Policy, Rule};
@@ -87,11 +89,24 @@ impl ActivePolicy {
     /// assert!(matches!(changes[2], RuleChange::Removed { .. }));
     /// ```
     pub fn rule_changes<'a>(&'a self, new: &'a Policy) -> Vec<RuleChange<'a>> {
+        // Indexed by key: a policy may have thousands of rules, and fuel is
+        // the plugin's budget.
+        let index = |rules: &[Rule<'a>]| -> BTreeMap<&'a str, Rule<'a>> {
+            let mut map = BTreeMap::new();
+            for rule in rules {
+                if let Some(key) = rule.key {
+                    map.entry(key).or_insert(*rule);
+                }
+            }
+            map
+        };
         let old_rules = self.policy.rules();
         let new_rules = new.rules();
+        let (old_by_key, new_by_key) = (index(&old_rules), index(&new_rules));
         let mut out = Vec::new();
-        for rule in new_rules.iter().filter(|r| r.key.is_some()) {
-            match old_rules.iter().find(|o| o.key == rule.key) {
+        for rule in new_rules.iter() {
+            let Some(key) = rule.key else { continue };
+            match old_by_key.get(key) {
                 None => out.push(RuleChange::Added { new: *rule }),
                 Some(old) if old.raw != rule.raw => out.push(RuleChange::Changed {
                     old: *old,
@@ -100,8 +115,8 @@ impl ActivePolicy {
                 Some(_) => {}
             }
         }
-        for old in old_rules.iter().filter(|o| o.key.is_some()) {
-            if !new_rules.iter().any(|r| r.key == old.key) {
+        for old in old_rules.iter() {
+            if old.key.is_some_and(|key| !new_by_key.contains_key(key)) {
                 out.push(RuleChange::Removed { old: *old });
             }
         }

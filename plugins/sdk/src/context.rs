@@ -8,18 +8,70 @@
 //! The context also carries the version of the policy active in the target
 //! environment, when there is one ([`Context::active`], `pde:plugin@0.2.0`).
 
+use std::sync::OnceLock;
+
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::active::ActivePolicy;
+use crate::policy::Policy;
 
 /// The call's context: target environment, this plugin's settings, and the
 /// version of the policy active in that environment.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Context {
     environment: String,
     settings: Value,
-    active: Option<ActivePolicy>,
+    active: Option<ActiveSlot>,
+}
+
+/// The active version as the host passed it, parsed on first use: a plugin
+/// that never calls [`Context::active`] does not pay for parsing a second
+/// policy document (which roughly doubled a small check's fuel).
+#[derive(Debug, Clone)]
+struct ActiveSlot {
+    raw: Option<RawActive>,
+    parsed: OnceLock<Option<ActivePolicy>>,
+}
+
+/// `context.active` of the WIT, unparsed.
+#[derive(Debug, Clone)]
+pub(crate) struct RawActive {
+    pub(crate) policy_id: String,
+    pub(crate) version: String,
+    pub(crate) digest: String,
+    pub(crate) deployed_at: String,
+    pub(crate) document: String,
+}
+
+impl ActiveSlot {
+    fn get(&self) -> Option<&ActivePolicy> {
+        self.parsed
+            .get_or_init(|| {
+                let raw = self.raw.as_ref()?;
+                match Policy::from_json(&raw.policy_id, &raw.version, &raw.document) {
+                    Ok(policy) => Some(ActivePolicy::new(
+                        policy,
+                        raw.digest.clone(),
+                        raw.deployed_at.clone(),
+                    )),
+                    // The host sends a JSON object; anything else is its bug.
+                    Err(e) => {
+                        crate::log(crate::Level::Error, &format!("the active policy: {e}"));
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+}
+
+impl PartialEq for Context {
+    fn eq(&self, other: &Self) -> bool {
+        self.environment == other.environment
+            && self.settings == other.settings
+            && self.active() == other.active()
+    }
 }
 
 impl Default for Context {
@@ -45,7 +97,20 @@ impl Context {
 
     /// This context with `active` as the version active in the environment.
     pub fn with_active(mut self, active: ActivePolicy) -> Self {
-        self.active = Some(active);
+        self.active = Some(ActiveSlot {
+            raw: None,
+            parsed: OnceLock::from(Some(active)),
+        });
+        self
+    }
+
+    /// This context with the active version as the host passed it, parsed
+    /// when first asked for.
+    pub(crate) fn with_raw_active(mut self, raw: RawActive) -> Self {
+        self.active = Some(ActiveSlot {
+            raw: Some(raw),
+            parsed: OnceLock::new(),
+        });
         self
     }
 
@@ -75,7 +140,7 @@ impl Context {
     /// bundle, and a plugin must not read `None` as "no change": it means
     /// there is nothing to compare with.
     pub fn active(&self) -> Option<&ActivePolicy> {
-        self.active.as_ref()
+        self.active.as_ref().and_then(ActiveSlot::get)
     }
 
     /// The plugin's `[settings]` table as JSON (an object, possibly empty).
@@ -127,6 +192,31 @@ mod tests {
         let c = c.with_active(ActivePolicy::from_value(json!({"version": "1.0.0"})));
         assert_eq!(c.active().map(ActivePolicy::version), Some("1.0.0"));
         assert!(Context::default().active().is_none());
+    }
+
+    #[test]
+    fn an_active_version_from_the_host_is_parsed_when_first_asked_for() {
+        let raw = |document: &str| RawActive {
+            policy_id: "42".into(),
+            version: "1.0.0".into(),
+            digest: "sha256:ab".into(),
+            deployed_at: "2031-01-01T00:00:00Z".into(),
+            document: document.into(),
+        };
+        let c = Context::new("prod", json!({}))
+            .with_raw_active(raw(r#"{"rules": [{"key": "k", "value": 1}]}"#));
+        let a = c.active().expect("parsed");
+        assert_eq!((a.version(), a.digest()), ("1.0.0", "sha256:ab"));
+        assert_eq!(a.policy().id(), "42");
+        assert_eq!(a.policy().rule("k").and_then(|r| r.number()), Some(1.0));
+        assert!(std::ptr::eq(a, c.active().unwrap()), "parsed once");
+        let same = Context::new("prod", json!({})).with_active(a.clone());
+        assert_eq!(c, same);
+        // A document that is not a JSON object is the host's bug: none, logged.
+        crate::take_native_logs();
+        let broken = Context::new("prod", json!({})).with_raw_active(raw("[1]"));
+        assert!(broken.active().is_none());
+        assert_eq!(crate::take_native_logs().len(), 1);
     }
 
     #[test]

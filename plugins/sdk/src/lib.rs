@@ -149,27 +149,26 @@ pub mod __private {
     pub use std::vec::Vec;
     pub use wit_bindgen;
 
-    use crate::{
-        ActivePolicy, Context, Diagnostic, Policy, Route, Router, Service, Severity, Validator,
-    };
+    use crate::{Context, Diagnostic, Policy, Route, Router, Service, Severity, Validator};
 
     fn policy_from_wit(policy: types::Policy) -> Result<Policy, String> {
         Policy::from_json(policy.id, policy.version, &policy.document)
     }
 
-    /// The context, with the active version under the policy's own id.
+    /// The context, with the active version (under the policy's own id)
+    /// left unparsed until the plugin asks for it.
     fn context_from_wit(context: types::Context, policy: &Policy) -> Result<Context, String> {
         let ctx = Context::from_json(context.environment, &context.settings)?;
         let Some(active) = context.active else {
             return Ok(ctx);
         };
-        let document = Policy::from_json(policy.id(), active.version, &active.document)
-            .map_err(|e| format!("the active policy: {e}"))?;
-        Ok(ctx.with_active(ActivePolicy::new(
-            document,
-            active.digest,
-            active.deployed_at,
-        )))
+        Ok(ctx.with_raw_active(crate::context::RawActive {
+            policy_id: policy.id().to_string(),
+            version: active.version,
+            digest: active.digest,
+            deployed_at: active.deployed_at,
+            document: active.document,
+        }))
     }
 
     fn diagnostic_to_wit(d: Diagnostic) -> types::Diagnostic {
