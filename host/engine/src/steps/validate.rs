@@ -385,8 +385,9 @@ fn unreadable_active(
         "",
         format!(
             "version {} of policy {policy_id} is active in {env} ({}), but its bundle cannot be \
-             read ({why}). {} judge a change against the active version (pde:plugin@0.2.0) and \
-             cannot do so without it. Copy {file} into {} from the checkout that deployed it, or \
+             read ({why}). Plugins built against pde:plugin@0.2.0 ({}) judge a change against \
+             the active version and cannot do so without it. Copy {file} into {} from the \
+             checkout that deployed it, or \
              deploy version {} again from its release tag policy/{policy_id}/v{}/{env} (a no-op \
              for the services, which stores its bundle)",
             active.version,
