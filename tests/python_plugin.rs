@@ -281,26 +281,6 @@ fn guide_block(name: &str, lang: &str) -> String {
     block.split_once("```").expect("the block ends").0.to_string()
 }
 
-/// A workspace as `pde init` makes it, at `dir`, with policy 42 and a
-/// production environment that requires signed plugins.
-fn init_workspace(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
-    support::git(dir, &["init", "-q"]);
-    let o = pde(dir, &["init"]);
-    assert_eq!(code(&o), 0, "{}", both(&o));
-    std::fs::create_dir_all(dir.join("policies")).unwrap();
-    std::fs::create_dir_all(dir.join("plugins")).unwrap();
-    std::fs::write(
-        dir.join("policies/42.json"),
-        policy_42("1.0.0").to_string(),
-    )
-    .unwrap();
-    let mut config = std::fs::read_to_string(dir.join("pde.toml")).unwrap();
-    assert!(config.contains("plugin_keys = []"), "{config}");
-    config.push_str("\n[environments.production]\nrequire_signed_plugins = true\n");
-    std::fs::write(dir.join("pde.toml"), config).unwrap();
-}
-
 #[test]
 fn the_guides_python_section_runs_as_written_to_a_signed_plugin_in_a_workspace() {
     let home = tempfile::tempdir().unwrap();
@@ -326,16 +306,19 @@ fn the_guides_python_section_runs_as_written_to_a_signed_plugin_in_a_workspace()
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("verdict: pass"), "{out}");
     assert!(out.contains("rules-described: checked 2 rule(s)"), "{out}");
-    let wasm = project.join("rules-described.wasm");
+    let wasm = project.join("build/rules-described.wasm");
     assert!(std::fs::metadata(&wasm).unwrap().len() > 1_000_000);
     // `exports` is tolerated, and shown as such.
-    let o = pde(&project, &["plugin", "inspect", "rules-described.wasm", "--output", "json"]);
+    let o = pde(
+        &project,
+        &["plugin", "inspect", wasm.to_str().unwrap(), "--output", "json"],
+    );
     assert_eq!(code(&o), 0, "{}", both(&o));
     assert_eq!(json(&o)["tolerated_exports"], json!(["exports"]));
 
     // 4. Install, sign, trust, validate in a workspace made by `pde init`.
     let ws = home.join("policy-repo");
-    init_workspace(&ws);
+    support::init_workspace(&ws, &cache());
     let o = sh(home, home, &guide_block("python-install", "sh"));
     assert!(o.status.success(), "{}", both(&o));
     assert!(
@@ -405,7 +388,7 @@ fn plugin_new_python_router_builds_and_routes_as_generated() {
     assert_eq!(code(&o), 0, "{}", both(&o));
     let made = json(&o);
     assert_eq!(made["lang"], "python");
-    assert_eq!(made["wasm"], "tag-router.wasm");
+    assert_eq!(made["wasm"], "build/tag-router.wasm");
     let project = home.join("tag-router");
     for f in [
         "app.py",
@@ -432,16 +415,22 @@ fn plugin_new_python_router_builds_and_routes_as_generated() {
     // The README's build steps: bindings, unit test, component.
     let o = sh(&project, home, &readme_build_steps(&readme));
     assert!(o.status.success(), "{}", both(&o));
+    let wasm = project.join("build/tag-router.wasm");
+    let wasm = wasm.to_str().unwrap();
+    let policy = project.join("policy.json");
+    let policy = policy.to_str().unwrap();
+    let services = project.join("services.toml");
+    let services = services.to_str().unwrap();
     let o = pde(
         &project,
         &[
             "plugin",
             "test",
-            "tag-router.wasm",
+            wasm,
             "--policy",
-            "policy.json",
+            policy,
             "--services",
-            "services.toml",
+            services,
             "--output",
             "json",
         ],
@@ -461,11 +450,11 @@ fn plugin_new_python_router_builds_and_routes_as_generated() {
         &[
             "plugin",
             "test",
-            "tag-router.wasm",
+            wasm,
             "--policy",
-            "policy.json",
+            policy,
             "--services",
-            "services.toml",
+            services,
             "--settings",
             r#"{"tagz": ["api"]}"#,
         ],

@@ -10,7 +10,7 @@
 //! `PDE_TEST_PYTHON` (see scripts/lib.sh `ensure_pyenv`). Results and the
 //! command are recorded in BENCHMARKS.md.
 // Bench code: a failed unwrap is a failed run, with its location.
-#![allow(clippy::unwrap_used, clippy::print_stdout)]
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -163,7 +163,6 @@ fn measure(wasm: &Path, cache: &Path) -> Figures {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; there is nothing to filter.
     let dir = tempfile::tempdir().unwrap();
     let py_wasm = build_python(dir.path());
     let rust_wasm = PathBuf::from(pde_plugin_artifacts::wasm("eligibility-bounds").unwrap());

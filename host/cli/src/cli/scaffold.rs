@@ -287,7 +287,9 @@ fn python_files(args: &NewArgs, kind: &str, try_args: &str, router_note: &str) -
         ("try", try_args),
         ("router_note", router_note),
     ];
-    let wasm = format!("{}.wasm", args.name);
+    // Not beside the manifest template: `plugin test` would read its empty
+    // sha256 and refuse the build.
+    let wasm = format!("build/{}.wasm", args.name);
     Project {
         lang: "python",
         files: vec![
@@ -301,6 +303,7 @@ fn python_files(args: &NewArgs, kind: &str, try_args: &str, router_note: &str) -
         from: "built with componentize-py against pde:plugin@0.1.0".to_string(),
         build: vec![
             format!("pip install componentize-py=={COMPONENTIZE_PY}"),
+            "mkdir -p build".to_string(),
             format!("componentize-py --wit-path wit --world {kind} componentize app -o {wasm}"),
         ],
         wasm,
