@@ -622,21 +622,45 @@ fn plugin_new_scaffolds_a_validator_and_a_router_that_build_and_pass_plugin_test
     // trusted in [trust], as the README's install steps say.
     let ws = root.join("policy-repo");
     support::init_workspace(&ws, cache.path());
-    std::fs::copy(installed.join("desc-check.wasm"), ws.join("plugins/desc-check.wasm")).unwrap();
-    std::fs::copy(installed.join("desc-check.toml"), ws.join("plugins/desc-check.toml")).unwrap();
+    std::fs::copy(
+        installed.join("desc-check.wasm"),
+        ws.join("plugins/desc-check.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        installed.join("desc-check.toml"),
+        ws.join("plugins/desc-check.toml"),
+    )
+    .unwrap();
     let author_keys = root.join("author-keys");
     let author_keys = author_keys.to_str().unwrap();
-    let o = pde(&ws, cache.path(), &["keygen", "--out", author_keys, "--name", "security.ed25519"]);
+    let o = pde(
+        &ws,
+        cache.path(),
+        &["keygen", "--out", author_keys, "--name", "security.ed25519"],
+    );
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
     let key = format!("{author_keys}/security.ed25519");
     let o = pde(
         &ws,
         cache.path(),
-        &["plugin", "sign", "plugins/desc-check.wasm", "--key", &key, "--signer", "Security team"],
+        &[
+            "plugin",
+            "sign",
+            "plugins/desc-check.wasm",
+            "--key",
+            &key,
+            "--signer",
+            "Security team",
+        ],
     );
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
     let validate = |ws: &Path| {
-        let o = pde(ws, cache.path(), &["validate", "42", "--env", "production", "--output", "json"]);
+        let o = pde(
+            ws,
+            cache.path(),
+            &["validate", "42", "--env", "production", "--output", "json"],
+        );
         (code(&o), String::from_utf8_lossy(&o.stdout).into_owned())
     };
     // Signed but not trusted: production refuses it.
@@ -646,7 +670,10 @@ fn plugin_new_scaffolds_a_validator_and_a_router_that_build_and_pass_plugin_test
     let config = std::fs::read_to_string(ws.join("pde.toml")).unwrap();
     std::fs::write(
         ws.join("pde.toml"),
-        config.replace("plugin_keys = []", "plugin_keys = [\"keys/security.ed25519.pub\"]"),
+        config.replace(
+            "plugin_keys = []",
+            "plugin_keys = [\"keys/security.ed25519.pub\"]",
+        ),
     )
     .unwrap();
     let (c, out) = validate(&ws);

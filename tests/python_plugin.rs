@@ -54,11 +54,7 @@ fn cache() -> PathBuf {
 
 /// Runs `pde -C dir ARGS` with the shared cache.
 fn pde(dir: &Path, args: &[&str]) -> Output {
-    pde_env(
-        dir,
-        args,
-        &[("PDE_CACHE_DIR", cache().to_str().unwrap())],
-    )
+    pde_env(dir, args, &[("PDE_CACHE_DIR", cache().to_str().unwrap())])
 }
 
 /// Runs a shell block as an author would type it: `bash -eu` in `dir`,
@@ -157,8 +153,12 @@ fn the_python_example_finds_exactly_what_the_rust_plugin_finds() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
     let example = repo().join("plugins/python/eligibility-bounds-py");
+    // Built from a copy, so Python's __pycache__ stays out of the checkout.
+    let src = root.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::copy(example.join("app.py"), src.join("app.py")).unwrap();
     let py = root.join("eligibility-bounds-py.wasm");
-    componentize(&example, "validator", &repo().join("wit/v0.1.0"), &py);
+    componentize(&src, "validator", &repo().join("wit/v0.1.0"), &py);
     let rust = PathBuf::from(pde_plugin_artifacts::ELIGIBILITY_BOUNDS);
 
     // Both manifests ship the same settings.
@@ -210,19 +210,36 @@ fn the_python_example_finds_exactly_what_the_rust_plugin_finds() {
     let cases = [
         ("policy 42", policy_42("1.0.0"), shipped.clone(), 0),
         ("awkward values", awkward, shipped.clone(), 3),
-        ("no settings", with_rules(json!([{"key": "age", "category": "eligibility", "value": 121}])), json!({}), 3),
+        (
+            "no settings",
+            with_rules(json!([{"key": "age", "category": "eligibility", "value": 121}])),
+            json!({}),
+            3,
+        ),
         ("rules not a list", no_rules, shipped.clone(), 0),
         ("agency override", county.clone(), per_agency, 3),
-        ("custom categories", county, json!({"categories": ["benefits"], "age": {"min": 18}}), 3),
+        (
+            "custom categories",
+            county,
+            json!({"categories": ["benefits"], "age": {"min": 18}}),
+            3,
+        ),
     ];
     for (what, policy, settings, expected) in &cases {
         let (rc, r) = plugin_test(root, &rust, policy, settings);
         let (pc, p) = plugin_test(root, &py, policy, settings);
-        assert_eq!((rc, pc), (*expected, *expected), "{what}: exit codes\nrust: {r}\npython: {p}");
+        assert_eq!(
+            (rc, pc),
+            (*expected, *expected),
+            "{what}: exit codes\nrust: {r}\npython: {p}"
+        );
         assert_eq!(p["verdict"], r["verdict"], "{what}");
         assert_eq!(findings(&p), findings(&r), "{what}: findings differ");
         if *expected == 3 {
-            assert!(!findings(&r).is_empty(), "{what}: a case that finds nothing proves little");
+            assert!(
+                !findings(&r).is_empty(),
+                "{what}: a case that finds nothing proves little"
+            );
         }
     }
     // The awkward case covers every code the Rust plugin has.
@@ -278,7 +295,11 @@ fn guide_block(name: &str, lang: &str) -> String {
         .split_once(&format!("```{lang}\n"))
         .unwrap_or_else(|| panic!("a {lang} block follows the {name} marker"))
         .1;
-    block.split_once("```").expect("the block ends").0.to_string()
+    block
+        .split_once("```")
+        .expect("the block ends")
+        .0
+        .to_string()
 }
 
 #[test]
@@ -311,7 +332,13 @@ fn the_guides_python_section_runs_as_written_to_a_signed_plugin_in_a_workspace()
     // `exports` is tolerated, and shown as such.
     let o = pde(
         &project,
-        &["plugin", "inspect", wasm.to_str().unwrap(), "--output", "json"],
+        &[
+            "plugin",
+            "inspect",
+            wasm.to_str().unwrap(),
+            "--output",
+            "json",
+        ],
     );
     assert_eq!(code(&o), 0, "{}", both(&o));
     assert_eq!(json(&o)["tolerated_exports"], json!(["exports"]));
@@ -329,7 +356,11 @@ fn the_guides_python_section_runs_as_written_to_a_signed_plugin_in_a_workspace()
     );
     let validate = |env: &str| {
         let o = pde(&ws, &["validate", "42", "--env", env, "--output", "json"]);
-        (code(&o), String::from_utf8_lossy(&o.stdout).into_owned(), both(&o))
+        (
+            code(&o),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            both(&o),
+        )
     };
     let (c, out, all) = validate("production");
     assert_eq!(c, 0, "{all}");
@@ -381,7 +412,14 @@ fn plugin_new_python_router_builds_and_routes_as_generated() {
     let o = pde(
         home,
         &[
-            "plugin", "new", "tag-router", "--kind", "router", "--lang", "python", "--output",
+            "plugin",
+            "new",
+            "tag-router",
+            "--kind",
+            "router",
+            "--lang",
+            "python",
+            "--output",
             "json",
         ],
     );

@@ -218,7 +218,11 @@ impl Workspace {
 pub fn init_workspace(dir: &Path, cache: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     git(dir, &["init", "-q"]);
-    let o = pde_env(dir, &["init"], &[("PDE_CACHE_DIR", cache.to_str().unwrap())]);
+    let o = pde_env(
+        dir,
+        &["init"],
+        &[("PDE_CACHE_DIR", cache.to_str().unwrap())],
+    );
     assert_eq!(code(&o), 0, "{}", both(&o));
     std::fs::create_dir_all(dir.join("policies")).unwrap();
     std::fs::create_dir_all(dir.join("plugins")).unwrap();

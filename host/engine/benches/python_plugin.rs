@@ -36,8 +36,14 @@ fn build_python(out: &Path) -> PathBuf {
     );
     let bin = Path::new(&python).parent().unwrap().join("componentize-py");
     let wasm = out.join("eligibility-bounds-py.wasm");
+    // Built from a copy, so Python's __pycache__ stays out of the checkout.
+    std::fs::copy(
+        repo().join("plugins/python/eligibility-bounds-py/app.py"),
+        out.join("app.py"),
+    )
+    .unwrap();
     let o = Command::new(&bin)
-        .current_dir(repo().join("plugins/python/eligibility-bounds-py"))
+        .current_dir(out)
         .arg("--wit-path")
         .arg(repo().join("wit/v0.1.0"))
         .args(["--world", "validator", "componentize", "app", "-o"])
