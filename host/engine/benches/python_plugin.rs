@@ -21,7 +21,7 @@ use pde::keys::TrustedKeys;
 use pde::plugin::{CallContext, Plugin, PluginHost, PolicyInput};
 use serde_json::{Value, json};
 
-const COLD_RUNS: usize = 3;
+const COLD_RUNS: usize = 2;
 const CACHED_RUNS: usize = 10;
 const CALLS: usize = 20;
 
@@ -128,7 +128,7 @@ struct Figures {
 fn measure(wasm: &Path, cache: &Path) -> Figures {
     let size = std::fs::metadata(wasm).unwrap().len();
     let uncached = PluginHost::new(Limits::default(), None).unwrap();
-    let cold = (0..COLD_RUNS)
+    let cold: Vec<f64> = (0..COLD_RUNS)
         .map(|_| ms(load(&uncached, wasm).1))
         .collect();
     let cached_host = PluginHost::new(Limits::default(), Some(cache.to_path_buf())).unwrap();
@@ -189,7 +189,9 @@ fn measure(wasm: &Path, cache: &Path) -> Figures {
     }
     Figures {
         size,
-        cold_ms: median(cold),
+        // The fastest cold compile: the ratio to a cached load is then the
+        // least flattering one.
+        cold_ms: cold.into_iter().fold(f64::INFINITY, f64::min),
         cached_ms: median(cached),
         hash_ms: median(hash),
         entry_bytes,
@@ -217,7 +219,7 @@ fn main() {
         py.size as f64 / rust.size as f64
     );
     println!(
-        "| cold compile (median of {COLD_RUNS}) | {:.0} ms | {:.0} ms | {:.0}x |",
+        "| cold compile (fastest of {COLD_RUNS}) | {:.0} ms | {:.0} ms | {:.0}x |",
         rust.cold_ms,
         py.cold_ms,
         py.cold_ms / rust.cold_ms

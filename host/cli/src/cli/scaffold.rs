@@ -325,6 +325,32 @@ mod tests {
     }
 
     #[test]
+    fn python_projects_fill_every_placeholder_and_carry_the_wit() {
+        for kind in [NewKind::Validator, NewKind::Router] {
+            let args = NewArgs {
+                name: "my-check".into(),
+                kind,
+                lang: Lang::Python,
+                project_dir: None,
+                sdk_path: None,
+                sdk_git: None,
+            };
+            let (k, try_args) = match kind {
+                NewKind::Validator => ("validator", "--env production"),
+                NewKind::Router => ("router", "--services services.toml"),
+            };
+            let project = python_files(&args, k, try_args, "");
+            for (rel, text) in &project.files {
+                assert!(!text.contains("{{"), "{}: {text}", rel.display());
+            }
+            assert!(project.files.iter().any(|(rel, text)| {
+                rel == Path::new("wit/plugin.wit") && text.contains("package pde:plugin@0.1.0;")
+            }));
+            assert_eq!(project.wasm, "build/my-check.wasm");
+        }
+    }
+
+    #[test]
     fn render_fills_every_placeholder() {
         let text = render(
             "{{name}} is a {{kind}}",
