@@ -18,6 +18,7 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use serde_json::{Value, json};
 use support::{both, code, json, pde_env, policy_42};
@@ -45,11 +46,19 @@ fn venv_bin() -> PathBuf {
     bin
 }
 
-/// The compile cache every `pde` run of this binary shares.
+/// The compile cache every `pde` run of this binary shares, emptied once
+/// per run (each build of a Python component is a new 18 MB digest, and
+/// old entries would pile up).
 fn cache() -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-plugin-cache");
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    static CACHE: OnceLock<PathBuf> = OnceLock::new();
+    CACHE
+        .get_or_init(|| {
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-plugin-cache");
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            dir
+        })
+        .clone()
 }
 
 /// Runs `pde -C dir ARGS` with the shared cache.
