@@ -19,8 +19,9 @@ ensure_wasm_target() {
 }
 
 # A Python virtual environment with the pinned test tools from PyPI
-# (maturin builds the policy_deploy wheel, pytest runs its tests). Made
-# once under the target dir; prints its path.
+# (maturin builds the policy_deploy wheel, pytest runs its tests,
+# componentize-py builds the Python plugins). Made once under the target
+# dir, remade when scripts/requirements-test.txt changes; prints its path.
 ensure_pyenv() {
     local target_dir=$1 env="$1/pyenv"
     if [ ! -x "$env/bin/pytest" ] || ! cmp -s scripts/requirements-test.txt "$env/requirements-test.txt"; then

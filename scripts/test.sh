@@ -10,7 +10,7 @@ cargo fmt --all --check
 if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
 # One Python venv from PyPI (scripts/requirements-test.txt): an independent
 # RFC 8785 and ed25519 implementation for tests/jcs.rs, maturin and pytest
-# for the policy_deploy package.
+# for the policy_deploy package, componentize-py for tests/python_plugin.rs.
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 pyenv=$(ensure_pyenv "$target_dir")
 export PDE_TEST_PYTHON="$pyenv/bin/python"

@@ -773,6 +773,69 @@ fn plugin_new_scaffolds_a_validator_and_a_router_that_build_and_pass_plugin_test
     assert_eq!(code(&o), 3, "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(json(&o)["plugin"], "desc-check");
 
+    // The rest of the author's path: into a workspace made by `pde init`,
+    // signed with the author's own key (outside the workspace's keys/) and
+    // trusted in [trust], as the README's install steps say.
+    let ws = root.join("policy-repo");
+    support::init_workspace(&ws, cache.path());
+    std::fs::copy(
+        installed.join("desc-check.wasm"),
+        ws.join("plugins/desc-check.wasm"),
+    )
+    .unwrap();
+    std::fs::copy(
+        installed.join("desc-check.toml"),
+        ws.join("plugins/desc-check.toml"),
+    )
+    .unwrap();
+    let author_keys = root.join("author-keys");
+    let author_keys = author_keys.to_str().unwrap();
+    let o = pde(
+        &ws,
+        cache.path(),
+        &["keygen", "--out", author_keys, "--name", "security.ed25519"],
+    );
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let key = format!("{author_keys}/security.ed25519");
+    let o = pde(
+        &ws,
+        cache.path(),
+        &[
+            "plugin",
+            "sign",
+            "plugins/desc-check.wasm",
+            "--key",
+            &key,
+            "--signer",
+            "Security team",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let validate = |ws: &Path| {
+        let o = pde(
+            ws,
+            cache.path(),
+            &["validate", "42", "--env", "production", "--output", "json"],
+        );
+        (code(&o), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    // Signed but not trusted: production refuses it.
+    let (c, out) = validate(&ws);
+    assert_eq!(c, 6, "{out}");
+    std::fs::copy(format!("{key}.pub"), ws.join("keys/security.ed25519.pub")).unwrap();
+    let config = std::fs::read_to_string(ws.join("pde.toml")).unwrap();
+    std::fs::write(
+        ws.join("pde.toml"),
+        config.replace(
+            "plugin_keys = []",
+            "plugin_keys = [\"keys/security.ed25519.pub\"]",
+        ),
+    )
+    .unwrap();
+    let (c, out) = validate(&ws);
+    assert_eq!(c, 0, "{out}");
+    assert!(out.contains("desc-check"), "the plugin ran: {out}");
+
     // The router template, with the sample services it ships.
     let o = pde(
         root,

@@ -212,6 +212,27 @@ impl Workspace {
     }
 }
 
+/// A workspace as `pde init` makes it at `dir` (a new Git repository),
+/// plus policy 42, an empty `plugins/` and a `production` environment that
+/// requires signed plugins: what an author installs a new plugin into.
+pub fn init_workspace(dir: &Path, cache: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    git(dir, &["init", "-q"]);
+    let o = pde_env(
+        dir,
+        &["init"],
+        &[("PDE_CACHE_DIR", cache.to_str().unwrap())],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    std::fs::create_dir_all(dir.join("plugins")).unwrap();
+    std::fs::write(dir.join("policies/42.json"), policy_42("1.0.0").to_string()).unwrap();
+    let mut config = std::fs::read_to_string(dir.join("pde.toml")).unwrap();
+    assert!(config.contains("plugin_keys = []"), "{config}");
+    config.push_str("\n[environments.production]\nrequire_signed_plugins = true\n");
+    std::fs::write(dir.join("pde.toml"), config).unwrap();
+}
+
 /// A valid policy 42 at `version`, with two approvals, an effective date
 /// in the future and rules of every category the example router knows.
 pub fn policy_42(version: &str) -> serde_json::Value {

@@ -1,10 +1,12 @@
-//! `pde plugin new`: a Rust plugin project an outside author can build and
-//! `pde plugin test` as generated.
+//! `pde plugin new`: a Rust or Python plugin project an outside author can
+//! build and `pde plugin test` as generated.
 //!
-//! The templates live in `host/cli/templates/plugin-rust/` as plain files
-//! (compiled in with `include_str!`), so they read as the author will see
-//! them. The SDK dependency is the one line that differs between a source
-//! checkout, a git URL and crates.io, so it is chosen here and printed.
+//! The templates live in `host/cli/templates/plugin-rust/` and
+//! `plugin-python/` as plain files (compiled in with `include_str!`), so
+//! they read as the author will see them. For Rust, the SDK dependency is
+//! the one line that differs between a source checkout, a git URL and
+//! crates.io, so it is chosen here and printed. A Python project carries
+//! the WIT it is built against (componentize-py reads it from `wit/`).
 
 use std::path::{Path, PathBuf};
 
@@ -22,11 +24,13 @@ pub enum NewKind {
     Router,
 }
 
-/// The language of the scaffold (only Rust for now).
+/// The language of the scaffold.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Lang {
     /// A Rust crate on the `pde-plugin` SDK, built for `wasm32-wasip2`.
     Rust,
+    /// A Python module built with componentize-py.
+    Python,
 }
 
 /// `pde plugin new` arguments.
@@ -63,6 +67,22 @@ const VALIDATOR_RS: &str = include_str!("../../templates/plugin-rust/validator.r
 const VALIDATOR_TOML: &str = include_str!("../../templates/plugin-rust/validator.toml.tmpl");
 const ROUTER_RS: &str = include_str!("../../templates/plugin-rust/router.rs.tmpl");
 const ROUTER_TOML: &str = include_str!("../../templates/plugin-rust/router.toml.tmpl");
+
+const PY_README: &str = include_str!("../../templates/plugin-python/README.md.tmpl");
+const PY_GITIGNORE: &str = include_str!("../../templates/plugin-python/gitignore.tmpl");
+const PY_VALIDATOR: &str = include_str!("../../templates/plugin-python/validator.py.tmpl");
+const PY_VALIDATOR_TEST: &str =
+    include_str!("../../templates/plugin-python/test_validator.py.tmpl");
+const PY_ROUTER: &str = include_str!("../../templates/plugin-python/router.py.tmpl");
+const PY_ROUTER_TEST: &str = include_str!("../../templates/plugin-python/test_router.py.tmpl");
+/// The contract a Python project is built against, shipped inside it
+/// because componentize-py reads WIT from disk and an outside author has no
+/// pde checkout.
+const WIT: &str = include_str!("../../../../wit/v0.1.0/plugin.wit");
+
+/// The componentize-py release a Python project's README installs: the
+/// one the test suite builds with (scripts/requirements-test.txt).
+pub const COMPONENTIZE_PY: &str = "0.25.1";
 
 /// The SDK's version on crates.io that a scaffold asks for by default.
 const SDK_VERSION: &str = "0.2";
@@ -124,7 +144,6 @@ fn render(template: &str, vars: &[(&str, &str)]) -> String {
 
 /// Creates the project.
 pub fn new(ctx: &Ctx, args: NewArgs) -> CmdResult {
-    let Lang::Rust = args.lang;
     if !valid_name(&args.name) {
         return Err(Failure::usage(format!(
             "plugin name {:?}: use lowercase letters, digits and '-', starting with a letter",
@@ -142,43 +161,25 @@ pub fn new(ctx: &Ctx, args: NewArgs) -> CmdResult {
             dir.display()
         )));
     }
-    let (sdk, sdk_from) = sdk_line(&args)?;
-    let crate_name = args.name.replace('-', "_");
-    let (kind, lib, manifest, try_args, router_note) = match args.kind {
-        NewKind::Validator => (
-            "validator",
-            VALIDATOR_RS,
-            VALIDATOR_TOML,
-            "--env production",
-            "",
-        ),
+    let (kind, manifest, try_args, router_note) = match args.kind {
+        NewKind::Validator => ("validator", VALIDATOR_TOML, "--env production", ""),
         NewKind::Router => (
             "router",
-            ROUTER_RS,
             ROUTER_TOML,
             "--services services.toml",
             ", and `--services FILE` the services it chooses from",
         ),
     };
-    let vars = [
-        ("name", args.name.as_str()),
-        ("crate", crate_name.as_str()),
-        ("kind", kind),
-        ("sdk", sdk.as_str()),
-        ("try", try_args),
-        ("router_note", router_note),
-    ];
-    let mut files: Vec<(PathBuf, String)> = vec![
-        ("Cargo.toml".into(), render(CARGO_TOML, &vars)),
-        ("src/lib.rs".into(), render(lib, &vars)),
-        (
-            format!("{}.toml", args.name).into(),
-            render(manifest, &vars),
-        ),
-        ("README.md".into(), render(README, &vars)),
-        (".gitignore".into(), GITIGNORE.to_string()),
-        ("policy.json".into(), POLICY.to_string()),
-    ];
+    let project = match args.lang {
+        Lang::Rust => rust_files(&args, kind, try_args, router_note)?,
+        Lang::Python => python_files(&args, kind, try_args, router_note),
+    };
+    let mut files = project.files;
+    files.push((
+        format!("{}.toml", args.name).into(),
+        render(manifest, &[("name", args.name.as_str())]),
+    ));
+    files.push(("policy.json".into(), POLICY.to_string()));
     if args.kind == NewKind::Router {
         files.push(("services.toml".into(), SERVICES.to_string()));
     }
@@ -198,24 +199,115 @@ pub fn new(ctx: &Ctx, args: NewArgs) -> CmdResult {
             "dir": dir,
             "name": args.name,
             "kind": kind,
-            "sdk": sdk,
+            "lang": project.lang,
+            "sdk": project.sdk,
             "files": files.iter().map(|(rel, _)| rel).collect::<Vec<_>>(),
-            "wasm": format!("target/wasm32-wasip2/release/{crate_name}.wasm"),
+            "wasm": project.wasm,
         }));
     } else {
         println!(
-            "created {kind} plugin {} in {} (depending on {sdk_from})",
+            "created {kind} plugin {} in {} ({})",
             args.name,
-            dir.display()
+            dir.display(),
+            project.from
         );
         println!("next:");
         println!("  cd {}", dir.display());
-        println!("  cargo build --target wasm32-wasip2 --release");
+        for step in &project.build {
+            println!("  {step}");
+        }
         println!(
-            "  pde plugin test target/wasm32-wasip2/release/{crate_name}.wasm --policy policy.json {try_args}"
+            "  pde plugin test {} --policy policy.json {try_args}",
+            project.wasm
         );
     }
     Ok(ExitCode::Ok)
+}
+
+/// What one language contributes to a project.
+struct Project {
+    lang: &'static str,
+    /// The language's own files (sources, test, README, ignore list).
+    files: Vec<(PathBuf, String)>,
+    /// The SDK line (Rust) or `null`, for `--output json`.
+    sdk: Option<String>,
+    /// Where the plugin's dependencies come from, for the summary line.
+    from: String,
+    /// The build commands, as the README gives them.
+    build: Vec<String>,
+    /// The component the build writes, relative to the project.
+    wasm: String,
+}
+
+fn rust_files(
+    args: &NewArgs,
+    kind: &str,
+    try_args: &str,
+    router_note: &str,
+) -> Result<Project, Failure> {
+    let (sdk, sdk_from) = sdk_line(args)?;
+    let crate_name = args.name.replace('-', "_");
+    let lib = match args.kind {
+        NewKind::Validator => VALIDATOR_RS,
+        NewKind::Router => ROUTER_RS,
+    };
+    let vars = [
+        ("name", args.name.as_str()),
+        ("crate", crate_name.as_str()),
+        ("kind", kind),
+        ("sdk", sdk.as_str()),
+        ("try", try_args),
+        ("router_note", router_note),
+    ];
+    Ok(Project {
+        lang: "rust",
+        files: vec![
+            ("Cargo.toml".into(), render(CARGO_TOML, &vars)),
+            ("src/lib.rs".into(), render(lib, &vars)),
+            ("README.md".into(), render(README, &vars)),
+            (".gitignore".into(), GITIGNORE.to_string()),
+        ],
+        from: format!("depending on {sdk_from}"),
+        sdk: Some(sdk),
+        build: vec!["cargo build --target wasm32-wasip2 --release".to_string()],
+        wasm: format!("target/wasm32-wasip2/release/{crate_name}.wasm"),
+    })
+}
+
+fn python_files(args: &NewArgs, kind: &str, try_args: &str, router_note: &str) -> Project {
+    let (app, test, export) = match args.kind {
+        NewKind::Validator => (PY_VALIDATOR, PY_VALIDATOR_TEST, "validate"),
+        NewKind::Router => (PY_ROUTER, PY_ROUTER_TEST, "route"),
+    };
+    let vars = [
+        ("name", args.name.as_str()),
+        ("kind", kind),
+        ("export", export),
+        ("componentize_py", COMPONENTIZE_PY),
+        ("try", try_args),
+        ("router_note", router_note),
+    ];
+    // Not beside the manifest template: `plugin test` would read its empty
+    // sha256 and refuse the build.
+    let wasm = format!("build/{}.wasm", args.name);
+    Project {
+        lang: "python",
+        files: vec![
+            ("app.py".into(), render(app, &vars)),
+            ("test_app.py".into(), test.to_string()),
+            ("wit/plugin.wit".into(), WIT.to_string()),
+            ("README.md".into(), render(PY_README, &vars)),
+            (".gitignore".into(), PY_GITIGNORE.to_string()),
+        ],
+        sdk: None,
+        from: "built with componentize-py against pde:plugin@0.1.0".to_string(),
+        build: vec![
+            format!("pip install componentize-py=={COMPONENTIZE_PY}"),
+            "mkdir -p build".to_string(),
+            format!("componentize-py --wit-path wit --world {kind} componentize app -o {wasm}"),
+        ],
+        wasm,
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +321,32 @@ mod tests {
         }
         for bad in ["", "Bounds", "2x", "a_b", "a-", "../x", "a b"] {
             assert!(!valid_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn python_projects_fill_every_placeholder_and_carry_the_wit() {
+        for kind in [NewKind::Validator, NewKind::Router] {
+            let args = NewArgs {
+                name: "my-check".into(),
+                kind,
+                lang: Lang::Python,
+                project_dir: None,
+                sdk_path: None,
+                sdk_git: None,
+            };
+            let (k, try_args) = match kind {
+                NewKind::Validator => ("validator", "--env production"),
+                NewKind::Router => ("router", "--services services.toml"),
+            };
+            let project = python_files(&args, k, try_args, "");
+            for (rel, text) in &project.files {
+                assert!(!text.contains("{{"), "{}: {text}", rel.display());
+            }
+            assert!(project.files.iter().any(|(rel, text)| {
+                rel == Path::new("wit/plugin.wit") && text.contains("package pde:plugin@0.1.0;")
+            }));
+            assert_eq!(project.wasm, "build/my-check.wasm");
         }
     }
 
