@@ -5,7 +5,14 @@
 //! target environment, which only gates. The bundle must not depend on the
 //! environment (the artifact checked in staging is the one promoted to
 //! production, byte for byte), yet plugins are promised the environment in
-//! their context. Calls cost micro- to milliseconds, so the second run is cheap.
+//! their context.
+//!
+//! The second run is skipped where it cannot differ: a plugin whose manifest
+//! declares `uses_environment = false` is never handed an environment by the
+//! host (`PluginHost` gives it the neutral context whatever it is asked), so
+//! its run for the environment would be the very same call as the neutral
+//! one, and the neutral result is used for both. See docs/ARCHITECTURE.md
+//! "Decisions".
 
 use serde::Serialize;
 
@@ -276,7 +283,8 @@ pub fn validate(
             elapsed_us: neutral.elapsed.as_micros() as u64,
         };
         let mut found = neutral.value;
-        if let Some((env_name, _)) = env {
+        // Same input, same call: see the module docs.
+        if let Some((env_name, _)) = env.filter(|_| plugin.uses_environment) {
             let specific = loaded.host.validate(
                 plugin,
                 &input,
