@@ -728,7 +728,10 @@ pub fn run<R>(
             // it, and the host-side timer bounds the rest of the budget.
             None => {
                 let rest = budget.saturating_sub(start.elapsed());
-                wasmtime_wasi::runtime::in_tokio(tokio::time::timeout(rest, pending))
+                // Built inside the runtime: a tokio timer needs its context.
+                wasmtime_wasi::runtime::in_tokio(async {
+                    tokio::time::timeout(rest, pending).await
+                })
             }
         }
     };

@@ -27,9 +27,11 @@ settings := object.get(input, "settings", {})
 categories := object.get(settings, "categories", ["eligibility"])
 
 # The policy's agency override, layered over the global settings.
+default agency_overrides := {}
+
 agency_overrides := object.get(object.get(settings, "agencies", {}), input.policy.agency, {}) if {
 	is_string(input.policy.agency)
-} else := {}
+}
 
 bound(kind, end) := v if {
 	v := agency_overrides[kind][end]
@@ -84,14 +86,16 @@ is_range(v) if {
 
 # A plain number.
 findings contains f if {
-	some [i, rule, k] in checked
+	some c in checked
+	[i, rule, k] := c
 	is_number(rule.value)
 	some f in number_findings(sprintf("/rules/%d/value", [i]), k, rule.value)
 }
 
 # Each end of a range.
 findings contains f if {
-	some [i, rule, k] in checked
+	some c in checked
+	[i, rule, k] := c
 	is_range(rule.value)
 	some end in ["min", "max"]
 	x := rule.value[end]
@@ -100,7 +104,8 @@ findings contains f if {
 }
 
 findings contains {"severity": "error", "path": sprintf("/rules/%d/value/%s", [i, end]), "code": "eligibility.not-a-number"} if {
-	some [i, rule, k] in checked
+	some c in checked
+	[i, rule, _] := c
 	is_range(rule.value)
 	some end in ["min", "max"]
 	x := rule.value[end]
@@ -108,7 +113,8 @@ findings contains {"severity": "error", "path": sprintf("/rules/%d/value/%s", [i
 }
 
 findings contains {"severity": "error", "path": sprintf("/rules/%d/value", [i]), "code": "eligibility.inverted-range"} if {
-	some [i, rule, k] in checked
+	some c in checked
+	[i, rule, _] := c
 	is_range(rule.value)
 	is_number(rule.value.min)
 	is_number(rule.value.max)
@@ -117,7 +123,8 @@ findings contains {"severity": "error", "path": sprintf("/rules/%d/value", [i]),
 
 # Neither a number nor a range (or no value at all).
 findings contains {"severity": "error", "path": sprintf("/rules/%d/value", [i]), "code": "eligibility.not-a-number"} if {
-	some [i, rule, k] in checked
+	some c in checked
+	[i, rule, _] := c
 	not is_number(rule.value)
 	not is_range(rule.value)
 }
