@@ -157,7 +157,8 @@ impl Rng {
             1 => json!(self.below(2_000_000) as i64 - 1000),
             2 => json!(self.below(1000) as f64 / 1000.0),
             3 => json!(self.below(130)),
-            4 => json!(100),
+            // The bounds' edges, where an off-by-one would show.
+            4 => json!(self.pick(&[100.0, 100.5, 101.0, 120.0, 121.0, -1.0, 1e6, 1e6 + 1.0])),
             _ => json!(0),
         }
     }
