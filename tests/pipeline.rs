@@ -1134,3 +1134,61 @@ fn an_active_version_whose_bundle_is_gone_blocks_0_2_0_validators_until_it_is_fo
         .unwrap_or_else(|| panic!("{:?}", findings(&report)));
     assert!(d.message.contains("is damaged"), "{}", d.message);
 }
+
+/// A validator whose manifest says `uses_environment = false` is never given
+/// the environment and runs once per `validate --env`, not twice; one without
+/// the declaration still sees the environment in its second run.
+#[test]
+fn an_environment_neutral_validator_runs_once_and_never_sees_the_environment() {
+    let ws = Workspace::new(&Workspace::env_toml("prod", "", &[]));
+    let misbehave = std::path::PathBuf::from(pde_plugin_artifacts::wasm("misbehave").unwrap());
+    let echo = "[settings]\nmode = \"context\"\n";
+    ws.install_plugin("echo-used", "validator", &misbehave, echo, false);
+    ws.install_plugin(
+        "echo-neutral",
+        "validator",
+        &misbehave,
+        &format!("uses_environment = false\n{echo}"),
+        false,
+    );
+    ws.commit("plugins");
+    let engine = ws.engine();
+    let seen = |report: &pde::steps::validate::ValidationReport, plugin: &str| {
+        let mut messages: Vec<String> = report
+            .diagnostics
+            .iter()
+            .filter(|d| d.source == plugin)
+            .map(|d| d.message.clone())
+            .collect();
+        messages.sort();
+        messages
+    };
+    let fuel = |report: &pde::steps::validate::ValidationReport, plugin: &str| {
+        report
+            .plugins
+            .iter()
+            .find(|p| p.name == plugin)
+            .unwrap()
+            .fuel_used
+    };
+    let neutral = engine.validate_policy("42", None).unwrap();
+    let with_env = engine.validate_policy("42", Some("prod")).unwrap();
+
+    assert_eq!(
+        seen(&with_env, "echo-neutral"),
+        vec![r#"environment="" settings={"mode":"context"}"#.to_string()]
+    );
+    // Fuel of one call, not two (allowing for a few instructions of noise).
+    let one = fuel(&neutral, "echo-neutral");
+    assert!(fuel(&with_env, "echo-neutral") < one * 5 / 4, "one run");
+
+    assert_eq!(
+        seen(&with_env, "echo-used"),
+        vec![
+            r#"environment="" settings={"mode":"context"}"#.to_string(),
+            r#"environment="prod" settings={"mode":"context"}"#.to_string(),
+        ]
+    );
+    let one = fuel(&neutral, "echo-used");
+    assert!(fuel(&with_env, "echo-used") > one * 3 / 2, "two runs");
+}

@@ -738,6 +738,68 @@ fn second_host_uses_the_cache_and_a_corrupt_entry_is_rebuilt() {
     assert!(p.loaded_from_cache, "rebuilt entry is served again");
 }
 
+#[test]
+fn a_cached_entry_is_trusted_by_stamp_only_until_it_is_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let cache_dir = state.path().join("cache").join("plugins");
+    install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let new_host = || PluginHost::new(Limits::default(), Some(cache_dir.clone())).unwrap();
+    let p = load_one(&new_host(), dir.path());
+    assert!(!p.loaded_from_cache);
+    let entry = new_host().cache_entry(&p.sha256).unwrap();
+    let record = pde::plugin::cache::record_path(&entry);
+    let stamp = || {
+        let text = std::fs::read_to_string(&record).unwrap();
+        text.lines().nth(2).unwrap_or("").to_string()
+    };
+    assert_eq!(stamp(), "", "a fresh entry is not trusted by stamp (racy)");
+
+    // Once older than the racy window, the first use hashes it and records
+    // its stamp; later uses map it without hashing.
+    std::thread::sleep(pde::plugin::cache::RACY_WINDOW + Duration::from_millis(200));
+    assert!(load_one(&new_host(), dir.path()).loaded_from_cache);
+    let recorded = stamp();
+    assert!(!recorded.is_empty(), "stamp recorded after a digest check");
+    assert!(load_one(&new_host(), dir.path()).loaded_from_cache);
+    assert_eq!(stamp(), recorded);
+
+    // Rewrite it in place, same size, and put its modification time back:
+    // the change time still moves, so the entry is hashed, and refused.
+    let modified = std::fs::metadata(&entry).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 16] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&entry, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&entry)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(&entry).unwrap().modified().unwrap(),
+        modified
+    );
+    let host = new_host();
+    let p = load_one(&host, dir.path());
+    assert!(
+        !p.loaded_from_cache,
+        "a rewritten entry was trusted by its stamp"
+    );
+    assert_ne!(std::fs::read(&entry).unwrap(), bytes, "entry not rebuilt");
+    let sane = policy(json!([{"key": "min_age", "category": "eligibility", "value": 18}]));
+    assert_eq!(host.validate(&p, &sane, &ctx("")).unwrap().value, vec![]);
+
+    // An entry without its record (an older pde's, or a half-written one)
+    // is a miss, never trusted.
+    std::fs::remove_file(&record).unwrap();
+    assert!(!load_one(&new_host(), dir.path()).loaded_from_cache);
+    assert!(record.is_file(), "record rewritten with the entry");
+}
+
 // ---------------------------------------------------------------- misbehaving fixture
 
 /// The `misbehave` fixture loaded once; modes are chosen per call through
@@ -808,6 +870,41 @@ fn infinite_loop_times_out() {
         "{err}"
     );
     assert_eq!(err.exit_code(), ExitCode::PluginFault);
+}
+
+/// `uses_environment = false` is enforced by the host, not trusted: the
+/// plugin is handed the neutral context whatever the caller asks for.
+#[test]
+fn a_plugin_declared_environment_neutral_is_never_given_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    install(
+        dir.path(),
+        "echo",
+        "misbehave",
+        "validator",
+        "uses_environment = false\n[settings]\nmode = \"context\"\n",
+    );
+    let host = host();
+    let neutral = load_one(&host, dir.path());
+    assert!(!neutral.uses_environment);
+    let said = |p: &Plugin| {
+        let out = host
+            .validate(p, &policy(json!([])), &ctx("production"))
+            .unwrap();
+        out.value[0].message.clone()
+    };
+    assert!(
+        said(&neutral).starts_with(r#"environment="""#),
+        "{}",
+        said(&neutral)
+    );
+    let mut using = neutral.clone();
+    using.uses_environment = true;
+    assert!(
+        said(&using).starts_with(r#"environment="production""#),
+        "{}",
+        said(&using)
+    );
 }
 
 #[test]

@@ -20,6 +20,12 @@
 //! for a plugin that never looks at it: the same call with and without an
 //! active version as large as the policy (the host serialises and passes
 //! it, the SDK parses it).
+//!
+//! `rego/*` puts the sandboxed plugin beside the same check ported to Rego
+//! (benches/rego/eligibility.rego) on regorus, the Rust OPA engine, at 0, 50
+//! and 1,000 rules: each iteration hands regorus the policy and settings as
+//! JSON and evaluates the findings. tests/rego_parity.rs checks that both
+//! give the same findings.
 //! Results and the command are recorded in BENCHMARKS.md.
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
@@ -27,7 +33,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, criterion_group};
 use pde::config::Limits;
 use pde::keys::TrustedKeys;
 use pde::plugin::{CallContext, Plugin, PluginHost, PolicyInput};
@@ -161,12 +167,115 @@ fn loading(c: &mut Criterion) {
     group.finish();
 }
 
+const REGO: &str = include_str!("rego/eligibility.rego");
+
+fn rego_findings(engine: &mut regorus::Engine, p: &PolicyInput, settings: &Value) -> usize {
+    let input = json!({"policy": &p.document, "settings": settings}).to_string();
+    engine.set_input(regorus::Value::from_json_str(&input).unwrap());
+    let out = engine
+        .eval_rule("data.eligibility.findings".into())
+        .unwrap();
+    out.as_set().unwrap().len()
+}
+
+fn rego(c: &mut Criterion) {
+    let host = PluginHost::new(Limits::default(), None).unwrap();
+    let plugin = load(&host);
+    let call = CallContext::default();
+    let mut engine = regorus::Engine::new();
+    engine
+        .add_policy("eligibility.rego".into(), REGO.into())
+        .unwrap();
+    let mut group = c.benchmark_group("rego");
+    // regorus takes tens of milliseconds at 50 rules and more at 1,000.
+    group.sample_size(10);
+    for n in [0usize, 50, 1000] {
+        let p = policy(n);
+        let expected = host.validate(&plugin, &p, &call).unwrap().value.len();
+        assert_eq!(
+            rego_findings(&mut engine, &p, &settings()),
+            expected,
+            "same findings"
+        );
+        group.bench_with_input(BenchmarkId::new("sandboxed", n), &p, |b, p| {
+            b.iter(|| host.validate(&plugin, p, &call).unwrap().value.len())
+        });
+        group.bench_with_input(BenchmarkId::new("regorus", n), &p, |b, p| {
+            let settings = settings();
+            b.iter(|| rego_findings(&mut engine, p, &settings))
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .sample_size(30)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = calls, loading
+    targets = calls, loading, rego
 }
-criterion_main!(benches);
+/// Instruction-count mode (`PDE_BENCH_COUNT=N`): N calls of each kind, each
+/// kind inside its own never-inlined function, so that
+/// `valgrind --tool=callgrind` and `callgrind_annotate --inclusive=yes` give
+/// instructions per call, a figure that does not drift with the machine's
+/// load. The component is loaded from a cache (compiling under valgrind takes
+/// minutes): run it once natively first to fill the cache.
+fn count(calls: usize) {
+    let cache = std::env::temp_dir().join("pde-plugin-call-count-cache");
+    let host = PluginHost::new(Limits::default(), Some(cache)).unwrap();
+    let plugin = load(&host);
+    let call = CallContext::default();
+    let settings_text = settings().to_string();
+    let empty = policy(0);
+    let large = policy(1000);
+    // Warm: the first call of each kind pays for lazy set-up.
+    host.validate(&plugin, &empty, &call).unwrap();
+    native_same_work(&empty, &settings_text);
+    #[inline(always)]
+    fn sandboxed(host: &PluginHost, plugin: &Plugin, p: &PolicyInput, calls: usize) {
+        for _ in 0..calls {
+            std::hint::black_box(host.validate(plugin, p, &CallContext::default()).unwrap());
+        }
+    }
+    #[inline(always)]
+    fn native(p: &PolicyInput, settings_text: &str, calls: usize) {
+        for _ in 0..calls {
+            std::hint::black_box(native_same_work(p, settings_text));
+        }
+    }
+    #[inline(never)]
+    fn pde_count_sandboxed(host: &PluginHost, plugin: &Plugin, p: &PolicyInput, calls: usize) {
+        sandboxed(host, plugin, p, calls)
+    }
+    #[inline(never)]
+    fn pde_count_native(p: &PolicyInput, settings_text: &str, calls: usize) {
+        native(p, settings_text, calls)
+    }
+    #[inline(never)]
+    fn pde_count_sandboxed_1000(host: &PluginHost, plugin: &Plugin, p: &PolicyInput, calls: usize) {
+        sandboxed(host, plugin, p, calls)
+    }
+    #[inline(never)]
+    fn pde_count_native_1000(p: &PolicyInput, settings_text: &str, calls: usize) {
+        native(p, settings_text, calls)
+    }
+    pde_count_sandboxed(&host, &plugin, &empty, calls);
+    pde_count_native(&empty, &settings_text, calls);
+    pde_count_sandboxed_1000(&host, &plugin, &large, calls.div_ceil(10));
+    pde_count_native_1000(&large, &settings_text, calls.div_ceil(10));
+    let _ = call;
+}
+
+fn main() {
+    if let Some(n) = std::env::var("PDE_BENCH_COUNT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        count(n);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

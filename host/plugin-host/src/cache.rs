@@ -5,13 +5,33 @@
 //! the wasm's sha256 and a hash of `Engine::precompile_compatibility_hash`, so
 //! a new pde or different engine settings simply miss.
 //!
-//! `Component::deserialize` is `unsafe` because it maps machine code as-is.
-//! So an entry is never trusted as found: each file starts with the sha256 of
-//! the serialized bytes that follow, checked before deserializing; a corrupt,
-//! truncated or foreign entry is deleted and rebuilt. Writes go to a temporary
-//! file in the same directory and are renamed into place, so a reader never
-//! sees half an entry. (Someone able to rewrite the state directory can also
-//! rewrite the checksum; the state directory is as trusted as the binary.)
+//! An entry is two files: `<key>.cwasm`, exactly what `Component::serialize`
+//! wrote, so that it can be memory-mapped (`Component::deserialize_file`)
+//! instead of read and copied; and `<key>.cwasm.sum`, its record: the sha256
+//! of the `.cwasm` and, once the digest has been checked, the file's stamp
+//! (size, modification and change times in nanoseconds, inode, device).
+//!
+//! `Component::deserialize_file` is `unsafe` because it maps machine code
+//! as-is, so an entry is never trusted as found. Hashing megabytes of machine
+//! code on every CLI run was 13% of a warm `pde validate`, so the digest is
+//! checked on the first use after the file changed, not on every use:
+//! - the stamp matches the record: the file is the one whose digest was
+//!   checked, and it is mapped as is. Rewriting a file, in place or by
+//!   replacing it, changes its change time (`ctime`), which no user can set
+//!   back, or its inode; restoring `mtime` (`touch -r`) does not hide an edit;
+//! - otherwise the file is read and hashed; a digest that differs from the
+//!   record (corrupt, truncated, edited or foreign) deletes the entry and it is
+//!   rebuilt; one that matches is used, and the new stamp is recorded;
+//! - no record: a miss (the entry is rebuilt and both files rewritten).
+//!
+//! A stamp is only recorded once the file is older than [`RACY_WINDOW`]:
+//! file times have a coarse clock (a few milliseconds), so an edit in the
+//! same tick as the stamp could leave every time unchanged (git's "racily
+//! clean" index entries). Such a file is hashed again on its next use.
+//! Writes go to a temporary file in the same directory and are renamed into
+//! place, so a reader never sees half an entry. Someone able to rewrite the
+//! state directory can also rewrite the record; the state directory is as
+//! trusted as the binary.
 //!
 //! Outside a workspace there is no state directory, and recompiling a large
 //! component (an 18 MB Python one takes over a minute) on every
@@ -22,6 +42,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::Engine;
@@ -29,7 +50,12 @@ use wasmtime::component::Component;
 
 use super::PluginError;
 
-const MAGIC: &[u8; 10] = b"PDECACHE1\n";
+/// First line of an entry's record.
+const RECORD_MAGIC: &str = "PDECACHE2";
+
+/// A file modified less than this long ago is hashed on every use (see the
+/// module docs): far longer than any file system's time granularity.
+pub const RACY_WINDOW: Duration = Duration::from_secs(1);
 
 /// The per-user directory for compiled plugins used outside a workspace:
 /// `$PDE_CACHE_DIR/plugins`, else `$XDG_CACHE_HOME/pde/plugins`, else
@@ -46,6 +72,15 @@ pub fn user_cache_dir() -> Option<PathBuf> {
         .or_else(|| absolute("XDG_CACHE_HOME").map(|d| d.join("pde")))
         .or_else(|| absolute("HOME").map(|d| d.join(".cache").join("pde")))?;
     Some(root.join("plugins"))
+}
+
+/// How a cache entry was found to be sound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verified {
+    /// Its stamp matched the record of an earlier digest check; mapped as is.
+    Stamp,
+    /// Its sha256 was computed and matched the record.
+    Digest,
 }
 
 /// The on-disk cache of compiled components.
@@ -71,7 +106,8 @@ impl Cache {
         self.dir.is_some()
     }
 
-    /// The file an entry for `sha256` lives in.
+    /// The file an entry for `sha256` lives in (its record is beside it,
+    /// see [`record_path`]).
     pub fn entry_path(&self, sha256: &str) -> Option<PathBuf> {
         self.dir
             .as_ref()
@@ -90,14 +126,15 @@ impl Cache {
         let entry = self.entry_path(sha256);
         if let Some(path) = &entry {
             match read_entry(engine, path) {
-                Ok(Some(component)) => {
-                    tracing::debug!(plugin, path = %path.display(), "compiled plugin loaded from cache");
+                Ok(Some((component, how))) => {
+                    tracing::debug!(plugin, path = %path.display(), ?how, "compiled plugin loaded from cache");
                     return Ok((component, true));
                 }
                 Ok(None) => {}
                 Err(why) => {
                     tracing::warn!(plugin, path = %path.display(), "discarding cache entry: {why}");
                     let _ = std::fs::remove_file(path);
+                    let _ = std::fs::remove_file(record_path(path));
                 }
             }
         }
@@ -115,30 +152,148 @@ impl Cache {
     }
 }
 
-/// `Ok(None)`: no entry. `Err`: an entry that must not be used.
-fn read_entry(engine: &Engine, path: &Path) -> Result<Option<Component>, String> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+/// Where the record (digest and stamp) of the entry at `entry` lives.
+pub fn record_path(entry: &Path) -> PathBuf {
+    let mut name = entry.as_os_str().to_owned();
+    name.push(".sum");
+    PathBuf::from(name)
+}
+
+/// What identifies one version of a file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp(String);
+
+impl Stamp {
+    /// `None` where the platform gives no change time: every use hashes.
+    fn of(meta: &std::fs::Metadata) -> Option<Stamp> {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            Some(Stamp(format!(
+                "{} {}.{:09} {}.{:09} {} {}",
+                meta.size(),
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.ctime(),
+                meta.ctime_nsec(),
+                meta.ino(),
+                meta.dev()
+            )))
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = meta;
+            None
+        }
+    }
+
+    /// The stamp to record for `meta`, unless the file changed so recently
+    /// that an edit in the same clock tick would leave it unchanged.
+    fn settled(meta: &std::fs::Metadata) -> Option<Stamp> {
+        // The change time, not the modification time: `mtime` can be set
+        // back, and the stamp must differ from that of any later edit.
+        #[cfg(unix)]
+        let changed = {
+            use std::os::unix::fs::MetadataExt;
+            let secs = u64::try_from(meta.ctime()).ok()?;
+            SystemTime::UNIX_EPOCH + Duration::new(secs, u32::try_from(meta.ctime_nsec()).ok()?)
+        };
+        #[cfg(not(unix))]
+        let changed = meta.modified().ok()?;
+        let age = SystemTime::now().duration_since(changed).ok()?;
+        if age < RACY_WINDOW {
+            return None;
+        }
+        Stamp::of(meta)
+    }
+}
+
+/// An entry's record: the digest of its `.cwasm`, and the stamp of the file
+/// that digest was last checked against, if settled.
+struct Record {
+    sha256: String,
+    stamp: Option<Stamp>,
+}
+
+impl Record {
+    fn parse(text: &str) -> Option<Record> {
+        let mut lines = text.lines();
+        if lines.next()? != RECORD_MAGIC {
+            return None;
+        }
+        let sha256 = lines.next()?.to_string();
+        if sha256.len() != 64 {
+            return None;
+        }
+        let stamp = lines
+            .next()
+            .filter(|s| !s.is_empty())
+            .map(|s| Stamp(s.to_string()));
+        Some(Record { sha256, stamp })
+    }
+
+    fn write(&self, entry: &Path) -> std::io::Result<()> {
+        let stamp = self.stamp.as_ref().map_or("", |s| s.0.as_str());
+        let text = format!("{RECORD_MAGIC}\n{}\n{stamp}\n", self.sha256);
+        pde_core::fsutil::atomic_write(&record_path(entry), text.as_bytes())
+    }
+}
+
+/// `Ok(None)`: no usable entry (none, or no record). `Err`: an entry that
+/// must not be used.
+fn read_entry(engine: &Engine, path: &Path) -> Result<Option<(Component, Verified)>, String> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.to_string()),
     };
-    let rest = bytes
-        .strip_prefix(MAGIC.as_slice())
-        .ok_or("not a pde cache entry")?;
-    if rest.len() < 32 {
-        return Err("truncated".into());
+    let record = match std::fs::read_to_string(record_path(path)) {
+        Ok(text) => Record::parse(&text).ok_or("its record is not a pde cache record")?,
+        // An entry of an older pde, or one whose record was never written.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let stamp = Stamp::of(&meta);
+    if stamp.is_some() && stamp == record.stamp {
+        // SAFETY: the file is the one whose digest matched the record, which
+        // is what `Component::serialize` wrote for this engine configuration
+        // (compatibility hash in the file name; wasmtime re-checks its own
+        // header and version). Replacing or editing it changes the stamp; it
+        // is checked again after mapping, so a swap in between is refused.
+        #[allow(unsafe_code)]
+        let component =
+            unsafe { Component::deserialize_file(engine, path) }.map_err(|e| format!("{e:#}"))?;
+        let after = std::fs::metadata(path).map_err(|e| e.to_string())?;
+        if Stamp::of(&after) != stamp {
+            return Err("it changed while it was being loaded".into());
+        }
+        return Ok(Some((component, Verified::Stamp)));
     }
-    let (sum, payload) = rest.split_at(32);
-    if Sha256::digest(payload).as_slice() != sum {
-        return Err("checksum mismatch (corrupt or edited)".into());
+    let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+    if hex::encode(Sha256::digest(&bytes)) != record.sha256 {
+        return Err("checksum mismatch (corrupt, truncated or edited)".into());
     }
-    // SAFETY: the payload is byte-for-byte what `Component::serialize` wrote
-    // for this engine configuration (checksum above, compatibility hash in the
-    // file name, and wasmtime re-checks its own header and version).
+    // SAFETY: the bytes are the ones just hashed, equal to what
+    // `Component::serialize` wrote (see above).
     #[allow(unsafe_code)]
-    unsafe { Component::deserialize(engine, payload) }
-        .map(Some)
-        .map_err(|e| format!("{e:#}"))
+    let component =
+        unsafe { Component::deserialize(engine, &bytes) }.map_err(|e| format!("{e:#}"))?;
+    // Record the stamp of the bytes that were hashed, if the file is still
+    // that one and old enough to be trusted by stamp next time.
+    let now = std::fs::metadata(path).ok();
+    if let Some(now) = now
+        && Stamp::of(&now) == Stamp::of(&meta)
+        && let Some(settled) = Stamp::settled(&now)
+    {
+        let updated = Record {
+            sha256: record.sha256,
+            stamp: Some(settled),
+        };
+        if let Err(e) = updated.write(path) {
+            tracing::debug!(path = %path.display(), "cannot update cache record: {e}");
+        }
+    }
+    Ok(Some((component, Verified::Digest)))
 }
 
 fn write_entry(component: &Component, path: &Path) -> std::io::Result<()> {
@@ -148,9 +303,13 @@ fn write_entry(component: &Component, path: &Path) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let mut bytes = Vec::with_capacity(MAGIC.len() + 32 + payload.len());
-    bytes.extend_from_slice(MAGIC);
-    bytes.extend_from_slice(&Sha256::digest(&payload));
-    bytes.extend_from_slice(&payload);
-    pde_core::fsutil::atomic_write(path, &bytes)
+    pde_core::fsutil::atomic_write(path, &payload)?;
+    // Written after the entry: a reader in between finds no record, which is
+    // a miss, never a trusted unverified entry. No stamp yet (just written,
+    // so racy); the first use after RACY_WINDOW hashes and records it.
+    Record {
+        sha256: hex::encode(Sha256::digest(&payload)),
+        stamp: None,
+    }
+    .write(path)
 }

@@ -357,6 +357,10 @@ pub struct Plugin {
     pub description: String,
     /// True when the compiled component came from the on-disk cache.
     pub loaded_from_cache: bool,
+    /// False when its manifest declares `uses_environment = false`: every
+    /// call then gets the environment-neutral context, whatever the caller
+    /// passes, so its result cannot depend on the environment.
+    pub uses_environment: bool,
     #[serde(skip)]
     prepared: Arc<wit::Prepared>,
 }
@@ -373,6 +377,7 @@ impl std::fmt::Debug for Plugin {
             .field("limits", &self.limits)
             .field("path", &self.path)
             .field("loaded_from_cache", &self.loaded_from_cache)
+            .field("uses_environment", &self.uses_environment)
             .finish_non_exhaustive()
     }
 }
@@ -416,6 +421,7 @@ pub struct PolicyInput {
 }
 
 /// Where a call happens; the plugin's settings come from the [`Plugin`].
+/// The default is the environment-neutral context.
 #[derive(Debug, Clone, Default)]
 pub struct CallContext {
     /// Target environment, `""` when none.
@@ -489,6 +495,107 @@ pub struct CallReport<T> {
     /// Denied capabilities the plugin tried to use, each once, e.g.
     /// "tried wasi:sockets: create a TCP socket: denied".
     pub denied: Vec<String>,
+}
+
+/// What `pde plugin list` shows of a plugin: everything checked before a
+/// load compiles anything (manifest, pinned digest, signature), and the
+/// `pde:plugin` version read from the component's import names.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    /// Name from the manifest.
+    pub name: String,
+    /// Its declared world.
+    pub kind: PluginKind,
+    /// Its own version from the manifest.
+    pub version: String,
+    /// Lowercase hex sha256 of the component (equal to the pinned one).
+    pub sha256: String,
+    /// The `pde:plugin` version its imports and exports name.
+    pub wit_version: semver::Version,
+    /// Its signature status against the trusted keys given.
+    pub signature: SignatureStatus,
+    /// The manifest's description.
+    pub description: String,
+}
+
+/// Lists the plugins of `dir`, sorted by name, without compiling or
+/// instantiating any: the manifest, limit, digest and signature checks of a
+/// load, and the WIT version from the component's own import and export
+/// names. Whether a plugin links and has the world it declares is only
+/// known when it is loaded (`pde plugin verify`, `pde validate`).
+pub fn list_dir(
+    dir: &Path,
+    limits: &Limits,
+    trusted: &TrustedKeys,
+) -> Result<Vec<Listing>, PluginError> {
+    discovery::discover(dir)?
+        .into_iter()
+        .map(|found| {
+            let m = &found.manifest;
+            let kind = m.kind(&found.manifest_path)?;
+            m.effective_limits(limits, &found.manifest_path)?;
+            let bytes = read(&found.wasm)?;
+            let sha256 = sha256_hex(&bytes);
+            if sha256 != m.sha256 {
+                return Err(PluginError::DigestMismatch {
+                    plugin: m.name.clone(),
+                    path: found.wasm.clone(),
+                    expected: m.sha256.clone(),
+                    actual: sha256,
+                });
+            }
+            precheck(&m.name, &bytes)?;
+            let signature = signature::status(&found.wasm, Some(m), &sha256, trusted);
+            let names = top_level_names(&bytes);
+            let versions = wit::versions_named(names.iter().map(String::as_str));
+            let wit_version = versions
+                .last()
+                .cloned()
+                .unwrap_or_else(|| wit::SUPPORTED[wit::SUPPORTED.len() - 1].clone());
+            Ok(Listing {
+                name: m.name.clone(),
+                kind,
+                version: m.version.clone(),
+                sha256,
+                wit_version,
+                signature,
+                description: m.description.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The import and export names of the outer component (not of the modules
+/// and components nested in it), read without compiling it.
+fn top_level_names(bytes: &[u8]) -> Vec<String> {
+    use wasmparser::Payload;
+    let mut names = Vec::new();
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let Ok(payload) = payload else { break };
+        match payload {
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(reader) if depth == 0 => {
+                names.extend(
+                    reader
+                        .into_iter()
+                        .flatten()
+                        .map(|i| i.name.name.to_string()),
+                );
+            }
+            Payload::ComponentExportSection(reader) if depth == 0 => {
+                names.extend(
+                    reader
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e.name.name.to_string()),
+                );
+            }
+            _ => {}
+        }
+    }
+    names
 }
 
 /// Runs plugins. `Send + Sync`; share it through an `Arc`.
@@ -642,6 +749,7 @@ impl PluginHost {
             version: String::new(),
             description: String::new(),
             settings: serde_json::json!({}),
+            uses_environment: true,
             limits: self.limits,
             path: wasm.to_path_buf(),
             bytes,
@@ -675,6 +783,7 @@ impl PluginHost {
             version: m.version.clone(),
             description: m.description.clone(),
             settings: m.settings_json(),
+            uses_environment: m.uses_environment,
             limits,
             path: found.wasm.clone(),
             bytes,
@@ -780,11 +889,22 @@ impl PluginHost {
             path: spec.path,
             description: spec.description,
             loaded_from_cache,
+            uses_environment: spec.uses_environment,
             prepared: Arc::new(prepared),
         })
     }
 
     fn input(plugin: &Plugin, policy: &PolicyInput, ctx: &CallContext) -> wit::CallInput {
+        // Enforced here, below every WIT shim: a plugin that declared it
+        // ignores the environment is given none (nor anything else that
+        // comes with one), so reusing its environment-neutral result for an
+        // environment is exact, not a promise.
+        let neutral = CallContext::default();
+        let ctx = if plugin.uses_environment {
+            ctx
+        } else {
+            &neutral
+        };
         wit::CallInput {
             id: policy.id.clone(),
             version: policy.version.clone(),
@@ -932,6 +1052,7 @@ struct LoadSpec {
     version: String,
     description: String,
     settings: serde_json::Value,
+    uses_environment: bool,
     limits: Limits,
     path: PathBuf,
     bytes: Vec<u8>,

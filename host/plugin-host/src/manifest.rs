@@ -35,6 +35,16 @@ pub struct Manifest {
     /// Settings handed to the plugin in its call context.
     #[serde(default)]
     pub settings: Option<toml::Table>,
+    /// `false` declares that the plugin's result does not depend on the
+    /// target environment. The host then never hands it one (its context's
+    /// environment is always `""`), so a validator's environment-neutral
+    /// run and its run for an environment are the same call and run once.
+    #[serde(default = "yes")]
+    pub uses_environment: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// `[limits]` of a manifest: each field optional, each at most the global value.
@@ -119,8 +129,11 @@ impl Manifest {
 
     /// What a plugin signature covers: name, kind, version, the pinned
     /// sha256 of the `.wasm`, the manifest's own `[limits]` and its
-    /// `[settings]`, as one JSON value (signed as canonical JSON). The
-    /// description is left out: it is prose, and changes nothing at run time.
+    /// `[settings]`, and `uses_environment` when it is `false`, as one JSON
+    /// value (signed as canonical JSON). The description is left out: it is
+    /// prose, and changes nothing at run time. `uses_environment = false` is
+    /// covered because it withholds the environment from the plugin; it is
+    /// left out when absent so signatures made before it existed still hold.
     pub fn signed_fields(&self) -> serde_json::Value {
         let mut limits = serde_json::Map::new();
         for (field, value) in [
@@ -132,14 +145,18 @@ impl Manifest {
                 limits.insert(field.to_string(), v.into());
             }
         }
-        serde_json::json!({
+        let mut fields = serde_json::json!({
             "name": self.name,
             "kind": self.kind,
             "version": self.version,
             "sha256": self.sha256,
             "limits": limits,
             "settings": self.settings_json(),
-        })
+        });
+        if !self.uses_environment {
+            fields["uses_environment"] = false.into();
+        }
+        fields
     }
 
     /// The limits in force for this plugin: the global ones, tightened by the
@@ -225,6 +242,16 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn ignoring_the_environment_is_declared_and_signed() {
+        let plain = Manifest::parse(&text(""), Path::new("x.toml")).unwrap();
+        assert!(plain.uses_environment);
+        assert!(plain.signed_fields().get("uses_environment").is_none());
+        let m = Manifest::parse(&text("uses_environment = false"), Path::new("x.toml")).unwrap();
+        assert!(!m.uses_environment);
+        assert_eq!(m.signed_fields()["uses_environment"], false);
     }
 
     #[test]

@@ -32,6 +32,9 @@
 //!   `tokio::time::timeout`: a guest waiting in the host yields, the timer
 //!   fires, and the call's future is dropped (which unwinds the fiber; the
 //!   store is thrown away anyway). See docs/ARCHITECTURE.md "Decisions".
+//!   The timer is armed only once the guest first waits in the host: until
+//!   then guest code runs, which the epoch bounds, and most calls finish
+//!   without ever waiting, so they pay for no timer (see [`run`]).
 //! - **Data copied out of the guest is bounded while it is copied.**
 //!   wasmtime's per-host-call copy budget ("hostcall fuel", 128 MiB by
 //!   default) is set to [`HOSTCALL_COPY_BYTES`], just above pde's own result
@@ -710,11 +713,28 @@ pub fn run<R>(
     let start = Instant::now();
     let mut store = new_store(engine, limits);
     let budget = Duration::from_millis(limits.timeout_ms);
-    // `in_tokio` enters wasmtime-wasi's runtime (or the caller's), whose
-    // timer drives both WASI waits and this timeout.
-    let outcome = wasmtime_wasi::runtime::in_tokio(async {
-        tokio::time::timeout(budget, call(&mut store)).await
-    });
+    let outcome = {
+        let mut pending = std::pin::pin!(call(&mut store));
+        // First poll without a timer: guest code runs inside it, bounded by
+        // the epoch deadline, until it returns or waits in a host call. Most
+        // calls never wait, and arming a tokio timer (plus entering
+        // `block_on`) was a measurable part of a call (BENCHMARKS.md). The
+        // ambient runtime is entered, as WASI host functions need one.
+        let first =
+            wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| poll_once(pending.as_mut()));
+        match first {
+            Some(done) => Ok(done),
+            // The guest waits in a host call: from here on `in_tokio` drives
+            // it, and the host-side timer bounds the rest of the budget.
+            None => {
+                let rest = budget.saturating_sub(start.elapsed());
+                // Built inside the runtime: a tokio timer needs its context.
+                wasmtime_wasi::runtime::in_tokio(async {
+                    tokio::time::timeout(rest, pending).await
+                })
+            }
+        }
+    };
     let elapsed = start.elapsed();
     let fuel_left = store.get_fuel().unwrap_or(0);
     let state = store.data();
@@ -742,6 +762,17 @@ pub fn run<R>(
     };
     trace_log(plugin, &stats.log, &stats.denied);
     Err(result)
+}
+
+/// Polls `future` once; `None` when it is not finished. It is polled again
+/// later with a real waker, which every future then registers afresh, so the
+/// no-op waker of this poll is never relied on.
+fn poll_once<F: std::future::Future>(future: std::pin::Pin<&mut F>) -> Option<F::Output> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.poll(&mut cx) {
+        std::task::Poll::Ready(out) => Some(out),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// True when wasmtime refused to copy more than [`HOSTCALL_COPY_BYTES`] out

@@ -223,9 +223,10 @@ fn list(ctx: &Ctx) -> CmdResult {
     let config = workspace(ctx, true)?;
     let config = config.as_ref();
     let trusted = trusted_keys(ctx, config)?;
-    let host = host(ctx, config)?;
-    let dir = ctx.dir.join(&config.expect("required").plugins);
-    let plugins = host.load_dir(&dir, &trusted)?;
+    let config = config.expect("required");
+    let dir = ctx.dir.join(&config.plugins);
+    // Listing compiles nothing: no engine, no cache (issue 15).
+    let plugins = pde::plugin::list_dir(&dir, &config.limits, &trusted)?;
     if ctx.json {
         let rows: Vec<_> = plugins
             .iter()

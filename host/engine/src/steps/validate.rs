@@ -7,6 +7,13 @@
 //! production, byte for byte), yet plugins are promised the environment in
 //! their context. Calls cost micro- to milliseconds, so the second run is cheap.
 //!
+//! The second run is skipped where it cannot differ: a plugin whose manifest
+//! declares `uses_environment = false` is never handed an environment (nor
+//! the active version) by the host (`PluginHost` gives it the neutral context
+//! whatever it is asked), so its run for the environment would be the very
+//! same call as the neutral one, and the neutral result is used for both. See
+//! docs/ARCHITECTURE.md "Decisions".
+//!
 //! The environment's run also carries the version of the policy active there
 //! (plugins built against `pde:plugin@0.2.0` see it as `context.active`), so a
 //! validator can judge the change and not only the new document. It is read
@@ -309,7 +316,8 @@ pub fn validate(
             elapsed_us: neutral.elapsed.as_micros() as u64,
         };
         let mut found = neutral.value;
-        if let Some(env_ctx) = &env_ctx {
+        // Same input, same call: see the module docs.
+        if let Some(env_ctx) = env_ctx.as_ref().filter(|_| plugin.uses_environment) {
             let specific = loaded.host.validate(plugin, &input, env_ctx)?;
             run.fuel_used += specific.fuel_used;
             run.elapsed_us += specific.elapsed.as_micros() as u64;
