@@ -250,84 +250,7 @@ fn change_notes<'a>(policy: &'a Policy, pointer: &str) -> Vec<&'a str> {
     }
 }
 
-/// A calendar date (proleptic Gregorian).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Date {
-    /// Year, e.g. 2031.
-    pub year: i32,
-    /// Month, 1 to 12.
-    pub month: u32,
-    /// Day of month, 1 to 31.
-    pub day: u32,
-}
-
-impl Date {
-    /// Parses exactly `YYYY-MM-DD` and checks that the day exists.
-    pub fn parse(s: &str) -> Option<Date> {
-        let b = s.as_bytes();
-        if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
-            return None;
-        }
-        let digits = |r: std::ops::Range<usize>| -> Option<u32> {
-            let part = &s[r];
-            part.bytes()
-                .all(|c| c.is_ascii_digit())
-                .then(|| part.parse().ok())
-                .flatten()
-        };
-        let (year, month, day) = (digits(0..4)? as i32, digits(5..7)?, digits(8..10)?);
-        let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-        let days = match month {
-            2 if leap => 29,
-            2 => 28,
-            4 | 6 | 9 | 11 => 30,
-            1..=12 => 31,
-            _ => return None,
-        };
-        (1..=days)
-            .contains(&day)
-            .then_some(Date { year, month, day })
-    }
-
-    /// Days since 1970-01-01 (Howard Hinnant's days_from_civil).
-    pub fn days_since_epoch(self) -> i64 {
-        let y = i64::from(self.year) - i64::from(self.month <= 2);
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let m = i64::from(self.month);
-        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(self.day) - 1;
-        era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468
-    }
-
-    /// The date `days` days after 1970-01-01 (civil_from_days).
-    pub fn from_days_since_epoch(days: i64) -> Date {
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-        Date { year, month, day }
-    }
-
-    /// Today in UTC from the system (WASI) wall clock.
-    pub fn today_utc() -> Result<Date, String> {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_err(|e| format!("benefit-change: the wall clock is before 1970: {e}"))?
-            .as_secs();
-        Ok(Date::from_days_since_epoch((secs / 86_400) as i64))
-    }
-}
-
-impl std::fmt::Display for Date {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:04}-{:02}-{:02}", self.year, self.month, self.day)
-    }
-}
+pub use pde_plugin::Date;
 
 #[cfg(test)]
 mod tests {
@@ -523,24 +446,5 @@ mod tests {
             let err = check(&p, &ctx).unwrap_err();
             assert!(err.starts_with("benefit-change: "), "{settings}: {err}");
         }
-    }
-
-    #[test]
-    fn dates_round_trip_and_reject_impossible_days() {
-        for s in ["1970-01-01", "2000-02-29", "2031-05-30", "2099-12-31"] {
-            let d = Date::parse(s).unwrap();
-            assert_eq!(Date::from_days_since_epoch(d.days_since_epoch()), d);
-            assert_eq!(d.to_string(), s);
-        }
-        for s in [
-            "2031-02-29",
-            "2031-13-01",
-            "2031-00-10",
-            "2031-4-01",
-            "abcd-01-01",
-        ] {
-            assert_eq!(Date::parse(s), None, "{s}");
-        }
-        assert_eq!(Date::parse("1970-01-02").unwrap().days_since_epoch(), 1);
     }
 }

@@ -43,6 +43,7 @@ extern crate self as pde_plugin;
 mod active;
 mod bindings;
 mod context;
+mod date;
 mod diagnostic;
 mod log;
 mod policy;
@@ -50,6 +51,7 @@ mod route;
 
 pub use active::{ActivePolicy, RuleChange};
 pub use context::Context;
+pub use date::Date;
 pub use diagnostic::{Diagnostic, Diagnostics, Severity, json_pointer, pointer_escape};
 #[cfg(not(target_arch = "wasm32"))]
 pub use log::take_native_logs;
