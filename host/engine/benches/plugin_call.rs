@@ -40,31 +40,11 @@ use pde::plugin::{CallContext, Plugin, PluginHost, PolicyInput};
 use pde_plugin::{Context, Policy};
 use serde_json::{Value, json};
 
+mod common;
+use common::policy;
+
 fn settings() -> Value {
     json!({"age": {"min": 16, "max": 120}, "income": {"min": 0, "max": 250000}})
-}
-
-/// A DESIGN §8 policy with `n` eligibility rules, one in ten out of range.
-fn policy(n: usize) -> PolicyInput {
-    let rules: Vec<Value> = (0..n)
-        .map(|i| {
-            let (key, value) = match i % 3 {
-                0 => (format!("min_age_{i}"), json!(if i % 10 == 0 { 150 } else { 18 })),
-                1 => (format!("income_cap_{i}"), json!({"min": 0, "max": 40000 + i})),
-                _ => (format!("copay_percent_{i}"), json!(if i % 10 == 2 { 0.5 } else { 20.0 })),
-            };
-            json!({"key": key, "category": "eligibility", "value": value, "description": "generated"})
-        })
-        .collect();
-    let document = json!({
-        "id": "42", "version": "1.3.0", "title": "bench", "agency": "Department of Human Services",
-        "effective": "2099-01-01", "approvals": [], "rules": rules, "config": {}
-    });
-    PolicyInput {
-        id: "42".into(),
-        version: "1.3.0".into(),
-        document,
-    }
 }
 
 fn wasm() -> PathBuf {

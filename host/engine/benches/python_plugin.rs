@@ -18,8 +18,11 @@ use std::time::{Duration, Instant};
 
 use pde::config::Limits;
 use pde::keys::TrustedKeys;
-use pde::plugin::{CallContext, Plugin, PluginHost, PolicyInput};
+use pde::plugin::{CallContext, Plugin, PluginHost};
 use serde_json::{Value, json};
+
+mod common;
+use common::policy;
 
 const COLD_RUNS: usize = 2;
 const CACHED_RUNS: usize = 10;
@@ -58,29 +61,6 @@ fn build_python(out: &Path) -> PathBuf {
 fn settings() -> Value {
     json!({"categories": ["eligibility"], "age": {"min": 0, "max": 120},
            "income": {"min": 0, "max": 1000000}, "percent": {"min": 0, "max": 100}})
-}
-
-/// A policy with `n` eligibility rules, one in ten out of range (as in
-/// plugin_call.rs).
-fn policy(n: usize) -> PolicyInput {
-    let rules: Vec<Value> = (0..n)
-        .map(|i| {
-            let (key, value) = match i % 3 {
-                0 => (format!("min_age_{i}"), json!(if i % 10 == 0 { 150 } else { 18 })),
-                1 => (format!("income_cap_{i}"), json!({"min": 0, "max": 40000 + i})),
-                _ => (format!("copay_percent_{i}"), json!(if i % 10 == 2 { 0.5 } else { 20.0 })),
-            };
-            json!({"key": key, "category": "eligibility", "value": value, "description": "generated"})
-        })
-        .collect();
-    PolicyInput {
-        id: "42".into(),
-        version: "1.3.0".into(),
-        document: json!({
-            "id": "42", "version": "1.3.0", "title": "bench", "agency": "Department of Human Services",
-            "effective": "2099-01-01", "approvals": [], "rules": rules, "config": {}
-        }),
-    }
 }
 
 fn load(host: &PluginHost, wasm: &Path) -> (Plugin, Duration) {

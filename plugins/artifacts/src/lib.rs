@@ -36,9 +36,9 @@ pub fn manifest_template(name: &str) -> Option<&'static str> {
 mod tests {
     use super::*;
 
-    /// The names a component exports at its top level (not those of the
-    /// core modules and components nested inside it).
-    fn top_level_exports(bytes: &[u8]) -> Vec<String> {
+    /// The top-level names of a component (not those of the core modules
+    /// and components nested inside it): its exports, or its imports.
+    fn top_level_names(bytes: &[u8], imports: bool) -> Vec<String> {
         use wasmparser::{Parser, Payload};
         let mut depth = 0usize;
         let mut names = Vec::new();
@@ -46,38 +46,27 @@ mod tests {
             match payload.expect("the component parses") {
                 Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
                 Payload::End(_) => depth = depth.saturating_sub(1),
-                Payload::ComponentExportSection(reader) if depth == 0 => {
+                Payload::ComponentExportSection(reader) if depth == 0 && !imports => {
                     for export in reader {
                         names.push(export.expect("export entry").name.name.to_string());
                     }
                 }
-                _ => {}
-            }
-        }
-        names
-    }
-
-    /// The `pde:plugin` interfaces a component imports at its top level.
-    fn pde_imports(bytes: &[u8]) -> Vec<String> {
-        use wasmparser::{Parser, Payload};
-        let mut depth = 0usize;
-        let mut names = Vec::new();
-        for payload in Parser::new(0).parse_all(bytes) {
-            match payload.expect("the component parses") {
-                Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
-                Payload::End(_) => depth = depth.saturating_sub(1),
-                Payload::ComponentImportSection(reader) if depth == 0 => {
+                Payload::ComponentImportSection(reader) if depth == 0 && imports => {
                     for import in reader {
-                        let name = import.expect("import entry").name.name.to_string();
-                        if name.starts_with("pde:plugin/") {
-                            names.push(name);
-                        }
+                        names.push(import.expect("import entry").name.name.to_string());
                     }
                 }
                 _ => {}
             }
         }
         names.sort();
+        names
+    }
+
+    /// The `pde:plugin` interfaces a component imports at its top level.
+    fn pde_imports(bytes: &[u8]) -> Vec<String> {
+        let mut names = top_level_names(bytes, true);
+        names.retain(|n| n.starts_with("pde:plugin/"));
         names
     }
 
@@ -115,7 +104,7 @@ mod tests {
             } else {
                 "validate"
             };
-            assert_eq!(top_level_exports(&bytes), [want], "{name} ({kind})");
+            assert_eq!(top_level_names(&bytes, false), [want], "{name} ({kind})");
         }
     }
 
