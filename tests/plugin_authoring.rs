@@ -510,19 +510,7 @@ fn the_sdk_carries_an_exact_copy_of_the_wit() {
 
 fn cargo() -> Command {
     let mut cmd = Command::new(option_env!("CARGO").unwrap_or("cargo"));
-    // What the outer cargo set for this test's own build must not leak into
-    // a build for another target (as in plugins/artifacts/build.rs).
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "CARGO_BUILD_TARGET_DIR",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_PRIMARY_PACKAGE",
-        "CARGO_MAKEFLAGS_WRAPPER",
-    ] {
+    for var in pde_plugin_artifacts::OUTER_CARGO_VARS {
         cmd.env_remove(var);
     }
     cmd

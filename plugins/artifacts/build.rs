@@ -20,6 +20,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+include!("src/outer_cargo_env.rs");
+
 /// (crate name, component kind, crate dir relative to the workspace root).
 const PLUGINS: &[(&str, &str, &str)] = &[
     (
@@ -91,17 +93,7 @@ fn main() {
     for (name, _, _) in PLUGINS {
         cmd.arg("-p").arg(name);
     }
-    for var in [
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        "CARGO_BUILD_TARGET_DIR",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_PRIMARY_PACKAGE",
-        "CARGO_MAKEFLAGS_WRAPPER",
-    ] {
+    for var in OUTER_CARGO_VARS {
         cmd.env_remove(var);
     }
     let status = cmd

@@ -6,6 +6,7 @@
 //! here is shipped.
 
 include!(concat!(env!("OUT_DIR"), "/artifacts.rs"));
+include!("outer_cargo_env.rs");
 
 /// Every built plugin as `(name, kind, wasm path)`, where `kind` is
 /// `"validator"` or `"router"` (the world the component implements).

@@ -923,6 +923,23 @@ impl PgChain {
     }
 }
 
+/// How a failed query on the shared chain at `url` is reported.
+fn shared_err(url: &str) -> impl Fn(postgres::Error) -> AuditError + Copy + '_ {
+    move |e| AuditError::Shared {
+        location: url.to_string(),
+        reason: e.to_string(),
+    }
+}
+
+/// A read-only REPEATABLE READ transaction: every read in it sees one
+/// snapshot, so no append can fall between the lines and the head.
+fn snapshot(c: &mut Client) -> Result<postgres::Transaction<'_>, postgres::Error> {
+    c.build_transaction()
+        .isolation_level(postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+}
+
 impl ChainStore for PgChain {
     fn location(&self) -> String {
         self.target.url.clone()
@@ -931,18 +948,10 @@ impl ChainStore for PgChain {
     fn snapshot(&self) -> Result<(Vec<String>, Option<String>), AuditError> {
         let url = self.target.url.clone();
         self.with(move |c| {
-            let db = |e: postgres::Error| AuditError::Shared {
-                location: url.clone(),
-                reason: e.to_string(),
-            };
+            let db = shared_err(&url);
             // One REPEATABLE READ snapshot: no append can fall between the
             // lines and the head.
-            let mut tx = c
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(db)?;
+            let mut tx = snapshot(c).map_err(db)?;
             let lines = tx
                 .query("SELECT line FROM audit_log ORDER BY seq", &[])
                 .map_err(db)?
@@ -973,16 +982,8 @@ impl ChainStore for PgChain {
     fn tail(&self) -> Result<(Option<String>, Option<String>), AuditError> {
         let url = self.target.url.clone();
         self.with(move |c| {
-            let db = |e: postgres::Error| AuditError::Shared {
-                location: url.clone(),
-                reason: e.to_string(),
-            };
-            let mut tx = c
-                .build_transaction()
-                .isolation_level(postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .map_err(db)?;
+            let db = shared_err(&url);
+            let mut tx = snapshot(c).map_err(db)?;
             let last: Option<String> = tx
                 .query_opt("SELECT line FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
                 .map_err(db)?
@@ -1002,10 +1003,7 @@ impl ChainStore for PgChain {
     ) -> Result<Option<u64>, AuditError> {
         let url = self.target.url.clone();
         self.with(move |c| {
-            let db = |e: postgres::Error| AuditError::Shared {
-                location: url.clone(),
-                reason: e.to_string(),
-            };
+            let db = shared_err(&url);
             let mut tx = c.transaction().map_err(db)?;
             // SKIP LOCKED: a forwarder on another machine holds the row while
             // it sends one record; this one tries again later instead of
@@ -1046,10 +1044,7 @@ impl ChainStore for PgChain {
     ) -> Result<(), AuditError> {
         let url = self.target.url.clone();
         self.with(move |c| {
-            let db = |e: postgres::Error| AuditError::Shared {
-                location: url.clone(),
-                reason: e.to_string(),
-            };
+            let db = shared_err(&url);
             let mut tx = c.transaction().map_err(db)?;
             // The head row lock serialises appenders on every machine: the
             // next one reads the tail this one commits.
