@@ -22,27 +22,10 @@ pde="$target_dir/debug/pde"
 wasm_dir="$root/target/wasm-plugins/wasm32-wasip2/plugin"
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/pde-demo.XXXXXX")
-cp -R examples/workspace/. "$work/"
+echo "==> example workspace: $work (plugins installed and signed)"
+example_workspace "$pde" "$wasm_dir" "$work"
 cd "$work"
-echo "==> example workspace: $work"
-
-"$pde" keygen --out keys --name release.ed25519 >/dev/null
-"$pde" keygen --out keys --name security-team.ed25519 >/dev/null
-printf '.pde/\nagents/\nkeys/*.ed25519\n' > .gitignore
-
-echo "==> installing and signing plugins"
-for name in eligibility-bounds pii-guard effective-date category-router; do
-    wasm="$wasm_dir/${name//-/_}.wasm"
-    cp "$wasm" "plugins/$name.wasm"
-    sum=$(sha256sum "plugins/$name.wasm" | cut -d' ' -f1)
-    { echo "sha256 = \"$sum\""; grep -v '^sha256' "$root/plugins/$name/$name.toml"; } > "plugins/$name.toml"
-    "$pde" plugin sign "plugins/$name.wasm" --key keys/security-team.ed25519 >/dev/null
-done
 "$pde" plugin list
-
-git init -q
-git add -A
-git -c user.name="HMS Policy Office" -c user.email=policy@hms.example.gov commit -qm "HMS policies 42, 43, 44"
 
 echo "==> starting one agent per service"
 pids=()

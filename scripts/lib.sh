@@ -43,3 +43,29 @@ build_python_binding() {
     "$env/bin/pip" install --quiet --disable-pip-version-check --force-reinstall --no-deps \
         "$target_dir"/wheels/policy_deploy-*.whl >&2
 }
+
+# Makes the example workspace in DIR as the demo runs it: a copy of
+# examples/workspace with release and security-team keys, the four example
+# plugins (built in WASM_DIR) installed, pinned and signed, all committed.
+example_workspace() {
+    local pde=$1 wasm_dir=$2 work=$3 root name wasm sum
+    root=$(pwd)
+    cp -R examples/workspace/. "$work/"
+    (
+        cd "$work"
+        "$pde" keygen --out keys --name release.ed25519 >/dev/null
+        "$pde" keygen --out keys --name security-team.ed25519 >/dev/null
+        printf '.pde/\nagents/\nkeys/*.ed25519\n' > .gitignore
+        for name in eligibility-bounds pii-guard effective-date category-router; do
+            wasm="$wasm_dir/${name//-/_}.wasm"
+            cp "$wasm" "plugins/$name.wasm"
+            sum=$(sha256sum "plugins/$name.wasm" | cut -d' ' -f1)
+            { echo "sha256 = \"$sum\""; grep -v '^sha256' "$root/plugins/$name/$name.toml"; } > "plugins/$name.toml"
+            "$pde" plugin sign "plugins/$name.wasm" --key keys/security-team.ed25519 >/dev/null
+        done
+        git init -q
+        git add -A
+        git -c user.name="HMS Policy Office" -c user.email=policy@hms.example.gov \
+            commit -qm "HMS policies 42, 43, 44"
+    )
+}

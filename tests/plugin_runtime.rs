@@ -930,6 +930,60 @@ fn unbounded_memory_growth_hits_the_memory_limit() {
     assert_eq!(err.exit_code(), ExitCode::PluginFault);
 }
 
+/// The SDK's heap (talc over a static arena, then memory grown in 1 MiB
+/// steps) reuses what a plugin frees: 660 MB allocated in blocks of up to
+/// 4 MiB, 6 MB of them alive at the end, fit in 32 MiB with every block's
+/// contents intact. A call that allocates little grows no memory at all:
+/// every call is a fresh instance, so a first `memory.grow` per call would
+/// be a host call on every call.
+#[test]
+fn the_sdk_heap_reuses_freed_memory_and_small_calls_do_not_grow_memory() {
+    let f = fixture();
+    let mut p = f.mode("churn");
+    p.limits.memory_mib = 32;
+    let report = f.run(&p).expect("churn fits in 32 MiB");
+    let [d] = &report.value[..] else {
+        panic!("{:?}", report.value)
+    };
+    assert_eq!(d.code, "misbehave.churn");
+    assert!(
+        d.message
+            .starts_with("allocated 661824948 bytes in 2000 blocks"),
+        "{}",
+        d.message
+    );
+    let peak = report.peak_memory_bytes;
+    assert!(peak > 8 << 20 && peak <= 32 << 20, "peak {peak}");
+
+    // A call that keeps up to 128 KiB stays in the SDK's static arena: its
+    // peak is the module's initial memory, nothing grown. Keeping 1 MiB
+    // does grow memory, so the peak does measure growth.
+    let keeping = |keep_bytes: u64| {
+        let mut p = f.mode("churn");
+        p.settings = json!({"mode": "churn", "rounds": 0, "keep_bytes": keep_bytes});
+        f.run(&p).unwrap().peak_memory_bytes
+    };
+    let wasm = std::fs::read(pde_plugin_artifacts::wasm("misbehave").unwrap()).unwrap();
+    let initial = initial_memory_bytes(&wasm);
+    assert!(initial > 0);
+    assert_eq!(keeping(1), initial);
+    assert_eq!(keeping(128 << 10), initial);
+    assert!(keeping(1 << 20) > initial);
+}
+
+/// Bytes of linear memory the core modules of `component` define at start.
+fn initial_memory_bytes(component: &[u8]) -> u64 {
+    wasmparser::Parser::new(0)
+        .parse_all(component)
+        .filter_map(|payload| match payload.unwrap() {
+            wasmparser::Payload::MemorySection(memories) => Some(memories),
+            _ => None,
+        })
+        .flatten()
+        .map(|memory| memory.unwrap().initial * 64 * 1024)
+        .sum()
+}
+
 #[test]
 fn deep_recursion_traps() {
     let f = fixture();

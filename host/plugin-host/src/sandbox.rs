@@ -206,8 +206,19 @@ impl EpochTicker {
         let thread = std::thread::Builder::new()
             .name("pde-plugin-epoch".into())
             .spawn(move || {
+                let mut next = Instant::now() + EPOCH_TICK;
                 while !flag.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
+                    // Parked, not asleep: dropping the ticker unparks it, so
+                    // a CLI run does not wait out a tick at exit (that wait
+                    // was a third of a warm `pde validate`, BENCHMARKS.md).
+                    // A wake-up before the tick (spurious or the stop) does
+                    // not advance the epoch.
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::park_timeout(next - now);
+                        continue;
+                    }
+                    next += EPOCH_TICK;
                     match weak.upgrade() {
                         Some(engine) => engine.increment_epoch(),
                         None => break,
@@ -226,6 +237,7 @@ impl Drop for EpochTicker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
+            t.thread().unpark();
             let _ = t.join();
         }
     }
