@@ -800,6 +800,63 @@ fn a_cached_entry_is_trusted_by_stamp_only_until_it_is_rewritten() {
     assert!(record.is_file(), "record rewritten with the entry");
 }
 
+/// The digest index spares hashing a plugin file on every load, but only
+/// while the file's stamp is the one recorded when it was last hashed: a
+/// file rewritten in place, same size, modification time put back, is
+/// hashed again and refused against its manifest's pin, even though its
+/// compiled form is still in the cache.
+#[test]
+fn a_plugin_file_rewritten_behind_the_digest_index_is_hashed_again_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let cache_dir = state.path().join("cache").join("plugins");
+    install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let new_host = || PluginHost::new(Limits::default(), Some(cache_dir.clone())).unwrap();
+    let load = || new_host().load_dir(dir.path(), &TrustedKeys::new());
+    assert!(!load().unwrap()[0].loaded_from_cache);
+    let index = cache_dir.join("digests");
+    let stamps = || {
+        std::fs::read_dir(&index)
+            .map(|entries| {
+                entries
+                    .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+                    .map(|text| text.lines().nth(2).unwrap_or("").to_string())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert!(
+        stamps().iter().all(String::is_empty),
+        "a file just written is not vouched for by its stamp (racy)"
+    );
+
+    std::thread::sleep(pde::plugin::cache::RACY_WINDOW + Duration::from_millis(200));
+    assert!(load().unwrap()[0].loaded_from_cache);
+    let [recorded] = &stamps()[..] else {
+        panic!("one record expected: {:?}", stamps())
+    };
+    assert!(!recorded.is_empty(), "stamp recorded after hashing");
+    assert!(load().unwrap()[0].loaded_from_cache);
+
+    let wasm = dir.path().join("eb.wasm");
+    let modified = std::fs::metadata(&wasm).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&wasm).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&wasm, &bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&wasm)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    let err = load().expect_err("a rewritten plugin file must be refused");
+    assert!(
+        matches!(&err, PluginError::DigestMismatch { plugin, .. } if plugin == "eb"),
+        "{err}"
+    );
+}
+
 // ---------------------------------------------------------------- misbehaving fixture
 
 /// The `misbehave` fixture loaded once; modes are chosen per call through

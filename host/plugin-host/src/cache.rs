@@ -33,6 +33,16 @@
 //! state directory can also rewrite the record; the state directory is as
 //! trusted as the binary.
 //!
+//! The same check guards the plugin files themselves. pde compares every
+//! `.wasm` with the sha256 its manifest pins (and its signature covers); an
+//! 18 MB Python component took 12 ms to hash on every load. The cache keeps
+//! a digest index, `digests/<sha256 of the file's path>.sum`: the file's
+//! sha256 and its stamp, recorded once settled exactly as above. A matching
+//! stamp gives the digest without reading the file, and with a cache hit
+//! the file is never read at all; any other stamp reads and hashes it. A
+//! miss that must compile reads the file then, and refuses it unless its
+//! bytes still have that digest ([`Cache::file_digest`]).
+//!
 //! Outside a workspace there is no state directory, and recompiling a large
 //! component (an 18 MB Python one takes over a minute) on every
 //! `pde plugin test PATH` is what made authors wait; so those commands use a
@@ -52,6 +62,17 @@ use super::PluginError;
 
 /// First line of an entry's record.
 const RECORD_MAGIC: &str = "PDECACHE2";
+/// First line of a plugin file's record in the digest index.
+const DIGEST_MAGIC: &str = "PDEDIGEST1";
+
+/// A plugin file's sha256, and its bytes when they were read to get it.
+#[derive(Debug)]
+pub struct FileDigest {
+    /// Lowercase hex sha256 of the file.
+    pub sha256: String,
+    /// The bytes hashed; `None` when the digest index vouched for the file.
+    pub bytes: Option<Vec<u8>>,
+}
 
 /// A file modified less than this long ago is hashed on every use (see the
 /// module docs): far longer than any file system's time granularity.
@@ -123,32 +144,96 @@ impl Cache {
         sha256: &str,
         wasm: &[u8],
     ) -> Result<(Component, bool), PluginError> {
-        let entry = self.entry_path(sha256);
-        if let Some(path) = &entry {
-            match read_entry(engine, path) {
-                Ok(Some((component, how))) => {
-                    tracing::debug!(plugin, path = %path.display(), ?how, "compiled plugin loaded from cache");
-                    return Ok((component, true));
-                }
-                Ok(None) => {}
-                Err(why) => {
-                    tracing::warn!(plugin, path = %path.display(), "discarding cache entry: {why}");
-                    let _ = std::fs::remove_file(path);
-                    let _ = std::fs::remove_file(record_path(path));
-                }
+        if let Some(component) = self.lookup(engine, plugin, sha256) {
+            return Ok((component, true));
+        }
+        Ok((self.compile(engine, plugin, sha256, wasm)?, false))
+    }
+
+    /// The cached component for a wasm with `sha256`, if a sound entry exists;
+    /// an unsound one is deleted (and the caller compiles).
+    pub fn lookup(&self, engine: &Engine, plugin: &str, sha256: &str) -> Option<Component> {
+        let path = self.entry_path(sha256)?;
+        match read_entry(engine, &path) {
+            Ok(Some((component, how))) => {
+                tracing::debug!(plugin, path = %path.display(), ?how, "compiled plugin loaded from cache");
+                Some(component)
+            }
+            Ok(None) => None,
+            Err(why) => {
+                tracing::warn!(plugin, path = %path.display(), "discarding cache entry: {why}");
+                let _ = std::fs::remove_file(&path);
+                let _ = std::fs::remove_file(record_path(&path));
+                None
             }
         }
+    }
+
+    /// Compiles `wasm` (whose digest is `sha256`) and stores it, if caching.
+    pub fn compile(
+        &self,
+        engine: &Engine,
+        plugin: &str,
+        sha256: &str,
+        wasm: &[u8],
+    ) -> Result<Component, PluginError> {
         let component = Component::new(engine, wasm).map_err(|e| PluginError::BadComponent {
             plugin: plugin.to_string(),
             message: format!("it does not compile as a WebAssembly component: {e:#}"),
         })?;
-        if let Some(path) = &entry
-            && let Err(e) = write_entry(&component, path)
+        if let Some(path) = self.entry_path(sha256)
+            && let Err(e) = write_entry(&component, &path)
         {
             // A cache that cannot be written costs time, not correctness.
             tracing::warn!(plugin, path = %path.display(), "cannot write plugin cache: {e}");
         }
-        Ok((component, false))
+        Ok(component)
+    }
+
+    /// The sha256 of the plugin file at `path`: from the digest index when
+    /// the file's stamp is the one recorded when it was last hashed (see the
+    /// module docs), otherwise read and hashed, and recorded once settled.
+    pub fn file_digest(&self, path: &Path) -> std::io::Result<FileDigest> {
+        let index = self.digest_record_path(path);
+        let meta = std::fs::metadata(path)?;
+        if let Some(index) = &index
+            && let Some(stamp) = Stamp::of(&meta)
+            && let Ok(text) = std::fs::read_to_string(index)
+            && let Some(record) = Record::parse(DIGEST_MAGIC, &text)
+            && record.stamp == Some(stamp)
+        {
+            return Ok(FileDigest {
+                sha256: record.sha256,
+                bytes: None,
+            });
+        }
+        let bytes = std::fs::read(path)?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        if let Some(index) = &index
+            && let Ok(now) = std::fs::metadata(path)
+            && Stamp::of(&now) == Stamp::of(&meta)
+            && let Some(settled) = Stamp::settled(&now)
+        {
+            let record = Record {
+                sha256: sha256.clone(),
+                stamp: Some(settled),
+            };
+            if let Err(e) = record.write(DIGEST_MAGIC, index) {
+                tracing::debug!(path = %path.display(), "cannot update the digest index: {e}");
+            }
+        }
+        Ok(FileDigest {
+            sha256,
+            bytes: Some(bytes),
+        })
+    }
+
+    /// Where the digest index keeps the record of the file at `path`.
+    fn digest_record_path(&self, path: &Path) -> Option<PathBuf> {
+        let dir = self.dir.as_ref()?;
+        let absolute = std::path::absolute(path).ok()?;
+        let key = hex::encode(Sha256::digest(absolute.as_os_str().as_encoded_bytes()));
+        Some(dir.join("digests").join(format!("{key}.sum")))
     }
 }
 
@@ -216,9 +301,9 @@ struct Record {
 }
 
 impl Record {
-    fn parse(text: &str) -> Option<Record> {
+    fn parse(magic: &str, text: &str) -> Option<Record> {
         let mut lines = text.lines();
-        if lines.next()? != RECORD_MAGIC {
+        if lines.next()? != magic {
             return None;
         }
         let sha256 = lines.next()?.to_string();
@@ -232,10 +317,13 @@ impl Record {
         Some(Record { sha256, stamp })
     }
 
-    fn write(&self, entry: &Path) -> std::io::Result<()> {
+    fn write(&self, magic: &str, record: &Path) -> std::io::Result<()> {
         let stamp = self.stamp.as_ref().map_or("", |s| s.0.as_str());
-        let text = format!("{RECORD_MAGIC}\n{}\n{stamp}\n", self.sha256);
-        pde_core::fsutil::atomic_write(&record_path(entry), text.as_bytes())
+        let text = format!("{magic}\n{}\n{stamp}\n", self.sha256);
+        if let Some(dir) = record.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        pde_core::fsutil::atomic_write(record, text.as_bytes())
     }
 }
 
@@ -248,7 +336,9 @@ fn read_entry(engine: &Engine, path: &Path) -> Result<Option<(Component, Verifie
         Err(e) => return Err(e.to_string()),
     };
     let record = match std::fs::read_to_string(record_path(path)) {
-        Ok(text) => Record::parse(&text).ok_or("its record is not a pde cache record")?,
+        Ok(text) => {
+            Record::parse(RECORD_MAGIC, &text).ok_or("its record is not a pde cache record")?
+        }
         // An entry of an older pde, or one whose record was never written.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.to_string()),
@@ -289,7 +379,7 @@ fn read_entry(engine: &Engine, path: &Path) -> Result<Option<(Component, Verifie
             sha256: record.sha256,
             stamp: Some(settled),
         };
-        if let Err(e) = updated.write(path) {
+        if let Err(e) = updated.write(RECORD_MAGIC, &record_path(path)) {
             tracing::debug!(path = %path.display(), "cannot update cache record: {e}");
         }
     }
@@ -311,5 +401,5 @@ fn write_entry(component: &Component, path: &Path) -> std::io::Result<()> {
         sha256: hex::encode(Sha256::digest(&payload)),
         stamp: None,
     }
-    .write(path)
+    .write(RECORD_MAGIC, &record_path(path))
 }

@@ -740,8 +740,7 @@ impl PluginHost {
             .and_then(|s| s.to_str())
             .unwrap_or("plugin")
             .to_string();
-        let bytes = read(wasm)?;
-        let sha256 = sha256_hex(&bytes);
+        let cache::FileDigest { sha256, bytes } = self.file_digest(wasm)?;
         let signature = signature::status(wasm, None, &sha256, trusted);
         self.finish(LoadSpec {
             name,
@@ -766,8 +765,7 @@ impl PluginHost {
         let m = &found.manifest;
         let kind = m.kind(&found.manifest_path)?;
         let limits = m.effective_limits(&self.limits, &found.manifest_path)?;
-        let bytes = read(&found.wasm)?;
-        let sha256 = sha256_hex(&bytes);
+        let cache::FileDigest { sha256, bytes } = self.file_digest(&found.wasm)?;
         if sha256 != m.sha256 {
             return Err(PluginError::DigestMismatch {
                 plugin: m.name.clone(),
@@ -792,12 +790,53 @@ impl PluginHost {
         })
     }
 
+    /// The sha256 of a plugin file, through the cache's digest index.
+    fn file_digest(&self, path: &Path) -> Result<cache::FileDigest, PluginError> {
+        self.cache
+            .file_digest(path)
+            .map_err(|source| PluginError::Io {
+                path: path.to_path_buf(),
+                source,
+            })
+    }
+
+    /// The compiled component of `spec`: from the cache, else compiled from
+    /// its bytes (read now when the digest index vouched for the file, and
+    /// refused unless they still have the digest that was checked).
+    fn component(&self, name: &str, spec: &LoadSpec) -> Result<(Component, bool), PluginError> {
+        if let Some(bytes) = &spec.bytes {
+            precheck(name, bytes)?;
+        }
+        if let Some(component) = self.cache.lookup(&self.engine, name, &spec.sha256) {
+            return Ok((component, true));
+        }
+        let read_now;
+        let bytes = match &spec.bytes {
+            Some(bytes) => bytes,
+            None => {
+                read_now = read(&spec.path)?;
+                let actual = sha256_hex(&read_now);
+                if actual != spec.sha256 {
+                    return Err(PluginError::DigestMismatch {
+                        plugin: name.to_string(),
+                        path: spec.path.clone(),
+                        expected: spec.sha256.clone(),
+                        actual,
+                    });
+                }
+                precheck(name, &read_now)?;
+                &read_now
+            }
+        };
+        let component = self
+            .cache
+            .compile(&self.engine, name, &spec.sha256, bytes)?;
+        Ok((component, false))
+    }
+
     fn finish(&self, spec: LoadSpec) -> Result<Plugin, PluginError> {
+        let (component, loaded_from_cache) = self.component(&spec.name, &spec)?;
         let name = spec.name;
-        precheck(&name, &spec.bytes)?;
-        let (component, loaded_from_cache) =
-            self.cache
-                .load_or_compile(&self.engine, &name, &spec.sha256, &spec.bytes)?;
         let (imports, exports) = inspect::world(&self.engine, &component);
         let versions = wit::versions_named(imports.iter().chain(&exports).map(String::as_str));
         let wit_version = match versions.as_slice() {
@@ -1055,7 +1094,9 @@ struct LoadSpec {
     uses_environment: bool,
     limits: Limits,
     path: PathBuf,
-    bytes: Vec<u8>,
+    /// The file's bytes, when they were read for its digest (not when the
+    /// digest index vouched for it).
+    bytes: Option<Vec<u8>>,
     sha256: String,
     signature: SignatureStatus,
 }
