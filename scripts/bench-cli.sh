@@ -16,6 +16,8 @@ cd "$root"
 ensure_wasm_target
 
 runs=${1:-15}
+# A captured backtrace on every internal error is not what users run.
+unset RUST_BACKTRACE RUST_LIB_BACKTRACE
 cargo build --locked -q --release -p pde-cli -p pde-plugin-artifacts
 target_dir=${CARGO_TARGET_DIR:-$root/target}
 pde="$target_dir/release/pde"

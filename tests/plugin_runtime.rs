@@ -697,12 +697,36 @@ fn signing_refuses_what_inspect_refuses() {
 
 // ---------------------------------------------------------------- cache
 
-#[test]
-fn second_host_uses_the_cache_and_a_corrupt_entry_is_rebuilt() {
+/// `eligibility-bounds` installed as `eb` in a plugin directory, and the
+/// cache directory of a state directory beside it (kept alive by the guard).
+fn cached_eligibility_bounds() -> (tempfile::TempDir, tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let state = tempfile::tempdir().unwrap();
     let cache_dir = state.path().join("cache").join("plugins");
     install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    (dir, state, cache_dir)
+}
+
+/// Rewrites `path` in place with `bytes`, then puts its modification time
+/// back: only the change time (which nobody can set back) moves.
+fn rewrite_keeping_mtime(path: &Path, bytes: &[u8]) {
+    let modified = std::fs::metadata(path).unwrap().modified().unwrap();
+    std::fs::write(path, bytes).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(modified)
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(path).unwrap().modified().unwrap(),
+        modified
+    );
+}
+
+#[test]
+fn second_host_uses_the_cache_and_a_corrupt_entry_is_rebuilt() {
+    let (dir, _state, cache_dir) = cached_eligibility_bounds();
     let new_host = || PluginHost::new(Limits::default(), Some(cache_dir.clone())).unwrap();
     let sane = policy(json!([{"key": "min_age", "category": "eligibility", "value": 18}]));
 
@@ -740,10 +764,7 @@ fn second_host_uses_the_cache_and_a_corrupt_entry_is_rebuilt() {
 
 #[test]
 fn a_cached_entry_is_trusted_by_stamp_only_until_it_is_rewritten() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let cache_dir = state.path().join("cache").join("plugins");
-    install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let (dir, _state, cache_dir) = cached_eligibility_bounds();
     let new_host = || PluginHost::new(Limits::default(), Some(cache_dir.clone())).unwrap();
     let p = load_one(&new_host(), dir.path());
     assert!(!p.loaded_from_cache);
@@ -766,23 +787,12 @@ fn a_cached_entry_is_trusted_by_stamp_only_until_it_is_rewritten() {
 
     // Rewrite it in place, same size, and put its modification time back:
     // the change time still moves, so the entry is hashed, and refused.
-    let modified = std::fs::metadata(&entry).unwrap().modified().unwrap();
     let mut bytes = std::fs::read(&entry).unwrap();
     let mid = bytes.len() / 2;
     for b in &mut bytes[mid..mid + 16] {
         *b ^= 0xff;
     }
-    std::fs::write(&entry, &bytes).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&entry)
-        .unwrap()
-        .set_modified(modified)
-        .unwrap();
-    assert_eq!(
-        std::fs::metadata(&entry).unwrap().modified().unwrap(),
-        modified
-    );
+    rewrite_keeping_mtime(&entry, &bytes);
     let host = new_host();
     let p = load_one(&host, dir.path());
     assert!(
@@ -807,10 +817,7 @@ fn a_cached_entry_is_trusted_by_stamp_only_until_it_is_rewritten() {
 /// compiled form is still in the cache.
 #[test]
 fn a_plugin_file_rewritten_behind_the_digest_index_is_hashed_again_and_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = tempfile::tempdir().unwrap();
-    let cache_dir = state.path().join("cache").join("plugins");
-    install(dir.path(), "eb", "eligibility-bounds", "validator", "");
+    let (dir, _state, cache_dir) = cached_eligibility_bounds();
     let new_host = || PluginHost::new(Limits::default(), Some(cache_dir.clone())).unwrap();
     let load = || new_host().load_dir(dir.path(), &TrustedKeys::new());
     assert!(!load().unwrap()[0].loaded_from_cache);
@@ -839,17 +846,10 @@ fn a_plugin_file_rewritten_behind_the_digest_index_is_hashed_again_and_refused()
     assert!(load().unwrap()[0].loaded_from_cache);
 
     let wasm = dir.path().join("eb.wasm");
-    let modified = std::fs::metadata(&wasm).unwrap().modified().unwrap();
     let mut bytes = std::fs::read(&wasm).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
-    std::fs::write(&wasm, &bytes).unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&wasm)
-        .unwrap()
-        .set_modified(modified)
-        .unwrap();
+    rewrite_keeping_mtime(&wasm, &bytes);
     let err = load().expect_err("a rewritten plugin file must be refused");
     assert!(
         matches!(&err, PluginError::DigestMismatch { plugin, .. } if plugin == "eb"),

@@ -52,8 +52,10 @@ kind(key) := "percent" if {
 	count(words(key) & {"age", "ages"}) > 0
 }
 
-# [index, rule, kind] of every rule in scope with a kind.
-checked contains [i, rule, k] if {
+# The kind of every rule in scope that has one, by the rule's index. An
+# object keyed by index, not a set of [index, rule, kind]: a set would
+# hash and compare whole rule objects to insert each one.
+kinds[i] := k if {
 	some i, rule in input.policy.rules
 	is_string(rule.category)
 	rule.category in categories
@@ -86,16 +88,16 @@ is_range(v) if {
 
 # A plain number.
 findings contains f if {
-	some c in checked
-	[i, rule, k] := c
+	some i, k in kinds
+	rule := input.policy.rules[i]
 	is_number(rule.value)
 	some f in number_findings(sprintf("/rules/%d/value", [i]), k, rule.value)
 }
 
 # Each end of a range.
 findings contains f if {
-	some c in checked
-	[i, rule, k] := c
+	some i, k in kinds
+	rule := input.policy.rules[i]
 	is_range(rule.value)
 	some end in ["min", "max"]
 	x := rule.value[end]
@@ -104,8 +106,8 @@ findings contains f if {
 }
 
 findings contains {"severity": "error", "path": sprintf("/rules/%d/value/%s", [i, end]), "code": "eligibility.not-a-number"} if {
-	some c in checked
-	[i, rule, _] := c
+	some i, _ in kinds
+	rule := input.policy.rules[i]
 	is_range(rule.value)
 	some end in ["min", "max"]
 	x := rule.value[end]
@@ -113,8 +115,8 @@ findings contains {"severity": "error", "path": sprintf("/rules/%d/value/%s", [i
 }
 
 findings contains {"severity": "error", "path": sprintf("/rules/%d/value", [i]), "code": "eligibility.inverted-range"} if {
-	some c in checked
-	[i, rule, _] := c
+	some i, _ in kinds
+	rule := input.policy.rules[i]
 	is_range(rule.value)
 	is_number(rule.value.min)
 	is_number(rule.value.max)
@@ -123,8 +125,8 @@ findings contains {"severity": "error", "path": sprintf("/rules/%d/value", [i]),
 
 # Neither a number nor a range (or no value at all).
 findings contains {"severity": "error", "path": sprintf("/rules/%d/value", [i]), "code": "eligibility.not-a-number"} if {
-	some c in checked
-	[i, rule, _] := c
+	some i, _ in kinds
+	rule := input.policy.rules[i]
 	not is_number(rule.value)
 	not is_range(rule.value)
 }
