@@ -858,6 +858,23 @@ fn mixed_versions() -> (Workspace, Vec<String>) {
     (ws, urls)
 }
 
+/// `validate 42 --env prod` fails (exit 3) with an `active.unavailable`
+/// error; returns that finding.
+fn active_unavailable(ws: &Workspace) -> pde::diagnostic::Diagnostic {
+    let (code, err) = exit_of(ws.engine().validate_policy("42", Some("prod")));
+    assert_eq!(code, ExitCode::ValidationFailed, "{err}");
+    let pde::Error::ValidationFailed { report, .. } = err else {
+        panic!("{err}")
+    };
+    let d = report
+        .diagnostics
+        .iter()
+        .find(|d| d.code == "active.unavailable")
+        .unwrap_or_else(|| panic!("{:?}", findings(&report)));
+    assert!(d.is_error(), "{d:?}");
+    d.clone()
+}
+
 /// The findings of `report` as (source, code, severity).
 fn findings(report: &pde::validate::ValidationReport) -> Vec<(String, String, String)> {
     report
@@ -1087,17 +1104,7 @@ fn an_active_version_whose_bundle_is_gone_blocks_0_2_0_validators_until_it_is_fo
     // change unjudged: refused, naming it and what to do.
     ws.write_policy("42.json", &heating("2.0.0", 150, "2031-06-01", &["raise"]));
     ws.commit("v2");
-    let (code, err) = exit_of(ws.engine().validate_policy("42", Some("prod")));
-    assert_eq!(code, ExitCode::ValidationFailed, "{err}");
-    let pde::Error::ValidationFailed { report, .. } = err else {
-        panic!("{err}")
-    };
-    let d = report
-        .diagnostics
-        .iter()
-        .find(|d| d.code == "active.unavailable")
-        .unwrap_or_else(|| panic!("{:?}", findings(&report)));
-    assert!(d.is_error());
+    let d = active_unavailable(&ws);
     assert!(d.message.contains(&v1.digest), "{}", d.message);
     assert!(d.message.contains("benefit-change"), "{}", d.message);
     assert!(
@@ -1122,16 +1129,7 @@ fn an_active_version_whose_bundle_is_gone_blocks_0_2_0_validators_until_it_is_fo
     let mut tampered: serde_json::Value = serde_json::from_slice(&saved).unwrap();
     tampered["payload"]["policy"]["rules"][0]["value"] = serde_json::json!(999);
     std::fs::write(&file, tampered.to_string()).unwrap();
-    let (code, err) = exit_of(ws.engine().validate_policy("42", Some("prod")));
-    assert_eq!(code, ExitCode::ValidationFailed);
-    let pde::Error::ValidationFailed { report, .. } = err else {
-        panic!("{err}")
-    };
-    let d = report
-        .diagnostics
-        .iter()
-        .find(|d| d.code == "active.unavailable")
-        .unwrap_or_else(|| panic!("{:?}", findings(&report)));
+    let d = active_unavailable(&ws);
     assert!(d.message.contains("is damaged"), "{}", d.message);
 }
 

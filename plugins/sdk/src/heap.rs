@@ -6,7 +6,7 @@
 //! (`__rust_alloc` → `__rdl_alloc` → `malloc` → `dlmalloc`), each paying the
 //! sandbox's fuel and epoch checks. A validator is mostly JSON parsing,
 //! which is mostly allocation; with talc as the global allocator the same
-//! 1,000-rule check takes about a sixth less time and far less fuel
+//! 1,000-rule check takes about a fifth less time and a third less fuel
 //! (BENCHMARKS.md, issue 15).
 //!
 //! Why this source rather than talc's own `WasmGrowAndExtend`:

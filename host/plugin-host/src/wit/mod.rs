@@ -45,6 +45,34 @@ pub fn carries_active_policy(version: &Version) -> bool {
     select(version).is_some_and(|min| *min >= ACTIVE_POLICY_SINCE)
 }
 
+/// A linker for one version module: WASI deny-by-default (linked async, see
+/// `sandbox`), then the module's own `host` bindings through `add_host`.
+pub(crate) fn linker_with(
+    engine: &Engine,
+    version: &Version,
+    add_host: impl FnOnce(&mut Linker<HostState>) -> wasmtime::Result<()>,
+) -> Result<Linker<HostState>, PluginError> {
+    let mut linker = Linker::new(engine);
+    let fail = |e: wasmtime::Error| PluginError::Engine(format!("linking WIT {version}: {e:#}"));
+    super::sandbox::link_wasi(&mut linker).map_err(fail)?;
+    add_host(&mut linker).map_err(fail)?;
+    Ok(linker)
+}
+
+/// Links `component` and type-checks it as one world with `world` (a
+/// module's `ValidatorPre::new` or `RouterPre::new`). Errors are returned as
+/// text; the caller turns them into a named error.
+pub(crate) fn prepare_as<P>(
+    linker: &Linker<HostState>,
+    component: &Component,
+    world: impl FnOnce(wasmtime::component::InstancePre<HostState>) -> wasmtime::Result<P>,
+) -> Result<P, String> {
+    let pre = linker
+        .instantiate_pre(component)
+        .map_err(|e| format!("{e:#}"))?;
+    world(pre).map_err(|e| format!("{e:#}"))
+}
+
 /// What a shim's call returns: the plugin's own `result<list<T>, string>`
 /// with its costs, or the named way the call failed.
 pub type Called<T> = Result<(Result<Vec<T>, String>, CallStats), PluginError>;

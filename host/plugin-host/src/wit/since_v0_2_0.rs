@@ -65,12 +65,9 @@ impl host::Host for HostState {
 /// The linker for 0.2.0 plugins: WASI p2 (async, so waits yield to the
 /// call's timeout; nothing behind it) + `host`.
 pub fn linker(engine: &Engine) -> Result<Linker<HostState>, PluginError> {
-    let mut linker = Linker::new(engine);
-    let fail = |e: wasmtime::Error| PluginError::Engine(format!("linking WIT 0.2.0: {e:#}"));
-    sandbox::link_wasi(&mut linker).map_err(fail)?;
-    validator_world::Validator::add_to_linker::<HostState, HasSelf<HostState>>(&mut linker, |s| s)
-        .map_err(fail)?;
-    Ok(linker)
+    super::linker_with(engine, &MIN_VERSION, |linker| {
+        validator_world::Validator::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
+    })
 }
 
 /// A component pre-instantiated against the 0.2.0 linker, as one world.
@@ -88,17 +85,11 @@ pub fn prepare(
     component: &Component,
     router: bool,
 ) -> Result<Prepared, String> {
-    let pre = linker
-        .instantiate_pre(component)
-        .map_err(|e| format!("{e:#}"))?;
     if router {
-        router_world::RouterPre::new(pre)
-            .map(Prepared::Router)
-            .map_err(|e| format!("{e:#}"))
+        super::prepare_as(linker, component, router_world::RouterPre::new).map(Prepared::Router)
     } else {
-        validator_world::ValidatorPre::new(pre)
+        super::prepare_as(linker, component, validator_world::ValidatorPre::new)
             .map(Prepared::Validator)
-            .map_err(|e| format!("{e:#}"))
     }
 }
 
