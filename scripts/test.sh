@@ -21,7 +21,8 @@ pg_dir="${TMPDIR:-/tmp}/pde-test-pg.$$"
 trap 'scripts/pg-cluster.sh stop "$pg_dir"' EXIT
 read -r PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD < <(scripts/pg-cluster.sh start "$pg_dir")
 export PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD
-cargo test --workspace --locked "$@"
+# --no-fail-fast: one CI run names every failing suite, not just the first.
+cargo test --workspace --locked --no-fail-fast "$@"
 # The Python binding: the wheel built with maturin from the same target dir,
 # tested with pytest against real `pde agent` processes.
 build_python_binding "$target_dir" "$pyenv"

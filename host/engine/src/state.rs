@@ -686,6 +686,11 @@ impl SqliteState {
         let mut conn = Connection::open(&db_path).map_err(db("open"))?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(db("set busy timeout"))?;
+        // A deferred transaction that reads first and writes later cannot
+        // wait for another writer: SQLite skips the busy handler on that
+        // upgrade and fails at once with "database is locked". Taking the
+        // write lock at BEGIN makes concurrent deploys queue instead.
+        conn.set_transaction_behavior(rusqlite::TransactionBehavior::Immediate);
         enable_wal(&conn).map_err(db("enable WAL"))?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db("set synchronous"))?;
@@ -1301,6 +1306,51 @@ mod tests {
             for h in handles {
                 h.join().unwrap().unwrap();
             }
+        }
+    }
+
+    #[test]
+    fn concurrent_deploys_settling_and_recording_wait_for_each_other() {
+        // Regression: two deploys of different policies in one workspace
+        // failed with "settle interrupted deployments: database is locked".
+        // A deferred transaction that reads and then writes cannot wait for
+        // the write lock (SQLite skips the busy handler on that upgrade), so
+        // every write transaction must start IMMEDIATE.
+        let dir = tempfile::tempdir().unwrap();
+        StateStore::open(dir.path()).unwrap();
+        let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let dir = dir.path().to_path_buf();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || -> Result<(), StateError> {
+                    let state = SqliteState::open(&dir)?;
+                    let policy = format!("4{i}");
+                    barrier.wait();
+                    for _ in 0..60 {
+                        state.settle_interrupted(&policy, "prod")?;
+                        let id =
+                            state.begin(&record(&policy, "prod", "sha256:aa", "in-progress"))?;
+                        state.finish(id, &record(&policy, "prod", "sha256:aa", "deployed"))?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().unwrap().unwrap();
+        }
+        let state = SqliteState::open(dir.path()).unwrap();
+        for i in 0..4 {
+            let policy = format!("4{i}");
+            let mine: Vec<_> = state
+                .deployments(None, "ASC")
+                .unwrap()
+                .into_iter()
+                .filter(|d| d.policy_id == policy)
+                .collect();
+            assert_eq!(mine.len(), 60, "deploys of {policy}");
+            assert!(mine.iter().all(|d| d.outcome == RecordOutcome::Deployed));
         }
     }
 
