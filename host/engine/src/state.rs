@@ -1343,12 +1343,7 @@ mod tests {
         let state = SqliteState::open(dir.path()).unwrap();
         for i in 0..4 {
             let policy = format!("4{i}");
-            let mine: Vec<_> = state
-                .deployments(None, "ASC")
-                .unwrap()
-                .into_iter()
-                .filter(|d| d.policy_id == policy)
-                .collect();
+            let mine = state.deployments(Some(&policy), "ASC").unwrap();
             assert_eq!(mine.len(), 60, "deploys of {policy}");
             assert!(mine.iter().all(|d| d.outcome == RecordOutcome::Deployed));
         }
