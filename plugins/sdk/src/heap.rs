@@ -92,12 +92,8 @@ unsafe impl Source for PluginHeap {
 }
 
 /// The SDK's global allocator on wasm (feature `heap`, on by default).
-pub type Heap = TalcSyncCell<PluginHeap, WasmBinning>;
-
-/// The allocator, for `#[global_allocator]`.
-pub const fn heap() -> Heap {
-    TalcSyncCell::new_wasm(PluginHeap {
-        arena_claimed: false,
-        end: None,
-    })
-}
+#[global_allocator]
+static HEAP: TalcSyncCell<PluginHeap, WasmBinning> = TalcSyncCell::new_wasm(PluginHeap {
+    arena_claimed: false,
+    end: None,
+});

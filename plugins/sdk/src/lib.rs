@@ -59,20 +59,13 @@ pub use log::{Level, log};
 pub use policy::{Approval, Policy, Rule};
 pub use route::{Route, Service};
 
+// The plugin's global allocator (see `heap.rs`), on wasm only.
 #[cfg(all(
     feature = "heap",
     target_arch = "wasm32",
     not(target_feature = "atomics")
 ))]
 mod heap;
-
-#[cfg(all(
-    feature = "heap",
-    target_arch = "wasm32",
-    not(target_feature = "atomics")
-))]
-#[global_allocator]
-static HEAP: heap::Heap = heap::heap();
 
 /// Re-exported so plugins can use the same JSON type as the SDK without
 /// pinning a `serde_json` version of their own.
