@@ -488,3 +488,116 @@ fn a_pusher_that_skips_approvals_is_stopped_by_the_agent() {
     );
     assert_eq!(support::active_digest(&agent.url), None);
 }
+
+/// Issue 26 §1: build once, promote the artifact. Approvals and unrelated
+/// commits made after staging do not change what production receives: the
+/// very digest staging runs. A change of content under the same version is
+/// still refused, naming what changed.
+#[test]
+fn production_receives_the_digest_staging_runs_after_unrelated_commits_and_approvals() {
+    let data = tempfile::tempdir().unwrap();
+    let ws = Workspace::new("");
+    let staging = AgentProcess::start(&data.path().join("staging"), &ws.release_pub());
+    let prod = AgentProcess::start(&data.path().join("prod"), &ws.release_pub());
+    let envs = Workspace::env_toml(
+        "staging",
+        "",
+        &[Svc {
+            name: "API",
+            url: staging.url.clone(),
+            tags: &["api"],
+        }],
+    ) + &Workspace::env_toml(
+        "production",
+        "promote_from = \"staging\"\nmin_approvals = 1\nrequire_signed_approvals = true",
+        &[Svc {
+            name: "API",
+            url: prod.url.clone(),
+            tags: &["api"],
+        }],
+    );
+    let toml = ws.root().join("pde.toml");
+    let mut text = std::fs::read_to_string(&toml).unwrap();
+    text.push_str(&envs);
+    std::fs::write(&toml, text).unwrap();
+    let people = Approvers::new(ws.root());
+    trust_approvers(&ws);
+    ws.install_examples();
+    ws.commit("workspace");
+
+    let o = pde(
+        ws.root(),
+        &["--output", "json", "deploy", "42", "--env", "staging"],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let staged: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let digest = staged["digest"].as_str().unwrap().to_string();
+
+    // An unrelated commit, then the approval production needs.
+    std::fs::write(ws.root().join("NOTES.md"), "release notes\n").unwrap();
+    ws.commit("unrelated");
+    people.approve(&ws, "ana", &["--role", "legal"]);
+    ws.commit("legal approval of 42");
+
+    // The plan names the staging bundle it will promote.
+    let o = pde(ws.root(), &["plan", "42", "--env", "production"]);
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let plan = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        plan.contains(&format!("shipping the bundle staging runs, {digest}")),
+        "{plan}"
+    );
+
+    // Staging again: the same artifact, already active there.
+    let o = pde(
+        ws.root(),
+        &["--output", "json", "deploy", "42", "--env", "staging"],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let again: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(again["digest"], digest.as_str());
+    assert_eq!(again["already_active"], true);
+
+    let o = pde(
+        ws.root(),
+        &["--output", "json", "deploy", "42", "--env", "production"],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let promoted: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(promoted["digest"], digest.as_str(), "{promoted}");
+    assert_eq!(promoted["artifact"]["reused_from"], "staging");
+    assert_eq!(
+        promoted["artifact"]["source_commit"],
+        staged["artifact"]["source_commit"]
+    );
+    assert_eq!(
+        support::active_digest_of(&prod.url, "42"),
+        Some(digest.clone())
+    );
+    // The shipped bundle carries the approval that was added after staging.
+    let shipped = std::fs::read(promoted["bundle_path"].as_str().unwrap()).unwrap();
+    let shipped = Bundle::from_slice(&shipped).unwrap();
+    assert_eq!(shipped.digest, digest);
+    assert_eq!(shipped.approvals.len(), 1);
+    assert_eq!(shipped.approvals[0].signature.keyid, people.keyid("ana"));
+
+    // New content under the same version: refused, naming what changed.
+    let mut doc = policy_42("1.0.0");
+    doc["rules"][0]["value"] = json!(99);
+    ws.write_policy("42.json", &doc.to_string());
+    ws.commit("same version, other rules");
+    for env in ["staging", "production"] {
+        if env == "production" {
+            // Production validates approvals first: approve the new content.
+            people.approve(&ws, "ana", &["--role", "legal"]);
+            ws.commit("legal approval of the new rules");
+        }
+        let o = pde(ws.root(), &["deploy", "42", "--env", env]);
+        assert_eq!(code(&o), 3, "{env}: {}", both(&o));
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert!(
+            err.contains("the policy's content changed (rules)") && err.contains(&digest),
+            "{env}: {err}"
+        );
+    }
+}

@@ -619,3 +619,40 @@ fn status_live_shows_policies_pde_does_not_know_as_information() {
         ]
     );
 }
+
+/// Issue 21 item 5: deleting a committed freeze from the work tree's
+/// pde.toml does not lift it. The deploy refuses (exit 2, naming pde.toml),
+/// pushes nothing, and a deploy under the committed configuration records
+/// its commit and digest.
+#[test]
+fn an_uncommitted_edit_of_pde_toml_cannot_drop_a_freeze() {
+    let (ws, agent) = workspace_with(&freeze_now("holidays"));
+    let path = ws.root().join("pde.toml");
+    let committed = std::fs::read_to_string(&path).unwrap();
+    let unfrozen = committed[..committed.find("[[environments.prod.checks]]").unwrap()].to_string();
+    std::fs::write(&path, &unfrozen).unwrap();
+    let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("pde.toml has uncommitted changes"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(support::active_policies(&agent.url).is_empty());
+    // The refusal is in the audit log.
+    let records = audit(&ws);
+    assert_eq!(events(&records).last().unwrap(), "deploy_failed");
+
+    // Committed, the edit takes effect and the record names it.
+    ws.commit("lift the freeze");
+    let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let head = support::git(ws.root(), &["rev-parse", "HEAD"]);
+    let start = audit(&ws)
+        .into_iter()
+        .rfind(|r| r["event"] == "deploy_start")
+        .unwrap();
+    assert_eq!(start["data"]["config"]["commit"], head.trim());
+    let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(unfrozen.as_bytes()));
+    assert_eq!(start["data"]["config"]["sha256"], sum);
+}

@@ -61,8 +61,21 @@ impl Engine {
                 self.key_audit_head()?;
                 self.settle_interrupted(policy_id, env_name)?;
             }
-            audit.record(Event::DeployStart, json!({}))?;
-            let result = self.steps(policy_id, env_name, opts, audit).await;
+            // The gates come from pde.toml, so a deploy runs under the
+            // committed one and its record names it (commit and digest).
+            let config = match opts.dry_run {
+                true => Ok(None),
+                false => Repo::discover(&self.root)
+                    .map_err(Error::from)
+                    .and_then(|repo| Ok(provenance::config_in_force(&repo, &self.root)?))
+                    .map(Some),
+            };
+            let in_force = config.as_ref().ok().cloned().flatten();
+            audit.record(Event::DeployStart, json!({"config": in_force}))?;
+            let result = match config {
+                Ok(_) => self.steps(policy_id, env_name, opts, audit).await,
+                Err(e) => Err(e),
+            };
             match &result {
                 Ok(r) => audit.record(
                     Event::Deployed,
@@ -128,35 +141,48 @@ impl Engine {
 
         // 2. package
         let version = policy.version.to_string();
-        let (repo, bundle, already_active, bundle_path) =
-            tracing::info_span!("package").in_scope(|| {
-                let repo = Repo::discover(&self.root)?;
-                provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
-                let key = self.signing_key()?;
-                let bundle = package::seal(&repo, &policy, &validation, key.as_ref())?;
-                let already_active =
-                    package::check_redeploy(&self.state, &policy, env_name, &bundle.digest)?;
-                package::check_promotion(&self.state, &policy, env_name, env, &bundle.digest)?;
-                tag::check_free(
-                    &repo,
-                    &release(policy_id, &version, env_name, &bundle.digest),
-                )?;
-                let bundle_path = match opts.dry_run {
-                    true => None,
-                    false => {
-                        // Kept in the state before anything is pushed, so
-                        // whoever shares it can show this version to the
-                        // validators of the next deploy once it is active.
-                        self.state
-                            .put_bundle(&bundle.digest, &bundle.to_canonical_bytes())?;
-                        Some(package::write(&bundle, &self.dist_dir())?)
-                    }
-                };
-                Ok::<_, Error>((repo, bundle, already_active, bundle_path))
-            })?;
+        let (repo, admitted, bundle_path) = tracing::info_span!("package").in_scope(|| {
+            let repo = Repo::discover(&self.root)?;
+            provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
+            let key = self.signing_key()?;
+            let built = package::seal(&repo, &policy, &validation, key.as_ref())?;
+            let admitted = package::admit(
+                &self.state,
+                &self.dist_dir(),
+                &policy,
+                env_name,
+                env,
+                built,
+                key.as_ref(),
+            )?;
+            let bundle = &admitted.bundle;
+            tag::check_free(
+                &repo,
+                &release(policy_id, &version, env_name, &bundle.digest),
+            )?;
+            let bundle_path = match opts.dry_run {
+                true => None,
+                false => {
+                    // Kept in the state before anything is pushed, so
+                    // whoever shares it can show this version to the
+                    // validators of the next deploy once it is active.
+                    self.state
+                        .put_bundle(&bundle.digest, &bundle.to_canonical_bytes())?;
+                    Some(package::write(bundle, &self.dist_dir())?)
+                }
+            };
+            Ok::<_, Error>((repo, admitted, bundle_path))
+        })?;
+        let package::Admitted {
+            bundle,
+            artifact,
+            already_active,
+        } = admitted;
         audit.record(
             Event::Packaged,
-            json!({"digest": bundle.digest, "version": version}),
+            json!({"digest": bundle.digest, "version": version,
+                   "source_commit": artifact.source_commit,
+                   "reused_from": artifact.reused_from}),
         )?;
 
         // 3. check the environment
@@ -221,6 +247,7 @@ impl Engine {
             digest: bundle.digest.clone(),
             outcome: DeployOutcome::DryRun,
             already_active,
+            artifact,
             bundle_path,
             validation,
             health,

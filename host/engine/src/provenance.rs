@@ -78,6 +78,19 @@ pub enum ProvenanceError {
         /// `git status --short` lines, `; `-joined.
         changes: String,
     },
+    /// `pde.toml` differs from the commit: its gates (freezes, approvals,
+    /// signed plugins, promotion) would be the work tree's, not the record's.
+    #[error(
+        "{path} has uncommitted changes ({changes}); commit or restore it: a deploy or \
+         rollback runs under the configuration its commit holds, so a gate cannot be \
+         dropped by an edit nobody committed"
+    )]
+    DirtyConfig {
+        /// The configuration file.
+        path: PathBuf,
+        /// `git status --short` lines, `; `-joined.
+        changes: String,
+    },
     /// An environment's `required_plugins` names a plugin that is not installed.
     #[error(
         "environment {env} requires plugin(s) {missing}, not found in {dir}; restore them \
@@ -205,6 +218,38 @@ pub fn check_required(
         env: env_name.to_string(),
         missing: missing.join(", "),
         dir: dir.to_path_buf(),
+    })
+}
+
+/// The configuration a deploy or rollback ran under, for its audit record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigInForce {
+    /// The work tree's HEAD commit.
+    pub commit: String,
+    /// sha256 (hex) of `pde.toml`'s bytes, which are the committed ones.
+    pub sha256: String,
+}
+
+/// `pde.toml` is a regular file that the commit holds unchanged; returns
+/// the commit and the file's digest.
+pub fn config_in_force(repo: &Repo, root: &Path) -> Result<ConfigInForce, ProvenanceError> {
+    use sha2::Digest as _;
+    let path = root.join(crate::config::FILE_NAME);
+    check_regular_file(root, &path)?;
+    let abs = root
+        .canonicalize()
+        .map_or_else(|_| path.clone(), |r| r.join(crate::config::FILE_NAME));
+    let changes = repo.changes_under(&abs)?;
+    if !changes.is_empty() {
+        return Err(ProvenanceError::DirtyConfig {
+            path,
+            changes: changes.join("; "),
+        });
+    }
+    let bytes = std::fs::read(&path).map_err(|_| ProvenanceError::NotRegular { path })?;
+    Ok(ConfigInForce {
+        commit: repo.head_commit()?,
+        sha256: hex::encode(sha2::Sha256::digest(&bytes)),
     })
 }
 

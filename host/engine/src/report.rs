@@ -73,6 +73,9 @@ pub struct DeployReport {
     pub outcome: DeployOutcome,
     /// True when this exact bundle was already active in the environment.
     pub already_active: bool,
+    /// Which build is shipped: this run's, or the one the promotion source
+    /// (or this environment) already runs.
+    pub artifact: crate::steps::package::Artifact,
     /// The bundle file under `dist/` (none for a dry run).
     pub bundle_path: Option<PathBuf>,
     /// Step 1.

@@ -194,6 +194,7 @@ pub fn plan(ctx: &Ctx, args: PlanArgs) -> CmdResult {
     }
     print::validation(&report.deploy.validation);
     println!("package   {} (not written)", report.deploy.digest);
+    print::artifact(&report.deploy.artifact, &report.deploy.digest);
     println!(
         "plan      {} service(s) would receive it",
         report.targets.len()

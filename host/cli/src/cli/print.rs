@@ -131,12 +131,25 @@ pub fn push(r: &PushReport) {
 }
 
 /// A whole deploy, step by step.
+/// Which build ships: this run's, or the bundle an environment already runs.
+pub fn artifact(a: &pde::package::Artifact, digest: &str) {
+    let commit = a.source_commit.get(..12).unwrap_or(&a.source_commit);
+    match &a.reused_from {
+        Some(env) => println!(
+            "artifact  shipping the bundle {env} runs, {digest} (built from commit {commit}; \
+             same content, plugins and findings as this checkout)"
+        ),
+        None => println!("artifact  built from commit {commit}"),
+    }
+}
+
 pub fn deploy(r: &DeployReport) {
     validation(&r.validation);
     match &r.bundle_path {
         Some(p) => println!("package   {} -> {}", r.digest, p.display()),
         None => println!("package   {} (dry run: not written)", r.digest),
     }
+    artifact(&r.artifact, &r.digest);
     health(&r.health);
     println!("route");
     for route in &r.routes {

@@ -266,7 +266,7 @@ pub fn validate(
             .and_then(|a| semver::Version::parse(&a.version).ok());
         // Re-deploying the version that is already active is judged later,
         // by digest: the same bytes are an idempotent no-op, other bytes are
-        // refused (see `package::check_redeploy`).
+        // refused (see `package::admit`).
         let same_version = active_version.as_ref() == Some(&policy.version);
         if !same_version {
             diagnostics.extend(policy::check_version(policy, active_version.as_ref()));
