@@ -120,6 +120,8 @@ const LAYERS: &[&[&str]] = &[
     // keeps the team's audit chain, so the log sits below it.
     &["audit"],
     &["state", "provenance"],
+    // Begin and finish of a deploy or rollback in the state.
+    &["bookkeeping"],
     &[
         "steps::validate",
         "steps::package",
@@ -132,6 +134,8 @@ const LAYERS: &[&[&str]] = &[
     &["report"],
     &["error"],
     &["engine"],
+    // Each step bound to the engine, once for every command.
+    &["stages"],
     &["pipeline", "rollback", "team"],
     &["plan", "live"],
     &["blocking"],

@@ -440,6 +440,8 @@ fn the_audit_log_is_anchored_by_release_tags_and_a_signed_head() {
     std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
     let o = pde(ws.root(), &["audit", "verify"]);
     assert_eq!(code(&o), 6, "{}", stderr(&o));
+    // A deploy runs under the committed pde.toml only.
+    ws.commit("rotate the release key");
     let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let o = pde(ws.root(), &["audit", "verify"]);

@@ -40,6 +40,16 @@ pub enum ConfigError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// A service's `token_env` names a variable that is not set (or is empty).
+    #[error(
+        "service {service:?}: token variable {var} is not set; export it, or remove `token_env` from the service in pde.toml"
+    )]
+    MissingToken {
+        /// The service.
+        service: String,
+        /// The environment variable pde.toml names.
+        var: String,
+    },
     /// An environment was asked for that the file does not define.
     #[error("unknown environment {name:?}; pde.toml defines: {known}")]
     UnknownEnv {
@@ -380,6 +390,28 @@ pub struct FreezeWindow {
     pub end: jiff::Timestamp,
 }
 
+impl Environment {
+    /// The names of this environment's freeze checks whose window holds
+    /// `now` (a window that does not parse counts as in force: pde.toml's
+    /// check refuses it anyway, and a freeze must never be read as lifted).
+    pub fn freezes_in_force(&self, now: jiff::Timestamp) -> Vec<String> {
+        self.checks
+            .iter()
+            .filter_map(|c| match c {
+                Check::Freeze {
+                    name,
+                    start,
+                    end,
+                    timezone,
+                } => FreezeWindow::parse(start, end, timezone.as_deref())
+                    .map_or(true, |w| w.contains(now))
+                    .then(|| name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 impl FreezeWindow {
     /// Reads `start`/`end` of a freeze check. Local date-times need
     /// `timezone`; RFC 3339 instants carry their own offset. The error says
@@ -446,6 +478,21 @@ pub struct Service {
     pub labels: BTreeMap<String, String>,
     /// Environment variable holding the bearer token for this service.
     pub token_env: Option<String>,
+}
+
+impl Service {
+    /// The bearer token named by `token_env`, read now; `None` without one.
+    pub fn token(&self) -> Result<Option<pde_core::secret::Secret>, ConfigError> {
+        let Some(var) = &self.token_env else {
+            return Ok(None);
+        };
+        pde_core::secret::from_env(var)
+            .map(Some)
+            .ok_or_else(|| ConfigError::MissingToken {
+                service: self.name.clone(),
+                var: var.clone(),
+            })
+    }
 }
 
 impl Config {

@@ -22,10 +22,9 @@ use crate::plugin::{PluginHost, PluginSet as Plugins};
 use crate::policy::PolicyStore;
 use crate::state::StateStore;
 use crate::state::pg::{PgState, PgTarget};
-use crate::steps::envcheck::{self, HealthReport};
-use crate::steps::package::{self, PackageReport};
+use crate::steps::envcheck::HealthReport;
+use crate::steps::package::PackageReport;
 use crate::steps::validate::{self, ValidationReport};
-use crate::vcs::Repo;
 
 /// An opened policy workspace: `pde.toml`, the policy store, state, audit log
 /// and plugins. All pde operations are methods of the engine.
@@ -383,17 +382,8 @@ impl Engine {
             Some(name) => Some((name, self.environment(name)?)),
             None => None,
         };
-        let plugins = self.plugins()?;
-        if let Some((name, environment)) = env {
-            crate::provenance::check_required(&plugins, name, environment, &self.plugins_dir())?;
-            validate::check_signed_plugins(&plugins, name, environment)?;
-        }
-        let policy = validate::load(&self.policies, policy_id)?;
-        let approvers = self.approvers()?;
-        let report = off_runtime(|| {
-            validate::validate(self.validate_inputs(&plugins, &approvers), &policy, env)
-        })?;
-        Ok(report.into_result()?)
+        let plugins = self.plugin_gates(env)?;
+        Ok(self.validate_stage(&plugins, policy_id, env)?.1)
     }
 
     /// `pde approve ID --key FILE`: signs the policy's content digest and
@@ -419,23 +409,15 @@ impl Engine {
     /// `pde package ID [-o DIR]`: steps 1 and 2, writing the bundle.
     pub fn package(&self, policy_id: &str, out: Option<&Path>) -> Result<PackageReport, Error> {
         let _span = tracing::info_span!("package", policy_id).entered();
-        let plugins = self.plugins()?;
-        let policy = validate::load(&self.policies, policy_id)?;
-        let approvers = self.approvers()?;
-        let validation = off_runtime(|| {
-            validate::validate(self.validate_inputs(&plugins, &approvers), &policy, None)
-        })?
-        .into_result()?;
-        let repo = Repo::discover(&self.root)?;
-        crate::provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
-        let key = self.signing_key()?;
-        let bundle = package::seal(&repo, &policy, &validation, key.as_ref())?;
-        let path = package::write(&bundle, out.unwrap_or(&self.dist_dir()))?;
+        let plugins = self.plugin_gates(None)?;
+        let (policy, validation) = self.validate_stage(&plugins, policy_id, None)?;
+        let out = out.map_or_else(|| self.dist_dir(), Path::to_path_buf);
+        let packaged = self.package_stage(&policy, &validation, None, Some(&out))?;
         Ok(PackageReport {
-            digest: bundle.digest.clone(),
-            path,
+            digest: packaged.bundle.digest.clone(),
+            path: packaged.path.unwrap_or(out),
             validation,
-            bundle,
+            bundle: packaged.bundle,
         })
     }
 
@@ -444,20 +426,7 @@ impl Engine {
     /// overrides it.
     pub async fn env_check(&self, env_name: &str) -> Result<HealthReport, Error> {
         let env = self.environment(env_name)?;
-        let targets = env
-            .services
-            .iter()
-            .map(crate::steps::push::target_of)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(envcheck::check_all(
-            &self.http,
-            &targets,
-            &env.checks,
-            self.config.push.timeout(),
-            jiff::Timestamp::now(),
-            None,
-        )
-        .await?)
+        Ok(self.envcheck_stage(env, None).await?.1)
     }
 }
 

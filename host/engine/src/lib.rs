@@ -25,6 +25,7 @@
 
 pub mod audit;
 pub mod blocking;
+mod bookkeeping;
 pub mod config;
 mod engine;
 pub mod error;
@@ -37,6 +38,7 @@ pub mod provenance;
 pub mod report;
 pub mod rollback;
 mod runtime;
+mod stages;
 pub mod state;
 pub mod steps;
 pub mod team;
