@@ -223,6 +223,34 @@ pub struct ApproverKey {
     /// still counts towards `min_approvals`, but not towards `required_roles`.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// The person or team the key belongs to, for messages and reviews.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The last day (UTC) the key counts, `YYYY-MM-DD`; after it, its
+    /// approvals do not.
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+impl ApproverKey {
+    /// Whether the key still counts on `today` (an unreadable expiry never
+    /// counts; `pde.toml`'s check names it).
+    pub fn valid_on(&self, today: jiff::civil::Date) -> bool {
+        valid_on(self.expires.as_deref(), today).unwrap_or(false)
+    }
+}
+
+/// Whether a key with expiry `expires` (the last day it counts,
+/// `YYYY-MM-DD`, UTC) still counts on `today`; an error says what is wrong
+/// with the date.
+pub fn valid_on(expires: Option<&str>, today: jiff::civil::Date) -> Result<bool, String> {
+    let Some(text) = expires else {
+        return Ok(true);
+    };
+    let last: jiff::civil::Date = text
+        .parse()
+        .map_err(|e| format!("expires = {text:?} is not a date (YYYY-MM-DD): {e}"))?;
+    Ok(today <= last)
 }
 
 pub use pde_plugin_host::Limits;
@@ -528,6 +556,11 @@ impl Config {
         }
         if self.limits.fuel == 0 || self.limits.memory_mib == 0 || self.limits.timeout_ms == 0 {
             return Err(invalid("[limits] values must be greater than zero".into()));
+        }
+        for key in &self.trust.approver_keys {
+            valid_on(key.expires.as_deref(), jiff::civil::Date::MIN).map_err(|e| {
+                invalid(format!("[trust] approver key {}: {e}", key.file.display()))
+            })?;
         }
         if self.audit.sink_url.as_deref().is_some_and(has_userinfo) {
             return Err(invalid(

@@ -42,6 +42,9 @@ pub struct Engine {
     /// False for [`Engine::open_read_only`]: nothing under the state
     /// directory is created.
     writable: bool,
+    /// The security team's floor (`$PDE_TRUST`, `/etc/pde/trust.toml`), if
+    /// this machine has one.
+    pub(crate) floor: Option<crate::floor::Floor>,
     /// Set once the audit head is being signed with the workspace key.
     head_keyed: std::sync::OnceLock<()>,
     /// The empty, throwaway state a read-only engine reads when the
@@ -68,6 +71,7 @@ impl Engine {
     fn open_with(dir: &Path, writable: bool) -> Result<Engine, Error> {
         let root = dir.to_path_buf();
         let config = Config::load(&root)?;
+        let floor = crate::floor::Floor::load()?;
         let state_dir = root.join(&config.state);
         check_state_inside(&root, &config)?;
         let policies = PolicyStore::open(&root.join(&config.policies));
@@ -158,6 +162,7 @@ impl Engine {
             outbox,
             plugins: Mutex::new(None),
             writable,
+            floor,
             head_keyed: std::sync::OnceLock::new(),
             _scratch: scratch,
         })
@@ -208,7 +213,9 @@ impl Engine {
         Ok(self.config.environment(name)?)
     }
 
-    /// The public keys whose plugin signatures this workspace trusts.
+    /// The public keys whose plugin signatures this workspace trusts: the
+    /// floor's unexpired keys when there is a floor, else `[trust]
+    /// plugin_keys`; minus `[trust] revoked` either way.
     pub fn plugin_trust(&self) -> Result<TrustedKeys, Error> {
         let paths: Vec<PathBuf> = self
             .config
@@ -218,17 +225,41 @@ impl Engine {
             .map(|p| self.root.join(p))
             .collect();
         let mut trusted = TrustedKeys::from_files(&paths)?;
+        if let Some(floor) = &self.floor {
+            let floor_keys = floor.plugin_trust(crate::floor::today())?;
+            ignored_outside_floor("plugin", &trusted.key_ids(), &floor_keys.key_ids(), floor);
+            trusted = floor_keys;
+        }
         trusted.revoke(&self.config.trust.revoked);
         Ok(trusted)
     }
 
-    /// The keys whose signed approvals count (`[trust] approver_keys`),
-    /// minus `[trust] revoked`.
+    /// The keys whose signed approvals count: the floor's unexpired
+    /// approver keys when there is a floor, else `[trust] approver_keys`
+    /// (unexpired); minus `[trust] revoked` either way.
     pub fn approvers(&self) -> Result<pde_core::approval::Approvers, Error> {
+        let today = crate::floor::today();
         let mut approvers = pde_core::approval::Approvers::new();
+        let mut listed = Vec::new();
         for entry in &self.config.trust.approver_keys {
             let key = pde_core::keys::load_public_key(&self.root.join(&entry.file))?;
-            approvers.add(key, &entry.roles);
+            listed.push(keys::key_id(&key));
+            if entry.valid_on(today) {
+                approvers.add(key, &entry.roles);
+            }
+        }
+        if let Some(floor) = &self.floor {
+            approvers = floor.approvers(today)?;
+            let counted: Vec<String> = floor
+                .approver_keys
+                .iter()
+                .filter_map(|e| {
+                    let dir = floor.path.parent()?;
+                    pde_core::keys::load_public_key(&dir.join(&e.file)).ok()
+                })
+                .map(|k| keys::key_id(&k))
+                .collect();
+            ignored_outside_floor("approver", &listed, &counted, floor);
         }
         approvers.revoke(&self.config.trust.revoked);
         Ok(approvers)
@@ -427,6 +458,23 @@ impl Engine {
     pub async fn env_check(&self, env_name: &str) -> Result<HealthReport, Error> {
         let env = self.environment(env_name)?;
         Ok(self.envcheck_stage(env, None).await?.1)
+    }
+}
+
+/// A key pde.toml trusts that the floor does not list counts for nothing;
+/// say so, naming it, so nobody wonders why a signature was ignored.
+fn ignored_outside_floor(
+    what: &str,
+    listed: &[String],
+    floor_keys: &[String],
+    floor: &crate::floor::Floor,
+) {
+    for keyid in listed.iter().filter(|k| !floor_keys.contains(k)) {
+        tracing::warn!(
+            keyid,
+            floor = %floor.path.display(),
+            "{what} key {keyid} is trusted in pde.toml but not by the trust floor; it does not count"
+        );
     }
 }
 

@@ -29,6 +29,7 @@ mod bookkeeping;
 pub mod config;
 mod engine;
 pub mod error;
+pub mod floor;
 pub mod http;
 pub mod live;
 pub mod pipeline;

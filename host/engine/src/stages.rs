@@ -61,6 +61,9 @@ impl Engine {
     /// gates (a required plugin missing, an unsigned plugin where signatures
     /// are required). A refusal here is a workspace problem, not a finding.
     pub(crate) fn plugin_gates(&self, env: Option<EnvRef<'_>>) -> Result<Arc<Plugins>, Error> {
+        if let (Some(floor), Some((name, environment))) = (&self.floor, env) {
+            floor.check(name, environment)?;
+        }
         let plugins = self.plugins()?;
         if let Some((name, environment)) = env {
             crate::provenance::check_required(&plugins, name, environment, &self.plugins_dir())?;
@@ -228,6 +231,14 @@ impl Engine {
     /// tree's copy differs from the commit.
     pub(crate) fn config_in_force(&self) -> Result<crate::provenance::ConfigInForce, Error> {
         let repo = Repo::discover(&self.root)?;
-        Ok(crate::provenance::config_in_force(&repo, &self.root)?)
+        let mut in_force = crate::provenance::config_in_force(&repo, &self.root)?;
+        in_force.floor = self
+            .floor
+            .as_ref()
+            .map(|f| crate::provenance::FloorInForce {
+                path: f.path.clone(),
+                sha256: f.sha256.clone(),
+            });
+        Ok(in_force)
     }
 }
