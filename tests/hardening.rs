@@ -522,3 +522,35 @@ fn the_trust_floor_outside_the_repository_cannot_be_lowered_by_a_commit() {
         }
     }
 }
+
+/// Issue 21 item 4: cutting a rollback's records off the audit log and
+/// putting back the signed head saved before it verified as intact, while
+/// `pde history` still showed the rollback. The state is now a second
+/// witness: `audit verify` fails (exit 6) naming what the chain lacks.
+#[test]
+fn a_cut_audit_tail_behind_a_restored_head_is_caught_by_the_state() {
+    let (ws, _url) = agent_workspace("");
+    ws.commit("workspace");
+    let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    ws.write_policy("42.json", &support::policy_42("1.1.0").to_string());
+    ws.commit("1.1.0");
+    let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let state = ws.root().join(".pde");
+    let (log, head) = (state.join("audit.jsonl"), state.join("audit.head"));
+    let saved = (std::fs::read(&log).unwrap(), std::fs::read(&head).unwrap());
+
+    let o = pde(ws.root(), &["rollback", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&pde(ws.root(), &["audit", "verify"])), 0);
+    std::fs::write(&log, &saved.0).unwrap();
+    std::fs::write(&head, &saved.1).unwrap();
+    let o = pde(ws.root(), &["audit", "verify"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("rollback of policy 42 in prod"),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -77,3 +77,66 @@ impl<'a> Deployment<'a> {
         Ok(())
     }
 }
+
+/// The deployments and rollbacks the state records that the audit chain
+/// has no record of, one sentence each.
+///
+/// The chain alone proves only that it was not edited after its signed
+/// head; a head saved before a rollback and put back after its records were
+/// cut off still verifies. The state is a second witness written by the
+/// same deploy: every push appends `pushed` or `push_failed`, and every
+/// rollback `rolled_back`, to the chain before the state records its
+/// outcome, so a state entry without its record means the chain lost it.
+pub fn unrecorded(
+    history: &[DeploymentRecord],
+    records: &[crate::audit::AuditRecord],
+) -> Vec<String> {
+    use crate::audit::Event;
+    use std::collections::HashMap;
+    // (event, policy, env, digest) → how many the chain holds.
+    let mut held: HashMap<(Event, &str, &str, &str), usize> = HashMap::new();
+    for r in records {
+        let digest = match r.event {
+            Event::Pushed | Event::PushFailed => r.data["digest"].as_str(),
+            Event::RolledBack => r.data["to_digest"].as_str(),
+            _ => None,
+        };
+        if let Some(digest) = digest {
+            *held
+                .entry((r.event, &r.policy_id, &r.env, digest))
+                .or_default() += 1;
+        }
+    }
+    let mut missing = Vec::new();
+    for d in history {
+        let event = match d.outcome {
+            RecordOutcome::Deployed => Event::Pushed,
+            RecordOutcome::RolledBack | RecordOutcome::NeedsAttention => Event::PushFailed,
+            RecordOutcome::Rollback | RecordOutcome::RollbackFailed => Event::RolledBack,
+            RecordOutcome::InProgress | RecordOutcome::Interrupted => continue,
+        };
+        let key = (
+            event,
+            d.policy_id.as_str(),
+            d.env.as_str(),
+            d.digest.as_str(),
+        );
+        match held.get_mut(&key) {
+            Some(n) if *n > 0 => *n -= 1,
+            _ => missing.push(format!(
+                "the state records a {} of policy {} in {} ({}, {}) that the audit log has no \
+                 `{}` record of",
+                d.outcome,
+                d.policy_id,
+                d.env,
+                d.digest,
+                d.finished_at,
+                serde_json::to_value(event)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            )),
+        }
+    }
+    missing
+}

@@ -363,9 +363,34 @@ impl Engine {
     /// audit head, and the head's signature by the workspace key.
     pub fn verify_audit(&self) -> Result<crate::audit::VerifyReport, Error> {
         let key = self.audit_verifying_key()?;
-        Ok(self
+        let report = self
             .audit
-            .verify_anchored(&self.audit_anchors()?, key.as_ref())?)
+            .verify_anchored(&self.audit_anchors()?, key.as_ref())?;
+        // The state is a second witness: what it says happened must be in
+        // the chain, or a cut tail hides behind a restored head.
+        let records = self.audit.records()?;
+        let mut policies: std::collections::BTreeSet<String> =
+            records.iter().map(|r| r.policy_id.clone()).collect();
+        policies.extend(self.state.status(None)?.into_iter().map(|e| e.policy_id));
+        policies.extend(self.policies.ids().unwrap_or_default());
+        let mut missing = Vec::new();
+        for policy_id in policies.iter().filter(|p| !p.is_empty()) {
+            let history = self.state.history(policy_id)?;
+            missing.extend(crate::bookkeeping::unrecorded(&history, &records));
+        }
+        if let Some(first) = missing.first() {
+            return Err(crate::audit::AuditError::Anchor {
+                reason: format!(
+                    "{first}{}: records were cut from the log, or the state belongs to another log",
+                    match missing.len() {
+                        1 => String::new(),
+                        n => format!(" (and {} more)", n - 1),
+                    }
+                ),
+            }
+            .into());
+        }
+        Ok(report)
     }
 
     /// The public half of the signing key: from `<key_file>.pub` when there
