@@ -645,6 +645,93 @@ fn a_sqlite_workspace_migrates_with_its_chain_intact() {
     assert_eq!(code(&pde(ws.root(), &["audit", "verify"])), 0);
 }
 
+/// Issue 21 item 8 (the red team's case): a first deploy killed mid-push
+/// leaves no `active` row in SQLite, only an in-progress record. Migrating
+/// must not invent an active version out of it (an entry with an empty
+/// version and digest), or every validation of the policy afterwards fails
+/// with `active.unavailable` (exit 3).
+#[test]
+fn an_interrupted_first_deploy_migrates_as_interrupted_not_as_active() {
+    let slow = Receiver::start(Fault::None);
+    let ws = Workspace::new("");
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap()
+        + &env_with("dev", "", &[("HMS-API", &slow.url)]);
+    let toml = toml.replace("timeout_ms = 1500", "timeout_ms = 6000");
+    std::fs::write(ws.root().join("pde.toml"), &toml).unwrap();
+    // A pde:plugin@0.2.0 validator, which is shown the active version: an
+    // active row whose bundle cannot be read fails validation for it.
+    let artifact = std::path::PathBuf::from(pde_plugin_artifacts::wasm("benefit-change").unwrap());
+    ws.install_plugin(
+        "benefit-change",
+        "validator",
+        &artifact,
+        "[settings]\ntoday = \"2031-03-01\"\n",
+        true,
+    );
+    ws.commit("init");
+    slow.set_fault(Fault::Hang);
+    let mut a = spawn(ws.root(), &["deploy", "42", "--env", "dev"]);
+    wait_until("the push to arrive", || slow.deploys() > 0);
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let mut history = serde_json::Value::Null;
+    wait_until("the dead deploy's lock to be freed", || {
+        history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
+        history[0]["outcome"] != "in-progress"
+    });
+    assert_eq!(history[0]["outcome"], "interrupted", "{history}");
+    let o = pde(ws.root(), &["validate", "42", "--env", "dev"]);
+    assert_eq!(code(&o), 0, "before the migration: {}", stderr(&o));
+
+    let db = pg::fresh_database();
+    std::fs::write(
+        ws.root().join("pde.toml"),
+        toml.replace("state = \".pde\"\n", &shared_state(&db)),
+    )
+    .unwrap();
+    ws.commit("shared state");
+    let o = pde(
+        ws.root(),
+        &["state", "migrate", "--from", "sqlite", "--output", "json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let report = json(&o);
+
+    // The red team's probe: validation against dev has no active version
+    // to compare with, as before the migration.
+    let v = pde(ws.root(), &["validate", "42", "--env", "dev"]);
+    assert_eq!(
+        code(&v),
+        0,
+        "after the migration: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        stderr(&v)
+    );
+    assert_eq!(report["deployments"], 1, "{report}");
+    assert_eq!(report["active"], 0, "nothing was ever active: {report}");
+    assert_eq!(
+        pg::psql(pg::database_of(&db), "SELECT count(*) FROM active").trim(),
+        "0"
+    );
+    let history_after = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
+    assert_eq!(history_after, history);
+    let status = json(&pde(ws.root(), &["status", "--output", "json"]));
+    assert_eq!(status.as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(
+        status[0]["interrupted"]["outcome"], "interrupted",
+        "{status}"
+    );
+    assert_eq!(status[0]["version"], "", "{status}");
+
+    // And the next deploy settles it on the shared state.
+    slow.set_fault(Fault::None);
+    let o = pde(ws.root(), &["deploy", "42", "--env", "dev"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
+    assert_eq!(history[0]["outcome"], "deployed", "{history}");
+    assert_eq!(history[1]["outcome"], "interrupted", "{history}");
+}
+
 #[test]
 fn a_database_with_a_newer_schema_is_refused_with_exit_2() {
     let db = pg::fresh_database();

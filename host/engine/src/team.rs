@@ -73,7 +73,10 @@ impl Engine {
         }
         let sqlite = SqliteState::open(&state_dir)?;
         let history = sqlite.all_history()?;
-        let status = sqlite.status(None)?;
+        // The stored `active` rows, not `status`: a first deploy killed
+        // mid-push has no active version, only an in-progress record, which
+        // `status` shows as an entry with an empty version and digest.
+        let status = sqlite.active_entries(None)?;
         let file_log = AuditLog::open_read_only(&state_dir)?;
         let before = file_log.verify()?;
         let (lines, head) = file_log.export_chain()?;
