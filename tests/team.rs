@@ -15,8 +15,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pde::error::HasExitCode;
-use pde::state::pg::{PgState, PgTarget};
-use pde::state::{DeploymentRecord, RecordOutcome, SqliteState, StateBackend, TargetRecord};
+use pde::state::postgres::{PgState, PgTarget};
+use pde::state::{
+    DeploymentRecord, RecordOutcome, SqliteState, StateBackend, StateError, TargetRecord,
+};
 use support::receiver::{Fault, Receiver};
 use support::{Svc, Workspace, git, pg};
 
@@ -131,7 +133,10 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 // ---------------------------------------------------------------------------
-// One set of behaviour tests, run against both backends.
+// The conformance test: one set of behaviours, run against every backend
+// (SQLite and a real PostgreSQL). What only one backend does (SQLite's
+// files, WAL and IMMEDIATE transactions) is tested beside it, in
+// host/engine/src/state/sqlite.rs.
 
 fn record(policy: &str, env: &str, digest: &str, outcome: RecordOutcome) -> DeploymentRecord {
     DeploymentRecord {
@@ -161,7 +166,9 @@ fn record(policy: &str, env: &str, digest: &str, outcome: RecordOutcome) -> Depl
     }
 }
 
-fn behaves_as_state(s: &dyn StateBackend) {
+/// Every behaviour of a state backend: `s` is a fresh one, and `fresh`
+/// opens another empty one of the same kind (the target of a migration).
+fn behaves_as_state(s: &dyn StateBackend, fresh: &dyn Fn() -> Box<dyn StateBackend>) {
     // History: newest first, targets kept in order, ids increasing.
     let first = record("42", "staging", "sha256:aa", RecordOutcome::RolledBack);
     let second = record("42", "staging", "sha256:bb", RecordOutcome::Deployed);
@@ -189,12 +196,14 @@ fn behaves_as_state(s: &dyn StateBackend) {
             }
         ]
     );
+    assert_eq!(h[1].targets[1].previous_digest, None);
     assert!(s.history("nope").unwrap().is_empty());
 
     // The promotion gate counts successful deployments in that env only.
     assert!(s.was_deployed("staging", "42", "sha256:bb").unwrap());
     assert!(!s.was_deployed("staging", "42", "sha256:aa").unwrap());
     assert!(!s.was_deployed("production", "42", "sha256:bb").unwrap());
+    assert!(!s.was_deployed("staging", "7", "sha256:bb").unwrap());
 
     // Active versions upsert; status sorts by env, then policy, with services.
     assert_eq!(s.active("42", "staging").unwrap(), None);
@@ -205,9 +214,18 @@ fn behaves_as_state(s: &dyn StateBackend) {
         .unwrap();
     s.set_service_active("42", "staging", "HMS-BATCH", None)
         .unwrap();
+    let active = s.active("42", "staging").unwrap().unwrap();
     assert_eq!(
-        s.active("42", "staging").unwrap().unwrap().digest,
-        "sha256:bb"
+        (active.version.as_str(), active.digest.as_str()),
+        ("1.1.0", "sha256:bb")
+    );
+    // Stamped now, in RFC 3339 UTC (`2026-11-29T10:00:00Z`, maybe with
+    // fractions).
+    let at = active.deployed_at.as_bytes();
+    assert!(
+        at.len() >= 20 && at[4] == b'-' && at[10] == b'T' && at.ends_with(b"Z"),
+        "{}",
+        active.deployed_at
     );
     let all = s.status(None).unwrap();
     let keys: Vec<_> = all
@@ -287,7 +305,15 @@ fn behaves_as_state(s: &dyn StateBackend) {
     let _other_policy = s.lock("7", "production").unwrap();
     drop(held);
     let _again = s.lock("42", "production").unwrap();
-    assert!(s.lock("../x", "production").is_err());
+    // Names that could escape a lock's namespace are refused.
+    assert!(matches!(
+        s.lock("../x", "production"),
+        Err(StateError::BadName { .. })
+    ));
+    assert!(matches!(
+        s.lock("42", "a/b"),
+        Err(StateError::BadName { .. })
+    ));
 
     // Bundles by digest: stored once, read back byte for byte.
     assert_eq!(s.bundle("sha256:ee").unwrap(), None);
@@ -298,19 +324,97 @@ fn behaves_as_state(s: &dyn StateBackend) {
         Some(&b"{\"a\":1}"[..]),
         "the bytes of a digest never change"
     );
+
+    // One state, many threads (the pipeline shares it across its tasks).
+    std::thread::scope(|scope| {
+        for i in 0..4 {
+            scope.spawn(move || {
+                for j in 0..5 {
+                    let d = record(
+                        "5",
+                        "dev",
+                        &format!("sha256:{i}{j}"),
+                        RecordOutcome::Deployed,
+                    );
+                    s.record(&d).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(s.history("5").unwrap().len(), 20);
+
+    migrates_as_state(s, fresh);
+}
+
+/// `pde state migrate`: a state's stored rows copied into an empty one, as
+/// they are. The red team's case (issue 21 item 8): a first deploy killed
+/// mid-push has no active version, and must not gain one with no digest.
+fn migrates_as_state(s: &dyn StateBackend, fresh: &dyn Fn() -> Box<dyn StateBackend>) {
+    // A first deploy of policy 8 killed mid-push: in progress, one service
+    // told, nothing active.
+    let killed = record("8", "dev", "sha256:ff", RecordOutcome::Deployed);
+    let lock = s.lock("8", "dev").unwrap();
+    let id = s.begin(&killed).unwrap();
+    s.set_service_active("8", "dev", "HMS-API", Some(("1.0.0", "sha256:ff")))
+        .unwrap();
+    drop(lock);
+    let dev = s.status(Some("dev")).unwrap();
+    let shown: Vec<_> = dev
+        .iter()
+        .map(|e| (e.policy_id.as_str(), e.version.as_str()))
+        .collect();
+    assert_eq!(shown, [("7", "0.1.0"), ("8", "")], "{dev:?}");
+    assert!(dev[1].interrupted.is_some(), "{dev:?}");
+
+    let dump = s.dump().unwrap();
+    let to = fresh();
+    to.import(&dump).unwrap();
+    assert_eq!(
+        to.active("8", "dev").unwrap(),
+        None,
+        "nothing was ever active"
+    );
+    assert_eq!(to.dump().unwrap(), dump, "every stored row, as it was");
+    for policy in ["42", "7", "9", "8", "5"] {
+        assert_eq!(to.history(policy).unwrap(), s.history(policy).unwrap());
+    }
+    // The shared view is the same: 8 still shows as interrupted, with no
+    // version.
+    assert_eq!(to.status(None).unwrap(), s.status(None).unwrap());
+    let h = to.history_checked("8").unwrap();
+    assert_eq!(
+        (h[0].id, h[0].outcome),
+        (Some(id), RecordOutcome::Interrupted)
+    );
+    // New records continue after the imported ids.
+    let next = to.record(&killed).unwrap();
+    assert!(next > dump.deployments.last().unwrap().id.unwrap());
+    // Importing twice would duplicate history: refused, nothing written.
+    let e = to.import(&dump).unwrap_err();
+    assert!(matches!(e, StateError::Config { .. }), "{e}");
+    assert_eq!(e.exit_code().code(), 2);
 }
 
 #[test]
 fn sqlite_state_behaves_as_state() {
-    let dir = tempfile::tempdir().unwrap();
-    behaves_as_state(&SqliteState::open(dir.path()).unwrap());
+    let dirs = std::sync::Mutex::new(Vec::new());
+    let fresh = || -> Box<dyn StateBackend> {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteState::open(dir.path()).unwrap();
+        dirs.lock().unwrap().push(dir);
+        Box::new(s)
+    };
+    behaves_as_state(&*fresh(), &fresh);
 }
 
 #[test]
 fn postgres_state_behaves_as_state() {
-    let url = pg::fresh_database();
-    let target = PgTarget::with_password(&url, Some(&pg::server().password)).unwrap();
-    behaves_as_state(&PgState::open(target).unwrap());
+    let fresh = || -> Box<dyn StateBackend> {
+        let url = pg::fresh_database();
+        let target = PgTarget::with_password(&url, Some(&pg::server().password)).unwrap();
+        Box::new(PgState::open(target).unwrap())
+    };
+    behaves_as_state(&*fresh(), &fresh);
 }
 
 // ---------------------------------------------------------------------------
@@ -740,12 +844,78 @@ fn a_database_with_a_newer_schema_is_refused_with_exit_2() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(
         pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
-        pde::state::pg::MIGRATIONS.len().to_string()
+        pde::state::postgres::schema_version().to_string()
     );
     pg::psql(pg::database_of(&db), "UPDATE pde_schema SET version = 99");
     let o = pde(ws.root(), &["status"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("schema version 99"), "{}", stderr(&o));
+}
+
+/// Databases in the field keep working: one written by the pde of issue 12
+/// (`pde_schema.version` 1, its first migration: history, services, leases
+/// and the audit chain at once) opens, gains the later steps, and reads as
+/// before; the stored version stays in the numbers older pde reads.
+#[test]
+fn a_database_of_an_older_pde_is_migrated_from_where_it_stopped() {
+    let db = pg::fresh_database();
+    pg::psql(
+        pg::database_of(&db),
+        "CREATE TABLE pde_schema (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+         INSERT INTO pde_schema VALUES (1, 1);
+         CREATE TABLE deployments (id BIGSERIAL PRIMARY KEY, policy_id TEXT NOT NULL,
+             env TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL,
+             outcome TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT NOT NULL,
+             actor TEXT NOT NULL);
+         CREATE INDEX deployments_by_policy ON deployments (policy_id, id);
+         CREATE INDEX deployments_by_digest ON deployments (env, policy_id, digest, outcome);
+         CREATE TABLE targets (id BIGSERIAL PRIMARY KEY,
+             deployment_id BIGINT NOT NULL REFERENCES deployments (id) ON DELETE CASCADE,
+             service TEXT NOT NULL, outcome TEXT NOT NULL, previous_digest TEXT,
+             detail TEXT NOT NULL);
+         CREATE INDEX targets_by_deployment ON targets (deployment_id, id);
+         CREATE TABLE active (policy_id TEXT NOT NULL, env TEXT NOT NULL,
+             version TEXT NOT NULL, digest TEXT NOT NULL, deployed_at TEXT NOT NULL,
+             PRIMARY KEY (policy_id, env));
+         CREATE TABLE service_active (policy_id TEXT NOT NULL, env TEXT NOT NULL,
+             service TEXT NOT NULL, version TEXT, digest TEXT, updated_at TEXT NOT NULL,
+             PRIMARY KEY (policy_id, env, service));
+         CREATE TABLE leases (policy_id TEXT NOT NULL, env TEXT NOT NULL,
+             holder TEXT NOT NULL, host TEXT NOT NULL, pid BIGINT NOT NULL,
+             since TEXT NOT NULL, PRIMARY KEY (policy_id, env));
+         CREATE TABLE audit_log (seq BIGINT PRIMARY KEY, line TEXT NOT NULL);
+         CREATE TABLE audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), head TEXT);
+         INSERT INTO audit_head (id, head) VALUES (1, NULL);
+         CREATE TABLE audit_sink_cursor (id INTEGER PRIMARY KEY CHECK (id = 1),
+             cursor BIGINT NOT NULL);
+         INSERT INTO audit_sink_cursor (id, cursor) VALUES (1, 0);
+         INSERT INTO deployments (policy_id, env, version, digest, outcome, started_at,
+             finished_at, actor)
+             VALUES ('42', 'dev', '1.0.0', 'sha256:aa', 'deployed', 't0', 't1', 'ana');
+         INSERT INTO active VALUES ('42', 'dev', '1.0.0', 'sha256:aa', 't1');",
+    );
+    let target = PgTarget::with_password(&db, Some(&pg::server().password)).unwrap();
+    let s = PgState::open(target).unwrap();
+    assert_eq!(
+        pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
+        "3",
+        "stored as the pde of issue 13 stores its newest schema"
+    );
+    assert_eq!(s.history("42").unwrap()[0].digest, "sha256:aa");
+    assert_eq!(s.active("42", "dev").unwrap().unwrap().version, "1.0.0");
+    s.put_bundle("sha256:aa", b"{}").unwrap();
+    assert_eq!(s.bundle("sha256:aa").unwrap().as_deref(), Some(&b"{}"[..]));
+    let id = s
+        .begin(&record("42", "dev", "sha256:bb", RecordOutcome::Deployed))
+        .unwrap();
+    assert_eq!(s.in_progress(Some("dev")).unwrap()[0].id, Some(id));
+    // Opening it again changes nothing.
+    let target = PgTarget::with_password(&db, Some(&pg::server().password)).unwrap();
+    drop(PgState::open(target).unwrap());
+    assert_eq!(
+        pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
+        "3"
+    );
 }
 
 #[test]
