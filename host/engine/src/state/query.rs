@@ -13,6 +13,7 @@
 //! supplies the connection, its transactions and its locks, and gets every
 //! statement from this file.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use pde_core::clock::now_rfc3339;
@@ -514,15 +515,15 @@ impl<B: Backend> StateBackend for B {
     fn active_entries(&self, env: Option<&str>) -> Result<Vec<ActiveEntry>, StateError> {
         self.run("read status", |db| {
             let mut entries = active_rows(db, env)?;
-            let mut services = service_rows(db, env)?.into_iter().peekable();
-            // Both sorted by environment, then policy: one merge pass.
+            // Grouped by key, not merged by order: the database's collation
+            // need not sort as Rust compares.
+            let mut services: HashMap<(String, String), Vec<ServiceHolding>> = HashMap::new();
+            for (policy_id, env, holding) in service_rows(db, env)? {
+                services.entry((policy_id, env)).or_default().push(holding);
+            }
             for e in &mut entries {
-                while let Some((policy_id, env, holding)) =
-                    services.next_if(|(p, v, _)| (v, p) <= (&e.env, &e.policy_id))
-                {
-                    if (&policy_id, &env) == (&e.policy_id, &e.env) {
-                        e.services.push(holding);
-                    }
+                if let Some(held) = services.remove(&(e.policy_id.clone(), e.env.clone())) {
+                    e.services = held;
                 }
             }
             Ok(entries)
