@@ -693,6 +693,25 @@ fn engineer_b_sees_the_version_engineer_a_made_active_through_the_shared_state()
     assert_eq!(code(&o), 3, "{}", stderr(&o));
 }
 
+/// Points the workspace (whose `pde.toml` is `toml`) at a fresh database,
+/// commits that, and runs `pde state migrate --from sqlite`: the database
+/// URL and the report.
+fn migrate_to_a_fresh_database(ws: &Workspace, toml: &str) -> (String, serde_json::Value) {
+    let db = pg::fresh_database();
+    std::fs::write(
+        ws.root().join("pde.toml"),
+        toml.replace("state = \".pde\"\n", &shared_state(&db)),
+    )
+    .unwrap();
+    ws.commit("shared state");
+    let o = pde(
+        ws.root(),
+        &["state", "migrate", "--from", "sqlite", "--output", "json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    (db, json(&o))
+}
+
 #[test]
 fn a_sqlite_workspace_migrates_with_its_chain_intact() {
     let ws = Workspace::new("");
@@ -707,19 +726,7 @@ fn a_sqlite_workspace_migrates_with_its_chain_intact() {
     let history_before = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
     assert_eq!(history_before[0]["outcome"], "deployed");
 
-    let db = pg::fresh_database();
-    std::fs::write(
-        ws.root().join("pde.toml"),
-        toml.replace("state = \".pde\"\n", &shared_state(&db)),
-    )
-    .unwrap();
-    ws.commit("shared state");
-    let o = pde(
-        ws.root(),
-        &["state", "migrate", "--from", "sqlite", "--output", "json"],
-    );
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let report = json(&o);
+    let (_, report) = migrate_to_a_fresh_database(&ws, &toml);
     assert_eq!(report["deployments"], 1);
     assert_eq!(report["bundles"], 1, "{report}");
     assert!(report["audit_records"].as_u64().unwrap() >= 8, "{report}");
@@ -773,33 +780,11 @@ fn an_interrupted_first_deploy_migrates_as_interrupted_not_as_active() {
         true,
     );
     ws.commit("init");
-    slow.set_fault(Fault::Hang);
-    let mut a = spawn(ws.root(), &["deploy", "42", "--env", "dev"]);
-    wait_until("the push to arrive", || slow.deploys() > 0);
-    a.kill().unwrap();
-    a.wait().unwrap();
-    let mut history = serde_json::Value::Null;
-    wait_until("the dead deploy's lock to be freed", || {
-        history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
-        history[0]["outcome"] != "in-progress"
-    });
-    assert_eq!(history[0]["outcome"], "interrupted", "{history}");
+    let history = kill_mid_push(&ws, &slow, "dev");
     let o = pde(ws.root(), &["validate", "42", "--env", "dev"]);
     assert_eq!(code(&o), 0, "before the migration: {}", stderr(&o));
 
-    let db = pg::fresh_database();
-    std::fs::write(
-        ws.root().join("pde.toml"),
-        toml.replace("state = \".pde\"\n", &shared_state(&db)),
-    )
-    .unwrap();
-    ws.commit("shared state");
-    let o = pde(
-        ws.root(),
-        &["state", "migrate", "--from", "sqlite", "--output", "json"],
-    );
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let report = json(&o);
+    let (db, report) = migrate_to_a_fresh_database(&ws, &toml);
 
     // The red team's probe: validation against dev has no active version
     // to compare with, as before the migration.
@@ -945,6 +930,25 @@ fn the_password_comes_only_from_the_named_variable_and_is_never_shown() {
     assert!(stderr(&o).contains("password_env"), "{}", stderr(&o));
 }
 
+/// Deploys policy 42 to `env`, whose one service `slow` hangs on the push,
+/// and kills the deploy there; returns `pde history 42` once the dead
+/// deploy's record reads as interrupted.
+fn kill_mid_push(ws: &Workspace, slow: &Receiver, env: &str) -> serde_json::Value {
+    slow.set_fault(Fault::Hang);
+    let before = slow.deploys();
+    let mut a = spawn(ws.root(), &["deploy", "42", "--env", env]);
+    wait_until("the push to arrive", || slow.deploys() > before);
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let mut history = serde_json::Value::Null;
+    wait_until("the dead deploy's lock to be freed", || {
+        history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
+        history[0]["outcome"] != "in-progress"
+    });
+    assert_eq!(history[0]["outcome"], "interrupted", "{history}");
+    history
+}
+
 /// A deploy killed mid-push shows as interrupted in `status` and `history`,
 /// with what each service was last known to run; the next deploy settles it
 /// with a verified outcome.
@@ -970,19 +974,7 @@ fn an_interrupted_deploy_is_shown_then_settled(db: Option<&str>) {
     // v1.1.0's push hangs at the service; the deploy is killed there.
     ws.write_policy("42.json", &support::policy_42("1.1.0").to_string());
     ws.commit("1.1.0");
-    slow.set_fault(Fault::Hang);
-    let before = slow.deploys();
-    let mut a = spawn(ws.root(), &["deploy", "42", "--env", "production"]);
-    wait_until("the push to arrive", || slow.deploys() > before);
-    a.kill().unwrap();
-    a.wait().unwrap();
-
-    let mut history = serde_json::Value::Null;
-    wait_until("the dead deploy's lock to be freed", || {
-        history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
-        history[0]["outcome"] != "in-progress"
-    });
-    assert_eq!(history[0]["outcome"], "interrupted", "{history}");
+    let history = kill_mid_push(&ws, &slow, "production");
     assert_eq!(history[0]["version"], "1.1.0");
     assert_eq!(history[1]["outcome"], "deployed");
     let status = json(&pde(ws.root(), &["status", "--output", "json"]));

@@ -565,6 +565,18 @@ mod tests {
         assert_eq!(v, 4);
     }
 
+    /// Another process holding `path`'s lock: util-linux flock(1) takes the
+    /// same flock(2) lock, then execs sleep (--no-fork), so the lock lives
+    /// exactly as long as that process.
+    fn flock(path: &Path) -> std::process::Child {
+        std::process::Command::new("flock")
+            .args(["--exclusive", "--no-fork"])
+            .arg(path)
+            .args(["sleep", "600"])
+            .spawn()
+            .expect("flock(1) from util-linux is installed")
+    }
+
     #[test]
     fn a_lock_held_by_another_process_is_refused_and_freed_when_it_dies() {
         let dir = tempfile::tempdir().unwrap();
@@ -573,14 +585,7 @@ mod tests {
         assert!(held.path().unwrap().ends_with("locks/42@production.lock"));
         drop(held); // creates locks/
         let path = dir.path().join("locks/42@production.lock");
-        // util-linux flock(1) takes the same flock(2) lock, then execs sleep
-        // (--no-fork), so the lock lives exactly as long as that process.
-        let mut child = std::process::Command::new("flock")
-            .args(["--exclusive", "--no-fork"])
-            .arg(&path)
-            .args(["sleep", "600"])
-            .spawn()
-            .expect("flock(1) from util-linux is installed");
+        let mut child = flock(&path);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         let refused = loop {
             match s.lock("42", "production") {
@@ -612,12 +617,7 @@ mod tests {
         );
         let path = dir.path().join("locks/42@production.lock");
         fs::write(&path, "ana on host-1 pid 999 since 2026-11-29T10:00:00Z").unwrap();
-        let mut child = std::process::Command::new("flock")
-            .args(["--exclusive", "--no-fork"])
-            .arg(&path)
-            .args(["sleep", "600"])
-            .spawn()
-            .expect("flock(1) from util-linux is installed");
+        let mut child = flock(&path);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while !s.is_locked("42", "production").unwrap() {
             assert!(
