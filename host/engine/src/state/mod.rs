@@ -17,8 +17,8 @@
 //!   [`stored_bundle`].
 //!
 //! A third backend is one file implementing [`Backend`] (with a [`Dialect`]
-//! for the few column types SQL spells differently) and one line in
-//! [`SHARED_BACKENDS`]. `tests/team.rs` runs one conformance test
+//! for the few column types SQL spells differently), declared here, and
+//! one line in [`SHARED_BACKENDS`] where the backend is chosen. `tests/team.rs` runs one conformance test
 //! against every backend.
 
 mod error;
@@ -227,8 +227,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 /// holds its password.
 pub type OpenShared = fn(&str, Option<&str>) -> Result<Box<dyn StateBackend>, StateError>;
 
-/// The backends a `[state] url` can name, by URL scheme. A new backend is
-/// its file and one line here.
+/// The backends a `[state] url` can name, by URL scheme: where the backend
+/// is chosen. A new backend is its file (declared above) and one line here.
 pub const SHARED_BACKENDS: &[(&[&str], OpenShared)] =
     &[(&["postgres", "postgresql"], postgres::open)];
 

@@ -462,7 +462,10 @@ mod tests {
         // failed with "settle interrupted deployments: database is locked".
         // A deferred transaction that reads and then writes cannot wait for
         // the write lock (SQLite skips the busy handler on that upgrade), so
-        // every write transaction must start IMMEDIATE.
+        // every write transaction must start IMMEDIATE. Settling is now one
+        // `UPDATE … RETURNING`, which takes the write lock at once, so the
+        // loop also runs a transaction that reads first: without IMMEDIATE
+        // it fails here with "database is locked".
         let dir = tempfile::tempdir().unwrap();
         StateStore::open(dir.path()).unwrap();
         let barrier = std::sync::Arc::new(std::sync::Barrier::new(4));
@@ -478,6 +481,19 @@ mod tests {
                         state.settle_interrupted(&policy, "prod")?;
                         let id = state.begin(&record(&policy, RecordOutcome::InProgress))?;
                         state.finish(id, &record(&policy, RecordOutcome::Deployed))?;
+                        // A write transaction that reads first (as `import`
+                        // and the migrations do): the upgrade that failed.
+                        for _ in 0..2 {
+                            state.transaction("read, then write", |db| {
+                                db.query("SELECT count(*) FROM deployments", &[])?;
+                                // Another writer commits in between.
+                                std::thread::sleep(Duration::from_millis(1));
+                                db.execute(
+                                    "UPDATE deployments SET actor = actor WHERE id = ?1",
+                                    &[Value::Int(id)],
+                                )
+                            })?;
+                        }
                     }
                     Ok(())
                 })
