@@ -384,9 +384,8 @@ impl Backend for PgState {
         let key = lock_key(policy_id, env);
         let conn = Arc::new(Mutex::new(self.target.connect()?));
         let url = &self.target.url;
-        let got: bool = call(&conn, url, "take deploy lock", |c| {
-            Ok(c.query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
-                .get(0))
+        let got = call(&conn, url, "take deploy lock", |c| {
+            Ok(try_advisory_lock(c, key)?)
         })?;
         if !got {
             let lease = call(&conn, url, "read lease", |c| {
@@ -441,16 +440,7 @@ impl Backend for PgState {
 
     fn is_locked(&self, policy_id: &str, env: &str) -> Result<bool, StateError> {
         let key = lock_key(policy_id, env);
-        self.call("probe deploy lock", |c| {
-            // A lock this session can take is one nobody holds.
-            let free: bool = c
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
-                .get(0);
-            if free {
-                c.execute("SELECT pg_advisory_unlock($1)", &[&key])?;
-            }
-            Ok(!free)
-        })
+        self.call("probe deploy lock", |c| Ok(!lock_is_free(c, key)?))
     }
 
     fn leases(&self) -> Result<Vec<Lease>, StateError> {
@@ -462,14 +452,8 @@ impl Backend for PgState {
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let (policy_id, env): (String, String) = (r.get(0), r.get(1));
-                // A lock we can take is one nobody holds: the lease is stale.
-                let key = lock_key(&policy_id, &env);
-                let free: bool = c
-                    .query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
-                    .get(0);
-                if free {
-                    c.execute("SELECT pg_advisory_unlock($1)", &[&key])?;
-                }
+                // A lock nobody holds: the lease is stale.
+                let free = lock_is_free(c, lock_key(&policy_id, &env))?;
                 out.push(Lease {
                     policy_id,
                     env,
@@ -489,16 +473,11 @@ impl Backend for PgState {
         check_name("environment", env)?;
         let key = lock_key(policy_id, env);
         let outcome = self.call("clear lease", |c| {
-            let free: bool = c
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
-                .get(0);
+            let free = try_advisory_lock(c, key)?;
             let lease = PgState::lease_row(c, policy_id, env)?;
             if free {
-                c.execute(
-                    "DELETE FROM leases WHERE policy_id = $1 AND env = $2",
-                    &[&policy_id, &env],
-                )?;
-                c.execute("SELECT pg_advisory_unlock($1)", &[&key])?;
+                delete_lease(c, policy_id, env)?;
+                advisory_unlock(c, key)?;
             }
             Ok((free, lease))
         })?;
@@ -519,6 +498,35 @@ impl Backend for PgState {
             self.target.config.clone(),
         )))
     }
+}
+
+/// Takes `key`'s advisory lock for this session, if nobody holds it.
+fn try_advisory_lock(c: &mut Client, key: i64) -> Result<bool, postgres::Error> {
+    Ok(c.query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
+        .get(0))
+}
+
+/// Whether nobody holds `key`'s advisory lock: a lock this session can take
+/// (and gives back at once) is one nobody holds.
+fn lock_is_free(c: &mut Client, key: i64) -> Result<bool, postgres::Error> {
+    let free = try_advisory_lock(c, key)?;
+    if free {
+        advisory_unlock(c, key)?;
+    }
+    Ok(free)
+}
+
+/// Gives back `key`'s advisory lock held by this session.
+fn advisory_unlock(c: &mut Client, key: i64) -> Result<u64, postgres::Error> {
+    c.execute("SELECT pg_advisory_unlock($1)", &[&key])
+}
+
+/// Removes the lease row of `policy_id` in `env`.
+fn delete_lease(c: &mut Client, policy_id: &str, env: &str) -> Result<u64, postgres::Error> {
+    c.execute(
+        "DELETE FROM leases WHERE policy_id = $1 AND env = $2",
+        &[&policy_id, &env],
+    )
 }
 
 /// The advisory lock key of a policy and environment: 64 bits of a hash, so
@@ -558,11 +566,8 @@ impl Drop for PgLock {
         let (policy_id, env) = (self.policy_id.clone(), self.env.clone());
         let client = self.conn.get();
         let released = off_runtime(move || {
-            client.execute(
-                "DELETE FROM leases WHERE policy_id = $1 AND env = $2",
-                &[&policy_id, &env],
-            )?;
-            client.execute("SELECT pg_advisory_unlock($1)", &[&key])
+            delete_lease(client, &policy_id, &env)?;
+            advisory_unlock(client, key)
         });
         if let Err(e) = released {
             // Closing the connection (next) releases the lock anyway.
