@@ -21,7 +21,6 @@ use crate::keys::{self, TrustedKeys};
 use crate::plugin::{PluginHost, PluginSet as Plugins};
 use crate::policy::PolicyStore;
 use crate::state::StateStore;
-use crate::state::pg::{PgState, PgTarget};
 use crate::steps::envcheck::HealthReport;
 use crate::steps::package::PackageReport;
 use crate::steps::validate::{self, ValidationReport};
@@ -85,8 +84,7 @@ impl Engine {
                     source,
                 })?;
             }
-            let target = PgTarget::new(url, config.state.password_env.as_deref())?;
-            let state = StateStore::from_backend(Box::new(PgState::open(target)?));
+            let state = StateStore::connect(url, config.state.password_env.as_deref())?;
             let chain = state.audit_chain().ok_or_else(|| ConfigError::Invalid {
                 path: root.join(crate::config::FILE_NAME),
                 message: "the [state] backend keeps no audit chain".into(),
