@@ -594,6 +594,12 @@ fn concurrent_deploys_of_different_policies_from_two_checkouts_make_one_gap_free
         "UPDATE audit_log SET line = replace(line, '\"dev\"', '\"prod\"') WHERE seq = 2",
     );
     assert_eq!(code(&pde(&b, &["audit", "verify"])), 6);
+    // A deleted head row is tampering too (issue 21 item 4: it was exit 2,
+    // "query returned an unexpected number of rows"), named as such.
+    pg::psql(pg::database_of(&db), "DELETE FROM audit_head");
+    let o = pde(&b, &["audit", "verify"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(stderr(&o).contains("no audit_head row"), "{}", stderr(&o));
 }
 
 #[test]

@@ -75,6 +75,29 @@ fn shared_err(url: &str) -> impl Fn(postgres::Error) -> AuditError + Copy + '_ {
     }
 }
 
+/// The chain's head row (`FOR UPDATE` when `lock`). pde creates it with the
+/// chain and never deletes it, so a missing row is tampering, named as
+/// such (exit 6), not a failed query.
+fn read_head(
+    c: &mut impl postgres::GenericClient,
+    url: &str,
+    lock: bool,
+) -> Result<Option<String>, AuditError> {
+    let sql = match lock {
+        true => "SELECT head FROM audit_head WHERE id = 1 FOR UPDATE",
+        false => "SELECT head FROM audit_head WHERE id = 1",
+    };
+    match c.query_opt(sql, &[]).map_err(shared_err(url))? {
+        Some(row) => Ok(row.get(0)),
+        None => Err(AuditError::Anchor {
+            reason: format!(
+                "the shared audit chain {url} has no audit_head row: the chain's signed head \
+                 was deleted; restore the row from a backup (or ask who deleted it)"
+            ),
+        }),
+    }
+}
+
 /// A read-only REPEATABLE READ transaction: every read in it sees one
 /// snapshot, so no append can fall between the lines and the head.
 fn snapshot(c: &mut Client) -> Result<postgres::Transaction<'_>, postgres::Error> {
@@ -102,10 +125,7 @@ impl ChainStore for PgChain {
                 .into_iter()
                 .map(|r| r.get(0))
                 .collect();
-            let head: Option<String> = tx
-                .query_one("SELECT head FROM audit_head WHERE id = 1", &[])
-                .map_err(db)?
-                .get(0);
+            let head = read_head(&mut tx, &url, false)?;
             tx.commit().map_err(db)?;
             Ok((lines, head))
         })
@@ -113,14 +133,7 @@ impl ChainStore for PgChain {
 
     fn head(&self) -> Result<Option<String>, AuditError> {
         let url = self.url.clone();
-        self.with(move |c| {
-            c.query_one("SELECT head FROM audit_head WHERE id = 1", &[])
-                .map(|r| r.get(0))
-                .map_err(|e| AuditError::Shared {
-                    location: url,
-                    reason: e.to_string(),
-                })
-        })
+        self.with(move |c| read_head(c, &url, false))
     }
 
     fn tail(&self) -> Result<(Option<String>, Option<String>), AuditError> {
@@ -132,10 +145,7 @@ impl ChainStore for PgChain {
                 .query_opt("SELECT line FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
                 .map_err(db)?
                 .map(|r| r.get(0));
-            let head: Option<String> = tx
-                .query_one("SELECT head FROM audit_head WHERE id = 1", &[])
-                .map_err(db)?
-                .get(0);
+            let head = read_head(&mut tx, &url, false)?;
             tx.commit().map_err(db)?;
             Ok((last, head))
         })
@@ -192,10 +202,7 @@ impl ChainStore for PgChain {
             let mut tx = c.transaction().map_err(db)?;
             // The head row lock serialises appenders on every machine: the
             // next one reads the tail this one commits.
-            let head: Option<String> = tx
-                .query_one("SELECT head FROM audit_head WHERE id = 1 FOR UPDATE", &[])
-                .map_err(db)?
-                .get(0);
+            let head = read_head(&mut tx, &url, true)?;
             let last: Option<String> = tx
                 .query_opt("SELECT line FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
                 .map_err(db)?
