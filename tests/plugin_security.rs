@@ -462,8 +462,17 @@ fn pde_with(dir: &Path, args: &[&str], env: &[(&'static str, String)]) -> Output
     support::pde_env(dir, args, &env)
 }
 
-/// The compiled entry of the installed plugin `name` in the workspace cache.
-fn cache_entry_of(ws: &Workspace, name: &str) -> std::path::PathBuf {
+/// The compiled entries of the installed plugin `name`: in the workspace
+/// cache and in the per-user cache under `home` (a compile fills both).
+fn cache_entries_of(ws: &Workspace, home: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    vec![
+        cache_entry_in(ws, &ws.root().join(".pde/cache/plugins"), name),
+        cache_entry_in(ws, &home.join("cache/plugins"), name),
+    ]
+}
+
+/// The compiled entry of the installed plugin `name` in the cache `dir`.
+fn cache_entry_in(ws: &Workspace, dir: &Path, name: &str) -> std::path::PathBuf {
     let manifest =
         std::fs::read_to_string(ws.root().join("plugins").join(format!("{name}.toml"))).unwrap();
     let sha = manifest
@@ -471,8 +480,7 @@ fn cache_entry_of(ws: &Workspace, name: &str) -> std::path::PathBuf {
         .find_map(|l| l.strip_prefix("sha256 = \""))
         .and_then(|l| l.strip_suffix('"'))
         .unwrap();
-    let dir = ws.root().join(".pde/cache/plugins");
-    let found: Vec<_> = std::fs::read_dir(&dir)
+    let found: Vec<_> = std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().path())
         .filter(|p| {
@@ -508,8 +516,10 @@ fn a_poisoned_compile_cache_entry_is_recompiled_not_run_under_a_signed_name() {
         "{}",
         text(&o.stdout)
     );
-    let pii = cache_entry_of(&ws, "pii-guard");
-    let hostile = cache_entry_of(&ws, "eligibility-bounds");
+    // Whoever can write one cache can write the other: every copy of
+    // pii-guard's entry is poisoned, so only a recompile can serve it.
+    let piis = cache_entries_of(&ws, home.path(), "pii-guard");
+    let hostile = cache_entries_of(&ws, home.path(), "eligibility-bounds").remove(0);
     assert!(
         !home
             .path()
@@ -517,16 +527,28 @@ fn a_poisoned_compile_cache_entry_is_recompiled_not_run_under_a_signed_name() {
             .starts_with(ws.root()),
         "the key lives outside the workspace"
     );
+    let replaced = |code_bytes: &[u8]| {
+        for pii in &piis {
+            assert_ne!(
+                std::fs::read(pii).unwrap(),
+                code_bytes,
+                "entry not replaced: {}",
+                pii.display()
+            );
+        }
+    };
 
     // 1. The hostile code under pii-guard's name, the record's digest
     //    rewritten to match it (and no stamp, so the digest is what counts).
     let code_bytes = std::fs::read(&hostile).unwrap();
-    std::fs::write(&pii, &code_bytes).unwrap();
-    let record = std::fs::read_to_string(sum_of(&pii)).unwrap();
-    let mut lines: Vec<String> = record.lines().map(str::to_string).collect();
-    lines[1] = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&code_bytes));
-    lines[2] = String::new();
-    std::fs::write(sum_of(&pii), lines.join("\n") + "\n").unwrap();
+    for pii in &piis {
+        std::fs::write(pii, &code_bytes).unwrap();
+        let record = std::fs::read_to_string(sum_of(pii)).unwrap();
+        let mut lines: Vec<String> = record.lines().map(str::to_string).collect();
+        lines[1] = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&code_bytes));
+        lines[2] = String::new();
+        std::fs::write(sum_of(pii), lines.join("\n") + "\n").unwrap();
+    }
     let o = validate();
     assert_eq!(
         code(&o),
@@ -545,16 +567,14 @@ fn a_poisoned_compile_cache_entry_is_recompiled_not_run_under_a_signed_name() {
         "{}",
         text(&o.stderr)
     );
-    assert_ne!(
-        std::fs::read(&pii).unwrap(),
-        code_bytes,
-        "entry not replaced"
-    );
+    replaced(&code_bytes);
 
     // 2. The hostile code with its own record, which this machine's pde
     //    wrote: authentic, but for another plugin's wasm.
-    std::fs::copy(&hostile, &pii).unwrap();
-    std::fs::copy(sum_of(&hostile), sum_of(&pii)).unwrap();
+    for pii in &piis {
+        std::fs::copy(&hostile, pii).unwrap();
+        std::fs::copy(sum_of(&hostile), sum_of(pii)).unwrap();
+    }
     let o = validate();
     assert_eq!(code(&o), 3, "{}{}", text(&o.stdout), text(&o.stderr));
     assert!(
@@ -562,11 +582,7 @@ fn a_poisoned_compile_cache_entry_is_recompiled_not_run_under_a_signed_name() {
         "{}",
         text(&o.stdout)
     );
-    assert_ne!(
-        std::fs::read(&pii).unwrap(),
-        code_bytes,
-        "entry not replaced"
-    );
+    replaced(&code_bytes);
 
     // The rebuilt entry is trusted again: a third run is served by the cache.
     let o = pde_with(
@@ -597,7 +613,7 @@ fn a_compile_cache_written_under_another_key_costs_a_recompile() {
         pde_with(ws.root(), &["validate", "42", "--env", "production"], env)
     };
     assert_eq!(code(&validate(&env)), 3);
-    let pii = cache_entry_of(&ws, "pii-guard");
+    let pii = cache_entries_of(&ws, home.path(), "pii-guard").remove(0);
     let before = std::fs::read_to_string(sum_of(&pii)).unwrap();
 
     let other = tempfile::tempdir().unwrap();
@@ -648,4 +664,130 @@ fn a_cache_key_others_can_read_turns_the_cache_off() {
         "{err}"
     );
     assert!(!err.contains("loaded from cache"), "{err}");
+}
+
+/// The compiled entries (`.cwasm`) in a cache directory.
+fn cwasm_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Issue 24 §1: in a fresh clone (no state directory) a read-only command
+/// used to compile every plugin on every run. Its compile cache is now the
+/// per-user one: the second `pde validate` compiles nothing, and nothing is
+/// created in the workspace. `pde plugin sign` goes through the same cache.
+/// Once a state directory exists, the workspace cache and the per-user one
+/// serve each other: a compile fills both, a lookup tries both.
+#[test]
+fn a_fresh_clones_second_validate_is_served_by_the_per_user_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let origin = Workspace::new(PRODUCTION);
+    origin.install_examples();
+    origin.commit("init");
+    let clone = home.path().join("clone");
+    support::git(
+        home.path(),
+        &["clone", "-q", origin.root().to_str().unwrap(), "clone"],
+    );
+    let env = vec![
+        (
+            "PDE_CACHE_KEY_FILE",
+            home.path()
+                .join("config/pde/cache.key")
+                .display()
+                .to_string(),
+        ),
+        (
+            "PDE_CACHE_DIR",
+            home.path().join("cache").display().to_string(),
+        ),
+    ];
+    let user_cache = home.path().join("cache/plugins");
+    let state = clone.join(".pde");
+    let plugins = support::example_plugins().len();
+    let validate = || {
+        pde_with(
+            &clone,
+            &["-vv", "validate", "42", "--env", "production"],
+            &env,
+        )
+    };
+
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert_eq!(err.matches("compiling plugin").count(), plugins, "{err}");
+    assert!(!state.exists(), "a read-only command created the state dir");
+    assert_eq!(
+        cwasm_in(&user_cache).len(),
+        plugins,
+        "entries in $PDE_CACHE_DIR"
+    );
+
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains("compiling plugin"),
+        "second run compiled: {err}"
+    );
+    assert_eq!(
+        err.matches("compiled plugin loaded from cache").count(),
+        plugins,
+        "{err}"
+    );
+    assert!(!state.exists(), "a read-only command created the state dir");
+    let names: Vec<_> = std::fs::read_dir(&clone)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        names.iter().all(|n| n != ".pde"),
+        "nothing new in the clone: {names:?}"
+    );
+
+    // Signing a build that validate compiled compiles nothing.
+    let o = pde_with(
+        &clone,
+        &[
+            "-vv",
+            "plugin",
+            "sign",
+            clone.join("plugins/pii-guard.wasm").to_str().unwrap(),
+            "--key",
+            clone.join("keys/security.ed25519").to_str().unwrap(),
+            "--signer",
+            "Sec Team",
+        ],
+        &env,
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(!err.contains("compiling plugin"), "sign compiled: {err}");
+    assert!(err.contains("compiled plugin loaded from cache"), "{err}");
+    assert!(!state.exists());
+
+    // With a state directory: the per-user cache serves the workspace...
+    std::fs::create_dir(&state).unwrap();
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(!text(&o.stderr).contains("compiling plugin"));
+    // ...a compile fills both...
+    std::fs::remove_dir_all(&user_cache).unwrap();
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert_eq!(text(&o.stderr).matches("compiling plugin").count(), plugins);
+    assert_eq!(cwasm_in(&state.join("cache/plugins")).len(), plugins);
+    assert_eq!(cwasm_in(&user_cache).len(), plugins);
+    // ...and the workspace cache serves when the per-user one is gone.
+    std::fs::remove_dir_all(&user_cache).unwrap();
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(!text(&o.stderr).contains("compiling plugin"));
 }

@@ -74,12 +74,25 @@
 //! by others or owned by someone else) nothing is cached: every run compiles,
 //! with a warning saying why.
 //!
-//! Outside a workspace there is no state directory, and recompiling a large
-//! component (an 18 MB Python one takes over a minute) on every
-//! `pde plugin test PATH` is what made authors wait; so those commands use a
-//! per-user cache, [`user_cache_dir`], with exactly the same entries and
-//! checks. Its entries are keyed the same way, so sharing it between pde
-//! builds or engine settings is safe: a foreign entry is simply a miss.
+//! # Two directories, one cache (issue 24)
+//!
+//! A fresh clone has no state directory, and a read-only command must not
+//! create one; recompiling every plugin on every such command (1.8 s for the
+//! six example plugins, over a minute for an 18 MB Python one) is what a CI
+//! job checking a pull request paid. So every command that compiles uses
+//! the per-user cache, [`user_cache_dir`], and, where the workspace's state
+//! directory exists (or the command may create it), the workspace's cache
+//! too ([`Cache::with_dirs`]):
+//! - a lookup tries the workspace's directory first, then the per-user one;
+//!   the first sound entry wins, and an unsound one in either is deleted;
+//! - a compile writes the entry into both, so either serves the other's
+//!   later runs (an entry served from one is not copied into the other);
+//! - the digest index lives in the first directory.
+//!
+//! Entries are keyed the same way in both (the wasm's sha256 and the engine
+//! identity) and authenticated by the same key, so sharing the per-user
+//! cache between workspaces, pde builds or engine settings is safe: a
+//! foreign entry is simply a miss.
 
 use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
@@ -386,9 +399,10 @@ pub enum Verified {
     Digest,
 }
 
-/// A cache directory and the key that authenticates its records.
+/// The cache directories and the key that authenticates their records.
 struct Store {
-    dir: PathBuf,
+    /// In lookup order, never empty; the first also holds the digest index.
+    dirs: Vec<PathBuf>,
     key: CacheKey,
 }
 
@@ -430,22 +444,41 @@ impl Cache {
         dir: Option<PathBuf>,
         key_file: Option<PathBuf>,
     ) -> Cache {
+        Cache::with_dirs(engine, dir.into_iter().collect(), key_file)
+    }
+
+    /// One cache over several directories (the workspace's and the per-user
+    /// one, see the module docs), authenticated by the key in `key_file`:
+    /// a lookup tries each in turn, a compile fills them all, and the digest
+    /// index lives in the first. No directories: no caching.
+    pub fn with_dirs(engine: &Engine, dirs: Vec<PathBuf>, key_file: Option<PathBuf>) -> Cache {
         let mut h = ShaHasher(Sha256::new());
         h.write(b"pde ");
         h.write(env!("CARGO_PKG_VERSION").as_bytes());
         h.write(b"\0");
         engine.precompile_compatibility_hash().hash(&mut h);
         let engine_id = hex::encode(h.0.finalize());
-        let store = dir.and_then(|dir| match open_key(&dir, key_file) {
-            Ok(key) => Some(Store { dir, key }),
-            Err(e) => {
-                tracing::warn!(
-                    cache = %dir.display(),
-                    "compile cache off, every plugin is compiled on each run: {e}"
-                );
-                None
+        let mut unique: Vec<PathBuf> = Vec::new();
+        for dir in dirs {
+            let same = |d: &PathBuf| std::path::absolute(d).ok() == std::path::absolute(&dir).ok();
+            if !unique.iter().any(same) {
+                unique.push(dir);
             }
-        });
+        }
+        let store = if unique.is_empty() {
+            None
+        } else {
+            match open_key(&unique, key_file) {
+                Ok(key) => Some(Store { dirs: unique, key }),
+                Err(e) => {
+                    tracing::warn!(
+                        cache = %unique[0].display(),
+                        "compile cache off, every plugin is compiled on each run: {e}"
+                    );
+                    None
+                }
+            }
+        };
         Cache { store, engine_id }
     }
 
@@ -454,13 +487,20 @@ impl Cache {
         self.store.is_some()
     }
 
-    /// The file an entry for `sha256` lives in (its record is beside it,
-    /// see [`record_path`]).
+    /// The cache directories, in lookup order (empty when not caching).
+    pub fn dirs(&self) -> &[PathBuf] {
+        self.store.as_ref().map_or(&[], |s| &s.dirs)
+    }
+
+    /// The file an entry for `sha256` lives in, in the first directory (its
+    /// record is beside it, see [`record_path`]).
     pub fn entry_path(&self, sha256: &str) -> Option<PathBuf> {
-        self.store.as_ref().map(|s| {
-            s.dir
-                .join(format!("{sha256}-{}.cwasm", &self.engine_id[..16]))
-        })
+        self.dirs().first().map(|dir| self.entry_in(dir, sha256))
+    }
+
+    /// The entry for `sha256` in `dir`.
+    fn entry_in(&self, dir: &Path, sha256: &str) -> PathBuf {
+        dir.join(format!("{sha256}-{}.cwasm", &self.engine_id[..16]))
     }
 
     /// Loads the compiled `wasm` from the cache, or compiles and stores it.
@@ -482,24 +522,26 @@ impl Cache {
     /// an unsound one is deleted (and the caller compiles).
     pub fn lookup(&self, engine: &Engine, plugin: &str, sha256: &str) -> Option<Component> {
         let store = self.store.as_ref()?;
-        let path = self.entry_path(sha256)?;
-        match self.read_entry(engine, &store.key, &path, sha256) {
-            Ok(Some((component, how))) => {
-                tracing::debug!(plugin, path = %path.display(), ?how, "compiled plugin loaded from cache");
-                Some(component)
-            }
-            Ok(None) => None,
-            Err(why) => {
-                tracing::warn!(
-                    plugin,
-                    path = %path.display(),
-                    "discarding cache entry, compiling the plugin again: {why}"
-                );
-                let _ = std::fs::remove_file(&path);
-                let _ = std::fs::remove_file(record_path(&path));
-                None
+        for dir in &store.dirs {
+            let path = self.entry_in(dir, sha256);
+            match self.read_entry(engine, &store.key, &path, sha256) {
+                Ok(Some((component, how))) => {
+                    tracing::debug!(plugin, path = %path.display(), ?how, "compiled plugin loaded from cache");
+                    return Some(component);
+                }
+                Ok(None) => {}
+                Err(why) => {
+                    tracing::warn!(
+                        plugin,
+                        path = %path.display(),
+                        "discarding cache entry, compiling the plugin again: {why}"
+                    );
+                    let _ = std::fs::remove_file(&path);
+                    let _ = std::fs::remove_file(record_path(&path));
+                }
             }
         }
+        None
     }
 
     /// Compiles `wasm` (whose digest is `sha256`) and stores it, if caching.
@@ -510,16 +552,33 @@ impl Cache {
         sha256: &str,
         wasm: &[u8],
     ) -> Result<Component, PluginError> {
+        tracing::debug!(plugin, sha256, "compiling plugin");
         let component = Component::new(engine, wasm).map_err(|e| PluginError::BadComponent {
             plugin: plugin.to_string(),
             message: format!("it does not compile as a WebAssembly component: {e:#}"),
         })?;
-        if let Some(store) = &self.store
-            && let Some(path) = self.entry_path(sha256)
-            && let Err(e) = self.write_entry(&store.key, &component, &path, sha256)
-        {
-            // A cache that cannot be written costs time, not correctness.
-            tracing::warn!(plugin, path = %path.display(), "cannot write plugin cache: {e}");
+        let Some(store) = &self.store else {
+            return Ok(component);
+        };
+        let payload = match component.serialize() {
+            Ok(payload) => payload,
+            Err(e) => {
+                tracing::warn!(
+                    plugin,
+                    "cannot serialize the compiled plugin for the cache: {e:#}"
+                );
+                return Ok(component);
+            }
+        };
+        for dir in &store.dirs {
+            let path = self.entry_in(dir, sha256);
+            match self.write_entry(&store.key, &payload, &path, sha256) {
+                Ok(()) => tracing::debug!(plugin, path = %path.display(), "compiled plugin cached"),
+                // A cache that cannot be written costs time, not correctness.
+                Err(e) => {
+                    tracing::warn!(plugin, path = %path.display(), "cannot write plugin cache: {e}")
+                }
+            }
         }
         Ok(component)
     }
@@ -582,7 +641,7 @@ impl Cache {
         let store = self.store.as_ref()?;
         let absolute = std::path::absolute(path).ok()?;
         let key = hex::encode(Sha256::digest(absolute.as_os_str().as_encoded_bytes()));
-        let record = store.dir.join("digests").join(format!("{key}.sum"));
+        let record = store.dirs[0].join("digests").join(format!("{key}.sum"));
         Some((store, record, absolute))
     }
 
@@ -681,22 +740,19 @@ impl Cache {
     fn write_entry(
         &self,
         key: &CacheKey,
-        component: &Component,
+        payload: &[u8],
         path: &Path,
         source_sha256: &str,
     ) -> std::io::Result<()> {
-        let payload = component
-            .serialize()
-            .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)?;
         }
-        pde_core::fsutil::atomic_write(path, &payload)?;
+        pde_core::fsutil::atomic_write(path, payload)?;
         // Written after the entry: a reader in between finds no record, which
         // is a miss, never a trusted unverified entry. No stamp yet (just
         // written, so racy); the first use after RACY_WINDOW hashes and
         // records it.
-        let cwasm_sha256 = hex::encode(Sha256::digest(&payload));
+        let cwasm_sha256 = hex::encode(Sha256::digest(payload));
         Record {
             mac: key.sign(&self.entry_fields(source_sha256, &cwasm_sha256, None)),
             sha256: cwasm_sha256,
@@ -706,20 +762,22 @@ impl Cache {
     }
 }
 
-/// The key for a cache in `dir` (a `plugins` directory), from `key_file`,
-/// refused when it lies inside the cache (its parent directory).
-fn open_key(dir: &Path, key_file: Option<PathBuf>) -> Result<CacheKey, CacheKeyError> {
+/// The key for a cache in `dirs` (`plugins` directories), from `key_file`,
+/// refused when it lies inside one of the caches (their parent directories).
+fn open_key(dirs: &[PathBuf], key_file: Option<PathBuf>) -> Result<CacheKey, CacheKeyError> {
     let key_file = key_file.ok_or(CacheKeyError::NoLocation)?;
-    let cache_root = dir.parent().unwrap_or(dir);
-    if let (Ok(key), Ok(root)) = (
-        std::path::absolute(&key_file),
-        std::path::absolute(cache_root),
-    ) && key.starts_with(&root)
-    {
-        return Err(CacheKeyError::InsideCache {
-            path: key_file,
-            cache: cache_root.to_path_buf(),
-        });
+    for dir in dirs {
+        let cache_root = dir.parent().unwrap_or(dir);
+        if let (Ok(key), Ok(root)) = (
+            std::path::absolute(&key_file),
+            std::path::absolute(cache_root),
+        ) && key.starts_with(&root)
+        {
+            return Err(CacheKeyError::InsideCache {
+                path: key_file,
+                cache: cache_root.to_path_buf(),
+            });
+        }
     }
     CacheKey::load_or_create(&key_file)
 }
@@ -933,7 +991,7 @@ mod tests {
         );
         assert!(!cache.enabled());
         assert!(!inside.exists());
-        let err = open_key(&cache_root.join("plugins"), Some(inside)).unwrap_err();
+        let err = open_key(&[cache_root.join("plugins")], Some(inside)).unwrap_err();
         assert!(matches!(err, CacheKeyError::InsideCache { .. }), "{err}");
         // No key location at all: no cache.
         let cache = Cache::with_key_file(&engine, Some(cache_root.join("plugins")), None);
