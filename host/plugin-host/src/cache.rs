@@ -1,7 +1,9 @@
 //! Compiled components cached on disk, so a CLI run does not recompile.
 //!
 //! Compiling a component takes tens of milliseconds; loading a serialized one
-//! a fraction of one. Entries live under `<state>/cache/plugins/`, named by
+//! a fraction of one. Entries live under `plugins/` of the per-user cache
+//! and of the workspace's `<state>/cache/` (see "Two directories, one
+//! cache" below), named by
 //! the wasm's sha256 and a hash of the engine's identity (pde's version and
 //! `Engine::precompile_compatibility_hash`), so a new pde or different engine
 //! settings simply miss.
@@ -91,8 +93,9 @@
 //!
 //! Entries are keyed the same way in both (the wasm's sha256 and the engine
 //! identity) and authenticated by the same key, so sharing the per-user
-//! cache between workspaces, pde builds or engine settings is safe: a
-//! foreign entry is simply a miss.
+//! cache between workspaces, pde builds or engine settings is safe: an entry
+//! of another build or engine is simply a miss, and one written under
+//! another key is discarded and rebuilt.
 
 use std::hash::{Hash, Hasher};
 use std::io::{Read, Write};
