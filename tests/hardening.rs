@@ -120,9 +120,18 @@ fn trace_verbosity_keeps_the_compiler_quiet_unless_asked_by_target() {
     ws.install_plugin(name, "validator", &wasm, "", false);
     ws.commit("policies and a plugin");
     let cold = |args: &[&str], env: &[(&str, &str)]| {
-        // No compiled-plugin cache, so every run compiles with cranelift.
+        // No compiled-plugin cache, in the workspace or per user (a fresh
+        // one each run), so every run compiles with cranelift.
         let _ = std::fs::remove_dir_all(ws.root().join(".pde"));
-        let o = pde_env(ws.root(), args, env);
+        let user = tempfile::tempdir().unwrap();
+        let cache = user.path().join("cache").display().to_string();
+        let key = user.path().join("cache.key").display().to_string();
+        let mut env = env.to_vec();
+        env.extend([
+            ("PDE_CACHE_DIR", cache.as_str()),
+            ("PDE_CACHE_KEY_FILE", key.as_str()),
+        ]);
+        let o = pde_env(ws.root(), args, &env);
         assert_eq!(code(&o), 0, "{}", stderr(&o));
         stderr(&o)
     };

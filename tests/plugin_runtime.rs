@@ -857,6 +857,67 @@ fn a_plugin_file_rewritten_behind_the_digest_index_is_hashed_again_and_refused()
     );
 }
 
+/// Issue 21 item 2: the digest index vouches for a plugin file only through
+/// a record this machine's pde wrote. Replace the plugin file by another
+/// component and forge its index record, pinned digest and the new file's
+/// stamp: the record is not trusted, the file is hashed and refused against
+/// its manifest's pin (before, the forged record was believed and the
+/// signed plugin's name stood for a file that was not it).
+#[test]
+fn a_forged_digest_index_record_does_not_vouch_for_a_replaced_plugin_file() {
+    let (dir, _state, cache_dir) = cached_eligibility_bounds();
+    let new_host = || PluginHost::new(Limits::default(), Some(cache_dir.clone())).unwrap();
+    let load = || new_host().load_dir(dir.path(), &TrustedKeys::new());
+    assert!(!load().unwrap()[0].loaded_from_cache);
+    std::thread::sleep(pde::plugin::cache::RACY_WINDOW + Duration::from_millis(200));
+    assert!(load().unwrap()[0].loaded_from_cache);
+    let records: Vec<PathBuf> = std::fs::read_dir(cache_dir.join("digests"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let [record] = &records[..] else {
+        panic!("one record expected: {records:?}")
+    };
+    let text = std::fs::read_to_string(record).unwrap();
+    assert!(!text.lines().nth(2).unwrap().is_empty(), "stamp recorded");
+
+    let wasm = dir.path().join("eb.wasm");
+    std::fs::write(&wasm, std::fs::read(artifact("pii-guard")).unwrap()).unwrap();
+    // The stamp pde records, for the file now in place.
+    #[cfg(unix)]
+    let stamp = {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&wasm).unwrap();
+        format!(
+            "{} {}.{:09} {}.{:09} {} {}",
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec(),
+            m.ctime(),
+            m.ctime_nsec(),
+            m.ino(),
+            m.dev()
+        )
+    };
+    #[cfg(not(unix))]
+    let stamp = String::new();
+    let mut lines: Vec<&str> = text.lines().collect();
+    lines[2] = &stamp;
+    let forged = lines.join("\n") + "\n";
+    std::fs::write(record, &forged).unwrap();
+
+    let err = load().expect_err("a forged digest record vouched for a replaced plugin file");
+    assert!(
+        matches!(&err, PluginError::DigestMismatch { plugin, .. } if plugin == "eb"),
+        "{err}"
+    );
+    assert_ne!(
+        std::fs::read_to_string(record).ok().as_deref(),
+        Some(forged.as_str()),
+        "the forged record is discarded"
+    );
+}
+
 // ---------------------------------------------------------------- misbehaving fixture
 
 /// The `misbehave` fixture loaded once; modes are chosen per call through

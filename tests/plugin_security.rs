@@ -432,3 +432,362 @@ fn diff_shows_what_a_reviewer_approves() {
     assert!(out.contains("+ export added: route"), "{out}");
     assert!(out.contains("~ size:"), "{out}");
 }
+
+// ---------------------------------------------------------------- compile cache
+
+/// A workspace with the example plugins, all signed, production requiring
+/// signatures, policy 42 exposing an SSN on the portal, and a state directory
+/// (so that `pde validate` keeps its compile cache in the workspace). The
+/// cache key and the per-user cache live in `home`.
+fn ssn_workspace(home: &Path) -> (Workspace, Vec<(&'static str, String)>) {
+    let ws = Workspace::new(PRODUCTION);
+    ws.install_examples();
+    let mut policy = support::policy_42("1.0.0");
+    policy["config"] = serde_json::json!({"portal_fields": ["name", "ssn", "email"]});
+    ws.write_policy("42.json", &policy.to_string());
+    ws.commit("init");
+    std::fs::create_dir(ws.root().join(".pde")).unwrap();
+    let env = vec![
+        (
+            "PDE_CACHE_KEY_FILE",
+            home.join("config/pde/cache.key").display().to_string(),
+        ),
+        ("PDE_CACHE_DIR", home.join("cache").display().to_string()),
+    ];
+    (ws, env)
+}
+
+fn pde_with(dir: &Path, args: &[&str], env: &[(&'static str, String)]) -> Output {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    support::pde_env(dir, args, &env)
+}
+
+/// The compiled entries of the installed plugin `name`: in the workspace
+/// cache and in the per-user cache under `home` (a compile fills both).
+fn cache_entries_of(ws: &Workspace, home: &Path, name: &str) -> Vec<std::path::PathBuf> {
+    vec![
+        cache_entry_in(ws, &ws.root().join(".pde/cache/plugins"), name),
+        cache_entry_in(ws, &home.join("cache/plugins"), name),
+    ]
+}
+
+/// The compiled entry of the installed plugin `name` in the cache `dir`.
+fn cache_entry_in(ws: &Workspace, dir: &Path, name: &str) -> std::path::PathBuf {
+    let manifest =
+        std::fs::read_to_string(ws.root().join("plugins").join(format!("{name}.toml"))).unwrap();
+    let sha = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("sha256 = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap();
+    let found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_str().unwrap();
+            n.starts_with(sha) && n.ends_with(".cwasm")
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "one entry for {name} in {}", dir.display());
+    found[0].clone()
+}
+
+fn sum_of(path: &Path) -> std::path::PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".sum");
+    name.into()
+}
+
+/// Issue 21 item 2: another valid plugin's compiled code copied over
+/// pii-guard's cache entry, with the record rewritten to match it (or
+/// replaced by that plugin's own record, which this machine did write), must
+/// not run under pii-guard's signed name: the entry is discarded and
+/// pii-guard is compiled again from its verified `.wasm`, so the exposed SSN
+/// is still caught in production.
+#[test]
+fn a_poisoned_compile_cache_entry_is_recompiled_not_run_under_a_signed_name() {
+    let home = tempfile::tempdir().unwrap();
+    let (ws, env) = ssn_workspace(home.path());
+    let validate = || pde_with(ws.root(), &["validate", "42", "--env", "production"], &env);
+    let o = validate();
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("pii.ssn-exposed"),
+        "{}",
+        text(&o.stdout)
+    );
+    // Whoever can write one cache can write the other: every copy of
+    // pii-guard's entry is poisoned, so only a recompile can serve it.
+    let piis = cache_entries_of(&ws, home.path(), "pii-guard");
+    let hostile = cache_entries_of(&ws, home.path(), "eligibility-bounds").remove(0);
+    assert!(
+        !home
+            .path()
+            .join("config/pde/cache.key")
+            .starts_with(ws.root()),
+        "the key lives outside the workspace"
+    );
+    let replaced = |code_bytes: &[u8]| {
+        for pii in &piis {
+            assert_ne!(
+                std::fs::read(pii).unwrap(),
+                code_bytes,
+                "entry not replaced: {}",
+                pii.display()
+            );
+        }
+    };
+
+    // 1. The hostile code under pii-guard's name, the record's digest
+    //    rewritten to match it (and no stamp, so the digest is what counts).
+    let code_bytes = std::fs::read(&hostile).unwrap();
+    for pii in &piis {
+        std::fs::write(pii, &code_bytes).unwrap();
+        let record = std::fs::read_to_string(sum_of(pii)).unwrap();
+        let mut lines: Vec<String> = record.lines().map(str::to_string).collect();
+        lines[1] = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&code_bytes));
+        lines[2] = String::new();
+        std::fs::write(sum_of(pii), lines.join("\n") + "\n").unwrap();
+    }
+    let o = validate();
+    assert_eq!(
+        code(&o),
+        3,
+        "the poisoned entry ran in pii-guard's place: {}{}",
+        text(&o.stdout),
+        text(&o.stderr)
+    );
+    assert!(
+        text(&o.stdout).contains("pii.ssn-exposed"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(
+        text(&o.stderr).contains("discarding cache entry"),
+        "{}",
+        text(&o.stderr)
+    );
+    replaced(&code_bytes);
+
+    // 2. The hostile code with its own record, which this machine's pde
+    //    wrote: authentic, but for another plugin's wasm.
+    for pii in &piis {
+        std::fs::copy(&hostile, pii).unwrap();
+        std::fs::copy(sum_of(&hostile), sum_of(pii)).unwrap();
+    }
+    let o = validate();
+    assert_eq!(code(&o), 3, "{}{}", text(&o.stdout), text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("pii.ssn-exposed"),
+        "{}",
+        text(&o.stdout)
+    );
+    replaced(&code_bytes);
+
+    // The rebuilt entry is trusted again: a third run is served by the cache.
+    let o = pde_with(
+        ws.root(),
+        &["-vv", "validate", "42", "--env", "production"],
+        &env,
+    );
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("compiled plugin loaded from cache"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert!(
+        !text(&o.stderr).contains("discarding"),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+/// A workspace cache restored from elsewhere (another machine's key, as a CI
+/// cache from another branch would be) is recompiled, never trusted.
+#[test]
+fn a_compile_cache_written_under_another_key_costs_a_recompile() {
+    let home = tempfile::tempdir().unwrap();
+    let (ws, env) = ssn_workspace(home.path());
+    let validate = |env: &[(&'static str, String)]| {
+        pde_with(ws.root(), &["validate", "42", "--env", "production"], env)
+    };
+    assert_eq!(code(&validate(&env)), 3);
+    let pii = cache_entries_of(&ws, home.path(), "pii-guard").remove(0);
+    let before = std::fs::read_to_string(sum_of(&pii)).unwrap();
+
+    let other = tempfile::tempdir().unwrap();
+    let mut elsewhere = env.clone();
+    elsewhere[0].1 = other.path().join("cache.key").display().to_string();
+    let o = validate(&elsewhere);
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stdout).contains("pii.ssn-exposed"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(
+        text(&o.stderr).contains("not authenticated by this machine's cache key"),
+        "{}",
+        text(&o.stderr)
+    );
+    assert_ne!(
+        std::fs::read_to_string(sum_of(&pii)).unwrap(),
+        before,
+        "the entry was rewritten under the new key"
+    );
+}
+
+/// The key is the user's secret: one others can read turns the cache off
+/// (with a warning), it is never used.
+#[cfg(unix)]
+#[test]
+fn a_cache_key_others_can_read_turns_the_cache_off() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let (ws, env) = ssn_workspace(home.path());
+    let o = pde_with(ws.root(), &["validate", "42", "--env", "production"], &env);
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    let key = home.path().join("config/pde/cache.key");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key), 0o600);
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = pde_with(
+        ws.root(),
+        &["-vv", "validate", "42", "--env", "production"],
+        &env,
+    );
+    assert_eq!(code(&o), 3, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        err.contains("compile cache off") && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(!err.contains("loaded from cache"), "{err}");
+}
+
+/// The compiled entries (`.cwasm`) in a cache directory.
+fn cwasm_in(dir: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Issue 24 §1: in a fresh clone (no state directory) a read-only command
+/// used to compile every plugin on every run. Its compile cache is now the
+/// per-user one: the second `pde validate` compiles nothing, and nothing is
+/// created in the workspace. `pde plugin sign` goes through the same cache.
+/// Once a state directory exists, the workspace cache and the per-user one
+/// serve each other: a compile fills both, a lookup tries both.
+#[test]
+fn a_fresh_clones_second_validate_is_served_by_the_per_user_cache() {
+    let home = tempfile::tempdir().unwrap();
+    let origin = Workspace::new(PRODUCTION);
+    origin.install_examples();
+    origin.commit("init");
+    let clone = home.path().join("clone");
+    support::git(
+        home.path(),
+        &["clone", "-q", origin.root().to_str().unwrap(), "clone"],
+    );
+    let env = vec![
+        (
+            "PDE_CACHE_KEY_FILE",
+            home.path()
+                .join("config/pde/cache.key")
+                .display()
+                .to_string(),
+        ),
+        (
+            "PDE_CACHE_DIR",
+            home.path().join("cache").display().to_string(),
+        ),
+    ];
+    let user_cache = home.path().join("cache/plugins");
+    let state = clone.join(".pde");
+    let plugins = support::example_plugins().len();
+    let validate = || {
+        pde_with(
+            &clone,
+            &["-vv", "validate", "42", "--env", "production"],
+            &env,
+        )
+    };
+
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert_eq!(err.matches("compiling plugin").count(), plugins, "{err}");
+    assert!(!state.exists(), "a read-only command created the state dir");
+    assert_eq!(
+        cwasm_in(&user_cache).len(),
+        plugins,
+        "entries in $PDE_CACHE_DIR"
+    );
+
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(
+        !err.contains("compiling plugin"),
+        "second run compiled: {err}"
+    );
+    assert_eq!(
+        err.matches("compiled plugin loaded from cache").count(),
+        plugins,
+        "{err}"
+    );
+    assert!(!state.exists(), "a read-only command created the state dir");
+    let names: Vec<_> = std::fs::read_dir(&clone)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(
+        names.iter().all(|n| n != ".pde"),
+        "nothing new in the clone: {names:?}"
+    );
+
+    // Signing a build that validate compiled compiles nothing.
+    let o = pde_with(
+        &clone,
+        &[
+            "-vv",
+            "plugin",
+            "sign",
+            clone.join("plugins/pii-guard.wasm").to_str().unwrap(),
+            "--key",
+            clone.join("keys/security.ed25519").to_str().unwrap(),
+            "--signer",
+            "Sec Team",
+        ],
+        &env,
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let err = text(&o.stderr);
+    assert!(!err.contains("compiling plugin"), "sign compiled: {err}");
+    assert!(err.contains("compiled plugin loaded from cache"), "{err}");
+    assert!(!state.exists());
+
+    // With a state directory: the per-user cache serves the workspace...
+    std::fs::create_dir(&state).unwrap();
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(!text(&o.stderr).contains("compiling plugin"));
+    // ...a compile fills both...
+    std::fs::remove_dir_all(&user_cache).unwrap();
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert_eq!(text(&o.stderr).matches("compiling plugin").count(), plugins);
+    assert_eq!(cwasm_in(&state.join("cache/plugins")).len(), plugins);
+    assert_eq!(cwasm_in(&user_cache).len(), plugins);
+    // ...and the workspace cache serves when the per-user one is gone.
+    std::fs::remove_dir_all(&user_cache).unwrap();
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(!text(&o.stderr).contains("compiling plugin"));
+}

@@ -61,9 +61,24 @@ fn cache() -> PathBuf {
         .clone()
 }
 
+/// The key that authenticates the shared cache's entries, outside it. One
+/// for every run: `sh` gives each author a `HOME` of their own, and entries
+/// written under one home's key would be discarded (and the 18 MB component
+/// recompiled) under another's.
+fn cache_key() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-plugin-cache.key")
+}
+
 /// Runs `pde -C dir ARGS` with the shared cache.
 fn pde(dir: &Path, args: &[&str]) -> Output {
-    pde_env(dir, args, &[("PDE_CACHE_DIR", cache().to_str().unwrap())])
+    pde_env(
+        dir,
+        args,
+        &[
+            ("PDE_CACHE_DIR", cache().to_str().unwrap()),
+            ("PDE_CACHE_KEY_FILE", cache_key().to_str().unwrap()),
+        ],
+    )
 }
 
 /// Runs a shell block as an author would type it: `bash -eu` in `dir`,
@@ -82,6 +97,7 @@ fn sh(dir: &Path, home: &Path, script: &str) -> Output {
         .env("HOME", home)
         .env("PATH", path)
         .env("PDE_CACHE_DIR", cache())
+        .env("PDE_CACHE_KEY_FILE", cache_key())
         .env_remove("RUST_LOG")
         .env_remove("XDG_CACHE_HOME")
         .env_remove("VIRTUAL_ENV")

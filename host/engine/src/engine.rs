@@ -291,10 +291,17 @@ impl Engine {
         if let Some(loaded) = slot.as_ref() {
             return Ok(loaded.clone());
         }
-        // A read-only engine uses the cache only where state already exists.
-        let cache = (self.writable || self.state_dir().is_dir())
-            .then(|| self.state_dir().join("cache").join("plugins"));
-        let host = PluginHost::new(self.config.limits, cache)?;
+        // One compile cache over two directories: the workspace's, where
+        // state exists or this engine may create it (a read-only command
+        // creates nothing in the workspace), then the per-user one, so that a
+        // fresh clone's read-only commands are warm from their second run and
+        // what either compiled serves the other (see `pde::plugin::cache`).
+        let mut cache_dirs = Vec::new();
+        if self.writable || self.state_dir().is_dir() {
+            cache_dirs.push(self.state_dir().join("cache").join("plugins"));
+        }
+        cache_dirs.extend(crate::plugin::cache::user_cache_dir());
+        let host = PluginHost::with_cache_dirs(self.config.limits, cache_dirs)?;
         let dir = self.root.join(&self.config.plugins);
         let plugins = if dir.exists() {
             host.load_dir(&dir, &self.plugin_trust()?)?

@@ -657,9 +657,17 @@ impl PluginHost {
     /// A host with the workspace's `limits`, caching compiled components in
     /// `cache_dir` (`None`: no cache).
     pub fn new(limits: Limits, cache_dir: Option<PathBuf>) -> Result<Self, PluginError> {
+        PluginHost::with_cache_dirs(limits, cache_dir.into_iter().collect())
+    }
+
+    /// A host caching compiled components in every directory of
+    /// `cache_dirs`, in lookup order (the workspace's, then the per-user
+    /// one): a lookup tries each, a compile fills them all, so the two
+    /// caches serve each other (see [`cache`]). Empty: no cache.
+    pub fn with_cache_dirs(limits: Limits, cache_dirs: Vec<PathBuf>) -> Result<Self, PluginError> {
         let engine = sandbox::engine(&limits)?;
         let linkers = wit::Linkers::new(&engine)?;
-        let cache = cache::Cache::new(&engine, cache_dir);
+        let cache = cache::Cache::with_dirs(&engine, cache_dirs, cache::cache_key_path());
         let ticker = sandbox::EpochTicker::start(&engine)?;
         Ok(PluginHost {
             engine,
@@ -689,9 +697,33 @@ impl PluginHost {
         &self.engine
     }
 
-    /// Where the compiled form of a wasm with `sha256` is cached, if caching.
+    /// Where the compiled form of a wasm with `sha256` is cached (in the
+    /// first cache directory), if caching.
     pub fn cache_entry(&self, sha256: &str) -> Option<PathBuf> {
         self.cache.entry_path(sha256)
+    }
+
+    /// The directories compiled components are cached in, in lookup order
+    /// (empty when nothing is cached).
+    pub fn cache_dirs(&self) -> &[PathBuf] {
+        self.cache.dirs()
+    }
+
+    /// [`signature::sign_file`] through this host's compile cache: the
+    /// component must still compile to be signed, but a build that any pde
+    /// command already compiled is not compiled again.
+    pub fn sign_file(
+        &self,
+        wasm: &Path,
+        key: &ed25519_dalek::SigningKey,
+        signer: &signature::Signer,
+    ) -> Result<(PathBuf, signature::PluginSignature), PluginError> {
+        signature::sign_file_with(wasm, key, signer, |name, bytes| {
+            precheck(name, bytes)?;
+            self.cache
+                .load_or_compile(&self.engine, name, &sha256_hex(bytes), bytes)
+                .map(|_| ())
+        })
     }
 
     /// [`inspect::inspect_plugin`] through this host's compile cache, so a

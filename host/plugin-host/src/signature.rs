@@ -109,6 +109,20 @@ pub fn sign_file(
     key: &SigningKey,
     signer: &Signer,
 ) -> Result<(PathBuf, PluginSignature), PluginError> {
+    sign_file_with(wasm, key, signer, |name, bytes| {
+        super::compile_checked(engine, name, bytes).map(|_| ())
+    })
+}
+
+/// [`sign_file`], with `compile` (plugin name, bytes) standing for the
+/// check that the component compiles, so that a host can answer it from its
+/// compile cache (`PluginHost::sign_file`).
+pub(crate) fn sign_file_with(
+    wasm: &Path,
+    key: &SigningKey,
+    signer: &Signer,
+    compile: impl FnOnce(&str, &[u8]) -> Result<(), PluginError>,
+) -> Result<(PathBuf, PluginSignature), PluginError> {
     let bytes = super::read(wasm)?;
     let manifest_path = manifest_path(wasm);
     if !manifest_path.is_file() {
@@ -118,7 +132,7 @@ pub fn sign_file(
         });
     }
     let manifest = Manifest::load(&manifest_path)?;
-    super::compile_checked(engine, &manifest.name, &bytes)?;
+    compile(&manifest.name, &bytes)?;
     let actual = super::sha256_hex(&bytes);
     if actual != manifest.sha256 {
         return Err(PluginError::DigestMismatch {

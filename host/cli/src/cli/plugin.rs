@@ -152,16 +152,20 @@ fn trusted_keys(ctx: &Ctx, config: Option<&Config>) -> Result<TrustedKeys, Failu
     Ok(trusted)
 }
 
-/// A host caching compiled components in the workspace's state directory,
-/// or outside a workspace in the per-user cache (large components, e.g.
-/// Python ones, take a minute to compile; see `pde::plugin::cache`).
+/// A host caching compiled components in the workspace's state directory
+/// when it exists, and in the per-user cache (large components, e.g. Python
+/// ones, take a minute to compile; see `pde::plugin::cache`). These commands
+/// only read, so they never create the state directory.
 fn host(ctx: &Ctx, config: Option<&Config>) -> Result<PluginHost, Failure> {
     let limits = config.map(|c| c.limits).unwrap_or_default();
-    let cache = match config {
-        Some(c) => Some(ctx.dir.join(&c.state).join("cache").join("plugins")),
-        None => pde::plugin::cache::user_cache_dir(),
-    };
-    Ok(PluginHost::new(limits, cache)?)
+    let mut cache_dirs = Vec::new();
+    if let Some(c) = config
+        && ctx.dir.join(&c.state).is_dir()
+    {
+        cache_dirs.push(ctx.dir.join(&c.state).join("cache").join("plugins"));
+    }
+    cache_dirs.extend(pde::plugin::cache::user_cache_dir());
+    Ok(PluginHost::with_cache_dirs(limits, cache_dirs)?)
 }
 
 fn is_path(target: &str) -> bool {
@@ -851,9 +855,14 @@ fn sign(
             .unwrap_or_else(|| "unknown".to_string()),
         note,
     };
-    // Compiles the component: what inspect refuses is never signed.
-    let host = PluginHost::new(Default::default(), None)?;
-    let (sig_path, sig) = pde::plugin::signature::sign_file(host.engine(), path, &key, &signer)?;
+    // Compiles the component (what inspect refuses is never signed), through
+    // the same cache and engine settings as `plugin inspect` and `validate`,
+    // so a build they compiled is not compiled again. The workspace only
+    // picks the cache and limits here: one whose pde.toml does not load does
+    // not stop a security team signing a file.
+    let config = workspace(ctx, false).ok().flatten();
+    let host = host(ctx, config.as_ref())?;
+    let (sig_path, sig) = host.sign_file(path, &key, &signer)?;
     if ctx.json {
         ctx.print_json(&serde_json::json!({
             "signature_file": sig_path,
