@@ -379,7 +379,7 @@ fn version_says_what_a_bug_report_needs() {
         "wasmtime: 48.",
         "plugin WIT: pde:plugin@0.1.0, pde:plugin@0.2.0",
         "bundle formats: pde.bundle/",
-        "push protocol: v2",
+        "push protocol: v3",
     ] {
         assert!(text.contains(needed), "--version lacks {needed:?}:\n{text}");
     }

@@ -122,6 +122,14 @@ pub enum AgentError {
          or --insecure-accept-unsigned to accept bundles without checking signatures (never in production)"
     )]
     NoTrustedKeys,
+    /// No trusted key and no bearer token: nothing would authorise a
+    /// rollback, so anyone who reaches the port could switch policies off.
+    #[error(
+        "--insecure-accept-unsigned without a bearer token: with no trusted key, rollbacks cannot be \
+         checked for a release-key signature, so the token is their only authority; add --token-env NAME \
+         or --token-file FILE, or better, give --trusted-key FILE"
+    )]
+    NoAuthority,
     /// A setting is out of range.
     #[error("invalid agent setting: {0}")]
     Config(String),
@@ -170,6 +178,7 @@ impl HasExitCode for AgentError {
         match self {
             AgentError::CorruptState { .. } => ExitCode::Integrity,
             AgentError::NoTrustedKeys
+            | AgentError::NoAuthority
             | AgentError::Config(_)
             | AgentError::DataDir { .. }
             | AgentError::InUse(_)
@@ -188,7 +197,8 @@ pub struct Agent {
 impl Agent {
     /// Checks the configuration and opens (and, after a crash, recovers) the
     /// data dir. Refuses to start without a trusted key unless unsigned
-    /// bundles were explicitly allowed.
+    /// bundles were explicitly allowed, and then only with a bearer token
+    /// (something must authorise rollbacks).
     pub fn open(cfg: AgentConfig) -> Result<Agent, AgentError> {
         if cfg.keep == 0 {
             return Err(AgentError::Config(
@@ -219,6 +229,11 @@ impl Agent {
         if !check_signatures {
             if !cfg.insecure_accept_unsigned {
                 return Err(AgentError::NoTrustedKeys);
+            }
+            // Bundles may go unchecked by explicit choice, but a rollback
+            // still needs some authority: without a key, that is the token.
+            if cfg.token.is_none() {
+                return Err(AgentError::NoAuthority);
             }
             warn!(
                 "INSECURE: no trusted key configured and --insecure-accept-unsigned is set; \

@@ -237,6 +237,8 @@ impl Engine {
             .into_iter()
             .filter(|t| report.routes.iter().any(|r| r.service == t.service))
             .collect();
+        // Signs the rollbacks of a compensation (push protocol v3).
+        let signer = self.rollback_signer()?;
         let started_at = pde_core::clock::now_rfc3339();
         // Recorded before the first byte leaves, so a deploy killed mid-push
         // shows as interrupted rather than not at all.
@@ -266,6 +268,7 @@ impl Engine {
             env_name,
             &routed,
             &self.config.push,
+            signer.as_ref(),
             opts.observer,
         )
         .instrument(tracing::info_span!("push", targets = routed.len()))
