@@ -2180,3 +2180,86 @@ async fn the_token_is_a_second_factor_and_without_a_key_the_only_one() {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+// ---- bounded input (issue 21, items 7 and 9) --------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replays_cannot_bloat_a_policys_document() {
+    let s = signer();
+    let agent = start(&s).await;
+    let c = client();
+    let a = sealed(&s, "1.0.0");
+    assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+    let doc = policy_file(&agent.data_dir, "42");
+    let before = std::fs::metadata(&doc).unwrap().len();
+    // The red team's replay: the captured bundle again, a fresh key each
+    // time, and a huge `env` (1 MiB here; 12 MiB in the report).
+    let huge = "e".repeat(1 << 20);
+    for (i, env) in [huge.as_str(), "prod uction", "../prod", "", "é"]
+        .iter()
+        .enumerate()
+    {
+        let (status, body) = send_deploy_to(
+            &c,
+            &agent.base,
+            &to_json(&a),
+            env,
+            Some(&format!("k{i}")),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("bad_env")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&doc).unwrap().len(),
+        before,
+        "refused replays wrote nothing"
+    );
+    // At every field's limit, replayed as often as anyone likes, the
+    // document stays under its documented bound.
+    let env = "e".repeat(128);
+    for i in 0..300 {
+        let key = format!("{i:0>512}");
+        let (status, body) =
+            send_deploy_to(&c, &agent.base, &to_json(&a), &env, Some(&key), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let size = std::fs::metadata(&doc).unwrap().len();
+    assert!(
+        size < pde_agent::store::MAX_POLICY_DOC_BYTES,
+        "policies/42.json is {size} bytes"
+    );
+    // A key over 512 characters is refused, not stored.
+    let (status, body) =
+        send_deploy(&c, &agent.base, &to_json(&a), Some(&"k".repeat(513)), None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_idempotency_key"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_keys_with_spaces_or_tabs_are_400() {
+    let s = signer();
+    let agent = start(&s).await;
+    let c = client();
+    let a = sealed(&s, "1.0.0");
+    for key in [
+        format!("{} {ENV}", a.digest),
+        format!("{}\t:{ENV}", a.digest),
+        "a b".to_string(),
+    ] {
+        let (status, body) = send_deploy(&c, &agent.base, &to_json(&a), Some(&key), None).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("bad_idempotency_key")),
+            "{key:?}: {body}"
+        );
+    }
+    assert_eq!(active_digest(&c, &agent.base, "42").await, None);
+    assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+}

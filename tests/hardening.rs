@@ -512,3 +512,16 @@ fn pde_rollback_and_a_pushs_compensation_sign_their_rollbacks_and_real_agents_ob
     );
     assert_eq!(nonces_spent(&stage_dir), 1, "the rollback was signed");
 }
+
+#[test]
+fn an_environment_name_agents_would_refuse_is_a_config_error() {
+    let ws = Workspace::new(&Workspace::env_toml("\"prod eu\"", "", &[]));
+    ws.commit("policies");
+    let o = pde(ws.root(), &["validate", "42"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("environment name \"prod eu\""),
+        "{}",
+        stderr(&o)
+    );
+}

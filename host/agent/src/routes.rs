@@ -32,12 +32,18 @@ use pde_core::keys::TrustedKeys;
 
 /// The header that makes a deploy idempotent.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The header on every answer that carries the agent's own request id (the
+/// `request_id` of its log lines), whatever id the client sent.
+pub const AGENT_REQUEST_ID: &str = "pde-request-id";
 /// The header on every answer that names the push protocol versions spoken.
 pub const PROTOCOL_HEADER: &str = "pde-protocol";
 /// The push protocol versions this agent speaks (also in `GET /healthz`).
 pub use pde_core::wire::{PROTOCOL_VERSION, PROTOCOL_VERSIONS};
 /// Longest idempotency key accepted.
-const MAX_KEY_LEN: usize = 512;
+pub const MAX_KEY_LEN: usize = 512;
+/// Longest bundle version accepted: it is kept in the policy's document for
+/// each stored bundle and activation (semver strings are far shorter).
+pub const MAX_VERSION_LEN: usize = 128;
 
 /// How long a deploy body may take to arrive once its slot is granted.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -163,21 +169,23 @@ fn bundle_error(e: &BundleError) -> ApiError {
 /// the count of refusals by reason.
 pub async fn log_requests(State(app): State<AppState>, request: Request, next: Next) -> Response {
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let request_id = request
+    // The agent's own id is always made here, so no client can make two
+    // requests share one; the client's id, when it sends one, is logged
+    // beside it (and echoed) but never takes its place.
+    let request_id = format!(
+        "agent-{:x}",
+        NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let client_id = request
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            format!(
-                "{:x}",
-                NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            )
-        });
+        .map(str::to_string);
     let span = info_span!(
         "request",
         request_id = %request_id,
+        client_request_id = client_id.as_deref(),
         method = %request.method(),
         path = %request.uri().path(),
     );
@@ -191,8 +199,12 @@ pub async fn log_requests(State(app): State<AppState>, request: Request, next: N
             PROTOCOL_HEADER,
             axum::http::HeaderValue::from(PROTOCOL_VERSION),
         );
-        if let Ok(id) = axum::http::HeaderValue::from_str(&request_id) {
+        let echoed = client_id.as_deref().unwrap_or(&request_id);
+        if let Ok(id) = axum::http::HeaderValue::from_str(echoed) {
             response.headers_mut().insert("x-request-id", id);
+        }
+        if let Ok(id) = axum::http::HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(AGENT_REQUEST_ID, id);
         }
         info!(
             status = response.status().as_u16(),
@@ -315,11 +327,20 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
         )
     })?;
     let env = match envelope.env {
-        Some(env) if !env.trim().is_empty() => env.into_owned(),
-        _ => {
+        // Bounded like a policy id: it is stored with every idempotency key
+        // and activation, so an unbounded one would grow the policy's
+        // document with each replay (the red team's 12 MiB `env`).
+        Some(env) if pde_core::wire::valid_env(&env) => env.into_owned(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "bad_env",
+                "`env` must be 1 to 128 of A-Z a-z 0-9 . _ - starting with a letter or digit",
+            ));
+        }
+        None => {
             return Err(ApiError::bad_request(
                 "malformed_request",
-                "`env` must be a non-empty string naming the environment",
+                "`env` must be a string naming the environment",
             ));
         }
     };
@@ -381,6 +402,13 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
     let bytes = canonical_bytes(format, &kept).map_err(|e| bundle_error(&e))?;
     let bundle = Bundle::from_value(kept).map_err(|e| bundle_error(&e))?;
     check_approvals(&bundle, settings)?;
+    let version = &bundle.payload.manifest.version;
+    if version.is_empty() || version.len() > MAX_VERSION_LEN {
+        return Err(ApiError::bad_request(
+            "malformed_bundle",
+            format!("the bundle's version must be 1 to {MAX_VERSION_LEN} bytes"),
+        ));
+    }
     let policy_id = &bundle.payload.manifest.policy_id;
     if !is_valid_policy_id(policy_id) {
         return Err(ApiError::bad_request(
@@ -448,8 +476,11 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
             "an `Idempotency-Key` header is required (by convention `<digest>:<env>`)",
         ));
     };
+    // Visible ASCII only: a header value may also hold spaces and tabs
+    // (HTTP strips them only at its ends), and a key that differs from
+    // another by inner whitespace would look like it in every log line.
     let key = value.to_str().unwrap_or("").trim();
-    if key.is_empty() || key.len() > MAX_KEY_LEN {
+    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ApiError::bad_request(
             "bad_idempotency_key",
             format!("`Idempotency-Key` must be 1 to {MAX_KEY_LEN} visible ASCII characters"),

@@ -68,6 +68,15 @@ const POLICY_FORMAT: &str = "pde.agent-policy/v2";
 pub const MAX_KEYS_PER_POLICY: usize = 256;
 /// Activations kept per policy for rollback.
 const MAX_HISTORY: usize = 100;
+/// What one policy's document (`policies/<id>.json`) stays under with the
+/// default `--keep 10`, whatever senders do: every field in it is bounded
+/// (256 keys of at most 512 visible ASCII characters, each with a digest,
+/// an `env` of at most 128 characters and a counter; 100 history entries;
+/// `--keep` bundle entries with versions of at most 128 bytes). Each bundle
+/// kept beyond 10 adds under [`POLICY_DOC_BYTES_PER_KEPT`].
+pub const MAX_POLICY_DOC_BYTES: u64 = 256 * 1024;
+/// What each stored-bundle entry adds to a policy's document, at most.
+pub const POLICY_DOC_BYTES_PER_KEPT: u64 = 512;
 /// The nonces of accepted rollback proofs, in the data dir.
 pub const NONCES_FILE: &str = "rollback-nonces.json";
 /// Format tag of the nonce file.
@@ -1200,6 +1209,41 @@ mod tests {
             .unwrap()
             .len();
         assert!(size < 64 * 1024, "policies/42.json is {size} bytes");
+    }
+
+    #[test]
+    fn a_policys_document_stays_under_its_bound_at_every_field_s_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), 10);
+        // Versions, keys and env at the longest the routes accept.
+        let bundles: Vec<Incoming> = (0..12)
+            .map(|i| incoming(&format!("1.0.{i}-{}", "x".repeat(120))))
+            .inspect(|b| assert!(b.version.len() <= 128))
+            .collect();
+        let env = "e".repeat(128);
+        // Every bundle stored, then the two newest in turn: a full history.
+        for i in 0..300 {
+            let key = format!("{i:0>512}");
+            let b = if i < 12 {
+                &bundles[i]
+            } else {
+                &bundles[10 + i % 2]
+            };
+            store.deploy(&key, &env, b, false).unwrap();
+        }
+        let p = &store.policies["42"];
+        assert_eq!(p.idempotency.len(), MAX_KEYS_PER_POLICY);
+        assert_eq!(p.history.len(), MAX_HISTORY);
+        let size = std::fs::metadata(dir.path().join("policies/42.json"))
+            .unwrap()
+            .len();
+        assert!(
+            size < MAX_POLICY_DOC_BYTES,
+            "policies/42.json is {size} bytes, over {MAX_POLICY_DOC_BYTES}"
+        );
+        // Each further bundle kept costs at most its documented share.
+        let entry = serde_json::to_vec_pretty(&p.bundles).unwrap().len() / p.bundles.len();
+        assert!((entry as u64) < POLICY_DOC_BYTES_PER_KEPT, "{entry}");
     }
 
     #[test]
