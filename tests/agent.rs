@@ -977,6 +977,11 @@ impl Drop for Proc {
 }
 
 fn spawn_agent(data_dir: &Path, public: &Path, log: &Path) -> Proc {
+    spawn_agent_with(data_dir, public, log, &[])
+}
+
+/// [`spawn_agent`] with `extra` flags.
+fn spawn_agent_with(data_dir: &Path, public: &Path, log: &Path, extra: &[&str]) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -987,6 +992,7 @@ fn spawn_agent(data_dir: &Path, public: &Path, log: &Path) -> Proc {
         .arg(data_dir)
         .arg("--trusted-key")
         .arg(public)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()
@@ -2262,4 +2268,109 @@ async fn idempotency_keys_with_spaces_or_tabs_are_400() {
     }
     assert_eq!(active_digest(&c, &agent.base, "42").await, None);
     assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+}
+
+// ---- half-open connections (issue 21, item 6) -------------------------------
+
+/// Opens `n` loopback connections that each send a request line and a header
+/// but never the blank line that ends the headers.
+async fn half_open(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The server may already have closed it (over the cap): fine.
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: flood\r\n")
+            .await;
+        out.push(s);
+    }
+    out
+}
+
+/// Waits (until `deadline`) for the server to close `s`; `true` if it did.
+async fn closed_by_server(s: &mut tokio::net::TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // An error answer before the close (e.g. 408) is fine too.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn healthz_answers(c: &reqwest::Client, base: &str) -> bool {
+    let req = c
+        .get(format!("{base}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send();
+    matches!(req.await, Ok(r) if r.status() == StatusCode::OK)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_open_connections_are_closed_and_healthz_answers_throughout_a_flood() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), trusted(&s));
+    cfg.header_read_timeout = Duration::from_secs(1);
+    let agent = start_with(cfg, dir).await;
+    let addr = agent.base.strip_prefix("http://").unwrap().to_string();
+    let c = client();
+    let started = tokio::time::Instant::now();
+    let mut flood = half_open(&addr, 300).await;
+    // Throughout the flood (a fresh client each time: no pooled connection).
+    for _ in 0..5 {
+        assert!(
+            healthz_answers(&client(), &agent.base).await,
+            "healthz during the flood"
+        );
+    }
+    // Each half-open connection is closed by the agent once its headers are
+    // late; none is still open 10 s after the flood began.
+    let deadline = started + Duration::from_secs(10);
+    for (i, conn) in flood.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(conn, deadline).await,
+            "connection {i} still open"
+        );
+    }
+    assert!(healthz_answers(&c, &agent.base).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_the_connection_cap_idle_connections_make_room_and_healthz_still_answers() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("agent.log");
+    let mut agent = spawn_agent_with(
+        &dir.path().join("data"),
+        &s.public,
+        &log,
+        &["--max-connections", "40", "--header-timeout-secs", "2"],
+    );
+    let addr = agent.base.strip_prefix("http://").unwrap().to_string();
+    let started = tokio::time::Instant::now();
+    // Half again as many half-open connections as the cap allows: each one
+    // over the cap displaces the oldest of the flood's own.
+    let mut flood = half_open(&addr, 60).await;
+    for _ in 0..5 {
+        assert!(
+            healthz_answers(&client(), &agent.base).await,
+            "healthz while the cap is full of half-open connections"
+        );
+    }
+    let deadline = started + Duration::from_secs(10);
+    for (i, conn) in flood.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(conn, deadline).await,
+            "connection {i} still open"
+        );
+    }
+    assert!(healthz_answers(&client(), &agent.base).await);
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("connection cap reached"), "{log}");
+    assert!(log.contains("max_connections=40"), "{log}");
 }

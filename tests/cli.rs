@@ -404,6 +404,9 @@ fn the_systemd_unit_is_hardened_and_verifies() {
         "--token-file %d/agent-token",
         "MemoryDenyWriteExecute=yes",
         "CapabilityBoundingSet=\n",
+        "LimitNOFILE=8192",
+        "--max-connections 4096",
+        "--header-timeout-secs 10",
     ] {
         assert!(unit.contains(key), "the unit lacks {key:?}");
     }
