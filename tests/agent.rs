@@ -18,6 +18,7 @@ use pde::bundle::{Bundle, Manifest, Payload};
 use pde::error::{ExitCode, HasExitCode};
 use pde::keys::{self, TrustedKeys};
 use pde_agent::{Agent, AgentConfig, AgentError};
+use pde_core::rollback::{MAX_SKEW_SECS, SignedRollback, Statement};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -185,13 +186,22 @@ async fn get(c: &reqwest::Client, url: String) -> (StatusCode, Value) {
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
+/// A `POST /rollback` with a fresh proof signed by `s` for [`ENV`].
 async fn rollback(
     c: &reqwest::Client,
     base: &str,
+    s: &Signer,
     policy_id: &str,
     to: Value,
 ) -> (StatusCode, Value) {
-    rollback_raw(c, base, json!({ "policy_id": policy_id, "to": to })).await
+    let statement = Statement::new(policy_id, to.as_str(), ENV);
+    rollback_raw(c, base, rollback_body(&statement, &s.key, &to)).await
+}
+
+/// A rollback body for `to` carrying `statement` signed by `key`.
+fn rollback_body(statement: &Statement, key: &SigningKey, to: &Value) -> Value {
+    let proof = SignedRollback::sign(statement.clone(), key).unwrap();
+    json!({ "policy_id": statement.policy_id, "to": to, "proof": proof })
 }
 
 async fn rollback_raw(c: &reqwest::Client, base: &str, body: Value) -> (StatusCode, Value) {
@@ -269,7 +279,7 @@ async fn happy_path_stores_activates_and_reports() {
     let c = client();
     let (status, health) = get(&c, format!("{}/healthz", agent.base)).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(health, json!({"status": "ok", "protocols": [2]}));
+    assert_eq!(health, json!({"status": "ok", "protocols": [3]}));
     assert_eq!(
         get(&c, format!("{}/readyz", agent.base)).await.0,
         StatusCode::OK
@@ -293,7 +303,7 @@ async fn happy_path_stores_activates_and_reports() {
             resp.headers()
                 .get("pde-protocol")
                 .and_then(|v| v.to_str().ok()),
-            Some("2"),
+            Some("3"),
             "GET {path}"
         );
     }
@@ -482,20 +492,66 @@ async fn unsigned_bundles_need_the_explicit_insecure_flag() {
     assert!(stderr.contains("--trusted-key"), "{stderr}");
     assert!(out.stdout.is_empty(), "it must not have started listening");
 
-    // With the flag, an unsigned bundle is accepted.
+    // The flag alone is not enough: with neither a trusted key nor a token,
+    // nothing would authorise a rollback, so it refuses to start.
     let mut cfg = AgentConfig::new(dir.path().join("data"));
     cfg.insecure_accept_unsigned = true;
+    let err = Agent::open(cfg).err().unwrap();
+    assert!(matches!(err, AgentError::NoAuthority), "{err}");
+    assert_eq!(err.exit_code(), ExitCode::Usage);
+    let out = Command::new(env!("CARGO_BIN_EXE_pde"))
+        .args([
+            "agent",
+            "--listen",
+            "127.0.0.1:0",
+            "--insecure-accept-unsigned",
+            "--data-dir",
+        ])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("without a bearer token"), "{stderr}");
+    assert!(out.stdout.is_empty(), "it must not have started listening");
+
+    // With the flag and a token, an unsigned bundle is accepted, and the
+    // token alone authorises a rollback.
+    let mut cfg = AgentConfig::new(dir.path().join("data"));
+    cfg.insecure_accept_unsigned = true;
+    cfg.token = Some("tok".into());
     let agent = start_with(cfg, dir).await;
     let s = signer();
     let mut unsigned = sealed(&s, "1.0.0");
     unsigned.signatures.clear();
     let c = client();
-    let (status, body) = deploy(&c, &agent.base, &unsigned).await;
+    let (status, body) = send_deploy(
+        &c,
+        &agent.base,
+        &to_json(&unsigned),
+        Some(&key_for(&unsigned)),
+        Some("tok"),
+    )
+    .await;
     assert_eq!(status, StatusCode::OK, "{body}");
-    assert_eq!(
-        active_digest(&c, &agent.base, "42").await,
-        Some(unsigned.digest)
-    );
+    let (status, body) = get(&c, format!("{}/active/42", agent.base)).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    let resp = c
+        .get(format!("{}/active/42", agent.base))
+        .bearer_auth("tok")
+        .send()
+        .await
+        .unwrap();
+    let active: Value = resp.json().await.unwrap();
+    assert_eq!(active["digest"], unsigned.digest.as_str());
+    let resp = c
+        .post(format!("{}/rollback", agent.base))
+        .bearer_auth("tok")
+        .json(&json!({"policy_id": "42", "to": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
 }
 
 /// Sends raw bytes and returns what the server answered until it closed.
@@ -577,7 +633,7 @@ async fn rollback_to_previous_and_to_named_digest() {
     let s = signer();
     let agent = start(&s).await;
     let c = client();
-    let (status, body) = rollback(&c, &agent.base, "42", Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "42", Value::Null).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "nothing_to_roll_back");
 
@@ -598,7 +654,7 @@ async fn rollback_to_previous_and_to_named_digest() {
     // the same deploy request then activates it again (not a no-op).
     let first = sealed(&s, "0.9.0");
     assert_eq!(deploy(&c, &agent.base, &first).await.0, StatusCode::OK);
-    let (status, body) = rollback(&c, &agent.base, "42", Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "42", Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "deactivated");
     assert_eq!(body["digest"], first.digest.as_str());
@@ -619,7 +675,7 @@ async fn rollback_to_previous_and_to_named_digest() {
         Some(d.digest.clone())
     );
 
-    let (status, body) = rollback(&c, &agent.base, "42", Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "42", Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "rolled-back");
     assert_eq!(
@@ -627,38 +683,38 @@ async fn rollback_to_previous_and_to_named_digest() {
         Some(b.digest.clone())
     );
 
-    let (status, body) = rollback(&c, &agent.base, "42", json!(a.digest)).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "42", json!(a.digest)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (_, active) = get(&c, format!("{}/active/42", agent.base)).await;
     assert_eq!(active["digest"], a.digest.as_str());
     assert_eq!(active["version"], "1.0.0");
 
     // Rolling back to what is active is a no-op success.
-    let (status, body) = rollback(&c, &agent.base, "42", json!(a.digest)).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "42", json!(a.digest)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "already-active");
 
     let unknown = format!("sha256:{}", "0".repeat(64));
-    let (status, body) = rollback(&c, &agent.base, "42", json!(unknown)).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "42", json!(unknown)).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert_eq!(body["error"], "unknown_digest");
-    let (status, _) = rollback(&c, &agent.base, "42", json!("sha256:../../etc/passwd")).await;
+    let (status, _) = rollback(&c, &agent.base, &s, "42", json!("sha256:../../etc/passwd")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
 
     // A stored digest of another policy is refused by name, both ways, and
     // a policy never deployed here has nothing to roll back.
     let other = sealed_for(&s, "43", "7.0.0");
     assert_eq!(deploy(&c, &agent.base, &other).await.0, StatusCode::OK);
-    let (status, body) = rollback(&c, &agent.base, "42", json!(other.digest)).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "42", json!(other.digest)).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "digest_of_other_policy");
-    let (status, body) = rollback(&c, &agent.base, "43", json!(a.digest)).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "43", json!(a.digest)).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "digest_of_other_policy");
-    let (status, body) = rollback(&c, &agent.base, "99", Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "99", Value::Null).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "nothing_to_roll_back");
-    let (status, body) = rollback(&c, &agent.base, "99", json!(a.digest)).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "99", json!(a.digest)).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "digest_of_other_policy");
 
@@ -720,7 +776,7 @@ async fn bundles_are_listed_newest_first_and_pruned_but_never_the_active() {
 
     // Roll back to the oldest kept, then deploy two more: it is active, so it stays.
     assert_eq!(
-        rollback(&c, &agent.base, "42", json!(bundles[2].digest))
+        rollback(&c, &agent.base, &s, "42", json!(bundles[2].digest))
             .await
             .0,
         StatusCode::OK
@@ -763,7 +819,7 @@ async fn concurrent_deploys_of_two_digests_end_with_one_active_and_both_stored()
         let listed: HashSet<String> = stored(&c, &agent.base).await.into_iter().collect();
         assert_eq!(listed, HashSet::from([a.digest.clone(), b.digest.clone()]));
         // Both activations happened, one after the other: the other is the previous one.
-        let (status, _) = rollback(&c, &agent.base, "42", Value::Null).await;
+        let (status, _) = rollback(&c, &agent.base, &s, "42", Value::Null).await;
         assert_eq!(status, StatusCode::OK);
         let back = active_digest(&c, &agent.base, "42").await.unwrap();
         assert_ne!(back, active);
@@ -796,7 +852,7 @@ async fn bearer_token_is_required_when_configured() {
             "GET {path}"
         );
     }
-    let (status, _) = rollback(&c, &agent.base, "42", Value::Null).await;
+    let (status, _) = rollback(&c, &agent.base, &s, "42", Value::Null).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     // Health checks stay open for load balancers.
     assert_eq!(
@@ -921,6 +977,11 @@ impl Drop for Proc {
 }
 
 fn spawn_agent(data_dir: &Path, public: &Path, log: &Path) -> Proc {
+    spawn_agent_with(data_dir, public, log, &[])
+}
+
+/// [`spawn_agent`] with `extra` flags.
+fn spawn_agent_with(data_dir: &Path, public: &Path, log: &Path, extra: &[&str]) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -931,6 +992,7 @@ fn spawn_agent(data_dir: &Path, public: &Path, log: &Path) -> Proc {
         .arg(data_dir)
         .arg("--trusted-key")
         .arg(public)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()
@@ -1010,7 +1072,7 @@ async fn restart_keeps_the_active_bundle_history_and_keys() {
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     // History survived: rollback returns to a.
     assert_eq!(
-        rollback(&c, &agent.base, "42", Value::Null).await.0,
+        rollback(&c, &agent.base, &s, "42", Value::Null).await.0,
         StatusCode::OK
     );
     assert_eq!(
@@ -1263,7 +1325,7 @@ async fn rollback_of_one_policy_leaves_the_others_alone() {
     let (_, record42) = get(&c, format!("{}/active/42", agent.base)).await;
 
     // 43 goes back one step, to its own previous bundle.
-    let (status, body) = rollback(&c, &agent.base, "43", Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "43", Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "rolled-back");
     assert_eq!(body["active"]["digest"], a43.digest.as_str());
@@ -1276,7 +1338,7 @@ async fn rollback_of_one_policy_leaves_the_others_alone() {
     let f43 = read("43");
 
     // 44 is at its first activation: going back deactivates 44 alone.
-    let (status, body) = rollback(&c, &agent.base, "44", Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "44", Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "deactivated");
     assert_eq!(body["digest"], a44.digest.as_str());
@@ -1295,7 +1357,7 @@ async fn rollback_of_one_policy_leaves_the_others_alone() {
 
     // 44 has nothing left to go back to, but its bundle is still stored, not
     // active, and can be named to come back.
-    let (status, body) = rollback(&c, &agent.base, "44", Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "44", Value::Null).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "nothing_to_roll_back");
     let (_, listed) = get(&c, format!("{}/bundles?policy_id=44", agent.base)).await;
@@ -1309,7 +1371,7 @@ async fn rollback_of_one_policy_leaves_the_others_alone() {
             "active": false
         }])
     );
-    let (status, body) = rollback(&c, &agent.base, "44", json!(a44.digest)).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "44", json!(a44.digest)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(
         active_all(&c, &agent.base).await,
@@ -1606,7 +1668,7 @@ async fn a_tampered_active_bundle_is_not_served_after_restart() {
     assert!(entry.contains("42"), "{entry}");
 
     // It cannot be brought back by rollback either...
-    let (status, body) = rollback(&c, &agent.base, "42", json!(v2.digest)).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "42", json!(v2.digest)).await;
     assert_eq!(status, StatusCode::CONFLICT, "{body}");
     assert_eq!(body["error"], "stored_bundle_damaged");
     assert_eq!(
@@ -1688,7 +1750,7 @@ async fn v1_state_is_migrated() {
         actives(&[("42", &a42), ("43", &a43)])
     );
     // 43's own history starts at its migrated activation.
-    let (status, body) = rollback(&c, &agent.base, "43", Value::Null).await;
+    let (status, body) = rollback(&c, &agent.base, &s, "43", Value::Null).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["outcome"], "deactivated");
     assert_eq!(active_all(&c, &agent.base).await, actives(&[("42", &a42)]));
@@ -1829,7 +1891,7 @@ async fn metrics_count_what_happens_in_the_prometheus_text_format() {
         StatusCode::FORBIDDEN
     );
     assert_eq!(
-        rollback(&c, &agent.base, "42", Value::Null).await.0,
+        rollback(&c, &agent.base, &s, "42", Value::Null).await.0,
         StatusCode::OK
     );
 
@@ -1924,4 +1986,391 @@ fn float_payload(policy_id: &str, version: &str) -> Payload {
     p.policy["rules"][0]["value"] = json!(1.0);
     p.policy["config"] = json!({"rate": 2.5e-7, "ceiling": 1e21, "naïve": "grüße"});
     p
+}
+
+// ---- signed rollbacks (issue 21, item 1; push protocol v3) ----------------
+
+/// A statement for `policy_id`/`to` in [`ENV`], signed `secs_ago` seconds ago.
+fn statement_at(policy_id: &str, to: Option<&str>, secs_ago: i64) -> Statement {
+    let mut st = Statement::new(policy_id, to, ENV);
+    st.at = pde_core::clock::rfc3339_from_unix(pde_core::clock::now_unix() - secs_ago);
+    st
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unsigned_forged_stale_or_misdirected_rollback_is_refused_and_the_policy_stays_active() {
+    let s = signer();
+    let agent = start(&s).await;
+    let c = client();
+    let a = sealed(&s, "1.0.0");
+    assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+    let refused = |status: StatusCode, body: &Value, want: (StatusCode, &str)| {
+        assert_eq!(
+            (status, body["error"].as_str().unwrap_or("")),
+            (want.0, want.1),
+            "{body}"
+        );
+    };
+
+    // The red team's exact case: four unsigned `to: null` requests used to
+    // walk 42 back to `deactivated`.
+    for _ in 0..4 {
+        let (status, body) =
+            rollback_raw(&c, &agent.base, json!({"policy_id": "42", "to": null})).await;
+        refused(status, &body, (StatusCode::FORBIDDEN, "rollback_unsigned"));
+    }
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await,
+        Some(a.digest.clone())
+    );
+
+    // Signed by a key the agent does not trust.
+    let stranger = signer();
+    let (status, body) = rollback(&c, &agent.base, &stranger, "42", Value::Null).await;
+    refused(
+        status,
+        &body,
+        (StatusCode::FORBIDDEN, "rollback_signature_rejected"),
+    );
+
+    // Stale, and too far in the future.
+    for secs_ago in [MAX_SKEW_SECS + 60, -(MAX_SKEW_SECS + 60)] {
+        let body = rollback_body(&statement_at("42", None, secs_ago), &s.key, &Value::Null);
+        let (status, body) = rollback_raw(&c, &agent.base, body).await;
+        refused(status, &body, (StatusCode::FORBIDDEN, "proof_expired"));
+    }
+
+    // A proof for another policy, or another environment, than asked.
+    let other = Statement::new("43", None, ENV);
+    let mut body = rollback_body(&other, &s.key, &Value::Null);
+    body["policy_id"] = "42".into();
+    let (status, body) = rollback_raw(&c, &agent.base, body).await;
+    refused(status, &body, (StatusCode::FORBIDDEN, "proof_mismatch"));
+    let prod = Statement::new("42", None, "production");
+    let (status, body) =
+        rollback_raw(&c, &agent.base, rollback_body(&prod, &s.key, &Value::Null)).await;
+    refused(status, &body, (StatusCode::FORBIDDEN, "proof_mismatch"));
+    assert!(
+        body["reason"].as_str().unwrap().contains("production"),
+        "{body}"
+    );
+
+    // A proof whose signature was moved onto an altered statement.
+    let mut body = rollback_body(&statement_at("42", None, 0), &s.key, &Value::Null);
+    body["proof"]["statement"]["nonce"] = "f".repeat(32).into();
+    let (status, body) = rollback_raw(&c, &agent.base, body).await;
+    refused(
+        status,
+        &body,
+        (StatusCode::FORBIDDEN, "rollback_signature_rejected"),
+    );
+
+    // Not a proof at all.
+    let (status, body) = rollback_raw(
+        &c,
+        &agent.base,
+        json!({"policy_id": "42", "to": null, "proof": {"statement": "please"}}),
+    )
+    .await;
+    refused(status, &body, (StatusCode::BAD_REQUEST, "malformed_proof"));
+
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await,
+        Some(a.digest.clone())
+    );
+    let (_, bundles) = get(&c, format!("{}/bundles", agent.base)).await;
+    assert_eq!(bundles["bundles"][0]["active"], true, "{bundles}");
+
+    // A fresh proof by the trusted key is obeyed.
+    let (status, body) = rollback(&c, &agent.base, &s, "42", Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["outcome"], "deactivated");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replayed_signed_rollback_is_refused_even_after_a_restart() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("agent.log");
+    let c = client();
+    let a = sealed(&s, "1.0.0");
+    let b = sealed(&s, "1.1.0");
+    let captured = rollback_body(&Statement::new("42", None, ENV), &s.key, &Value::Null);
+    {
+        let mut agent = spawn_agent(&data, &s.public, &log);
+        assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+        assert_eq!(deploy(&c, &agent.base, &b).await.0, StatusCode::OK);
+        let (status, body) = rollback_raw(&c, &agent.base, captured.clone()).await;
+        assert_eq!(
+            (status, body["outcome"].as_str()),
+            (StatusCode::OK, Some("rolled-back")),
+            "{body}"
+        );
+        // Deployed again; the captured request, sent again, changes nothing.
+        assert_eq!(deploy(&c, &agent.base, &b).await.0, StatusCode::OK);
+        let (status, body) = rollback_raw(&c, &agent.base, captured.clone()).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::CONFLICT, Some("proof_replayed")),
+            "{body}"
+        );
+        assert_eq!(
+            active_digest(&c, &agent.base, "42").await,
+            Some(b.digest.clone())
+        );
+        // A restart does not reopen the window, even after kill -9.
+        agent.child.kill().unwrap();
+        agent.child.wait().unwrap();
+    }
+    let agent = spawn_agent(&data, &s.public, &log);
+    let (status, body) = rollback_raw(&c, &agent.base, captured).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::CONFLICT, Some("proof_replayed")),
+        "{body}"
+    );
+    assert_eq!(
+        active_digest(&c, &agent.base, "42").await,
+        Some(b.digest.clone())
+    );
+    // The nonce file is what remembers it.
+    let nonces = std::fs::read_to_string(data.join("rollback-nonces.json")).unwrap();
+    assert!(nonces.contains("pde.agent-nonces/v1"), "{nonces}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_token_is_a_second_factor_and_without_a_key_the_only_one() {
+    let s = signer();
+    // With a trusted key and a token, a rollback needs both.
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), trusted(&s));
+    cfg.token = Some("correct horse battery staple".into());
+    let agent = start_with(cfg, dir).await;
+    let c = client();
+    let a = sealed(&s, "1.0.0");
+    let (status, _) = send_deploy(
+        &c,
+        &agent.base,
+        &to_json(&a),
+        Some(&key_for(&a)),
+        Some("correct horse battery staple"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let signed = rollback_body(&Statement::new("42", None, ENV), &s.key, &Value::Null);
+    let (status, _) = rollback_raw(&c, &agent.base, signed.clone()).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a proof does not replace the token"
+    );
+    let resp = c
+        .post(format!("{}/rollback", agent.base))
+        .bearer_auth("correct horse battery staple")
+        .json(&json!({"policy_id": "42", "to": null}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::FORBIDDEN,
+        "the token does not replace a proof"
+    );
+    let resp = c
+        .post(format!("{}/rollback", agent.base))
+        .bearer_auth("correct horse battery staple")
+        .json(&signed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}
+
+// ---- bounded input (issue 21, items 7 and 9) --------------------------------
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replays_cannot_bloat_a_policys_document() {
+    let s = signer();
+    let agent = start(&s).await;
+    let c = client();
+    let a = sealed(&s, "1.0.0");
+    assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+    let doc = policy_file(&agent.data_dir, "42");
+    let before = std::fs::metadata(&doc).unwrap().len();
+    // The red team's replay: the captured bundle again, a fresh key each
+    // time, and a huge `env` (1 MiB here; 12 MiB in the report).
+    let huge = "e".repeat(1 << 20);
+    for (i, env) in [huge.as_str(), "prod uction", "../prod", "", "é"]
+        .iter()
+        .enumerate()
+    {
+        let (status, body) = send_deploy_to(
+            &c,
+            &agent.base,
+            &to_json(&a),
+            env,
+            Some(&format!("k{i}")),
+            None,
+        )
+        .await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("bad_env")),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        std::fs::metadata(&doc).unwrap().len(),
+        before,
+        "refused replays wrote nothing"
+    );
+    // At every field's limit, replayed as often as anyone likes, the
+    // document stays under its documented bound.
+    let env = "e".repeat(128);
+    for i in 0..300 {
+        let key = format!("{i:0>512}");
+        let (status, body) =
+            send_deploy_to(&c, &agent.base, &to_json(&a), &env, Some(&key), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    let size = std::fs::metadata(&doc).unwrap().len();
+    assert!(
+        size < pde_agent::store::MAX_POLICY_DOC_BYTES,
+        "policies/42.json is {size} bytes"
+    );
+    // A key over 512 characters is refused, not stored.
+    let (status, body) =
+        send_deploy(&c, &agent.base, &to_json(&a), Some(&"k".repeat(513)), None).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_idempotency_key"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idempotency_keys_with_spaces_or_tabs_are_400() {
+    let s = signer();
+    let agent = start(&s).await;
+    let c = client();
+    let a = sealed(&s, "1.0.0");
+    for key in [
+        format!("{} {ENV}", a.digest),
+        format!("{}\t:{ENV}", a.digest),
+        "a b".to_string(),
+    ] {
+        let (status, body) = send_deploy(&c, &agent.base, &to_json(&a), Some(&key), None).await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("bad_idempotency_key")),
+            "{key:?}: {body}"
+        );
+    }
+    assert_eq!(active_digest(&c, &agent.base, "42").await, None);
+    assert_eq!(deploy(&c, &agent.base, &a).await.0, StatusCode::OK);
+}
+
+// ---- half-open connections (issue 21, item 6) -------------------------------
+
+/// Opens `n` loopback connections that each send a request line and a header
+/// but never the blank line that ends the headers.
+async fn half_open(addr: &str, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // The server may already have closed it (over the cap): fine.
+        let _ = s
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: flood\r\n")
+            .await;
+        out.push(s);
+    }
+    out
+}
+
+/// Waits (until `deadline`) for the server to close `s`; `true` if it did.
+async fn closed_by_server(s: &mut tokio::net::TcpStream, deadline: tokio::time::Instant) -> bool {
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // An error answer before the close (e.g. 408) is fine too.
+            Ok(Ok(_)) => continue,
+        }
+    }
+}
+
+async fn healthz_answers(c: &reqwest::Client, base: &str) -> bool {
+    let req = c
+        .get(format!("{base}/healthz"))
+        .timeout(Duration::from_secs(2))
+        .send();
+    matches!(req.await, Ok(r) if r.status() == StatusCode::OK)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn half_open_connections_are_closed_and_healthz_answers_throughout_a_flood() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), trusted(&s));
+    cfg.header_read_timeout = Duration::from_secs(1);
+    let agent = start_with(cfg, dir).await;
+    let addr = agent.base.strip_prefix("http://").unwrap().to_string();
+    let c = client();
+    let started = tokio::time::Instant::now();
+    let mut flood = half_open(&addr, 300).await;
+    // Throughout the flood (a fresh client each time: no pooled connection).
+    for _ in 0..5 {
+        assert!(
+            healthz_answers(&client(), &agent.base).await,
+            "healthz during the flood"
+        );
+    }
+    // Each half-open connection is closed by the agent once its headers are
+    // late; none is still open 10 s after the flood began.
+    let deadline = started + Duration::from_secs(10);
+    for (i, conn) in flood.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(conn, deadline).await,
+            "connection {i} still open"
+        );
+    }
+    assert!(healthz_answers(&c, &agent.base).await);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn over_the_connection_cap_idle_connections_make_room_and_healthz_still_answers() {
+    let s = signer();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("agent.log");
+    let mut agent = spawn_agent_with(
+        &dir.path().join("data"),
+        &s.public,
+        &log,
+        &["--max-connections", "40", "--header-timeout-secs", "2"],
+    );
+    let addr = agent.base.strip_prefix("http://").unwrap().to_string();
+    let started = tokio::time::Instant::now();
+    // Half again as many half-open connections as the cap allows: each one
+    // over the cap displaces the oldest of the flood's own.
+    let mut flood = half_open(&addr, 60).await;
+    for _ in 0..5 {
+        assert!(
+            healthz_answers(&client(), &agent.base).await,
+            "healthz while the cap is full of half-open connections"
+        );
+    }
+    let deadline = started + Duration::from_secs(10);
+    for (i, conn) in flood.iter_mut().enumerate() {
+        assert!(
+            closed_by_server(conn, deadline).await,
+            "connection {i} still open"
+        );
+    }
+    assert!(healthz_answers(&client(), &agent.base).await);
+    agent.child.kill().unwrap();
+    agent.child.wait().unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(log.contains("connection cap reached"), "{log}");
+    assert!(log.contains("max_connections=40"), "{log}");
 }

@@ -379,7 +379,7 @@ fn version_says_what_a_bug_report_needs() {
         "wasmtime: 48.",
         "plugin WIT: pde:plugin@0.1.0, pde:plugin@0.2.0",
         "bundle formats: pde.bundle/",
-        "push protocol: v2",
+        "push protocol: v3",
     ] {
         assert!(text.contains(needed), "--version lacks {needed:?}:\n{text}");
     }
@@ -404,6 +404,9 @@ fn the_systemd_unit_is_hardened_and_verifies() {
         "--token-file %d/agent-token",
         "MemoryDenyWriteExecute=yes",
         "CapabilityBoundingSet=\n",
+        "LimitNOFILE=8192",
+        "--max-connections 4096",
+        "--header-timeout-secs 10",
     ] {
         assert!(unit.contains(key), "the unit lacks {key:?}");
     }
@@ -487,6 +490,20 @@ fn agent_logs_can_be_json_lines_with_request_ids() {
     });
     assert_eq!(answered.0, 404);
     assert_eq!(answered.1.unwrap(), "req-7f3a");
+    // Clients that send ids shaped like the agent's own (old: sequential
+    // hex; now `agent-<hex>`), and clients that send none.
+    support::runtime().block_on(async {
+        let c = reqwest::Client::new();
+        for id in ["1", "2", "3", "agent-1", "agent-2", "agent-3", "", "", ""] {
+            let mut r = c.get(format!("{base}/healthz"));
+            if !id.is_empty() {
+                r = r.header("X-Request-Id", id);
+            }
+            let r = r.send().await.unwrap();
+            let own = r.headers().get("pde-request-id").unwrap().to_str().unwrap();
+            assert!(own.starts_with("agent-"), "{own}");
+        }
+    });
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -499,8 +516,30 @@ fn agent_logs_can_be_json_lines_with_request_ids() {
     assert!(!lines.is_empty());
     let handled = lines
         .iter()
-        .find(|l| l["span"]["request_id"] == "req-7f3a")
-        .unwrap_or_else(|| panic!("no line carries the request id:\n{text}"));
+        .find(|l| l["span"]["client_request_id"] == "req-7f3a")
+        .unwrap_or_else(|| panic!("no line carries the client's request id:\n{text}"));
     assert_eq!(handled["span"]["path"], "/active/42");
     assert_eq!(handled["fields"]["status"], 404);
+    // Both ids are logged, and the agent's own ids never collide, whatever
+    // the clients sent.
+    let handled: Vec<&serde_json::Value> = lines
+        .iter()
+        .filter(|l| l["fields"]["message"] == "handled")
+        .collect();
+    assert_eq!(handled.len(), 10, "{text}");
+    let own: std::collections::HashSet<&str> = handled
+        .iter()
+        .map(|l| l["span"]["request_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        own.len(),
+        handled.len(),
+        "agent request ids collide:\n{text}"
+    );
+    assert!(own.iter().all(|id| id.starts_with("agent-")), "{own:?}");
+    assert!(
+        handled
+            .iter()
+            .any(|l| l["span"]["client_request_id"] == "agent-1")
+    );
 }

@@ -420,11 +420,15 @@ fn env_check_lists_every_service_and_every_check() {
     assert!(!ws.root().join(".pde/audit.jsonl").exists());
 }
 
-fn rollback_on(agent: &str, policy_id: &str) {
+/// A rollback sent straight to an agent, behind pde's back, by someone who
+/// holds the release key (push protocol v3 requires its signature).
+fn rollback_on(ws: &Workspace, agent: &str, policy_id: &str) {
+    let key = pde::keys::load_signing_key(&ws.root().join("keys/release.ed25519")).unwrap();
+    let body = pde_core::rollback::request_body(policy_id, None, "prod", Some(&key)).unwrap();
     support::runtime().block_on(async {
         let r = reqwest::Client::new()
             .post(format!("{agent}/rollback"))
-            .json(&json!({"policy_id": policy_id, "to": null}))
+            .json(&body)
             .send()
             .await
             .unwrap();
@@ -505,9 +509,9 @@ fn status_live_is_clean_after_deploys_and_finds_drift_made_behind_pdes_back() {
 
     // Behind pde's back: the API goes back one version, the portal loses the
     // policy altogether, and the scheduler stops answering.
-    rollback_on(&agents[0].url, "42");
-    rollback_on(&agents[1].url, "42");
-    rollback_on(&agents[1].url, "42");
+    rollback_on(&ws, &agents[0].url, "42");
+    rollback_on(&ws, &agents[1].url, "42");
+    rollback_on(&ws, &agents[1].url, "42");
     agents[2].stop();
 
     let o = pde(

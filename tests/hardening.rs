@@ -563,3 +563,83 @@ fn a_cut_audit_tail_behind_a_restored_head_is_caught_by_the_state() {
         stderr(&o)
     );
 }
+
+// ---- issue 21, item 1: a rollback carries the release key's authority ------
+
+/// How many rollback proofs an agent has accepted (its nonce file).
+fn nonces_spent(data_dir: &Path) -> usize {
+    match std::fs::read_to_string(data_dir.join("rollback-nonces.json")) {
+        Ok(text) => {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            v["nonces"].as_object().unwrap().len()
+        }
+        Err(_) => 0,
+    }
+}
+
+#[test]
+fn pde_rollback_and_a_pushs_compensation_sign_their_rollbacks_and_real_agents_obey() {
+    let ws = Workspace::new("");
+    let (prod_dir, stage_dir) = (
+        ws.root().join("agents/prod"),
+        ws.root().join("agents/stage"),
+    );
+    let prod = support::AgentProcess::start(&prod_dir, &ws.release_pub());
+    let stage = support::AgentProcess::start(&stage_dir, &ws.release_pub());
+    let refuses = support::receiver::Receiver::start(support::receiver::Fault::Reject400);
+    let svc = |name: &'static str, url: &str| Svc {
+        name,
+        url: url.to_string(),
+        tags: &["api"],
+    };
+    let envs = Workspace::env_toml("prod", "", &[svc("A", &prod.url), svc("B", &refuses.url)])
+        + &Workspace::env_toml("stage", "", &[svc("S", &stage.url)]);
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap() + &envs;
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    ws.commit("two environments");
+
+    // Compensation: A takes 42, B refuses it, and A is sent back to nothing
+    // with a signed `to: null` that the agent accepts.
+    let o = pde(
+        ws.root(),
+        &["deploy", "42", "--env", "prod", "--output", "json"],
+    );
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let a = &report["report"]["push"]["targets"][0];
+    assert_eq!(a["state"], "rolled-back", "{report:#}");
+    assert_eq!(support::active_digest(&prod.url), None);
+    assert_eq!(nonces_spent(&prod_dir), 1, "the compensation was signed");
+
+    // `pde rollback`: 1.0.0 then 1.1.0 to stage, and back, signed.
+    let o = pde(
+        ws.root(),
+        &["deploy", "42", "--env", "stage", "--output", "json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let first: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    ws.write_policy("42.json", &support::policy_42("1.1.0").to_string());
+    ws.commit("1.1.0");
+    let o = pde(ws.root(), &["deploy", "42", "--env", "stage"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let o = pde(ws.root(), &["rollback", "42", "--env", "stage"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(
+        support::active_digest(&stage.url).as_deref(),
+        first["digest"].as_str()
+    );
+    assert_eq!(nonces_spent(&stage_dir), 1, "the rollback was signed");
+}
+
+#[test]
+fn an_environment_name_agents_would_refuse_is_a_config_error() {
+    let ws = Workspace::new(&Workspace::env_toml("\"prod eu\"", "", &[]));
+    ws.commit("policies");
+    let o = pde(ws.root(), &["validate", "42"]);
+    assert_eq!(code(&o), 2, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("environment name \"prod eu\""),
+        "{}",
+        stderr(&o)
+    );
+}

@@ -10,8 +10,8 @@ use pde_core::keys::TrustedKeys;
 use pde_core::secret;
 
 use crate::{
-    Agent, AgentConfig, AgentError, DEFAULT_KEEP, DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_CONCURRENT_DEPLOYS,
+    Agent, AgentConfig, AgentError, DEFAULT_HEADER_TIMEOUT, DEFAULT_KEEP, DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_CONCURRENT_DEPLOYS, DEFAULT_MAX_CONNECTIONS,
 };
 
 /// How log lines are written to stderr.
@@ -72,6 +72,14 @@ pub struct AgentArgs {
     /// body is read (bounds memory under a flood).
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONCURRENT_DEPLOYS)]
     pub max_concurrent_deploys: usize,
+    /// Connections open at once; more are closed as soon as they arrive
+    /// (keep it below the file-descriptor limit, LimitNOFILE).
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers before its
+    /// connection is closed (also closes idle keep-alive connections).
+    #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HEADER_TIMEOUT.as_secs())]
+    pub header_timeout_secs: u64,
 }
 
 impl AgentArgs {
@@ -123,6 +131,8 @@ impl AgentArgs {
             max_concurrent_deploys: self.max_concurrent_deploys,
             approvers,
             min_approvals: self.min_approvals,
+            max_connections: self.max_connections,
+            header_read_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
         })
     }
 }

@@ -23,6 +23,7 @@ pub mod cli;
 mod hook;
 mod metrics;
 mod routes;
+mod server;
 pub mod store;
 
 use std::future::Future;
@@ -49,6 +50,12 @@ pub const DEFAULT_MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_MAX_CONCURRENT_DEPLOYS: usize = 4;
 /// Default `--keep`: stored bundles kept.
 pub const DEFAULT_KEEP: usize = 10;
+/// Default `--max-connections`: well below the common default limit of
+/// 1,024 file descriptors, which the agent also needs for its data dir.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default `--header-timeout-secs`: a client has this long to send a
+/// request's headers (a pusher sends them at once).
+pub const DEFAULT_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How an agent is set up. Its `Debug` output never shows the token.
 #[derive(Clone)]
@@ -75,6 +82,10 @@ pub struct AgentConfig {
     /// Approvals by distinct `approvers` a bundle must carry to be activated
     /// (`--min-approvals`; 0: none needed).
     pub min_approvals: u32,
+    /// Connections open at once (`--max-connections`); more are closed at once.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers (`--header-timeout-secs`).
+    pub header_read_timeout: std::time::Duration,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -90,6 +101,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("max_concurrent_deploys", &self.max_concurrent_deploys)
             .field("approvers", &self.approvers.key_ids())
             .field("min_approvals", &self.min_approvals)
+            .field("max_connections", &self.max_connections)
+            .field("header_read_timeout", &self.header_read_timeout)
             .finish()
     }
 }
@@ -109,6 +122,8 @@ impl AgentConfig {
             max_concurrent_deploys: DEFAULT_MAX_CONCURRENT_DEPLOYS,
             approvers: pde_core::approval::Approvers::new(),
             min_approvals: 0,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            header_read_timeout: DEFAULT_HEADER_TIMEOUT,
         }
     }
 }
@@ -122,6 +137,14 @@ pub enum AgentError {
          or --insecure-accept-unsigned to accept bundles without checking signatures (never in production)"
     )]
     NoTrustedKeys,
+    /// No trusted key and no bearer token: nothing would authorise a
+    /// rollback, so anyone who reaches the port could switch policies off.
+    #[error(
+        "--insecure-accept-unsigned without a bearer token: with no trusted key, rollbacks cannot be \
+         checked for a release-key signature, so the token is their only authority; add --token-env NAME \
+         or --token-file FILE, or better, give --trusted-key FILE"
+    )]
+    NoAuthority,
     /// A setting is out of range.
     #[error("invalid agent setting: {0}")]
     Config(String),
@@ -170,6 +193,7 @@ impl HasExitCode for AgentError {
         match self {
             AgentError::CorruptState { .. } => ExitCode::Integrity,
             AgentError::NoTrustedKeys
+            | AgentError::NoAuthority
             | AgentError::Config(_)
             | AgentError::DataDir { .. }
             | AgentError::InUse(_)
@@ -183,12 +207,14 @@ impl HasExitCode for AgentError {
 pub struct Agent {
     state: routes::AppState,
     token: Option<auth::TokenCheck>,
+    limits: server::ConnLimits,
 }
 
 impl Agent {
     /// Checks the configuration and opens (and, after a crash, recovers) the
     /// data dir. Refuses to start without a trusted key unless unsigned
-    /// bundles were explicitly allowed.
+    /// bundles were explicitly allowed, and then only with a bearer token
+    /// (something must authorise rollbacks).
     pub fn open(cfg: AgentConfig) -> Result<Agent, AgentError> {
         if cfg.keep == 0 {
             return Err(AgentError::Config(
@@ -198,6 +224,16 @@ impl Agent {
         if cfg.max_concurrent_deploys == 0 {
             return Err(AgentError::Config(
                 "--max-concurrent-deploys must be at least 1".into(),
+            ));
+        }
+        if cfg.max_connections == 0 {
+            return Err(AgentError::Config(
+                "--max-connections must be at least 1".into(),
+            ));
+        }
+        if cfg.header_read_timeout.is_zero() {
+            return Err(AgentError::Config(
+                "--header-timeout-secs must be at least 1".into(),
             ));
         }
         if cfg.max_body_bytes == 0 {
@@ -219,6 +255,11 @@ impl Agent {
         if !check_signatures {
             if !cfg.insecure_accept_unsigned {
                 return Err(AgentError::NoTrustedKeys);
+            }
+            // Bundles may go unchecked by explicit choice, but a rollback
+            // still needs some authority: without a key, that is the token.
+            if cfg.token.is_none() {
+                return Err(AgentError::NoAuthority);
             }
             warn!(
                 "INSECURE: no trusted key configured and --insecure-accept-unsigned is set; \
@@ -270,9 +311,15 @@ impl Agent {
             keep = cfg.keep,
             approvers = ?cfg.approvers.key_ids(),
             min_approvals = cfg.min_approvals,
+            max_connections = cfg.max_connections,
+            header_timeout_ms = cfg.header_read_timeout.as_millis() as u64,
             "agent ready"
         );
         Ok(Agent {
+            limits: server::ConnLimits {
+                max_connections: cfg.max_connections,
+                header_read_timeout: cfg.header_read_timeout,
+            },
             token: cfg
                 .token
                 .as_ref()
@@ -332,7 +379,8 @@ impl Agent {
     }
 
     /// Serves on `listener` until `shutdown` completes, then finishes the
-    /// requests in flight.
+    /// requests in flight. Each connection must send its request headers
+    /// within the header timeout, and at most `max_connections` are open.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
@@ -341,8 +389,7 @@ impl Agent {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "agent listening");
         }
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown)
+        server::serve(listener, self.router(), self.limits, shutdown)
             .await
             .map_err(AgentError::Serve)
     }

@@ -122,7 +122,10 @@ impl Metrics {
     /// A request was refused with the error code `code`.
     pub fn rejected(&self, code: &str) {
         let reason = match code {
-            "signature_rejected" => "signature",
+            "signature_rejected" | "rollback_unsigned" | "rollback_signature_rejected" => {
+                "signature"
+            }
+            "proof_expired" | "proof_replayed" | "proof_mismatch" => "rollback_proof",
             "digest_mismatch" => "digest",
             "idempotency_conflict" => "idempotency_conflict",
             "payload_too_large" => "size",
@@ -132,7 +135,9 @@ impl Metrics {
             | "unsupported_format"
             | "unreadable_body"
             | "missing_idempotency_key"
-            | "bad_idempotency_key" => "malformed",
+            | "bad_idempotency_key"
+            | "bad_env"
+            | "malformed_proof" => "malformed",
             _ => "other",
         };
         self.rejected

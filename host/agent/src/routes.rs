@@ -24,20 +24,26 @@ use tracing::{Instrument, error, info, info_span, warn};
 
 use super::hook;
 use super::store::{
-    ActiveRecord, DeployOutcome, Incoming, RollbackOutcome, Store, StoreError, is_valid_policy_id,
-    is_well_formed_digest, probe_writable,
+    ActiveRecord, DeployOutcome, Incoming, NonceCheck, RollbackOutcome, Store, StoreError,
+    is_valid_policy_id, is_well_formed_digest, probe_writable,
 };
 use pde_core::bundle::{Bundle, BundleError, canonical_bytes};
 use pde_core::keys::TrustedKeys;
 
 /// The header that makes a deploy idempotent.
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// The header on every answer that carries the agent's own request id (the
+/// `request_id` of its log lines), whatever id the client sent.
+pub const AGENT_REQUEST_ID: &str = "pde-request-id";
 /// The header on every answer that names the push protocol versions spoken.
 pub const PROTOCOL_HEADER: &str = "pde-protocol";
 /// The push protocol versions this agent speaks (also in `GET /healthz`).
-pub use pde_core::wire::PROTOCOL_VERSIONS;
+pub use pde_core::wire::{PROTOCOL_VERSION, PROTOCOL_VERSIONS};
 /// Longest idempotency key accepted.
-const MAX_KEY_LEN: usize = 512;
+pub const MAX_KEY_LEN: usize = 512;
+/// Longest bundle version accepted: it is kept in the policy's document for
+/// each stored bundle and activation (semver strings are far shorter).
+pub const MAX_VERSION_LEN: usize = 128;
 
 /// How long a deploy body may take to arrive once its slot is granted.
 const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -163,21 +169,23 @@ fn bundle_error(e: &BundleError) -> ApiError {
 /// the count of refusals by reason.
 pub async fn log_requests(State(app): State<AppState>, request: Request, next: Next) -> Response {
     static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let request_id = request
+    // The agent's own id is always made here, so no client can make two
+    // requests share one; the client's id, when it sends one, is logged
+    // beside it (and echoed) but never takes its place.
+    let request_id = format!(
+        "agent-{:x}",
+        NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let client_id = request
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| {
-            format!(
-                "{:x}",
-                NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            )
-        });
+        .map(str::to_string);
     let span = info_span!(
         "request",
         request_id = %request_id,
+        client_request_id = client_id.as_deref(),
         method = %request.method(),
         path = %request.uri().path(),
     );
@@ -187,11 +195,16 @@ pub async fn log_requests(State(app): State<AppState>, request: Request, next: N
         if let Some(Refused(code)) = response.extensions().get::<Refused>().copied() {
             app.metrics.rejected(code);
         }
-        response
-            .headers_mut()
-            .insert(PROTOCOL_HEADER, axum::http::HeaderValue::from_static("2"));
-        if let Ok(id) = axum::http::HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert(
+            PROTOCOL_HEADER,
+            axum::http::HeaderValue::from(PROTOCOL_VERSION),
+        );
+        let echoed = client_id.as_deref().unwrap_or(&request_id);
+        if let Ok(id) = axum::http::HeaderValue::from_str(echoed) {
             response.headers_mut().insert("x-request-id", id);
+        }
+        if let Ok(id) = axum::http::HeaderValue::from_str(&request_id) {
+            response.headers_mut().insert(AGENT_REQUEST_ID, id);
         }
         info!(
             status = response.status().as_u16(),
@@ -314,11 +327,20 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
         )
     })?;
     let env = match envelope.env {
-        Some(env) if !env.trim().is_empty() => env.into_owned(),
-        _ => {
+        // Bounded like a policy id: it is stored with every idempotency key
+        // and activation, so an unbounded one would grow the policy's
+        // document with each replay (the red team's 12 MiB `env`).
+        Some(env) if pde_core::wire::valid_env(&env) => env.into_owned(),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "bad_env",
+                "`env` must be 1 to 128 of A-Z a-z 0-9 . _ - starting with a letter or digit",
+            ));
+        }
+        None => {
             return Err(ApiError::bad_request(
                 "malformed_request",
-                "`env` must be a non-empty string naming the environment",
+                "`env` must be a string naming the environment",
             ));
         }
     };
@@ -380,6 +402,13 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
     let bytes = canonical_bytes(format, &kept).map_err(|e| bundle_error(&e))?;
     let bundle = Bundle::from_value(kept).map_err(|e| bundle_error(&e))?;
     check_approvals(&bundle, settings)?;
+    let version = &bundle.payload.manifest.version;
+    if version.is_empty() || version.len() > MAX_VERSION_LEN {
+        return Err(ApiError::bad_request(
+            "malformed_bundle",
+            format!("the bundle's version must be 1 to {MAX_VERSION_LEN} bytes"),
+        ));
+    }
     let policy_id = &bundle.payload.manifest.policy_id;
     if !is_valid_policy_id(policy_id) {
         return Err(ApiError::bad_request(
@@ -447,8 +476,11 @@ fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
             "an `Idempotency-Key` header is required (by convention `<digest>:<env>`)",
         ));
     };
+    // Visible ASCII only: a header value may also hold spaces and tabs
+    // (HTTP strips them only at its ends), and a key that differs from
+    // another by inner whitespace would look like it in every log line.
     let key = value.to_str().unwrap_or("").trim();
-    if key.is_empty() || key.len() > MAX_KEY_LEN {
+    if key.is_empty() || key.len() > MAX_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(ApiError::bad_request(
             "bad_idempotency_key",
             format!("`Idempotency-Key` must be 1 to {MAX_KEY_LEN} visible ASCII characters"),
@@ -678,8 +710,8 @@ pub async fn rollback(
         _ => {
             return Err(ApiError::bad_request(
                 "malformed_request",
-                "`policy_id` must name the policy to roll back (push protocol v2: \
-                 {\"policy_id\": \"<id>\", \"to\": \"<digest>\" | null})",
+                "`policy_id` must name the policy to roll back (push protocol v3: \
+                 {\"policy_id\": \"<id>\", \"to\": \"<digest>\" | null, \"proof\": {…}})",
             ));
         }
     };
@@ -693,10 +725,17 @@ pub async fn rollback(
             ));
         }
     };
+    let proof = authorize_rollback(&value, &policy_id, to.as_deref(), &app.settings)
+        .inspect_err(|e| {
+            warn!(%policy_id, outcome = "rejected", error = e.code, reason = %e.reason, "rollback refused");
+        })?;
     let hook = app.settings.on_activate.is_some();
     let settings = app.settings.clone();
     let guard = app.store.clone().lock_owned().await;
     let (guard, outcome) = with_store(guard, move |s| -> Result<RollbackOutcome, ApiError> {
+        if let Some(statement) = &proof {
+            spend_proof(s, statement, &policy_id)?;
+        }
         // Re-check what is about to become active: the file may have been
         // damaged on disk, or the trusted keys changed since it was stored.
         let target = match &to {
@@ -785,6 +824,117 @@ pub async fn rollback(
             )
         }
     }
+}
+
+/// The authority of a rollback (push protocol v3): with trusted keys, the
+/// body must carry a `proof` signed by one of them for exactly this policy
+/// and target, signed within the allowed clock skew. Returns the verified
+/// statement, whose nonce and environment are checked under the state lock
+/// ([`spend_proof`]); `None` when no key is trusted (then the bearer token,
+/// which the agent requires in that case, is the only authority).
+fn authorize_rollback(
+    body: &Value,
+    policy_id: &str,
+    to: Option<&str>,
+    settings: &Settings,
+) -> Result<Option<pde_core::rollback::Statement>, ApiError> {
+    use pde_core::rollback::{ProofError, SignedRollback};
+
+    let proof = body.get("proof").filter(|p| !p.is_null());
+    if !settings.check_signatures {
+        if proof.is_some() {
+            warn!(
+                "rollback proof NOT checked: no trusted key is configured (--insecure-accept-unsigned); \
+                 the bearer token alone authorises this rollback"
+            );
+        }
+        return Ok(None);
+    }
+    let Some(proof) = proof else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "rollback_unsigned",
+            "this agent accepts only rollbacks signed by a trusted release key: the body needs a \
+             `proof` {statement, signature} (push protocol v3, docs/agent.md \"Signed rollbacks\")",
+        ));
+    };
+    let now = pde_core::clock::now_unix();
+    let statement =
+        SignedRollback::verify(proof, &settings.trusted, now).map_err(|e| match &e {
+            ProofError::Malformed(_) => ApiError::bad_request("malformed_proof", e.to_string()),
+            ProofError::Signature(_) => ApiError::new(
+                StatusCode::FORBIDDEN,
+                "rollback_signature_rejected",
+                e.to_string(),
+            ),
+            ProofError::Expired { .. } => {
+                ApiError::new(StatusCode::FORBIDDEN, "proof_expired", e.to_string())
+            }
+        })?;
+    if statement.policy_id != policy_id || statement.to.as_deref() != to {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "proof_mismatch",
+            format!(
+                "the proof authorises rolling policy {:?} back to {}, not policy {policy_id:?} to {}",
+                statement.policy_id,
+                statement.to.as_deref().unwrap_or("null"),
+                to.unwrap_or("null"),
+            ),
+        ));
+    }
+    Ok(Some(statement))
+}
+
+/// Under the state lock: spends the proof's nonce (once, durably, even if
+/// the rollback is then refused for another reason), then checks that the
+/// proof was signed for the environment the policy is active in here.
+fn spend_proof(
+    s: &mut Store,
+    statement: &pde_core::rollback::Statement,
+    policy_id: &str,
+) -> Result<(), ApiError> {
+    use pde_core::rollback::MAX_SKEW_SECS;
+
+    let now = pde_core::clock::now_unix();
+    let forget_after = statement.at_unix().unwrap_or(now) + MAX_SKEW_SECS;
+    match s.spend_nonce(&statement.nonce, forget_after, now)? {
+        NonceCheck::Fresh => {}
+        NonceCheck::Replayed => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "proof_replayed",
+                format!(
+                    "this proof's nonce was already used (signed at {}); every rollback needs a freshly signed proof",
+                    statement.at
+                ),
+            ));
+        }
+        NonceCheck::Full => {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "nonce_store_full",
+                format!(
+                    "{} signed rollbacks were accepted within the last {} s; try again later",
+                    super::store::MAX_NONCES,
+                    2 * MAX_SKEW_SECS
+                ),
+            ));
+        }
+    }
+    if let Some(active_env) = s.active(policy_id).and_then(|a| a.env.as_deref())
+        && active_env != statement.env
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "proof_mismatch",
+            format!(
+                "the proof was signed for environment {:?}, but policy {policy_id:?} is active here for {active_env:?}",
+                statement.env
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// `GET /metrics`: Prometheus text format.

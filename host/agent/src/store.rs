@@ -6,6 +6,9 @@
 //! - `policies/<policy_id>.json`: one document per policy: its active bundle,
 //!   its activation history, the index of its stored bundles and the
 //!   idempotency keys used to deploy it;
+//! - `rollback-nonces.json`: the nonces of signed rollbacks accepted within
+//!   the last [`pde_core::rollback::MAX_SKEW_SECS`] (either way), so that a
+//!   restart does not reopen a replay window;
 //! - `agent.lock`: locked (flock) while an agent has the dir open.
 //!
 //! Why one file per policy (protocol v2): a service enforces many policies at
@@ -65,6 +68,24 @@ const POLICY_FORMAT: &str = "pde.agent-policy/v2";
 pub const MAX_KEYS_PER_POLICY: usize = 256;
 /// Activations kept per policy for rollback.
 const MAX_HISTORY: usize = 100;
+/// What one policy's document (`policies/<id>.json`) stays under with the
+/// default `--keep 10`, whatever senders do: every field in it is bounded
+/// (256 keys of at most 512 visible ASCII characters, each with a digest,
+/// an `env` of at most 128 characters and a counter; 100 history entries;
+/// `--keep` bundle entries with versions of at most 128 bytes). Each bundle
+/// kept beyond 10 adds under [`POLICY_DOC_BYTES_PER_KEPT`].
+pub const MAX_POLICY_DOC_BYTES: u64 = 256 * 1024;
+/// What each stored-bundle entry adds to a policy's document, at most.
+pub const POLICY_DOC_BYTES_PER_KEPT: u64 = 512;
+/// The nonces of accepted rollback proofs, in the data dir.
+pub const NONCES_FILE: &str = "rollback-nonces.json";
+/// Format tag of the nonce file.
+const NONCES_FORMAT: &str = "pde.agent-nonces/v1";
+/// Rollback nonces remembered at once. Only statements signed by a trusted
+/// release key are recorded, and each is forgotten ten minutes after it was
+/// signed, so this bounds the file (about 100 bytes a nonce) against a key
+/// holder gone mad rather than against strangers.
+pub const MAX_NONCES: usize = 4096;
 
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -232,6 +253,17 @@ pub enum RollbackOutcome {
     },
 }
 
+/// Whether a rollback proof's nonce may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceCheck {
+    /// Not seen within the window: now recorded.
+    Fresh,
+    /// Already used by an accepted proof within the window.
+    Replayed,
+    /// [`MAX_NONCES`] unexpired nonces are already recorded.
+    Full,
+}
+
 /// One entry of `GET /bundles`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Listed {
@@ -263,6 +295,9 @@ pub struct Store {
     seq: u64,
     /// What [`Store::open`] refused to serve, for `GET /healthz`.
     integrity: Vec<String>,
+    /// Nonce of each accepted rollback proof → the Unix time after which
+    /// its statement is expired anyway and the nonce can be forgotten.
+    nonces: BTreeMap<String, i64>,
     /// Held (an OS file lock) for as long as the store is open; the OS
     /// releases it when the process dies, even by `kill -9`.
     _lock: std::fs::File,
@@ -332,8 +367,10 @@ impl Store {
             keys: HashMap::new(),
             seq: 0,
             integrity: Vec::new(),
+            nonces: BTreeMap::new(),
             _lock: lock,
         };
+        store.nonces = store.load_nonces()?;
         store.migrate_v1()?;
         let loaded = store.load_policies()?;
         store.policies = loaded.clone();
@@ -612,6 +649,65 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    fn load_nonces(&self) -> Result<BTreeMap<String, i64>, StoreError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct NonceLog {
+            format: String,
+            nonces: BTreeMap<String, i64>,
+        }
+        let path = self.dir.join(NONCES_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
+            Err(e) => return Err(io(&path)(e)),
+        };
+        let corrupt = |reason: String| StoreError::CorruptState {
+            path: path.clone(),
+            reason,
+        };
+        let log: NonceLog = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if log.format != NONCES_FORMAT {
+            return Err(corrupt(format!(
+                "format {:?}, expected {NONCES_FORMAT:?}",
+                log.format
+            )));
+        }
+        Ok(log.nonces)
+    }
+
+    /// Spends the nonce of a verified rollback proof: forgets nonces whose
+    /// statements have expired by `now`, then records `nonce` (until
+    /// `forget_after`) durably, before the rollback it authorises is applied,
+    /// so a crash cannot make it usable twice.
+    pub fn spend_nonce(
+        &mut self,
+        nonce: &str,
+        forget_after: i64,
+        now: i64,
+    ) -> Result<NonceCheck, StoreError> {
+        let mut next = self.nonces.clone();
+        next.retain(|_, until| *until >= now);
+        if next.contains_key(nonce) {
+            return Ok(NonceCheck::Replayed);
+        }
+        if next.len() >= MAX_NONCES {
+            return Ok(NonceCheck::Full);
+        }
+        next.insert(nonce.to_string(), forget_after);
+        let bytes = serde_json::to_vec(&serde_json::json!({
+            "format": NONCES_FORMAT,
+            "nonces": next,
+        }))
+        .map_err(|e| StoreError::CorruptState {
+            path: self.dir.join(NONCES_FILE),
+            reason: format!("cannot serialise: {e}"),
+        })?;
+        atomic_write(&self.dir.join(NONCES_FILE), &bytes)?;
+        self.nonces = next;
+        Ok(NonceCheck::Fresh)
     }
 
     /// The data dir.
@@ -1113,6 +1209,41 @@ mod tests {
             .unwrap()
             .len();
         assert!(size < 64 * 1024, "policies/42.json is {size} bytes");
+    }
+
+    #[test]
+    fn a_policys_document_stays_under_its_bound_at_every_field_s_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), 10);
+        // Versions, keys and env at the longest the routes accept.
+        let bundles: Vec<Incoming> = (0..12)
+            .map(|i| incoming(&format!("1.0.{i}-{}", "x".repeat(120))))
+            .inspect(|b| assert!(b.version.len() <= 128))
+            .collect();
+        let env = "e".repeat(128);
+        // Every bundle stored, then the two newest in turn: a full history.
+        for i in 0..300 {
+            let key = format!("{i:0>512}");
+            let b = if i < 12 {
+                &bundles[i]
+            } else {
+                &bundles[10 + i % 2]
+            };
+            store.deploy(&key, &env, b, false).unwrap();
+        }
+        let p = &store.policies["42"];
+        assert_eq!(p.idempotency.len(), MAX_KEYS_PER_POLICY);
+        assert_eq!(p.history.len(), MAX_HISTORY);
+        let size = std::fs::metadata(dir.path().join("policies/42.json"))
+            .unwrap()
+            .len();
+        assert!(
+            size < MAX_POLICY_DOC_BYTES,
+            "policies/42.json is {size} bytes, over {MAX_POLICY_DOC_BYTES}"
+        );
+        // Each further bundle kept costs at most its documented share.
+        let entry = serde_json::to_vec_pretty(&p.bundles).unwrap().len() / p.bundles.len();
+        assert!((entry as u64) < POLICY_DOC_BYTES_PER_KEPT, "{entry}");
     }
 
     #[test]

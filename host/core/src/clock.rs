@@ -6,3 +6,19 @@ pub fn now_rfc3339() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| String::from("1970-01-01T00:00:00Z"))
 }
+
+/// The current time as seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// `secs` since the Unix epoch as RFC 3339 UTC, e.g. `2026-11-29T04:58:12Z`.
+pub fn rfc3339_from_unix(secs: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| String::from("1970-01-01T00:00:00Z"))
+}

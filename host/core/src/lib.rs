@@ -6,6 +6,7 @@
 //! - [`canonical`], [`bundle`], [`keys`], [`approval`]: canonical JSON, the
 //!   signed bundle, ed25519 key files and trust sets, signed approvals;
 //! - [`wire`]: types of the push protocol shared by pusher and agent;
+//! - [`rollback`]: the signed statement that authorises a `POST /rollback`;
 //! - [`fsutil`], [`clock`], [`retry`], [`secret`]: atomic durable writes,
 //!   RFC 3339 time, the HTTP retry policy, secret strings;
 //! - [`term`]: escaping untrusted text before a person sees it.
@@ -18,6 +19,7 @@ pub mod exit;
 pub mod fsutil;
 pub mod keys;
 pub mod retry;
+pub mod rollback;
 pub mod secret;
 pub mod term;
 pub mod wire;

@@ -3,8 +3,15 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The push protocol versions this build speaks.
-pub const PROTOCOL_VERSIONS: &[u32] = &[2];
+/// The current push protocol version: 3 adds signed rollbacks
+/// ([`crate::rollback`]) to version 2 (per-policy activation).
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// The push protocol versions this build speaks: what an agent announces in
+/// `GET /healthz` and `pde --version` prints. A version-3 receiver refuses
+/// the unsigned rollbacks of version 2, so it does not list 2; a version-3
+/// pusher still delivers to version-2 receivers, which ignore the proof.
+pub const PROTOCOL_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
 
 /// One policy's active bundle on a service: the body of
 /// `GET /active/{policy_id}` and each entry of `GET /active`.
@@ -42,6 +49,14 @@ pub fn valid_policy_id(id: &str) -> bool {
     matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
         && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
         && id.len() <= 128
+}
+
+/// `true` when `env` can name an environment on the wire (the `env` of a
+/// deploy, a rollback proof): the same alphabet and length as a policy id.
+/// Receivers store it with every idempotency key and activation, so an
+/// unbounded one would let a sender grow their state without bound.
+pub fn valid_env(env: &str) -> bool {
+    valid_policy_id(env)
 }
 
 #[cfg(test)]

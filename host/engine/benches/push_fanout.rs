@@ -172,6 +172,7 @@ fn peak_rss(rt: &Runtime, client: &reqwest::Client, bundles: &[Bundle; 2]) {
         ENV,
         &targets,
         &cfg(128),
+        None,
         &(),
     ));
     let took = started.elapsed();
@@ -214,7 +215,15 @@ fn main() {
     for (n, targets) in &fleets {
         group.bench_function(n.to_string(), |b| {
             b.iter(|| {
-                let report = rt.block_on(push::push(&client, next(), ENV, targets, &cfg(128), &()));
+                let report = rt.block_on(push::push(
+                    &client,
+                    next(),
+                    ENV,
+                    targets,
+                    &cfg(128),
+                    None,
+                    &(),
+                ));
                 assert_eq!(report.outcome, Outcome::Deployed);
             })
         });
@@ -231,6 +240,7 @@ fn main() {
                 ENV,
                 &fleets[2].1,
                 &default,
+                None,
                 &(),
             ));
             assert_eq!(report.outcome, Outcome::Deployed);

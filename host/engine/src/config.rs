@@ -611,6 +611,14 @@ impl Config {
             return Err(invalid("[push] concurrency must be at least 1".into()));
         }
         for (name, env) in &self.environments {
+            // Receivers refuse any other `env` on the wire (400 `bad_env`),
+            // so a name they would refuse is caught here, before a deploy.
+            if !pde_core::wire::valid_env(name) {
+                return Err(invalid(format!(
+                    "environment name {name:?} must be 1 to 128 of A-Z a-z 0-9 . _ - starting \
+                     with a letter or digit (agents refuse any other environment name)"
+                )));
+            }
             // Such a gate could never pass; say so now rather than at the
             // first deploy, with the line to add.
             let needs_signed = env.require_signed_approvals

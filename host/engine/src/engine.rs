@@ -285,6 +285,19 @@ impl Engine {
         Ok(None)
     }
 
+    /// The release key that signs rollback requests (`pde rollback` and a
+    /// push's compensation): the `[signing]` key, read without the
+    /// unsigned-bundle warning (the bundle step gives that one). `None`
+    /// without `[signing]`: rollbacks then go unsigned, and only agents
+    /// without a trusted key (which require a bearer token) accept them.
+    pub fn rollback_signer(&self) -> Result<Option<ed25519_dalek::SigningKey>, Error> {
+        let signing = &self.config.signing;
+        if signing.key_file.is_none() && signing.key_env.is_none() {
+            return Ok(None);
+        }
+        self.signing_key()
+    }
+
     /// The workspace plugins, compiled or loaded from the cache on first use.
     pub fn plugins(&self) -> Result<Arc<Plugins>, Error> {
         let mut slot = self.plugins.lock().unwrap_or_else(|p| p.into_inner());

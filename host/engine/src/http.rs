@@ -136,6 +136,10 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client, HttpError> {
         .timeout(timeout)
         .connect_timeout(timeout)
         .tcp_nodelay(true)
+        // Agents close connections idle for their header timeout (10 s by
+        // default); forgetting pooled ones sooner keeps a request from being
+        // sent on a connection the agent is closing at that moment.
+        .pool_idle_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| HttpError::Client {
             reason: describe(&e),

@@ -199,7 +199,7 @@ impl Engine {
         )?;
         let pushed = self
             .push_stage(bundle, env_name, &routed, opts.observer)
-            .await;
+            .await?;
         let event = match pushed.outcome {
             Outcome::Deployed => Event::Pushed,
             Outcome::RolledBack | Outcome::NeedsAttention => Event::PushFailed,

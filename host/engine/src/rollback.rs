@@ -74,6 +74,9 @@ impl Engine {
             .collect::<Result<Vec<_>, _>>()?;
 
         self.key_audit_head()?;
+        // A rollback carries the same authority as a deploy: the release key
+        // signs each request (push protocol v3), or agents refuse it.
+        let signer = self.rollback_signer()?;
         let in_progress = Deployment::begin(
             &self.state,
             policy_id,
@@ -86,15 +89,13 @@ impl Engine {
         )?;
         let results = {
             let calls = targets.iter().map(|t| async {
-                let result = match push::rollback(
-                    &self.http,
-                    t,
+                let request = push::RollbackRequest {
                     policy_id,
-                    Some(&target.digest),
-                    &self.config.push,
-                )
-                .await
-                {
+                    to: Some(&target.digest),
+                    env: env_name,
+                    signer: signer.as_ref(),
+                };
+                let result = match push::rollback(&self.http, t, request, &self.config.push).await {
                     Ok(()) => {
                         match push::get_active(&self.http, t, policy_id, &self.config.push).await {
                             Ok(Some(a)) if a.digest == target.digest => Ok(()),

@@ -182,18 +182,21 @@ impl Engine {
         env_name: &str,
         routed: &[Target],
         observer: &dyn push::Observer,
-    ) -> PushReport {
+    ) -> Result<PushReport, Error> {
+        // Signs the rollbacks of a compensation (push protocol v3).
+        let signer = self.rollback_signer()?;
         let span = tracing::info_span!("push", targets = routed.len());
-        push::push(
+        Ok(push::push(
             &self.http,
             bundle,
             env_name,
             routed,
             &self.config.push,
+            signer.as_ref(),
             observer,
         )
         .instrument(span)
-        .await
+        .await)
     }
 
     /// Step 6: the annotated release tag, recording the audit log's head as

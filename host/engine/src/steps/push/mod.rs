@@ -30,6 +30,12 @@
 //!   idempotent agent, but skipping it keeps the agent's own "previous bundle"
 //!   history free of a self-reference that `POST /rollback` would then follow.
 //!
+//! - **Compensation carries the release key's authority.** Each `POST
+//!   /rollback` holds a `proof` signed by the workspace's `[signing]` key for
+//!   this policy, target and environment (push protocol v3), signed afresh
+//!   for every attempt: a receiver accepts each nonce once, so a retry of the
+//!   same bytes would be refused as a replay.
+//!
 //! Tokens are attached with `bearer_auth`, which marks the header sensitive;
 //! `Target`'s `Debug` redacts them, and no message here contains one.
 
@@ -38,6 +44,7 @@ mod tests;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use ed25519_dalek::SigningKey;
 use futures::stream::{self, StreamExt};
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
@@ -384,13 +391,16 @@ pub fn holdings<'a>(
 /// Pushes `bundle` for `env` to every target: records what each has active,
 /// delivers concurrently with retries, verifies through `/active`, and
 /// compensates everywhere if any target failed. Never fails as a whole; the
-/// report says what happened where.
+/// report says what happened where. Compensating rollbacks are signed with
+/// `signer` (the release key; unsigned when `None`, which receivers with a
+/// trusted key refuse).
 pub async fn push(
     client: &reqwest::Client,
     bundle: &Bundle,
     env: &str,
     targets: &[Target],
     cfg: &PushConfig,
+    signer: Option<&SigningKey>,
     observer: &dyn Observer,
 ) -> PushReport {
     let policy = cfg.retry_policy();
@@ -424,6 +434,8 @@ pub async fn push(
         body: &body,
         idempotency_key: format!("{digest}:{env}"),
         digest,
+        env,
+        signer,
         policy_id,
         policy,
         observer,
@@ -488,19 +500,34 @@ pub async fn push(
     report(outcome, digest, targets, &previous, runs)
 }
 
-/// `POST {url}/rollback {"policy_id", "to"}`, retried on 5xx, timeouts and
-/// connection errors as the workspace's `[push]` settings say. When `to` is a
-/// digest, `/active/{policy_id}` must show it afterwards; with `None` the
-/// policy goes back to whatever it had before, which is not checked here.
+/// What a `POST /rollback` is for, and the key that signs its proof.
+#[derive(Clone, Copy)]
+pub struct RollbackRequest<'a> {
+    /// The policy to roll back.
+    pub policy_id: &'a str,
+    /// The digest to return to; `None`: the one before the current one.
+    pub to: Option<&'a str>,
+    /// The environment, named in the signed statement.
+    pub env: &'a str,
+    /// The release key; `None` sends no proof (refused by receivers that
+    /// trust a key).
+    pub signer: Option<&'a SigningKey>,
+}
+
+/// `POST {url}/rollback {"policy_id", "to", "proof"}`, retried on 5xx,
+/// timeouts and connection errors as the workspace's `[push]` settings say.
+/// When `to` is a digest, `/active/{policy_id}` must show it afterwards; with
+/// `None` the policy goes back to whatever it had before, which is not
+/// checked here.
 pub async fn rollback(
     client: &reqwest::Client,
     t: &Target,
-    policy_id: &str,
-    to: Option<&str>,
+    request: RollbackRequest<'_>,
     cfg: &PushConfig,
 ) -> Result<(), PushError> {
     let policy = cfg.retry_policy();
-    post_rollback(client, t, policy_id, to, policy, &()).await?;
+    let RollbackRequest { policy_id, to, .. } = request;
+    post_rollback(client, t, request, policy, &()).await?;
     if let Some(expected) = to {
         verify_active(client, t, policy_id, Some(expected), policy).await?;
     }
@@ -510,16 +537,29 @@ pub async fn rollback(
 async fn post_rollback(
     client: &reqwest::Client,
     t: &Target,
-    policy_id: &str,
-    to: Option<&str>,
+    request: RollbackRequest<'_>,
     policy: RetryPolicy,
     hooks: &dyn Hooks,
 ) -> Result<(), PushError> {
     const WHAT: &str = "POST /rollback";
     let url = t.endpoint("/rollback");
-    let body = serde_json::json!({ "policy_id": policy_id, "to": to });
+    let RollbackRequest {
+        policy_id,
+        to,
+        env,
+        signer,
+    } = request;
+    // Built for each attempt: every attempt needs a fresh nonce and time.
+    let body = || {
+        pde_core::rollback::request_body(policy_id, to, env, signer).unwrap_or_else(|e| {
+            // A statement of strings always has a canonical form; should it
+            // ever not, the receiver refuses the unsigned body by name.
+            tracing::error!(error = %e, "cannot sign the rollback proof; sending it unsigned");
+            serde_json::json!({ "policy_id": policy_id, "to": to })
+        })
+    };
     let (attempts, answer) =
-        http::exchange(t, WHAT, policy, hooks, || client.post(&url).json(&body)).await;
+        http::exchange(t, WHAT, policy, hooks, || client.post(&url).json(&body())).await;
     let answer = answer?;
     if !answer.status.is_success() {
         return Err(HttpError::status(t, WHAT, &answer, attempts).into());
@@ -575,6 +615,10 @@ struct Delivery<'a> {
     body: &'a [u8],
     idempotency_key: String,
     digest: &'a str,
+    /// The environment pushed to, named in compensation proofs.
+    env: &'a str,
+    /// The release key that signs compensation proofs.
+    signer: Option<&'a SigningKey>,
     policy_id: &'a str,
     policy: RetryPolicy,
     observer: &'a dyn Observer,
@@ -747,9 +791,13 @@ impl Delivery<'_> {
 
         self.event(t, PushEvent::RollingBack);
         let to = previous.unwrap_or("nothing");
-        let result = match post_rollback(self.client, t, self.policy_id, previous, self.policy, &())
-            .await
-        {
+        let request = RollbackRequest {
+            policy_id: self.policy_id,
+            to: previous,
+            env: self.env,
+            signer: self.signer,
+        };
+        let result = match post_rollback(self.client, t, request, self.policy, &()).await {
             Ok(()) => verify_active(self.client, t, self.policy_id, previous, self.policy).await,
             Err(e) => Err(e),
         };

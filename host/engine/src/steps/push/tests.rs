@@ -80,7 +80,7 @@ async fn happy_path_to_three_services() {
     let targets = [target("A", &a), target("B", &b), target("C", &c)];
     let rec = Recorder::default();
 
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), &rec).await;
+    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &rec).await;
 
     assert_eq!(report.outcome, Outcome::Deployed, "{report:#?}");
     assert_eq!(report.digest, bundle.digest);
@@ -129,7 +129,7 @@ async fn the_bundle_arrives_byte_for_byte() {
     let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
     let bundle = Bundle::seal(bundle.payload, &[&key]).unwrap();
     let r = Receiver::start(Mode::Ok).await;
-    let report = push(&http(), &bundle, ENV, &[target("A", &r)], &cfg(), &()).await;
+    let report = push(&http(), &bundle, ENV, &[target("A", &r)], &cfg(), None, &()).await;
     assert_eq!(report.outcome, Outcome::Deployed, "{report:#?}");
     assert_eq!(r.active(), Some(bundle.digest));
 }
@@ -140,7 +140,7 @@ async fn a_digest_already_active_is_not_sent_again() {
     let same = Receiver::with_active(Mode::Ok, &bundle.digest, "1.3.0").await;
     let fresh = Receiver::start(Mode::Ok).await;
     let targets = [target("same", &same), target("fresh", &fresh)];
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), &()).await;
+    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &()).await;
     assert_eq!(report.outcome, Outcome::Deployed);
     assert_eq!(state_of(&report, "same"), TargetState::Unchanged);
     assert_eq!(target_report(&report, "same").attempts, 0);
@@ -161,7 +161,7 @@ async fn one_target_always_500_rolls_the_others_back() {
     ];
     let rec = Recorder::default();
 
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), &rec).await;
+    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &rec).await;
 
     assert_eq!(report.outcome, Outcome::RolledBack, "{report:#?}");
     // 5xx is retried: 1 attempt + 2 retries.
@@ -205,7 +205,7 @@ async fn one_target_always_500_rolls_the_others_back() {
 async fn a_4xx_is_permanent_and_not_retried() {
     let bundle = test_receiver::bundle("1.3.0");
     let r = Receiver::start(Mode::Reject400).await;
-    let report = push(&http(), &bundle, ENV, &[target("A", &r)], &cfg(), &()).await;
+    let report = push(&http(), &bundle, ENV, &[target("A", &r)], &cfg(), None, &()).await;
     assert_eq!(r.deploys(), 1);
     let t = target_report(&report, "A");
     assert_eq!(t.state, TargetState::Failed);
@@ -223,7 +223,16 @@ async fn a_500_once_is_retried_and_deployed() {
     let bundle = test_receiver::bundle("1.3.0");
     let r = Receiver::start(Mode::Fail500Once).await;
     let rec = Recorder::default();
-    let report = push(&http(), &bundle, ENV, &[target("A", &r)], &cfg(), &rec).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &[target("A", &r)],
+        &cfg(),
+        None,
+        &rec,
+    )
+    .await;
     assert_eq!(report.outcome, Outcome::Deployed, "{report:#?}");
     assert_eq!(r.deploys(), 2);
     assert_eq!(target_report(&report, "A").attempts, 2);
@@ -259,7 +268,7 @@ async fn a_target_timing_out_fails_and_the_others_roll_back() {
         ..cfg()
     };
     let targets = [target("slow", &slow), target("ok", &ok)];
-    let report = push(&http(), &bundle, ENV, &targets, &cfg, &()).await;
+    let report = push(&http(), &bundle, ENV, &targets, &cfg, None, &()).await;
 
     let s = target_report(&report, "slow");
     assert_eq!(s.state, TargetState::Failed, "{report:#?}");
@@ -277,7 +286,7 @@ async fn an_active_digest_that_does_not_match_fails_verification() {
     let liar = Receiver::start(Mode::WrongActive).await;
     let ok = Receiver::start(Mode::Ok).await;
     let targets = [target("liar", &liar), target("ok", &ok)];
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), &()).await;
+    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &()).await;
 
     let l = target_report(&report, "liar");
     assert_eq!(l.state, TargetState::Failed, "{report:#?}");
@@ -300,7 +309,7 @@ async fn a_failing_rollback_needs_attention() {
         target("fine", &fine),
     ];
     let rec = Recorder::default();
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), &rec).await;
+    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &rec).await;
 
     assert_eq!(report.outcome, Outcome::NeedsAttention, "{report:#?}");
     let s = target_report(&report, "stuck");
@@ -337,7 +346,16 @@ async fn the_bearer_token_is_sent_and_never_shown() {
     let r = Receiver::start(Mode::Ok).await;
     let t = Target::new("A", &format!("{}/", r.url), Some(SECRET.to_string().into()));
     assert_eq!(t.url, r.url, "trailing slash dropped");
-    let report = push(&http(), &bundle, ENV, std::slice::from_ref(&t), &cfg(), &()).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        std::slice::from_ref(&t),
+        &cfg(),
+        None,
+        &(),
+    )
+    .await;
     assert_eq!(report.outcome, Outcome::Deployed);
     assert_eq!(r.last_authorization(), Some(format!("Bearer {SECRET}")));
 
@@ -399,7 +417,7 @@ async fn concurrency_is_bounded() {
         concurrency: 2,
         ..cfg()
     };
-    let report = push(&http(), &bundle, ENV, &targets, &cfg, &()).await;
+    let report = push(&http(), &bundle, ENV, &targets, &cfg, None, &()).await;
     assert_eq!(report.outcome, Outcome::Deployed, "{report:#?}");
     // Each deploy holds its slot for 100 ms, so two run together, never three.
     assert_eq!(gauge.max.load(std::sync::atomic::Ordering::SeqCst), 2);
@@ -416,7 +434,7 @@ async fn after_a_failure_later_targets_are_not_sent_the_bundle() {
     };
     let targets = [target("first", &rejecting), target("later", &later)];
     let rec = Recorder::default();
-    let report = push(&http(), &bundle, ENV, &targets, &cfg, &rec).await;
+    let report = push(&http(), &bundle, ENV, &targets, &cfg, None, &rec).await;
     assert_eq!(report.outcome, Outcome::RolledBack);
     assert_eq!(state_of(&report, "later"), TargetState::NotAttempted);
     assert_eq!(later.deploys(), 0);
@@ -435,7 +453,7 @@ async fn an_unreadable_target_stops_the_push_before_anything_is_sent() {
         ..cfg()
     };
     let targets = [target("ok", &ok), gone];
-    let report = push(&http(), &bundle, ENV, &targets, &cfg, &()).await;
+    let report = push(&http(), &bundle, ENV, &targets, &cfg, None, &()).await;
     assert_eq!(report.outcome, Outcome::RolledBack, "{report:#?}");
     assert_eq!(ok.deploys(), 0);
     assert_eq!(state_of(&report, "ok"), TargetState::NotAttempted);
@@ -469,7 +487,16 @@ async fn get_active_and_rollback_follow_the_protocol() {
             hook_failed: None,
         })
     );
-    push(&c, &bundle, ENV, std::slice::from_ref(&t), &cfg(), &()).await;
+    push(
+        &c,
+        &bundle,
+        ENV,
+        std::slice::from_ref(&t),
+        &cfg(),
+        None,
+        &(),
+    )
+    .await;
     assert_eq!(
         get_active(&c, &t, "42", &cfg())
             .await
@@ -479,10 +506,10 @@ async fn get_active_and_rollback_follow_the_protocol() {
         bundle.digest
     );
 
-    rollback(&c, &t, "42", Some(OLD), &cfg()).await.unwrap();
+    rollback(&c, &t, back_to("42", OLD), &cfg()).await.unwrap();
     assert_eq!(r.active().as_deref(), Some(OLD));
     // A digest the service never had: a 4xx, reported with the status.
-    let err = rollback(&c, &t, "42", Some(OTHER_DIGEST), &cfg())
+    let err = rollback(&c, &t, back_to("42", OTHER_DIGEST), &cfg())
         .await
         .unwrap_err();
     assert!(
@@ -500,7 +527,7 @@ async fn get_active_and_rollback_follow_the_protocol() {
     );
     // Accepted, but /active does not show it afterwards.
     let liar = Receiver::with_active(Mode::WrongActive, OLD, "1.2.0").await;
-    let err = rollback(&c, &target("C", &liar), "42", Some(OLD), &cfg())
+    let err = rollback(&c, &target("C", &liar), back_to("42", OLD), &cfg())
         .await
         .unwrap_err();
     assert!(matches!(err, PushError::Verify { .. }), "{err}");
@@ -533,7 +560,7 @@ async fn a_failed_push_of_one_policy_compensates_only_that_policy() {
     let a = Receiver::start(Mode::Ok).await;
     let b = Receiver::start(Mode::Ok).await;
     let both = [target("A", &a), target("B", &b)];
-    let r = push(&c, &p42, ENV, &both, &cfg(), &()).await;
+    let r = push(&c, &p42, ENV, &both, &cfg(), None, &()).await;
     assert_eq!(r.outcome, Outcome::Deployed);
     // 43 lands on A, then fails on a broken C: A's 43 is undone (43 was new
     // there, so it is deactivated), and A's 42 is never touched.
@@ -547,6 +574,7 @@ async fn a_failed_push_of_one_policy_compensates_only_that_policy() {
             concurrency: 1,
             ..cfg()
         },
+        None,
         &(),
     )
     .await;
@@ -555,11 +583,21 @@ async fn a_failed_push_of_one_policy_compensates_only_that_policy() {
     assert_eq!(a.active_of("43"), None);
     assert_eq!(b.active_of("42").as_deref(), Some(p42.digest.as_str()));
     // And a successful 43 leaves 42 active beside it.
-    let r = push(&c, &p43, ENV, &both, &cfg(), &()).await;
+    let r = push(&c, &p43, ENV, &both, &cfg(), None, &()).await;
     assert_eq!(r.outcome, Outcome::Deployed);
     for rx in [&a, &b] {
         assert_eq!(rx.active_of("42").as_deref(), Some(p42.digest.as_str()));
         assert_eq!(rx.active_of("43").as_deref(), Some(p43.digest.as_str()));
+    }
+}
+
+/// An unsigned rollback request (the test receiver checks no proof).
+fn back_to<'a>(policy_id: &'a str, to: &'a str) -> RollbackRequest<'a> {
+    RollbackRequest {
+        policy_id,
+        to: Some(to),
+        env: ENV,
+        signer: None,
     }
 }
 
@@ -575,6 +613,7 @@ async fn a_v1_receiver_is_refused_before_anything_is_sent() {
         ENV,
         &[target("OLD", &v1), target("NEW", &ok)],
         &cfg(),
+        None,
         &(),
     )
     .await;
@@ -591,7 +630,7 @@ async fn a_v1_receiver_is_refused_before_anything_is_sent() {
 #[tokio::test]
 async fn no_targets_is_trivially_deployed() {
     let bundle = test_receiver::bundle("1.3.0");
-    let report = push(&http(), &bundle, ENV, &[], &cfg(), &()).await;
+    let report = push(&http(), &bundle, ENV, &[], &cfg(), None, &()).await;
     assert_eq!(report.outcome, Outcome::Deployed);
     assert!(report.targets.is_empty());
 }
@@ -603,7 +642,7 @@ fn the_push_future_is_send() {
     let c = http();
     let bundle = test_receiver::bundle("1.3.0");
     let cfg = cfg();
-    let fut = push(&c, &bundle, ENV, &[], &cfg, &());
+    let fut = push(&c, &bundle, ENV, &[], &cfg, None, &());
     assert_send(&fut);
     let check = envcheck_future(&c);
     assert_send(&check);
