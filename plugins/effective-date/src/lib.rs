@@ -323,7 +323,9 @@ mod tests {
         // nothing to say. pde counts them, signed ones included.
         let d = check(&policy(json!("2030-01-02"), json!([])), &ctx("2030-01-01")).unwrap();
         assert_eq!(found(&d), vec![]);
-        let p = policy(json!("2030-01-02"), ok_approvals()).document().clone();
+        let p = policy(json!("2030-01-02"), ok_approvals())
+            .document()
+            .clone();
         let mut p = p;
         p.as_object_mut().unwrap().remove("approvals");
         let d = check(&Policy::from_value(p), &ctx("2030-01-01")).unwrap();
@@ -333,7 +335,10 @@ mod tests {
     #[test]
     fn retired_count_settings_are_refused_by_name() {
         let p = policy(json!("2030-01-02"), ok_approvals());
-        for (name, value) in [("min_approvals", json!(1)), ("required_roles", json!(["legal"]))] {
+        for (name, value) in [
+            ("min_approvals", json!(1)),
+            ("required_roles", json!(["legal"])),
+        ] {
             let err = check(
                 &p,
                 &Context::new("", json!({"today": "2030-01-01", (name): value})),

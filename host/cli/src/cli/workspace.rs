@@ -68,15 +68,64 @@ pub enum MigrateFrom {
     Sqlite,
 }
 
-/// `pde keygen --out DIR`.
+/// `pde keygen --out DIR [--for release|approver|plugin] [--name FILE]`.
 #[derive(Debug, clap::Args)]
 pub struct KeygenArgs {
     /// Directory for `<name>` (secret, mode 0600) and `<name>.pub`.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// File name of the key.
-    #[arg(long, default_value = "release.ed25519")]
-    pub name: String,
+    /// What the key signs; it picks the default file name, so an approver's
+    /// key is never written under the bundle-signing key's name.
+    #[arg(long = "for", value_enum, default_value = "release")]
+    pub purpose: KeyPurpose,
+    /// File name of the key (default: `release.ed25519`, `approver.ed25519`
+    /// or `plugin.ed25519`, after `--for`).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// What a key made by `pde keygen` is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyPurpose {
+    /// Signs the workspace's bundles (`[signing] key_file`).
+    Release,
+    /// A person's key for `pde approve` (`[trust] approver_keys`).
+    Approver,
+    /// Signs plugins (`pde plugin sign`, `[trust] plugin_keys`).
+    Plugin,
+}
+
+impl KeyPurpose {
+    fn default_name(self) -> &'static str {
+        match self {
+            KeyPurpose::Release => "release.ed25519",
+            KeyPurpose::Approver => "approver.ed25519",
+            KeyPurpose::Plugin => "plugin.ed25519",
+        }
+    }
+
+    /// What to do with the key pair next, for people.
+    fn next_step(self, public: &std::path::Path, secret: &std::path::Path) -> String {
+        match self {
+            KeyPurpose::Release => format!(
+                "next: name it in pde.toml's [signing] key_file; agents trust {} (--trusted-key)",
+                public.display()
+            ),
+            KeyPurpose::Approver => format!(
+                "next: give {} to the workspace's owner for [trust] approver_keys; approve with \
+                 `pde approve ID --key {} --role ROLE`",
+                public.display(),
+                secret.display()
+            ),
+            KeyPurpose::Plugin => format!(
+                "next: sign with `pde plugin sign FILE.wasm --key {}` (or `pde plugin install … \
+                 --sign {}`); workspaces list {} in [trust] plugin_keys",
+                secret.display(),
+                secret.display(),
+                public.display()
+            ),
+        }
+    }
 }
 
 /// `pde init`.
@@ -350,13 +399,18 @@ pub fn state(ctx: &Ctx, cmd: StateCmd) -> CmdResult {
 
 pub fn keygen(ctx: &Ctx, args: KeygenArgs) -> CmdResult {
     let out = ctx.dir.join(&args.out);
-    let key = pde::keys::generate(&out, &args.name)?;
+    let name = args.name.as_deref().unwrap_or(args.purpose.default_name());
+    let key = pde::keys::generate(&out, name)?;
     if ctx.json {
         ctx.print_json(&key);
     } else {
         println!("secret key  {} (keep it secret)", key.secret_path.display());
         println!("public key  {}", key.public_path.display());
         println!("key id      {}", key.key_id);
+        println!(
+            "{}",
+            args.purpose.next_step(&key.public_path, &key.secret_path)
+        );
     }
     Ok(ExitCode::Ok)
 }
@@ -403,6 +457,14 @@ pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
     if !ignore.exists() {
         std::fs::write(&ignore, ".pde/\nkeys/*.ed25519\n").map_err(io)?;
     }
+    // Every deploy needs a Git work tree (the bundle names its commit).
+    let git_init = match pde::vcs::Repo::discover(&ctx.dir) {
+        Ok(_) => None,
+        Err(pde::vcs::VcsError::NotARepo { .. }) => {
+            Some(pde::vcs::Repo::init(&ctx.dir)?.root().to_path_buf())
+        }
+        Err(e) => return Err(e.into()),
+    };
     let key = if ctx.dir.join("keys/release.ed25519").exists() {
         None
     } else {
@@ -412,8 +474,14 @@ pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
         )?)
     };
     if ctx.json {
-        ctx.print_json(&serde_json::json!({"config": toml, "key": key}));
+        ctx.print_json(&serde_json::json!({"config": toml, "key": key, "git_init": git_init}));
     } else {
+        if let Some(root) = &git_init {
+            println!(
+                "ran `git init` in {} (it was not in a Git work tree; deploys need one)",
+                root.display()
+            );
+        }
         println!("created {}", toml.display());
         if let Some(k) = key {
             println!(
@@ -422,7 +490,11 @@ pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
                 k.key_id
             );
         }
-        println!("next: add policies/<id>.json, commit, then `pde validate <id>`");
+        println!(
+            "next: declare your services under [[environments.dev.services]] in pde.toml, add \
+             policies/<id>.json, commit (`git add -A && git commit`), then `pde validate <id>` \
+             (docs/release-engineer.md, \"Your first workspace\")"
+        );
     }
     Ok(ExitCode::Ok)
 }
