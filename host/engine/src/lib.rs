@@ -20,6 +20,7 @@
 //! - [`team`]: unlocking stale leases and migrating state into PostgreSQL;
 //! - [`pipeline`]: the seven steps, top-down;
 //! - [`live`]: `pde status --live`, what services run against the state;
+//! - [`history`]: deploys refused before any push, from the audit log;
 //! - [`plugin_install`]: `pde plugin install`, a built component into a workspace;
 //! - [`agent`]: the receiving service that targets run;
 //! - [`term`]: escaping untrusted text before a person sees it.
@@ -29,6 +30,7 @@ pub mod blocking;
 pub mod config;
 mod engine;
 pub mod error;
+pub mod history;
 pub mod http;
 pub mod live;
 pub mod pipeline;

@@ -100,6 +100,15 @@ impl Engine {
         opts: &DeployOptions<'_>,
         audit: Recorder<'_>,
     ) -> Result<DeployReport, Error> {
+        let note = |f: &dyn Fn(&mut crate::report::PartialReport)| {
+            if let Some(so_far) = opts.so_far {
+                so_far.note(f);
+            }
+        };
+        note(&|p| {
+            p.policy_id = Some(policy_id.to_string());
+            p.env = Some(env_name.to_string());
+        });
         let env = self.environment(env_name)?;
 
         // 1. validate: the environment's plugin gates first (a missing or
@@ -131,6 +140,10 @@ impl Engine {
                 return Err(e);
             }
         };
+        note(&|p| {
+            p.version = Some(validation.version.clone());
+            p.validation = Some(validation.clone());
+        });
         audit.record(
             Event::Validated,
             json!({"version": validation.version, "warnings": validation.warnings(),
@@ -178,6 +191,12 @@ impl Engine {
             artifact,
             already_active,
         } = admitted;
+        note(&|p| {
+            p.digest = Some(bundle.digest.clone());
+            p.artifact = Some(artifact.clone());
+            p.already_active = Some(already_active);
+            p.bundle_path = bundle_path.clone();
+        });
         audit.record(
             Event::Packaged,
             json!({"digest": bundle.digest, "version": version,
@@ -201,6 +220,7 @@ impl Engine {
         )
         .instrument(tracing::info_span!("envcheck"))
         .await?;
+        note(&|p| p.health = Some(health.clone()));
         if !health.healthy() {
             let failing = health.failing_services();
             audit.record(
@@ -238,6 +258,7 @@ impl Engine {
             )
             .map_err(Error::from)
         })?;
+        note(&|p| p.routes = Some(routes.clone()));
         audit.record(Event::Routed, json!({"routes": routes}))?;
 
         let mut report = DeployReport {
@@ -322,6 +343,7 @@ impl Engine {
         }
         report.outcome = pushed.outcome.into();
         report.push = Some(pushed);
+        note(&|p| *p = (&report).into());
         if report.outcome != DeployOutcome::Deployed {
             return Err(Error::DeployFailed {
                 policy_id: policy_id.to_string(),

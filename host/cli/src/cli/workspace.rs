@@ -37,6 +37,13 @@ pub struct RollbackArgs {
     /// The version to return to (default: the one deployed before the active one).
     #[arg(long)]
     pub to: Option<String>,
+    /// Why: recorded in the audit log's `rolled_back` record (`data.reason`).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Do not ask for confirmation (a terminal is asked; scripts, whose
+    /// stdin is not a terminal, never are).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 /// `pde unlock ID --env ENV`.
@@ -132,6 +139,11 @@ impl KeyPurpose {
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {}
 
+/// The schema of each entry of `pde status --output json`.
+pub const STATUS_SCHEMA: &str = "pde.status/v1";
+/// The schema of `pde status --live --output json`.
+pub const LIVE_SCHEMA: &str = "pde.status-live/v1";
+
 pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     let engine = open_read_only(ctx)?;
     if let Some(env) = &args.env {
@@ -144,7 +156,9 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
             .live_status(args.env.as_deref())
             .map_err(|e| Failure::engine(ctx, e))?;
         if ctx.json {
-            ctx.print_json(&report);
+            let mut v = serde_json::to_value(&report).unwrap_or_default();
+            v["schema"] = LIVE_SCHEMA.into();
+            ctx.print_json(&v);
         } else {
             print_live(&report);
         }
@@ -158,7 +172,17 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     }
     let entries = engine.state().status(args.env.as_deref())?;
     if ctx.json {
-        ctx.print_json(&entries);
+        // Still the list scripts read; each entry says its schema version,
+        // added beside the fields (which are never renamed).
+        let list: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                v["schema"] = STATUS_SCHEMA.into();
+                v
+            })
+            .collect();
+        ctx.print_json(&list);
         return Ok(ExitCode::Ok);
     }
     if entries.is_empty() {
@@ -291,13 +315,17 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
                 };
                 print!(" {cell:<width$}");
             }
-            println!(" {}", e.deployed_at);
+            println!(" {}", seconds(&e.deployed_at));
             if let Some(d) = &e.interrupted {
                 println!(
                     "{:<12} INTERRUPTED: v{} ({}) started {} by {} was killed mid-way; the \
                      services show what each was last known to run. The next deploy or \
                      rollback settles it.",
-                    "", d.version, d.digest, d.started_at, d.actor
+                    "",
+                    d.version,
+                    d.digest,
+                    seconds(&d.started_at),
+                    d.actor
                 );
             }
         }
@@ -308,33 +336,170 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
     );
 }
 
+/// An RFC 3339 time to the whole second (`2026-11-29T14:02:11Z`): the state
+/// keeps nanoseconds with trailing zeros dropped, which makes columns ragged.
+pub fn seconds(ts: &str) -> String {
+    match (ts.find('.'), ts.find('T')) {
+        (Some(dot), Some(t)) if dot > t => {
+            let zone = ts[dot..]
+                .find(|c: char| c == 'Z' || c == '+' || c == '-')
+                .map(|i| &ts[dot + i..])
+                .unwrap_or("");
+            format!("{}{zone}", &ts[..dot])
+        }
+        _ => ts.to_string(),
+    }
+}
+
+/// One line of `pde history`: a deployment, or a deploy refused before any push.
+enum Entry {
+    Deployment(pde::state::DeploymentRecord),
+    Refused(pde::history::Refused),
+}
+
+impl Entry {
+    fn finished_at(&self) -> &str {
+        match self {
+            Entry::Deployment(d) => &d.finished_at,
+            Entry::Refused(r) => &r.finished_at,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match self {
+            Entry::Deployment(d) => serde_json::to_value(d).unwrap_or_default(),
+            // The deployment fields, so one list reads the same, plus why.
+            Entry::Refused(r) => serde_json::json!({
+                "id": null,
+                "policy_id": r.policy_id,
+                "env": r.env,
+                "version": r.version,
+                "digest": r.digest,
+                "outcome": "refused",
+                "started_at": r.started_at,
+                "finished_at": r.finished_at,
+                "actor": r.actor,
+                "targets": [],
+                "reason": r.reason,
+                "exit_code": r.exit_code,
+            }),
+        }
+    }
+}
+
 pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
     let engine = open_read_only(ctx)?;
     let records = engine.state().history_checked(&args.id)?;
+    // Refused deploys leave no deployment row, only audit records.
+    let refused = pde::history::refused(&engine.audit().records()?, &args.id);
+    let mut entries: Vec<Entry> = records.into_iter().map(Entry::Deployment).collect();
+    entries.extend(refused.into_iter().map(Entry::Refused));
+    // Newest first, as the deployments already were; a stable sort keeps
+    // their order among equal times.
+    entries.sort_by(|a, b| seconds(b.finished_at()).cmp(&seconds(a.finished_at())));
     if ctx.json {
-        ctx.print_json(&records);
+        let list: Vec<serde_json::Value> = entries.iter().map(Entry::json).collect();
+        ctx.print_json(&list);
         return Ok(ExitCode::Ok);
     }
-    if records.is_empty() {
+    if entries.is_empty() {
         println!("policy {} has never been deployed", args.id);
     }
-    for r in records {
-        println!(
-            "{}  {:<12} v{:<9} {:<16} {} by {}",
-            r.finished_at, r.env, r.version, r.outcome, r.digest, r.actor
-        );
-        for t in r.targets {
-            println!("    {:<20} {:<14} {}", t.service, t.outcome, t.detail);
+    for e in entries {
+        match e {
+            Entry::Deployment(r) => {
+                println!(
+                    "{}  {:<12} v{:<9} {:<16} {} by {}",
+                    seconds(&r.finished_at),
+                    r.env,
+                    r.version,
+                    r.outcome,
+                    r.digest,
+                    r.actor
+                );
+                for t in r.targets {
+                    println!("    {:<20} {:<14} {}", t.service, t.outcome, t.detail);
+                }
+            }
+            Entry::Refused(r) => {
+                let version = r.version.as_deref().unwrap_or("?");
+                let code = r
+                    .exit_code
+                    .map(|c| format!(" (exit {c})"))
+                    .unwrap_or_default();
+                println!(
+                    "{}  {:<12} v{:<9} {:<16} {} by {}",
+                    seconds(&r.finished_at),
+                    r.env,
+                    version,
+                    "refused",
+                    r.digest.as_deref().unwrap_or("(not packaged)"),
+                    r.actor
+                );
+                println!(
+                    "    refused before any push{code}: {}",
+                    pde::term::escape(&r.reason)
+                );
+            }
         }
     }
     Ok(ExitCode::Ok)
 }
 
+/// Asks a person at a terminal to confirm; `true` to go on.
+fn confirm(question: &str) -> bool {
+    use std::io::Write as _;
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim().to_lowercase().as_str(), "y" | "yes")
+}
+
 pub fn rollback(ctx: &Ctx, args: RollbackArgs) -> CmdResult {
-    let engine = open(ctx)?;
+    let about = |f: Failure| f.about(&args.id, Some(&args.env));
+    if args.reason.as_deref().is_some_and(|r| r.trim().is_empty()) {
+        return Err(about(Failure::usage(
+            "--reason needs a text (it goes into the audit log)",
+        )));
+    }
+    let engine = open(ctx).map_err(about)?;
+    // A rollback pushes to every service of the environment: a person at a
+    // terminal confirms it. Scripts (stdin not a terminal) go on as before,
+    // so existing automation keeps working; `--yes` skips the question.
+    if !args.yes && !ctx.json && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        let active = engine
+            .state()
+            .active(&args.id, &args.env)
+            .map_err(|e| about(e.into()))?;
+        let from = active
+            .map(|a| format!(" from v{}", a.version))
+            .unwrap_or_default();
+        let to = args
+            .to
+            .as_deref()
+            .map(|v| format!("v{v}"))
+            .unwrap_or_else(|| "the version deployed before".to_string());
+        let question = format!(
+            "Roll back policy {} in {}{from} to {to}? Every service holding it is asked to switch.",
+            args.id, args.env
+        );
+        if !confirm(&question) {
+            return Err(about(Failure::usage(
+                "rollback not confirmed; nothing was changed (pass --yes to skip the question)",
+            )));
+        }
+    }
     let report = engine
-        .rollback(&args.id, &args.env, args.to.as_deref())
-        .map_err(|e| Failure::engine(ctx, e))?;
+        .rollback_with_reason(
+            &args.id,
+            &args.env,
+            args.to.as_deref(),
+            args.reason.as_deref(),
+        )
+        .map_err(|e| about(Failure::engine(ctx, e)))?;
     if ctx.json {
         ctx.print_json(&report);
     } else {
@@ -345,6 +510,12 @@ pub fn rollback(ctx: &Ctx, args: RollbackArgs) -> CmdResult {
             "✓ policy {} in {}: v{} -> v{} ({})",
             report.policy_id, report.env, report.from_version, report.to_version, report.to_digest
         );
+        if let Some(reason) = &args.reason {
+            println!(
+                "  reason recorded in the audit log: {}",
+                pde::term::escape(reason)
+            );
+        }
     }
     Ok(ExitCode::Ok)
 }
