@@ -63,7 +63,7 @@ pub fn refused(records: &[AuditRecord], policy_id: &str) -> Vec<Refused> {
                     },
                 );
             }
-            Event::Validated | Event::Packaged => {
+            Event::Validated | Event::ValidationFailed | Event::Packaged => {
                 if let Some(run) = open.get_mut(env) {
                     if let Some(v) = r.data.get("version").and_then(|v| v.as_str()) {
                         run.version = Some(v.to_string());

@@ -133,10 +133,12 @@ impl Engine {
         let (policy, validation) = match validated {
             Ok(v) => v,
             Err(e) => {
-                audit.record(
-                    Event::ValidationFailed,
-                    json!({"error": e.to_string(), "exit_code": e.exit_code().code()}),
-                )?;
+                let mut data = json!({"error": e.to_string(), "exit_code": e.exit_code().code()});
+                // The version refused, for `pde history` (an added field).
+                if let Error::ValidationFailed { report, .. } = &e {
+                    data["version"] = report.version.clone().into();
+                }
+                audit.record(Event::ValidationFailed, data)?;
                 return Err(e);
             }
         };

@@ -120,6 +120,11 @@ impl Observer for Progress {
     }
 }
 
+/// The environment's `promote_from`, for saying that its gate passed.
+fn promote_from(engine: &Engine, env: &str) -> Option<String> {
+    engine.environment(env).ok()?.promote_from.clone()
+}
+
 pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
     if args
         .override_freeze
@@ -158,7 +163,7 @@ pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
     if ctx.json {
         ctx.print_json(&report);
     } else {
-        print::deploy(&report);
+        print::deploy(&report, promote_from(&engine, &args.env).as_deref());
     }
     Ok(ExitCode::Ok)
 }
@@ -201,7 +206,11 @@ pub fn plan(ctx: &Ctx, args: PlanArgs) -> CmdResult {
     }
     print::validation(&report.deploy.validation);
     println!("package   {} (not written)", report.deploy.digest);
-    print::artifact(&report.deploy.artifact, &report.deploy.digest, &args.env);
+    print::artifact(
+        &report.deploy.artifact,
+        &report.deploy.digest,
+        promote_from(&engine, &args.env).as_deref(),
+    );
     println!(
         "plan      {} service(s) would receive it",
         report.targets.len()

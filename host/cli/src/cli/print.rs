@@ -31,7 +31,7 @@ pub fn error_report(
         }
         pde::Error::DeployFailed { report, .. } => {
             if !ctx.json {
-                deploy(report);
+                deploy(report, None);
             }
             Some((None, json(report.as_ref())))
         }
@@ -121,7 +121,7 @@ fn approvals(r: &ValidationReport) {
             "    {} {role}, key {}, signed {}",
             pde::term::Escaped(&c.by),
             c.keyid,
-            pde::term::Escaped(&c.at)
+            pde::term::Escaped(&seconds(&c.at))
         );
     }
 }
@@ -175,24 +175,46 @@ pub fn push(r: &PushReport) {
 /// Which build ships: this run's, or the bundle an environment already
 /// runs; and, when another environment's bundle is promoted to `env`, that
 /// the promotion gate passed.
-pub fn artifact(a: &pde::package::Artifact, digest: &str, env: &str) {
+pub fn artifact(a: &pde::package::Artifact, digest: &str, promote_from: Option<&str>) {
     let commit = a.source_commit.get(..12).unwrap_or(&a.source_commit);
     match &a.reused_from {
-        Some(from) => {
-            println!(
-                "artifact  shipping the bundle {from} runs, {digest} (built from commit {commit}; \
-                 same content, plugins and findings as this checkout)"
-            );
-            if from != env {
-                println!("  ✓ promotion gate passed: {from} already runs this bundle");
-            }
-        }
+        Some(from) => println!(
+            "artifact  shipping the bundle {from} runs, {digest} (built from commit {commit}; \
+             same content, plugins and findings as this checkout)"
+        ),
         None => println!("artifact  built from commit {commit}"),
+    }
+    // Packaging refuses a version the source environment never ran, so a
+    // report that got here passed the gate; say so, not only in JSON.
+    if let Some(from) = promote_from {
+        println!("  ✓ promotion gate passed: {from} already runs this bundle ({digest})");
+    }
+}
+
+/// An RFC 3339 time to the whole second (`2026-11-29T14:02:11Z`): times are
+/// kept with nanoseconds, trailing zeros dropped, which makes columns ragged.
+pub fn seconds(ts: &str) -> String {
+    match (ts.find('.'), ts.find('T')) {
+        (Some(dot), Some(t)) if dot > t => {
+            let zone = ts[dot..]
+                .find(['Z', '+', '-'])
+                .map(|i| &ts[dot + i..])
+                .unwrap_or("");
+            format!("{}{zone}", &ts[..dot])
+        }
+        _ => ts.to_string(),
     }
 }
 
 /// What a deploy that did not end `deployed` left behind, and what to do.
 fn next_step(r: &DeployReport) {
+    use pde::pipeline::DeployOutcome;
+    if !matches!(
+        r.outcome,
+        DeployOutcome::RolledBack | DeployOutcome::NeedsAttention
+    ) {
+        return;
+    }
     let Some(p) = &r.push else { return };
     let names = |state: pde::push::TargetState| -> Vec<&str> {
         p.targets
@@ -243,13 +265,13 @@ fn next_step(r: &DeployReport) {
 
 /// A whole deploy, step by step.
 
-pub fn deploy(r: &DeployReport) {
+pub fn deploy(r: &DeployReport, promote_from: Option<&str>) {
     validation(&r.validation);
     match &r.bundle_path {
         Some(p) => println!("package   {} -> {}", r.digest, p.display()),
         None => println!("package   {} (dry run: not written)", r.digest),
     }
-    artifact(&r.artifact, &r.digest, &r.env);
+    artifact(&r.artifact, &r.digest, promote_from);
     health(&r.health);
     println!("route");
     for route in &r.routes {

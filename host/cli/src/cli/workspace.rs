@@ -315,7 +315,7 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
                 };
                 print!(" {cell:<width$}");
             }
-            println!(" {}", seconds(&e.deployed_at));
+            println!(" {}", print::seconds(&e.deployed_at));
             if let Some(d) = &e.interrupted {
                 println!(
                     "{:<12} INTERRUPTED: v{} ({}) started {} by {} was killed mid-way; the \
@@ -324,7 +324,7 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
                     "",
                     d.version,
                     d.digest,
-                    seconds(&d.started_at),
+                    print::seconds(&d.started_at),
                     d.actor
                 );
             }
@@ -334,21 +334,6 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
     println!(
         "- not routed there · * differs from the environment's release · UNKNOWN: a rollback failed there"
     );
-}
-
-/// An RFC 3339 time to the whole second (`2026-11-29T14:02:11Z`): the state
-/// keeps nanoseconds with trailing zeros dropped, which makes columns ragged.
-pub fn seconds(ts: &str) -> String {
-    match (ts.find('.'), ts.find('T')) {
-        (Some(dot), Some(t)) if dot > t => {
-            let zone = ts[dot..]
-                .find(|c: char| c == 'Z' || c == '+' || c == '-')
-                .map(|i| &ts[dot + i..])
-                .unwrap_or("");
-            format!("{}{zone}", &ts[..dot])
-        }
-        _ => ts.to_string(),
-    }
 }
 
 /// One line of `pde history`: a deployment, or a deploy refused before any push.
@@ -396,7 +381,7 @@ pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
     entries.extend(refused.into_iter().map(Entry::Refused));
     // Newest first, as the deployments already were; a stable sort keeps
     // their order among equal times.
-    entries.sort_by(|a, b| seconds(b.finished_at()).cmp(&seconds(a.finished_at())));
+    entries.sort_by(|a, b| print::seconds(b.finished_at()).cmp(&print::seconds(a.finished_at())));
     if ctx.json {
         let list: Vec<serde_json::Value> = entries.iter().map(Entry::json).collect();
         ctx.print_json(&list);
@@ -410,7 +395,7 @@ pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
             Entry::Deployment(r) => {
                 println!(
                     "{}  {:<12} v{:<9} {:<16} {} by {}",
-                    seconds(&r.finished_at),
+                    print::seconds(&r.finished_at),
                     r.env,
                     r.version,
                     r.outcome,
@@ -429,7 +414,7 @@ pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
                     .unwrap_or_default();
                 println!(
                     "{}  {:<12} v{:<9} {:<16} {} by {}",
-                    seconds(&r.finished_at),
+                    print::seconds(&r.finished_at),
                     r.env,
                     version,
                     "refused",
