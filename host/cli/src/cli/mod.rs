@@ -118,7 +118,8 @@ pub struct Failure {
     pub report: Option<serde_json::Value>,
     /// What the failure is about, where known (`--output json` always
     /// carries these four keys, `null` when unknown).
-    pub subject: Subject,
+    // Boxed: it is most often empty, and a large `Err` slows every `?`.
+    pub subject: Box<Subject>,
     /// For a deploy: the part of the report of the step that failed
     /// (`validation`, `health`), by that name.
     pub failed_step: Option<&'static str>,
@@ -144,7 +145,7 @@ impl Failure {
             code: ExitCode::Usage,
             error: anyhow::anyhow!("{message}"),
             report: None,
-            subject: Subject::default(),
+            subject: Box::default(),
             failed_step: None,
         }
     }
@@ -155,14 +156,14 @@ impl Failure {
             code: ExitCode::Usage,
             error,
             report: None,
-            subject: Subject::default(),
+            subject: Box::default(),
             failed_step: None,
         }
     }
 
     /// A failure of the engine, keeping the report it carries.
     pub fn engine(ctx: &Ctx, e: pde::Error) -> Self {
-        let mut subject = Subject::default();
+        let mut subject = Box::<Subject>::default();
         match &e {
             pde::Error::ValidationFailed { report, .. } => {
                 subject.policy_id = Some(report.policy_id.clone());
@@ -238,7 +239,7 @@ where
             code: e.exit_code(),
             error: e.into(),
             report: None,
-            subject: Subject::default(),
+            subject: Box::default(),
             failed_step: None,
         }
     }

@@ -264,7 +264,6 @@ fn next_step(r: &DeployReport) {
 }
 
 /// A whole deploy, step by step.
-
 pub fn deploy(r: &DeployReport, promote_from: Option<&str>) {
     validation(&r.validation);
     match &r.bundle_path {

@@ -381,7 +381,7 @@ pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
     entries.extend(refused.into_iter().map(Entry::Refused));
     // Newest first, as the deployments already were; a stable sort keeps
     // their order among equal times.
-    entries.sort_by(|a, b| print::seconds(b.finished_at()).cmp(&print::seconds(a.finished_at())));
+    entries.sort_by_key(|e| std::cmp::Reverse(print::seconds(e.finished_at())));
     if ctx.json {
         let list: Vec<serde_json::Value> = entries.iter().map(Entry::json).collect();
         ctx.print_json(&list);
