@@ -63,6 +63,19 @@ fn keygen_for_an_approver_never_takes_the_release_keys_name() {
     // The default stays the release key, as before.
     assert_eq!(code(&pde(dir.path(), &["keygen", "--out", "k"])), 0);
     assert!(dir.path().join("k/release.ed25519").is_file());
+    // Not a workspace: exit 2, and the failure still names what was asked.
+    let o = pde(
+        dir.path(),
+        &["deploy", "42", "--env", "dev", "--output", "json"],
+    );
+    assert_eq!(code(&o), 2, "{}", both(&o));
+    let out = json(&o);
+    assert_eq!(
+        (&out["policy_id"], &out["env"]),
+        (&"42".into(), &"dev".into())
+    );
+    assert_eq!(out["report"]["policy_id"], "42", "{out:#}");
+    assert!(out["report"]["validation"].is_null(), "{out:#}");
 }
 
 /// An initialised, committed workspace (pde init; its dev service unused).

@@ -136,7 +136,13 @@ pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
         ));
     }
     let about = |f: Failure| f.about(&args.id, Some(&args.env));
-    let engine = open(ctx).map_err(about)?;
+    // Known before any step runs: what was asked for.
+    let asked = || pde::report::PartialReport {
+        policy_id: Some(args.id.clone()),
+        env: Some(args.env.clone()),
+        ..Default::default()
+    };
+    let engine = open(ctx).map_err(|f| about(f).so_far(asked()))?;
     let progress = Progress {
         // Bars only for a person at a terminal; hidden otherwise.
         multi: if ctx.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -155,9 +161,9 @@ pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
     };
     let report = engine.deploy(&args.id, &args.env, &opts).map_err(|e| {
         let mut partial = so_far.get();
-        // Known before any step ran: what was asked for.
-        partial.policy_id.get_or_insert_with(|| args.id.clone());
-        partial.env.get_or_insert_with(|| args.env.clone());
+        if partial.policy_id.is_none() {
+            partial = asked();
+        }
         about(Failure::engine(ctx, e)).so_far(partial)
     })?;
     if ctx.json {
