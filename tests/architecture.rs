@@ -119,8 +119,10 @@ const LAYERS: &[&[&str]] = &[
     ],
     // The audit log only needs layer 0, and the shared state (layer 1)
     // keeps the team's audit chain, so the log sits below it.
-    &["audit"],
+    &["audit", "floor"],
     &["state", "provenance", "history"],
+    // Begin and finish of a deploy or rollback in the state.
+    &["bookkeeping"],
     &[
         "steps::validate",
         "steps::package",
@@ -133,6 +135,8 @@ const LAYERS: &[&[&str]] = &[
     &["report"],
     &["error"],
     &["engine"],
+    // Each step bound to the engine, once for every command.
+    &["stages"],
     &["pipeline", "rollback", "team"],
     &["plan", "live"],
     &["blocking"],

@@ -440,8 +440,117 @@ fn the_audit_log_is_anchored_by_release_tags_and_a_signed_head() {
     std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
     let o = pde(ws.root(), &["audit", "verify"]);
     assert_eq!(code(&o), 6, "{}", stderr(&o));
+    // A deploy runs under the committed pde.toml only.
+    ws.commit("rotate the release key");
     let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     let o = pde(ws.root(), &["audit", "verify"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+}
+
+/// Issue 27 §1: the security team's floor, held outside the repository
+/// (`$PDE_TRUST`). A committed pde.toml that lowers a gate is refused (exit
+/// 6) naming it; a plugin key trusted only by pde.toml does not count; an
+/// expired floor key does not count either.
+#[test]
+fn the_trust_floor_outside_the_repository_cannot_be_lowered_by_a_commit() {
+    let gates =
+        "require_signed_plugins = true\nmin_approvals = 1\nrequired_plugins = [\"pii-guard\"]";
+    let (ws, _url) = agent_workspace(gates);
+    ws.install_examples();
+    ws.commit("signed plugins, gates as the security team wants them");
+    let floor_dir = tempfile::tempdir().unwrap();
+    // The security team's own key, and the workspace's plugin-signing key
+    // (keys/security.ed25519) copied in with an expiry the test sets.
+    pde::keys::generate(floor_dir.path(), "team.ed25519").unwrap();
+    std::fs::copy(
+        ws.root().join("keys/security.ed25519.pub"),
+        floor_dir.path().join("reviewer.pub"),
+    )
+    .unwrap();
+    let floor = floor_dir.path().join("trust.toml");
+    let write_floor = |reviewer_expires: &str| {
+        std::fs::write(
+            &floor,
+            format!(
+                "[[plugin_keys]]\nfile = \"team.ed25519.pub\"\nname = \"Security team\"\n\
+                 [[plugin_keys]]\nfile = \"reviewer.pub\"\nname = \"Rae (reviewer)\"\n\
+                 expires = \"{reviewer_expires}\"\n\
+                 [environments.prod]\nmin_approvals = 1\nrequire_signed_plugins = true\n\
+                 required_plugins = [\"pii-guard\"]\n"
+            ),
+        )
+        .unwrap();
+    };
+    let with_floor = [("PDE_TRUST", floor.to_str().unwrap())];
+    let validate = || pde_env(ws.root(), &["validate", "42", "--env", "prod"], &with_floor);
+
+    // The reviewer's key is valid: the workspace meets the floor.
+    write_floor("2999-12-31");
+    let o = validate();
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
+    // Expired yesterday: the plugins it signed are no longer trusted.
+    write_floor("2001-01-01");
+    let o = validate();
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(stderr(&o).contains("pii-guard"), "{}", stderr(&o));
+    // Without the floor, pde.toml's own [trust] would have let them run:
+    // that is exactly the key a committer controls.
+    let o = pde(ws.root(), &["validate", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+
+    // A commit that lowers gates: refused, each gate named.
+    write_floor("2999-12-31");
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap();
+    let lowered = toml.replace(gates, "min_approvals = 0");
+    std::fs::write(ws.root().join("pde.toml"), lowered).unwrap();
+    ws.commit("relax production");
+    for args in [
+        &["validate", "42", "--env", "prod"][..],
+        &["deploy", "42", "--env", "prod"][..],
+    ] {
+        let o = pde_env(ws.root(), args, &with_floor);
+        assert_eq!(code(&o), 6, "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        for gate in [
+            "min_approvals = 0 is below the floor's 1",
+            "require_signed_plugins",
+            "required_plugins lacks pii-guard",
+        ] {
+            assert!(err.contains(gate), "{gate} not named: {err}");
+        }
+    }
+}
+
+/// Issue 21 item 4: cutting a rollback's records off the audit log and
+/// putting back the signed head saved before it verified as intact, while
+/// `pde history` still showed the rollback. The state is now a second
+/// witness: `audit verify` fails (exit 6) naming what the chain lacks.
+#[test]
+fn a_cut_audit_tail_behind_a_restored_head_is_caught_by_the_state() {
+    let (ws, _url) = agent_workspace("");
+    ws.commit("workspace");
+    let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    ws.write_policy("42.json", &support::policy_42("1.1.0").to_string());
+    ws.commit("1.1.0");
+    let o = pde(ws.root(), &["deploy", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let state = ws.root().join(".pde");
+    let (log, head) = (state.join("audit.jsonl"), state.join("audit.head"));
+    let saved = (std::fs::read(&log).unwrap(), std::fs::read(&head).unwrap());
+
+    let o = pde(ws.root(), &["rollback", "42", "--env", "prod"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    assert_eq!(code(&pde(ws.root(), &["audit", "verify"])), 0);
+    std::fs::write(&log, &saved.0).unwrap();
+    std::fs::write(&head, &saved.1).unwrap();
+    let o = pde(ws.root(), &["audit", "verify"]);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("rollback of policy 42 in prod"),
+        "{}",
+        stderr(&o)
+    );
 }

@@ -15,8 +15,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use pde::error::HasExitCode;
-use pde::state::pg::{PgState, PgTarget};
-use pde::state::{DeploymentRecord, RecordOutcome, SqliteState, StateBackend, TargetRecord};
+use pde::state::postgres::{PgState, PgTarget};
+use pde::state::{
+    DeploymentRecord, RecordOutcome, SqliteState, StateBackend, StateError, TargetRecord,
+};
 use support::receiver::{Fault, Receiver};
 use support::{Svc, Workspace, git, pg};
 
@@ -131,7 +133,10 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 // ---------------------------------------------------------------------------
-// One set of behaviour tests, run against both backends.
+// The conformance test: one set of behaviours, run against every backend
+// (SQLite and a real PostgreSQL). What only one backend does (SQLite's
+// files, WAL and IMMEDIATE transactions) is tested beside it, in
+// host/engine/src/state/sqlite.rs.
 
 fn record(policy: &str, env: &str, digest: &str, outcome: RecordOutcome) -> DeploymentRecord {
     DeploymentRecord {
@@ -161,7 +166,9 @@ fn record(policy: &str, env: &str, digest: &str, outcome: RecordOutcome) -> Depl
     }
 }
 
-fn behaves_as_state(s: &dyn StateBackend) {
+/// Every behaviour of a state backend: `s` is a fresh one, and `fresh`
+/// opens another empty one of the same kind (the target of a migration).
+fn behaves_as_state(s: &dyn StateBackend, fresh: &dyn Fn() -> Box<dyn StateBackend>) {
     // History: newest first, targets kept in order, ids increasing.
     let first = record("42", "staging", "sha256:aa", RecordOutcome::RolledBack);
     let second = record("42", "staging", "sha256:bb", RecordOutcome::Deployed);
@@ -189,12 +196,14 @@ fn behaves_as_state(s: &dyn StateBackend) {
             }
         ]
     );
+    assert_eq!(h[1].targets[1].previous_digest, None);
     assert!(s.history("nope").unwrap().is_empty());
 
     // The promotion gate counts successful deployments in that env only.
     assert!(s.was_deployed("staging", "42", "sha256:bb").unwrap());
     assert!(!s.was_deployed("staging", "42", "sha256:aa").unwrap());
     assert!(!s.was_deployed("production", "42", "sha256:bb").unwrap());
+    assert!(!s.was_deployed("staging", "7", "sha256:bb").unwrap());
 
     // Active versions upsert; status sorts by env, then policy, with services.
     assert_eq!(s.active("42", "staging").unwrap(), None);
@@ -205,9 +214,18 @@ fn behaves_as_state(s: &dyn StateBackend) {
         .unwrap();
     s.set_service_active("42", "staging", "HMS-BATCH", None)
         .unwrap();
+    let active = s.active("42", "staging").unwrap().unwrap();
     assert_eq!(
-        s.active("42", "staging").unwrap().unwrap().digest,
-        "sha256:bb"
+        (active.version.as_str(), active.digest.as_str()),
+        ("1.1.0", "sha256:bb")
+    );
+    // Stamped now, in RFC 3339 UTC (`2026-11-29T10:00:00Z`, maybe with
+    // fractions).
+    let at = active.deployed_at.as_bytes();
+    assert!(
+        at.len() >= 20 && at[4] == b'-' && at[10] == b'T' && at.ends_with(b"Z"),
+        "{}",
+        active.deployed_at
     );
     let all = s.status(None).unwrap();
     let keys: Vec<_> = all
@@ -287,7 +305,15 @@ fn behaves_as_state(s: &dyn StateBackend) {
     let _other_policy = s.lock("7", "production").unwrap();
     drop(held);
     let _again = s.lock("42", "production").unwrap();
-    assert!(s.lock("../x", "production").is_err());
+    // Names that could escape a lock's namespace are refused.
+    assert!(matches!(
+        s.lock("../x", "production"),
+        Err(StateError::BadName { .. })
+    ));
+    assert!(matches!(
+        s.lock("42", "a/b"),
+        Err(StateError::BadName { .. })
+    ));
 
     // Bundles by digest: stored once, read back byte for byte.
     assert_eq!(s.bundle("sha256:ee").unwrap(), None);
@@ -298,19 +324,97 @@ fn behaves_as_state(s: &dyn StateBackend) {
         Some(&b"{\"a\":1}"[..]),
         "the bytes of a digest never change"
     );
+
+    // One state, many threads (the pipeline shares it across its tasks).
+    std::thread::scope(|scope| {
+        for i in 0..4 {
+            scope.spawn(move || {
+                for j in 0..5 {
+                    let d = record(
+                        "5",
+                        "dev",
+                        &format!("sha256:{i}{j}"),
+                        RecordOutcome::Deployed,
+                    );
+                    s.record(&d).unwrap();
+                }
+            });
+        }
+    });
+    assert_eq!(s.history("5").unwrap().len(), 20);
+
+    migrates_as_state(s, fresh);
+}
+
+/// `pde state migrate`: a state's stored rows copied into an empty one, as
+/// they are. The red team's case (issue 21 item 8): a first deploy killed
+/// mid-push has no active version, and must not gain one with no digest.
+fn migrates_as_state(s: &dyn StateBackend, fresh: &dyn Fn() -> Box<dyn StateBackend>) {
+    // A first deploy of policy 8 killed mid-push: in progress, one service
+    // told, nothing active.
+    let killed = record("8", "dev", "sha256:ff", RecordOutcome::Deployed);
+    let lock = s.lock("8", "dev").unwrap();
+    let id = s.begin(&killed).unwrap();
+    s.set_service_active("8", "dev", "HMS-API", Some(("1.0.0", "sha256:ff")))
+        .unwrap();
+    drop(lock);
+    let dev = s.status(Some("dev")).unwrap();
+    let shown: Vec<_> = dev
+        .iter()
+        .map(|e| (e.policy_id.as_str(), e.version.as_str()))
+        .collect();
+    assert_eq!(shown, [("7", "0.1.0"), ("8", "")], "{dev:?}");
+    assert!(dev[1].interrupted.is_some(), "{dev:?}");
+
+    let dump = s.dump().unwrap();
+    let to = fresh();
+    to.import(&dump).unwrap();
+    assert_eq!(
+        to.active("8", "dev").unwrap(),
+        None,
+        "nothing was ever active"
+    );
+    assert_eq!(to.dump().unwrap(), dump, "every stored row, as it was");
+    for policy in ["42", "7", "9", "8", "5"] {
+        assert_eq!(to.history(policy).unwrap(), s.history(policy).unwrap());
+    }
+    // The shared view is the same: 8 still shows as interrupted, with no
+    // version.
+    assert_eq!(to.status(None).unwrap(), s.status(None).unwrap());
+    let h = to.history_checked("8").unwrap();
+    assert_eq!(
+        (h[0].id, h[0].outcome),
+        (Some(id), RecordOutcome::Interrupted)
+    );
+    // New records continue after the imported ids.
+    let next = to.record(&killed).unwrap();
+    assert!(next > dump.deployments.last().unwrap().id.unwrap());
+    // Importing twice would duplicate history: refused, nothing written.
+    let e = to.import(&dump).unwrap_err();
+    assert!(matches!(e, StateError::Config { .. }), "{e}");
+    assert_eq!(e.exit_code().code(), 2);
 }
 
 #[test]
 fn sqlite_state_behaves_as_state() {
-    let dir = tempfile::tempdir().unwrap();
-    behaves_as_state(&SqliteState::open(dir.path()).unwrap());
+    let dirs = std::sync::Mutex::new(Vec::new());
+    let fresh = || -> Box<dyn StateBackend> {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteState::open(dir.path()).unwrap();
+        dirs.lock().unwrap().push(dir);
+        Box::new(s)
+    };
+    behaves_as_state(&*fresh(), &fresh);
 }
 
 #[test]
 fn postgres_state_behaves_as_state() {
-    let url = pg::fresh_database();
-    let target = PgTarget::with_password(&url, Some(&pg::server().password)).unwrap();
-    behaves_as_state(&PgState::open(target).unwrap());
+    let fresh = || -> Box<dyn StateBackend> {
+        let url = pg::fresh_database();
+        let target = PgTarget::with_password(&url, Some(&pg::server().password)).unwrap();
+        Box::new(PgState::open(target).unwrap())
+    };
+    behaves_as_state(&*fresh(), &fresh);
 }
 
 // ---------------------------------------------------------------------------
@@ -589,6 +693,25 @@ fn engineer_b_sees_the_version_engineer_a_made_active_through_the_shared_state()
     assert_eq!(code(&o), 3, "{}", stderr(&o));
 }
 
+/// Points the workspace (whose `pde.toml` is `toml`) at a fresh database,
+/// commits that, and runs `pde state migrate --from sqlite`: the database
+/// URL and the report.
+fn migrate_to_a_fresh_database(ws: &Workspace, toml: &str) -> (String, serde_json::Value) {
+    let db = pg::fresh_database();
+    std::fs::write(
+        ws.root().join("pde.toml"),
+        toml.replace("state = \".pde\"\n", &shared_state(&db)),
+    )
+    .unwrap();
+    ws.commit("shared state");
+    let o = pde(
+        ws.root(),
+        &["state", "migrate", "--from", "sqlite", "--output", "json"],
+    );
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    (db, json(&o))
+}
+
 #[test]
 fn a_sqlite_workspace_migrates_with_its_chain_intact() {
     let ws = Workspace::new("");
@@ -603,19 +726,7 @@ fn a_sqlite_workspace_migrates_with_its_chain_intact() {
     let history_before = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
     assert_eq!(history_before[0]["outcome"], "deployed");
 
-    let db = pg::fresh_database();
-    std::fs::write(
-        ws.root().join("pde.toml"),
-        toml.replace("state = \".pde\"\n", &shared_state(&db)),
-    )
-    .unwrap();
-    ws.commit("shared state");
-    let o = pde(
-        ws.root(),
-        &["state", "migrate", "--from", "sqlite", "--output", "json"],
-    );
-    assert_eq!(code(&o), 0, "{}", stderr(&o));
-    let report = json(&o);
+    let (_, report) = migrate_to_a_fresh_database(&ws, &toml);
     assert_eq!(report["deployments"], 1);
     assert_eq!(report["bundles"], 1, "{report}");
     assert!(report["audit_records"].as_u64().unwrap() >= 8, "{report}");
@@ -645,6 +756,71 @@ fn a_sqlite_workspace_migrates_with_its_chain_intact() {
     assert_eq!(code(&pde(ws.root(), &["audit", "verify"])), 0);
 }
 
+/// Issue 21 item 8 (the red team's case): a first deploy killed mid-push
+/// leaves no `active` row in SQLite, only an in-progress record. Migrating
+/// must not invent an active version out of it (an entry with an empty
+/// version and digest), or every validation of the policy afterwards fails
+/// with `active.unavailable` (exit 3).
+#[test]
+fn an_interrupted_first_deploy_migrates_as_interrupted_not_as_active() {
+    let slow = Receiver::start(Fault::None);
+    let ws = Workspace::new("");
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap()
+        + &env_with("dev", "", &[("HMS-API", &slow.url)]);
+    let toml = toml.replace("timeout_ms = 1500", "timeout_ms = 6000");
+    std::fs::write(ws.root().join("pde.toml"), &toml).unwrap();
+    // A pde:plugin@0.2.0 validator, which is shown the active version: an
+    // active row whose bundle cannot be read fails validation for it.
+    let artifact = std::path::PathBuf::from(pde_plugin_artifacts::wasm("benefit-change").unwrap());
+    ws.install_plugin(
+        "benefit-change",
+        "validator",
+        &artifact,
+        "[settings]\ntoday = \"2031-03-01\"\n",
+        true,
+    );
+    ws.commit("init");
+    let history = kill_mid_push(&ws, &slow, "dev");
+    let o = pde(ws.root(), &["validate", "42", "--env", "dev"]);
+    assert_eq!(code(&o), 0, "before the migration: {}", stderr(&o));
+
+    let (db, report) = migrate_to_a_fresh_database(&ws, &toml);
+
+    // The red team's probe: validation against dev has no active version
+    // to compare with, as before the migration.
+    let v = pde(ws.root(), &["validate", "42", "--env", "dev"]);
+    assert_eq!(
+        code(&v),
+        0,
+        "after the migration: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        stderr(&v)
+    );
+    assert_eq!(report["deployments"], 1, "{report}");
+    assert_eq!(report["active"], 0, "nothing was ever active: {report}");
+    assert_eq!(
+        pg::psql(pg::database_of(&db), "SELECT count(*) FROM active").trim(),
+        "0"
+    );
+    let history_after = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
+    assert_eq!(history_after, history);
+    let status = json(&pde(ws.root(), &["status", "--output", "json"]));
+    assert_eq!(status.as_array().unwrap().len(), 1, "{status}");
+    assert_eq!(
+        status[0]["interrupted"]["outcome"], "interrupted",
+        "{status}"
+    );
+    assert_eq!(status[0]["version"], "", "{status}");
+
+    // And the next deploy settles it on the shared state.
+    slow.set_fault(Fault::None);
+    let o = pde(ws.root(), &["deploy", "42", "--env", "dev"]);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+    let history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
+    assert_eq!(history[0]["outcome"], "deployed", "{history}");
+    assert_eq!(history[1]["outcome"], "interrupted", "{history}");
+}
+
 #[test]
 fn a_database_with_a_newer_schema_is_refused_with_exit_2() {
     let db = pg::fresh_database();
@@ -653,12 +829,78 @@ fn a_database_with_a_newer_schema_is_refused_with_exit_2() {
     assert_eq!(code(&o), 0, "{}", stderr(&o));
     assert_eq!(
         pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
-        pde::state::pg::MIGRATIONS.len().to_string()
+        pde::state::postgres::schema_version().to_string()
     );
     pg::psql(pg::database_of(&db), "UPDATE pde_schema SET version = 99");
     let o = pde(ws.root(), &["status"]);
     assert_eq!(code(&o), 2, "{}", stderr(&o));
     assert!(stderr(&o).contains("schema version 99"), "{}", stderr(&o));
+}
+
+/// Databases in the field keep working: one written by the pde of issue 12
+/// (`pde_schema.version` 1, its first migration: history, services, leases
+/// and the audit chain at once) opens, gains the later steps, and reads as
+/// before; the stored version stays in the numbers older pde reads.
+#[test]
+fn a_database_of_an_older_pde_is_migrated_from_where_it_stopped() {
+    let db = pg::fresh_database();
+    pg::psql(
+        pg::database_of(&db),
+        "CREATE TABLE pde_schema (id INTEGER PRIMARY KEY CHECK (id = 1), version INTEGER NOT NULL);
+         INSERT INTO pde_schema VALUES (1, 1);
+         CREATE TABLE deployments (id BIGSERIAL PRIMARY KEY, policy_id TEXT NOT NULL,
+             env TEXT NOT NULL, version TEXT NOT NULL, digest TEXT NOT NULL,
+             outcome TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT NOT NULL,
+             actor TEXT NOT NULL);
+         CREATE INDEX deployments_by_policy ON deployments (policy_id, id);
+         CREATE INDEX deployments_by_digest ON deployments (env, policy_id, digest, outcome);
+         CREATE TABLE targets (id BIGSERIAL PRIMARY KEY,
+             deployment_id BIGINT NOT NULL REFERENCES deployments (id) ON DELETE CASCADE,
+             service TEXT NOT NULL, outcome TEXT NOT NULL, previous_digest TEXT,
+             detail TEXT NOT NULL);
+         CREATE INDEX targets_by_deployment ON targets (deployment_id, id);
+         CREATE TABLE active (policy_id TEXT NOT NULL, env TEXT NOT NULL,
+             version TEXT NOT NULL, digest TEXT NOT NULL, deployed_at TEXT NOT NULL,
+             PRIMARY KEY (policy_id, env));
+         CREATE TABLE service_active (policy_id TEXT NOT NULL, env TEXT NOT NULL,
+             service TEXT NOT NULL, version TEXT, digest TEXT, updated_at TEXT NOT NULL,
+             PRIMARY KEY (policy_id, env, service));
+         CREATE TABLE leases (policy_id TEXT NOT NULL, env TEXT NOT NULL,
+             holder TEXT NOT NULL, host TEXT NOT NULL, pid BIGINT NOT NULL,
+             since TEXT NOT NULL, PRIMARY KEY (policy_id, env));
+         CREATE TABLE audit_log (seq BIGINT PRIMARY KEY, line TEXT NOT NULL);
+         CREATE TABLE audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), head TEXT);
+         INSERT INTO audit_head (id, head) VALUES (1, NULL);
+         CREATE TABLE audit_sink_cursor (id INTEGER PRIMARY KEY CHECK (id = 1),
+             cursor BIGINT NOT NULL);
+         INSERT INTO audit_sink_cursor (id, cursor) VALUES (1, 0);
+         INSERT INTO deployments (policy_id, env, version, digest, outcome, started_at,
+             finished_at, actor)
+             VALUES ('42', 'dev', '1.0.0', 'sha256:aa', 'deployed', 't0', 't1', 'ana');
+         INSERT INTO active VALUES ('42', 'dev', '1.0.0', 'sha256:aa', 't1');",
+    );
+    let target = PgTarget::with_password(&db, Some(&pg::server().password)).unwrap();
+    let s = PgState::open(target).unwrap();
+    assert_eq!(
+        pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
+        "3",
+        "stored as the pde of issue 13 stores its newest schema"
+    );
+    assert_eq!(s.history("42").unwrap()[0].digest, "sha256:aa");
+    assert_eq!(s.active("42", "dev").unwrap().unwrap().version, "1.0.0");
+    s.put_bundle("sha256:aa", b"{}").unwrap();
+    assert_eq!(s.bundle("sha256:aa").unwrap().as_deref(), Some(&b"{}"[..]));
+    let id = s
+        .begin(&record("42", "dev", "sha256:bb", RecordOutcome::Deployed))
+        .unwrap();
+    assert_eq!(s.in_progress(Some("dev")).unwrap()[0].id, Some(id));
+    // Opening it again changes nothing.
+    let target = PgTarget::with_password(&db, Some(&pg::server().password)).unwrap();
+    drop(PgState::open(target).unwrap());
+    assert_eq!(
+        pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
+        "3"
+    );
 }
 
 #[test]
@@ -688,6 +930,25 @@ fn the_password_comes_only_from_the_named_variable_and_is_never_shown() {
     assert!(stderr(&o).contains("password_env"), "{}", stderr(&o));
 }
 
+/// Deploys policy 42 to `env`, whose one service `slow` hangs on the push,
+/// and kills the deploy there; returns `pde history 42` once the dead
+/// deploy's record reads as interrupted.
+fn kill_mid_push(ws: &Workspace, slow: &Receiver, env: &str) -> serde_json::Value {
+    slow.set_fault(Fault::Hang);
+    let before = slow.deploys();
+    let mut a = spawn(ws.root(), &["deploy", "42", "--env", env]);
+    wait_until("the push to arrive", || slow.deploys() > before);
+    a.kill().unwrap();
+    a.wait().unwrap();
+    let mut history = serde_json::Value::Null;
+    wait_until("the dead deploy's lock to be freed", || {
+        history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
+        history[0]["outcome"] != "in-progress"
+    });
+    assert_eq!(history[0]["outcome"], "interrupted", "{history}");
+    history
+}
+
 /// A deploy killed mid-push shows as interrupted in `status` and `history`,
 /// with what each service was last known to run; the next deploy settles it
 /// with a verified outcome.
@@ -713,19 +974,7 @@ fn an_interrupted_deploy_is_shown_then_settled(db: Option<&str>) {
     // v1.1.0's push hangs at the service; the deploy is killed there.
     ws.write_policy("42.json", &support::policy_42("1.1.0").to_string());
     ws.commit("1.1.0");
-    slow.set_fault(Fault::Hang);
-    let before = slow.deploys();
-    let mut a = spawn(ws.root(), &["deploy", "42", "--env", "production"]);
-    wait_until("the push to arrive", || slow.deploys() > before);
-    a.kill().unwrap();
-    a.wait().unwrap();
-
-    let mut history = serde_json::Value::Null;
-    wait_until("the dead deploy's lock to be freed", || {
-        history = json(&pde(ws.root(), &["history", "42", "--output", "json"]));
-        history[0]["outcome"] != "in-progress"
-    });
-    assert_eq!(history[0]["outcome"], "interrupted", "{history}");
+    let history = kill_mid_push(&ws, &slow, "production");
     assert_eq!(history[0]["version"], "1.1.0");
     assert_eq!(history[1]["outcome"], "deployed");
     let status = json(&pde(ws.root(), &["status", "--output", "json"]));

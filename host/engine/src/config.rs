@@ -40,6 +40,16 @@ pub enum ConfigError {
         /// What is wrong and how to fix it.
         message: String,
     },
+    /// A service's `token_env` names a variable that is not set (or is empty).
+    #[error(
+        "service {service:?}: token variable {var} is not set; export it, or remove `token_env` from the service in pde.toml"
+    )]
+    MissingToken {
+        /// The service.
+        service: String,
+        /// The environment variable pde.toml names.
+        var: String,
+    },
     /// An environment was asked for that the file does not define.
     #[error("unknown environment {name:?}; pde.toml defines: {known}")]
     UnknownEnv {
@@ -213,6 +223,34 @@ pub struct ApproverKey {
     /// still counts towards `min_approvals`, but not towards `required_roles`.
     #[serde(default)]
     pub roles: Vec<String>,
+    /// The person or team the key belongs to, for messages and reviews.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The last day (UTC) the key counts, `YYYY-MM-DD`; after it, its
+    /// approvals do not.
+    #[serde(default)]
+    pub expires: Option<String>,
+}
+
+impl ApproverKey {
+    /// Whether the key still counts on `today` (an unreadable expiry never
+    /// counts; `pde.toml`'s check names it).
+    pub fn valid_on(&self, today: jiff::civil::Date) -> bool {
+        valid_on(self.expires.as_deref(), today).unwrap_or(false)
+    }
+}
+
+/// Whether a key with expiry `expires` (the last day it counts,
+/// `YYYY-MM-DD`, UTC) still counts on `today`; an error says what is wrong
+/// with the date.
+pub fn valid_on(expires: Option<&str>, today: jiff::civil::Date) -> Result<bool, String> {
+    let Some(text) = expires else {
+        return Ok(true);
+    };
+    let last: jiff::civil::Date = text
+        .parse()
+        .map_err(|e| format!("expires = {text:?} is not a date (YYYY-MM-DD): {e}"))?;
+    Ok(today <= last)
 }
 
 pub use pde_plugin_host::Limits;
@@ -380,6 +418,28 @@ pub struct FreezeWindow {
     pub end: jiff::Timestamp,
 }
 
+impl Environment {
+    /// The names of this environment's freeze checks whose window holds
+    /// `now` (a window that does not parse counts as in force: pde.toml's
+    /// check refuses it anyway, and a freeze must never be read as lifted).
+    pub fn freezes_in_force(&self, now: jiff::Timestamp) -> Vec<String> {
+        self.checks
+            .iter()
+            .filter_map(|c| match c {
+                Check::Freeze {
+                    name,
+                    start,
+                    end,
+                    timezone,
+                } => FreezeWindow::parse(start, end, timezone.as_deref())
+                    .map_or(true, |w| w.contains(now))
+                    .then(|| name.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
 impl FreezeWindow {
     /// Reads `start`/`end` of a freeze check. Local date-times need
     /// `timezone`; RFC 3339 instants carry their own offset. The error says
@@ -448,6 +508,21 @@ pub struct Service {
     pub token_env: Option<String>,
 }
 
+impl Service {
+    /// The bearer token named by `token_env`, read now; `None` without one.
+    pub fn token(&self) -> Result<Option<pde_core::secret::Secret>, ConfigError> {
+        let Some(var) = &self.token_env else {
+            return Ok(None);
+        };
+        pde_core::secret::from_env(var)
+            .map(Some)
+            .ok_or_else(|| ConfigError::MissingToken {
+                service: self.name.clone(),
+                var: var.clone(),
+            })
+    }
+}
+
 impl Config {
     /// Reads and checks `<root>/pde.toml`.
     pub fn load(root: &Path) -> Result<Config, ConfigError> {
@@ -481,6 +556,11 @@ impl Config {
         }
         if self.limits.fuel == 0 || self.limits.memory_mib == 0 || self.limits.timeout_ms == 0 {
             return Err(invalid("[limits] values must be greater than zero".into()));
+        }
+        for key in &self.trust.approver_keys {
+            valid_on(key.expires.as_deref(), jiff::civil::Date::MIN).map_err(|e| {
+                invalid(format!("[trust] approver key {}: {e}", key.file.display()))
+            })?;
         }
         if self.audit.sink_url.as_deref().is_some_and(has_userinfo) {
             return Err(invalid(

@@ -21,11 +21,9 @@ use crate::keys::{self, TrustedKeys};
 use crate::plugin::{PluginHost, PluginSet as Plugins};
 use crate::policy::PolicyStore;
 use crate::state::StateStore;
-use crate::state::pg::{PgState, PgTarget};
-use crate::steps::envcheck::{self, HealthReport};
-use crate::steps::package::{self, PackageReport};
+use crate::steps::envcheck::HealthReport;
+use crate::steps::package::PackageReport;
 use crate::steps::validate::{self, ValidationReport};
-use crate::vcs::Repo;
 
 /// An opened policy workspace: `pde.toml`, the policy store, state, audit log
 /// and plugins. All pde operations are methods of the engine.
@@ -43,6 +41,9 @@ pub struct Engine {
     /// False for [`Engine::open_read_only`]: nothing under the state
     /// directory is created.
     writable: bool,
+    /// The security team's floor (`$PDE_TRUST`, `/etc/pde/trust.toml`), if
+    /// this machine has one.
+    pub(crate) floor: Option<crate::floor::Floor>,
     /// Set once the audit head is being signed with the workspace key.
     head_keyed: std::sync::OnceLock<()>,
     /// The empty, throwaway state a read-only engine reads when the
@@ -69,6 +70,7 @@ impl Engine {
     fn open_with(dir: &Path, writable: bool) -> Result<Engine, Error> {
         let root = dir.to_path_buf();
         let config = Config::load(&root)?;
+        let floor = crate::floor::Floor::load()?;
         let state_dir = root.join(&config.state);
         check_state_inside(&root, &config)?;
         let policies = PolicyStore::open(&root.join(&config.policies));
@@ -82,8 +84,7 @@ impl Engine {
                     source,
                 })?;
             }
-            let target = PgTarget::new(url, config.state.password_env.as_deref())?;
-            let state = StateStore::from_backend(Box::new(PgState::open(target)?));
+            let state = StateStore::connect(url, config.state.password_env.as_deref())?;
             let chain = state.audit_chain().ok_or_else(|| ConfigError::Invalid {
                 path: root.join(crate::config::FILE_NAME),
                 message: "the [state] backend keeps no audit chain".into(),
@@ -159,6 +160,7 @@ impl Engine {
             outbox,
             plugins: Mutex::new(None),
             writable,
+            floor,
             head_keyed: std::sync::OnceLock::new(),
             _scratch: scratch,
         })
@@ -209,7 +211,9 @@ impl Engine {
         Ok(self.config.environment(name)?)
     }
 
-    /// The public keys whose plugin signatures this workspace trusts.
+    /// The public keys whose plugin signatures this workspace trusts: the
+    /// floor's unexpired keys when there is a floor, else `[trust]
+    /// plugin_keys`; minus `[trust] revoked` either way.
     pub fn plugin_trust(&self) -> Result<TrustedKeys, Error> {
         let paths: Vec<PathBuf> = self
             .config
@@ -219,17 +223,41 @@ impl Engine {
             .map(|p| self.root.join(p))
             .collect();
         let mut trusted = TrustedKeys::from_files(&paths)?;
+        if let Some(floor) = &self.floor {
+            let floor_keys = floor.plugin_trust(crate::floor::today())?;
+            ignored_outside_floor("plugin", &trusted.key_ids(), &floor_keys.key_ids(), floor);
+            trusted = floor_keys;
+        }
         trusted.revoke(&self.config.trust.revoked);
         Ok(trusted)
     }
 
-    /// The keys whose signed approvals count (`[trust] approver_keys`),
-    /// minus `[trust] revoked`.
+    /// The keys whose signed approvals count: the floor's unexpired
+    /// approver keys when there is a floor, else `[trust] approver_keys`
+    /// (unexpired); minus `[trust] revoked` either way.
     pub fn approvers(&self) -> Result<pde_core::approval::Approvers, Error> {
+        let today = crate::floor::today();
         let mut approvers = pde_core::approval::Approvers::new();
+        let mut listed = Vec::new();
         for entry in &self.config.trust.approver_keys {
             let key = pde_core::keys::load_public_key(&self.root.join(&entry.file))?;
-            approvers.add(key, &entry.roles);
+            listed.push(keys::key_id(&key));
+            if entry.valid_on(today) {
+                approvers.add(key, &entry.roles);
+            }
+        }
+        if let Some(floor) = &self.floor {
+            approvers = floor.approvers(today)?;
+            let counted: Vec<String> = floor
+                .approver_keys
+                .iter()
+                .filter_map(|e| {
+                    let dir = floor.path.parent()?;
+                    pde_core::keys::load_public_key(&dir.join(&e.file)).ok()
+                })
+                .map(|k| keys::key_id(&k))
+                .collect();
+            ignored_outside_floor("approver", &listed, &counted, floor);
         }
         approvers.revoke(&self.config.trust.revoked);
         Ok(approvers)
@@ -333,9 +361,34 @@ impl Engine {
     /// audit head, and the head's signature by the workspace key.
     pub fn verify_audit(&self) -> Result<crate::audit::VerifyReport, Error> {
         let key = self.audit_verifying_key()?;
-        Ok(self
+        let report = self
             .audit
-            .verify_anchored(&self.audit_anchors()?, key.as_ref())?)
+            .verify_anchored(&self.audit_anchors()?, key.as_ref())?;
+        // The state is a second witness: what it says happened must be in
+        // the chain, or a cut tail hides behind a restored head.
+        let records = self.audit.records()?;
+        let mut policies: std::collections::BTreeSet<String> =
+            records.iter().map(|r| r.policy_id.clone()).collect();
+        policies.extend(self.state.status(None)?.into_iter().map(|e| e.policy_id));
+        policies.extend(self.policies.ids().unwrap_or_default());
+        let mut missing = Vec::new();
+        for policy_id in policies.iter().filter(|p| !p.is_empty()) {
+            let history = self.state.history(policy_id)?;
+            missing.extend(crate::bookkeeping::unrecorded(&history, &records));
+        }
+        if let Some(first) = missing.first() {
+            return Err(crate::audit::AuditError::Anchor {
+                reason: format!(
+                    "{first}{}: records were cut from the log, or the state belongs to another log",
+                    match missing.len() {
+                        1 => String::new(),
+                        n => format!(" (and {} more)", n - 1),
+                    }
+                ),
+            }
+            .into());
+        }
+        Ok(report)
     }
 
     /// The public half of the signing key: from `<key_file>.pub` when there
@@ -383,17 +436,8 @@ impl Engine {
             Some(name) => Some((name, self.environment(name)?)),
             None => None,
         };
-        let plugins = self.plugins()?;
-        if let Some((name, environment)) = env {
-            crate::provenance::check_required(&plugins, name, environment, &self.plugins_dir())?;
-            validate::check_signed_plugins(&plugins, name, environment)?;
-        }
-        let policy = validate::load(&self.policies, policy_id)?;
-        let approvers = self.approvers()?;
-        let report = off_runtime(|| {
-            validate::validate(self.validate_inputs(&plugins, &approvers), &policy, env)
-        })?;
-        Ok(report.into_result()?)
+        let plugins = self.plugin_gates(env)?;
+        Ok(self.validate_stage(&plugins, policy_id, env)?.1)
     }
 
     /// `pde approve ID --key FILE`: signs the policy's content digest and
@@ -419,23 +463,15 @@ impl Engine {
     /// `pde package ID [-o DIR]`: steps 1 and 2, writing the bundle.
     pub fn package(&self, policy_id: &str, out: Option<&Path>) -> Result<PackageReport, Error> {
         let _span = tracing::info_span!("package", policy_id).entered();
-        let plugins = self.plugins()?;
-        let policy = validate::load(&self.policies, policy_id)?;
-        let approvers = self.approvers()?;
-        let validation = off_runtime(|| {
-            validate::validate(self.validate_inputs(&plugins, &approvers), &policy, None)
-        })?
-        .into_result()?;
-        let repo = Repo::discover(&self.root)?;
-        crate::provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
-        let key = self.signing_key()?;
-        let bundle = package::seal(&repo, &policy, &validation, key.as_ref())?;
-        let path = package::write(&bundle, out.unwrap_or(&self.dist_dir()))?;
+        let plugins = self.plugin_gates(None)?;
+        let (policy, validation) = self.validate_stage(&plugins, policy_id, None)?;
+        let out = out.map_or_else(|| self.dist_dir(), Path::to_path_buf);
+        let packaged = self.package_stage(&policy, &validation, None, Some(&out))?;
         Ok(PackageReport {
-            digest: bundle.digest.clone(),
-            path,
+            digest: packaged.bundle.digest.clone(),
+            path: packaged.path.unwrap_or(out),
             validation,
-            bundle,
+            bundle: packaged.bundle,
         })
     }
 
@@ -444,20 +480,24 @@ impl Engine {
     /// overrides it.
     pub async fn env_check(&self, env_name: &str) -> Result<HealthReport, Error> {
         let env = self.environment(env_name)?;
-        let targets = env
-            .services
-            .iter()
-            .map(crate::steps::push::target_of)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(envcheck::check_all(
-            &self.http,
-            &targets,
-            &env.checks,
-            self.config.push.timeout(),
-            jiff::Timestamp::now(),
-            None,
-        )
-        .await?)
+        Ok(self.envcheck_stage(env, None).await?.1)
+    }
+}
+
+/// A key pde.toml trusts that the floor does not list counts for nothing;
+/// say so, naming it, so nobody wonders why a signature was ignored.
+fn ignored_outside_floor(
+    what: &str,
+    listed: &[String],
+    floor_keys: &[String],
+    floor: &crate::floor::Floor,
+) {
+    for keyid in listed.iter().filter(|k| !floor_keys.contains(k)) {
+        tracing::warn!(
+            keyid,
+            floor = %floor.path.display(),
+            "{what} key {keyid} is trusted in pde.toml but not by the trust floor; it does not count"
+        );
     }
 }
 

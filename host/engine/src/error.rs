@@ -51,6 +51,9 @@ pub enum Error {
     /// A policy or plugin file is not what the commit holds.
     #[error(transparent)]
     Provenance(#[from] crate::provenance::ProvenanceError),
+    /// The trust floor cannot be read, or `pde.toml` lowers it.
+    #[error(transparent)]
+    Floor(#[from] crate::floor::FloorError),
     /// A rollback could not start or did not complete.
     #[error(transparent)]
     Rollback(#[from] RollbackError),
@@ -128,6 +131,7 @@ impl HasExitCode for Error {
             Error::Http(e) => e.exit_code(),
             Error::Rollback(e) => e.exit_code(),
             Error::Provenance(e) => e.exit_code(),
+            Error::Floor(e) => e.exit_code(),
             Error::Io { .. } => ExitCode::Usage,
             Error::ValidationFailed { .. } => ExitCode::ValidationFailed,
             Error::Validate(e) => e.exit_code(),

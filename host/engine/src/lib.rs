@@ -27,9 +27,11 @@
 
 pub mod audit;
 pub mod blocking;
+mod bookkeeping;
 pub mod config;
 mod engine;
 pub mod error;
+pub mod floor;
 pub mod history;
 pub mod http;
 pub mod live;
@@ -41,6 +43,7 @@ pub mod provenance;
 pub mod report;
 pub mod rollback;
 mod runtime;
+mod stages;
 pub mod state;
 pub mod steps;
 pub mod team;

@@ -23,7 +23,7 @@ use crate::engine::Engine;
 use crate::error::Error;
 use crate::http::{self, Target};
 use crate::state::ActiveEntry;
-use crate::steps::push::{self, ActiveRecord};
+use crate::steps::push::ActiveRecord;
 
 /// Everything `pde status --live` found.
 #[derive(Debug, Clone, Serialize)]
@@ -128,7 +128,7 @@ impl Engine {
         let mut asks = Vec::new();
         for name in &envs {
             for service in &self.environment(name)?.services {
-                let target = push::target_of(service)?;
+                let target = self.target(service)?;
                 let expected = expected_on(&entries, name, &service.name);
                 asks.push(async move {
                     let answer =

@@ -4,10 +4,12 @@
 //! validate → package → check environment → route → push → tag → audit
 //! ```
 //!
-//! Each step is a function of [`crate::steps`] that takes only what it uses;
-//! this file decides their order, hands each the parts of the [`Engine`] it
-//! needs, and appends the audit record each step ends with, so the log tells
-//! what happened even when a later step fails. Nothing is pushed before
+//! Each step runs through its one entry point in [`crate::stages`], the same
+//! one `pde validate`, `pde package`, `pde env check` and `pde plan` use.
+//! This file decides their order and appends the audit record each step ends
+//! with, so the log tells what happened even when a later step fails: the
+//! audit is cross-cutting, and step 7 is the `deployed` (or `deploy_failed`)
+//! record that closes the chain of this deploy. Nothing is pushed before
 //! validation, packaging, every gate and the health check have passed; once
 //! a push starts, a failure is compensated by the push step and reported as
 //! `rolled-back` or `needs-attention`, never as a success.
@@ -16,15 +18,12 @@ use serde_json::json;
 use tracing::Instrument as _;
 
 use crate::audit::Event;
+use crate::bookkeeping::Deployment;
 use crate::engine::Engine;
 use crate::error::{Error, HasExitCode};
-use crate::http::Target;
-use crate::provenance;
 use crate::steps::audit::Recorder;
 use crate::steps::push::{self, Outcome};
-use crate::steps::tag::{self, Release};
-use crate::steps::{envcheck, package, route, validate};
-use crate::vcs::Repo;
+use crate::steps::tag::Release;
 
 pub use crate::report::{DeployOptions, DeployOutcome, DeployReport};
 
@@ -36,8 +35,9 @@ impl Engine {
     }
 
     /// Runs the seven steps under the deploy lock of the policy and
-    /// environment. A deploy that pushed but did not end `deployed` is an
-    /// [`Error::DeployFailed`] carrying the full report.
+    /// environment, under the committed `pde.toml`. A deploy that pushed but
+    /// did not end `deployed` is an [`Error::DeployFailed`] carrying the
+    /// full report.
     pub async fn deploy(
         &self,
         policy_id: &str,
@@ -57,25 +57,21 @@ impl Engine {
                 true => None,
                 false => Some(self.state.lock(policy_id, env_name)?),
             };
-            if !opts.dry_run {
-                self.key_audit_head()?;
-                self.settle_interrupted(policy_id, env_name)?;
-            }
-            // The gates come from pde.toml, so a deploy runs under the
-            // committed one and its record names it (commit and digest).
             let config = match opts.dry_run {
                 true => Ok(None),
-                false => Repo::discover(&self.root)
-                    .map_err(Error::from)
-                    .and_then(|repo| Ok(provenance::config_in_force(&repo, &self.root)?))
-                    .map(Some),
+                false => {
+                    self.key_audit_head()?;
+                    self.settle_interrupted(policy_id, env_name)?;
+                    self.config_in_force().map(Some)
+                }
             };
             let in_force = config.as_ref().ok().cloned().flatten();
             audit.record(Event::DeployStart, json!({"config": in_force}))?;
             let result = match config {
-                Ok(_) => self.steps(policy_id, env_name, opts, audit).await,
+                Ok(_) => self.steps(policy_id, env_name, opts, &audit).await,
                 Err(e) => Err(e),
             };
+            // 7. audit: the record that closes this deploy.
             match &result {
                 Ok(r) => audit.record(
                     Event::Deployed,
@@ -98,7 +94,7 @@ impl Engine {
         policy_id: &str,
         env_name: &str,
         opts: &DeployOptions<'_>,
-        audit: Recorder<'_>,
+        audit: &Recorder<'_>,
     ) -> Result<DeployReport, Error> {
         let note = |f: &dyn Fn(&mut crate::report::PartialReport)| {
             if let Some(so_far) = opts.so_far {
@@ -110,26 +106,12 @@ impl Engine {
             p.env = Some(env_name.to_string());
         });
         let env = self.environment(env_name)?;
+        let target = Some((env_name, env));
 
-        // 1. validate: the environment's plugin gates first (a missing or
-        // unsigned plugin is a workspace problem, not a finding), then the
-        // policy.
-        let plugins = self.plugins()?;
-        provenance::check_required(&plugins, env_name, env, &self.plugins_dir())?;
-        validate::check_signed_plugins(&plugins, env_name, env)?;
-        let approvers = self.approvers()?;
-        let span = tracing::info_span!("validate");
-        let validated = crate::engine::off_runtime(|| {
-            let _span = span.enter();
-            let policy = validate::load(&self.policies, policy_id)?;
-            let report = validate::validate(
-                self.validate_inputs(&plugins, &approvers),
-                &policy,
-                Some((env_name, env)),
-            )?
-            .into_result()?;
-            Ok::<_, Error>((policy, report))
-        });
+        // 1. validate
+        let plugins = self.plugin_gates(target)?;
+        let validated = tracing::info_span!("validate")
+            .in_scope(|| self.validate_stage(&plugins, policy_id, target));
         let (policy, validation) = match validated {
             Ok(v) => v,
             Err(e) => {
@@ -155,73 +137,29 @@ impl Engine {
         )?;
 
         // 2. package
-        let version = policy.version.to_string();
-        let (repo, admitted, bundle_path) = tracing::info_span!("package").in_scope(|| {
-            let repo = Repo::discover(&self.root)?;
-            provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
-            let key = self.signing_key()?;
-            let built = package::seal(&repo, &policy, &validation, key.as_ref())?;
-            let admitted = package::admit(
-                &self.state,
-                &self.dist_dir(),
-                &policy,
-                env_name,
-                env,
-                built,
-                key.as_ref(),
-            )?;
-            let bundle = &admitted.bundle;
-            tag::check_free(
-                &repo,
-                &release(policy_id, &version, env_name, &bundle.digest),
-            )?;
-            let bundle_path = match opts.dry_run {
-                true => None,
-                false => {
-                    // Kept in the state before anything is pushed, so
-                    // whoever shares it can show this version to the
-                    // validators of the next deploy once it is active.
-                    self.state
-                        .put_bundle(&bundle.digest, &bundle.to_canonical_bytes())?;
-                    Some(package::write(bundle, &self.dist_dir())?)
-                }
-            };
-            Ok::<_, Error>((repo, admitted, bundle_path))
-        })?;
-        let package::Admitted {
-            bundle,
-            artifact,
-            already_active,
-        } = admitted;
+        let dist = self.dist_dir();
+        let out = (!opts.dry_run).then_some(dist.as_path());
+        let packaged = tracing::info_span!("package")
+            .in_scope(|| self.package_stage(&policy, &validation, target, out))?;
+        let (bundle, version) = (&packaged.bundle, policy.version.to_string());
         note(&|p| {
             p.digest = Some(bundle.digest.clone());
-            p.artifact = Some(artifact.clone());
-            p.already_active = Some(already_active);
-            p.bundle_path = bundle_path.clone();
+            p.artifact = Some(packaged.artifact.clone());
+            p.already_active = Some(packaged.already_active);
+            p.bundle_path = packaged.path.clone();
         });
         audit.record(
             Event::Packaged,
             json!({"digest": bundle.digest, "version": version,
-                   "source_commit": artifact.source_commit,
-                   "reused_from": artifact.reused_from}),
+                   "source_commit": packaged.artifact.source_commit,
+                   "reused_from": packaged.artifact.reused_from}),
         )?;
 
         // 3. check the environment
-        let targets = env
-            .services
-            .iter()
-            .map(push::target_of)
-            .collect::<Result<Vec<Target>, _>>()?;
-        let health = envcheck::check_all(
-            &self.http,
-            &targets,
-            &env.checks,
-            self.config.push.timeout(),
-            jiff::Timestamp::now(),
-            opts.override_freeze,
-        )
-        .instrument(tracing::info_span!("envcheck"))
-        .await?;
+        let (targets, health) = self
+            .envcheck_stage(env, opts.override_freeze)
+            .instrument(tracing::info_span!("envcheck"))
+            .await?;
         note(&|p| p.health = Some(health.clone()));
         if !health.healthy() {
             let failing = health.failing_services();
@@ -238,28 +176,14 @@ impl Engine {
         // An override is recorded where the check it bypassed is: on the
         // `env_check_ok` record, with who (the record's actor) and why.
         let mut ok = json!({"services": targets.len(), "checks": health.checks});
-        let overridden = health.overridden_freezes();
-        if !overridden.is_empty() {
-            ok["freeze_override"] = json!({
-                "reason": overridden[0].1,
-                "checks": overridden.iter().map(|(name, _)| *name).collect::<Vec<_>>(),
-            });
+        if let Some(overridden) = health.freeze_override() {
+            ok["freeze_override"] = overridden;
         }
         audit.record(Event::EnvCheckOk, ok)?;
 
         // 4. route
-        let span = tracing::info_span!("route");
-        let routes = crate::engine::off_runtime(|| {
-            let _span = span.enter();
-            route::route(
-                &*self.plugins()?,
-                &policy,
-                env_name,
-                env,
-                validation.active.as_ref(),
-            )
-            .map_err(Error::from)
-        })?;
+        let routes = tracing::info_span!("route")
+            .in_scope(|| self.route_stage(&policy, (env_name, env), validation.active.as_ref()))?;
         note(&|p| p.routes = Some(routes.clone()));
         audit.record(Event::Routed, json!({"routes": routes}))?;
 
@@ -269,9 +193,9 @@ impl Engine {
             env: env_name.to_string(),
             digest: bundle.digest.clone(),
             outcome: DeployOutcome::DryRun,
-            already_active,
-            artifact,
-            bundle_path,
+            already_active: packaged.already_active,
+            artifact: packaged.artifact.clone(),
+            bundle_path: packaged.path.clone(),
             validation,
             health,
             routes,
@@ -283,43 +207,22 @@ impl Engine {
         }
 
         // 5. push
-        let routed: Vec<Target> = targets
+        let routed: Vec<_> = targets
             .into_iter()
             .filter(|t| report.routes.iter().any(|r| r.service == t.service))
             .collect();
-        let started_at = pde_core::clock::now_rfc3339();
-        // Recorded before the first byte leaves, so a deploy killed mid-push
-        // shows as interrupted rather than not at all.
-        let in_progress = self.state.begin(&crate::state::DeploymentRecord {
-            id: None,
-            policy_id: policy_id.to_string(),
-            env: env_name.to_string(),
-            version: version.clone(),
-            digest: bundle.digest.clone(),
-            outcome: crate::state::RecordOutcome::InProgress,
-            started_at: started_at.clone(),
-            finished_at: started_at.clone(),
-            actor: crate::audit::default_actor(),
-            targets: routed
-                .iter()
-                .map(|t| crate::state::TargetRecord {
-                    service: t.service.clone(),
-                    outcome: "pending".into(),
-                    previous_digest: None,
-                    detail: String::new(),
-                })
-                .collect(),
-        })?;
-        let pushed = push::push(
-            &self.http,
-            &bundle,
+        let services = routed.iter().map(|t| (t.service.clone(), None));
+        let deployment = Deployment::begin(
+            &self.state,
+            policy_id,
             env_name,
-            &routed,
-            &self.config.push,
-            opts.observer,
-        )
-        .instrument(tracing::info_span!("push", targets = routed.len()))
-        .await;
+            &version,
+            &bundle.digest,
+            services,
+        )?;
+        let pushed = self
+            .push_stage(bundle, env_name, &routed, opts.observer)
+            .await;
         let event = match pushed.outcome {
             Outcome::Deployed => Event::Pushed,
             Outcome::RolledBack | Outcome::NeedsAttention => Event::PushFailed,
@@ -335,14 +238,12 @@ impl Engine {
                 json!({"digest": report.digest, "outcome": pushed.outcome}),
             )?;
         }
-        self.state.finish(
-            in_progress,
-            &push::deployment_record(&report.policy_id, env_name, &version, &pushed, &started_at),
+        let holdings = push::holdings(&pushed, &version);
+        deployment.finish(
+            pushed.outcome.into(),
+            push::target_records(&pushed),
+            holdings,
         )?;
-        for (service, holds) in push::holdings(&pushed, &version) {
-            self.state
-                .set_service_active(policy_id, env_name, &service, holds)?;
-        }
         report.outcome = pushed.outcome.into();
         report.push = Some(pushed);
         note(&|p| *p = (&report).into());
@@ -354,35 +255,16 @@ impl Engine {
                 report: Box::new(report),
             });
         }
-        self.state
-            .set_active(policy_id, env_name, &version, &report.digest)?;
 
         // 6. tag
         let services: Vec<String> = report.routes.iter().map(|r| r.service.clone()).collect();
-        let audit_head = self.audit.last()?;
-        let release = Release {
-            audit_head: audit_head.as_ref().map(|(seq, hash)| (*seq, hash.as_str())),
-            ..release(policy_id, &version, env_name, &report.digest)
-        };
-        let tagged =
-            tracing::info_span!("tag").in_scope(|| tag::ensure(&repo, &release, &services))?;
+        let release = Release::new(policy_id, &version, env_name, &report.digest);
+        let tagged = self.tag_stage(&packaged.repo, release, &services)?;
         audit.record(
             Event::Tagged,
             json!({"tag": tagged.name, "created": tagged.created}),
         )?;
         report.tag = Some(tagged);
-
-        // 7. audit: `deploy` appends `deployed` once this returns.
         Ok(report)
-    }
-}
-
-fn release<'a>(policy_id: &'a str, version: &'a str, env: &'a str, digest: &'a str) -> Release<'a> {
-    Release {
-        policy_id,
-        version,
-        env,
-        digest,
-        audit_head: None,
     }
 }

@@ -77,7 +77,7 @@ impl Engine {
                 .iter()
                 .find(|s| s.name == route.service)
                 .expect("routes only name services of the environment");
-            let target = crate::push::target_of(service)?;
+            let target = self.target(service)?;
             let active = push::get_active(&self.http, &target, policy_id, &self.config.push).await;
             let (active_digest, active_version, change, error) = match active {
                 Ok(None) => (None, None, Change::Install, None),

@@ -228,6 +228,18 @@ pub struct ConfigInForce {
     pub commit: String,
     /// sha256 (hex) of `pde.toml`'s bytes, which are the committed ones.
     pub sha256: String,
+    /// The trust floor in force on this machine, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<FloorInForce>,
+}
+
+/// The trust floor a deploy or rollback ran under.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct FloorInForce {
+    /// The floor file.
+    pub path: PathBuf,
+    /// sha256 (hex) of its bytes.
+    pub sha256: String,
 }
 
 /// `pde.toml` is a regular file that the commit holds unchanged; returns
@@ -250,6 +262,7 @@ pub fn config_in_force(repo: &Repo, root: &Path) -> Result<ConfigInForce, Proven
     Ok(ConfigInForce {
         commit: repo.head_commit()?,
         sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        floor: None,
     })
 }
 

@@ -10,6 +10,7 @@
 use serde_json::json;
 
 use crate::audit::Event;
+use crate::bookkeeping::Deployment;
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::push;
@@ -43,6 +44,13 @@ impl Engine {
         let env = self.environment(env_name)?;
         let _lock = self.state.lock(policy_id, env_name)?;
         self.settle_interrupted(policy_id, env_name)?;
+        let config = self.config_in_force()?;
+        // A rollback is the emergency exit: a change freeze does not stop
+        // it, but its record says which freezes were in force.
+        let freezes = env.freezes_in_force(jiff::Timestamp::now());
+        if !freezes.is_empty() {
+            tracing::warn!(?freezes, "rolling back during a change freeze");
+        }
         let active = self.state.active(policy_id, env_name)?.ok_or_else(|| {
             RollbackError::NothingActive {
                 policy_id: policy_id.to_string(),
@@ -75,31 +83,20 @@ impl Engine {
             .services
             .iter()
             .filter(|s| holders.contains(&s.name))
-            .map(crate::push::target_of)
+            .map(|s| self.target(s))
             .collect::<Result<Vec<_>, _>>()?;
 
         self.key_audit_head()?;
-        let started_at = pde_core::clock::now_rfc3339();
-        let in_progress = self.state.begin(&DeploymentRecord {
-            id: None,
-            policy_id: policy_id.to_string(),
-            env: env_name.to_string(),
-            version: target.version.clone(),
-            digest: target.digest.clone(),
-            outcome: RecordOutcome::InProgress,
-            started_at: started_at.clone(),
-            finished_at: started_at.clone(),
-            actor: crate::audit::default_actor(),
-            targets: targets
+        let in_progress = Deployment::begin(
+            &self.state,
+            policy_id,
+            env_name,
+            &target.version,
+            &target.digest,
+            targets
                 .iter()
-                .map(|t| TargetRecord {
-                    service: t.service.clone(),
-                    outcome: "pending".into(),
-                    previous_digest: Some(active.digest.clone()),
-                    detail: String::new(),
-                })
-                .collect(),
-        })?;
+                .map(|t| (t.service.clone(), Some(active.digest.clone()))),
+        )?;
         let results = {
             let calls = targets.iter().map(|t| async {
                 let result = match push::rollback(
@@ -149,51 +146,39 @@ impl Engine {
         )
         .record(Event::RolledBack, {
             let mut data = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
+            data["config"] = json!(config);
+            data["freezes_in_force"] = json!(freezes);
             if let Some(reason) = reason {
                 data["reason"] = reason.into();
             }
             data
         })?;
-        for t in &report.targets {
-            let holds =
-                t.ok.then_some((target.version.as_str(), target.digest.as_str()));
-            self.state
-                .set_service_active(policy_id, env_name, &t.service, holds)?;
-        }
         let failed: Vec<String> = report
             .targets
             .iter()
             .filter(|t| !t.ok)
             .map(|t| format!("{} ({})", t.service, t.detail))
             .collect();
-        self.state.finish(
-            in_progress,
-            &DeploymentRecord {
-                id: None,
-                policy_id: policy_id.to_string(),
-                env: env_name.to_string(),
-                version: target.version.clone(),
-                digest: target.digest.clone(),
-                outcome: if failed.is_empty() {
-                    RecordOutcome::Rollback
-                } else {
-                    RecordOutcome::RollbackFailed
-                },
-                started_at,
-                finished_at: pde_core::clock::now_rfc3339(),
-                actor: crate::audit::default_actor(),
-                targets: report
-                    .targets
-                    .iter()
-                    .map(|t| TargetRecord {
-                        service: t.service.clone(),
-                        outcome: if t.ok { "rolled-back" } else { "failed" }.into(),
-                        previous_digest: Some(active.digest.clone()),
-                        detail: t.detail.clone(),
-                    })
-                    .collect(),
-            },
-        )?;
+        let outcome = match failed.is_empty() {
+            true => RecordOutcome::Rollback,
+            false => RecordOutcome::RollbackFailed,
+        };
+        let records = report
+            .targets
+            .iter()
+            .map(|t| TargetRecord {
+                service: t.service.clone(),
+                outcome: if t.ok { "rolled-back" } else { "failed" }.into(),
+                previous_digest: Some(active.digest.clone()),
+                detail: t.detail.clone(),
+            })
+            .collect();
+        let holdings = report.targets.iter().map(|t| {
+            let holds =
+                t.ok.then_some((target.version.as_str(), target.digest.as_str()));
+            (t.service.clone(), holds)
+        });
+        in_progress.finish(outcome, records, holdings)?;
         if !failed.is_empty() {
             return Err(Error::Rollback(RollbackError::Failed {
                 policy_id: policy_id.to_string(),
@@ -202,8 +187,6 @@ impl Engine {
                 report: Box::new(report),
             }));
         }
-        self.state
-            .set_active(policy_id, env_name, &target.version, &target.digest)?;
         Ok(report)
     }
 }

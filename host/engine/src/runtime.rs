@@ -19,3 +19,31 @@ pub(crate) fn off_runtime<T: Send>(work: impl FnOnce() -> T + Send) -> T {
         Err(panic) => std::panic::resume_unwind(panic),
     })
 }
+
+/// A value whose drop shuts down a runtime of its own (a PostgreSQL
+/// client), which tokio forbids inside another runtime: it is always
+/// dropped through [`off_runtime`].
+pub(crate) struct DropOffRuntime<T: Send>(Option<T>);
+
+impl<T: Send> DropOffRuntime<T> {
+    /// Wraps `value`.
+    pub(crate) fn new(value: T) -> Self {
+        DropOffRuntime(Some(value))
+    }
+
+    /// The value.
+    pub(crate) fn get(&mut self) -> &mut T {
+        // Only `drop` empties it.
+        self.0
+            .as_mut()
+            .unwrap_or_else(|| unreachable!("used after drop"))
+    }
+}
+
+impl<T: Send> Drop for DropOffRuntime<T> {
+    fn drop(&mut self) {
+        if let Some(value) = self.0.take() {
+            off_runtime(move || drop(value));
+        }
+    }
+}

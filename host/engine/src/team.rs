@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::audit::{AuditLog, Event};
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::state::{Lease, SqliteState, StateBackend as _, StateError, pg::PgState, stored_bundle};
+use crate::state::{Lease, SqliteState, StateBackend as _, StateError, StateStore, stored_bundle};
 
 /// What `pde state migrate --from sqlite` moved.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -56,7 +56,7 @@ impl Engine {
     /// seq and hash.
     pub fn migrate_from_sqlite(&self) -> Result<MigrateReport, Error> {
         let Some(url) = &self.config.state.url else {
-            return Err(StateError::PgConfig {
+            return Err(StateError::Config {
                 location: "pde.toml".into(),
                 message: "[state] url is not set: name the PostgreSQL database to migrate into"
                     .into(),
@@ -65,32 +65,36 @@ impl Engine {
         };
         let state_dir = self.state_dir();
         if !state_dir.join("state.db").is_file() {
-            return Err(StateError::PgConfig {
+            return Err(StateError::Config {
                 location: url.clone(),
                 message: format!("no SQLite state to migrate at {}", state_dir.display()),
             }
             .into());
         }
         let sqlite = SqliteState::open(&state_dir)?;
-        let history = sqlite.all_history()?;
-        let status = sqlite.status(None)?;
+        // The stored rows, table by table: not `status`, which shows a first
+        // deploy killed mid-push as an entry with an empty version and
+        // digest (it has no active version, only an in-progress record).
+        let dump = sqlite.dump()?;
         let file_log = AuditLog::open_read_only(&state_dir)?;
         let before = file_log.verify()?;
         let (lines, head) = file_log.export_chain()?;
-        let pg = PgState::open(crate::state::pg::PgTarget::new(
-            url,
-            self.config.state.password_env.as_deref(),
-        )?)?;
-        pg.import(&history, &status)?;
+        let shared = StateStore::connect(url, self.config.state.password_env.as_deref())?;
+        shared.import(&dump)?;
         // Every bundle this checkout still has of what it deployed: the
         // active ones are what validators compare a change against, the
         // older ones what a rollback makes active.
         let mut bundles = 0;
         let mut seen = std::collections::BTreeSet::new();
-        let deployed = history
+        let deployed = dump
+            .deployments
             .iter()
             .map(|d| (&d.policy_id, &d.version, &d.digest))
-            .chain(status.iter().map(|e| (&e.policy_id, &e.version, &e.digest)));
+            .chain(
+                dump.active
+                    .iter()
+                    .map(|e| (&e.policy_id, &e.version, &e.digest)),
+            );
         for (policy_id, version, digest) in deployed {
             if digest.is_empty() || !seen.insert(digest.as_str()) {
                 continue;
@@ -98,7 +102,7 @@ impl Engine {
             if let Ok(bundle) =
                 stored_bundle(&sqlite, &self.dist_dir(), policy_id, version, digest)?
             {
-                pg.put_bundle(digest, &bundle.to_canonical_bytes())?;
+                shared.put_bundle(digest, &bundle.to_canonical_bytes())?;
                 bundles += 1;
             }
         }
@@ -115,8 +119,8 @@ impl Engine {
         }
         Ok(MigrateReport {
             to: url.clone(),
-            deployments: history.len(),
-            active: status.len(),
+            deployments: dump.deployments.len(),
+            active: dump.active.len(),
             bundles,
             audit_records: after.records,
             audit_head: after.last_hash,

@@ -56,6 +56,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 pub mod outbox;
+pub mod pg_chain;
 
 use pde_core::{ExitCode, HasExitCode};
 

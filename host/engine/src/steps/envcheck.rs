@@ -52,6 +52,15 @@ impl HealthReport {
             .collect()
     }
 
+    /// `{"reason", "checks"}` of the freezes an override let through, for
+    /// the audit record of the check; `None` when none was overridden.
+    pub fn freeze_override(&self) -> Option<serde_json::Value> {
+        let overridden = self.overridden_freezes();
+        let (_, reason) = overridden.first()?;
+        let checks: Vec<&str> = overridden.iter().map(|(name, _)| *name).collect();
+        Some(serde_json::json!({"reason": reason, "checks": checks}))
+    }
+
     /// The services that are not healthy.
     pub fn failures(&self) -> Vec<&ServiceHealth> {
         self.services.iter().filter(|s| !s.healthy).collect()

@@ -77,6 +77,19 @@ pub struct Release<'a> {
     pub audit_head: Option<(u64, &'a str)>,
 }
 
+impl<'a> Release<'a> {
+    /// A release with no audit head recorded yet.
+    pub fn new(policy_id: &'a str, version: &'a str, env: &'a str, digest: &'a str) -> Self {
+        Release {
+            policy_id,
+            version,
+            env,
+            digest,
+            audit_head: None,
+        }
+    }
+}
+
 /// The release tag name: `policy/<id>/v<version>/<env>`.
 pub fn tag_name(policy_id: &str, version: &str, env: &str) -> String {
     format!("policy/{policy_id}/v{version}/{env}")

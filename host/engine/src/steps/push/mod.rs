@@ -46,23 +46,13 @@ use pde_core::retry::RetryPolicy;
 use pde_core::{ExitCode, HasExitCode};
 
 use crate::bundle::Bundle;
-use crate::config::{PushConfig, Service};
+use crate::config::PushConfig;
 use crate::http::{self, Hooks, HttpError};
 pub use crate::http::{Target, client};
 
 /// Why talking to a target, or preparing to, failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
-    /// `token_env` names a variable that is not set (or is empty).
-    #[error(
-        "service {service:?}: token variable {var} is not set; export it, or remove `token_env` from the service in pde.toml"
-    )]
-    MissingToken {
-        /// The service.
-        service: String,
-        /// The environment variable pde.toml names.
-        var: String,
-    },
     /// A request failed: no answer, or a final error status.
     #[error(transparent)]
     Http(#[from] HttpError),
@@ -108,28 +98,8 @@ pub enum PushError {
 
 impl HasExitCode for PushError {
     fn exit_code(&self) -> ExitCode {
-        match self {
-            PushError::MissingToken { .. } => ExitCode::Usage,
-            _ => ExitCode::DeployFailed,
-        }
+        ExitCode::DeployFailed
     }
-}
-
-/// The target for a configured service, reading its token from
-/// `token_env`. An unset or empty variable is an error naming it.
-pub fn target_of(s: &Service) -> Result<Target, PushError> {
-    let token = match &s.token_env {
-        None => None,
-        Some(var) => {
-            Some(
-                pde_core::secret::from_env(var).ok_or_else(|| PushError::MissingToken {
-                    service: s.name.clone(),
-                    var: var.clone(),
-                })?,
-            )
-        }
-    };
-    Ok(Target::new(s.name.clone(), &s.url, token))
 }
 
 pub use pde_core::wire::ActiveRecord;
@@ -389,36 +359,18 @@ pub struct TargetReport {
     pub error_code: Option<String>,
 }
 
-/// What the state database keeps of a push: one deployment and its
-/// per-target results.
-pub fn deployment_record(
-    policy_id: &str,
-    env: &str,
-    version: &str,
-    pushed: &PushReport,
-    started_at: &str,
-) -> crate::state::DeploymentRecord {
-    crate::state::DeploymentRecord {
-        id: None,
-        policy_id: policy_id.to_string(),
-        env: env.to_string(),
-        version: version.to_string(),
-        digest: pushed.digest.clone(),
-        outcome: pushed.outcome.into(),
-        started_at: started_at.to_string(),
-        finished_at: pde_core::clock::now_rfc3339(),
-        actor: crate::audit::default_actor(),
-        targets: pushed
-            .targets
-            .iter()
-            .map(|t| crate::state::TargetRecord {
-                service: t.service.clone(),
-                outcome: t.state.to_string(),
-                previous_digest: t.previous_digest.clone(),
-                detail: t.detail.clone(),
-            })
-            .collect(),
-    }
+/// Each target's result, as the state records it.
+pub fn target_records(pushed: &PushReport) -> Vec<crate::state::TargetRecord> {
+    pushed
+        .targets
+        .iter()
+        .map(|t| crate::state::TargetRecord {
+            service: t.service.clone(),
+            outcome: t.state.to_string(),
+            previous_digest: t.previous_digest.clone(),
+            detail: t.detail.clone(),
+        })
+        .collect()
 }
 
 /// What each target runs for the pushed policy now, where the push changed

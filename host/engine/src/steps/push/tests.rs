@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::*;
+use crate::config::Service;
 use crate::http::HttpError;
 use crate::test_receiver::{self, Gauge, Mode, OTHER_DIGEST, Receiver};
 use pde_core::secret::ExposeSecret;
@@ -357,7 +358,7 @@ fn a_missing_token_variable_is_a_usage_error_naming_it() {
         labels: Default::default(),
         token_env: Some(var.clone()),
     };
-    let err = crate::push::target_of(&service).unwrap_err();
+    let err = service.token().unwrap_err();
     assert_eq!(err.exit_code(), ExitCode::Usage);
     let msg = err.to_string();
     assert!(msg.contains(&var) && msg.contains("HMS-API"), "{msg}");
@@ -367,7 +368,8 @@ fn a_missing_token_variable_is_a_usage_error_naming_it() {
         token_env: Some("PATH".into()),
         ..service.clone()
     };
-    let t = crate::push::target_of(&with_path).unwrap();
+    let token = with_path.token().unwrap();
+    let t = Target::new(&with_path.name, &with_path.url, token);
     assert_eq!(
         t.token.as_ref().map(|s| s.expose_secret().to_string()),
         std::env::var("PATH").ok()
@@ -377,7 +379,7 @@ fn a_missing_token_variable_is_a_usage_error_naming_it() {
         token_env: None,
         ..service
     };
-    assert!(crate::push::target_of(&none).unwrap().token.is_none());
+    assert!(none.token().unwrap().is_none());
 }
 
 #[tokio::test]
