@@ -96,6 +96,15 @@ impl Engine {
         opts: &DeployOptions<'_>,
         audit: &Recorder<'_>,
     ) -> Result<DeployReport, Error> {
+        let note = |f: &dyn Fn(&mut crate::report::PartialReport)| {
+            if let Some(so_far) = opts.so_far {
+                so_far.note(f);
+            }
+        };
+        note(&|p| {
+            p.policy_id = Some(policy_id.to_string());
+            p.env = Some(env_name.to_string());
+        });
         let env = self.environment(env_name)?;
         let target = Some((env_name, env));
 
@@ -106,13 +115,19 @@ impl Engine {
         let (policy, validation) = match validated {
             Ok(v) => v,
             Err(e) => {
-                audit.record(
-                    Event::ValidationFailed,
-                    json!({"error": e.to_string(), "exit_code": e.exit_code().code()}),
-                )?;
+                let mut data = json!({"error": e.to_string(), "exit_code": e.exit_code().code()});
+                // The version refused, for `pde history` (an added field).
+                if let Error::ValidationFailed { report, .. } = &e {
+                    data["version"] = report.version.clone().into();
+                }
+                audit.record(Event::ValidationFailed, data)?;
                 return Err(e);
             }
         };
+        note(&|p| {
+            p.version = Some(validation.version.clone());
+            p.validation = Some(validation.clone());
+        });
         audit.record(
             Event::Validated,
             json!({"version": validation.version, "warnings": validation.warnings(),
@@ -127,6 +142,12 @@ impl Engine {
         let packaged = tracing::info_span!("package")
             .in_scope(|| self.package_stage(&policy, &validation, target, out))?;
         let (bundle, version) = (&packaged.bundle, policy.version.to_string());
+        note(&|p| {
+            p.digest = Some(bundle.digest.clone());
+            p.artifact = Some(packaged.artifact.clone());
+            p.already_active = Some(packaged.already_active);
+            p.bundle_path = packaged.path.clone();
+        });
         audit.record(
             Event::Packaged,
             json!({"digest": bundle.digest, "version": version,
@@ -139,6 +160,7 @@ impl Engine {
             .envcheck_stage(env, opts.override_freeze)
             .instrument(tracing::info_span!("envcheck"))
             .await?;
+        note(&|p| p.health = Some(health.clone()));
         if !health.healthy() {
             let failing = health.failing_services();
             audit.record(
@@ -162,6 +184,7 @@ impl Engine {
         // 4. route
         let routes = tracing::info_span!("route")
             .in_scope(|| self.route_stage(&policy, (env_name, env), validation.active.as_ref()))?;
+        note(&|p| p.routes = Some(routes.clone()));
         audit.record(Event::Routed, json!({"routes": routes}))?;
 
         let mut report = DeployReport {
@@ -223,6 +246,7 @@ impl Engine {
         )?;
         report.outcome = pushed.outcome.into();
         report.push = Some(pushed);
+        note(&|p| *p = (&report).into());
         if report.outcome != DeployOutcome::Deployed {
             return Err(Error::DeployFailed {
                 policy_id: policy_id.to_string(),
