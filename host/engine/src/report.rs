@@ -26,6 +26,27 @@ pub struct DeployOptions<'a> {
     pub so_far: Option<&'a ReportSoFar>,
 }
 
+impl DeployOptions<'_> {
+    /// Adds what a step just learnt to the report so far, if anyone keeps one.
+    pub fn note(&self, f: impl FnOnce(&mut PartialReport)) {
+        if let Some(so_far) = self.so_far {
+            so_far.note(f);
+        }
+    }
+}
+
+/// The `data` of a `validation_failed` or `deploy_failed` audit record: the
+/// error, its exit code, and the version refused when validation knew it
+/// (`pde history` shows refused deploys from these records).
+pub fn failure_record(e: &crate::error::Error) -> serde_json::Value {
+    use crate::error::HasExitCode as _;
+    let mut data = serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code().code()});
+    if let crate::error::Error::ValidationFailed { report, .. } = e {
+        data["version"] = report.version.clone().into();
+    }
+    data
+}
+
 impl Default for DeployOptions<'_> {
     fn default() -> Self {
         DeployOptions {
@@ -93,6 +114,36 @@ impl From<&DeployReport> for PartialReport {
 /// Where a deploy leaves its [`PartialReport`] as it goes.
 #[derive(Debug, Default)]
 pub struct ReportSoFar(std::sync::Mutex<PartialReport>);
+
+/// What step 2 made for a deploy.
+pub struct Packaged {
+    /// The policy repository.
+    pub repo: crate::vcs::Repo,
+    /// The bundle to ship.
+    pub bundle: pde_core::bundle::Bundle,
+    /// Which build it is.
+    pub artifact: crate::steps::package::Artifact,
+    /// It is already the active bundle of the target environment.
+    pub already_active: bool,
+    /// Where it was written, if it was.
+    pub path: Option<PathBuf>,
+}
+
+impl PartialReport {
+    /// What step 1 found.
+    pub fn validated(&mut self, validation: &ValidationReport) {
+        self.version = Some(validation.version.clone());
+        self.validation = Some(validation.clone());
+    }
+
+    /// What step 2 made.
+    pub fn packaged(&mut self, packaged: &Packaged) {
+        self.digest = Some(packaged.bundle.digest.clone());
+        self.artifact = Some(packaged.artifact.clone());
+        self.already_active = Some(packaged.already_active);
+        self.bundle_path.clone_from(&packaged.path);
+    }
+}
 
 impl ReportSoFar {
     /// Changes the report so far.
