@@ -588,3 +588,28 @@ fn what_was_checked_is_shown_and_history_shows_refusals() {
         .unwrap();
     assert_eq!(rolled["data"]["reason"], "INC-7: wrong limit", "{rolled:#}");
 }
+
+/// Issue 21 (gap): the safe setting is the one people copy. The example
+/// workspace's production names the validators it must never run without,
+/// and `pde init`'s template shows where that goes.
+#[test]
+fn the_templates_people_copy_require_the_production_validators() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/workspace");
+    let config = pde::config::Config::load(&root).unwrap();
+    let production = config.environment("production").unwrap();
+    for name in ["pii-guard", "eligibility-bounds", "effective-date"] {
+        assert!(
+            production.required_plugins.iter().any(|p| p == name),
+            "{name} missing from {:?}",
+            production.required_plugins
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let o = pde(dir.path(), &["init"]);
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let toml = std::fs::read_to_string(dir.path().join("pde.toml")).unwrap();
+    assert!(
+        toml.contains("# [environments.production]") && toml.contains("# required_plugins = ["),
+        "{toml}"
+    );
+}

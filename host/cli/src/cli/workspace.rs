@@ -597,6 +597,15 @@ retries = 3
 name = "local"
 url = "http://127.0.0.1:8700"
 tags = ["api"]
+
+# Production, once you have one: signed plugins, the validators a deploy
+# must never run without, promotion from staging and approvals.
+# [environments.production]
+# require_signed_plugins = true
+# required_plugins = ["pii-guard"]     # refused (exit 2) when one is missing
+# promote_from = "staging"
+# min_approvals = 2
+# require_signed_approvals = true
 "#;
 
 pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
