@@ -997,7 +997,13 @@ fn spawn_agent_with(data_dir: &Path, public: &Path, log: &Path, extra: &[&str]) 
 
 /// [`spawn_agent_with`] listening on `listen`: a restart on the address a
 /// workspace's `pde.toml` names.
-fn spawn_agent_at(data_dir: &Path, public: &Path, log: &Path, listen: &str, extra: &[&str]) -> Proc {
+fn spawn_agent_at(
+    data_dir: &Path,
+    public: &Path,
+    log: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -1700,6 +1706,9 @@ async fn a_tampered_active_bundle_is_not_served_after_restart() {
         active_all(&c, &agent.base).await,
         actives(&[("42", &v2), ("43", &other)])
     );
+    // That resolves the problem: /healthz stops listing it at once.
+    let (_, health) = get(&c, format!("{}/healthz", agent.base)).await;
+    assert!(health.get("integrity").is_none(), "{health}");
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("no longer verifies"), "{log}");
 }

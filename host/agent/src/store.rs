@@ -328,7 +328,10 @@ pub struct IntegrityView(Arc<RwLock<Vec<String>>>);
 impl IntegrityView {
     /// The problems as they are now, one sentence each; empty when none.
     pub fn snapshot(&self) -> Vec<String> {
-        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     fn set(&self, problems: Vec<String>) {

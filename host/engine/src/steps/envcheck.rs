@@ -325,7 +325,8 @@ mod tests {
 
     #[tokio::test]
     async fn integrity_problems_in_a_2xx_healthz_make_a_service_unhealthy() {
-        let problem = "policy 42: active bundle sha256:ab no longer verifies (untrusted); not served";
+        let problem =
+            "policy 42: active bundle sha256:ab no longer verifies (untrusted); not served";
         let (sick, s1) = healthz_answering(
             r#"{"status": "ok", "protocols": [3], "integrity": ["policy 42: active bundle sha256:ab no longer verifies (untrusted); not served"]}"#,
         )
