@@ -7,6 +7,8 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -969,10 +971,18 @@ struct Proc {
     base: String,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
+impl Proc {
+    /// Kills the agent now (as a crash would) and reaps it, so that its
+    /// address is free for the next one.
+    fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -982,13 +992,25 @@ fn spawn_agent(data_dir: &Path, public: &Path, log: &Path) -> Proc {
 
 /// [`spawn_agent`] with `extra` flags.
 fn spawn_agent_with(data_dir: &Path, public: &Path, log: &Path, extra: &[&str]) -> Proc {
+    spawn_agent_at(data_dir, public, log, "127.0.0.1:0", extra)
+}
+
+/// [`spawn_agent_with`] listening on `listen`: a restart on the address a
+/// workspace's `pde.toml` names.
+fn spawn_agent_at(
+    data_dir: &Path,
+    public: &Path,
+    log: &Path,
+    listen: &str,
+    extra: &[&str],
+) -> Proc {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pde"))
-        .args(["-v", "agent", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["-v", "agent", "--listen", listen, "--data-dir"])
         .arg(data_dir)
         .arg("--trusted-key")
         .arg(public)
@@ -1684,8 +1706,101 @@ async fn a_tampered_active_bundle_is_not_served_after_restart() {
         active_all(&c, &agent.base).await,
         actives(&[("42", &v2), ("43", &other)])
     );
+    // That resolves the problem: /healthz stops listing it at once.
+    let (_, health) = get(&c, format!("{}/healthz", agent.base)).await;
+    assert!(health.get("integrity").is_none(), "{health}");
     let log = std::fs::read_to_string(&log).unwrap();
     assert!(log.contains("no longer verifies"), "{log}");
+}
+
+/// Issue 26 §3: an agent restarted by mistake with the wrong
+/// `--trusted-key` refuses its active bundle (correct), is reported
+/// unhealthy by `pde env check` and stops a deploy, for as long as it runs
+/// so; restarted with the right key, it serves the policy again.
+#[test]
+fn an_agent_restarted_with_the_wrong_key_is_unhealthy_and_the_right_key_brings_its_policy_back() {
+    use support::{Svc, Workspace, both, code, pde};
+    let ws = Workspace::new("");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let log = dir.path().join("agent.log");
+    let wrong = signer();
+    let right = ws.release_pub();
+    let mut agent = spawn_agent(&data, &right, &log);
+    let url = agent.base.clone();
+    let listen = url.strip_prefix("http://").unwrap().to_string();
+    let mut config = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap();
+    config.push_str(&Workspace::env_toml(
+        "staging",
+        "",
+        &[Svc {
+            name: "HMS-API",
+            url: url.clone(),
+            tags: &["eligibility"],
+        }],
+    ));
+    std::fs::write(ws.root().join("pde.toml"), config).unwrap();
+    ws.commit("staging");
+    let o = pde(
+        ws.root(),
+        &["--output", "json", "deploy", "42", "--env", "staging"],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let digest = support::json(&o)["digest"].as_str().unwrap().to_string();
+    assert_eq!(support::active_digest_of(&url, "42"), Some(digest.clone()));
+    let env_check = || pde(ws.root(), &["env", "check", "staging"]);
+    assert_eq!(code(&env_check()), 0, "{}", both(&env_check()));
+
+    // Twice with the wrong key: the refusal is reported each time, not only
+    // on the start that first made it.
+    for restart in 1..=2 {
+        agent.stop();
+        agent = spawn_agent_at(&data, wrong.public.as_path(), &log, &listen, &[]);
+        assert_eq!(agent.base, url);
+        assert_eq!(
+            support::active_digest_of(&url, "42"),
+            None,
+            "restart {restart}: a bundle the agent cannot verify is not served"
+        );
+        let o = env_check();
+        let out = both(&o);
+        assert_eq!(code(&o), 4, "restart {restart}: {out}");
+        assert!(
+            out.contains("UNHEALTHY") && out.contains("integrity") && out.contains(&digest),
+            "restart {restart}: the problem is named: {out}"
+        );
+    }
+    // A deploy stops at the health step: nothing is pushed on top of it.
+    ws.write_policy("42.json", &support::policy_42("1.1.0").to_string());
+    ws.commit("42 v1.1.0");
+    let o = pde(ws.root(), &["deploy", "42", "--env", "staging"]);
+    let out = both(&o);
+    assert_eq!(code(&o), 4, "{out}");
+    assert!(out.contains("integrity") && out.contains(&digest), "{out}");
+    let stored = support::runtime().block_on(list_bundles(&client(), format!("{url}/bundles")));
+    assert_eq!(stored, vec![digest.clone()], "nothing was pushed");
+
+    // The right key again: the recorded activation is served, and healthy.
+    agent.stop();
+    agent = spawn_agent_at(&data, &right, &log, &listen, &[]);
+    assert_eq!(
+        support::active_digest_of(&agent.base, "42"),
+        Some(digest.clone()),
+        "the policy is active again"
+    );
+    let o = env_check();
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let health: Value = support::runtime().block_on(async {
+        client()
+            .get(format!("{url}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    assert!(health.get("integrity").is_none(), "{health}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

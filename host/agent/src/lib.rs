@@ -302,7 +302,7 @@ impl Agent {
         for (policy_id, a) in active {
             info!(%policy_id, digest = %a.digest, version = %a.version, "recovered active bundle");
         }
-        let integrity = store.integrity_events().to_vec();
+        let integrity = store.integrity_view();
         info!(
             data_dir = %cfg.data_dir.display(),
             trusted_keys = ?cfg.trusted.key_ids(),

@@ -79,9 +79,10 @@ pub struct Settings {
     pub on_activate: Option<String>,
     /// The data dir (for the readiness probe, which does not take the lock).
     pub data_dir: std::path::PathBuf,
-    /// Active bundles refused at start because they no longer verified;
-    /// `GET /healthz` lists them, without taking the state lock.
-    pub integrity: Vec<String>,
+    /// Active bundles refused at start because they no longer verified,
+    /// until a deploy or rollback of their policy replaces them; `GET
+    /// /healthz` lists them, without taking the state lock.
+    pub integrity: super::store::IntegrityView,
 }
 
 /// An error answer: a status and `{"error": <code>, "reason": <text>}`.
@@ -952,11 +953,14 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 }
 
 /// `GET /healthz`: the process is up and serving. Also announces the push
-/// protocol versions spoken, and what the agent refused to serve at start.
+/// protocol versions spoken, and what the agent refused to serve at start
+/// and still does not serve. Still 200 with `integrity`: the process is up,
+/// and pushers that know the field (pde's env check) treat it as unhealthy.
 pub async fn healthz(State(app): State<AppState>) -> Json<Value> {
     let mut body = json!({"status": "ok", "protocols": PROTOCOL_VERSIONS});
-    if !app.settings.integrity.is_empty() {
-        body["integrity"] = json!(app.settings.integrity);
+    let integrity = app.settings.integrity.snapshot();
+    if !integrity.is_empty() {
+        body["integrity"] = json!(integrity);
     }
     Json(body)
 }

@@ -32,6 +32,17 @@
 //! back to the newest earlier activation that does, and the event is kept for
 //! `GET /healthz`.
 //!
+//! Why a refusal at start does not touch `policies/<id>.json`: the usual cause
+//! is an agent restarted with the wrong `--trusted-key`, a mistake that the
+//! next restart corrects. Had the fallback been written, the recorded
+//! activation would be gone and the right key could not bring it back. So the
+//! fallback lives in memory only, the recorded history stays as it was, and
+//! every start re-verifies it: the problem is reported for as long as it
+//! persists, and the recorded bundle is served again once it verifies. The
+//! first deliberate change of that policy (a deploy or rollback, each of
+//! which verifies what it activates) builds on what is served and is written,
+//! which resolves the problem for that policy.
+//!
 //! A data dir written by a protocol-v1 agent (one `state.json` with a single
 //! active slot) is migrated on open into per-policy files; the old file is kept
 //! as `state.v1.json` for reference.
@@ -39,6 +50,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock};
 
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -293,14 +305,38 @@ pub struct Store {
     /// Idempotency key → the policy whose file records it.
     keys: HashMap<String, String>,
     seq: u64,
-    /// What [`Store::open`] refused to serve, for `GET /healthz`.
-    integrity: Vec<String>,
+    /// Policy id → what [`Store::open`] refused to serve for it. A policy
+    /// listed here is served from a fallback held in memory only; its file
+    /// still records what was refused (see the module docs).
+    integrity: BTreeMap<String, Vec<String>>,
+    /// The same problems, flattened, for `GET /healthz` to read without
+    /// waiting for the store's lock.
+    integrity_view: IntegrityView,
     /// Nonce of each accepted rollback proof → the Unix time after which
     /// its statement is expired anyway and the nonce can be forgotten.
     nonces: BTreeMap<String, i64>,
     /// Held (an OS file lock) for as long as the store is open; the OS
     /// releases it when the process dies, even by `kill -9`.
     _lock: std::fs::File,
+}
+
+/// The unresolved integrity problems of a store, shared with `GET /healthz`
+/// so that a health check never waits behind a deploy holding the store.
+#[derive(Debug, Clone, Default)]
+pub struct IntegrityView(Arc<RwLock<Vec<String>>>);
+
+impl IntegrityView {
+    /// The problems as they are now, one sentence each; empty when none.
+    pub fn snapshot(&self) -> Vec<String> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, problems: Vec<String>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = problems;
+    }
 }
 
 /// `true` when `digest` is `sha256:` followed by 64 lowercase hex digits, the
@@ -366,7 +402,8 @@ impl Store {
             policies: BTreeMap::new(),
             keys: HashMap::new(),
             seq: 0,
-            integrity: Vec::new(),
+            integrity: BTreeMap::new(),
+            integrity_view: IntegrityView::default(),
             nonces: BTreeMap::new(),
             _lock: lock,
         };
@@ -374,12 +411,15 @@ impl Store {
         store.migrate_v1()?;
         let loaded = store.load_policies()?;
         store.policies = loaded.clone();
-        store.reconcile(verify)?;
+        // Repairs (missing files, orphans, a pointer absent from its history)
+        // are written; a refusal by `verify` is not (see the module docs).
+        store.repair()?;
         for (id, state) in &store.policies {
             if loaded.get(id) != Some(state) {
                 store.write_policy(state)?;
             }
         }
+        store.reverify(verify);
         for state in store.policies.values() {
             for key in state.idempotency.keys() {
                 store.keys.insert(key.clone(), state.policy_id.clone());
@@ -547,7 +587,9 @@ impl Store {
         Ok(())
     }
 
-    fn reconcile(&mut self, verify: Verifier<'_>) -> Result<(), StoreError> {
+    /// Brings the index in line with the bundle files on disk and makes
+    /// every history end with its active pointer.
+    fn repair(&mut self) -> Result<(), StoreError> {
         let bundles = self.dir.join(BUNDLES_DIR);
         let mut on_disk = BTreeMap::new();
         for entry in std::fs::read_dir(&bundles).map_err(io(&bundles))? {
@@ -596,7 +638,6 @@ impl Store {
                 Err(e) => warn!(%digest, error = %e, "ignoring unreadable bundle file"),
             }
         }
-        let dir = self.dir.clone();
         for p in self.policies.values_mut() {
             p.history.retain(|d| p.bundles.contains_key(d));
             if let Some(a) = &p.active
@@ -604,8 +645,16 @@ impl Store {
             {
                 p.history.push(a.digest.clone());
             }
-            // Serve only what still verifies: walk down the activation stack
-            // until an entry does.
+        }
+        Ok(())
+    }
+
+    /// Serves only what still verifies: walks down each active policy's
+    /// activation stack until an entry does. Changes the in-memory state
+    /// only, and records each refusal in [`Store::integrity_events`].
+    fn reverify(&mut self, verify: Verifier<'_>) {
+        let dir = self.dir.clone();
+        for p in self.policies.values_mut() {
             let env = p.active.as_ref().and_then(|a| a.env.clone());
             let hook = p.active.as_ref().and_then(|a| a.hook_failed).is_some();
             let mut fell_back = false;
@@ -630,7 +679,10 @@ impl Store {
                             p.policy_id
                         );
                         warn!("{event}");
-                        self.integrity.push(event);
+                        self.integrity
+                            .entry(p.policy_id.clone())
+                            .or_default()
+                            .push(event);
                         p.history.pop();
                         p.active = None;
                         fell_back = true;
@@ -648,7 +700,13 @@ impl Store {
                 }
             }
         }
-        Ok(())
+        self.publish_integrity();
+    }
+
+    /// Copies the unresolved problems to the view `GET /healthz` reads.
+    fn publish_integrity(&self) {
+        self.integrity_view
+            .set(self.integrity.values().flatten().cloned().collect());
     }
 
     fn load_nonces(&self) -> Result<BTreeMap<String, i64>, StoreError> {
@@ -733,9 +791,16 @@ impl Store {
             .collect()
     }
 
-    /// What [`Store::open`] refused to serve because it no longer verified.
-    pub fn integrity_events(&self) -> &[String] {
-        &self.integrity
+    /// What [`Store::open`] refused to serve because it no longer verified,
+    /// and that no deploy or rollback of its policy has replaced since.
+    pub fn integrity_events(&self) -> Vec<String> {
+        self.integrity_view.snapshot()
+    }
+
+    /// A handle on [`Store::integrity_events`] that stays current and can be
+    /// read without the store.
+    pub fn integrity_view(&self) -> IntegrityView {
+        self.integrity_view.clone()
     }
 
     /// Stored bundles, newest first; only `policy_id`'s when given.
@@ -952,6 +1017,13 @@ impl Store {
 
     fn commit(&mut self, next: PolicyState) -> Result<(), StoreError> {
         self.write_policy(&next)?;
+        // Writing what is served replaces the refused record on disk: the
+        // policy's state is now a deliberate one, and nothing is left to
+        // report for it.
+        if self.integrity.remove(&next.policy_id).is_some() {
+            info!(policy_id = %next.policy_id, "integrity problem resolved: the policy's state was replaced by a verified deploy or rollback");
+            self.publish_integrity();
+        }
         self.policies.insert(next.policy_id.clone(), next);
         Ok(())
     }
@@ -1332,6 +1404,58 @@ mod tests {
         let refuse = |_: &Bundle| Err("untrusted".to_string());
         let store = Store::open(dir.path(), 10, &refuse).unwrap();
         assert!(store.active("42").is_none());
+    }
+
+    #[test]
+    fn a_refusal_at_start_is_not_written_and_restored_trust_serves_the_bundle_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = incoming("1.0.0");
+        let b = incoming("1.1.0");
+        {
+            let mut store = open(dir.path(), 10);
+            store.deploy("ka", "dev", &a, false).unwrap();
+            store.deploy("kb", "dev", &b, false).unwrap();
+        }
+        let doc = dir.path().join("policies/42.json");
+        let recorded = std::fs::read(&doc).unwrap();
+        // The key that signed b is not trusted (twice: the problem persists).
+        let b_digest = b.digest.clone();
+        let refuse_b = move |bundle: &Bundle| {
+            if bundle.digest == b_digest {
+                Err("signed by an untrusted key".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        for _ in 0..2 {
+            let store = Store::open(dir.path(), 10, &refuse_b).unwrap();
+            assert_eq!(store.active("42").unwrap().digest, a.digest);
+            let events = store.integrity_events();
+            assert_eq!(events.len(), 1, "{events:?}");
+            assert!(events[0].contains(&b.digest), "{events:?}");
+            assert_eq!(store.integrity_view().snapshot(), events);
+            assert_eq!(std::fs::read(&doc).unwrap(), recorded, "history rewritten");
+        }
+        // Trusted again: b is served, with its history, and nothing is reported.
+        let store = open(dir.path(), 10);
+        assert_eq!(store.active("42").unwrap().digest, b.digest);
+        assert_eq!(store.previous("42"), Some(a.digest.as_str()));
+        assert!(store.integrity_events().is_empty());
+        drop(store);
+        // A deliberate deploy while refused builds on what is served, is
+        // written, and resolves the problem.
+        let refuse = |_: &Bundle| Err("untrusted".to_string());
+        let mut store = Store::open(dir.path(), 10, &refuse).unwrap();
+        assert!(store.active("42").is_none());
+        let view = store.integrity_view();
+        assert_eq!(view.snapshot().len(), 2, "{:?}", view.snapshot());
+        let c = incoming("1.2.0");
+        store.deploy("kc", "dev", &c, false).unwrap();
+        assert!(view.snapshot().is_empty());
+        drop(store);
+        let store = open(dir.path(), 10);
+        assert_eq!(store.active("42").unwrap().digest, c.digest);
+        assert_eq!(store.previous("42"), None);
     }
 
     #[test]

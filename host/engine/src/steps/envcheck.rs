@@ -8,6 +8,13 @@
 //! without a human looking. The report lists every service, healthy or not,
 //! so the CLI and the audit record can name each failure.
 //!
+//! A 2xx answer whose JSON body lists problems under `integrity` (what a
+//! `pde agent` refused to serve at start, for example an active bundle
+//! signed by a key it no longer trusts) is unhealthy too: the service is up,
+//! but it does not run what the state says it runs, and pushing on top of
+//! that would bury the problem. A body that is not JSON, or has no such
+//! field, is judged by its status alone, as every service was before.
+//!
 //! The environment's readiness checks ([`readiness`]) run beside the
 //! services' health, and their results are part of the same report: a
 //! failing check stops a deploy exactly as an unhealthy service does.
@@ -105,6 +112,46 @@ pub struct ServiceHealth {
     pub error: Option<String>,
     /// How long the check took, in milliseconds.
     pub elapsed_ms: u64,
+    /// The integrity problems the service reported in its `/healthz` body,
+    /// one sentence each; any makes it unhealthy. Omitted when none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub integrity: Vec<String>,
+}
+
+/// Most of a `/healthz` body read for its `integrity` field; a body longer
+/// than this is judged by its status alone.
+const MAX_HEALTH_BODY: usize = 64 * 1024;
+
+/// The `integrity` entries of a `/healthz` body, if it is a JSON object that
+/// has any. Entries that are not strings are shown as JSON.
+fn integrity_of(body: &[u8]) -> Vec<String> {
+    let Ok(serde_json::Value::Object(doc)) = serde_json::from_slice(body) else {
+        return Vec::new();
+    };
+    match doc.get("integrity") {
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
+            .map(|i| match i {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+            .collect(),
+        Some(serde_json::Value::String(s)) if !s.is_empty() => vec![s.clone()],
+        _ => Vec::new(),
+    }
+}
+
+/// Reads at most [`MAX_HEALTH_BODY`] bytes; `None` if it is longer or
+/// cannot be read (the status has already said the service is up).
+async fn bounded_body(mut resp: reqwest::Response) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await.ok()? {
+        if body.len() + chunk.len() > MAX_HEALTH_BODY {
+            return None;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Some(body)
 }
 
 /// `GET {url}/healthz` on every target concurrently; 2xx within `timeout` is
@@ -151,11 +198,23 @@ async fn one(client: &reqwest::Client, t: &Target, timeout: Duration) -> Service
     if let Some(token) = &t.token {
         request = request.bearer_auth(pde_core::secret::ExposeSecret::expose_secret(token));
     }
+    let mut integrity = Vec::new();
     let (status, error) = match request.send().await {
         Ok(resp) => {
             let status = resp.status();
             if status.is_success() {
-                (Some(status.as_u16()), None)
+                integrity = bounded_body(resp)
+                    .await
+                    .map(|b| integrity_of(&b))
+                    .unwrap_or_default();
+                let error = (!integrity.is_empty()).then(|| {
+                    format!(
+                        "up, but reports {} integrity problem(s): {}",
+                        integrity.len(),
+                        integrity.join("; ")
+                    )
+                });
+                (Some(status.as_u16()), error)
             } else if status.is_redirection() {
                 let why = crate::http::redirect_refused(&resp);
                 (Some(status.as_u16()), Some(format!("HTTP {status}: {why}")))
@@ -177,6 +236,7 @@ async fn one(client: &reqwest::Client, t: &Target, timeout: Duration) -> Service
         status,
         error,
         elapsed_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        integrity,
     }
 }
 
@@ -251,6 +311,58 @@ mod tests {
         // Generous bound: the timeout applies, it is not waited out forever.
         assert!(silent.elapsed_ms < 5_000, "{silent:?}");
         assert!(report.services[0].healthy);
+    }
+
+    /// A real server answering `/healthz` 200 with `body`; its base URL.
+    async fn healthz_answering(body: &'static str) -> (String, tokio::task::JoinHandle<()>) {
+        use axum::{Router, routing::get};
+        let app = Router::new().route("/healthz", get(move || async move { body }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (url, server)
+    }
+
+    #[tokio::test]
+    async fn integrity_problems_in_a_2xx_healthz_make_a_service_unhealthy() {
+        let problem =
+            "policy 42: active bundle sha256:ab no longer verifies (untrusted); not served";
+        let (sick, s1) = healthz_answering(
+            r#"{"status": "ok", "protocols": [3], "integrity": ["policy 42: active bundle sha256:ab no longer verifies (untrusted); not served"]}"#,
+        )
+        .await;
+        // Services without the field, or without JSON at all, are judged
+        // by their status as before.
+        let (plain, s2) = healthz_answering(r#"{"status": "ok", "protocols": [3]}"#).await;
+        let (text, s3) = healthz_answering("ok").await;
+        let (empty, s4) = healthz_answering(r#"{"status": "ok", "integrity": []}"#).await;
+        let targets = [
+            Target::new("sick", &sick, None),
+            Target::new("plain", &plain, None),
+            Target::new("text", &text, None),
+            Target::new("empty", &empty, None),
+        ];
+        let report = check(&http(), &targets, Duration::from_secs(2)).await;
+        for s in [s1, s2, s3, s4] {
+            s.abort();
+        }
+        let names: Vec<&str> = report
+            .failures()
+            .iter()
+            .map(|s| s.service.as_str())
+            .collect();
+        assert_eq!(names, ["sick"], "{report:#?}");
+        let sick = &report.services[0];
+        assert_eq!(sick.status, Some(200));
+        assert_eq!(sick.integrity, [problem]);
+        let failing = report.failing_services();
+        assert!(
+            failing.contains("integrity") && failing.contains(problem),
+            "{failing}"
+        );
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["services"][0]["integrity"][0], problem);
+        assert!(json["services"][1].get("integrity").is_none(), "{json}");
     }
 
     #[tokio::test]
