@@ -508,7 +508,14 @@ fn sum_of(path: &Path) -> std::path::PathBuf {
 fn a_poisoned_compile_cache_entry_is_recompiled_not_run_under_a_signed_name() {
     let home = tempfile::tempdir().unwrap();
     let (ws, env) = ssn_workspace(home.path());
-    let validate = || pde_with(ws.root(), &["validate", "42", "--env", "production"], &env);
+    // -v: the cache's warnings are log lines, shown only when asked for.
+    let validate = || {
+        pde_with(
+            ws.root(),
+            &["-v", "validate", "42", "--env", "production"],
+            &env,
+        )
+    };
     let o = validate();
     assert_eq!(code(&o), 3, "{}", text(&o.stderr));
     assert!(
@@ -610,7 +617,11 @@ fn a_compile_cache_written_under_another_key_costs_a_recompile() {
     let home = tempfile::tempdir().unwrap();
     let (ws, env) = ssn_workspace(home.path());
     let validate = |env: &[(&'static str, String)]| {
-        pde_with(ws.root(), &["validate", "42", "--env", "production"], env)
+        pde_with(
+            ws.root(),
+            &["-v", "validate", "42", "--env", "production"],
+            env,
+        )
     };
     assert_eq!(code(&validate(&env)), 3);
     let pii = cache_entries_of(&ws, home.path(), "pii-guard").remove(0);

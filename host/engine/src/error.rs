@@ -115,6 +115,20 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// The `data` of a `validation_failed` or `deploy_failed` audit record:
+    /// the error, its exit code, and the version refused when validation
+    /// knew it (`pde history` shows refused deploys from these records).
+    pub fn audit_data(&self) -> serde_json::Value {
+        let mut data =
+            serde_json::json!({"error": self.to_string(), "exit_code": self.exit_code().code()});
+        if let Error::ValidationFailed { report, .. } = self {
+            data["version"] = report.version.clone().into();
+        }
+        data
+    }
+}
+
 impl HasExitCode for Error {
     fn exit_code(&self) -> ExitCode {
         match self {

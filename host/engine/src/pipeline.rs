@@ -21,7 +21,6 @@ use crate::audit::Event;
 use crate::bookkeeping::Deployment;
 use crate::engine::Engine;
 use crate::error::Error;
-use crate::report::failure_record;
 use crate::steps::audit::Recorder;
 use crate::steps::push::{self, Outcome};
 use crate::steps::tag::Release;
@@ -79,7 +78,7 @@ impl Engine {
                     json!({"digest": r.digest, "version": r.version,
                            "already_active": r.already_active}),
                 )?,
-                Err(e) => audit.record(Event::DeployFailed, failure_record(e))?,
+                Err(e) => audit.record(Event::DeployFailed, e.audit_data())?,
             };
             result
         }
@@ -105,7 +104,7 @@ impl Engine {
         let (policy, validation) = match validated {
             Ok(v) => v,
             Err(e) => {
-                audit.record(Event::ValidationFailed, failure_record(&e))?;
+                audit.record(Event::ValidationFailed, e.audit_data())?;
                 return Err(e);
             }
         };

@@ -35,18 +35,6 @@ impl DeployOptions<'_> {
     }
 }
 
-/// The `data` of a `validation_failed` or `deploy_failed` audit record: the
-/// error, its exit code, and the version refused when validation knew it
-/// (`pde history` shows refused deploys from these records).
-pub fn failure_record(e: &crate::error::Error) -> serde_json::Value {
-    use crate::error::HasExitCode as _;
-    let mut data = serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code().code()});
-    if let crate::error::Error::ValidationFailed { report, .. } = e {
-        data["version"] = report.version.clone().into();
-    }
-    data
-}
-
 impl Default for DeployOptions<'_> {
     fn default() -> Self {
         DeployOptions {
