@@ -709,39 +709,56 @@ impl PluginHost {
         self.cache.dirs()
     }
 
-    /// [`signature::sign_file`] through this host's compile cache: the
-    /// component must still compile to be signed, but a build that any pde
-    /// command already compiled is not compiled again.
+    /// Signs the plugin at `wasm` and its manifest, writing `<wasm>.sig`.
+    ///
+    /// Only what [`PluginHost::admit`] admits is signed, with the manifest
+    /// that is signed: a signature must never vouch for something pde would
+    /// refuse to run (issue 27). Its signature status plays no part (a new
+    /// signature replaces it).
     pub fn sign_file(
         &self,
         wasm: &Path,
         key: &ed25519_dalek::SigningKey,
         signer: &signature::Signer,
     ) -> Result<(PathBuf, signature::PluginSignature), PluginError> {
-        signature::sign_file_with(wasm, key, signer, |name, bytes| {
-            precheck(name, bytes)?;
-            self.cache
-                .load_or_compile(&self.engine, name, &sha256_hex(bytes), bytes)
-                .map(|_| ())
+        signature::sign_file_with(wasm, key, signer, |manifest, manifest_path| {
+            let found = discovery::Found {
+                wasm: wasm.to_path_buf(),
+                manifest_path: manifest_path.to_path_buf(),
+                manifest: manifest.clone(),
+            };
+            self.load_found(&found, &TrustedKeys::new()).map(|_| ())
         })
     }
 
     /// [`inspect::inspect_plugin`] through this host's compile cache, so a
-    /// large component is not recompiled for every `pde plugin inspect`.
+    /// large component is not recompiled for every `pde plugin inspect`,
+    /// with this host's verdict: [`inspect::Inspection::refused`] says why
+    /// [`PluginHost::admit`] refuses the plugin, if it does, and
+    /// [`inspect::Inspection::loosened_limits`] lists every manifest limit
+    /// above this host's.
     pub fn inspect_file(
         &self,
         wasm: &Path,
         trusted: &TrustedKeys,
     ) -> Result<inspect::Inspection, PluginError> {
-        inspect::inspect_plugin_with(wasm, trusted, |name, bytes| {
-            precheck(name, bytes)?;
-            let (component, cached) =
-                self.cache
-                    .load_or_compile(&self.engine, name, &sha256_hex(bytes), bytes)?;
-            let mut report = inspect::inspect_compiled(&self.engine, &component, bytes);
-            report.loaded_from_cache = self.cache.enabled().then_some(cached);
-            Ok(report)
-        })
+        let mut report =
+            inspect::inspect_plugin_with(wasm, trusted, &self.limits, |name, bytes| {
+                precheck(name, bytes)?;
+                let (component, cached) =
+                    self.cache
+                        .load_or_compile(&self.engine, name, &sha256_hex(bytes), bytes)?;
+                let mut report = inspect::inspect_compiled(&self.engine, &component, bytes);
+                report.loaded_from_cache = self.cache.enabled().then_some(cached);
+                Ok(report)
+            })?;
+        // The compiled component is in the cache now (when there is one),
+        // so admitting it costs no second compile.
+        report.refused = self
+            .admit(wasm, trusted)
+            .err()
+            .map(|e| inspect::Refusal::from(&e));
+        Ok(report)
     }
 
     /// Discovers, checks and loads every plugin of `dir`, sorted by name.
@@ -754,7 +771,27 @@ impl PluginHost {
 
     /// Loads one `.wasm`; uses the manifest beside it when there is one,
     /// otherwise infers the kind from its exports (for `pde plugin test`).
+    /// The same as [`PluginHost::admit`].
     pub fn load_file(&self, wasm: &Path, trusted: &TrustedKeys) -> Result<Plugin, PluginError> {
+        self.admit(wasm, trusted)
+    }
+
+    /// The one rule for what is acceptable: loads the plugin at `wasm`
+    /// with every check pde applies before it runs a plugin, and refuses
+    /// what any of them refuses, with that check's error (and so its exit
+    /// code). `pde validate` and `deploy` load through it ([`Self::load_dir`]),
+    /// and `pde plugin sign`, `verify` and `inspect` ask it, so a reviewer
+    /// is never told "valid" about a plugin pde will not run.
+    ///
+    /// With the manifest beside it: the manifest (kind, `[limits]` only
+    /// tightening this host's, exit 2), the pinned sha256 (exit 6), then the
+    /// component (a component, one supported `pde:plugin` version, the
+    /// world its manifest declares, exactly that world's exports, every
+    /// import linkable; exit 5). Without one, the kind is read from its
+    /// exports. The signature status is recorded, not judged: whether it
+    /// must be valid depends on the environment
+    /// ([`Plugin::require_signature`]).
+    pub fn admit(&self, wasm: &Path, trusted: &TrustedKeys) -> Result<Plugin, PluginError> {
         let manifest_path = wasm.with_extension("toml");
         if manifest_path.is_file() {
             let manifest = manifest::Manifest::load(&manifest_path)?;

@@ -307,9 +307,12 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     let path = target_path(ctx, config, target)?;
     let host = host(ctx, config)?;
     let report = host.inspect_file(&path, &trusted)?;
+    // What pde refuses to run, inspect refuses too, with the same exit code
+    // (after showing the whole picture, so the reviewer sees why).
+    let verdict = report.refused.as_ref().map_or(ExitCode::Ok, |r| r.exit);
     if ctx.json {
         ctx.print_json(&report);
-        return Ok(ExitCode::Ok);
+        return Ok(verdict);
     }
     println!("{}", path.display());
     println!("  sha256:   {}", report.sha256);
@@ -343,8 +346,18 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
             let limits = m.get("limits").cloned().unwrap_or_default();
             let limits = if limits.as_object().is_none_or(|o| o.is_empty()) {
                 "workspace [limits]".to_string()
-            } else {
+            } else if report.loosened_limits.is_empty() {
                 format!("{limits} (tightening the workspace [limits])")
+            } else {
+                let over: Vec<String> = report
+                    .loosened_limits
+                    .iter()
+                    .map(|l| format!("{} {} > {}", l.field, l.manifest, l.workspace))
+                    .collect();
+                format!(
+                    "{limits} LOOSENING the workspace [limits] ({}): pde refuses it",
+                    over.join(", ")
+                )
             };
             println!("    limits:   {limits}");
             println!(
@@ -411,7 +424,15 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
             c.note
         );
     }
-    Ok(ExitCode::Ok)
+    match &report.refused {
+        None => println!("  verdict:  acceptable: pde would load it"),
+        Some(r) => println!(
+            "  verdict:  REFUSED (exit {}): {}",
+            r.exit_code,
+            Escaped(&r.reason)
+        ),
+    }
+    Ok(verdict)
 }
 
 /// What one run of a plugin cost, for `diff --policy`.
@@ -855,12 +876,12 @@ fn sign(
             .unwrap_or_else(|| "unknown".to_string()),
         note,
     };
-    // Compiles the component (what inspect refuses is never signed), through
-    // the same cache and engine settings as `plugin inspect` and `validate`,
-    // so a build they compiled is not compiled again. The workspace only
-    // picks the cache and limits here: one whose pde.toml does not load does
-    // not stop a security team signing a file.
-    let config = workspace(ctx, false).ok().flatten();
+    // Admits the plugin as `validate` would, so nothing pde refuses to run
+    // is signed, through the same cache and engine settings as `plugin
+    // inspect` and `validate` (a build they compiled is not compiled
+    // again). A pde.toml beside it must load: its [limits] are what the
+    // manifest is held against, and guessing them would sign a loosening.
+    let config = workspace(ctx, false)?;
     let host = host(ctx, config.as_ref())?;
     let (sig_path, sig) = host.sign_file(path, &key, &signer)?;
     if ctx.json {
@@ -885,8 +906,9 @@ fn sign(
 }
 
 fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
+    // The workspace also sets the limits the manifest is held against.
+    let config = workspace(ctx, false)?;
     let trusted = if keys.is_empty() {
-        let config = workspace(ctx, false)?;
         trusted_keys(ctx, config.as_ref())?
     } else {
         TrustedKeys::from_files(keys)?
@@ -896,28 +918,11 @@ fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
             "no trusted keys: pass --key PUBFILE or list [trust] plugin_keys in pde.toml",
         ));
     }
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("reading {}", path.display()))
-        .map_err(Failure::usage_error)?;
-    let digest = pde::plugin::sha256_hex(&bytes);
-    let manifest_path = pde::plugin::signature::manifest_path(path);
-    let manifest = if manifest_path.is_file() {
-        let m = pde::plugin::manifest::Manifest::load(&manifest_path)?;
-        // The signature covers the manifest, and the manifest pins the bytes.
-        if m.sha256 != digest {
-            return Err(pde::plugin::PluginError::DigestMismatch {
-                plugin: m.name.clone(),
-                path: path.to_path_buf(),
-                expected: m.sha256.clone(),
-                actual: digest,
-            }
-            .into());
-        }
-        Some(m)
-    } else {
-        None
-    };
-    let status = pde::plugin::signature::status(path, manifest.as_ref(), &digest, &trusted);
+    // Every check pde applies before it runs the plugin comes first: a
+    // signature over something pde refuses is no reason to call it valid.
+    let plugin = host(ctx, config.as_ref())?.admit(path, &trusted)?;
+    let digest = plugin.sha256;
+    let status = plugin.signature;
     match status {
         SignatureStatus::Valid { .. } => {
             // On failure the CLI prints the error document instead (one JSON document).
