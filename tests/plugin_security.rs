@@ -451,6 +451,69 @@ fn plugin_test_shows_what_the_sandbox_denied() {
 }
 
 #[test]
+fn deny_attempts_fails_a_plugin_that_tries_denied_capabilities() {
+    for (mode, attempt) in [
+        ("read-file", "tried wasi:filesystem"),
+        ("socket", "tried wasi:sockets"),
+        ("env", "tried wasi:cli/environment"),
+    ] {
+        let ws = workspace_with("snoop", &format!("[settings]\nmode = \"{mode}\"\n"), "");
+        let policy = ws.root().join("policies/42.json");
+        let test = [
+            "plugin",
+            "test",
+            "snoop",
+            "--policy",
+            policy.to_str().unwrap(),
+        ];
+        // Without it, the attempt is reported and the plugin passes.
+        let o = pde(ws.root(), &test);
+        assert_eq!(code(&o), 0, "{mode}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stdout).contains(attempt),
+            "{mode}: {}",
+            text(&o.stdout)
+        );
+        assert_eq!(code(&pde(ws.root(), &["validate", "42"])), 0, "{mode}");
+
+        // With it, the attempt fails the plugin (exit 5), named.
+        let o = pde(ws.root(), &[&test[..], &["--deny-attempts"]].concat());
+        assert_eq!(code(&o), 5, "{mode}: {}", text(&o.stdout));
+        let err = text(&o.stderr);
+        assert!(
+            err.contains("snoop tried a denied capability"),
+            "{mode}: {err}"
+        );
+        assert!(err.contains(attempt), "{mode}: {err}");
+        let o = pde(ws.root(), &["validate", "42", "--deny-attempts"]);
+        assert_eq!(code(&o), 5, "{mode}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains(attempt),
+            "{mode}: {}",
+            text(&o.stderr)
+        );
+    }
+
+    // The manifest setting does the same for every run, and is signed.
+    let ws = workspace_with(
+        "snoop",
+        "deny_attempts = true\n[settings]\nmode = \"read-file\"\n",
+        "",
+    );
+    let o = pde(ws.root(), &["validate", "42"]);
+    assert_eq!(code(&o), 5, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("tried wasi:filesystem"),
+        "{}",
+        text(&o.stderr)
+    );
+    // A plugin that tries nothing is not affected.
+    let ws = workspace_with("quiet", "[settings]\nmode = \"ok\"\n", "");
+    let o = pde(ws.root(), &["validate", "42", "--deny-attempts"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+}
+
+#[test]
 fn inspect_shows_manifest_pin_signature_world_and_capabilities() {
     let ws = Workspace::new("");
     ws.install_plugin(

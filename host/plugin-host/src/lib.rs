@@ -246,6 +246,19 @@ pub enum PluginError {
         /// Its own message.
         message: String,
     },
+    /// The plugin tried a capability the sandbox denies (a file, a socket,
+    /// the environment) while attempts are refused: `deny_attempts = true`
+    /// in its manifest, or `--deny-attempts`.
+    #[error(
+        "plugin {plugin} tried a denied capability, and denied attempts fail it (deny_attempts): {}",
+        pde_core::term::Escaped(.attempts)
+    )]
+    DeniedAttempt {
+        /// The plugin.
+        plugin: String,
+        /// Each attempt, e.g. "tried wasi:filesystem: open a file …: denied", joined by "; ".
+        attempts: String,
+    },
     /// A router named a service that it was not given.
     #[error(
         "router {plugin} routed to {service:?}, which is not a service of this environment (known: {})",
@@ -284,6 +297,7 @@ impl HasExitCode for PluginError {
             | Timeout { .. }
             | ResultTooLarge { .. }
             | PluginFailed { .. }
+            | DeniedAttempt { .. }
             | UnknownService { .. } => ExitCode::PluginFault,
         }
     }
@@ -361,6 +375,11 @@ pub struct Plugin {
     /// call then gets the environment-neutral context, whatever the caller
     /// passes, so its result cannot depend on the environment.
     pub uses_environment: bool,
+    /// True when its manifest declares `deny_attempts = true`: an attempt
+    /// at a denied capability fails the call ([`PluginError::DeniedAttempt`])
+    /// instead of only being reported. [`PluginHost::deny_attempts`] turns
+    /// it on for every plugin.
+    pub deny_attempts: bool,
     #[serde(skip)]
     prepared: Arc<wit::Prepared>,
 }
@@ -378,6 +397,7 @@ impl std::fmt::Debug for Plugin {
             .field("path", &self.path)
             .field("loaded_from_cache", &self.loaded_from_cache)
             .field("uses_environment", &self.uses_environment)
+            .field("deny_attempts", &self.deny_attempts)
             .finish_non_exhaustive()
     }
 }
@@ -606,6 +626,8 @@ pub struct PluginHost {
     limits: Limits,
     gate: sandbox::CallGate,
     run_options: sandbox::RunOptions,
+    /// Every plugin's denied attempts fail it (`--deny-attempts`).
+    deny_attempts: bool,
     // Declared last: dropped after the engine handles above.
     _ticker: sandbox::EpochTicker,
 }
@@ -676,6 +698,7 @@ impl PluginHost {
             limits,
             gate: sandbox::CallGate::default(),
             run_options: sandbox::RunOptions::default(),
+            deny_attempts: false,
             _ticker: ticker,
         })
     }
@@ -685,6 +708,26 @@ impl PluginHost {
     /// (`pde plugin test`), so that each line is shown once.
     pub fn trace_call_logs(&mut self, on: bool) {
         self.run_options.trace_log = on;
+    }
+
+    /// Whether an attempt at a denied capability fails every plugin, as
+    /// `deny_attempts = true` in each manifest would (`--deny-attempts`):
+    /// running on is right for production, but a reviewer needs a way to
+    /// fail a plugin that tries to open a file or a socket.
+    pub fn deny_attempts(&mut self, on: bool) {
+        self.deny_attempts = on;
+    }
+
+    /// Fails the call when `plugin` tried a denied capability and attempts
+    /// are refused for it; checked before its result is looked at.
+    fn check_attempts(&self, plugin: &Plugin, denied: &[String]) -> Result<(), PluginError> {
+        if denied.is_empty() || !(self.deny_attempts || plugin.deny_attempts) {
+            return Ok(());
+        }
+        Err(PluginError::DeniedAttempt {
+            plugin: plugin.name.clone(),
+            attempts: denied.join("; "),
+        })
     }
 
     /// The workspace limits this host enforces.
@@ -818,6 +861,7 @@ impl PluginHost {
             description: String::new(),
             settings: serde_json::json!({}),
             uses_environment: true,
+            deny_attempts: false,
             limits: self.limits,
             path: wasm.to_path_buf(),
             bytes,
@@ -851,6 +895,7 @@ impl PluginHost {
             description: m.description.clone(),
             settings: m.settings_json(),
             uses_environment: m.uses_environment,
+            deny_attempts: m.deny_attempts,
             limits,
             path: found.wasm.clone(),
             bytes,
@@ -998,6 +1043,7 @@ impl PluginHost {
             description: spec.description,
             loaded_from_cache,
             uses_environment: spec.uses_environment,
+            deny_attempts: spec.deny_attempts,
             prepared: Arc::new(prepared),
         })
     }
@@ -1067,6 +1113,7 @@ impl PluginHost {
             .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Validator))??;
         // The store, and with it the pool slot, is gone once the call returns.
         drop(slot);
+        self.check_attempts(plugin, &stats.denied)?;
         let raw = out.map_err(|message| PluginError::PluginFailed {
             plugin: plugin.name.clone(),
             message,
@@ -1124,6 +1171,7 @@ impl PluginHost {
             )
             .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Router))??;
         drop(slot);
+        self.check_attempts(plugin, &stats.denied)?;
         let raw = out.map_err(|message| PluginError::PluginFailed {
             plugin: plugin.name.clone(),
             message,
@@ -1161,6 +1209,7 @@ struct LoadSpec {
     description: String,
     settings: serde_json::Value,
     uses_environment: bool,
+    deny_attempts: bool,
     limits: Limits,
     path: PathBuf,
     /// The file's bytes, when they were read for its digest (not when the

@@ -276,6 +276,33 @@ mod tests {
     }
 
     #[test]
+    fn deny_attempts_is_declared_and_signed() {
+        let plain = Manifest::parse(&text(""), Path::new("x.toml")).unwrap();
+        assert!(!plain.deny_attempts);
+        assert!(plain.signed_fields().get("deny_attempts").is_none());
+        let m = Manifest::parse(&text("deny_attempts = true"), Path::new("x.toml")).unwrap();
+        assert!(m.deny_attempts);
+        assert_eq!(m.signed_fields()["deny_attempts"], true);
+    }
+
+    #[test]
+    fn every_loosened_limit_is_listed() {
+        let global = Limits::default();
+        let m = Manifest::parse(
+            &text("[limits]\nfuel = 9000000000\nmemory_mib = 8\ntimeout_ms = 9000"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            m.loosened_limits(&global),
+            vec![
+                ("fuel", 9_000_000_000, global.fuel),
+                ("timeout_ms", 9000, global.timeout_ms)
+            ]
+        );
+    }
+
+    #[test]
     fn settings_become_json() {
         let m = Manifest::parse(&text("[settings]\nmax_age = 120"), Path::new("x.toml")).unwrap();
         assert_eq!(m.settings_json(), serde_json::json!({"max_age": 120}));

@@ -66,6 +66,11 @@ pub enum PluginCmd {
         /// checked) or a policy document (JSON or YAML). Default: none.
         #[arg(long, value_name = "FILE")]
         active: Option<PathBuf>,
+        /// Fail the plugin (exit 5) if it tries a denied capability (a file,
+        /// a socket, the environment), as `deny_attempts = true` in its
+        /// manifest would; without it such attempts are only reported.
+        #[arg(long)]
+        deny_attempts: bool,
     },
     /// Sign a component and its manifest (`PATH` with `.toml`): writes `PATH.sig`.
     Sign {
@@ -107,6 +112,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             settings,
             services,
             active,
+            deny_attempts,
         } => test(
             ctx,
             &target,
@@ -116,6 +122,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
                 settings: settings.as_deref(),
                 services: services.as_deref(),
                 active: active.as_deref(),
+                deny_attempts,
             },
         ),
         PluginCmd::Sign {
@@ -605,6 +612,7 @@ struct TestOptions<'a> {
     settings: Option<&'a str>,
     services: Option<&'a Path>,
     active: Option<&'a Path>,
+    deny_attempts: bool,
 }
 
 fn cache_text(cached: bool) -> &'static str {
@@ -695,6 +703,8 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
     let mut host = host(ctx, config)?;
     // The report's log is printed below (or is in the JSON): once is enough.
     host.trace_call_logs(false);
+    host.deny_attempts(opts.deny_attempts);
+    host.deny_attempts(opts.deny_attempts);
     let mut plugin = load_target(ctx, &host, config, &trusted, target)?;
     if let Some(arg) = opts.settings {
         // Only this run sees them: the manifest (and its signature) stay as they are.
