@@ -514,6 +514,59 @@ fn deny_attempts_fails_a_plugin_that_tries_denied_capabilities() {
 }
 
 #[test]
+fn dev_warns_about_a_broken_or_missing_signature() {
+    let ws = Workspace::new(&format!("[environments.dev]\n{PRODUCTION}"));
+    ws.install_plugin(
+        "bounds",
+        "validator",
+        misbehave(),
+        "[settings]\nmode = \"ok\"\nmax = 5000\n",
+        true,
+    );
+    ws.install_plugin(
+        "fresh",
+        "validator",
+        misbehave(),
+        "[settings]\nmode = \"ok\"\n",
+        false,
+    );
+    // Tampered after signing: a raised setting breaks the signature.
+    let toml = ws.root().join("plugins/bounds.toml");
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("max = 5000", "max = 999999999");
+    std::fs::write(&toml, edited).unwrap();
+    ws.commit("tampered");
+
+    // Production refuses it; dev runs it, but not silently.
+    let o = pde(ws.root(), &["validate", "42", "--env", "production"]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stderr));
+    for args in [&["validate", "42", "--env", "dev"][..], &["validate", "42"]] {
+        let o = pde(ws.root(), args);
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
+        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        assert!(
+            out.contains("! bounds: signature INVALID: the manifest changed"),
+            "{args:?}: {out}"
+        );
+        assert!(out.contains("! fresh: unsigned"), "{args:?}: {out}");
+        assert!(
+            err.contains("plugin bounds: signature INVALID"),
+            "{args:?}: {err}"
+        );
+        let o = pde(ws.root(), &[args, &["--output", "json"]].concat());
+        let r = json(&o);
+        let bounds = r["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "bounds")
+            .unwrap();
+        assert_eq!(bounds["signature"]["status"], "invalid", "{r}");
+    }
+}
+
+#[test]
 fn inspect_shows_manifest_pin_signature_world_and_capabilities() {
     let ws = Workspace::new("");
     ws.install_plugin(

@@ -346,6 +346,19 @@ pub enum SignatureStatus {
     },
 }
 
+impl SignatureStatus {
+    /// What is wrong with the signature, in words (`None`: valid by a
+    /// trusted key): for the warning given where signatures are not
+    /// required, so that a broken one is never silent.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            SignatureStatus::Valid { .. } => None,
+            SignatureStatus::Unsigned => Some("unsigned".to_string()),
+            SignatureStatus::Invalid { reason } => Some(format!("signature INVALID: {reason}")),
+        }
+    }
+}
+
 /// A loaded, checked, pre-instantiated plugin. Cheap to clone.
 #[derive(Clone, Serialize)]
 pub struct Plugin {
