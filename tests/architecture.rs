@@ -115,11 +115,12 @@ const LAYERS: &[&[&str]] = &[
         "http",
         "runtime",
         "test_receiver",
+        "plugin_install",
     ],
     // The audit log only needs layer 0, and the shared state (layer 1)
     // keeps the team's audit chain, so the log sits below it.
     &["audit", "floor"],
-    &["state", "provenance"],
+    &["state", "provenance", "history"],
     // Begin and finish of a deploy or rollback in the state.
     &["bookkeeping"],
     &[

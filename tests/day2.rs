@@ -163,7 +163,9 @@ fn assert_refused(checks: &str, check: &str, says: &str) {
     assert_eq!(code(&o), 4, "{}", stderr(&o));
     let out = json(&o);
     assert_eq!(out["exit_code"], 4);
-    let report = &out["report"];
+    // The whole report so far; the failing step's part is its `health`.
+    assert_eq!(out["failed_step"], "health");
+    let report = &out["report"]["health"];
     assert_eq!(report["services"][0]["healthy"], true, "{report:#}");
     let c = report["checks"]
         .as_array()

@@ -84,6 +84,18 @@ impl Engine {
             .block_on(self.inner.rollback(policy_id, env, to))
     }
 
+    /// [`crate::Engine::rollback_with_reason`], blocking.
+    pub fn rollback_with_reason(
+        &self,
+        policy_id: &str,
+        env: &str,
+        to: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<RollbackReport, Error> {
+        self.runtime
+            .block_on(self.inner.rollback_with_reason(policy_id, env, to, reason))
+    }
+
     /// [`crate::Engine::live_status`], blocking.
     pub fn live_status(&self, env: Option<&str>) -> Result<LiveReport, Error> {
         self.runtime.block_on(self.inner.live_status(env))

@@ -160,6 +160,47 @@ impl Answer {
     pub fn excerpt(&self) -> String {
         excerpt(&self.body)
     }
+
+    /// A refusal in full: the agent's `error` code, if its body is the
+    /// `{"error": <code>, "reason": <text>}` of push protocol v2, and the
+    /// text to show. A refusal is the one answer a person must read to the
+    /// end (a 403's last clause says which key or how many approvals), so
+    /// the reason is kept whole, only put on one line; any other body is cut
+    /// at [`REFUSAL_CHARS`].
+    pub fn refusal(&self) -> (Option<String>, String) {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            error: String,
+            #[serde(default)]
+            reason: Option<String>,
+        }
+        match serde_json::from_slice::<Body>(&self.body) {
+            Ok(b) => {
+                let text = match &b.reason {
+                    Some(r) => format!("{}: {}", b.error, one_line(r, usize::MAX)),
+                    None => b.error.clone(),
+                };
+                (Some(b.error), text)
+            }
+            Err(_) => (
+                None,
+                one_line(&String::from_utf8_lossy(&self.body), REFUSAL_CHARS),
+            ),
+        }
+    }
+}
+
+/// The most of a refusal body that is not the agent's own JSON shown to a
+/// person (an HTML error page, say).
+pub const REFUSAL_CHARS: usize = 2000;
+
+fn one_line(text: &str, max: usize) -> String {
+    let line: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(max)
+        .collect();
+    line.trim().to_string()
 }
 
 /// Up to 200 characters of a body, on one line.
@@ -319,6 +360,29 @@ pub async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refusal_keeps_the_agents_reason_whole_and_its_code_apart() {
+        let reason = format!(
+            "bundle carries 1 approval; {} this agent requires 3",
+            "x".repeat(400)
+        );
+        let answer = Answer {
+            status: StatusCode::FORBIDDEN,
+            body: serde_json::to_vec(&serde_json::json!({
+                "error": "approvals_insufficient", "reason": reason
+            }))
+            .unwrap_or_default(),
+        };
+        let (code, text) = answer.refusal();
+        assert_eq!(code.as_deref(), Some("approvals_insufficient"));
+        assert!(text.ends_with("this agent requires 3"), "{text}");
+        let page = Answer {
+            status: StatusCode::FORBIDDEN,
+            body: b"<html>\nno</html>".to_vec(),
+        };
+        assert_eq!(page.refusal(), (None, "<html> no</html>".to_string()));
+    }
 
     #[test]
     fn excerpts_are_short_and_on_one_line() {

@@ -20,6 +20,8 @@
 //! - [`team`]: unlocking stale leases and migrating state into PostgreSQL;
 //! - [`pipeline`]: the seven steps, top-down;
 //! - [`live`]: `pde status --live`, what services run against the state;
+//! - [`history`]: deploys refused before any push, from the audit log;
+//! - [`plugin_install`]: `pde plugin install`, a built component into a workspace;
 //! - [`agent`]: the receiving service that targets run;
 //! - [`term`]: escaping untrusted text before a person sees it.
 
@@ -30,10 +32,12 @@ pub mod config;
 mod engine;
 pub mod error;
 pub mod floor;
+pub mod history;
 pub mod http;
 pub mod live;
 pub mod pipeline;
 pub mod plan;
+pub mod plugin_install;
 pub mod policy;
 pub mod provenance;
 pub mod report;

@@ -20,7 +20,8 @@ use tracing::Instrument as _;
 use crate::audit::Event;
 use crate::bookkeeping::Deployment;
 use crate::engine::Engine;
-use crate::error::{Error, HasExitCode};
+use crate::error::Error;
+use crate::report::failure_record;
 use crate::steps::audit::Recorder;
 use crate::steps::push::{self, Outcome};
 use crate::steps::tag::Release;
@@ -78,10 +79,7 @@ impl Engine {
                     json!({"digest": r.digest, "version": r.version,
                            "already_active": r.already_active}),
                 )?,
-                Err(e) => audit.record(
-                    Event::DeployFailed,
-                    json!({"error": e.to_string(), "exit_code": e.exit_code().code()}),
-                )?,
+                Err(e) => audit.record(Event::DeployFailed, failure_record(e))?,
             };
             result
         }
@@ -96,6 +94,7 @@ impl Engine {
         opts: &DeployOptions<'_>,
         audit: &Recorder<'_>,
     ) -> Result<DeployReport, Error> {
+        opts.note(|p| (p.policy_id, p.env) = (Some(policy_id.into()), Some(env_name.into())));
         let env = self.environment(env_name)?;
         let target = Some((env_name, env));
 
@@ -106,20 +105,12 @@ impl Engine {
         let (policy, validation) = match validated {
             Ok(v) => v,
             Err(e) => {
-                audit.record(
-                    Event::ValidationFailed,
-                    json!({"error": e.to_string(), "exit_code": e.exit_code().code()}),
-                )?;
+                audit.record(Event::ValidationFailed, failure_record(&e))?;
                 return Err(e);
             }
         };
-        audit.record(
-            Event::Validated,
-            json!({"version": validation.version, "warnings": validation.warnings(),
-                   "validators": validation.validator_records(),
-                   "policy_digest": validation.approvals.policy_digest,
-                   "approvals": validation.approvals.counted}),
-        )?;
+        opts.note(|p| p.validated(&validation));
+        audit.record(Event::Validated, validation.audit_data())?;
 
         // 2. package
         let dist = self.dist_dir();
@@ -127,6 +118,7 @@ impl Engine {
         let packaged = tracing::info_span!("package")
             .in_scope(|| self.package_stage(&policy, &validation, target, out))?;
         let (bundle, version) = (&packaged.bundle, policy.version.to_string());
+        opts.note(|p| p.packaged(&packaged));
         audit.record(
             Event::Packaged,
             json!({"digest": bundle.digest, "version": version,
@@ -139,6 +131,7 @@ impl Engine {
             .envcheck_stage(env, opts.override_freeze)
             .instrument(tracing::info_span!("envcheck"))
             .await?;
+        opts.note(|p| p.health = Some(health.clone()));
         if !health.healthy() {
             let failing = health.failing_services();
             audit.record(
@@ -162,6 +155,7 @@ impl Engine {
         // 4. route
         let routes = tracing::info_span!("route")
             .in_scope(|| self.route_stage(&policy, (env_name, env), validation.active.as_ref()))?;
+        opts.note(|p| p.routes = Some(routes.clone()));
         audit.record(Event::Routed, json!({"routes": routes}))?;
 
         let mut report = DeployReport {
@@ -223,6 +217,7 @@ impl Engine {
         )?;
         report.outcome = pushed.outcome.into();
         report.push = Some(pushed);
+        opts.note(|p| *p = (&report).into());
         if report.outcome != DeployOutcome::Deployed {
             return Err(Error::DeployFailed {
                 policy_id: policy_id.to_string(),

@@ -21,6 +21,30 @@ pub struct DeployOptions<'a> {
     /// `--override-freeze REASON`: an active change freeze lets this deploy
     /// through, and the reason goes into the audit log.
     pub override_freeze: Option<&'a str>,
+    /// Filled step by step, so a caller can show everything a deploy that
+    /// failed had done (the CLI's `--output json` failure document).
+    pub so_far: Option<&'a ReportSoFar>,
+}
+
+impl DeployOptions<'_> {
+    /// Adds what a step just learnt to the report so far, if anyone keeps one.
+    pub fn note(&self, f: impl FnOnce(&mut PartialReport)) {
+        if let Some(so_far) = self.so_far {
+            so_far.note(f);
+        }
+    }
+}
+
+/// The `data` of a `validation_failed` or `deploy_failed` audit record: the
+/// error, its exit code, and the version refused when validation knew it
+/// (`pde history` shows refused deploys from these records).
+pub fn failure_record(e: &crate::error::Error) -> serde_json::Value {
+    use crate::error::HasExitCode as _;
+    let mut data = serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code().code()});
+    if let crate::error::Error::ValidationFailed { report, .. } = e {
+        data["version"] = report.version.clone().into();
+    }
+    data
 }
 
 impl Default for DeployOptions<'_> {
@@ -29,7 +53,110 @@ impl Default for DeployOptions<'_> {
             dry_run: false,
             observer: &(),
             override_freeze: None,
+            so_far: None,
         }
+    }
+}
+
+/// The deploy report as far as a deploy got: [`DeployReport`]'s fields,
+/// each `None` until its step has run. A failure (exit 2 to 7) carries its
+/// own step's part in the error; this holds the steps before it too.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct PartialReport {
+    /// The policy id.
+    pub policy_id: Option<String>,
+    /// The policy version (known once validation has read it).
+    pub version: Option<String>,
+    /// The target environment.
+    pub env: Option<String>,
+    /// The bundle digest (known once packaged).
+    pub digest: Option<String>,
+    /// How it ended (only once pushed).
+    pub outcome: Option<DeployOutcome>,
+    /// True when this exact bundle was already active in the environment.
+    pub already_active: Option<bool>,
+    /// Which build is shipped.
+    pub artifact: Option<crate::steps::package::Artifact>,
+    /// The bundle file under `dist/`.
+    pub bundle_path: Option<PathBuf>,
+    /// Step 1.
+    pub validation: Option<ValidationReport>,
+    /// Step 3.
+    pub health: Option<HealthReport>,
+    /// Step 4.
+    pub routes: Option<Vec<RouteDecision>>,
+    /// Step 5.
+    pub push: Option<PushReport>,
+    /// Step 6.
+    pub tag: Option<TagReport>,
+}
+
+impl From<&DeployReport> for PartialReport {
+    fn from(r: &DeployReport) -> Self {
+        PartialReport {
+            policy_id: Some(r.policy_id.clone()),
+            version: Some(r.version.clone()),
+            env: Some(r.env.clone()),
+            digest: Some(r.digest.clone()),
+            outcome: Some(r.outcome),
+            already_active: Some(r.already_active),
+            artifact: Some(r.artifact.clone()),
+            bundle_path: r.bundle_path.clone(),
+            validation: Some(r.validation.clone()),
+            health: Some(r.health.clone()),
+            routes: Some(r.routes.clone()),
+            push: r.push.clone(),
+            tag: r.tag.clone(),
+        }
+    }
+}
+
+/// Where a deploy leaves its [`PartialReport`] as it goes.
+#[derive(Debug, Default)]
+pub struct ReportSoFar(std::sync::Mutex<PartialReport>);
+
+/// What step 2 made for a deploy.
+pub struct Packaged {
+    /// The policy repository.
+    pub repo: crate::vcs::Repo,
+    /// The bundle to ship.
+    pub bundle: pde_core::bundle::Bundle,
+    /// Which build it is.
+    pub artifact: crate::steps::package::Artifact,
+    /// It is already the active bundle of the target environment.
+    pub already_active: bool,
+    /// Where it was written, if it was.
+    pub path: Option<PathBuf>,
+}
+
+impl PartialReport {
+    /// What step 1 found.
+    pub fn validated(&mut self, validation: &ValidationReport) {
+        self.version = Some(validation.version.clone());
+        self.validation = Some(validation.clone());
+    }
+
+    /// What step 2 made.
+    pub fn packaged(&mut self, packaged: &Packaged) {
+        self.digest = Some(packaged.bundle.digest.clone());
+        self.artifact = Some(packaged.artifact.clone());
+        self.already_active = Some(packaged.already_active);
+        self.bundle_path.clone_from(&packaged.path);
+    }
+}
+
+impl ReportSoFar {
+    /// Changes the report so far.
+    pub fn note(&self, f: impl FnOnce(&mut PartialReport)) {
+        // A poisoned lock only means a panic elsewhere; the data is still the
+        // best account of the deploy there is.
+        let mut guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard);
+    }
+
+    /// The report so far.
+    pub fn get(&self) -> PartialReport {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 

@@ -28,6 +28,19 @@ impl Engine {
         env_name: &str,
         to: Option<&str>,
     ) -> Result<RollbackReport, Error> {
+        self.rollback_with_reason(policy_id, env_name, to, None)
+            .await
+    }
+
+    /// [`Engine::rollback`], recording `reason` (`pde rollback --reason`)
+    /// on the audit log's `rolled_back` record as `data.reason`.
+    pub async fn rollback_with_reason(
+        &self,
+        policy_id: &str,
+        env_name: &str,
+        to: Option<&str>,
+        reason: Option<&str>,
+    ) -> Result<RollbackReport, Error> {
         let env = self.environment(env_name)?;
         let _lock = self.state.lock(policy_id, env_name)?;
         self.settle_interrupted(policy_id, env_name)?;
@@ -136,6 +149,9 @@ impl Engine {
             let mut data = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));
             data["config"] = json!(config);
             data["freezes_in_force"] = json!(freezes);
+            if let Some(reason) = reason {
+                data["reason"] = reason.into();
+            }
             data
         })?;
         let failed: Vec<String> = report

@@ -10,7 +10,7 @@
 //! Audit records are not written here: which event a step ends with depends
 //! on the command (a `pde validate` writes none), so the caller records it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use tracing::Instrument as _;
@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::http::Target;
 use crate::plugin::{ActivePolicy, PluginSet as Plugins};
 use crate::policy::Policy;
+use crate::report::Packaged;
 use crate::steps::envcheck::{self, HealthReport};
 use crate::steps::package::{self, Artifact};
 use crate::steps::push::{self, PushReport};
@@ -31,20 +32,6 @@ use crate::vcs::Repo;
 
 /// An environment, by name and configuration.
 pub(crate) type EnvRef<'a> = (&'a str, &'a Environment);
-
-/// What step 2 made.
-pub(crate) struct Packaged {
-    /// The policy repository.
-    pub repo: Repo,
-    /// The bundle to ship.
-    pub bundle: pde_core::bundle::Bundle,
-    /// Which build it is.
-    pub artifact: Artifact,
-    /// It is already the active bundle of the target environment.
-    pub already_active: bool,
-    /// Where it was written, if it was.
-    pub path: Option<PathBuf>,
-}
 
 impl Engine {
     /// A service as an HTTP target, its token read now.

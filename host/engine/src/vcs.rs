@@ -121,6 +121,23 @@ impl Repo {
         }
     }
 
+    /// `git init` in `dir` (which must exist), for `pde init` outside any
+    /// work tree: every deploy needs one, and a new user should not learn
+    /// that from the first refusal.
+    pub fn init(dir: &Path) -> Result<Repo, VcsError> {
+        let mut cmd = git_command(dir);
+        cmd.args(["init", "-q"]);
+        let out = run(cmd)?;
+        if !out.status.success() {
+            return Err(VcsError::Command {
+                root: dir.to_path_buf(),
+                args: "init -q".into(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Repo::discover(dir)
+    }
+
     /// The top directory of the work tree.
     pub fn root(&self) -> &Path {
         &self.root

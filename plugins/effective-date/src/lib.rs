@@ -1,9 +1,15 @@
-//! `effective-date`: the policy takes effect on a real, future date and was
-//! approved by people who can be named.
+//! `effective-date`: the policy takes effect on a real, future date, and the
+//! approvals typed into it are well formed.
 //!
 //! A policy whose `effective` date is malformed or already past would be
-//! applied retroactively by the receiving services; one without complete
-//! approvals has no accountable owner. Both are release blockers.
+//! applied retroactively by the receiving services: a release blocker.
+//!
+//! This plugin does **not** count approvals. pde does: it counts the signed
+//! approvals (`pde approve`, `policies/<id>.approvals/`) and, where an
+//! environment allows them, the typed-in ones, against the environment's
+//! `min_approvals` and `required_roles`. A plugin sees only the document, so
+//! a count made here would see none of the signed approvals and fail a
+//! policy pde has accepted (issue 26).
 //!
 //! # Checks
 //! - `effective` present (`effective.missing`), strictly `YYYY-MM-DD` and a
@@ -11,13 +17,11 @@
 //!   (`effective.in-past`; today itself is fine), and not absurdly far ahead
 //!   (warning `effective.far-future`, default more than 1826 days ≈ 5 years,
 //!   which catches typos like `2205-01-01`).
-//! - at least `min_approvals` approvals (`approvals.missing`, default 1);
-//!   each has non-empty `by`, `role` and `at` (`approvals.incomplete`, at
-//!   `/approvals/N/<field>`); `at` starts with a valid `YYYY-MM-DD`
-//!   (`approvals.bad-date`) and is not after today (warning
-//!   `approvals.future`); one person approving twice is a warning
-//!   (`approvals.duplicate`); every role in `required_roles` is present
-//!   (`approvals.role-missing`).
+//! - each typed-in `approvals` entry has non-empty `by`, `role` and `at`
+//!   (`approvals.incomplete`, at `/approvals/N/<field>`); `at` starts with a
+//!   valid `YYYY-MM-DD` (`approvals.bad-date`) and is not after today
+//!   (warning `approvals.future`); one person approving twice is a warning
+//!   (`approvals.duplicate`). A policy with no typed-in entries passes.
 //!
 //! # Today
 //! The component reads the wall clock (WASI `wall-clock`, which the pde
@@ -30,10 +34,11 @@
 //! ```toml
 //! [settings]
 //! today = "2030-01-01"            # optional override of the clock
-//! min_approvals = 1
-//! required_roles = ["policy-owner"]
 //! max_future_days = 1826
 //! ```
+//! `min_approvals` and `required_roles` (settings of version 0.1) are
+//! refused with a message pointing at pde.toml's `[environments.X]`, where
+//! they are counted, rather than silently ignored.
 
 use std::collections::BTreeSet;
 
@@ -59,10 +64,11 @@ pub use pde_plugin::Date;
 pub struct Settings {
     /// Overrides the wall clock (`YYYY-MM-DD`).
     pub today: Option<String>,
-    /// Fewest approvals accepted.
-    pub min_approvals: usize,
-    /// Roles that must each appear among the approvals.
-    pub required_roles: Vec<String>,
+    /// Retired (0.1): pde counts approvals. Present only to be refused by
+    /// name, with where the setting belongs now.
+    pub min_approvals: Option<serde::de::IgnoredAny>,
+    /// Retired (0.1), as `min_approvals`.
+    pub required_roles: Option<serde::de::IgnoredAny>,
     /// Effective dates further ahead than this many days get a warning.
     pub max_future_days: i64,
 }
@@ -71,8 +77,8 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             today: None,
-            min_approvals: 1,
-            required_roles: Vec::new(),
+            min_approvals: None,
+            required_roles: None,
             max_future_days: 1826,
         }
     }
@@ -83,6 +89,18 @@ pub fn check(policy: &Policy, ctx: &Context) -> Result<Vec<Diagnostic>, String> 
     let settings: Settings = ctx
         .settings_as()
         .map_err(|e| format!("effective-date: {e}"))?;
+    for (name, set) in [
+        ("min_approvals", settings.min_approvals.is_some()),
+        ("required_roles", settings.required_roles.is_some()),
+    ] {
+        if set {
+            return Err(format!(
+                "effective-date: settings.{name} is no longer read: pde counts approvals, \
+                 signed ones included; set `{name}` under [environments.<env>] in pde.toml \
+                 and remove it from this plugin's [settings]"
+            ));
+        }
+    }
     let today = match &settings.today {
         Some(t) => Date::parse(t).ok_or_else(|| {
             format!("effective-date: settings.today `{t}` is not a YYYY-MM-DD date")
@@ -109,7 +127,7 @@ pub fn plausible_clock(today: Date) -> Result<Date, String> {
 pub fn check_as_of(policy: &Policy, settings: &Settings, today: Date) -> Vec<Diagnostic> {
     let mut out = Diagnostics::new();
     check_effective(policy, settings, today, &mut out);
-    check_approvals(policy, settings, today, &mut out);
+    check_approvals(policy, today, &mut out);
     out.into_vec()
 }
 
@@ -152,21 +170,11 @@ fn check_effective(policy: &Policy, settings: &Settings, today: Date, out: &mut 
     }
 }
 
-fn check_approvals(policy: &Policy, settings: &Settings, today: Date, out: &mut Diagnostics) {
+/// Well-formedness of the typed-in entries only; how many approvals a policy
+/// has, and of which roles, is pde's to count (see the crate docs).
+fn check_approvals(policy: &Policy, today: Date, out: &mut Diagnostics) {
     let approvals = policy.approvals();
-    if approvals.len() < settings.min_approvals {
-        out.error(
-            "/approvals",
-            "approvals.missing",
-            format!(
-                "the policy has {} approval(s); at least {} required",
-                approvals.len(),
-                settings.min_approvals
-            ),
-        );
-    }
     let mut seen = BTreeSet::new();
-    let mut roles = BTreeSet::new();
     for a in &approvals {
         for (field, value) in [("by", a.by), ("role", a.role), ("at", a.at)] {
             if value.is_none_or(|v| v.trim().is_empty()) {
@@ -209,18 +217,6 @@ fn check_approvals(policy: &Policy, settings: &Settings, today: Date, out: &mut 
                 a.field_pointer("by"),
                 "approvals.duplicate",
                 format!("`{by}` approved more than once; count distinct people"),
-            );
-        }
-        if let Some(role) = a.role {
-            roles.insert(role);
-        }
-    }
-    for role in &settings.required_roles {
-        if !roles.contains(role.as_str()) {
-            out.error(
-                "/approvals",
-                "approvals.role-missing",
-                format!("no approval by the required role `{role}`"),
             );
         }
     }
@@ -322,22 +318,37 @@ mod tests {
     }
 
     #[test]
-    fn min_approvals_and_required_roles() {
-        let c = Context::new(
-            "",
-            json!({"today": "2030-01-01", "min_approvals": 2, "required_roles": ["policy-owner", "legal"]}),
-        );
-        let d = check(&policy(json!("2030-01-02"), ok_approvals()), &c).unwrap();
-        assert_eq!(
-            found(&d),
-            vec![
-                ("/approvals", "approvals.missing"),
-                ("/approvals", "approvals.role-missing"),
-            ]
-        );
-        assert!(d[1].message.contains("`legal`"));
+    fn approvals_are_not_counted_here() {
+        // No typed-in entries (the approvals are signed, beside the policy):
+        // nothing to say. pde counts them, signed ones included.
         let d = check(&policy(json!("2030-01-02"), json!([])), &ctx("2030-01-01")).unwrap();
-        assert_eq!(found(&d), vec![("/approvals", "approvals.missing")]);
+        assert_eq!(found(&d), vec![]);
+        let p = policy(json!("2030-01-02"), ok_approvals())
+            .document()
+            .clone();
+        let mut p = p;
+        p.as_object_mut().unwrap().remove("approvals");
+        let d = check(&Policy::from_value(p), &ctx("2030-01-01")).unwrap();
+        assert_eq!(found(&d), vec![]);
+    }
+
+    #[test]
+    fn retired_count_settings_are_refused_by_name() {
+        let p = policy(json!("2030-01-02"), ok_approvals());
+        for (name, value) in [
+            ("min_approvals", json!(1)),
+            ("required_roles", json!(["legal"])),
+        ] {
+            let err = check(
+                &p,
+                &Context::new("", json!({"today": "2030-01-01", (name): value})),
+            )
+            .unwrap_err();
+            assert!(
+                err.contains(name) && err.contains("[environments.<env>]"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

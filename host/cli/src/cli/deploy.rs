@@ -124,6 +124,11 @@ impl Observer for Progress {
     }
 }
 
+/// The environment's `promote_from`, for saying that its gate passed.
+fn promote_from(engine: &Engine, env: &str) -> Option<String> {
+    engine.environment(env).ok()?.promote_from.clone()
+}
+
 pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
     if args
         .override_freeze
@@ -134,7 +139,14 @@ pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
             "--override-freeze needs a reason (it goes into the audit log)",
         ));
     }
-    let engine = open(ctx)?;
+    let about = |f: Failure| f.about(&args.id, Some(&args.env));
+    // Known before any step runs: what was asked for.
+    let asked = || pde::report::PartialReport {
+        policy_id: Some(args.id.clone()),
+        env: Some(args.env.clone()),
+        ..Default::default()
+    };
+    let engine = open(ctx).map_err(|f| about(f).so_far(asked()))?;
     let progress = Progress {
         // Bars only for a person at a terminal; hidden otherwise.
         multi: if ctx.json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
@@ -144,28 +156,34 @@ pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
         },
         bars: Default::default(),
     };
+    let so_far = pde::report::ReportSoFar::default();
     let opts = pde::pipeline::DeployOptions {
         dry_run: args.dry_run,
         observer: &progress,
         override_freeze: args.override_freeze.as_deref(),
+        so_far: Some(&so_far),
     };
-    let report = engine
-        .deploy(&args.id, &args.env, &opts)
-        .map_err(|e| Failure::engine(ctx, e))?;
+    let report = engine.deploy(&args.id, &args.env, &opts).map_err(|e| {
+        let mut partial = so_far.get();
+        if partial.policy_id.is_none() {
+            partial = asked();
+        }
+        about(Failure::engine(ctx, e)).so_far(partial)
+    })?;
     if ctx.json {
         ctx.print_json(&report);
     } else {
-        print::deploy(&report);
+        print::deploy(&report, promote_from(&engine, &args.env).as_deref());
     }
     Ok(ExitCode::Ok)
 }
 
 pub fn validate(ctx: &Ctx, args: ValidateArgs) -> CmdResult {
-    let engine = open_read_only(ctx)?;
+    let engine = open_read_only(ctx).map_err(|f| f.about(&args.id, args.env.as_deref()))?;
     engine.deny_attempts(args.deny_attempts);
     let report = engine
         .validate_policy(&args.id, args.env.as_deref())
-        .map_err(|e| Failure::engine(ctx, e))?;
+        .map_err(|e| Failure::engine(ctx, e).about(&args.id, args.env.as_deref()))?;
     if ctx.json {
         ctx.print_json(&report);
     } else {
@@ -175,10 +193,10 @@ pub fn validate(ctx: &Ctx, args: ValidateArgs) -> CmdResult {
 }
 
 pub fn package(ctx: &Ctx, args: PackageArgs) -> CmdResult {
-    let engine = open(ctx)?;
+    let engine = open(ctx).map_err(|f| f.about(&args.id, None))?;
     let report = engine
         .package(&args.id, args.out.as_deref())
-        .map_err(|e| Failure::engine(ctx, e))?;
+        .map_err(|e| Failure::engine(ctx, e).about(&args.id, None))?;
     if ctx.json {
         ctx.print_json(&report);
     } else {
@@ -189,17 +207,21 @@ pub fn package(ctx: &Ctx, args: PackageArgs) -> CmdResult {
 }
 
 pub fn plan(ctx: &Ctx, args: PlanArgs) -> CmdResult {
-    let engine = open_read_only(ctx)?;
+    let engine = open_read_only(ctx).map_err(|f| f.about(&args.id, Some(&args.env)))?;
     let report = engine
         .plan(&args.id, &args.env)
-        .map_err(|e| Failure::engine(ctx, e))?;
+        .map_err(|e| Failure::engine(ctx, e).about(&args.id, Some(&args.env)))?;
     if ctx.json {
         ctx.print_json(&report);
         return Ok(ExitCode::Ok);
     }
     print::validation(&report.deploy.validation);
     println!("package   {} (not written)", report.deploy.digest);
-    print::artifact(&report.deploy.artifact, &report.deploy.digest);
+    print::artifact(
+        &report.deploy.artifact,
+        &report.deploy.digest,
+        promote_from(&engine, &args.env).as_deref(),
+    );
     println!(
         "plan      {} service(s) would receive it",
         report.targets.len()

@@ -114,8 +114,28 @@ pub struct Failure {
     /// What went wrong, with context.
     pub error: anyhow::Error,
     /// The report the failure carries (validation findings, per-target
-    /// results), for `--output json`.
+    /// results), for `--output json`; for a deploy, the whole report so far.
     pub report: Option<serde_json::Value>,
+    /// What the failure is about, where known (`--output json` always
+    /// carries these four keys, `null` when unknown).
+    // Boxed: it is most often empty, and a large `Err` slows every `?`.
+    pub subject: Box<Subject>,
+    /// For a deploy: the part of the report of the step that failed
+    /// (`validation`, `health`), by that name.
+    pub failed_step: Option<&'static str>,
+}
+
+/// The policy, environment, version and digest a failure is about.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Subject {
+    /// The policy id.
+    pub policy_id: Option<String>,
+    /// The environment.
+    pub env: Option<String>,
+    /// The policy version.
+    pub version: Option<String>,
+    /// The bundle digest.
+    pub digest: Option<String>,
 }
 
 impl Failure {
@@ -125,6 +145,8 @@ impl Failure {
             code: ExitCode::Usage,
             error: anyhow::anyhow!("{message}"),
             report: None,
+            subject: Box::default(),
+            failed_step: None,
         }
     }
 
@@ -134,17 +156,77 @@ impl Failure {
             code: ExitCode::Usage,
             error,
             report: None,
+            subject: Box::default(),
+            failed_step: None,
         }
     }
 
     /// A failure of the engine, keeping the report it carries.
     pub fn engine(ctx: &Ctx, e: pde::Error) -> Self {
-        let report = print::error_report(ctx, &e);
+        let mut subject = Box::<Subject>::default();
+        match &e {
+            pde::Error::ValidationFailed { report, .. } => {
+                subject.policy_id = Some(report.policy_id.clone());
+                subject.version = Some(report.version.clone());
+                subject.env = report.environment.clone();
+            }
+            pde::Error::DeployFailed { report, .. } => {
+                subject.policy_id = Some(report.policy_id.clone());
+                subject.env = Some(report.env.clone());
+                subject.version = Some(report.version.clone());
+                subject.digest = Some(report.digest.clone());
+            }
+            pde::Error::Rollback(pde::rollback::RollbackError::Failed { report, .. }) => {
+                subject.policy_id = Some(report.policy_id.clone());
+                subject.env = Some(report.env.clone());
+                subject.version = Some(report.from_version.clone());
+                subject.digest = Some(report.from_digest.clone());
+            }
+            _ => {}
+        }
+        let (failed_step, report) = match print::error_report(ctx, &e) {
+            Some((step, report)) => (step, Some(report)),
+            None => (None, None),
+        };
         Failure {
             code: e.exit_code(),
             error: e.into(),
             report,
+            subject,
+            failed_step,
         }
+    }
+
+    /// Names the policy and environment the command was about, where the
+    /// error itself did not.
+    pub fn about(mut self, policy_id: &str, env: Option<&str>) -> Self {
+        self.subject
+            .policy_id
+            .get_or_insert_with(|| policy_id.to_string());
+        if self.subject.env.is_none() {
+            self.subject.env = env.map(str::to_string);
+        }
+        self
+    }
+
+    /// A deploy's failure: `report` becomes the whole report so far (every
+    /// step that ran), with the failing step's part in its place, and the
+    /// subject is filled from it.
+    pub fn so_far(mut self, partial: pde::report::PartialReport) -> Self {
+        let s = &mut self.subject;
+        s.policy_id = s.policy_id.take().or(partial.policy_id.clone());
+        s.env = s.env.take().or(partial.env.clone());
+        s.version = s.version.take().or(partial.version.clone());
+        s.digest = s.digest.take().or(partial.digest.clone());
+        let mut whole = serde_json::to_value(&partial).unwrap_or_default();
+        match (self.failed_step, self.report.take()) {
+            (Some(step), Some(part)) => whole[step] = part,
+            // A whole deploy report already (the push failed): it is the report.
+            (None, Some(full)) => whole = full,
+            (_, None) => {}
+        }
+        self.report = Some(whole);
+        self
     }
 }
 
@@ -157,6 +239,8 @@ where
             code: e.exit_code(),
             error: e.into(),
             report: None,
+            subject: Box::default(),
+            failed_step: None,
         }
     }
 }
@@ -258,7 +342,9 @@ fn init_tracing(verbose: u8, service: bool, format: pde_agent::cli::LogFormat) {
     let default = match verbose {
         // A long-running service logs every request by default.
         0 if service => "info",
-        0 => "warn",
+        // A person reads pde's own report, which says what matters in its
+        // own words; log lines are for -v (issue 26).
+        0 => "error",
         1 => "info",
         2 => "debug",
         _ => "trace",
@@ -363,6 +449,11 @@ pub fn main() -> std::process::ExitCode {
                     "causes": causes,
                     "exit_code": f.code.code(),
                     "kind": f.code,
+                    "policy_id": f.subject.policy_id,
+                    "env": f.subject.env,
+                    "version": f.subject.version,
+                    "digest": f.subject.digest,
+                    "failed_step": f.failed_step,
                     "report": f.report,
                 }));
             }

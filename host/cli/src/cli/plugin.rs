@@ -86,6 +86,28 @@ pub enum PluginCmd {
         #[arg(long, value_name = "TEXT")]
         note: Option<String>,
     },
+    /// Install a built component into the workspace: copy it to
+    /// `<plugins>/<name>.wasm` under its manifest's name, write the manifest
+    /// beside it with `sha256` pinned, optionally sign it, and print what to
+    /// commit. Refuses a component a deploy would refuse (wrong world for
+    /// the manifest's kind, not a component, a bad manifest).
+    Install {
+        /// The built `.wasm` (any file name, e.g. `eligibility_bounds.wasm`).
+        file: PathBuf,
+        /// The plugin's manifest (default: FILE with `.toml`). Its `sha256`
+        /// may be empty: it is pinned to FILE's.
+        #[arg(long, value_name = "M")]
+        manifest: Option<PathBuf>,
+        /// Sign the installed plugin with this key file (hex seed).
+        #[arg(long, value_name = "KEY")]
+        sign: Option<PathBuf>,
+        /// Who signs, recorded in the signature (default: $USER).
+        #[arg(long, value_name = "NAME", requires = "sign")]
+        signer: Option<String>,
+        /// A note recorded in the signature, e.g. the review ticket.
+        #[arg(long, value_name = "TEXT", requires = "sign")]
+        note: Option<String>,
+    },
     /// Scaffold a plugin project (Cargo.toml, src/lib.rs, manifest, sample
     /// policy, README) in a new directory; works outside a workspace.
     New(super::scaffold::NewArgs),
@@ -132,6 +154,20 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             note,
         } => sign(ctx, &path, &key, signer, note),
         PluginCmd::Verify { path, keys } => verify(ctx, &path, &keys),
+        PluginCmd::Install {
+            file,
+            manifest,
+            sign,
+            signer,
+            note,
+        } => install(
+            ctx,
+            &file,
+            manifest.as_deref(),
+            sign.as_deref(),
+            signer,
+            note,
+        ),
         PluginCmd::New(args) => super::scaffold::new(ctx, args),
     }
 }
@@ -912,6 +948,105 @@ fn sign(
             sig_path.display()
         );
     }
+    Ok(ExitCode::Ok)
+}
+
+fn install(
+    ctx: &Ctx,
+    file: &Path,
+    manifest: Option<&Path>,
+    sign: Option<&Path>,
+    signer: Option<String>,
+    note: Option<String>,
+) -> CmdResult {
+    let Some(config) = workspace(ctx, true)? else {
+        unreachable!("a required workspace is loaded or an error")
+    };
+    let trusted = trusted_keys(ctx, Some(&config))?;
+    let host = host(ctx, Some(&config))?;
+    // Paths are read as if pde was started in -C DIR (an absolute one as is).
+    let file = ctx.dir.join(file);
+    let manifest = manifest.map(|m| ctx.dir.join(m));
+    let key = match sign {
+        Some(k) => Some(pde::keys::load_signing_key(&ctx.dir.join(k))?),
+        None => None,
+    };
+    let plugins_dir = ctx.dir.join(&config.plugins);
+    let request = pde::plugin_install::InstallRequest {
+        wasm: &file,
+        manifest: manifest.as_deref(),
+        plugins_dir: &plugins_dir,
+        sign: key.as_ref().map(|k| {
+            (
+                k,
+                pde::plugin::signature::Signer {
+                    name: signer
+                        .or_else(|| std::env::var("USER").ok())
+                        .unwrap_or_else(|| "unknown".to_string()),
+                    note,
+                },
+            )
+        }),
+        trusted: &trusted,
+    };
+    let installed = pde::plugin_install::install(&host, &request)?;
+    // Paths as the engineer types them at the workspace root.
+    let rel = |p: &Path| -> String { p.strip_prefix(&ctx.dir).unwrap_or(p).display().to_string() };
+    let files: Vec<String> = installed.files().iter().map(|p| rel(p)).collect();
+    let commit = format!(
+        "git add {} && git commit -m \"Install plugin {} {}\"",
+        files.join(" "),
+        installed.name,
+        installed.version
+    );
+    if ctx.json {
+        ctx.print_json(&serde_json::json!({
+            "installed": installed,
+            "git_add": files,
+            "commit": commit,
+        }));
+        return Ok(ExitCode::Ok);
+    }
+    println!(
+        "installed {} {} ({}, pde:plugin@{}) as {}",
+        installed.name,
+        Escaped(&installed.version),
+        super::print::label(&installed.kind),
+        installed.wit_version,
+        rel(&installed.wasm)
+    );
+    println!(
+        "  pinned sha256 {} in {}",
+        installed.sha256,
+        rel(&installed.manifest)
+    );
+    if let Some(old) = &installed.replaced_sha256 {
+        println!("  replaced the installed build {old}");
+    }
+    if let Some(sig) = &installed.removed_stale_signature {
+        println!(
+            "  removed {}: it signed the replaced build; sign this one with --sign KEY",
+            rel(sig)
+        );
+    }
+    match (&installed.signature_file, &installed.signature) {
+        (Some(_), SignatureStatus::Valid { .. }) => {
+            println!("  {}", signed_text(&installed.signature));
+        }
+        (Some(sig), status) => println!(
+            "  signed -> {}, but this workspace does not trust the key yet ({}): add its .pub to \
+             [trust] plugin_keys",
+            rel(sig),
+            signed_text(status)
+        ),
+        (None, _) => println!(
+            "  unsigned: environments with require_signed_plugins refuse it until it is signed \
+             (pde plugin sign {} --key KEY)",
+            rel(&installed.wasm)
+        ),
+    }
+    println!("next: commit it (a deploy refuses uncommitted plugins):");
+    println!("  {commit}");
     Ok(ExitCode::Ok)
 }
 

@@ -10,29 +10,33 @@ use pde::validate::ValidationReport;
 use super::Ctx;
 
 /// Prints the report a failed engine call carries (for people), and returns
-/// it as JSON (for `--output json`).
-pub fn error_report(ctx: &Ctx, e: &pde::Error) -> Option<serde_json::Value> {
+/// it as JSON (for `--output json`) with the part of the deploy report it
+/// is (`validation`, `health`, or `None` for a whole report).
+pub fn error_report(
+    ctx: &Ctx,
+    e: &pde::Error,
+) -> Option<(Option<&'static str>, serde_json::Value)> {
     match e {
         pde::Error::ValidationFailed { report, .. } => {
             if !ctx.json {
                 validation(report);
             }
-            Some(json(report.as_ref()))
+            Some((Some("validation"), json(report.as_ref())))
         }
         pde::Error::Unhealthy { report, .. } => {
             if !ctx.json {
                 health(report);
             }
-            Some(json(report))
+            Some((Some("health"), json(report)))
         }
         pde::Error::DeployFailed { report, .. } => {
             if !ctx.json {
-                deploy(report);
+                deploy(report, None);
             }
-            Some(json(report.as_ref()))
+            Some((None, json(report.as_ref())))
         }
         pde::Error::Rollback(pde::rollback::RollbackError::Failed { report, .. }) => {
-            Some(json(report.as_ref()))
+            Some((None, json(report.as_ref())))
         }
         _ => None,
     }
@@ -76,6 +80,7 @@ pub fn validation(r: &ValidationReport) {
             println!("    ! {}: {}", p.name, pde::term::Escaped(&problem));
         }
     }
+    approvals(r);
     for d in &r.diagnostics {
         diagnostic(d);
     }
@@ -85,6 +90,43 @@ pub fn validation(r: &ValidationReport) {
         r.errors(),
         r.diagnostics.len()
     );
+}
+
+/// The approvals pde counted: who, as which role, with which key. Shown
+/// whenever there are any, and for an environment even when there are none
+/// (a person should see the gate, not only the JSON).
+fn approvals(r: &ValidationReport) {
+    let v = &r.approvals;
+    if v.approvers == 0 && r.environment.is_none() {
+        return;
+    }
+    let signed = v.counted.len();
+    let unsigned = v.approvers.saturating_sub(signed);
+    let for_env = r
+        .environment
+        .as_deref()
+        .map(|e| format!(" for {e}"))
+        .unwrap_or_default();
+    let mut line = format!("  approvals counted{for_env}: {}", v.approvers);
+    if unsigned > 0 {
+        line.push_str(&format!(
+            " ({signed} signed, {unsigned} unsigned entr(ies) of the document)"
+        ));
+    }
+    println!("{line}");
+    for c in &v.counted {
+        let role = c
+            .role
+            .as_deref()
+            .map(|r| format!("as {}", pde::term::Escaped(r)))
+            .unwrap_or_else(|| "with no role credited".to_string());
+        println!(
+            "    {} {role}, key {}, signed {}",
+            pde::term::Escaped(&c.by),
+            c.keyid,
+            pde::term::Escaped(&seconds(&c.at))
+        );
+    }
 }
 
 /// Health of each service.
@@ -133,26 +175,105 @@ pub fn push(r: &PushReport) {
     }
 }
 
-/// A whole deploy, step by step.
-/// Which build ships: this run's, or the bundle an environment already runs.
-pub fn artifact(a: &pde::package::Artifact, digest: &str) {
+/// Which build ships: this run's, or the bundle an environment already
+/// runs; and, when another environment's bundle is promoted to `env`, that
+/// the promotion gate passed.
+pub fn artifact(a: &pde::package::Artifact, digest: &str, promote_from: Option<&str>) {
     let commit = a.source_commit.get(..12).unwrap_or(&a.source_commit);
     match &a.reused_from {
-        Some(env) => println!(
-            "artifact  shipping the bundle {env} runs, {digest} (built from commit {commit}; \
+        Some(from) => println!(
+            "artifact  shipping the bundle {from} runs, {digest} (built from commit {commit}; \
              same content, plugins and findings as this checkout)"
         ),
         None => println!("artifact  built from commit {commit}"),
     }
+    // Packaging refuses a version the source environment never ran, so a
+    // report that got here passed the gate; say so, not only in JSON.
+    if let Some(from) = promote_from {
+        println!("  ✓ promotion gate passed: {from} already runs this bundle ({digest})");
+    }
 }
 
-pub fn deploy(r: &DeployReport) {
+/// An RFC 3339 time to the whole second (`2026-11-29T14:02:11Z`): times are
+/// kept with nanoseconds, trailing zeros dropped, which makes columns ragged.
+pub fn seconds(ts: &str) -> String {
+    match (ts.find('.'), ts.find('T')) {
+        (Some(dot), Some(t)) if dot > t => {
+            let zone = ts[dot..]
+                .find(['Z', '+', '-'])
+                .map(|i| &ts[dot + i..])
+                .unwrap_or("");
+            format!("{}{zone}", &ts[..dot])
+        }
+        _ => ts.to_string(),
+    }
+}
+
+/// What a deploy that did not end `deployed` left behind, and what to do.
+fn next_step(r: &DeployReport) {
+    use pde::pipeline::DeployOutcome;
+    if !matches!(
+        r.outcome,
+        DeployOutcome::RolledBack | DeployOutcome::NeedsAttention
+    ) {
+        return;
+    }
+    let Some(p) = &r.push else { return };
+    let names = |state: pde::push::TargetState| -> Vec<&str> {
+        p.targets
+            .iter()
+            .filter(|t| t.state == state)
+            .map(|t| t.service.as_str())
+            .collect()
+    };
+    let failed = names(pde::push::TargetState::Failed);
+    let sent_back = names(pde::push::TargetState::RolledBack);
+    let stuck = names(pde::push::TargetState::RollbackFailed);
+    let failed_text = if failed.is_empty() {
+        "a target".to_string()
+    } else {
+        failed.join(", ")
+    };
+    println!();
+    if r.outcome == pde::pipeline::DeployOutcome::RolledBack {
+        if sent_back.is_empty() {
+            println!(
+                "  {failed_text} refused or failed v{}; no service had taken it, so nothing \
+                 needed rolling back: {} runs what it ran before for policy {}.",
+                r.version, r.env, r.policy_id
+            );
+        } else {
+            println!(
+                "  {failed_text} failed, so {} {} sent back to the bundle {} ran before for \
+                 policy {} (verified); {} runs what it ran before.",
+                sent_back.join(", "),
+                if sent_back.len() == 1 { "was" } else { "were" },
+                if sent_back.len() == 1 { "it" } else { "each" },
+                r.policy_id,
+                r.env
+            );
+        }
+    } else {
+        println!(
+            "  {failed_text} failed, and {} could not be sent back: see what each runs above.",
+            stuck.join(", ")
+        );
+    }
+    println!(
+        "  next: check {failed_text} (the detail above; `pde env check {}`), fix it, then \
+         deploy again: pde deploy {} --env {}",
+        r.env, r.policy_id, r.env
+    );
+}
+
+/// A whole deploy, step by step.
+pub fn deploy(r: &DeployReport, promote_from: Option<&str>) {
     validation(&r.validation);
     match &r.bundle_path {
         Some(p) => println!("package   {} -> {}", r.digest, p.display()),
         None => println!("package   {} (dry run: not written)", r.digest),
     }
-    artifact(&r.artifact, &r.digest);
+    artifact(&r.artifact, &r.digest, promote_from);
     health(&r.health);
     println!("route");
     for route in &r.routes {
@@ -171,22 +292,25 @@ pub fn deploy(r: &DeployReport) {
         };
         println!("tag       {} ({how})", t.name);
     }
+    next_step(r);
     let note = if r.already_active {
         " (this bundle was already active)"
     } else {
         ""
     };
+    use pde::pipeline::DeployOutcome;
+    let (mark, outcome) = match r.outcome {
+        DeployOutcome::Deployed => ("✓", label(&r.outcome)),
+        // A dry run that got here passed every step it runs.
+        DeployOutcome::DryRun => (
+            "✓",
+            "dry run passed (validate, package, check, route); nothing pushed".to_string(),
+        ),
+        _ => ("✗", label(&r.outcome)),
+    };
     println!(
-        "{} policy {} v{} to {}: {}{note}",
-        if r.outcome == pde::pipeline::DeployOutcome::Deployed {
-            "✓"
-        } else {
-            "✗"
-        },
-        r.policy_id,
-        r.version,
-        r.env,
-        label(&r.outcome)
+        "{mark} policy {} v{} to {}: {outcome}{note}",
+        r.policy_id, r.version, r.env
     );
 }
 

@@ -37,6 +37,13 @@ pub struct RollbackArgs {
     /// The version to return to (default: the one deployed before the active one).
     #[arg(long)]
     pub to: Option<String>,
+    /// Why: recorded in the audit log's `rolled_back` record (`data.reason`).
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+    /// Do not ask for confirmation (a terminal is asked; scripts, whose
+    /// stdin is not a terminal, never are).
+    #[arg(long, short = 'y')]
+    pub yes: bool,
 }
 
 /// `pde unlock ID --env ENV`.
@@ -68,20 +75,74 @@ pub enum MigrateFrom {
     Sqlite,
 }
 
-/// `pde keygen --out DIR`.
+/// `pde keygen --out DIR [--for release|approver|plugin] [--name FILE]`.
 #[derive(Debug, clap::Args)]
 pub struct KeygenArgs {
     /// Directory for `<name>` (secret, mode 0600) and `<name>.pub`.
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// File name of the key.
-    #[arg(long, default_value = "release.ed25519")]
-    pub name: String,
+    /// What the key signs; it picks the default file name, so an approver's
+    /// key is never written under the bundle-signing key's name.
+    #[arg(long = "for", value_enum, default_value = "release")]
+    pub purpose: KeyPurpose,
+    /// File name of the key (default: `release.ed25519`, `approver.ed25519`
+    /// or `plugin.ed25519`, after `--for`).
+    #[arg(long)]
+    pub name: Option<String>,
+}
+
+/// What a key made by `pde keygen` is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum KeyPurpose {
+    /// Signs the workspace's bundles (`[signing] key_file`).
+    Release,
+    /// A person's key for `pde approve` (`[trust] approver_keys`).
+    Approver,
+    /// Signs plugins (`pde plugin sign`, `[trust] plugin_keys`).
+    Plugin,
+}
+
+impl KeyPurpose {
+    fn default_name(self) -> &'static str {
+        match self {
+            KeyPurpose::Release => "release.ed25519",
+            KeyPurpose::Approver => "approver.ed25519",
+            KeyPurpose::Plugin => "plugin.ed25519",
+        }
+    }
+
+    /// What to do with the key pair next, for people.
+    fn next_step(self, public: &std::path::Path, secret: &std::path::Path) -> String {
+        match self {
+            KeyPurpose::Release => format!(
+                "next: name it in pde.toml's [signing] key_file; agents trust {} (--trusted-key)",
+                public.display()
+            ),
+            KeyPurpose::Approver => format!(
+                "next: give {} to the workspace's owner for [trust] approver_keys; approve with \
+                 `pde approve ID --key {} --role ROLE`",
+                public.display(),
+                secret.display()
+            ),
+            KeyPurpose::Plugin => format!(
+                "next: sign with `pde plugin sign FILE.wasm --key {}` (or `pde plugin install … \
+                 --sign {}`); workspaces list {} in [trust] plugin_keys",
+                secret.display(),
+                secret.display(),
+                public.display()
+            ),
+        }
+    }
 }
 
 /// `pde init`.
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {}
+
+/// The schema of each entry of `pde status --output json`.
+pub const STATUS_SCHEMA: &str = "pde.status/v1";
+/// The schema of `pde status --live --output json`.
+pub const LIVE_SCHEMA: &str = "pde.status-live/v1";
 
 pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     let engine = open_read_only(ctx)?;
@@ -95,7 +156,9 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
             .live_status(args.env.as_deref())
             .map_err(|e| Failure::engine(ctx, e))?;
         if ctx.json {
-            ctx.print_json(&report);
+            let mut v = serde_json::to_value(&report).unwrap_or_default();
+            v["schema"] = LIVE_SCHEMA.into();
+            ctx.print_json(&v);
         } else {
             print_live(&report);
         }
@@ -109,7 +172,17 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     }
     let entries = engine.state().status(args.env.as_deref())?;
     if ctx.json {
-        ctx.print_json(&entries);
+        // Still the list scripts read; each entry says its schema version,
+        // added beside the fields (which are never renamed).
+        let list: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|e| {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                v["schema"] = STATUS_SCHEMA.into();
+                v
+            })
+            .collect();
+        ctx.print_json(&list);
         return Ok(ExitCode::Ok);
     }
     if entries.is_empty() {
@@ -242,13 +315,17 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
                 };
                 print!(" {cell:<width$}");
             }
-            println!(" {}", e.deployed_at);
+            println!(" {}", print::seconds(&e.deployed_at));
             if let Some(d) = &e.interrupted {
                 println!(
                     "{:<12} INTERRUPTED: v{} ({}) started {} by {} was killed mid-way; the \
                      services show what each was last known to run. The next deploy or \
                      rollback settles it.",
-                    "", d.version, d.digest, d.started_at, d.actor
+                    "",
+                    d.version,
+                    d.digest,
+                    print::seconds(&d.started_at),
+                    d.actor
                 );
             }
         }
@@ -259,33 +336,155 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
     );
 }
 
+/// One line of `pde history`: a deployment, or a deploy refused before any push.
+enum Entry {
+    Deployment(pde::state::DeploymentRecord),
+    Refused(pde::history::Refused),
+}
+
+impl Entry {
+    fn finished_at(&self) -> &str {
+        match self {
+            Entry::Deployment(d) => &d.finished_at,
+            Entry::Refused(r) => &r.finished_at,
+        }
+    }
+
+    fn json(&self) -> serde_json::Value {
+        match self {
+            Entry::Deployment(d) => serde_json::to_value(d).unwrap_or_default(),
+            // The deployment fields, so one list reads the same, plus why.
+            Entry::Refused(r) => serde_json::json!({
+                "id": null,
+                "policy_id": r.policy_id,
+                "env": r.env,
+                "version": r.version,
+                "digest": r.digest,
+                "outcome": "refused",
+                "started_at": r.started_at,
+                "finished_at": r.finished_at,
+                "actor": r.actor,
+                "targets": [],
+                "reason": r.reason,
+                "exit_code": r.exit_code,
+            }),
+        }
+    }
+}
+
 pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
     let engine = open_read_only(ctx)?;
     let records = engine.state().history_checked(&args.id)?;
+    // Refused deploys leave no deployment row, only audit records.
+    let refused = pde::history::refused(&engine.audit().records()?, &args.id);
+    let mut entries: Vec<Entry> = records.into_iter().map(Entry::Deployment).collect();
+    entries.extend(refused.into_iter().map(Entry::Refused));
+    // Newest first, as the deployments already were; a stable sort keeps
+    // their order among equal times.
+    entries.sort_by_key(|e| std::cmp::Reverse(print::seconds(e.finished_at())));
     if ctx.json {
-        ctx.print_json(&records);
+        let list: Vec<serde_json::Value> = entries.iter().map(Entry::json).collect();
+        ctx.print_json(&list);
         return Ok(ExitCode::Ok);
     }
-    if records.is_empty() {
+    if entries.is_empty() {
         println!("policy {} has never been deployed", args.id);
     }
-    for r in records {
-        println!(
-            "{}  {:<12} v{:<9} {:<16} {} by {}",
-            r.finished_at, r.env, r.version, r.outcome, r.digest, r.actor
-        );
-        for t in r.targets {
-            println!("    {:<20} {:<14} {}", t.service, t.outcome, t.detail);
+    for e in entries {
+        match e {
+            Entry::Deployment(r) => {
+                println!(
+                    "{}  {:<12} v{:<9} {:<16} {} by {}",
+                    print::seconds(&r.finished_at),
+                    r.env,
+                    r.version,
+                    r.outcome,
+                    r.digest,
+                    r.actor
+                );
+                for t in r.targets {
+                    println!("    {:<20} {:<14} {}", t.service, t.outcome, t.detail);
+                }
+            }
+            Entry::Refused(r) => {
+                let version = r.version.as_deref().unwrap_or("?");
+                let code = r
+                    .exit_code
+                    .map(|c| format!(" (exit {c})"))
+                    .unwrap_or_default();
+                println!(
+                    "{}  {:<12} v{:<9} {:<16} {} by {}",
+                    print::seconds(&r.finished_at),
+                    r.env,
+                    version,
+                    "refused",
+                    r.digest.as_deref().unwrap_or("(not packaged)"),
+                    r.actor
+                );
+                println!(
+                    "    refused before any push{code}: {}",
+                    pde::term::escape(&r.reason)
+                );
+            }
         }
     }
     Ok(ExitCode::Ok)
 }
 
+/// Asks a person at a terminal to confirm; `true` to go on.
+fn confirm(question: &str) -> bool {
+    use std::io::Write as _;
+    eprint!("{question} [y/N] ");
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    if std::io::stdin().read_line(&mut answer).is_err() {
+        return false;
+    }
+    matches!(answer.trim().to_lowercase().as_str(), "y" | "yes")
+}
+
 pub fn rollback(ctx: &Ctx, args: RollbackArgs) -> CmdResult {
-    let engine = open(ctx)?;
+    let about = |f: Failure| f.about(&args.id, Some(&args.env));
+    if args.reason.as_deref().is_some_and(|r| r.trim().is_empty()) {
+        return Err(about(Failure::usage(
+            "--reason needs a text (it goes into the audit log)",
+        )));
+    }
+    let engine = open(ctx).map_err(about)?;
+    // A rollback pushes to every service of the environment: a person at a
+    // terminal confirms it. Scripts (stdin not a terminal) go on as before,
+    // so existing automation keeps working; `--yes` skips the question.
+    if !args.yes && !ctx.json && std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        let active = engine
+            .state()
+            .active(&args.id, &args.env)
+            .map_err(|e| about(e.into()))?;
+        let from = active
+            .map(|a| format!(" from v{}", a.version))
+            .unwrap_or_default();
+        let to = args
+            .to
+            .as_deref()
+            .map(|v| format!("v{v}"))
+            .unwrap_or_else(|| "the version deployed before".to_string());
+        let question = format!(
+            "Roll back policy {} in {}{from} to {to}? Every service holding it is asked to switch.",
+            args.id, args.env
+        );
+        if !confirm(&question) {
+            return Err(about(Failure::usage(
+                "rollback not confirmed; nothing was changed (pass --yes to skip the question)",
+            )));
+        }
+    }
     let report = engine
-        .rollback(&args.id, &args.env, args.to.as_deref())
-        .map_err(|e| Failure::engine(ctx, e))?;
+        .rollback_with_reason(
+            &args.id,
+            &args.env,
+            args.to.as_deref(),
+            args.reason.as_deref(),
+        )
+        .map_err(|e| about(Failure::engine(ctx, e)))?;
     if ctx.json {
         ctx.print_json(&report);
     } else {
@@ -296,6 +495,12 @@ pub fn rollback(ctx: &Ctx, args: RollbackArgs) -> CmdResult {
             "✓ policy {} in {}: v{} -> v{} ({})",
             report.policy_id, report.env, report.from_version, report.to_version, report.to_digest
         );
+        if let Some(reason) = &args.reason {
+            println!(
+                "  reason recorded in the audit log: {}",
+                pde::term::escape(reason)
+            );
+        }
     }
     Ok(ExitCode::Ok)
 }
@@ -350,13 +555,18 @@ pub fn state(ctx: &Ctx, cmd: StateCmd) -> CmdResult {
 
 pub fn keygen(ctx: &Ctx, args: KeygenArgs) -> CmdResult {
     let out = ctx.dir.join(&args.out);
-    let key = pde::keys::generate(&out, &args.name)?;
+    let name = args.name.as_deref().unwrap_or(args.purpose.default_name());
+    let key = pde::keys::generate(&out, name)?;
     if ctx.json {
         ctx.print_json(&key);
     } else {
         println!("secret key  {} (keep it secret)", key.secret_path.display());
         println!("public key  {}", key.public_path.display());
         println!("key id      {}", key.key_id);
+        println!(
+            "{}",
+            args.purpose.next_step(&key.public_path, &key.secret_path)
+        );
     }
     Ok(ExitCode::Ok)
 }
@@ -387,6 +597,15 @@ retries = 3
 name = "local"
 url = "http://127.0.0.1:8700"
 tags = ["api"]
+
+# Production, once you have one: signed plugins, the validators a deploy
+# must never run without, promotion from staging and approvals.
+# [environments.production]
+# require_signed_plugins = true
+# required_plugins = ["pii-guard"]     # refused (exit 2) when one is missing
+# promote_from = "staging"
+# min_approvals = 2
+# require_signed_approvals = true
 "#;
 
 pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
@@ -403,6 +622,14 @@ pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
     if !ignore.exists() {
         std::fs::write(&ignore, ".pde/\nkeys/*.ed25519\n").map_err(io)?;
     }
+    // Every deploy needs a Git work tree (the bundle names its commit).
+    let git_init = match pde::vcs::Repo::discover(&ctx.dir) {
+        Ok(_) => None,
+        Err(pde::vcs::VcsError::NotARepo { .. }) => {
+            Some(pde::vcs::Repo::init(&ctx.dir)?.root().to_path_buf())
+        }
+        Err(e) => return Err(e.into()),
+    };
     let key = if ctx.dir.join("keys/release.ed25519").exists() {
         None
     } else {
@@ -412,8 +639,14 @@ pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
         )?)
     };
     if ctx.json {
-        ctx.print_json(&serde_json::json!({"config": toml, "key": key}));
+        ctx.print_json(&serde_json::json!({"config": toml, "key": key, "git_init": git_init}));
     } else {
+        if let Some(root) = &git_init {
+            println!(
+                "ran `git init` in {} (it was not in a Git work tree; deploys need one)",
+                root.display()
+            );
+        }
         println!("created {}", toml.display());
         if let Some(k) = key {
             println!(
@@ -422,7 +655,11 @@ pub fn init(ctx: &Ctx, _args: InitArgs) -> CmdResult {
                 k.key_id
             );
         }
-        println!("next: add policies/<id>.json, commit, then `pde validate <id>`");
+        println!(
+            "next: declare your services under [[environments.dev.services]] in pde.toml, add \
+             policies/<id>.json, commit (`git add -A && git commit`), then `pde validate <id>` \
+             (docs/release-engineer.md, \"Your first workspace\")"
+        );
     }
     Ok(ExitCode::Ok)
 }

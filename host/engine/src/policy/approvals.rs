@@ -22,7 +22,7 @@ use serde::Serialize;
 use pde_core::approval::{self, Approvers, Counted, Rejection, SignedApproval};
 
 use super::Policy;
-use crate::diagnostic::Diagnostic;
+use crate::diagnostic::{Diagnostic, Severity};
 
 /// The most approval files read for one policy.
 pub const MAX_APPROVALS: usize = 256;
@@ -144,7 +144,32 @@ pub fn judge(policy: &Policy, approvers: &Approvers, requirement: Option<&Requir
         }
     }
     let tally = approval::tally(&signed, &policy.id, &digest, approvers);
+    // Where nothing is required, approvals of an earlier content are no
+    // reason to warn: said once, as information (issue 26: dev was noisy).
+    let none_required = requirement.is_none_or(|r| r.min == 0 && r.roles.is_empty());
+    let stale = tally
+        .rejected
+        .iter()
+        .filter(|r| matches!(r, Rejection::Stale { .. }))
+        .count();
+    if none_required && stale > 0 {
+        diagnostics.push(Diagnostic::new(
+            Severity::Info,
+            "approvals",
+            "approvals.stale",
+            "",
+            format!(
+                "{stale} approval(s) were signed over an earlier content of this policy (it is \
+                 now {digest}); no approval is required here, but an environment that requires \
+                 them will ask each approver to run `pde approve {} --key FILE` again",
+                policy.id
+            ),
+        ));
+    }
     for rejection in &tally.rejected {
+        if none_required && matches!(rejection, Rejection::Stale { .. }) {
+            continue;
+        }
         let code = match rejection {
             Rejection::Stale { .. } => "approvals.stale",
             Rejection::Signature { .. } => "approvals.untrusted",

@@ -208,7 +208,16 @@ impl ValidationReport {
         self.errors() == 0
     }
 
-    /// The validator records that go into the bundle manifest.
+    /// The `data` of the `validated` audit record: version, warnings,
+    /// validators, the content digest and the approvals counted.
+    pub fn audit_data(&self) -> serde_json::Value {
+        serde_json::json!({"version": self.version, "warnings": self.warnings(),
+                           "validators": self.validator_records(),
+                           "policy_digest": self.approvals.policy_digest,
+                           "approvals": self.approvals.counted})
+    }
+
+    /// Each validator's verdict, as the bundle's manifest records it.
     pub fn validator_records(&self) -> Vec<ValidatorRecord> {
         self.plugins
             .iter()

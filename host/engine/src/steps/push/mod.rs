@@ -355,6 +355,15 @@ pub struct TargetReport {
     pub attempts: u32,
     /// A sentence for humans: what happened, and why.
     pub detail: String,
+    /// The HTTP status of a refused `POST /deploy` (a 4xx, or a 5xx after
+    /// the last retry), for scripts: no need to parse `detail`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// The agent's `error` code of that refusal (`approvals_insufficient`,
+    /// `untrusted_signature`, …), when it answered push protocol v2's
+    /// `{"error", "reason"}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<String>,
 }
 
 /// Each target's result, as the state records it.
@@ -487,7 +496,10 @@ pub async fn push(
         .collect()
         .await;
     for (i, fix) in fixes {
-        if let Some(fix) = fix {
+        if let Some(mut fix) = fix {
+            // What the service said when it refused stays on the record.
+            fix.http_status = fix.http_status.or(runs[i].http_status);
+            fix.error_code = fix.error_code.or(runs[i].error_code.take());
             runs[i] = fix;
         }
     }
@@ -596,6 +608,9 @@ struct Run {
     /// A `POST /deploy` was sent, so the service may have taken the bundle
     /// even if no 2xx came back (e.g. the answer timed out).
     sent: bool,
+    /// The refusal's HTTP status and agent error code, if it was refused.
+    http_status: Option<u16>,
+    error_code: Option<String>,
 }
 
 impl Run {
@@ -605,6 +620,8 @@ impl Run {
             attempts,
             detail,
             sent,
+            http_status: None,
+            error_code: None,
         }
     }
 }
@@ -706,12 +723,15 @@ impl Delivery<'_> {
         let answer = match answer {
             Ok(a) if a.status.is_success() => a,
             Ok(a) => {
+                let (code, text) = a.refusal();
                 let detail = format!(
-                    "rejected: HTTP {} (permanent, not retried): {}",
-                    a.status,
-                    a.excerpt()
+                    "rejected: HTTP {} (permanent, not retried): {text}",
+                    a.status
                 );
-                return self.fail(t, attempts, true, detail);
+                let mut run = self.fail(t, attempts, true, detail);
+                run.http_status = Some(a.status.as_u16());
+                run.error_code = code;
+                return run;
             }
             Err(e) => return self.fail(t, attempts, true, e.to_string()),
         };
@@ -904,6 +924,8 @@ fn report(
                 state: run.state,
                 attempts: run.attempts,
                 detail: run.detail,
+                http_status: run.http_status,
+                error_code: run.error_code,
             })
             .collect(),
     }
