@@ -544,12 +544,16 @@ fn dev_warns_about_a_broken_or_missing_signature() {
     for args in [&["validate", "42", "--env", "dev"][..], &["validate", "42"]] {
         let o = pde(ws.root(), args);
         assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
-        let (out, err) = (text(&o.stdout), text(&o.stderr));
+        let out = text(&o.stdout);
         assert!(
             out.contains("! bounds: signature INVALID: the manifest changed"),
             "{args:?}: {out}"
         );
         assert!(out.contains("! fresh: unsigned"), "{args:?}: {out}");
+        // The report says it at the default log level (errors only); the
+        // log says it too, from -v.
+        let o = pde(ws.root(), &[&["-v"], args].concat());
+        let err = text(&o.stderr);
         assert!(
             err.contains("plugin bounds: signature INVALID"),
             "{args:?}: {err}"
