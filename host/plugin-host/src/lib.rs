@@ -10,6 +10,11 @@
 //! then runs in a fresh store (see [`sandbox`]) and its result is bounded and
 //! checked against the contract here, below every WIT version shim.
 //!
+//! Those load checks are the one rule for what is acceptable
+//! ([`PluginHost::admit`]): `pde plugin sign`, `verify` and `inspect` ask
+//! the same function the loader uses, so a reviewer is never told "valid"
+//! about a plugin pde will not run (issue 27).
+//!
 //! Module map: [`manifest`], [`discovery`], [`signature`], [`cache`],
 //! [`sandbox`] (limits and WASI denial), [`wit`] (one module per WIT
 //! version), [`inspect`].

@@ -740,7 +740,6 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
     // The report's log is printed below (or is in the JSON): once is enough.
     host.trace_call_logs(false);
     host.deny_attempts(opts.deny_attempts);
-    host.deny_attempts(opts.deny_attempts);
     let mut plugin = load_target(ctx, &host, config, &trusted, target)?;
     if let Some(arg) = opts.settings {
         // Only this run sees them: the manifest (and its signature) stay as they are.
