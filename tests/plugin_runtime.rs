@@ -539,8 +539,7 @@ fn signatures_are_valid_invalid_or_absent() {
     assert_eq!(err.exit_code(), ExitCode::Integrity);
 
     let key = pde::keys::load_signing_key(&good.secret_path).unwrap();
-    let (sig_path, file) =
-        pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("Sec Team")).unwrap();
+    let (sig_path, file) = host.sign_file(&wasm, &key, &signer("Sec Team")).unwrap();
     assert_eq!(sig_path, dir.path().join("eb.wasm.sig"));
     let signed = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
     // Who, when and why are recorded, and covered by the signature.
@@ -572,7 +571,7 @@ fn signatures_are_valid_invalid_or_absent() {
 
     // Signed by a key nobody trusts.
     let other_key = pde::keys::load_signing_key(&other.secret_path).unwrap();
-    pde::plugin::signature::sign_file(host.engine(), &wasm, &other_key, &signer("x")).unwrap();
+    host.sign_file(&wasm, &other_key, &signer("x")).unwrap();
     let untrusted = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
     assert!(
         matches!(&untrusted.signature, SignatureStatus::Invalid { reason } if reason.contains("untrusted")),
@@ -604,7 +603,7 @@ fn editing_a_signed_manifest_invalidates_the_signature() {
             "validator",
             original,
         );
-        pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("Sec Team")).unwrap();
+        host.sign_file(&wasm, &key, &signer("Sec Team")).unwrap();
         let signed = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
         signed.require_signature().unwrap();
 
@@ -664,7 +663,7 @@ fn a_revoked_key_no_longer_counts() {
     let dir = tempfile::tempdir().unwrap();
     let wasm = install(dir.path(), "eb", "eligibility-bounds", "validator", "");
     let host = host();
-    pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("Sec Team")).unwrap();
+    host.sign_file(&wasm, &key, &signer("Sec Team")).unwrap();
     trusted.revoke(&[good.key_id.as_str()]);
     let plugin = host.load_dir(dir.path(), &trusted).unwrap().remove(0);
     assert!(
@@ -687,8 +686,7 @@ fn signing_refuses_what_inspect_refuses() {
     ] {
         let dir = tempfile::tempdir().unwrap();
         let wasm = install_bytes(dir.path(), "junk", &bytes, "validator", "");
-        let err = pde::plugin::signature::sign_file(host.engine(), &wasm, &key, &signer("x"))
-            .unwrap_err();
+        let err = host.sign_file(&wasm, &key, &signer("x")).unwrap_err();
         assert!(
             matches!(err, PluginError::BadComponent { .. }) && err.to_string().contains(why),
             "{err}"

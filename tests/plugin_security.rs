@@ -278,6 +278,147 @@ fn sign_refuses_bytes_that_are_not_a_component() {
     assert!(!ws.root().join("plugins/junk.wasm.sig").exists());
 }
 
+/// Writes `<wasm>.sig` the way a pde before issue 27 signed anything that
+/// compiled: the manifest as it is, by the workspace's trusted key, with no
+/// check of world, kind or limits. What the reviewer signed and verified.
+fn sign_unchecked(wasm: &Path, key: &Path) {
+    let manifest =
+        pde::plugin::manifest::Manifest::load(&pde::plugin::signature::manifest_path(wasm))
+            .unwrap();
+    let key = pde::keys::load_signing_key(key).unwrap();
+    let mut file = serde_json::json!({
+        "format": pde::plugin::signature::FORMAT,
+        "manifest": manifest.signed_fields(),
+        "signer": "Security team (reviewer)",
+        "signed_at": "2026-12-01T00:00:00Z",
+        "note": null,
+        "keyid": pde::keys::key_id(&key.verifying_key()),
+        "alg": "ed25519",
+    });
+    let message = pde::bundle::canonical_json(&file);
+    file["sig"] = pde::keys::sign(&key, &message).sig.into();
+    std::fs::write(
+        pde::plugin::signature::sig_path(wasm),
+        serde_json::to_string(&file).unwrap(),
+    )
+    .unwrap();
+}
+
+/// The three plugins the reviewer signed although pde refuses to run them
+/// (issue 27), each with the exit code and words of the runtime's refusal.
+fn refused_by_the_runtime() -> [(
+    &'static str,
+    &'static str,
+    &'static Path,
+    &'static str,
+    i32,
+    &'static str,
+); 3] {
+    [
+        (
+            "plus",
+            "validator",
+            Path::new(pde_plugin_artifacts::wasm("extra-exports").unwrap()),
+            "",
+            5,
+            "which world validator does not have",
+        ),
+        (
+            "router",
+            "validator",
+            Path::new(pde_plugin_artifacts::CATEGORY_ROUTER),
+            "",
+            5,
+            "should be a validator but it is a router",
+        ),
+        (
+            "greedy",
+            "validator",
+            misbehave(),
+            "[limits]\nfuel = 9000000000\n[settings]\nmode = \"ok\"\n",
+            2,
+            "fuel = 9000000000 exceeds the workspace limit",
+        ),
+    ]
+}
+
+#[test]
+fn sign_verify_and_inspect_refuse_what_validate_refuses_with_its_exit_code() {
+    for (name, kind, wasm, extra, exit, why) in refused_by_the_runtime() {
+        let ws = Workspace::new("");
+        ws.install_plugin(name, kind, wasm, extra, false);
+        ws.commit("init");
+        let root = ws.root();
+        let wasm = root.join(format!("plugins/{name}.wasm"));
+        let key = root.join("keys/security.ed25519");
+        let (wasm_arg, key_arg) = (wasm.to_str().unwrap(), key.to_str().unwrap());
+        let sig = pde::plugin::signature::sig_path(&wasm);
+
+        // The runtime's verdict, which every reviewing command must repeat.
+        let o = pde(root, &["validate", "42"]);
+        assert_eq!(code(&o), exit, "{name}: validate: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains(why), "{name}: {}", text(&o.stderr));
+
+        let o = pde(root, &["plugin", "sign", wasm_arg, "--key", key_arg]);
+        assert_eq!(code(&o), exit, "{name}: sign: {}", text(&o.stderr));
+        assert!(text(&o.stderr).contains(why), "{name}: {}", text(&o.stderr));
+        assert!(!sig.exists(), "{name}: sign wrote {}", sig.display());
+
+        // Signed by a trusted key all the same (as an older pde did): still
+        // not "valid".
+        sign_unchecked(&wasm, &key);
+        let o = pde(root, &["plugin", "verify", wasm_arg]);
+        assert_eq!(code(&o), exit, "{name}: verify: {}", text(&o.stdout));
+        assert!(text(&o.stderr).contains(why), "{name}: {}", text(&o.stderr));
+        assert!(
+            !text(&o.stdout).contains("valid"),
+            "{name}: {}",
+            text(&o.stdout)
+        );
+
+        // inspect shows the whole picture, then refuses with the same code.
+        let o = pde(root, &["plugin", "inspect", name]);
+        assert_eq!(code(&o), exit, "{name}: inspect: {}", text(&o.stdout));
+        let out = text(&o.stdout);
+        assert!(
+            out.contains(&format!("verdict:  REFUSED (exit {exit})")),
+            "{name}: {out}"
+        );
+        assert!(out.contains(why), "{name}: {out}");
+        let o = pde(root, &["plugin", "inspect", name, "--output", "json"]);
+        assert_eq!(code(&o), exit, "{name}: inspect json");
+        let r = json(&o);
+        assert_eq!(r["refused"]["exit_code"], exit, "{name}: {r}");
+    }
+}
+
+#[test]
+fn inspect_labels_a_loosened_limit_as_loosening() {
+    let ws = workspace_with(
+        "greedy",
+        "[limits]\nfuel = 9000000000\ntimeout_ms = 500\n[settings]\nmode = \"ok\"\n",
+        "",
+    );
+    let o = pde(ws.root(), &["plugin", "inspect", "greedy"]);
+    let out = text(&o.stdout);
+    assert_eq!(code(&o), 2, "{out}{}", text(&o.stderr));
+    let limits = out.lines().find(|l| l.contains("limits:")).unwrap();
+    assert!(
+        limits.contains("LOOSENING the workspace [limits] (fuel 9000000000 > 2000000000)"),
+        "{limits}"
+    );
+    assert!(!limits.contains("tightening"), "{limits}");
+    let r = json(&pde(
+        ws.root(),
+        &["plugin", "inspect", "greedy", "--output", "json"],
+    ));
+    assert_eq!(
+        r["loosened_limits"],
+        serde_json::json!([{"field": "fuel", "manifest": 9000000000u64, "workspace": 2000000000u64}]),
+        "{r}"
+    );
+}
+
 #[test]
 fn plugin_test_shows_what_the_sandbox_denied() {
     let ws = workspace_with("snoop", "[settings]\nmode = \"read-file\"\n", "");
@@ -307,6 +448,126 @@ fn plugin_test_shows_what_the_sandbox_denied() {
         "{}",
         text(&o.stderr)
     );
+}
+
+#[test]
+fn deny_attempts_fails_a_plugin_that_tries_denied_capabilities() {
+    for (mode, attempt) in [
+        ("read-file", "tried wasi:filesystem"),
+        ("socket", "tried wasi:sockets"),
+        ("env", "tried wasi:cli/environment"),
+    ] {
+        let ws = workspace_with("snoop", &format!("[settings]\nmode = \"{mode}\"\n"), "");
+        let policy = ws.root().join("policies/42.json");
+        let test = [
+            "plugin",
+            "test",
+            "snoop",
+            "--policy",
+            policy.to_str().unwrap(),
+        ];
+        // Without it, the attempt is reported and the plugin passes.
+        let o = pde(ws.root(), &test);
+        assert_eq!(code(&o), 0, "{mode}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stdout).contains(attempt),
+            "{mode}: {}",
+            text(&o.stdout)
+        );
+        assert_eq!(code(&pde(ws.root(), &["validate", "42"])), 0, "{mode}");
+
+        // With it, the attempt fails the plugin (exit 5), named.
+        let o = pde(ws.root(), &[&test[..], &["--deny-attempts"]].concat());
+        assert_eq!(code(&o), 5, "{mode}: {}", text(&o.stdout));
+        let err = text(&o.stderr);
+        assert!(
+            err.contains("snoop tried a denied capability"),
+            "{mode}: {err}"
+        );
+        assert!(err.contains(attempt), "{mode}: {err}");
+        let o = pde(ws.root(), &["validate", "42", "--deny-attempts"]);
+        assert_eq!(code(&o), 5, "{mode}: {}", text(&o.stderr));
+        assert!(
+            text(&o.stderr).contains(attempt),
+            "{mode}: {}",
+            text(&o.stderr)
+        );
+    }
+
+    // The manifest setting does the same for every run, and is signed.
+    let ws = workspace_with(
+        "snoop",
+        "deny_attempts = true\n[settings]\nmode = \"read-file\"\n",
+        "",
+    );
+    let o = pde(ws.root(), &["validate", "42"]);
+    assert_eq!(code(&o), 5, "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("tried wasi:filesystem"),
+        "{}",
+        text(&o.stderr)
+    );
+    // A plugin that tries nothing is not affected.
+    let ws = workspace_with("quiet", "[settings]\nmode = \"ok\"\n", "");
+    let o = pde(ws.root(), &["validate", "42", "--deny-attempts"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+}
+
+#[test]
+fn dev_warns_about_a_broken_or_missing_signature() {
+    let ws = Workspace::new(&format!("[environments.dev]\n{PRODUCTION}"));
+    ws.install_plugin(
+        "bounds",
+        "validator",
+        misbehave(),
+        "[settings]\nmode = \"ok\"\nmax = 5000\n",
+        true,
+    );
+    ws.install_plugin(
+        "fresh",
+        "validator",
+        misbehave(),
+        "[settings]\nmode = \"ok\"\n",
+        false,
+    );
+    // Tampered after signing: a raised setting breaks the signature.
+    let toml = ws.root().join("plugins/bounds.toml");
+    let edited = std::fs::read_to_string(&toml)
+        .unwrap()
+        .replace("max = 5000", "max = 999999999");
+    std::fs::write(&toml, edited).unwrap();
+    ws.commit("tampered");
+
+    // Production refuses it; dev runs it, but not silently.
+    let o = pde(ws.root(), &["validate", "42", "--env", "production"]);
+    assert_eq!(code(&o), 6, "{}", text(&o.stderr));
+    for args in [&["validate", "42", "--env", "dev"][..], &["validate", "42"]] {
+        let o = pde(ws.root(), args);
+        assert_eq!(code(&o), 0, "{args:?}: {}", text(&o.stderr));
+        let out = text(&o.stdout);
+        assert!(
+            out.contains("! bounds: signature INVALID: the manifest changed"),
+            "{args:?}: {out}"
+        );
+        assert!(out.contains("! fresh: unsigned"), "{args:?}: {out}");
+        // The report says it at the default log level (errors only); the
+        // log says it too, from -v.
+        let o = pde(ws.root(), &[&["-v"], args].concat());
+        let err = text(&o.stderr);
+        assert!(
+            err.contains("plugin bounds: signature INVALID"),
+            "{args:?}: {err}"
+        );
+        let o = pde(ws.root(), &[args, &["--output", "json"]].concat());
+        let r = json(&o);
+        let bounds = r["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "bounds")
+            .unwrap();
+        assert_eq!(bounds["signature"]["status"], "invalid", "{r}");
+    }
 }
 
 #[test]
@@ -351,7 +612,10 @@ fn inspect_shows_manifest_pin_signature_world_and_capabilities() {
     std::fs::write(&wasm, bytes).unwrap();
     let o = pde(ws.root(), &["plugin", "inspect", wasm.to_str().unwrap()]);
     let out = text(&o.stdout);
-    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    // pde refuses a file its manifest does not pin (exit 6): so does inspect,
+    // after showing it.
+    assert_eq!(code(&o), 6, "{}", text(&o.stderr));
+    assert!(out.contains("verdict:  REFUSED (exit 6)"), "{out}");
     assert!(out.contains("pinned sha256: DOES NOT MATCH"), "{out}");
     assert!(out.contains("signature: INVALID"), "{out}");
     assert!(out.contains("limits:   {\"timeout_ms\":700}"), "{out}");

@@ -169,7 +169,7 @@ impl Workspace {
                 name: "security team".into(),
                 note: None,
             };
-            pde::plugin::signature::sign_file(host.engine(), &dest, &key, &signer).unwrap();
+            host.sign_file(&dest, &key, &signer).unwrap();
         }
     }
 

@@ -46,6 +46,8 @@ pub struct Engine {
     pub(crate) floor: Option<crate::floor::Floor>,
     /// Set once the audit head is being signed with the workspace key.
     head_keyed: std::sync::OnceLock<()>,
+    /// Denied attempts fail every plugin (`--deny-attempts`).
+    deny_attempts: std::sync::atomic::AtomicBool,
     /// The empty, throwaway state a read-only engine reads when the
     /// workspace has none yet; removed on drop.
     _scratch: Option<tempfile::TempDir>,
@@ -162,6 +164,7 @@ impl Engine {
             writable,
             floor,
             head_keyed: std::sync::OnceLock::new(),
+            deny_attempts: Default::default(),
             _scratch: scratch,
         })
     }
@@ -298,6 +301,15 @@ impl Engine {
         self.signing_key()
     }
 
+    /// Makes an attempt at a denied capability (a file, a socket, the
+    /// environment) fail every plugin of this engine, as `deny_attempts =
+    /// true` in each manifest would (`pde validate --deny-attempts`). Set it
+    /// before the plugins are first used.
+    pub fn deny_attempts(&self, on: bool) {
+        self.deny_attempts
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The workspace plugins, compiled or loaded from the cache on first use.
     pub fn plugins(&self) -> Result<Arc<Plugins>, Error> {
         let mut slot = self.plugins.lock().unwrap_or_else(|p| p.into_inner());
@@ -314,7 +326,11 @@ impl Engine {
             cache_dirs.push(self.state_dir().join("cache").join("plugins"));
         }
         cache_dirs.extend(crate::plugin::cache::user_cache_dir());
-        let host = PluginHost::with_cache_dirs(self.config.limits, cache_dirs)?;
+        let mut host = PluginHost::with_cache_dirs(self.config.limits, cache_dirs)?;
+        host.deny_attempts(
+            self.deny_attempts
+                .load(std::sync::atomic::Ordering::Relaxed),
+        );
         let dir = self.root.join(&self.config.plugins);
         let plugins = if dir.exists() {
             host.load_dir(&dir, &self.plugin_trust()?)?

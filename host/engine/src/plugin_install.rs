@@ -211,7 +211,7 @@ pub fn install(host: &PluginHost, req: &InstallRequest<'_>) -> Result<Installed,
     let sig = signature::sig_path(&wasm);
     let mut removed_stale_signature = None;
     let signature_file = match &req.sign {
-        Some((key, signer)) => Some(signature::sign_file(host.engine(), &wasm, key, signer)?.0),
+        Some((key, signer)) => Some(host.sign_file(&wasm, key, signer)?.0),
         None => {
             // A signature that no longer covers the manifest (new bytes, new
             // pin) would fail every deploy that requires signatures, with a

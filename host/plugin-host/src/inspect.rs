@@ -14,7 +14,9 @@ use wasmtime::component::Component;
 
 use super::manifest::Manifest;
 use super::{PluginError, PluginKind, SignatureStatus, signature, wit};
+use crate::limits::Limits;
 use pde_core::keys::TrustedKeys;
+use pde_core::{ExitCode, HasExitCode};
 
 /// Exports a plugin may have beside its world's function, and why.
 ///
@@ -79,6 +81,40 @@ pub struct Capability {
     pub note: String,
 }
 
+/// Why pde refuses a plugin ([`crate::PluginHost::admit`]'s error), as a
+/// report carries it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Refusal {
+    /// The error, in words.
+    pub reason: String,
+    /// The exit code the refusal means (DESIGN §8): 2, 5 or 6.
+    pub exit_code: u8,
+    /// The same, typed.
+    #[serde(skip)]
+    pub exit: ExitCode,
+}
+
+impl From<&PluginError> for Refusal {
+    fn from(e: &PluginError) -> Self {
+        Refusal {
+            reason: e.to_string(),
+            exit_code: e.exit_code().code(),
+            exit: e.exit_code(),
+        }
+    }
+}
+
+/// A manifest limit above the workspace's: pde refuses the plugin.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct LoosenedLimit {
+    /// `fuel`, `memory_mib` or `timeout_ms`.
+    pub field: String,
+    /// The manifest's value.
+    pub manifest: u64,
+    /// The workspace's `[limits]` value it exceeds.
+    pub workspace: u64,
+}
+
 /// The report of `pde plugin inspect`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Inspection {
@@ -121,6 +157,13 @@ pub struct Inspection {
     /// Whether the compiled component came from the on-disk cache (`None`:
     /// no cache was used).
     pub loaded_from_cache: Option<bool>,
+    /// Every manifest `[limits]` value above the workspace's (empty without
+    /// a manifest): each one is a loosening, which pde refuses.
+    pub loosened_limits: Vec<LoosenedLimit>,
+    /// Why pde refuses to run this plugin (`None`: it would load it). Set
+    /// by `PluginHost::inspect_file`; `pde plugin inspect` exits with its
+    /// exit code.
+    pub refused: Option<Refusal>,
 }
 
 /// The imported and exported names of a compiled component.
@@ -261,18 +304,25 @@ pub(crate) fn inspect_compiled(engine: &Engine, component: &Component, bytes: &[
         sha256_matches_manifest: None,
         signature: None,
         loaded_from_cache: None,
+        loosened_limits: Vec::new(),
+        refused: None,
     }
 }
 
 /// The whole picture of the plugin at `wasm`, for a reviewer: the component
 /// ([`inspect`]), its manifest if one lies beside it, whether the manifest
-/// pins these bytes, and its signature status against `trusted`.
+/// pins these bytes, its limits against the workspace's `limits`, and its
+/// signature status against `trusted`. Whether pde would run it is
+/// `PluginHost::inspect_file`'s to say ([`Inspection::refused`]).
 pub fn inspect_plugin(
     engine: &Engine,
     wasm: &Path,
     trusted: &TrustedKeys,
+    limits: &Limits,
 ) -> Result<Inspection, PluginError> {
-    inspect_plugin_with(wasm, trusted, |name, bytes| inspect(engine, name, bytes))
+    inspect_plugin_with(wasm, trusted, limits, |name, bytes| {
+        inspect(engine, name, bytes)
+    })
 }
 
 /// [`inspect_plugin`] with the component inspected by `inspect_bytes(name, bytes)`
@@ -280,6 +330,7 @@ pub fn inspect_plugin(
 pub(crate) fn inspect_plugin_with(
     wasm: &Path,
     trusted: &TrustedKeys,
+    limits: &Limits,
     inspect_bytes: impl FnOnce(&str, &[u8]) -> Result<Inspection, PluginError>,
 ) -> Result<Inspection, PluginError> {
     let bytes = super::read(wasm)?;
@@ -303,6 +354,15 @@ pub(crate) fn inspect_plugin_with(
         fields["description"] = m.description.clone().into();
         report.manifest = Some(fields);
         report.sha256_matches_manifest = Some(m.sha256 == report.sha256);
+        report.loosened_limits = m
+            .loosened_limits(limits)
+            .into_iter()
+            .map(|(field, manifest, workspace)| LoosenedLimit {
+                field: field.to_string(),
+                manifest,
+                workspace,
+            })
+            .collect();
     }
     report.signature = Some(signature::status(
         wasm,

@@ -10,6 +10,11 @@
 //! then runs in a fresh store (see [`sandbox`]) and its result is bounded and
 //! checked against the contract here, below every WIT version shim.
 //!
+//! Those load checks are the one rule for what is acceptable
+//! ([`PluginHost::admit`]): `pde plugin sign`, `verify` and `inspect` ask
+//! the same function the loader uses, so a reviewer is never told "valid"
+//! about a plugin pde will not run (issue 27).
+//!
 //! Module map: [`manifest`], [`discovery`], [`signature`], [`cache`],
 //! [`sandbox`] (limits and WASI denial), [`wit`] (one module per WIT
 //! version), [`inspect`].
@@ -246,6 +251,19 @@ pub enum PluginError {
         /// Its own message.
         message: String,
     },
+    /// The plugin tried a capability the sandbox denies (a file, a socket,
+    /// the environment) while attempts are refused: `deny_attempts = true`
+    /// in its manifest, or `--deny-attempts`.
+    #[error(
+        "plugin {plugin} tried a denied capability, and denied attempts fail it (deny_attempts): {}",
+        pde_core::term::Escaped(.attempts)
+    )]
+    DeniedAttempt {
+        /// The plugin.
+        plugin: String,
+        /// Each attempt, e.g. "tried wasi:filesystem: open a file …: denied", joined by "; ".
+        attempts: String,
+    },
     /// A router named a service that it was not given.
     #[error(
         "router {plugin} routed to {service:?}, which is not a service of this environment (known: {})",
@@ -284,6 +302,7 @@ impl HasExitCode for PluginError {
             | Timeout { .. }
             | ResultTooLarge { .. }
             | PluginFailed { .. }
+            | DeniedAttempt { .. }
             | UnknownService { .. } => ExitCode::PluginFault,
         }
     }
@@ -332,6 +351,19 @@ pub enum SignatureStatus {
     },
 }
 
+impl SignatureStatus {
+    /// What is wrong with the signature, in words (`None`: valid by a
+    /// trusted key): for the warning given where signatures are not
+    /// required, so that a broken one is never silent.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            SignatureStatus::Valid { .. } => None,
+            SignatureStatus::Unsigned => Some("unsigned".to_string()),
+            SignatureStatus::Invalid { reason } => Some(format!("signature INVALID: {reason}")),
+        }
+    }
+}
+
 /// A loaded, checked, pre-instantiated plugin. Cheap to clone.
 #[derive(Clone, Serialize)]
 pub struct Plugin {
@@ -361,6 +393,11 @@ pub struct Plugin {
     /// call then gets the environment-neutral context, whatever the caller
     /// passes, so its result cannot depend on the environment.
     pub uses_environment: bool,
+    /// True when its manifest declares `deny_attempts = true`: an attempt
+    /// at a denied capability fails the call ([`PluginError::DeniedAttempt`])
+    /// instead of only being reported. [`PluginHost::deny_attempts`] turns
+    /// it on for every plugin.
+    pub deny_attempts: bool,
     #[serde(skip)]
     prepared: Arc<wit::Prepared>,
 }
@@ -378,6 +415,7 @@ impl std::fmt::Debug for Plugin {
             .field("path", &self.path)
             .field("loaded_from_cache", &self.loaded_from_cache)
             .field("uses_environment", &self.uses_environment)
+            .field("deny_attempts", &self.deny_attempts)
             .finish_non_exhaustive()
     }
 }
@@ -606,6 +644,8 @@ pub struct PluginHost {
     limits: Limits,
     gate: sandbox::CallGate,
     run_options: sandbox::RunOptions,
+    /// Every plugin's denied attempts fail it (`--deny-attempts`).
+    deny_attempts: bool,
     // Declared last: dropped after the engine handles above.
     _ticker: sandbox::EpochTicker,
 }
@@ -676,6 +716,7 @@ impl PluginHost {
             limits,
             gate: sandbox::CallGate::default(),
             run_options: sandbox::RunOptions::default(),
+            deny_attempts: false,
             _ticker: ticker,
         })
     }
@@ -685,6 +726,26 @@ impl PluginHost {
     /// (`pde plugin test`), so that each line is shown once.
     pub fn trace_call_logs(&mut self, on: bool) {
         self.run_options.trace_log = on;
+    }
+
+    /// Whether an attempt at a denied capability fails every plugin, as
+    /// `deny_attempts = true` in each manifest would (`--deny-attempts`):
+    /// running on is right for production, but a reviewer needs a way to
+    /// fail a plugin that tries to open a file or a socket.
+    pub fn deny_attempts(&mut self, on: bool) {
+        self.deny_attempts = on;
+    }
+
+    /// Fails the call when `plugin` tried a denied capability and attempts
+    /// are refused for it; checked before its result is looked at.
+    fn check_attempts(&self, plugin: &Plugin, denied: &[String]) -> Result<(), PluginError> {
+        if denied.is_empty() || !(self.deny_attempts || plugin.deny_attempts) {
+            return Ok(());
+        }
+        Err(PluginError::DeniedAttempt {
+            plugin: plugin.name.clone(),
+            attempts: denied.join("; "),
+        })
     }
 
     /// The workspace limits this host enforces.
@@ -709,39 +770,56 @@ impl PluginHost {
         self.cache.dirs()
     }
 
-    /// [`signature::sign_file`] through this host's compile cache: the
-    /// component must still compile to be signed, but a build that any pde
-    /// command already compiled is not compiled again.
+    /// Signs the plugin at `wasm` and its manifest, writing `<wasm>.sig`.
+    ///
+    /// Only what [`PluginHost::admit`] admits is signed, with the manifest
+    /// that is signed: a signature must never vouch for something pde would
+    /// refuse to run (issue 27). Its signature status plays no part (a new
+    /// signature replaces it).
     pub fn sign_file(
         &self,
         wasm: &Path,
         key: &ed25519_dalek::SigningKey,
         signer: &signature::Signer,
     ) -> Result<(PathBuf, signature::PluginSignature), PluginError> {
-        signature::sign_file_with(wasm, key, signer, |name, bytes| {
-            precheck(name, bytes)?;
-            self.cache
-                .load_or_compile(&self.engine, name, &sha256_hex(bytes), bytes)
-                .map(|_| ())
+        signature::sign_file_with(wasm, key, signer, |manifest, manifest_path| {
+            let found = discovery::Found {
+                wasm: wasm.to_path_buf(),
+                manifest_path: manifest_path.to_path_buf(),
+                manifest: manifest.clone(),
+            };
+            self.load_found(&found, &TrustedKeys::new()).map(|_| ())
         })
     }
 
     /// [`inspect::inspect_plugin`] through this host's compile cache, so a
-    /// large component is not recompiled for every `pde plugin inspect`.
+    /// large component is not recompiled for every `pde plugin inspect`,
+    /// with this host's verdict: [`inspect::Inspection::refused`] says why
+    /// [`PluginHost::admit`] refuses the plugin, if it does, and
+    /// [`inspect::Inspection::loosened_limits`] lists every manifest limit
+    /// above this host's.
     pub fn inspect_file(
         &self,
         wasm: &Path,
         trusted: &TrustedKeys,
     ) -> Result<inspect::Inspection, PluginError> {
-        inspect::inspect_plugin_with(wasm, trusted, |name, bytes| {
-            precheck(name, bytes)?;
-            let (component, cached) =
-                self.cache
-                    .load_or_compile(&self.engine, name, &sha256_hex(bytes), bytes)?;
-            let mut report = inspect::inspect_compiled(&self.engine, &component, bytes);
-            report.loaded_from_cache = self.cache.enabled().then_some(cached);
-            Ok(report)
-        })
+        let mut report =
+            inspect::inspect_plugin_with(wasm, trusted, &self.limits, |name, bytes| {
+                precheck(name, bytes)?;
+                let (component, cached) =
+                    self.cache
+                        .load_or_compile(&self.engine, name, &sha256_hex(bytes), bytes)?;
+                let mut report = inspect::inspect_compiled(&self.engine, &component, bytes);
+                report.loaded_from_cache = self.cache.enabled().then_some(cached);
+                Ok(report)
+            })?;
+        // The compiled component is in the cache now (when there is one),
+        // so admitting it costs no second compile.
+        report.refused = self
+            .admit(wasm, trusted)
+            .err()
+            .map(|e| inspect::Refusal::from(&e));
+        Ok(report)
     }
 
     /// Discovers, checks and loads every plugin of `dir`, sorted by name.
@@ -754,7 +832,27 @@ impl PluginHost {
 
     /// Loads one `.wasm`; uses the manifest beside it when there is one,
     /// otherwise infers the kind from its exports (for `pde plugin test`).
+    /// The same as [`PluginHost::admit`].
     pub fn load_file(&self, wasm: &Path, trusted: &TrustedKeys) -> Result<Plugin, PluginError> {
+        self.admit(wasm, trusted)
+    }
+
+    /// The one rule for what is acceptable: loads the plugin at `wasm`
+    /// with every check pde applies before it runs a plugin, and refuses
+    /// what any of them refuses, with that check's error (and so its exit
+    /// code). `pde validate` and `deploy` load through it ([`Self::load_dir`]),
+    /// and `pde plugin sign`, `verify` and `inspect` ask it, so a reviewer
+    /// is never told "valid" about a plugin pde will not run.
+    ///
+    /// With the manifest beside it: the manifest (kind, `[limits]` only
+    /// tightening this host's, exit 2), the pinned sha256 (exit 6), then the
+    /// component (a component, one supported `pde:plugin` version, the
+    /// world its manifest declares, exactly that world's exports, every
+    /// import linkable; exit 5). Without one, the kind is read from its
+    /// exports. The signature status is recorded, not judged: whether it
+    /// must be valid depends on the environment
+    /// ([`Plugin::require_signature`]).
+    pub fn admit(&self, wasm: &Path, trusted: &TrustedKeys) -> Result<Plugin, PluginError> {
         let manifest_path = wasm.with_extension("toml");
         if manifest_path.is_file() {
             let manifest = manifest::Manifest::load(&manifest_path)?;
@@ -781,6 +879,7 @@ impl PluginHost {
             description: String::new(),
             settings: serde_json::json!({}),
             uses_environment: true,
+            deny_attempts: false,
             limits: self.limits,
             path: wasm.to_path_buf(),
             bytes,
@@ -814,6 +913,7 @@ impl PluginHost {
             description: m.description.clone(),
             settings: m.settings_json(),
             uses_environment: m.uses_environment,
+            deny_attempts: m.deny_attempts,
             limits,
             path: found.wasm.clone(),
             bytes,
@@ -961,6 +1061,7 @@ impl PluginHost {
             description: spec.description,
             loaded_from_cache,
             uses_environment: spec.uses_environment,
+            deny_attempts: spec.deny_attempts,
             prepared: Arc::new(prepared),
         })
     }
@@ -1030,6 +1131,7 @@ impl PluginHost {
             .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Validator))??;
         // The store, and with it the pool slot, is gone once the call returns.
         drop(slot);
+        self.check_attempts(plugin, &stats.denied)?;
         let raw = out.map_err(|message| PluginError::PluginFailed {
             plugin: plugin.name.clone(),
             message,
@@ -1087,6 +1189,7 @@ impl PluginHost {
             )
             .ok_or_else(|| Self::wrong_world(plugin, PluginKind::Router))??;
         drop(slot);
+        self.check_attempts(plugin, &stats.denied)?;
         let raw = out.map_err(|message| PluginError::PluginFailed {
             plugin: plugin.name.clone(),
             message,
@@ -1124,6 +1227,7 @@ struct LoadSpec {
     description: String,
     settings: serde_json::Value,
     uses_environment: bool,
+    deny_attempts: bool,
     limits: Limits,
     path: PathBuf,
     /// The file's bytes, when they were read for its digest (not when the

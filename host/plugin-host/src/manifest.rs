@@ -41,6 +41,12 @@ pub struct Manifest {
     /// run and its run for an environment are the same call and run once.
     #[serde(default = "yes")]
     pub uses_environment: bool,
+    /// `true` makes an attempt at a denied capability (a file, a socket,
+    /// the environment) fail the call as a plugin fault, instead of only
+    /// being reported (`tried …: denied`). For plugins a reviewer has
+    /// decided must never even try.
+    #[serde(default)]
+    pub deny_attempts: bool,
 }
 
 fn yes() -> bool {
@@ -129,7 +135,8 @@ impl Manifest {
 
     /// What a plugin signature covers: name, kind, version, the pinned
     /// sha256 of the `.wasm`, the manifest's own `[limits]` and its
-    /// `[settings]`, and `uses_environment` when it is `false`, as one JSON
+    /// `[settings]`, `uses_environment` when it is `false` and
+    /// `deny_attempts` when it is `true`, as one JSON
     /// value (signed as canonical JSON). The description is left out: it is
     /// prose, and changes nothing at run time. `uses_environment = false` is
     /// covered because it withholds the environment from the plugin; it is
@@ -156,47 +163,61 @@ impl Manifest {
         if !self.uses_environment {
             fields["uses_environment"] = false.into();
         }
+        // Covered when set, so dropping it after a review breaks the
+        // signature; left out when absent, so older signatures still hold.
+        if self.deny_attempts {
+            fields["deny_attempts"] = true.into();
+        }
         fields
+    }
+
+    /// Each manifest limit with the workspace value it is held against:
+    /// `(field, manifest value, workspace value)`.
+    fn limit_pairs(&self, global: &Limits) -> [(&'static str, Option<u64>, u64); 3] {
+        [
+            ("fuel", self.limits.fuel, global.fuel),
+            ("memory_mib", self.limits.memory_mib, global.memory_mib),
+            ("timeout_ms", self.limits.timeout_ms, global.timeout_ms),
+        ]
+    }
+
+    /// The manifest limits above the workspace's, as `(field, manifest
+    /// value, workspace value)`: what [`Manifest::effective_limits`] refuses,
+    /// listed in full so that `pde plugin inspect` can label each one.
+    pub fn loosened_limits(&self, global: &Limits) -> Vec<(&'static str, u64, u64)> {
+        self.limit_pairs(global)
+            .into_iter()
+            .filter_map(|(field, asked, allowed)| {
+                asked.filter(|&v| v > allowed).map(|v| (field, v, allowed))
+            })
+            .collect()
     }
 
     /// The limits in force for this plugin: the global ones, tightened by the
     /// manifest. A manifest value above the global one is an error.
     pub fn effective_limits(&self, global: &Limits, path: &Path) -> Result<Limits, PluginError> {
-        fn pick(
-            field: &'static str,
-            asked: Option<u64>,
-            global: u64,
-            path: &Path,
-        ) -> Result<u64, PluginError> {
-            match asked {
-                None => Ok(global),
-                Some(0) => Err(PluginError::BadManifest {
-                    path: path.to_path_buf(),
-                    message: format!("[limits] {field} must be greater than zero"),
-                }),
-                Some(v) if v > global => Err(PluginError::LimitLoosened {
-                    path: path.to_path_buf(),
-                    field,
-                    asked: v,
-                    allowed: global,
-                }),
-                Some(v) => Ok(v),
-            }
+        if let Some(&(field, asked, allowed)) = self.loosened_limits(global).first() {
+            return Err(PluginError::LimitLoosened {
+                path: path.to_path_buf(),
+                field,
+                asked,
+                allowed,
+            });
         }
+        let [fuel, memory_mib, timeout_ms] =
+            self.limit_pairs(global)
+                .map(|(field, asked, global)| match asked {
+                    None => Ok(global),
+                    Some(0) => Err(PluginError::BadManifest {
+                        path: path.to_path_buf(),
+                        message: format!("[limits] {field} must be greater than zero"),
+                    }),
+                    Some(v) => Ok(v),
+                });
         Ok(Limits {
-            fuel: pick("fuel", self.limits.fuel, global.fuel, path)?,
-            memory_mib: pick(
-                "memory_mib",
-                self.limits.memory_mib,
-                global.memory_mib,
-                path,
-            )?,
-            timeout_ms: pick(
-                "timeout_ms",
-                self.limits.timeout_ms,
-                global.timeout_ms,
-                path,
-            )?,
+            fuel: fuel?,
+            memory_mib: memory_mib?,
+            timeout_ms: timeout_ms?,
         })
     }
 }
@@ -252,6 +273,33 @@ mod tests {
         let m = Manifest::parse(&text("uses_environment = false"), Path::new("x.toml")).unwrap();
         assert!(!m.uses_environment);
         assert_eq!(m.signed_fields()["uses_environment"], false);
+    }
+
+    #[test]
+    fn deny_attempts_is_declared_and_signed() {
+        let plain = Manifest::parse(&text(""), Path::new("x.toml")).unwrap();
+        assert!(!plain.deny_attempts);
+        assert!(plain.signed_fields().get("deny_attempts").is_none());
+        let m = Manifest::parse(&text("deny_attempts = true"), Path::new("x.toml")).unwrap();
+        assert!(m.deny_attempts);
+        assert_eq!(m.signed_fields()["deny_attempts"], true);
+    }
+
+    #[test]
+    fn every_loosened_limit_is_listed() {
+        let global = Limits::default();
+        let m = Manifest::parse(
+            &text("[limits]\nfuel = 9000000000\nmemory_mib = 8\ntimeout_ms = 9000"),
+            Path::new("x.toml"),
+        )
+        .unwrap();
+        assert_eq!(
+            m.loosened_limits(&global),
+            vec![
+                ("fuel", 9_000_000_000, global.fuel),
+                ("timeout_ms", 9000, global.timeout_ms)
+            ]
+        );
     }
 
     #[test]

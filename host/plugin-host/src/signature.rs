@@ -27,7 +27,6 @@ use std::path::{Path, PathBuf};
 
 use ed25519_dalek::SigningKey;
 use serde::{Deserialize, Serialize};
-use wasmtime::Engine;
 
 use super::manifest::Manifest;
 use super::{PluginError, SignatureStatus};
@@ -96,32 +95,19 @@ pub fn manifest_path(wasm: &Path) -> PathBuf {
 }
 
 /// Signs the plugin at `wasm` (its manifest beside it) and writes
-/// `<wasm>.sig`; returns its path and contents.
+/// `<wasm>.sig`; returns its path and contents. `PluginHost::sign_file` is
+/// the public entry point.
 ///
-/// Refuses what `pde plugin inspect` would refuse (not WebAssembly, a core
-/// module, a component that does not compile: [`PluginError::BadComponent`]),
-/// a plugin without a manifest or with an invalid one, and a manifest that
-/// does not pin these bytes ([`PluginError::DigestMismatch`]): a signature
-/// must never vouch for something nobody could run.
-pub fn sign_file(
-    engine: &Engine,
-    wasm: &Path,
-    key: &SigningKey,
-    signer: &Signer,
-) -> Result<(PathBuf, PluginSignature), PluginError> {
-    sign_file_with(wasm, key, signer, |name, bytes| {
-        super::compile_checked(engine, name, bytes).map(|_| ())
-    })
-}
-
-/// [`sign_file`], with `compile` (plugin name, bytes) standing for the
-/// check that the component compiles, so that a host can answer it from its
-/// compile cache (`PluginHost::sign_file`).
+/// Refuses a plugin without a manifest or with an invalid one, a manifest
+/// that does not pin these bytes ([`PluginError::DigestMismatch`]), and
+/// whatever `admit` (the manifest as read here, and the path) refuses: the
+/// host passes the checks its loader applies (`PluginHost::admit`), so a
+/// signature never vouches for something pde would refuse to run.
 pub(crate) fn sign_file_with(
     wasm: &Path,
     key: &SigningKey,
     signer: &Signer,
-    compile: impl FnOnce(&str, &[u8]) -> Result<(), PluginError>,
+    admit: impl FnOnce(&Manifest, &Path) -> Result<(), PluginError>,
 ) -> Result<(PathBuf, PluginSignature), PluginError> {
     let bytes = super::read(wasm)?;
     let manifest_path = manifest_path(wasm);
@@ -132,7 +118,8 @@ pub(crate) fn sign_file_with(
         });
     }
     let manifest = Manifest::load(&manifest_path)?;
-    compile(&manifest.name, &bytes)?;
+    // The manifest signed below is the one admitted here.
+    admit(&manifest, &manifest_path)?;
     let actual = super::sha256_hex(&bytes);
     if actual != manifest.sha256 {
         return Err(PluginError::DigestMismatch {
@@ -223,10 +210,19 @@ pub fn status(
     }
     let now = manifest.signed_fields();
     if now != file.manifest {
-        let changed: Vec<&str> = ["name", "kind", "version", "sha256", "limits", "settings"]
-            .into_iter()
-            .filter(|k| now.get(k) != file.manifest.get(k))
-            .collect();
+        let changed: Vec<&str> = [
+            "name",
+            "kind",
+            "version",
+            "sha256",
+            "limits",
+            "settings",
+            "uses_environment",
+            "deny_attempts",
+        ]
+        .into_iter()
+        .filter(|k| now.get(k) != file.manifest.get(k))
+        .collect();
         return invalid(format!(
             "the manifest changed since it was signed by {} ({}): {} differ; re-review and re-sign",
             file.signer,

@@ -33,6 +33,10 @@ pub struct ValidateArgs {
     /// Also check versions and approvals against this environment.
     #[arg(long)]
     pub env: Option<String>,
+    /// Fail a plugin that tries a denied capability (a file, a socket, the
+    /// environment), as `deny_attempts = true` in its manifest would.
+    #[arg(long)]
+    pub deny_attempts: bool,
 }
 
 /// `pde package ID [-o DIR]`.
@@ -176,6 +180,7 @@ pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
 
 pub fn validate(ctx: &Ctx, args: ValidateArgs) -> CmdResult {
     let engine = open_read_only(ctx).map_err(|f| f.about(&args.id, args.env.as_deref()))?;
+    engine.deny_attempts(args.deny_attempts);
     let report = engine
         .validate_policy(&args.id, args.env.as_deref())
         .map_err(|e| Failure::engine(ctx, e).about(&args.id, args.env.as_deref()))?;

@@ -66,6 +66,11 @@ pub enum PluginCmd {
         /// checked) or a policy document (JSON or YAML). Default: none.
         #[arg(long, value_name = "FILE")]
         active: Option<PathBuf>,
+        /// Fail the plugin (exit 5) if it tries a denied capability (a file,
+        /// a socket, the environment), as `deny_attempts = true` in its
+        /// manifest would; without it such attempts are only reported.
+        #[arg(long)]
+        deny_attempts: bool,
     },
     /// Sign a component and its manifest (`PATH` with `.toml`): writes `PATH.sig`.
     Sign {
@@ -129,6 +134,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             settings,
             services,
             active,
+            deny_attempts,
         } => test(
             ctx,
             &target,
@@ -138,6 +144,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
                 settings: settings.as_deref(),
                 services: services.as_deref(),
                 active: active.as_deref(),
+                deny_attempts,
             },
         ),
         PluginCmd::Sign {
@@ -343,9 +350,12 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     let path = target_path(ctx, config, target)?;
     let host = host(ctx, config)?;
     let report = host.inspect_file(&path, &trusted)?;
+    // What pde refuses to run, inspect refuses too, with the same exit code
+    // (after showing the whole picture, so the reviewer sees why).
+    let verdict = report.refused.as_ref().map_or(ExitCode::Ok, |r| r.exit);
     if ctx.json {
         ctx.print_json(&report);
-        return Ok(ExitCode::Ok);
+        return Ok(verdict);
     }
     println!("{}", path.display());
     println!("  sha256:   {}", report.sha256);
@@ -379,8 +389,18 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
             let limits = m.get("limits").cloned().unwrap_or_default();
             let limits = if limits.as_object().is_none_or(|o| o.is_empty()) {
                 "workspace [limits]".to_string()
-            } else {
+            } else if report.loosened_limits.is_empty() {
                 format!("{limits} (tightening the workspace [limits])")
+            } else {
+                let over: Vec<String> = report
+                    .loosened_limits
+                    .iter()
+                    .map(|l| format!("{} {} > {}", l.field, l.manifest, l.workspace))
+                    .collect();
+                format!(
+                    "{limits} LOOSENING the workspace [limits] ({}): pde refuses it",
+                    over.join(", ")
+                )
             };
             println!("    limits:   {limits}");
             println!(
@@ -447,7 +467,15 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
             c.note
         );
     }
-    Ok(ExitCode::Ok)
+    match &report.refused {
+        None => println!("  verdict:  acceptable: pde would load it"),
+        Some(r) => println!(
+            "  verdict:  REFUSED (exit {}): {}",
+            r.exit_code,
+            Escaped(&r.reason)
+        ),
+    }
+    Ok(verdict)
 }
 
 /// What one run of a plugin cost, for `diff --policy`.
@@ -620,6 +648,7 @@ struct TestOptions<'a> {
     settings: Option<&'a str>,
     services: Option<&'a Path>,
     active: Option<&'a Path>,
+    deny_attempts: bool,
 }
 
 fn cache_text(cached: bool) -> &'static str {
@@ -710,6 +739,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
     let mut host = host(ctx, config)?;
     // The report's log is printed below (or is in the JSON): once is enough.
     host.trace_call_logs(false);
+    host.deny_attempts(opts.deny_attempts);
     let mut plugin = load_target(ctx, &host, config, &trusted, target)?;
     if let Some(arg) = opts.settings {
         // Only this run sees them: the manifest (and its signature) stay as they are.
@@ -891,12 +921,12 @@ fn sign(
             .unwrap_or_else(|| "unknown".to_string()),
         note,
     };
-    // Compiles the component (what inspect refuses is never signed), through
-    // the same cache and engine settings as `plugin inspect` and `validate`,
-    // so a build they compiled is not compiled again. The workspace only
-    // picks the cache and limits here: one whose pde.toml does not load does
-    // not stop a security team signing a file.
-    let config = workspace(ctx, false).ok().flatten();
+    // Admits the plugin as `validate` would, so nothing pde refuses to run
+    // is signed, through the same cache and engine settings as `plugin
+    // inspect` and `validate` (a build they compiled is not compiled
+    // again). A pde.toml beside it must load: its [limits] are what the
+    // manifest is held against, and guessing them would sign a loosening.
+    let config = workspace(ctx, false)?;
     let host = host(ctx, config.as_ref())?;
     let (sig_path, sig) = host.sign_file(path, &key, &signer)?;
     if ctx.json {
@@ -1020,8 +1050,9 @@ fn install(
 }
 
 fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
+    // The workspace also sets the limits the manifest is held against.
+    let config = workspace(ctx, false)?;
     let trusted = if keys.is_empty() {
-        let config = workspace(ctx, false)?;
         trusted_keys(ctx, config.as_ref())?
     } else {
         TrustedKeys::from_files(keys)?
@@ -1031,28 +1062,11 @@ fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
             "no trusted keys: pass --key PUBFILE or list [trust] plugin_keys in pde.toml",
         ));
     }
-    let bytes = std::fs::read(path)
-        .with_context(|| format!("reading {}", path.display()))
-        .map_err(Failure::usage_error)?;
-    let digest = pde::plugin::sha256_hex(&bytes);
-    let manifest_path = pde::plugin::signature::manifest_path(path);
-    let manifest = if manifest_path.is_file() {
-        let m = pde::plugin::manifest::Manifest::load(&manifest_path)?;
-        // The signature covers the manifest, and the manifest pins the bytes.
-        if m.sha256 != digest {
-            return Err(pde::plugin::PluginError::DigestMismatch {
-                plugin: m.name.clone(),
-                path: path.to_path_buf(),
-                expected: m.sha256.clone(),
-                actual: digest,
-            }
-            .into());
-        }
-        Some(m)
-    } else {
-        None
-    };
-    let status = pde::plugin::signature::status(path, manifest.as_ref(), &digest, &trusted);
+    // Every check pde applies before it runs the plugin comes first: a
+    // signature over something pde refuses is no reason to call it valid.
+    let plugin = host(ctx, config.as_ref())?.admit(path, &trusted)?;
+    let digest = plugin.sha256;
+    let status = plugin.signature;
     match status {
         SignatureStatus::Valid { .. } => {
             // On failure the CLI prints the error document instead (one JSON document).

@@ -76,6 +76,9 @@ pub fn validation(r: &ValidationReport) {
             "  plugin {:<22} {} error(s), {} warning(s), {} fuel, {} µs",
             p.name, p.errors, p.warnings, p.fuel_used, p.elapsed_us
         );
+        if let Some(problem) = p.signature.problem() {
+            println!("    ! {}: {}", p.name, pde::term::Escaped(&problem));
+        }
     }
     approvals(r);
     for d in &r.diagnostics {

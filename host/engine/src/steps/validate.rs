@@ -170,6 +170,10 @@ pub struct PluginRun {
     pub fuel_used: u64,
     /// Wall time of the calls, in microseconds.
     pub elapsed_us: u64,
+    /// Its signature status against the trusted plugin keys. Where the
+    /// environment does not require signed plugins a broken or missing
+    /// signature does not stop it, but is reported here (and logged).
+    pub signature: SignatureStatus,
 }
 
 impl ValidationReport {
@@ -323,7 +327,18 @@ pub fn validate(
             warnings: count(Severity::Warning),
             fuel_used: neutral.fuel_used,
             elapsed_us: neutral.elapsed.as_micros() as u64,
+            signature: plugin.signature.clone(),
         };
+        // Where signatures are required, `check_signed_plugins` refused an
+        // unsigned or broken one already; elsewhere it runs, but a tampered
+        // plugin must not run silently (issue 27).
+        if let Some(problem) = plugin.signature.problem() {
+            tracing::warn!(
+                plugin = %plugin.name,
+                "plugin {}: {problem}; it runs here, but an environment that requires signed plugins refuses it",
+                plugin.name
+            );
+        }
         let mut found = neutral.value;
         // Same input, same call: see the module docs.
         if let Some(env_ctx) = env_ctx.as_ref().filter(|_| plugin.uses_environment) {
