@@ -23,6 +23,9 @@ read -r PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD < <(scripts/pg-cluster.sh start "$p
 export PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD
 # --no-fail-fast: one CI run names every failing suite, not just the first.
 cargo test --workspace --locked --no-fail-fast "$@"
+# Every bench once, in criterion's test mode (debug profile, same target
+# dir): a bench whose inputs a change broke fails here, not in BENCHMARKS.md.
+cargo test --workspace --locked --no-fail-fast --benches
 # The Python binding: the wheel built with maturin from the same target dir,
 # tested with pytest against real `pde agent` processes.
 build_python_binding "$target_dir" "$pyenv"

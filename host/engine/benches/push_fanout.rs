@@ -24,7 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -36,6 +36,7 @@ use serde_json::json;
 use tokio::runtime::Runtime;
 
 const ENV: &str = "production";
+const POLICY: &str = "42";
 const WORK: Duration = Duration::from_millis(20);
 
 /// What one loopback receiver has active.
@@ -54,12 +55,25 @@ async fn deploy(State(active): State<Active>, headers: HeaderMap) -> Response {
     axum::Json(json!({"status": "activated"})).into_response()
 }
 
-async fn active(State(active): State<Active>) -> Response {
-    match &*active.lock().unwrap() {
+/// `GET /active` in push protocol v2: every active policy, by id (the bench
+/// pushes one policy).
+async fn active_all(State(active): State<Active>) -> Response {
+    let policies = match &*active.lock().unwrap() {
         Some((digest, version)) => {
-            axum::Json(json!({"digest": digest, "version": version})).into_response()
+            json!({POLICY: {"digest": digest, "version": version, "env": ENV}})
         }
-        None => (StatusCode::NOT_FOUND, "nothing active").into_response(),
+        None => json!({}),
+    };
+    axum::Json(json!({"policies": policies})).into_response()
+}
+
+/// `GET /active/{policy_id}`: one policy's record, 404 when it is not active.
+async fn active(State(active): State<Active>, Path(id): Path<String>) -> Response {
+    match (&*active.lock().unwrap(), id == POLICY) {
+        (Some((digest, version)), true) => {
+            axum::Json(json!({"digest": digest, "version": version, "env": ENV})).into_response()
+        }
+        _ => (StatusCode::NOT_FOUND, "policy not active").into_response(),
     }
 }
 
@@ -71,7 +85,8 @@ fn fleet(rt: &Runtime, n: usize) -> Vec<Target> {
             let state: Active = Arc::default();
             let app = Router::new()
                 .route("/deploy", post(deploy))
-                .route("/active", get(active))
+                .route("/active", get(active_all))
+                .route("/active/{policy_id}", get(active))
                 .with_state(state);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let url = format!("http://{}", listener.local_addr().unwrap());
@@ -119,7 +134,7 @@ async fn serial(client: &reqwest::Client, bundle: &Bundle, targets: &[Target]) {
     let key = format!("{}:{ENV}", bundle.digest);
     for t in targets {
         let before = client
-            .get(format!("{}/active", t.url))
+            .get(format!("{}/active/{POLICY}", t.url))
             .send()
             .await
             .unwrap();
@@ -135,7 +150,7 @@ async fn serial(client: &reqwest::Client, bundle: &Bundle, targets: &[Target]) {
         assert!(resp.status().is_success());
         let _ = resp.bytes().await.unwrap();
         let after: serde_json::Value = client
-            .get(format!("{}/active", t.url))
+            .get(format!("{}/active/{POLICY}", t.url))
             .send()
             .await
             .unwrap()
