@@ -140,6 +140,31 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     }
 }
 
+/// Reads a JSON file of the data dir that carries a `format` tag: `None`
+/// when it does not exist; a file that does not parse, or carries another
+/// format, is [`StoreError::CorruptState`] naming it.
+fn read_tagged<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    expected: &str,
+    format_of: impl Fn(&T) -> &str,
+) -> Result<Option<T>, StoreError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io(path)(e)),
+    };
+    let corrupt = |reason: String| StoreError::CorruptState {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let value: T = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+    let format = format_of(&value);
+    if format != expected {
+        return Err(corrupt(format!("format {format:?}, expected {expected:?}")));
+    }
+    Ok(Some(value))
+}
+
 pub use pde_core::wire::ActiveRecord;
 
 /// What the index knows about one stored bundle.
@@ -449,15 +474,12 @@ impl Store {
                 path: path.clone(),
                 reason,
             };
-            let bytes = std::fs::read(&path).map_err(io(&path))?;
-            let state: PolicyState =
-                serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-            if state.format != POLICY_FORMAT {
-                return Err(corrupt(format!(
-                    "format {:?}, expected {POLICY_FORMAT:?}",
-                    state.format
-                )));
-            }
+            let Some(state) =
+                read_tagged(&path, POLICY_FORMAT, |s: &PolicyState| s.format.as_str())?
+            else {
+                // Removed between the listing and the read.
+                continue;
+            };
             if state.policy_id != id {
                 return Err(corrupt(format!(
                     "holds policy {:?}, not {id:?}",
@@ -502,22 +524,9 @@ impl Store {
             idempotency: BTreeMap<String, V1Key>,
         }
         let path = self.dir.join(V1_STATE_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(io(&path)(e)),
+        let Some(v1) = read_tagged(&path, V1_STATE_FORMAT, |v: &V1State| v.format.as_str())? else {
+            return Ok(());
         };
-        let corrupt = |reason: String| StoreError::CorruptState {
-            path: path.clone(),
-            reason,
-        };
-        let v1: V1State = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if v1.format != V1_STATE_FORMAT {
-            return Err(corrupt(format!(
-                "format {:?}, expected {V1_STATE_FORMAT:?}",
-                v1.format
-            )));
-        }
         let mut policies: BTreeMap<String, PolicyState> = BTreeMap::new();
         for (digest, info) in &v1.bundles {
             if !valid_id(&info.policy_id) {
@@ -717,22 +726,9 @@ impl Store {
             nonces: BTreeMap<String, i64>,
         }
         let path = self.dir.join(NONCES_FILE);
-        let bytes = match std::fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(BTreeMap::new()),
-            Err(e) => return Err(io(&path)(e)),
+        let Some(log) = read_tagged(&path, NONCES_FORMAT, |l: &NonceLog| l.format.as_str())? else {
+            return Ok(BTreeMap::new());
         };
-        let corrupt = |reason: String| StoreError::CorruptState {
-            path: path.clone(),
-            reason,
-        };
-        let log: NonceLog = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if log.format != NONCES_FORMAT {
-            return Err(corrupt(format!(
-                "format {:?}, expected {NONCES_FORMAT:?}",
-                log.format
-            )));
-        }
         Ok(log.nonces)
     }
 
