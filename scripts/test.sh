@@ -9,13 +9,13 @@ cargo fmt --all --check
 # CI builds once from cold: the incremental cache would only add gigabytes.
 if [ -n "${CI:-}" ]; then export CARGO_INCREMENTAL=0; fi
 # One Python venv from PyPI (scripts/requirements-test.txt): an independent
-# RFC 8785 and ed25519 implementation for tests/jcs.rs, maturin and pytest
-# for the policy_deploy package, componentize-py for tests/python_plugin.rs.
+# RFC 8785 and ed25519 implementation for tests/all/jcs.rs, maturin and pytest
+# for the policy_deploy package, componentize-py for tests/all/python_plugin.rs.
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 pyenv=$(ensure_pyenv "$target_dir")
 export PDE_TEST_PYTHON="$pyenv/bin/python"
 # A throw-away PostgreSQL 15 cluster on loopback for the team-state tests
-# (tests/team.rs), as an unprivileged user, stopped however this script ends.
+# (tests/all/team.rs), as an unprivileged user, stopped however this script ends.
 # Those tests fail, not skip, without it when CI is set.
 pg_dir="${TMPDIR:-/tmp}/pde-test-pg.$$"
 trap 'scripts/pg-cluster.sh stop "$pg_dir"' EXIT

@@ -203,7 +203,7 @@ mod tests {
 
     #[test]
     fn doubles_that_jcs_writes_as_unsafe_integers_are_refused() {
-        // Found by tests/fuzz.rs: 4.876967313192871e17 canonicalised to
+        // Found by tests/all/fuzz.rs: 4.876967313192871e17 canonicalised to
         // "487696731319287100", which no JCS implementation reads back.
         let v: Value = serde_json::from_str(
             r#"{"a": 4.876967313192871e17, "b": -9007199254740992.0, "ok": [9007199254740991.0, 1e21, 1.5e300, 0.5]}"#,

@@ -2,7 +2,7 @@
 
 The same check as the Rust plugin in `plugins/eligibility-bounds` (see its
 crate docs for the rules): same settings, same codes, same JSON pointers
-and the same messages, so tests/python_plugin.rs can compare the findings
+and the same messages, so tests/all/python_plugin.rs can compare the findings
 of both on the same policies. Numbers are printed as Rust prints an f64
 (`650`, not `650.0`), because the messages are compared too.
 

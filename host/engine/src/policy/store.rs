@@ -328,7 +328,7 @@ fn yaml_options() -> serde_saphyr::Options {
 
 fn parse_yaml(path: &Path, text: &str) -> Result<Value, PolicyError> {
     // serde-saphyr refuses `.nan` and `.inf` by default (RFC 8785 has no
-    // form for them), naming line and column; tests/jcs.rs holds it to that.
+    // form for them), naming line and column; tests/all/jcs.rs holds it to that.
     serde_saphyr::from_str_with_options::<Value>(text, yaml_options()).map_err(|e| {
         let message = match e.location() {
             Some(loc) => format!(

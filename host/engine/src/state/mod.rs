@@ -18,7 +18,7 @@
 //!
 //! A third backend is one file implementing [`Backend`] (with a [`Dialect`]
 //! for the few column types SQL spells differently), declared here, and
-//! one line in [`SHARED_BACKENDS`] where the backend is chosen. `tests/team.rs` runs one conformance test
+//! one line in [`SHARED_BACKENDS`] where the backend is chosen. `tests/all/team.rs` runs one conformance test
 //! against every backend.
 
 mod error;

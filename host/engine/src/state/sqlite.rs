@@ -425,7 +425,7 @@ fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
 
 /// What only SQLite does: files, `user_version`, WAL, `IMMEDIATE`. Every
 /// behaviour both backends share is checked against both by the
-/// conformance test (`tests/team.rs`, `behaves_as_state`).
+/// conformance test (`tests/all/team.rs`, `behaves_as_state`).
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,9 +2,8 @@
 //! the example plugins compiled from source, in-process `pde agent`s and §8
 //! receivers with injected faults, all on 127.0.0.1.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use pde::ExitCode;
 use pde::error::HasExitCode;

@@ -2,9 +2,8 @@
 //! each over real parts: temp Git repositories, the `pde` binary, and HTTP
 //! servers on 127.0.0.1.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::net::SocketAddr;
 use std::path::Path;

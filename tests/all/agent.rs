@@ -5,9 +5,8 @@
 //! start-up refusal, restarts and `kill -9`). Bundles are sealed with real
 //! ed25519 keys generated into temp dirs; nothing is mocked.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};

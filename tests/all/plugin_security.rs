@@ -2,9 +2,8 @@
 //! release engineer sees, with the exit codes of DESIGN §8. Real components
 //! built from `plugins/fixtures/misbehave`, real workspaces, real processes.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Command, Output};

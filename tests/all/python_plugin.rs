@@ -12,9 +12,8 @@
 //! Every `pde` run shares one per-user compile cache, so each Python
 //! component (18 MB) is compiled once per run of this binary.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

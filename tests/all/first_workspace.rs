@@ -8,9 +8,8 @@
 //! and its manifest template `effective-date.toml`. Git gets an author
 //! through the environment, as a configured Git would have one.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

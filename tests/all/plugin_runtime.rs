@@ -5,7 +5,6 @@
 //! Every misbehaving fixture mode must end with its exact named error well
 //! within 2 s, and the same `PluginHost` must then serve a well-behaved call.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

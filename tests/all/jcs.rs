@@ -3,9 +3,8 @@
 //! and `pynacl`, from the venv that `scripts/test.sh` creates (`ensure_pyenv` in scripts/lib.sh)
 //! (`scripts/test.sh` exports its python as `PDE_TEST_PYTHON`).
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use support::{both, pde, stderr};
 
@@ -175,7 +174,7 @@ fn doubles_jcs_writes_as_unsafe_integers_cannot_be_read_back() {
     // RFC 8785 writes 1e20 as "100000000000000000000": every JSON reader then
     // sees an integer beyond ±(2^53−1), which stock JCS libraries refuse. A
     // bundle holding such a double could not be re-verified by a service, so
-    // pde refuses it at validation (found by tests/fuzz.rs).
+    // pde refuses it at validation (found by tests/all/fuzz.rs).
     for text in [
         "1e20",
         "123456789012345680000.0",

@@ -3,9 +3,8 @@
 //! and an agent that re-checks them. Real `pde` processes, real agents on
 //! loopback, real Git repositories.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};

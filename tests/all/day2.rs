@@ -4,9 +4,8 @@
 //! `pde status --live` against `pde agent` processes that are changed
 //! behind pde's back or stopped.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

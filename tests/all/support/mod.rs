@@ -1,7 +1,6 @@
 //! Real parts for the integration tests: policy workspaces in temp Git
 //! repositories, the example plugins built from source, `pde agent`s and a
 //! §8 test receiver with injectable faults, all on 127.0.0.1.
-#![allow(dead_code)]
 
 pub mod pg;
 pub mod receiver;

@@ -6,9 +6,8 @@
 //! first test starts its own (see `support::pg`). In CI without one, every
 //! test here fails.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

@@ -6,7 +6,6 @@
 //! that adds an upward or circular import fails this test, and the message
 //! names the files and the import.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

@@ -5,17 +5,16 @@
 //! `scripts/test.sh` runs on every CI run). For a longer run:
 //!
 //! ```sh
-//! PDE_FUZZ_CASES=20000 cargo test -p pde-cli --test fuzz --release
+//! PDE_FUZZ_CASES=20000 cargo test -p pde-cli --test all --release fuzz::
 //! ```
 //!
 //! A failing case is shrunk and saved by proptest in
-//! `tests/fuzz.proptest-regressions`; commit that file, so the case is
+//! `tests/all/fuzz.proptest-regressions`; commit that file, so the case is
 //! replayed first on every later run (the checked-in corpus), and add a named
 //! regression test beside the fix.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::sync::OnceLock;
 
@@ -46,7 +45,7 @@ fn config(default: u32) -> ProptestConfig {
         // the test, which a tests/ file does not have.)
         failure_persistence: Some(Box::new(FileFailurePersistence::Direct(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../tests/fuzz.proptest-regressions"
+            "/../../tests/all/fuzz.proptest-regressions"
         )))),
         ..ProptestConfig::default()
     }

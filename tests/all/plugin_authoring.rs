@@ -3,9 +3,8 @@
 //! `pde plugin test` with `--settings`, `--env` and `--services`, and the
 //! per-user compile cache that keeps a second run from recompiling.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -2,9 +2,8 @@
 //! `--output json`, and the exit codes of DESIGN §8, over real agent
 //! processes on loopback.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

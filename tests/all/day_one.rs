@@ -2,9 +2,8 @@
 //! `pde keygen --for`, `pde plugin install`, and output a person can act on,
 //! through the real binary, real Git repositories and real agents on loopback.
 // Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 

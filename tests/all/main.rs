@@ -1,0 +1,26 @@
+//! pde's integration tests, one binary with a module per area, as wasmtime
+//! and ripgrep do. Sixteen binaries each linked wasmtime, cranelift and the
+//! engine: about 100 MB and a link step apiece, on every change (see
+//! BENCHMARKS.md, "Cold CI and the size of the code"). Run one area with
+//! `cargo test --test all pipeline::`.
+
+#![allow(clippy::unwrap_used, dead_code)]
+
+mod support;
+
+mod agent;
+mod approvals;
+mod architecture;
+mod cli;
+mod day2;
+mod day_one;
+mod first_workspace;
+mod fuzz;
+mod hardening;
+mod jcs;
+mod pipeline;
+mod plugin_authoring;
+mod plugin_runtime;
+mod plugin_security;
+mod python_plugin;
+mod team;
