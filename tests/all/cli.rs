@@ -542,3 +542,40 @@ fn agent_logs_can_be_json_lines_with_request_ids() {
             .any(|l| l["span"]["client_request_id"] == "agent-1")
     );
 }
+
+/// `pde plugin inspect FILE | head -1` panicked ("failed printing to stdout:
+/// Broken pipe") and exited 101 (issue 24 §4). The reader here is gone
+/// before pde writes its first line, so every write fails.
+#[test]
+fn a_closed_output_pipe_ends_pde_quietly() {
+    let (_, wasm) = support::example_plugins()
+        .into_iter()
+        .next()
+        .expect("an example plugin");
+    for args in [
+        vec!["plugin", "inspect", wasm.to_str().unwrap()],
+        vec![
+            "plugin",
+            "inspect",
+            "--output",
+            "json",
+            wasm.to_str().unwrap(),
+        ],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pde"))
+            .arg("-C")
+            .arg(dir.path())
+            .args(&args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+    }
+}

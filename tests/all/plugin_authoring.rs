@@ -944,3 +944,37 @@ fn plugin_new_honours_dir_and_picks_the_sdk_source() {
     assert_eq!(code(&o), 2);
     assert!(!root.join("nowhere").exists(), "nothing written on failure");
 }
+
+/// A scaffold's README ran `pde keygen` without `--name`, which writes the
+/// workspace's own key name `release.ed25519` (issue 24 §4); and the Python
+/// guide and the scaffold disagreed on how long a first compile takes.
+#[test]
+fn scaffold_readmes_name_their_keys_and_agree_with_the_guide() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let guide = std::fs::read_to_string(root.join("docs/plugin-authoring.md")).unwrap();
+    for lang in ["plugin-rust", "plugin-python"] {
+        let path = root
+            .join("host/cli/templates")
+            .join(lang)
+            .join("README.md.tmpl");
+        let readme = std::fs::read_to_string(&path).unwrap();
+        let keygens: Vec<&str> = readme
+            .lines()
+            .filter(|l| l.contains("pde keygen"))
+            .collect();
+        assert!(!keygens.is_empty(), "{}: no keygen step", path.display());
+        for line in keygens {
+            assert!(line.contains("--name "), "{}: {line}", path.display());
+        }
+        if lang == "plugin-python" {
+            let readme = readme.split_whitespace().collect::<Vec<_>>().join(" ");
+            let guide = guide.split_whitespace().collect::<Vec<_>>().join(" ");
+            for figure in ["about 20 s", "up to a minute"] {
+                assert!(
+                    readme.contains(figure) && guide.contains(figure),
+                    "{figure}"
+                );
+            }
+        }
+    }
+}

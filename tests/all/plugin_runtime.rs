@@ -952,8 +952,14 @@ impl Fixture {
         p
     }
 
-    /// Runs `plugin`, asserts it ended within 2 s, then proves the same host
-    /// still serves a well-behaved call.
+    /// Runs `plugin`, asserts it ended within its wall-time limit plus a
+    /// margin, then proves the same host still serves a well-behaved call.
+    ///
+    /// The margin is wide on purpose: what this checks is that a hostile
+    /// plugin is stopped at all (without the watchdog, the loops and sleeps
+    /// of `misbehave` never end), not how fast a benign one runs. A flat 2 s
+    /// failed for the 40,002-line chatty mode on a CI-sized machine under a
+    /// load average of 20.
     fn run(
         &self,
         plugin: &Plugin,
@@ -961,9 +967,10 @@ impl Fixture {
         let start = Instant::now();
         let out = self.host.validate(plugin, &policy(json!([])), &ctx("test"));
         let took = start.elapsed();
+        let bound = Duration::from_millis(plugin.limits.timeout_ms) + Duration::from_secs(8);
         assert!(
-            took < Duration::from_secs(2),
-            "{:?} took {took:?}",
+            took < bound,
+            "{:?} took {took:?}, over {bound:?}",
             plugin.settings
         );
         let ok = self
@@ -1298,7 +1305,10 @@ fn terminal_controls_are_kept_exact_in_reports_and_escaped_for_people() {
 #[test]
 fn a_chatty_plugins_log_is_bounded_and_says_how_much_was_dropped() {
     let f = fixture();
-    let p = f.mode("chatty");
+    let mut p = f.mode("chatty");
+    // What is checked is the log bound, not speed: 40,002 lines through a
+    // debug build on a loaded 2-core machine overran the default 2 s.
+    p.limits.timeout_ms = 20_000;
     let report = f.run(&p).unwrap();
     let (note, kept) = report.log.split_last().unwrap();
     let kept_bytes: usize = kept.iter().map(String::len).sum();

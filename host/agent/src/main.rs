@@ -5,9 +5,13 @@
 use clap::Parser;
 use pde_core::HasExitCode;
 
-/// pde-agent: receives policy bundles pushed by `pde deploy` (see docs/agent.md).
+/// pde-agent: the policy agent as a small binary of its own.
 #[derive(Debug, Parser)]
-#[command(name = "pde-agent", version, about)]
+#[command(
+    name = "pde-agent",
+    version,
+    about = "Run a policy agent beside a service: receive, verify and serve the signed bundles `pde deploy` pushes (docs/agent.md)"
+)]
 struct Cli {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count)]

@@ -8,7 +8,28 @@
 use std::fmt::Display;
 
 /// How serious a finding is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+///
+/// It reads from settings as `"error"`, `"warning"` or `"info"`, so a plugin
+/// can let the workspace choose how loud a check is:
+///
+/// ```
+/// use pde_plugin::Severity;
+///
+/// #[derive(serde::Deserialize)]
+/// struct Settings {
+///     #[serde(default = "loud")]
+///     severity: Severity,
+/// }
+/// fn loud() -> Severity {
+///     Severity::Error
+/// }
+///
+/// let s: Settings = serde_json::from_str(r#"{"severity": "warning"}"#).unwrap();
+/// assert_eq!(s.severity, Severity::Warning);
+/// assert!(serde_json::from_str::<Settings>(r#"{"severity": "fatal"}"#).is_err());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// Blocks the deploy.
     Error,

@@ -14,6 +14,7 @@ use pde::error::HasExitCode;
 mod approve;
 mod audit;
 mod deploy;
+mod pipe;
 mod plugin;
 mod print;
 mod scaffold;
@@ -21,7 +22,12 @@ mod workspace;
 
 /// pde: the Policy Deployment Engine.
 #[derive(Debug, Parser)]
-#[command(name = "pde", version, about, propagate_version = true)]
+#[command(
+    name = "pde",
+    version,
+    about = "Ship approved policy changes: validate, package and sign, check the environment, route, push, tag the release and audit every step",
+    propagate_version = true
+)]
 pub struct Cli {
     /// Run as if pde was started in DIR.
     #[arg(short = 'C', global = true, value_name = "DIR")]
@@ -57,7 +63,7 @@ enum Command {
     Package(deploy::PackageArgs),
     /// Show what a deploy would do, without doing it.
     Plan(deploy::PlanArgs),
-    /// Environment commands.
+    /// Check an environment: the health of its services and its readiness checks.
     #[command(subcommand)]
     Env(deploy::EnvCmd),
     /// Show the active version of each policy per environment.
@@ -81,7 +87,7 @@ enum Command {
     /// Inspect, test, sign and verify WebAssembly plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCmd),
-    /// Run the receiving service that targets push bundles to.
+    /// Run a policy agent beside a service: receive, verify and serve the signed bundles `pde deploy` pushes.
     Agent(pde_agent::cli::AgentArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions(CompletionsArgs),
@@ -384,6 +390,7 @@ fn log_directives(default: &str, rust_log: Option<&str>) -> String {
 
 /// Entry point of the binary.
 pub fn main() -> std::process::ExitCode {
+    pipe::exit_quietly_on_closed_pipe();
     let parsed = Cli::command()
         .long_version(&*Box::leak(long_version().into_boxed_str()))
         .try_get_matches()
