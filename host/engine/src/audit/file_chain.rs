@@ -14,7 +14,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use super::AuditError;
+use super::error::AuditError;
 use super::store::{ChainStore, Extend, Tail};
 
 /// The log file name under the state directory.

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use postgres::{Client, NoTls};
 
-use super::AuditError;
+use super::error::AuditError;
 use super::store::{ChainStore, Extend, Tail};
 use crate::runtime::{DropOffRuntime, off_runtime};
 

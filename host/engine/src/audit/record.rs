@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use super::error::AuditError;
 use crate::bundle::canonical_json;
 
 /// What happened. Serialized in snake_case exactly as DESIGN §8 lists them.
@@ -99,12 +100,9 @@ impl Head {
     }
 
     /// The stored head `json`, parsed; `location` names it in the error.
-    pub(super) fn parse(
-        json: Option<&[u8]>,
-        location: &str,
-    ) -> Result<Option<Head>, super::AuditError> {
+    pub(super) fn parse(json: Option<&[u8]>, location: &str) -> Result<Option<Head>, AuditError> {
         json.map(|j| {
-            serde_json::from_slice(j).map_err(|e| super::AuditError::Tampered {
+            serde_json::from_slice(j).map_err(|e| AuditError::Tampered {
                 line: 0,
                 seq: None,
                 reason: format!("{location} is not a valid head record: {e}"),

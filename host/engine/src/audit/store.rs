@@ -8,7 +8,7 @@
 //! A new backend is one file implementing this trait, plus the line where
 //! the engine picks it (see `docs/ARCHITECTURE.md`).
 
-use super::AuditError;
+use super::error::AuditError;
 
 /// The last line of a chain and its head, read together.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

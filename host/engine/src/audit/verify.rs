@@ -6,8 +6,10 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use super::error::AuditError;
 use super::record::{AuditRecord, Head, hash_of, head_message, lines};
-use super::{AuditError, HEAD_FILE};
+// Messages name the head by its file name, for every store, as pde always has.
+use super::file_chain::HEAD_FILE;
 
 /// The result of a successful [`AuditLog::verify`](super::AuditLog::verify).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
