@@ -1,6 +1,7 @@
-//! The shape of the code, checked: crates depend only downward, the
-//! receiving agent links no plugin runtime and no database, and the engine's
-//! modules form no import cycle and import nothing from a layer above them.
+//! The shape of the code, checked: crates depend only downward (normal,
+//! build and dev dependencies), the receiving agent links no plugin runtime
+//! and no database, the engine's modules form no import cycle and import
+//! nothing from a layer above them, and no step imports another step.
 //!
 //! The layers are written down here and in docs/ARCHITECTURE.md; a change
 //! that adds an upward or circular import fails this test, and the message
@@ -22,37 +23,139 @@ const CRATES: &[(&str, &[&str])] = &[
     ("agent", &["pde-core"]),
     ("engine", &["pde-core", "pde-plugin-host"]),
     ("cli", &["pde", "pde-agent", "pde-core"]),
+    ("python", &["pde", "pde-core"]),
 ];
+
+/// Crates outside `host/` that the tests of any host crate may use: the
+/// plugin SDK and the test plugins built with it (they depend on no host
+/// crate, so they cannot carry an upward edge back in).
+const TEST_PLUGINS: &[&str] = &["pde-plugin", "pde-plugin-artifacts", "eligibility-bounds"];
+
+/// The pde and path dependencies a manifest declares, in every dependency
+/// table (`[dependencies]`, `[dev-dependencies]`, `[build-dependencies]`,
+/// their `[target.….…]` forms, and `[dependencies.NAME]` headers), as
+/// `(table, name)`.
+fn local_dependencies(manifest: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut section = String::new();
+    // The table and name of a `[dependencies.NAME]` header being read.
+    let mut header: Option<(String, String)> = None;
+    for line in manifest.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            section = line.trim_matches(|c| c == '[' || c == ']').to_string();
+            header = section
+                .rsplit_once('.')
+                .filter(|(table, _)| table.ends_with("dependencies"))
+                .map(|(table, name)| (table.to_string(), name.to_string()));
+            if let Some((table, name)) = &header
+                && name.starts_with("pde")
+            {
+                out.push((table.clone(), name.clone()));
+            }
+            continue;
+        }
+        let Some((key, spec)) = line.split_once('=') else {
+            continue;
+        };
+        let (key, local) = (key.trim(), spec.contains("../"));
+        if let Some((table, name)) = &header {
+            if key == "path" && local && !out.contains(&(table.clone(), name.clone())) {
+                out.push((table.clone(), name.clone()));
+            }
+        } else if section.ends_with("dependencies")
+            && ((spec.contains("path =") && local) || key.starts_with("pde"))
+        {
+            out.push((section.clone(), key.to_string()));
+        }
+    }
+    out
+}
+
+/// What `crate_dir`'s manifest declares that it may not: a normal or build
+/// dependency outside `allowed`, or a dev dependency outside `allowed` and
+/// [`TEST_PLUGINS`].
+fn upward_dependencies(crate_dir: &str, manifest: &str, allowed: &[&str]) -> Vec<String> {
+    local_dependencies(manifest)
+        .into_iter()
+        .filter(|(table, name)| {
+            let dev = table.ends_with("dev-dependencies");
+            !(allowed.contains(&name.as_str()) || dev && TEST_PLUGINS.contains(&name.as_str()))
+        })
+        .map(|(table, name)| {
+            format!(
+                "host/{crate_dir} depends on {name} ([{table}]), which is not below it; allowed: {allowed:?}"
+            )
+        })
+        .collect()
+}
 
 #[test]
 fn crates_depend_only_downward() {
     for (dir, allowed) in CRATES {
         let manifest =
             std::fs::read_to_string(root().join("host").join(dir).join("Cargo.toml")).unwrap();
-        let mut section = String::new();
-        for line in manifest.lines() {
-            let line = line.trim();
-            if line.starts_with('[') {
-                section = line.to_string();
-                continue;
-            }
-            if section != "[dependencies]" {
-                continue;
-            }
-            let Some((name, spec)) = line.split_once('=') else {
-                continue;
-            };
-            let name = name.trim();
-            let local = spec.contains("path =") && spec.contains("../");
-            let ours = name.starts_with("pde");
-            if local || ours {
-                assert!(
-                    allowed.contains(&name),
-                    "host/{dir} depends on {name}, which is not below it; allowed: {allowed:?}"
-                );
-            }
-        }
+        let wrong = upward_dependencies(dir, &manifest, allowed);
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
     }
+}
+
+#[test]
+fn test_plugins_depend_on_no_host_crate() {
+    // What lets a host crate's tests use them: they cannot lead back up.
+    for (dir, name) in [
+        ("sdk", "pde-plugin"),
+        ("artifacts", "pde-plugin-artifacts"),
+        ("eligibility-bounds", "eligibility-bounds"),
+    ] {
+        assert!(TEST_PLUGINS.contains(&name));
+        let manifest =
+            std::fs::read_to_string(root().join("plugins").join(dir).join("Cargo.toml")).unwrap();
+        assert!(manifest.contains(&format!("name = \"{name}\"")));
+        let wrong = upward_dependencies(dir, &manifest, &["pde-plugin"]);
+        assert!(wrong.is_empty(), "plugins/{dir}: {}", wrong.join("\n"));
+    }
+}
+
+#[test]
+fn the_crate_check_sees_planted_upward_dependencies() {
+    // The check above must be able to fail, in every table it claims to read.
+    let planted = r#"
+[package]
+name = "pde"
+
+[dependencies]
+pde-core = { path = "../core" }
+serde = "1"
+
+[dev-dependencies]
+pde-cli = { path = "../cli" }
+pde-plugin = { path = "../../plugins/sdk" }
+
+[target.'cfg(unix)'.dependencies]
+pde-agent = { path = "../agent" }
+
+[build-dependencies.pde-python]
+path = "../python"
+"#;
+    let wrong = upward_dependencies("engine", planted, &["pde-core", "pde-plugin-host"]);
+    assert_eq!(wrong.len(), 3, "{wrong:#?}");
+    for (name, table) in [
+        ("pde-cli", "[dev-dependencies]"),
+        ("pde-agent", "[target.'cfg(unix)'.dependencies]"),
+        ("pde-python", "[build-dependencies]"),
+    ] {
+        assert!(
+            wrong.iter().any(|w| w.contains(name) && w.contains(table)),
+            "{name} in {table} not caught: {wrong:#?}"
+        );
+    }
+    // A test plugin is not a host crate: only a dev dependency may name it.
+    let normal = "[dependencies]\npde-plugin = { path = \"../../plugins/sdk\" }\n";
+    assert_eq!(
+        upward_dependencies("engine", normal, &["pde-core"]).len(),
+        1
+    );
 }
 
 #[test]
@@ -105,7 +208,7 @@ fn the_agent_links_no_plugin_runtime_and_no_database() {
 }
 
 /// Layers of the engine's modules, bottom first. A module may import from a
-/// lower layer, and a step from a step earlier in the pipeline.
+/// lower layer only; the steps share one layer and never import each other.
 const LAYERS: &[&[&str]] = &[
     &[
         "config",
@@ -155,7 +258,7 @@ const ALIASES: &[(&str, &str)] = &[
 ];
 
 /// Names of the crate root that are other crates (`pde_core`, the plugin host).
-const EXTERNAL: &[&str] = &["bundle", "keys", "plugin", "diagnostic"];
+const EXTERNAL: &[&str] = &["approval", "bundle", "keys", "term", "plugin", "diagnostic"];
 
 fn module_of(file: &Path, src: &Path) -> Option<String> {
     let rel = file.strip_prefix(src).unwrap();
@@ -202,6 +305,85 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
+/// The module path of a file: `steps/push/tests.rs` is `steps::push::tests`,
+/// `audit/mod.rs` is `audit`.
+fn module_path(file: &Path, src: &Path) -> Vec<String> {
+    let mut parts: Vec<String> = file
+        .strip_prefix(src)
+        .unwrap()
+        .iter()
+        .map(|p| p.to_string_lossy().trim_end_matches(".rs").to_string())
+        .collect();
+    if parts.last().is_some_and(|p| p == "mod" || p == "lib") {
+        parts.pop();
+    }
+    parts
+}
+
+/// The engine modules `text` (the file at module path `at`) imports, each
+/// with the line that does: every `crate::` path, and every `super::` path
+/// resolved against the file's place (`super::route` in `steps/push.rs`).
+/// A `super::` path that names no module of [`LAYERS`] (`use super::*` in
+/// an inline test module) is left out: it stays inside its own module.
+fn imports_in(text: &str, at: &[String]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let code = line.trim_start();
+        if code.starts_with("//") {
+            continue;
+        }
+        let mut rest = code;
+        while let Some(at) = rest.find("crate::") {
+            rest = &rest[at + "crate::".len()..];
+            let path: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            // `use crate::steps::{a, b}` names several; each is checked.
+            let after = &rest[path.len()..];
+            let names: Vec<String> = if after.starts_with('{') {
+                let inner = &after[1..after.find('}').unwrap_or(after.len())];
+                inner
+                    .split(',')
+                    .map(|s| format!("{path}{}", s.trim()))
+                    .collect()
+            } else {
+                vec![path]
+            };
+            for name in names {
+                if let Some(target) = target_of(&name) {
+                    out.push((target, code.to_string()));
+                }
+            }
+        }
+        let mut rest = code;
+        while let Some(pos) = rest.find("super::") {
+            let before = &rest[..pos];
+            rest = &rest[pos..];
+            let mut ups = 0;
+            while let Some(r) = rest.strip_prefix("super::") {
+                ups += 1;
+                rest = r;
+            }
+            if before.ends_with("::") || ups > at.len() {
+                continue;
+            }
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+                .collect();
+            let mut path = at[..at.len() - ups].to_vec();
+            path.push(name);
+            if let Some(target) = target_of(&path.join("::"))
+                && layer_of(&target).is_some()
+            {
+                out.push((target, code.to_string()));
+            }
+        }
+    }
+    out
+}
+
 /// module → (imported module → a line that imports it).
 fn engine_imports() -> BTreeMap<String, BTreeMap<String, String>> {
     let src = root().join("host/engine/src");
@@ -214,38 +396,11 @@ fn engine_imports() -> BTreeMap<String, BTreeMap<String, String>> {
         };
         let text = std::fs::read_to_string(&file).unwrap();
         let edges = graph.entry(module.clone()).or_default();
-        for line in text.lines() {
-            let code = line.trim_start();
-            if code.starts_with("//") {
-                continue;
-            }
-            let mut rest = code;
-            while let Some(at) = rest.find("crate::") {
-                rest = &rest[at + "crate::".len()..];
-                let path: String = rest
-                    .chars()
-                    .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
-                    .collect();
-                // `use crate::steps::{a, b}` names several; each is checked.
-                let after = &rest[path.len()..];
-                let names: Vec<String> = if after.starts_with('{') {
-                    let inner = &after[1..after.find('}').unwrap_or(after.len())];
-                    inner
-                        .split(',')
-                        .map(|s| format!("{path}{}", s.trim()))
-                        .collect()
-                } else {
-                    vec![path]
-                };
-                for name in names {
-                    if let Some(target) = target_of(&name)
-                        && target != module
-                    {
-                        edges
-                            .entry(target)
-                            .or_insert_with(|| format!("{}: {}", file.display(), code));
-                    }
-                }
+        for (target, code) in imports_in(&text, &module_path(&file, &src)) {
+            if target != module {
+                edges
+                    .entry(target)
+                    .or_insert_with(|| format!("{}: {}", file.display(), code));
             }
         }
     }
@@ -261,6 +416,29 @@ fn layer_of(module: &str) -> Option<(usize, usize)> {
     })
 }
 
+fn is_step(module: &str) -> bool {
+    module.starts_with("steps::")
+}
+
+/// What `module` may not import: anything that is not in a layer below
+/// it. Steps share a layer, so one step importing another is refused too:
+/// a step may use the shared layers under it, never another step (what two
+/// steps share belongs in a layer below both, and the order of the steps
+/// is `pipeline.rs`'s alone).
+fn wrong_import(module: &str, target: &str) -> Option<String> {
+    let (layer, _) = layer_of(module)?;
+    let Some((t_layer, _)) = layer_of(target) else {
+        return Some(format!("{module} imports unknown module {target}"));
+    };
+    if is_step(module) && is_step(target) {
+        return Some(format!(
+            "step {module} imports step {target}: a step may use the layers below it, never \
+             another step; move what they share below both"
+        ));
+    }
+    (t_layer >= layer).then(|| format!("{module} imports {target}, which is not below it"))
+}
+
 #[test]
 fn engine_modules_are_layered_and_import_nothing_from_above() {
     let graph = engine_imports();
@@ -270,21 +448,15 @@ fn engine_modules_are_layered_and_import_nothing_from_above() {
             "module {module} has no layer: add it to LAYERS here and to docs/ARCHITECTURE.md"
         );
     }
+    let mut wrong = Vec::new();
     for (module, edges) in &graph {
-        let (layer, pos) = layer_of(module).unwrap();
         for (target, line) in edges {
-            let Some((t_layer, t_pos)) = layer_of(target) else {
-                panic!("{module} imports unknown module {target}: {line}");
-            };
-            let steps = layer_of("steps::validate").map(|(l, _)| l);
-            let downward =
-                t_layer < layer || (t_layer == layer && Some(layer) == steps && t_pos < pos);
-            assert!(
-                downward,
-                "{module} imports {target}, which is not below it:\n  {line}"
-            );
+            if let Some(why) = wrong_import(module, target) {
+                wrong.push(format!("{why}:\n  {line}"));
+            }
         }
     }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
 #[test]
@@ -334,4 +506,56 @@ fn the_checker_sees_a_planted_upward_import() {
         module_of(&src.join("steps/push/tests.rs"), &src).as_deref(),
         Some("steps::push")
     );
+    assert!(wrong_import("steps::route", "pipeline").is_some());
+    assert!(wrong_import("steps::route", "state").is_none());
+}
+
+#[test]
+fn the_checker_sees_a_step_importing_another_step() {
+    // Every way a step file can name another step is caught: through
+    // `crate::steps::`, through the crate root's alias, and through `super::`.
+    let src = root().join("host/engine/src");
+    let planted = [
+        (
+            "steps/package.rs",
+            "use crate::steps::validate::ValidationReport;",
+        ),
+        ("steps/route.rs", "use crate::push::target_of;"),
+        ("steps/envcheck.rs", "use crate::steps::{tag, push};"),
+        ("steps/tag.rs", "use super::route::RouteDecision;"),
+        (
+            "steps/push/tests.rs",
+            "let r = super::super::envcheck::check(c, &[], t);",
+        ),
+    ];
+    for (file, line) in planted {
+        let file = src.join(file);
+        let module = module_of(&file, &src).unwrap();
+        let wrong: Vec<String> = imports_in(line, &module_path(&file, &src))
+            .into_iter()
+            .filter(|(target, _)| *target != module)
+            .filter_map(|(target, _)| wrong_import(&module, &target))
+            .collect();
+        assert!(
+            !wrong.is_empty() && wrong.iter().all(|w| w.contains("imports step")),
+            "{module}: `{line}` not caught: {wrong:?}"
+        );
+    }
+    // A step's own test module and its own submodules are not other steps.
+    for (file, line) in [
+        ("steps/push/tests.rs", "use super::*;"),
+        ("steps/validate.rs", "use super::*;"),
+        (
+            "steps/envcheck.rs",
+            "use crate::steps::envcheck::readiness;",
+        ),
+    ] {
+        let file = src.join(file);
+        let module = module_of(&file, &src).unwrap();
+        let found: Vec<(String, String)> = imports_in(line, &module_path(&file, &src))
+            .into_iter()
+            .filter(|(target, _)| *target != module)
+            .collect();
+        assert!(found.is_empty(), "{module}: `{line}` read as {found:?}");
+    }
 }

@@ -519,9 +519,11 @@ fn what_was_checked_is_shown_and_history_shows_refusals() {
     let o = pde(root, &["history", "42"]);
     assert_eq!(code(&o), 0, "{}", both(&o));
     let out = text(&o);
+    // An entry's first line (its reason, indented below it, may name
+    // staging too: "pde.toml defines: dev, production, staging").
     let refused = out
         .lines()
-        .find(|l| l.contains("refused") && l.contains("staging"))
+        .find(|l| !l.starts_with(' ') && l.contains("refused") && l.contains("staging"))
         .unwrap_or_else(|| panic!("no refused line: {out}"));
     assert!(refused.contains("v1.1.0"), "{refused}");
     assert!(

@@ -20,9 +20,9 @@ use crate::error::Error;
 use crate::keys::{self, TrustedKeys};
 use crate::plugin::{PluginHost, PluginSet as Plugins};
 use crate::policy::PolicyStore;
+use crate::report::PackageReport;
 use crate::state::StateStore;
 use crate::steps::envcheck::HealthReport;
-use crate::steps::package::PackageReport;
 use crate::steps::validate::{self, ValidationReport};
 
 /// An opened policy workspace: `pde.toml`, the policy store, state, audit log
@@ -91,7 +91,7 @@ impl Engine {
                 path: root.join(crate::config::FILE_NAME),
                 message: "the [state] backend keeps no audit chain".into(),
             })?;
-            (state, AuditLog::open_shared(chain, writable))
+            (state, AuditLog::with_store(chain, writable))
         } else if writable {
             std::fs::create_dir_all(&state_dir).map_err(|source| Error::Io {
                 path: state_dir.clone(),
@@ -140,14 +140,7 @@ impl Engine {
                     flush: Duration::from_millis(config.audit.sink_flush_ms.unwrap_or(2000)),
                     rest: Duration::from_millis(500),
                 };
-                Some(
-                    Outbox::start_with(&state_dir, sink, state.audit_chain()).map_err(
-                        |source| Error::Io {
-                            path: state_dir.clone(),
-                            source,
-                        },
-                    )?,
-                )
+                Some(Outbox::start(&audit, sink)?)
             }
             None => None,
         };

@@ -3,9 +3,10 @@
 //! An approved policy change goes from a policy repository to the services that
 //! enforce it in seven steps: validate, package, check the environment, route,
 //! push, tag and audit. [`Engine::deploy_policy`] runs them; the `pde` binary
-//! is a thin command-line layer over this library.
+//! (`host/cli`) parses arguments, calls this library and prints.
 //!
-//! Module map, in pipeline order:
+//! Module map, in pipeline order (`docs/ARCHITECTURE.md` lists every module
+//! with its layer):
 //! - [`config`]: `pde.toml`, the workspace description;
 //! - [`diagnostic`]: findings shared by built-in checks and plugins;
 //! - [`policy`]: the policy store, schema, version and conflict checks;
@@ -15,15 +16,17 @@
 //! - [`push`]: concurrent delivery, verification and compensation;
 //! - [`provenance`]: the files a bundle vouches for are what its commit holds;
 //! - [`vcs`]: release tags in the policy Git repository;
-//! - [`audit`]: the hash-chained audit log;
+//! - [`audit`]: the hash-chained audit log, over a file or a team database;
 //! - [`state`]: deployment history and locks, in SQLite or a team's PostgreSQL;
 //! - [`team`]: unlocking stale leases and migrating state into PostgreSQL;
 //! - [`pipeline`]: the seven steps, top-down;
 //! - [`live`]: `pde status --live`, what services run against the state;
 //! - [`history`]: deploys refused before any push, from the audit log;
 //! - [`plugin_install`]: `pde plugin install`, a built component into a workspace;
-//! - [`agent`]: the receiving service that targets run;
 //! - [`term`]: escaping untrusted text before a person sees it.
+//!
+//! The receiving service that targets run is not here: it is the
+//! `pde-agent` crate (`host/agent`), which links none of this library.
 
 pub mod audit;
 pub mod blocking;

@@ -148,6 +148,20 @@ impl ReportSoFar {
     }
 }
 
+/// A bundle written by `pde package`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PackageReport {
+    /// The bundle digest.
+    pub digest: String,
+    /// Where it was written.
+    pub path: PathBuf,
+    /// The validation it passed.
+    pub validation: ValidationReport,
+    /// The bundle itself.
+    #[serde(skip)]
+    pub bundle: pde_core::bundle::Bundle,
+}
+
 /// How a deploy ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]

@@ -90,7 +90,13 @@ impl Engine {
         let repo = Repo::discover(&self.root)?;
         crate::provenance::check(&repo, &self.root, &policy.path, &self.plugins_dir())?;
         let key = self.signing_key()?;
-        let built = package::seal(&repo, policy, validation, key.as_ref())?;
+        let built = package::seal(
+            &repo,
+            policy,
+            validation.validator_records(),
+            &validation.approvals.carried,
+            key.as_ref(),
+        )?;
         let admitted = match env {
             Some((env_name, environment)) => {
                 let admitted = package::admit(

@@ -1,12 +1,13 @@
 //! Forwarding the audit log to an HTTP sink, from a durable outbox, in the
 //! background and in order.
 //!
-//! The local log is the source of truth and already durable and ordered, so
-//! the outbox is the log itself plus one cursor: `<state>/audit.sink-cursor`
-//! holds the `seq` of the last record the sink acknowledged (2xx). A
-//! forwarder thread sends every record after the cursor, in `seq` order, one
-//! at a time, and moves the cursor (atomically, fsynced) after each
-//! acknowledgement. So:
+//! The log is the source of truth and already durable and ordered, so the
+//! outbox is the log itself plus one cursor, kept by the chain's
+//! [`ChainStore`]: the `seq` of the last record the sink acknowledged (2xx)
+//! (`<state>/audit.sink-cursor` for the file log, a row beside a team's
+//! chain in its database). A forwarder thread sends every record after the
+//! cursor, in `seq` order, one at a time: for each it claims the cursor,
+//! sends, and moves the cursor only after the acknowledgement. So:
 //! - **nothing is lost when pde is killed**: the cursor only moves after an
 //!   acknowledgement, and the next run (any command that opens the engine
 //!   with a sink configured) forwards whatever is pending;
@@ -15,15 +16,14 @@
 //!   cursor write re-sends one record, with the same `Idempotency-Key:
 //!   audit:<hash>`, so the sink can drop the duplicate;
 //! - **a hung or down sink never slows a deploy**: appends only wake the
-//!   forwarder. When the engine is dropped, the forwarder gets at most
-//!   `[audit] sink_flush_ms` (default 2000) to catch up; then the process
-//!   moves on and the rest waits for the next run.
+//!   forwarder, which reads and claims through a store handle of its own
+//!   ([`ChainStore::reopen`]). When the engine is dropped, the forwarder
+//!   gets at most `[audit] sink_flush_ms` (default 2000) to catch up; then
+//!   the process moves on and the rest waits for the next run.
 //!
-//! With shared state (issue 12) the log is the team's chain in the database
-//! and the cursor is a row there: every machine's forwarder claims it
-//! (`SELECT … FOR UPDATE SKIP LOCKED`) for each record it sends and moves it
-//! in the same transaction, so each record goes to the sink once across all
-//! machines, in order, and whichever machine runs next sends what is
+//! A team's database lets one machine claim the cursor at a time (`SELECT
+//! … FOR UPDATE SKIP LOCKED`), so each record goes to the sink once across
+//! all machines, in order, and whichever machine runs next sends what is
 //! pending.
 //!
 //! Each request is retried as [`pde_core::retry`] decides (5xx, 429,
@@ -31,7 +31,7 @@
 //! forwarding, logged, until a later run: skipping it would break the order
 //! auditors rely on.
 
-use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -39,11 +39,8 @@ use std::time::{Duration, Instant};
 use pde_core::retry::RetryPolicy;
 use pde_core::secret::Secret;
 
-use super::{AuditLog, AuditRecord};
+use super::{AuditError, AuditLog, AuditRecord, ChainStore};
 use crate::http::{self, Target};
-
-/// The cursor file under the state directory.
-pub const CURSOR_FILE: &str = "audit.sink-cursor";
 
 /// Where and how records are forwarded.
 #[derive(Debug, Clone)]
@@ -88,33 +85,27 @@ impl std::fmt::Debug for Signal {
 }
 
 impl Outbox {
-    /// Starts the forwarder for the log in `state_dir`. It sends whatever is
-    /// pending from earlier runs right away.
-    pub fn start(state_dir: &Path, sink: SinkConfig) -> std::io::Result<Outbox> {
-        Self::start_with(state_dir, sink, None)
-    }
-
-    /// [`Outbox::start`], forwarding the shared chain `shared` (with its
-    /// cursor in the database) when given, else the file log.
-    pub fn start_with(
-        state_dir: &Path,
-        sink: SinkConfig,
-        shared: Option<std::sync::Arc<dyn super::ChainStore>>,
-    ) -> std::io::Result<Outbox> {
+    /// Starts the forwarder for `log`'s chain. It sends whatever is pending
+    /// from earlier runs right away.
+    pub fn start(log: &AuditLog, sink: SinkConfig) -> Result<Outbox, AuditError> {
+        let store = log.store().reopen()?;
         let (tx, rx) = mpsc::channel();
         let (done_tx, done) = mpsc::channel();
         let flush = sink.flush;
         let forwarder = Forwarder {
-            state_dir: state_dir.to_path_buf(),
-            cursor_path: state_dir.join(CURSOR_FILE),
+            log: AuditLog::with_store(store.clone(), false),
+            store,
             sink,
-            shared,
         };
         let thread = thread::Builder::new()
             .name("pde-audit-outbox".into())
             .spawn(move || {
                 forwarder.run(&rx);
                 let _ = done_tx.send(());
+            })
+            .map_err(|source| AuditError::Io {
+                path: log.path().to_path_buf(),
+                source,
             })?;
         Ok(Outbox {
             tx,
@@ -157,19 +148,11 @@ impl Drop for Outbox {
     }
 }
 
-/// The cursor: `seq` of the last record the sink acknowledged.
-pub fn read_cursor(state_dir: &Path) -> u64 {
-    std::fs::read_to_string(state_dir.join(CURSOR_FILE))
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 struct Forwarder {
-    state_dir: PathBuf,
-    cursor_path: PathBuf,
+    /// The chain, read-only, on the forwarder's own store handle.
+    log: AuditLog,
+    store: Arc<dyn ChainStore>,
     sink: SinkConfig,
-    shared: Option<std::sync::Arc<dyn super::ChainStore>>,
 }
 
 impl Forwarder {
@@ -193,10 +176,7 @@ impl Forwarder {
         };
         let mut closing: Option<Instant> = None;
         loop {
-            let caught_up = match &self.shared {
-                Some(store) => self.forward_shared(store, &runtime, &client, closing),
-                None => runtime.block_on(self.forward_pending(&client, closing)),
-            };
+            let caught_up = self.forward_pending(&runtime, &client, closing);
             if closing.is_some_and(|d| caught_up || Instant::now() >= d) {
                 return;
             }
@@ -214,67 +194,33 @@ impl Forwarder {
         }
     }
 
-    /// Sends every record after the cursor, in order. `true` when nothing is
-    /// pending any more.
-    async fn forward_pending(&self, client: &reqwest::Client, deadline: Option<Instant>) -> bool {
-        let pending = match self.pending() {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "audit sink: cannot read the log");
-                return false;
-            }
-        };
-        for record in pending {
-            let send = self.send(client, &record);
-            let delivered = match deadline {
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
-                    tokio::time::timeout(left, send).await.unwrap_or(false)
-                }
-                None => send.await,
-            };
-            if !delivered {
-                return false;
-            }
-            if let Err(e) = pde_core::fsutil::atomic_write(
-                &self.cursor_path,
-                format!("{}\n", record.seq).as_bytes(),
-            ) {
-                tracing::warn!(error = %e, "audit sink: cannot move the cursor");
-                return false;
-            }
-        }
-        true
-    }
-
-    /// [`Forwarder::forward_pending`] for the shared chain: one record per
-    /// claim of the database cursor. Not async: the claim holds a database
-    /// transaction, and the send runs on `runtime` inside it.
-    fn forward_shared(
+    /// Sends every record after the cursor, in order, one per claim of the
+    /// cursor. `true` when nothing is pending any more. Not async: a claim
+    /// may hold a database transaction, and the send runs on `runtime`
+    /// inside it.
+    fn forward_pending(
         &self,
-        store: &std::sync::Arc<dyn super::ChainStore>,
         runtime: &tokio::runtime::Runtime,
         client: &reqwest::Client,
         deadline: Option<Instant>,
     ) -> bool {
-        let log = AuditLog::open_shared(store.clone(), false);
         // Records read so far; re-read when the cursor passes them (another
-        // machine appended, or forwarded, meanwhile).
+        // process appended, or forwarded, meanwhile).
         let mut records: Vec<AuditRecord> = Vec::new();
         let mut reread = true;
         loop {
             if reread {
-                records = match log.records() {
+                records = match self.log.records() {
                     Ok(r) => r,
                     Err(e) => {
-                        tracing::warn!(error = %e, "audit sink: cannot read the shared chain");
+                        tracing::warn!(error = %e, "audit sink: cannot read the log");
                         return false;
                     }
                 };
             }
             let mut beyond = false;
             let mut failed = false;
-            let claimed = store.with_sink_cursor(&mut |cursor| {
+            let claimed = self.store.with_sink_cursor(&mut |cursor| {
                 let Some(record) = records.iter().find(|r| r.seq == cursor + 1) else {
                     beyond = true;
                     return cursor;
@@ -304,21 +250,11 @@ impl Forwarder {
                 // Failed, or another machine is sending: rest, then retry.
                 Ok(_) => return false,
                 Err(e) => {
-                    tracing::warn!(error = %e, "audit sink: cannot claim the shared cursor");
+                    tracing::warn!(error = %e, "audit sink: cannot claim or move the cursor");
                     return false;
                 }
             }
         }
-    }
-
-    fn pending(&self) -> Result<Vec<AuditRecord>, super::AuditError> {
-        let after = read_cursor(&self.state_dir);
-        let log = AuditLog::open(&self.state_dir)?;
-        Ok(log
-            .records()?
-            .into_iter()
-            .filter(|r| r.seq > after)
-            .collect())
     }
 
     async fn send(&self, client: &reqwest::Client, record: &AuditRecord) -> bool {
@@ -426,6 +362,11 @@ mod tests {
         }
     }
 
+    /// The sink's cursor, as the store keeps it.
+    fn cursor(log: &AuditLog) -> u64 {
+        log.store().with_sink_cursor(&mut |c| c).unwrap().unwrap()
+    }
+
     fn append(log: &AuditLog, n: usize) {
         for i in 0..n {
             log.append(Event::DeployStart, "42", "dev", json!({"i": i}))
@@ -439,7 +380,7 @@ mod tests {
         let log = AuditLog::open_with_actor(dir.path(), "ana").unwrap();
         let sink = Sink::default();
         let (url, _rt) = serve(sink.clone());
-        let outbox = Outbox::start(dir.path(), config(&url, Some("tok"), 5000)).unwrap();
+        let outbox = Outbox::start(&log, config(&url, Some("tok"), 5000)).unwrap();
         append(&log, 3);
         outbox.wake();
         drop(outbox);
@@ -451,7 +392,7 @@ mod tests {
             assert_eq!(g.1, Some(format!("audit:{}", r.hash)));
             assert_eq!(g.2, serde_json::to_value(r).unwrap());
         }
-        assert_eq!(read_cursor(dir.path()), 3);
+        assert_eq!(cursor(&log), 3);
     }
 
     #[test]
@@ -465,11 +406,11 @@ mod tests {
             ..Default::default()
         };
         let (url, _rt) = serve(sink.clone());
-        drop(Outbox::start(dir.path(), config(&url, None, 5000)).unwrap());
+        drop(Outbox::start(&log, config(&url, None, 5000)).unwrap());
         let got = sink.got.lock().unwrap();
         let seqs: Vec<u64> = got.iter().map(|g| g.2["seq"].as_u64().unwrap()).collect();
         assert_eq!(seqs, vec![1, 2]);
-        assert_eq!(read_cursor(dir.path()), 2);
+        assert_eq!(cursor(&log), 2);
     }
 
     #[test]
@@ -482,7 +423,7 @@ mod tests {
         };
         let (url, _rt) = serve(hung.clone());
         let started = Instant::now();
-        let outbox = Outbox::start(dir.path(), config(&url, None, 300)).unwrap();
+        let outbox = Outbox::start(&log, config(&url, None, 300)).unwrap();
         // Appending never waits for the sink.
         append(&log, 5);
         outbox.wake();
@@ -496,16 +437,12 @@ mod tests {
             started.elapsed()
         );
         assert!(hung.got.lock().unwrap().is_empty());
-        assert_eq!(
-            read_cursor(dir.path()),
-            0,
-            "nothing acknowledged, nothing lost"
-        );
+        assert_eq!(cursor(&log), 0, "nothing acknowledged, nothing lost");
 
         // The next run, with a working sink, forwards all of it in order.
         let sink = Sink::default();
         let (url, _rt2) = serve(sink.clone());
-        drop(Outbox::start(dir.path(), config(&url, None, 5000)).unwrap());
+        drop(Outbox::start(&log, config(&url, None, 5000)).unwrap());
         let seqs: Vec<u64> = sink
             .got
             .lock()
@@ -527,8 +464,8 @@ mod tests {
             ..Default::default()
         };
         let (url, _rt) = serve(sink.clone());
-        drop(Outbox::start(dir.path(), config(&url, None, 300)).unwrap());
-        assert_eq!(read_cursor(dir.path()), 0);
+        drop(Outbox::start(&log, config(&url, None, 300)).unwrap());
+        assert_eq!(cursor(&log), 0);
         assert!(sink.got.lock().unwrap().is_empty());
     }
 }

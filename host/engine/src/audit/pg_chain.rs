@@ -1,14 +1,16 @@
 //! The team's audit chain in PostgreSQL (issue 12): `audit_log` holds the
-//! JSON lines of the file log, byte for byte, and `audit_head` the head
-//! record, in the team's state database (whose schema creates both tables).
+//! JSON lines of the file log, byte for byte (one row a line, without the
+//! `\n`), `audit_head` the head record and `audit_sink_cursor` the sink's
+//! cursor, in the team's state database (whose schema creates the tables).
 //! An append locks the head row (`SELECT … FOR UPDATE`), so appenders on
 //! every machine take turns and the chain stays gap-free.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use postgres::{Client, NoTls};
 
-use super::{AuditError, ChainStore};
+use super::error::AuditError;
+use super::store::{ChainStore, Extend, Tail};
 use crate::runtime::{DropOffRuntime, off_runtime};
 
 /// The shared audit chain, on a connection of its own so that an append
@@ -82,13 +84,13 @@ fn read_head(
     c: &mut impl postgres::GenericClient,
     url: &str,
     lock: bool,
-) -> Result<Option<String>, AuditError> {
+) -> Result<Option<Vec<u8>>, AuditError> {
     let sql = match lock {
         true => "SELECT head FROM audit_head WHERE id = 1 FOR UPDATE",
         false => "SELECT head FROM audit_head WHERE id = 1",
     };
     match c.query_opt(sql, &[]).map_err(shared_err(url))? {
-        Some(row) => Ok(row.get(0)),
+        Some(row) => Ok(row.get::<_, Option<String>>(0).map(String::into_bytes)),
         None => Err(AuditError::Anchor {
             reason: format!(
                 "the shared audit chain {url} has no audit_head row: the chain's signed head \
@@ -112,42 +114,45 @@ impl ChainStore for PgChain {
         self.url.clone()
     }
 
-    fn snapshot(&self) -> Result<(Vec<String>, Option<String>), AuditError> {
+    fn head_location(&self) -> String {
+        "the shared chain's head".into()
+    }
+
+    fn snapshot(&self) -> Result<(Vec<u8>, Option<Vec<u8>>), AuditError> {
         let url = self.url.clone();
         self.with(move |c| {
             let db = shared_err(&url);
             // One REPEATABLE READ snapshot: no append can fall between the
             // lines and the head.
             let mut tx = snapshot(c).map_err(db)?;
-            let lines = tx
+            let mut bytes = Vec::new();
+            for row in tx
                 .query("SELECT line FROM audit_log ORDER BY seq", &[])
                 .map_err(db)?
-                .into_iter()
-                .map(|r| r.get(0))
-                .collect();
+            {
+                bytes.extend(row.get::<_, String>(0).into_bytes());
+                bytes.push(b'\n');
+            }
             let head = read_head(&mut tx, &url, false)?;
             tx.commit().map_err(db)?;
-            Ok((lines, head))
+            Ok((bytes, head))
         })
     }
 
-    fn head(&self) -> Result<Option<String>, AuditError> {
+    fn head(&self) -> Result<Option<Vec<u8>>, AuditError> {
         let url = self.url.clone();
         self.with(move |c| read_head(c, &url, false))
     }
 
-    fn tail(&self) -> Result<(Option<String>, Option<String>), AuditError> {
+    fn tail(&self) -> Result<Tail, AuditError> {
         let url = self.url.clone();
         self.with(move |c| {
             let db = shared_err(&url);
             let mut tx = snapshot(c).map_err(db)?;
-            let last: Option<String> = tx
-                .query_opt("SELECT line FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
-                .map_err(db)?
-                .map(|r| r.get(0));
+            let line = last_line(&mut tx, &url)?;
             let head = read_head(&mut tx, &url, false)?;
             tx.commit().map_err(db)?;
-            Ok((last, head))
+            Ok(Tail { line, head })
         })
     }
 
@@ -186,42 +191,56 @@ impl ChainStore for PgChain {
         })
     }
 
-    fn append(
-        &self,
-        extend: &mut (
-                 dyn FnMut(
-            Option<&str>,
-            Option<&str>,
-        ) -> Result<(Vec<(u64, String)>, String), AuditError>
-                     + Send
-             ),
-    ) -> Result<(), AuditError> {
+    fn append(&self, extend: Extend<'_>) -> Result<(), AuditError> {
         let url = self.url.clone();
         self.with(move |c| {
             let db = shared_err(&url);
+            let bad = |e: &dyn std::fmt::Display| AuditError::Shared {
+                location: url.clone(),
+                reason: e.to_string(),
+            };
             let mut tx = c.transaction().map_err(db)?;
             // The head row lock serialises appenders on every machine: the
             // next one reads the tail this one commits.
             let head = read_head(&mut tx, &url, true)?;
-            let last: Option<String> = tx
-                .query_opt("SELECT line FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
-                .map_err(db)?
-                .map(|r| r.get(0));
-            let (lines, new_head) = extend(last.as_deref(), head.as_deref())?;
-            for (seq, line) in &lines {
-                let seq = i64::try_from(*seq).map_err(|e| AuditError::Shared {
-                    location: url.clone(),
-                    reason: e.to_string(),
-                })?;
+            let line = last_line(&mut tx, &url)?;
+            let extension = extend(Tail { line, head })?;
+            for (seq, line) in extension.lines {
+                let seq = i64::try_from(seq).map_err(|e| bad(&e))?;
+                let line = String::from_utf8(line).map_err(|e| bad(&e))?;
                 tx.execute(
                     "INSERT INTO audit_log (seq, line) VALUES ($1, $2)",
-                    &[&seq, line],
+                    &[&seq, &line],
                 )
                 .map_err(db)?;
             }
-            tx.execute("UPDATE audit_head SET head = $1 WHERE id = 1", &[&new_head])
+            let head = String::from_utf8(extension.head).map_err(|e| bad(&e))?;
+            tx.execute("UPDATE audit_head SET head = $1 WHERE id = 1", &[&head])
                 .map_err(db)?;
             tx.commit().map_err(db)
         })
     }
+
+    fn reopen(&self) -> Result<Arc<dyn ChainStore>, AuditError> {
+        Ok(Arc::new(PgChain::new(
+            self.url.clone(),
+            self.config.clone(),
+        )))
+    }
+}
+
+/// The last row's line, with the `\n` a stored row always stands for.
+fn last_line(
+    c: &mut impl postgres::GenericClient,
+    url: &str,
+) -> Result<Option<Vec<u8>>, AuditError> {
+    Ok(
+        c.query_opt("SELECT line FROM audit_log ORDER BY seq DESC LIMIT 1", &[])
+            .map_err(shared_err(url))?
+            .map(|r| {
+                let mut line = r.get::<_, String>(0).into_bytes();
+                line.push(b'\n');
+                line
+            }),
+    )
 }

@@ -1,10 +1,15 @@
-//! Step 7, audit: every step above appends to the hash-chained audit log as
-//! it ends, so the log tells what happened even when a later step fails.
+//! Step 7, audit, is cross-cutting rather than a step that runs after the
+//! others: `pipeline.rs` (and `rollback.rs`) append a record to the
+//! hash-chained audit log as each step ends, so the log tells what happened
+//! even when a later step fails. The steps themselves never see the
+//! [`Recorder`]: which record a step ends with depends on the command
+//! (`pde validate` writes none). The closing `deployed` or `deploy_failed`
+//! record is the step's own.
 //!
-//! A [`Recorder`] is handed to the pipeline for one deploy: it knows the
-//! policy and environment, appends durably (the record is fsynced before
-//! `record` returns), and wakes the sink's outbox, which forwards in the
-//! background. A dry run records nothing.
+//! A [`Recorder`] is made by the pipeline for one deploy: it knows the
+//! policy and environment, appends durably (the record is stored, fsynced
+//! or committed, before `record` returns), and wakes the sink's outbox,
+//! which forwards in the background. A dry run records nothing.
 
 use serde_json::Value;
 

@@ -249,6 +249,14 @@ mod tests {
         crate::http::client(Duration::from_secs(10)).unwrap()
     }
 
+    #[test]
+    fn the_check_future_is_send() {
+        // The CLI may spawn it; a `!Send` check would only show up there.
+        fn assert_send<T: Send>(_: &T) {}
+        let c = http();
+        assert_send(&check(&c, &[], Duration::from_secs(1)));
+    }
+
     #[tokio::test]
     async fn all_healthy() {
         let a = Receiver::start(Mode::Ok).await;

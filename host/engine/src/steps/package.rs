@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use pde_core::{ExitCode, HasExitCode};
 use serde::Serialize;
 
-use crate::bundle::{Bundle, Manifest, Payload};
+use crate::approval::SignedApproval;
+use crate::bundle::{Bundle, Manifest, Payload, ValidatorRecord};
 use crate::config::Environment;
 use crate::policy::Policy;
 use crate::state::{StateError, StateStore};
-use crate::steps::validate::ValidationReport;
 use crate::vcs::{Repo, VcsError};
 
 /// Why the bundle could not be built, written or admitted.
@@ -121,26 +121,16 @@ impl HasExitCode for PackageError {
     }
 }
 
-/// A bundle written by `pde package`.
-#[derive(Debug, Clone, Serialize)]
-pub struct PackageReport {
-    /// The bundle digest.
-    pub digest: String,
-    /// Where it was written.
-    pub path: PathBuf,
-    /// The validation it passed.
-    pub validation: ValidationReport,
-    /// The bundle itself.
-    #[serde(skip)]
-    pub bundle: Bundle,
-}
-
-/// Builds and signs the bundle. Refuses a policy file with uncommitted
-/// changes: the manifest names the commit, and that must not be a lie.
+/// Builds and signs the bundle, recording what validation vouched for:
+/// `validators`, the environment-neutral run of each validator plugin, and
+/// `approvals`, the counted signed approvals the bundle carries. Refuses a
+/// policy file with uncommitted changes: the manifest names the commit, and
+/// that must not be a lie.
 pub fn seal(
     repo: &Repo,
     policy: &Policy,
-    validation: &ValidationReport,
+    validators: Vec<ValidatorRecord>,
+    approvals: &[SignedApproval],
     key: Option<&ed25519_dalek::SigningKey>,
 ) -> Result<Bundle, PackageError> {
     if !repo.is_clean(&policy.path)? {
@@ -153,12 +143,12 @@ pub fn seal(
             policy_id: policy.id.clone(),
             version: policy.version.to_string(),
             source_commit: repo.head_commit()?,
-            validators: validation.validator_records(),
+            validators,
         },
         policy: policy.document.clone(),
     };
     let mut bundle = Bundle::seal(payload, &key.into_iter().collect::<Vec<_>>())?;
-    bundle.approvals = validation.approvals.carried.clone();
+    bundle.approvals = approvals.to_vec();
     Ok(bundle)
 }
 
