@@ -71,6 +71,7 @@ impl Engine {
 
     fn open_with(dir: &Path, writable: bool) -> Result<Engine, Error> {
         let root = dir.to_path_buf();
+        crate::audit::set_actor_repository(&root);
         let config = Config::load(&root)?;
         let floor = crate::floor::Floor::load()?;
         let state_dir = root.join(&config.state);

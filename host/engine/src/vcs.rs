@@ -170,6 +170,14 @@ impl Repo {
         }
     }
 
+    /// The repository's `user.email` (its own, the user's or the system's
+    /// Git configuration), if one is set.
+    pub fn user_email(&self) -> Option<String> {
+        let out = self.git(["config", "--get", "user.email"]).ok()?;
+        let email = stdout_line(&out);
+        (out.status.success() && !email.is_empty()).then_some(email)
+    }
+
     /// The full sha of `HEAD`.
     pub fn head_commit(&self) -> Result<String, VcsError> {
         let out = self.git(["rev-parse", "--verify", "--quiet", "HEAD^{commit}"])?;

@@ -66,7 +66,7 @@ mod verify;
 pub use error::AuditError;
 pub use file_chain::{CURSOR_FILE, FileChain, HEAD_FILE, LOG_FILE};
 pub use pg_chain::PgChain;
-pub use record::{AuditEntry, AuditRecord, Event, default_actor};
+pub use record::{AuditEntry, AuditRecord, Event, default_actor, set_actor_repository};
 pub use store::ChainStore;
 pub use verify::{Anchor, VerifyReport};
 

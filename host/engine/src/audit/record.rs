@@ -49,7 +49,7 @@ pub struct AuditRecord {
     pub seq: u64,
     /// RFC 3339 UTC time of the append.
     pub ts: String,
-    /// Who ran pde (`$PDE_ACTOR`, else `$USER`, else `unknown`).
+    /// Who ran pde ([`default_actor`]).
     pub actor: String,
     /// What happened.
     pub event: Event,
@@ -122,13 +122,86 @@ pub(super) fn head_message(seq: u64, hash: &str) -> Vec<u8> {
     format!("pde.audit.head/v1\nseq: {seq}\nhash: {hash}\n").into_bytes()
 }
 
-/// The actor recorded in audit records: `$PDE_ACTOR`, else `$USER`, else `unknown`.
+/// The policy repository whose Git identity names the actor when the
+/// environment does not; the last workspace an engine opened.
+static ACTOR_REPOSITORY: std::sync::Mutex<Option<std::path::PathBuf>> = std::sync::Mutex::new(None);
+
+/// Tells [`default_actor`] which policy repository's Git identity to fall
+/// back on (called when an engine opens a workspace).
+pub fn set_actor_repository(root: &std::path::Path) {
+    if let Ok(mut repo) = ACTOR_REPOSITORY.lock() {
+        *repo = Some(root.to_path_buf());
+    }
+}
+
+/// The actor recorded in audit records, history and locks: `$PDE_ACTOR`,
+/// else `$USER`, else the policy repository's Git `user.email`, else the
+/// name of the OS user running pde (looked up from the uid, not the
+/// environment). Containers and CI jobs often set neither variable, and
+/// "unknown" there would make every record anonymous; if even the uid has
+/// no name, the actor says why it is unknown.
 pub fn default_actor() -> String {
-    ["PDE_ACTOR", "USER"]
-        .iter()
-        .filter_map(|v| std::env::var(v).ok())
+    let repo = ACTOR_REPOSITORY.lock().ok().and_then(|r| r.clone());
+    resolve_actor(|name| std::env::var(name).ok(), repo.as_deref())
+}
+
+fn resolve_actor(env: impl Fn(&str) -> Option<String>, repo: Option<&std::path::Path>) -> String {
+    if let Some(name) = ["PDE_ACTOR", "USER"]
+        .into_iter()
+        .filter_map(&env)
         .find(|v| !v.trim().is_empty())
-        .unwrap_or_else(|| "unknown".to_string())
+    {
+        return name;
+    }
+    if let Some(email) = repo
+        .and_then(|r| crate::vcs::Repo::discover(r).ok())
+        .and_then(|r| r.user_email())
+    {
+        return email;
+    }
+    match whoami::username() {
+        Ok(user) if !user.trim().is_empty() => user,
+        _ => "unknown (no $PDE_ACTOR or $USER, no Git user.email, no user name for this uid)"
+            .to_string(),
+    }
+}
+
+#[cfg(test)]
+mod actor_tests {
+    use super::resolve_actor;
+
+    #[test]
+    fn the_actor_falls_back_to_git_then_to_the_os_user_never_to_a_bare_unknown() {
+        let none = |_: &str| None;
+        let dir = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        git(&["config", "user.email", "rel.eng@agency.example"]);
+        assert_eq!(
+            resolve_actor(none, Some(dir.path())),
+            "rel.eng@agency.example"
+        );
+        let env = |name: &str| (name == "USER").then(|| "alice".to_string());
+        assert_eq!(resolve_actor(env, Some(dir.path())), "alice");
+        let blank = |name: &str| (name == "PDE_ACTOR").then(|| "  ".to_string());
+        assert_eq!(
+            resolve_actor(blank, Some(dir.path())),
+            "rel.eng@agency.example"
+        );
+        // Outside any repository: the OS user of this uid (root in CI).
+        let os_user = resolve_actor(none, None);
+        assert_eq!(os_user, whoami::username().unwrap());
+        assert_ne!(os_user, "unknown");
+    }
 }
 
 /// Chains `entries` after `last`: the records and their canonical lines
