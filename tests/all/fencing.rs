@@ -375,6 +375,18 @@ fn refuses_lower_fences(url: &str, key: &SigningKey, restart: &mut dyn FnMut() -
     let (status, body) = deploy(&url, &b3, "prod", Some(now + 1), Some(key));
     assert_eq!(status, 200, "{body}");
     assert_eq!(support::active_digest(&url), Some(b3.digest.clone()));
+    let metrics = support::runtime().block_on(async {
+        reqwest::get(format!("{url}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    assert!(
+        metrics.contains("reason=\"fence\""),
+        "refusals are counted: {metrics}"
+    );
 }
 
 #[test]
