@@ -280,7 +280,7 @@ async fn happy_path_stores_activates_and_reports() {
     let c = client();
     let (status, health) = get(&c, format!("{}/healthz", agent.base)).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(health, json!({"status": "ok", "protocols": [3]}));
+    assert_eq!(health, json!({"status": "ok", "protocols": [3, 4]}));
     assert_eq!(
         get(&c, format!("{}/readyz", agent.base)).await.0,
         StatusCode::OK
@@ -304,7 +304,7 @@ async fn happy_path_stores_activates_and_reports() {
             resp.headers()
                 .get("pde-protocol")
                 .and_then(|v| v.to_str().ok()),
-            Some("3"),
+            Some("4"),
             "GET {path}"
         );
     }

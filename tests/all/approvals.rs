@@ -600,3 +600,93 @@ fn production_receives_the_digest_staging_runs_after_unrelated_commits_and_appro
         );
     }
 }
+
+/// Issue 21 gap: an agent restarted with another approver set re-checks the
+/// approvals of what it serves, as it re-checks signatures: the active
+/// bundle no longer approved by the keys trusted now is not served, the
+/// policy falls back to the newest earlier activation that is, `/healthz`
+/// names the problem, and the first approver set brings it back.
+#[test]
+fn an_agent_restarted_with_other_approvers_re_checks_what_it_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let people = Approvers::new(dir.path());
+    let release = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+    let release_pub = dir.path().join("release.pub");
+    std::fs::write(
+        &release_pub,
+        hex::encode(release.verifying_key().to_bytes()),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let start = |approvers: &[&str]| {
+        let mut args: Vec<std::ffi::OsString> = vec!["--min-approvals".into(), "1".into()];
+        for a in approvers {
+            args.push("--approver-key".into());
+            args.push(people.public(a).into_os_string());
+        }
+        let args: Vec<&OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        AgentProcess::start_with(&data, &release_pub, &args)
+    };
+    let health = |url: &str| -> Value {
+        support::runtime().block_on(async {
+            reqwest::get(format!("{url}/healthz"))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    };
+
+    // bo approved 1.0.0, ana approved 1.1.0; both count at first.
+    let mut agent = start(&["ana", "bo"]);
+    let p10 = policy_42("1.0.0");
+    let by_bo = sealed(
+        bundle::FORMAT,
+        p10.clone(),
+        vec![people.sign("bo", &p10, None)],
+    );
+    let p11 = policy_42("1.1.0");
+    let by_ana = sealed(
+        bundle::FORMAT,
+        p11.clone(),
+        vec![people.sign("ana", &p11, None)],
+    );
+    for b in [&by_bo, &by_ana] {
+        let (status, body) = post_deploy(&agent.url, b);
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        support::active_digest(&agent.url),
+        Some(by_ana.digest.clone())
+    );
+    agent.stop();
+
+    // Restarted trusting bo's approvals only: 1.1.0 is no longer approved.
+    let mut agent = start(&["bo"]);
+    assert_eq!(
+        support::active_digest(&agent.url),
+        Some(by_bo.digest.clone()),
+        "the newest activation still approved is served"
+    );
+    let h = health(&agent.url);
+    let problems = h["integrity"].to_string();
+    assert!(
+        problems.contains(&by_ana.digest) && problems.contains("approval"),
+        "{h}"
+    );
+    agent.stop();
+
+    // Restarted trusting nobody who approved anything: nothing is served.
+    let mut agent = start(&["carol"]);
+    assert_eq!(support::active_digest(&agent.url), None);
+    agent.stop();
+
+    // The first approver set brings 1.1.0 back: nothing was written.
+    let agent = start(&["ana", "bo"]);
+    assert_eq!(
+        support::active_digest(&agent.url),
+        Some(by_ana.digest.clone())
+    );
+    assert!(health(&agent.url).get("integrity").is_none());
+}

@@ -425,7 +425,11 @@ fn env_check_lists_every_service_and_every_check() {
 /// holds the release key (push protocol v3 requires its signature).
 fn rollback_on(ws: &Workspace, agent: &str, policy_id: &str) {
     let key = pde::keys::load_signing_key(&ws.root().join("keys/release.ed25519")).unwrap();
-    let body = pde_core::rollback::request_body(policy_id, None, "prod", Some(&key)).unwrap();
+    // A key holder mints a fence from the clock, as pde does (push
+    // protocol v4): agents refuse an unfenced one once they saw a fence.
+    let fence = Some(pde_core::fence::now_micros());
+    let body =
+        pde_core::rollback::request_body(policy_id, None, "prod", fence, Some(&key)).unwrap();
     support::runtime().block_on(async {
         let r = reqwest::Client::new()
             .post(format!("{agent}/rollback"))

@@ -14,6 +14,7 @@ mod architecture;
 mod cli;
 mod day2;
 mod day_one;
+mod fencing;
 mod first_workspace;
 mod fuzz;
 mod hardening;

@@ -870,16 +870,53 @@ fn plugin_new_honours_dir_and_picks_the_sdk_source() {
     let dir = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let root = dir.path();
-    // From a source build, the default is this checkout's SDK, by path.
+    // Without --sdk-path the manifest names the published SDK and no local
+    // path, although this binary was built from a checkout whose
+    // plugins/sdk exists (issue 21 gap: it used to point there).
+    assert!(repo().join("plugins/sdk/Cargo.toml").is_file());
     let o = pde(
         root,
         cache.path(),
         &[
-            "plugin", "new", "by-path", "--kind", "router", "--dir", "sub/proj",
+            "plugin",
+            "new",
+            "by-default",
+            "--kind",
+            "router",
+            "--dir",
+            "sub/proj",
         ],
     );
     assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
     let cargo_toml = std::fs::read_to_string(root.join("sub/proj/Cargo.toml")).unwrap();
+    assert!(
+        cargo_toml.contains(r#"pde-plugin = "0.2""#),
+        "the published SDK: {cargo_toml}"
+    );
+    assert!(
+        !cargo_toml.contains("path =") && !cargo_toml.contains("plugins/sdk"),
+        "a local path in a scaffold made without --sdk-path: {cargo_toml}"
+    );
+    assert!(cargo_toml.contains("name = \"by-default\""), "{cargo_toml}");
+    assert!(root.join("sub/proj/services.toml").is_file());
+    assert!(!root.join("by-default").exists());
+
+    // With --sdk-path, that path.
+    let o = pde(
+        root,
+        cache.path(),
+        &[
+            "plugin",
+            "new",
+            "by-path",
+            "--kind",
+            "router",
+            "--sdk-path",
+            repo().join("plugins/sdk").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", String::from_utf8_lossy(&o.stderr));
+    let cargo_toml = std::fs::read_to_string(root.join("by-path/Cargo.toml")).unwrap();
     let sdk = repo().join("plugins/sdk").canonicalize().unwrap();
     assert!(
         cargo_toml.contains(&format!(
@@ -888,9 +925,6 @@ fn plugin_new_honours_dir_and_picks_the_sdk_source() {
         )),
         "{cargo_toml}"
     );
-    assert!(cargo_toml.contains("name = \"by-path\""), "{cargo_toml}");
-    assert!(root.join("sub/proj/services.toml").is_file());
-    assert!(!root.join("by-path").exists());
 
     let o = pde(
         root,

@@ -271,13 +271,21 @@ impl Agent {
             );
         }
         // What was active before a restart is served again only if it still
-        // verifies: digest, and signature against the keys trusted now.
+        // verifies: digest, signature against the keys trusted now, and the
+        // approvals the agent requires now (an agent restarted with another
+        // approver set or a higher --min-approvals re-checks them as it
+        // re-checks signatures, with the same fall-back).
         let verify = |bundle: &pde_core::bundle::Bundle| -> Result<(), String> {
             bundle.verify_digest().map_err(|e| e.to_string())?;
             if check_signatures {
                 bundle
                     .verify_signature(&cfg.trusted)
                     .map_err(|e| e.to_string())?;
+            }
+            if let Some(reason) =
+                routes::approvals_shortfall(bundle, &cfg.approvers, cfg.min_approvals)
+            {
+                return Err(format!("approvals: {reason}"));
             }
             Ok(())
         };

@@ -70,7 +70,7 @@ impl Default for Metrics {
         );
         registry.register(
             "rejected_requests",
-            "Requests refused, by reason (signature, digest, idempotency_conflict, size, auth, malformed, other)",
+            "Requests refused, by reason (signature, digest, idempotency_conflict, size, auth, malformed, rollback_proof, fence, other)",
             rejected.clone(),
         );
         registry.register(
@@ -122,9 +122,11 @@ impl Metrics {
     /// A request was refused with the error code `code`.
     pub fn rejected(&self, code: &str) {
         let reason = match code {
-            "signature_rejected" | "rollback_unsigned" | "rollback_signature_rejected" => {
-                "signature"
-            }
+            "signature_rejected"
+            | "rollback_unsigned"
+            | "rollback_signature_rejected"
+            | "fence_signature_rejected" => "signature",
+            "fence_stale" | "fence_ahead" => "fence",
             "proof_expired" | "proof_replayed" | "proof_mismatch" => "rollback_proof",
             "digest_mismatch" => "digest",
             "idempotency_conflict" => "idempotency_conflict",

@@ -306,6 +306,12 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
         env: Option<Cow<'a, str>>,
         #[serde(borrow, default)]
         bundle: Option<&'a RawValue>,
+        /// Push protocol v4: the fencing number of the pusher's lock.
+        #[serde(default)]
+        fence: Option<u64>,
+        /// The release key's signature over the fence, policy, digest and env.
+        #[serde(default)]
+        fence_proof: Option<pde_core::keys::Signature>,
     }
     #[derive(serde::Deserialize)]
     struct Head<'a> {
@@ -419,55 +425,132 @@ fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), 
             ),
         ));
     }
+    let fence = check_deploy_fence(
+        envelope.fence,
+        envelope.fence_proof.as_ref(),
+        (policy_id, &bundle.digest, &env),
+        settings,
+    )?;
     Ok((
         Incoming {
             digest: bundle.digest.clone(),
             version: bundle.payload.manifest.version.clone(),
             policy_id: bundle.payload.manifest.policy_id.clone(),
             bytes,
+            fence,
         },
         env,
     ))
+}
+
+/// The fence of a deploy (push protocol v4), if it carries one: at most
+/// [`pde_core::fence::MAX_FENCE`], signed by a trusted release key over the
+/// policy, digest and environment when the agent trusts keys (a fence only
+/// ever raises what the agent remembers, so an unsigned one would let a
+/// replayer lock every later deploy out), and not from further in the
+/// future than [`pde_core::fence::MAX_AHEAD_SECS`]. Whether it is lower
+/// than what the agent has seen is decided under the state lock.
+fn check_deploy_fence(
+    fence: Option<u64>,
+    proof: Option<&pde_core::keys::Signature>,
+    (policy_id, digest, env): (&str, &str, &str),
+    settings: &Settings,
+) -> Result<Option<u64>, ApiError> {
+    use pde_core::fence::{MAX_AHEAD_SECS, MAX_FENCE, now_micros, too_far_ahead, verify_deploy};
+    let Some(fence) = fence else {
+        return Ok(None);
+    };
+    if fence > MAX_FENCE {
+        return Err(ApiError::bad_request(
+            "malformed_request",
+            format!("`fence` must be an integer from 0 to {MAX_FENCE}"),
+        ));
+    }
+    if settings.check_signatures {
+        let Some(proof) = proof else {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "fence_signature_rejected",
+                "a deploy's `fence` must come with a `fence_proof` signed by a trusted release key \
+                 (push protocol v4, docs/agent.md \"Fencing\")",
+            ));
+        };
+        verify_deploy(&settings.trusted, policy_id, digest, env, fence, proof).map_err(|e| {
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                "fence_signature_rejected",
+                format!("fence proof rejected: {e}"),
+            )
+        })?;
+    }
+    if too_far_ahead(fence, now_micros()) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "fence_ahead",
+            format!(
+                "fence {fence} lies more than {MAX_AHEAD_SECS} s ahead of this agent's clock; \
+                 fences are microseconds since 1970 on the pusher's (or its database's) clock, \
+                 so check both clocks"
+            ),
+        ));
+    }
+    Ok(Some(fence))
+}
+
+/// The 409 answer to a request whose fence is stale.
+fn fence_stale(refusal: &super::store::FenceRefusal) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, "fence_stale", refusal.reason.clone())
 }
 
 /// With `--min-approvals N`, the bundle must carry N valid approvals of the
 /// policy in its payload by distinct `--approver-key` keys. Counted by the
 /// same function as the pusher's, over the content digest recomputed here.
 fn check_approvals(bundle: &Bundle, settings: &Settings) -> Result<(), ApiError> {
-    if settings.min_approvals == 0 {
-        return Ok(());
+    match approvals_shortfall(bundle, &settings.approvers, settings.min_approvals) {
+        None => Ok(()),
+        Some(reason) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "approvals_insufficient",
+            reason,
+        )),
+    }
+}
+
+/// Why `bundle` does not carry `min_approvals` valid approvals by distinct
+/// `approvers`, or `None` when it does (or none are required). The one
+/// count used on deploy, on rollback and when the agent starts.
+pub(crate) fn approvals_shortfall(
+    bundle: &Bundle,
+    approvers: &pde_core::approval::Approvers,
+    min_approvals: u32,
+) -> Option<String> {
+    if min_approvals == 0 {
+        return None;
     }
     let policy = &bundle.payload.policy;
-    let digest = pde_core::approval::policy_digest(policy).map_err(|e| {
-        ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "malformed_bundle",
-            e.to_string(),
-        )
-    })?;
+    let digest = match pde_core::approval::policy_digest(policy) {
+        Ok(d) => d,
+        Err(e) => return Some(format!("bundle {}: {e}", bundle.digest)),
+    };
     let tally = pde_core::approval::tally(
         &bundle.approvals,
         &bundle.payload.manifest.policy_id,
         &digest,
-        &settings.approvers,
+        approvers,
     );
     let have = tally.counted.len();
-    if have >= settings.min_approvals as usize {
-        return Ok(());
+    if have >= min_approvals as usize {
+        return None;
     }
     let mut reason = format!(
         "bundle {} carries {have} valid approval(s) of policy content {digest} by distinct \
-         trusted approver keys; this agent requires {}",
-        bundle.digest, settings.min_approvals
+         trusted approver keys; this agent requires {min_approvals}",
+        bundle.digest
     );
     for r in &tally.rejected {
         reason.push_str(&format!("; {r}"));
     }
-    Err(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "approvals_insufficient",
-        reason,
-    ))
+    Some(reason)
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
@@ -640,6 +723,10 @@ pub async fn deploy(State(app): State<AppState>, request: Request) -> Result<Res
                     .into_response(),
             )
         }
+        DeployOutcome::FenceStale(refusal) => {
+            warn!(%digest, %env, highest = refusal.highest, outcome = "fence-stale", reason = %refusal.reason, "deploy refused: stale fence");
+            Err(fence_stale(&refusal))
+        }
         DeployOutcome::KeyConflict { previous } => {
             warn!(%digest, %env, %previous, outcome = "key-conflict", "idempotency key reused with another digest");
             Err(ApiError::new(
@@ -730,6 +817,9 @@ pub async fn rollback(
         .inspect_err(|e| {
             warn!(%policy_id, outcome = "rejected", error = e.code, reason = %e.reason, "rollback refused");
         })?;
+    let fence = rollback_fence(&value, proof.as_ref()).inspect_err(|e| {
+        warn!(%policy_id, outcome = "rejected", error = e.code, reason = %e.reason, "rollback refused");
+    })?;
     let hook = app.settings.on_activate.is_some();
     let settings = app.settings.clone();
     let guard = app.store.clone().lock_owned().await;
@@ -759,13 +849,17 @@ pub async fn rollback(
             // back through the side door.
             check_approvals(&bundle, &settings)?;
         }
-        Ok(s.rollback(&policy_id, to.as_deref(), hook)?)
+        Ok(s.rollback(&policy_id, to.as_deref(), fence, hook)?)
     })
     .await?;
     match outcome {
         Err(e) => {
             warn!(outcome = "rejected", error = e.code, reason = %e.reason, "rollback rejected");
             Err(e)
+        }
+        Ok(RollbackOutcome::FenceStale(refusal)) => {
+            warn!(highest = refusal.highest, outcome = "fence-stale", reason = %refusal.reason, "rollback refused: stale fence");
+            Err(fence_stale(&refusal))
         }
         Ok(RollbackOutcome::Unknown) => {
             warn!(
@@ -885,6 +979,53 @@ fn authorize_rollback(
         ));
     }
     Ok(Some(statement))
+}
+
+/// The fence of a rollback (push protocol v4): the signed statement's when
+/// a proof was verified (the body's must then agree), else the body's
+/// `fence` (an agent that trusts no key, where the token is the authority).
+fn rollback_fence(
+    body: &Value,
+    statement: Option<&pde_core::rollback::Statement>,
+) -> Result<Option<u64>, ApiError> {
+    use pde_core::fence::{MAX_AHEAD_SECS, MAX_FENCE, now_micros, too_far_ahead};
+    let plain = match body.get("fence") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64().filter(|f| *f <= MAX_FENCE) {
+            Some(f) => Some(f),
+            None => {
+                return Err(ApiError::bad_request(
+                    "malformed_request",
+                    format!("`fence` must be an integer from 0 to {MAX_FENCE}"),
+                ));
+            }
+        },
+    };
+    let fence = match statement {
+        Some(st) => {
+            if plain.is_some() && plain != st.fence {
+                return Err(ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "proof_mismatch",
+                    "the body's `fence` differs from the one the proof signs",
+                ));
+            }
+            st.fence
+        }
+        None => plain,
+    };
+    if let Some(f) = fence
+        && too_far_ahead(f, now_micros())
+    {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "fence_ahead",
+            format!(
+                "fence {f} lies more than {MAX_AHEAD_SECS} s ahead of this agent's clock; check both clocks"
+            ),
+        ));
+    }
+    Ok(fence)
 }
 
 /// Under the state lock: spends the proof's nonce (once, durably, even if

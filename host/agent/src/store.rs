@@ -28,7 +28,8 @@
 //! state on disk names only complete bundles. [`Store::open`] removes temp
 //! files a crash left behind, indexes bundles stored just before a crash, and
 //! re-verifies every active bundle: one that no longer verifies (edited on
-//! disk, or signed by a key no longer trusted) is not served; the policy falls
+//! disk, signed by a key no longer trusted, or no longer carrying the
+//! approvals the agent now requires) is not served; the policy falls
 //! back to the newest earlier activation that does, and the event is kept for
 //! `GET /healthz`.
 //!
@@ -199,6 +200,16 @@ struct PolicyState {
     history: Vec<String>,
     bundles: BTreeMap<String, StoredInfo>,
     idempotency: BTreeMap<String, KeyRecord>,
+    /// The highest fencing number of an accepted deploy or rollback of this
+    /// policy (push protocol v4); absent until the first fenced request.
+    /// One integer per policy, whatever is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    fence: Option<u64>,
+    /// The fence of the last accepted rollback: a second rollback, or a
+    /// deploy, at that same fence is refused (only a newer lock may change
+    /// the policy again), which is what makes a replayed statement useless.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rollback_fence: Option<u64>,
 }
 
 impl PolicyState {
@@ -210,6 +221,45 @@ impl PolicyState {
             history: Vec::new(),
             bundles: BTreeMap::new(),
             idempotency: BTreeMap::new(),
+            fence: None,
+            rollback_fence: None,
+        }
+    }
+
+    /// Why a request carrying `fence` may not change this policy, if it may
+    /// not: lower than the highest fence accepted (a request without one
+    /// counts as 0), or equal to the fence of the last accepted rollback.
+    fn fence_refusal(&self, fence: Option<u64>) -> Option<FenceRefusal> {
+        let highest = self.fence?;
+        let f = fence.unwrap_or(0);
+        let reason = if fence.is_none() {
+            format!(
+                "the request carries no fencing number, and this agent has accepted fence {highest} \
+                 for policy {}: only a pusher of push protocol v4 may change it now",
+                self.policy_id
+            )
+        } else if f < highest {
+            format!(
+                "fence {f} is lower than fence {highest}, the highest this agent has accepted for \
+                 policy {}: a newer deploy lock was taken since this request's",
+                self.policy_id
+            )
+        } else if f == highest && self.rollback_fence == Some(f) {
+            format!(
+                "policy {} was already rolled back under fence {f}; only a newer deploy lock may \
+                 change it again",
+                self.policy_id
+            )
+        } else {
+            return None;
+        };
+        Some(FenceRefusal { highest, reason })
+    }
+
+    /// Records an accepted request's fence.
+    fn accept_fence(&mut self, fence: Option<u64>) {
+        if let Some(f) = fence {
+            self.fence = Some(self.fence.map_or(f, |h| h.max(f)));
         }
     }
 
@@ -235,6 +285,16 @@ impl PolicyState {
     }
 }
 
+/// Why a fenced request was refused (push protocol v4): answered 409
+/// `fence_stale`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FenceRefusal {
+    /// The highest fence accepted for the policy.
+    pub highest: u64,
+    /// A sentence saying why.
+    pub reason: String,
+}
+
 /// A bundle accepted by the routes, ready to be stored.
 #[derive(Debug, Clone)]
 pub struct Incoming {
@@ -246,6 +306,9 @@ pub struct Incoming {
     pub policy_id: String,
     /// The canonical bytes to store.
     pub bytes: Vec<u8>,
+    /// Its fencing number, verified (push protocol v4); `None` for a v3
+    /// request.
+    pub fence: Option<u64>,
 }
 
 /// What a deploy did.
@@ -262,6 +325,8 @@ pub enum DeployOutcome {
         /// What the key was first used with, for the error message.
         previous: String,
     },
+    /// The request's fence is stale; nothing was done.
+    FenceStale(FenceRefusal),
 }
 
 /// What a rollback did.
@@ -288,6 +353,8 @@ pub enum RollbackOutcome {
         /// The digest that was active.
         digest: String,
     },
+    /// The request's fence is stale; nothing was done.
+    FenceStale(FenceRefusal),
 }
 
 /// Whether a rollback proof's nonce may be used.
@@ -852,6 +919,15 @@ impl Store {
         hook_configured: bool,
     ) -> Result<DeployOutcome, StoreError> {
         let pid = incoming.policy_id.as_str();
+        // Fenced first: a stale holder learns it is stale whatever else
+        // its request would have been (a repeat included).
+        if let Some(refusal) = self
+            .policies
+            .get(pid)
+            .and_then(|p| p.fence_refusal(incoming.fence))
+        {
+            return Ok(DeployOutcome::FenceStale(refusal));
+        }
         if let Some(owner) = self.keys.get(key) {
             let p = &self.policies[owner];
             let seen = &p.idempotency[key];
@@ -872,7 +948,14 @@ impl Store {
             // (the key is `<digest>:<env>`, so it cannot differ) and must
             // activate the bundle again, or the pusher's verification fails.
             if let Some(a) = p.active.as_ref().filter(|a| a.digest == incoming.digest) {
-                return Ok(DeployOutcome::Repeat(a.clone()));
+                let a = a.clone();
+                if incoming.fence > p.fence {
+                    // A newer lock repeated it: older holders are now stale.
+                    let mut next = p.clone();
+                    next.accept_fence(incoming.fence);
+                    self.commit(next)?;
+                }
+                return Ok(DeployOutcome::Repeat(a));
             }
         }
         self.put_bundle_file(incoming)?;
@@ -899,6 +982,7 @@ impl Store {
             },
         );
         let forgotten = trim_keys(&mut next);
+        next.accept_fence(incoming.fence);
         let outcome = match next.active.as_ref().filter(|a| a.digest == incoming.digest) {
             Some(a) => DeployOutcome::AlreadyActive(a.clone()),
             None => {
@@ -928,13 +1012,30 @@ impl Store {
 
     /// The `POST /rollback` transition for one policy: `Some(digest)`
     /// activates that stored bundle of the policy; `None` returns the policy
-    /// to the activation before its current one.
+    /// to the activation before its current one. A `fence` (push protocol
+    /// v4) lower than the policy's highest, or one a rollback was already
+    /// accepted at, is refused; a rollback to the digest already active is
+    /// answered as such first, so a retry of an applied rollback succeeds.
     pub fn rollback(
         &mut self,
         policy_id: &str,
         to: Option<&str>,
+        fence: Option<u64>,
         hook_configured: bool,
     ) -> Result<RollbackOutcome, StoreError> {
+        if let Some(p) = self.policies.get(policy_id)
+            && let Some(refusal) = p.fence_refusal(fence)
+        {
+            let lower = fence.unwrap_or(0) < refusal.highest;
+            let active = p
+                .active
+                .as_ref()
+                .filter(|a| !lower && to.is_some_and(|d| d == a.digest));
+            return Ok(match active {
+                Some(a) => RollbackOutcome::AlreadyActive(a.clone()),
+                None => RollbackOutcome::FenceStale(refusal),
+            });
+        }
         if let Some(digest) = to
             && let Some(owner) = self.owner(digest)
             && owner != policy_id
@@ -951,6 +1052,10 @@ impl Store {
         };
         let mut next = current.clone();
         let env = next.active.as_ref().and_then(|a| a.env.clone());
+        next.accept_fence(fence);
+        if fence.is_some() {
+            next.rollback_fence = fence;
+        }
         let target = match to {
             Some(digest) => {
                 if !next.bundles.contains_key(digest) {
@@ -1184,6 +1289,7 @@ mod tests {
             version: version.into(),
             policy_id: policy_id.into(),
             bytes: bundle.to_canonical_bytes(),
+            fence: None,
         }
     }
 
@@ -1208,19 +1314,21 @@ mod tests {
         assert_eq!(store.active("42").unwrap().digest, b42.digest);
         assert_eq!(store.active("43").unwrap().digest, a43.digest);
         // Going back one for 42 returns to 42's previous, not to 43's bundle.
-        store.rollback("42", None, false).unwrap();
+        store.rollback("42", None, None, false).unwrap();
         assert_eq!(store.active("42").unwrap().digest, a42.digest);
         assert_eq!(store.active("43").unwrap().digest, a43.digest);
         // Going back one from 43's first activation deactivates 43 alone.
         assert!(matches!(
-            store.rollback("43", None, false).unwrap(),
+            store.rollback("43", None, None, false).unwrap(),
             RollbackOutcome::Deactivated { .. }
         ));
         assert!(store.active("43").is_none());
         assert_eq!(store.active("42").unwrap().digest, a42.digest);
         // A digest of another policy is refused by name.
         assert_eq!(
-            store.rollback("43", Some(&b42.digest), false).unwrap(),
+            store
+                .rollback("43", Some(&b42.digest), None, false)
+                .unwrap(),
             RollbackOutcome::OtherPolicy { owner: "42".into() }
         );
         drop(store);
@@ -1258,6 +1366,88 @@ mod tests {
             store.active("43").is_none(),
             "a refused deploy stores nothing"
         );
+    }
+
+    #[test]
+    fn fences_only_grow_and_a_rollback_spends_its_fence() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = open(dir.path(), 10);
+        let at = |i: &Incoming, f: Option<u64>| Incoming {
+            fence: f,
+            ..i.clone()
+        };
+        let (a, b, c) = (incoming("1.0.0"), incoming("1.1.0"), incoming("1.2.0"));
+        // Unfenced (protocol v3) requests work until a fence is seen.
+        assert!(matches!(
+            store.deploy(&key(&a, "p"), "p", &a, false).unwrap(),
+            DeployOutcome::Activated(_)
+        ));
+        assert!(matches!(
+            store
+                .deploy(&key(&b, "p"), "p", &at(&b, Some(20)), false)
+                .unwrap(),
+            DeployOutcome::Activated(_)
+        ));
+        // Lower, or none at all, is refused; the same fence repeats.
+        for f in [None, Some(19)] {
+            assert!(
+                matches!(
+                    store.deploy(&key(&c, "p"), "p", &at(&c, f), false).unwrap(),
+                    DeployOutcome::FenceStale(FenceRefusal { highest: 20, .. })
+                ),
+                "{f:?}"
+            );
+            assert!(matches!(
+                store.rollback("42", Some(&a.digest), f, false).unwrap(),
+                RollbackOutcome::FenceStale(_)
+            ));
+        }
+        assert!(matches!(
+            store
+                .deploy(&key(&b, "p"), "p", &at(&b, Some(20)), false)
+                .unwrap(),
+            DeployOutcome::Repeat(_)
+        ));
+        // A rollback at 20 (the compensation of that deploy) is taken once;
+        // its retry to the same digest is answered, another is refused,
+        // and so is the deploy it undid.
+        assert!(matches!(
+            store
+                .rollback("42", Some(&a.digest), Some(20), false)
+                .unwrap(),
+            RollbackOutcome::Activated(_)
+        ));
+        assert!(matches!(
+            store
+                .rollback("42", Some(&a.digest), Some(20), false)
+                .unwrap(),
+            RollbackOutcome::AlreadyActive(_)
+        ));
+        assert!(matches!(
+            store.rollback("42", None, Some(20), false).unwrap(),
+            RollbackOutcome::FenceStale(_)
+        ));
+        assert!(matches!(
+            store
+                .deploy(&key(&b, "p"), "p", &at(&b, Some(20)), false)
+                .unwrap(),
+            DeployOutcome::FenceStale(_)
+        ));
+        // A newer lock may do anything again; and it all survives a restart.
+        assert!(matches!(
+            store
+                .deploy(&key(&c, "p"), "p", &at(&c, Some(30)), false)
+                .unwrap(),
+            DeployOutcome::Activated(_)
+        ));
+        drop(store);
+        let mut store = open(dir.path(), 10);
+        assert!(matches!(
+            store
+                .deploy(&key(&b, "p"), "p", &at(&b, Some(29)), false)
+                .unwrap(),
+            DeployOutcome::FenceStale(FenceRefusal { highest: 30, .. })
+        ));
     }
 
     #[test]
@@ -1337,7 +1527,7 @@ mod tests {
         assert!(store.bundle_path(&other.digest).exists());
         // Roll back to b, then deploy a again: b is what a rollback would
         // return to, so c goes although it is newer.
-        store.rollback("42", None, false).unwrap();
+        store.rollback("42", None, None, false).unwrap();
         assert_eq!(store.active("42").unwrap().digest, b.digest);
         store.deploy("k3", "dev", &a, false).unwrap();
         let listed: Vec<String> = store

@@ -16,6 +16,7 @@ pub mod bundle;
 pub mod canonical;
 pub mod clock;
 pub mod exit;
+pub mod fence;
 pub mod fsutil;
 pub mod keys;
 pub mod retry;

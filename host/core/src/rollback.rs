@@ -16,9 +16,12 @@
 //!   of the receiver's clock, so the receiver only has to remember nonces
 //!   that long.
 //! - `nonce`: within that window, the same statement is accepted once.
-//! - `fence` (reserved, optional): the fencing number of the deploy lock, for
-//!   a later protocol version; a receiver of this version checks only that it
-//!   is a non-negative integer. It is signed like the rest when present.
+//! - `fence` (optional; sent by pde since push protocol v4): the fencing
+//!   number of the deploy lock the rollback was made under
+//!   ([`crate::fence`]). A v4 receiver refuses one lower than the highest it
+//!   has seen for the policy, and a second rollback at the same fence; a v3
+//!   receiver checks only that it is a non-negative integer. It is signed
+//!   like the rest.
 //!
 //! The signature is over the RFC 8785 (JCS) bytes of the statement *as
 //! received*, so anyone can check it with a stock JCS library, and the format
@@ -64,8 +67,9 @@ pub struct Statement {
     pub at: String,
     /// Random, used once: 16 to 64 of `A-Z a-z 0-9 _ -`.
     pub nonce: String,
-    /// Reserved for fencing numbers (a later protocol version); never sent
-    /// by pde yet and not enforced by receivers of protocol v3.
+    /// The fencing number of the lock the rollback was made under (push
+    /// protocol v4, [`crate::fence`]); at most [`crate::fence::MAX_FENCE`].
+    /// Enforced by v4 receivers, accepted and ignored by v3 ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<u64>,
 }
@@ -163,6 +167,12 @@ impl Statement {
         if self.to.as_deref().is_some_and(|d| !valid_digest(d)) {
             return bad("`to` must be null or sha256:<64 lowercase hex digits>".into());
         }
+        if self.fence.is_some_and(|f| f > crate::fence::MAX_FENCE) {
+            return bad(format!(
+                "`fence` must be at most {}",
+                crate::fence::MAX_FENCE
+            ));
+        }
         if !valid_nonce(&self.nonce) {
             return bad(format!(
                 "`nonce` must be {} to {} of A-Z a-z 0-9 _ -",
@@ -240,17 +250,26 @@ impl SignedRollback {
 }
 
 /// The body of a `POST /rollback`: `policy_id` and `to` (what a protocol-v2
-/// receiver reads), and, when a release key is given, a freshly signed
-/// `proof` of the same request for `env`.
+/// receiver reads), the `fence` of the lock it is made under (v4; also read
+/// by receivers that trust no key), and, when a release key is given, a
+/// freshly signed `proof` of the same request for `env`, fence included.
 pub fn request_body(
     policy_id: &str,
     to: Option<&str>,
     env: &str,
+    fence: Option<u64>,
     key: Option<&SigningKey>,
 ) -> Result<Value, CanonicalError> {
     let mut body = serde_json::json!({"policy_id": policy_id, "to": to});
+    if let Some(fence) = fence {
+        body["fence"] = fence.into();
+    }
     if let Some(key) = key {
-        let proof = SignedRollback::sign(Statement::new(policy_id, to, env), key)?;
+        let statement = Statement {
+            fence,
+            ..Statement::new(policy_id, to, env)
+        };
+        let proof = SignedRollback::sign(statement, key)?;
         body["proof"] = serde_json::to_value(proof).unwrap_or(Value::Null);
     }
     Ok(body)
@@ -366,22 +385,30 @@ mod tests {
     }
 
     #[test]
-    fn a_reserved_fence_is_signed_and_accepted() {
+    fn a_fence_is_signed_and_accepted_up_to_its_bound() {
         let k = key(1);
         let mut st = Statement::new("42", None, "production");
         st.fence = Some(12);
         let p = proof(st.clone(), &k);
         assert_eq!(p["statement"]["fence"], 12);
         assert_eq!(SignedRollback::verify(&p, &trusting(&k), now()), Ok(st));
+        let mut over = p.clone();
+        over["statement"]["fence"] = (crate::fence::MAX_FENCE + 1).into();
+        assert!(matches!(
+            SignedRollback::verify(&over, &trusting(&k), now()),
+            Err(ProofError::Malformed(_))
+        ));
     }
 
     #[test]
     fn request_bodies_carry_a_proof_only_with_a_key() {
         let k = key(1);
-        let plain = request_body("42", None, "prod", None).unwrap();
+        let plain = request_body("42", None, "prod", None, None).unwrap();
         assert_eq!(plain, serde_json::json!({"policy_id": "42", "to": null}));
-        let signed = request_body("42", None, "prod", Some(&k)).unwrap();
+        let signed = request_body("42", None, "prod", Some(9), Some(&k)).unwrap();
+        assert_eq!(signed["fence"], 9);
         let st = SignedRollback::verify(&signed["proof"], &trusting(&k), now()).unwrap();
         assert_eq!((st.policy_id.as_str(), st.env.as_str()), ("42", "prod"));
+        assert_eq!(st.fence, Some(9), "the fence is signed");
     }
 }

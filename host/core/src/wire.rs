@@ -3,15 +3,19 @@
 
 use serde::{Deserialize, Serialize};
 
-/// The current push protocol version: 3 adds signed rollbacks
-/// ([`crate::rollback`]) to version 2 (per-policy activation).
-pub const PROTOCOL_VERSION: u32 = 3;
+/// The current push protocol version: 4 adds fencing numbers
+/// ([`crate::fence`]) to version 3 (signed rollbacks, [`crate::rollback`]),
+/// which added them to version 2 (per-policy activation).
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The push protocol versions this build speaks: what an agent announces in
-/// `GET /healthz` and `pde --version` prints. A version-3 receiver refuses
-/// the unsigned rollbacks of version 2, so it does not list 2; a version-3
-/// pusher still delivers to version-2 receivers, which ignore the proof.
-pub const PROTOCOL_VERSIONS: &[u32] = &[PROTOCOL_VERSION];
+/// `GET /healthz` and `pde --version` prints. A version-4 receiver still
+/// takes a version-3 request (no fence) for a policy it has never seen a
+/// fence for, so it lists 3; it refuses the unsigned rollbacks of version
+/// 2, so it does not list 2. A version-4 pusher still delivers to version-3
+/// receivers, which ignore the fence, and to version-2 ones, which also
+/// ignore the proof.
+pub const PROTOCOL_VERSIONS: &[u32] = &[3, PROTOCOL_VERSION];
 
 /// One policy's active bundle on a service: the body of
 /// `GET /active/{policy_id}` and each entry of `GET /active`.

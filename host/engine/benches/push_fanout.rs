@@ -187,7 +187,7 @@ fn peak_rss(rt: &Runtime, client: &reqwest::Client, bundles: &[Bundle; 2]) {
         ENV,
         &targets,
         &cfg(128),
-        None,
+        push::Fenced::default(),
         &(),
     ));
     let took = started.elapsed();
@@ -236,7 +236,7 @@ fn main() {
                     ENV,
                     targets,
                     &cfg(128),
-                    None,
+                    push::Fenced::default(),
                     &(),
                 ));
                 assert_eq!(report.outcome, Outcome::Deployed);
@@ -255,7 +255,7 @@ fn main() {
                 ENV,
                 &fleets[2].1,
                 &default,
-                None,
+                push::Fenced::default(),
                 &(),
             ));
             assert_eq!(report.outcome, Outcome::Deployed);

@@ -129,6 +129,15 @@ impl Error {
     }
 }
 
+impl From<crate::steps::audit::RecordError> for Error {
+    fn from(e: crate::steps::audit::RecordError) -> Self {
+        match e {
+            crate::steps::audit::RecordError::Audit(e) => Error::Audit(e),
+            crate::steps::audit::RecordError::Lock(e) => Error::State(e),
+        }
+    }
+}
+
 impl HasExitCode for Error {
     fn exit_code(&self) -> ExitCode {
         match self {

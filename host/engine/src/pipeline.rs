@@ -35,7 +35,8 @@ impl Engine {
     }
 
     /// Runs the seven steps under the deploy lock of the policy and
-    /// environment, under the committed `pde.toml`. A deploy that pushed but
+    /// environment (re-checked before each push, tag and record; its fence
+    /// rides on every request), under the committed `pde.toml`. A deploy that pushed but
     /// did not end `deployed` is an [`Error::DeployFailed`] carrying the
     /// full report.
     pub async fn deploy(
@@ -46,17 +47,17 @@ impl Engine {
     ) -> Result<DeployReport, Error> {
         let span = tracing::info_span!("deploy", policy_id, env = env_name, dry_run = opts.dry_run);
         async {
+            let lock = match opts.dry_run {
+                true => None,
+                false => Some(self.state.lock(policy_id, env_name)?),
+            };
             let audit = Recorder::new(
                 &self.audit,
                 self.outbox.as_ref(),
                 policy_id,
                 env_name,
-                !opts.dry_run,
+                lock.as_ref(),
             );
-            let _lock = match opts.dry_run {
-                true => None,
-                false => Some(self.state.lock(policy_id, env_name)?),
-            };
             let config = match opts.dry_run {
                 true => Ok(None),
                 false => {
@@ -191,7 +192,7 @@ impl Engine {
             services,
         )?;
         let pushed = self
-            .push_stage(bundle, env_name, &routed, opts.observer)
+            .push_stage(bundle, env_name, &routed, opts.observer, audit.lock())
             .await?;
         let event = match pushed.outcome {
             Outcome::Deployed => Event::Pushed,
@@ -229,7 +230,7 @@ impl Engine {
         // 6. tag
         let services: Vec<String> = report.routes.iter().map(|r| r.service.clone()).collect();
         let release = Release::new(policy_id, &version, env_name, &report.digest);
-        let tagged = self.tag_stage(&packaged.repo, release, &services)?;
+        let tagged = self.tag_stage(&packaged.repo, release, &services, audit.lock())?;
         audit.record(
             Event::Tagged,
             json!({"tag": tagged.name, "created": tagged.created}),

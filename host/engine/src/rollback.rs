@@ -42,7 +42,7 @@ impl Engine {
         reason: Option<&str>,
     ) -> Result<RollbackReport, Error> {
         let env = self.environment(env_name)?;
-        let _lock = self.state.lock(policy_id, env_name)?;
+        let lock = self.state.lock(policy_id, env_name)?;
         self.settle_interrupted(policy_id, env_name)?;
         let config = self.config_in_force()?;
         // A rollback is the emergency exit: a change freeze does not stop
@@ -90,6 +90,9 @@ impl Engine {
         // A rollback carries the same authority as a deploy: the release key
         // signs each request (push protocol v3), or agents refuse it.
         let signer = self.rollback_signer()?;
+        // Fenced like a deploy (push protocol v4): nothing is sent by a
+        // holder whose lock is gone, and every request carries its fence.
+        lock.check("rolling back")?;
         let in_progress = Deployment::begin(
             &self.state,
             policy_id,
@@ -107,6 +110,7 @@ impl Engine {
                     to: Some(&target.digest),
                     env: env_name,
                     signer: signer.as_ref(),
+                    fence: Some(lock.fence()),
                 };
                 let result = match push::rollback(&self.http, t, request, &self.config.push).await {
                     Ok(()) => {
@@ -143,7 +147,7 @@ impl Engine {
             self.outbox.as_ref(),
             policy_id,
             env_name,
-            true,
+            Some(&lock),
         )
         .record(Event::RolledBack, {
             let mut data = serde_json::to_value(&report).unwrap_or_else(|_| json!({}));

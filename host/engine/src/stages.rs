@@ -22,6 +22,7 @@ use crate::http::Target;
 use crate::plugin::{ActivePolicy, PluginSet as Plugins};
 use crate::policy::Policy;
 use crate::report::Packaged;
+use crate::state::DeployLock;
 use crate::steps::envcheck::{self, HealthReport};
 use crate::steps::package::{self, Artifact};
 use crate::steps::push::{self, PushReport};
@@ -168,24 +169,34 @@ impl Engine {
     }
 
     /// Step 5: concurrent delivery to the routed targets, verified, and
-    /// compensated if any fails.
+    /// compensated if any fails; only while `lock` is still held, and with
+    /// its fencing number on every request (push protocol v4).
     pub(crate) async fn push_stage(
         &self,
         bundle: &pde_core::bundle::Bundle,
         env_name: &str,
         routed: &[Target],
         observer: &dyn push::Observer,
+        lock: Option<&DeployLock>,
     ) -> Result<PushReport, Error> {
-        // Signs the rollbacks of a compensation (push protocol v3).
+        if let Some(lock) = lock {
+            lock.check("pushing")?;
+        }
+        // Signs the fence of each deploy and the rollbacks of a
+        // compensation (push protocol v3, v4).
         let signer = self.rollback_signer()?;
         let span = tracing::info_span!("push", targets = routed.len());
+        let fenced = push::Fenced {
+            signer: signer.as_ref(),
+            fence: lock.map(DeployLock::fence),
+        };
         Ok(push::push(
             &self.http,
             bundle,
             env_name,
             routed,
             &self.config.push,
-            signer.as_ref(),
+            fenced,
             observer,
         )
         .instrument(span)
@@ -193,14 +204,19 @@ impl Engine {
     }
 
     /// Step 6: the annotated release tag, recording the audit log's head as
-    /// it stands, so `pde audit verify` can anchor the log to it.
+    /// it stands, so `pde audit verify` can anchor the log to it; only while
+    /// `lock` is still held.
     pub(crate) fn tag_stage(
         &self,
         repo: &Repo,
         release: tag::Release<'_>,
         services: &[String],
+        lock: Option<&DeployLock>,
     ) -> Result<tag::TagReport, Error> {
         let _span = tracing::info_span!("tag").entered();
+        if let Some(lock) = lock {
+            lock.check("tagging")?;
+        }
         let head = self.audit.last()?;
         let release = tag::Release {
             audit_head: head.as_ref().map(|(seq, hash)| (*seq, hash.as_str())),

@@ -49,8 +49,8 @@ pub struct NewArgs {
     #[arg(long = "dir", id = "project_dir", value_name = "DIR")]
     pub project_dir: Option<PathBuf>,
     /// Depend on the SDK at this path (a checkout's `plugins/sdk` or a
-    /// vendored copy). Default: this source checkout's SDK when pde runs
-    /// from one, else `pde-plugin` from crates.io.
+    /// vendored copy). Default: the published `pde-plugin` from crates.io,
+    /// never a path found on this machine.
     #[arg(long, value_name = "DIR", conflicts_with = "sdk_git")]
     pub sdk_path: Option<PathBuf>,
     /// Depend on the SDK from this git repository (the pde repository's URL).
@@ -84,8 +84,9 @@ const WIT: &str = include_str!("../../../../wit/v0.1.0/plugin.wit");
 /// one the test suite builds with (scripts/requirements-test.txt).
 pub const COMPONENTIZE_PY: &str = "0.25.1";
 
-/// The SDK's version on crates.io that a scaffold asks for by default.
-const SDK_VERSION: &str = "0.2";
+/// The SDK's version on crates.io that a scaffold asks for by default: the
+/// major.minor of `plugins/sdk/Cargo.toml` (a test keeps them in step).
+pub const SDK_VERSION: &str = "0.2";
 
 fn valid_name(name: &str) -> bool {
     let mut chars = name.chars();
@@ -124,11 +125,9 @@ fn sdk_line(args: &NewArgs) -> Result<(String, String), Failure> {
             format!("the SDK from {url}"),
         ));
     }
-    // Run from a source build: the checkout this binary was built from.
-    let checkout = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../plugins/sdk");
-    if checkout.join("Cargo.toml").is_file() {
-        return path_line(&checkout);
-    }
+    // Never the checkout pde was built from, even when it still exists: a
+    // project must build the same on its author's machine, in their CI and
+    // for whoever reviews it, so only an explicit --sdk-path names a path.
     Ok((
         format!("pde-plugin = {SDK_VERSION:?}"),
         format!("pde-plugin {SDK_VERSION} from crates.io"),
@@ -348,6 +347,33 @@ mod tests {
             }));
             assert_eq!(project.wasm, "build/my-check.wasm");
         }
+    }
+
+    #[test]
+    fn the_default_sdk_is_the_published_version_of_this_sdk() {
+        let args = NewArgs {
+            name: "my-check".into(),
+            kind: NewKind::Validator,
+            lang: Lang::Rust,
+            project_dir: None,
+            sdk_path: None,
+            sdk_git: None,
+        };
+        let Ok((line, from)) = sdk_line(&args) else {
+            panic!("the default SDK line");
+        };
+        assert_eq!(line, format!("pde-plugin = {SDK_VERSION:?}"));
+        assert!(from.contains("crates.io"), "{from}");
+        let manifest = include_str!("../../../../plugins/sdk/Cargo.toml");
+        let version = manifest
+            .lines()
+            .find_map(|l| l.strip_prefix("version = \""))
+            .and_then(|v| v.strip_suffix('"'))
+            .unwrap();
+        assert!(
+            version.starts_with(&format!("{SDK_VERSION}.")),
+            "SDK_VERSION {SDK_VERSION} is not the major.minor of plugins/sdk ({version})"
+        );
     }
 
     #[test]

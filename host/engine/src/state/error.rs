@@ -65,6 +65,27 @@ pub enum StateError {
         /// What the holder wrote into the lock file (pid, start time), if readable.
         holder: String,
     },
+    /// The deploy lock this process held is gone (its database session
+    /// ended, its lock file was replaced) or was taken again since, so
+    /// another deploy may be running: this one stops before its next side
+    /// effect (push protocol v4 fencing, issue 21 item 3).
+    #[error(
+        "the deploy lock of policy {policy_id:?} in {env:?} (fence {fence}) is no longer held: {reason}; \
+         another deploy may hold it now, so this one stopped before {before}. Check `pde status` and \
+         `pde history {policy_id}`, then run it again if it is still wanted"
+    )]
+    LockLost {
+        /// The policy.
+        policy_id: String,
+        /// The environment.
+        env: String,
+        /// The fencing number this holder was given.
+        fence: u64,
+        /// What showed the lock to be gone.
+        reason: String,
+        /// The side effect it was about to make (`pushing`, `tagging`, …).
+        before: &'static str,
+    },
     /// A policy id or environment name that cannot name a lock file.
     #[error(
         "{what} {value:?} cannot be used in a lock file name: use letters, digits, '.', '_' and '-'"
@@ -88,7 +109,7 @@ fn holder_suffix(holder: &str) -> String {
 impl HasExitCode for StateError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            StateError::Locked { .. } => ExitCode::Locked,
+            StateError::Locked { .. } | StateError::LockLost { .. } => ExitCode::Locked,
             StateError::Io { .. }
             | StateError::Backend { .. }
             | StateError::Config { .. }

@@ -424,18 +424,34 @@ impl Backend for PgState {
                 "took over a stale lease left by a deploy that died"
             );
         }
-        let conn = Arc::try_unwrap(conn)
-            .map(|m| m.into_inner().unwrap_or_else(|p| p.into_inner()))
-            .map_err(|_| StateError::Config {
-                location: url.clone(),
-                message: "lock connection still shared".into(),
-            })?;
-        Ok(DeployLock::new(PgLock {
-            conn,
-            key,
-            policy_id: policy_id.to_string(),
-            env: env.to_string(),
-        }))
+        // On the session that holds the lock, from the server's clock: one
+        // scale for every machine of the team (see `pde_core::fence`).
+        let fence = call(&conn, url, "take fencing number", |c| {
+            let row = c.query_one(
+                "INSERT INTO fences (policy_id, env, fence)
+                 VALUES ($1, $2, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)
+                 ON CONFLICT (policy_id, env) DO UPDATE
+                   SET fence = GREATEST(excluded.fence, fences.fence + 1)
+                 RETURNING fence",
+                &[&policy_id, &env],
+            )?;
+            Ok(row.get::<_, i64>(0))
+        })?;
+        let conn = Arc::try_unwrap(conn).map_err(|_| StateError::Config {
+            location: url.clone(),
+            message: "lock connection still shared".into(),
+        })?;
+        Ok(DeployLock::new(
+            PgLock {
+                conn,
+                key,
+                policy_id: policy_id.to_string(),
+                env: env.to_string(),
+            },
+            policy_id,
+            env,
+            u64::try_from(fence).unwrap_or(0),
+        ))
     }
 
     fn is_locked(&self, policy_id: &str, env: &str) -> Result<bool, StateError> {
@@ -543,7 +559,7 @@ fn lock_key(policy_id: &str, env: &str) -> i64 {
 /// A held advisory lock: its own connection, which releases the lock when
 /// it closes, whether by [`Drop`] or by the process dying.
 struct PgLock {
-    conn: PgConn,
+    conn: Mutex<PgConn>,
     key: i64,
     policy_id: String,
     env: String,
@@ -558,13 +574,49 @@ impl std::fmt::Debug for PgLock {
     }
 }
 
-impl HeldLock for PgLock {}
+impl HeldLock for PgLock {
+    /// Asks, on the session that took the lock, whether the server still
+    /// lists it as granted to this session and whether the lock's fence is
+    /// still ours. A session the server ended answers nothing: lost too.
+    fn still_held(&self, fence: u64) -> Result<(), String> {
+        // A bigint advisory key is listed as classid (high half), objid
+        // (low half), objsubid 1.
+        let bits = self.key as u64;
+        let (high, low) = ((bits >> 32) as i64, (bits & 0xffff_ffff) as i64);
+        let (policy_id, env) = (self.policy_id.as_str(), self.env.as_str());
+        let mut guard = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let client = guard.get();
+        let answer = off_runtime(move || {
+            client.query_one(
+                "SELECT (SELECT fence FROM fences WHERE policy_id = $1 AND env = $2),
+                        EXISTS (SELECT 1 FROM pg_locks
+                                WHERE locktype = 'advisory' AND granted
+                                  AND pid = pg_backend_pid()
+                                  AND classid::bigint = $3 AND objid::bigint = $4
+                                  AND objsubid = 1)",
+                &[&policy_id, &env, &high, &low],
+            )
+        });
+        let row = answer.map_err(|e| format!("its database session is gone ({e})"))?;
+        let (now, granted): (Option<i64>, bool) = (row.get(0), row.get(1));
+        if !granted {
+            return Err("the database no longer lists it as held by this session".into());
+        }
+        match now.and_then(|n| u64::try_from(n).ok()) {
+            Some(n) if n == fence => Ok(()),
+            other => Err(format!(
+                "it was taken again since (its fence is now {})",
+                other.map_or("unknown".to_string(), |n| n.to_string())
+            )),
+        }
+    }
+}
 
 impl Drop for PgLock {
     fn drop(&mut self) {
         let key = self.key;
         let (policy_id, env) = (self.policy_id.clone(), self.env.clone());
-        let client = self.conn.get();
+        let client = self.conn.get_mut().unwrap_or_else(|p| p.into_inner()).get();
         let released = off_runtime(move || {
             delete_lease(client, &policy_id, &env)?;
             advisory_unlock(client, key)

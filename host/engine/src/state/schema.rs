@@ -89,6 +89,19 @@ CREATE TABLE bundles (
     stored_at TEXT NOT NULL
 );
 "#,
+    // 5: the fencing number of the last acquisition of each deploy lock
+    // (issue 21 item 3, push protocol v4): the next one is the clock in
+    // microseconds, or one more than this if the clock has not passed it
+    // (`pde_core::fence`). Not copied by `state migrate`: a new database's
+    // fences start at the clock, which is where the old one's were.
+    r#"
+CREATE TABLE fences (
+    policy_id TEXT NOT NULL,
+    env       TEXT NOT NULL,
+    fence     BIGINT NOT NULL,
+    PRIMARY KEY (policy_id, env)
+);
+"#,
 ];
 
 /// What differs between backends in the schema and its bookkeeping.

@@ -259,7 +259,27 @@ impl Backend for SqliteState {
         if let Err(e) = written {
             tracing::debug!(path = %path.display(), error = %e, "could not note lock holder");
         }
-        Ok(DeployLock::new(FileLock { file, path }))
+        let held = FileLock { file, path };
+        // Taken while the file lock is held, so no other deploy of this
+        // checkout draws a fence for the same lock at the same time.
+        let now = i64::try_from(pde_core::fence::now_micros()).unwrap_or(i64::MAX);
+        let fence = self.with_conn("take fencing number", |c| {
+            let fence: i64 = c.query_row(
+                "INSERT INTO fences (policy_id, env, fence) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (policy_id, env) DO UPDATE
+                   SET fence = max(excluded.fence, fences.fence + 1)
+                 RETURNING fence",
+                rusqlite::params![policy_id, env, now],
+                |row| row.get(0),
+            )?;
+            Ok(fence)
+        })?;
+        Ok(DeployLock::new(
+            held,
+            policy_id,
+            env,
+            u64::try_from(fence).unwrap_or(0),
+        ))
     }
 
     fn is_locked(&self, policy_id: &str, env: &str) -> Result<bool, StateError> {
@@ -375,6 +395,28 @@ impl HeldLock for FileLock {
     fn path(&self) -> Option<&Path> {
         Some(&self.path)
     }
+
+    /// The OS keeps the file locked while this process lives; what can go
+    /// is the file itself: removed, or replaced by one another deploy may
+    /// lock. So the lock holds while the path still names the locked file.
+    fn still_held(&self, _fence: u64) -> Result<(), String> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mine = self
+            .file
+            .metadata()
+            .map_err(|e| format!("cannot read the lock file's metadata: {e}"))?;
+        match fs::metadata(&self.path) {
+            Ok(now) if (now.dev(), now.ino()) == (mine.dev(), mine.ino()) => Ok(()),
+            Ok(_) => Err(format!(
+                "the lock file {} was replaced by another",
+                self.path.display()
+            )),
+            Err(e) => Err(format!(
+                "the lock file {} is gone ({e})",
+                self.path.display()
+            )),
+        }
+    }
 }
 
 impl Drop for FileLock {
@@ -431,6 +473,31 @@ mod tests {
     use super::*;
     use crate::state::{DeploymentRecord, RecordOutcome, StateBackend, StateStore, TargetRecord};
     use pde_core::{ExitCode, HasExitCode};
+
+    #[test]
+    fn each_lock_gets_a_growing_fence_and_a_replaced_lock_file_is_a_lost_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::open(dir.path()).unwrap();
+        let first = state.lock("42", "prod").unwrap();
+        let f1 = first.fence();
+        assert!(f1 > 1_700_000_000_000_000, "from the clock: {f1}");
+        first.check("pushing").unwrap();
+        drop(first);
+        let second = state.lock("42", "prod").unwrap();
+        assert!(second.fence() > f1);
+        // Someone removes the lock file; another deploy could now lock a
+        // new one, so the holder must stop (exit 7).
+        let path = second.path().unwrap().to_path_buf();
+        std::fs::remove_file(&path).unwrap();
+        let err = second.check("tagging").unwrap_err();
+        assert!(matches!(err, StateError::LockLost { .. }), "{err}");
+        assert_eq!(err.exit_code(), ExitCode::Locked);
+        assert!(err.to_string().contains("before tagging"), "{err}");
+        let third = state.lock("42", "prod").unwrap();
+        assert!(second.check("tagging").is_err(), "replaced by another");
+        assert!(third.fence() > second.fence());
+        third.check("pushing").unwrap();
+    }
 
     #[test]
     fn many_processes_may_create_the_same_database_at_once() {
@@ -555,7 +622,7 @@ mod tests {
     #[test]
     fn a_database_of_an_older_pde_is_migrated_from_where_it_stopped() {
         // A state.db written by the pde of issue 12 (three steps, no
-        // bundles): opening it adds step 4 only, and keeps its history.
+        // bundles): opening it adds the steps from 4 on, and keeps its history.
         let dir = tempfile::tempdir().unwrap();
         {
             let conn = Connection::open(dir.path().join("state.db")).unwrap();
@@ -578,7 +645,11 @@ mod tests {
         let v: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(v, 4);
+        assert_eq!(
+            v,
+            schema::MIGRATIONS.len() as i64,
+            "every later step (5: fences)"
+        );
     }
 
     /// Another process holding `path`'s lock: util-linux flock(1) takes the

@@ -9,47 +9,71 @@
 //! A [`Recorder`] is made by the pipeline for one deploy: it knows the
 //! policy and environment, appends durably (the record is stored, fsynced
 //! or committed, before `record` returns), and wakes the sink's outbox,
-//! which forwards in the background. A dry run records nothing.
+//! which forwards in the background. A dry run records nothing. Each append
+//! first re-checks the deploy lock the records are made under (fencing, see
+//! [`crate::state::lock`]): a holder whose lock is gone records nothing
+//! more in its name.
 
 use serde_json::Value;
 
 use crate::audit::outbox::Outbox;
 use crate::audit::{AuditError, AuditLog, AuditRecord, Event};
+use crate::state::{DeployLock, StateError};
 
-/// Appends the records of one policy and environment.
+/// Why a record was not appended.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    /// The audit log refused or failed the append.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// The deploy lock is gone, so nothing more is recorded in its name.
+    #[error(transparent)]
+    Lock(#[from] StateError),
+}
+
+/// Appends the records of one policy and environment, each only while the
+/// deploy lock it runs under is still held.
 #[derive(Clone, Copy)]
 pub struct Recorder<'a> {
     log: &'a AuditLog,
     outbox: Option<&'a Outbox>,
     policy_id: &'a str,
     env: &'a str,
-    enabled: bool,
+    /// `None`: a dry run, which records nothing.
+    lock: Option<&'a DeployLock>,
 }
 
 impl<'a> Recorder<'a> {
-    /// A recorder for `policy_id` in `env`; `enabled: false` records nothing
-    /// (a dry run).
+    /// A recorder for `policy_id` in `env` under `lock`; `None` records
+    /// nothing (a dry run holds no lock).
     pub fn new(
         log: &'a AuditLog,
         outbox: Option<&'a Outbox>,
         policy_id: &'a str,
         env: &'a str,
-        enabled: bool,
+        lock: Option<&'a DeployLock>,
     ) -> Self {
         Recorder {
             log,
             outbox,
             policy_id,
             env,
-            enabled,
+            lock,
         }
     }
 
-    /// Appends one record (nothing in a dry run).
-    pub fn record(&self, event: Event, data: Value) -> Result<Option<AuditRecord>, AuditError> {
-        if !self.enabled {
+    /// The deploy lock the records are made under (`None` in a dry run).
+    pub fn lock(&self) -> Option<&'a DeployLock> {
+        self.lock
+    }
+
+    /// Appends one record (nothing in a dry run), after checking that the
+    /// deploy lock is still held ([`DeployLock::check`]).
+    pub fn record(&self, event: Event, data: Value) -> Result<Option<AuditRecord>, RecordError> {
+        let Some(lock) = self.lock else {
             return Ok(None);
-        }
+        };
+        lock.check("recording to the audit log")?;
         let record = self.log.append(event, self.policy_id, self.env, data)?;
         if let Some(outbox) = self.outbox {
             outbox.wake();

@@ -36,6 +36,14 @@
 //!   for every attempt: a receiver accepts each nonce once, so a retry of the
 //!   same bytes would be refused as a replay.
 //!
+//! - **Every request is fenced** (push protocol v4). `POST /deploy` carries
+//!   the fencing number of the deploy lock the push runs under, with the
+//!   release key's signature over it (`fence`, `fence_proof`), and every
+//!   compensating rollback carries the same number in its signed statement.
+//!   A receiver that has since accepted a newer lock's number refuses them
+//!   (409 `fence_stale`): a permanent 4xx like any other, reported on the
+//!   target with its `error_code`.
+//!
 //! Tokens are attached with `bearer_auth`, which marks the header sensitive;
 //! `Target`'s `Debug` redacts them, and no message here contains one.
 
@@ -397,19 +405,50 @@ pub fn holdings<'a>(
     })
 }
 
+/// The authority a push carries: the release key, which signs the fence of
+/// each deploy and every compensating rollback, and the fencing number of
+/// the deploy lock it runs under (push protocol v4). The default carries
+/// neither (receivers that trust a key then refuse compensations).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fenced<'a> {
+    /// The release key; `None` signs nothing.
+    pub signer: Option<&'a SigningKey>,
+    /// The fencing number; `None` sends none (a protocol-v3 request).
+    pub fence: Option<u64>,
+}
+
+/// The body of `POST /deploy`: `{bundle, env}`, with the `fence` and, when
+/// the release key is at hand, its `fence_proof` (push protocol v4).
+fn deploy_body(bundle: &Bundle, env: &str, fenced: Fenced<'_>) -> Vec<u8> {
+    let mut body = serde_json::json!({"bundle": bundle, "env": env});
+    if let Some(fence) = fenced.fence {
+        body["fence"] = fence.into();
+        if let Some(key) = fenced.signer {
+            let policy_id = &bundle.payload.manifest.policy_id;
+            match pde_core::fence::sign_deploy(key, policy_id, &bundle.digest, env, fence) {
+                Ok(proof) => body["fence_proof"] = serde_json::to_value(proof).unwrap_or_default(),
+                // Strings and an integer always have a canonical form;
+                // should they not, the receiver refuses the unsigned fence.
+                Err(e) => tracing::error!(error = %e, "cannot sign the fence; sending it unsigned"),
+            }
+        }
+    }
+    crate::bundle::canonical_json(&body)
+}
+
 /// Pushes `bundle` for `env` to every target: records what each has active,
 /// delivers concurrently with retries, verifies through `/active`, and
 /// compensates everywhere if any target failed. Never fails as a whole; the
-/// report says what happened where. Compensating rollbacks are signed with
-/// `signer` (the release key; unsigned when `None`, which receivers with a
-/// trusted key refuse).
+/// report says what happened where. Every request carries `fenced.fence`;
+/// compensating rollbacks are signed with `fenced.signer` (the release key;
+/// unsigned when `None`, which receivers with a trusted key refuse).
 pub async fn push(
     client: &reqwest::Client,
     bundle: &Bundle,
     env: &str,
     targets: &[Target],
     cfg: &PushConfig,
-    signer: Option<&SigningKey>,
+    fenced: Fenced<'_>,
     observer: &dyn Observer,
 ) -> PushReport {
     let policy = cfg.retry_policy();
@@ -437,14 +476,15 @@ pub async fn push(
         .collect();
 
     // Phase 2: deliver and verify, concurrently, bounded.
-    let body = crate::bundle::canonical_json(&serde_json::json!({"bundle": bundle, "env": env}));
+    let body = deploy_body(bundle, env, fenced);
     let job = Delivery {
         client,
         body: &body,
         idempotency_key: format!("{digest}:{env}"),
         digest,
         env,
-        signer,
+        signer: fenced.signer,
+        fence: fenced.fence,
         policy_id,
         policy,
         observer,
@@ -524,6 +564,8 @@ pub struct RollbackRequest<'a> {
     /// The release key; `None` sends no proof (refused by receivers that
     /// trust a key).
     pub signer: Option<&'a SigningKey>,
+    /// The fencing number of the lock it is made under (push protocol v4).
+    pub fence: Option<u64>,
 }
 
 /// `POST {url}/rollback {"policy_id", "to", "proof"}`, retried on 5xx,
@@ -560,10 +602,11 @@ async fn post_rollback(
         to,
         env,
         signer,
+        fence,
     } = request;
     // Built for each attempt: every attempt needs a fresh nonce and time.
     let body = || {
-        pde_core::rollback::request_body(policy_id, to, env, signer).unwrap_or_else(|e| {
+        pde_core::rollback::request_body(policy_id, to, env, fence, signer).unwrap_or_else(|e| {
             // A statement of strings always has a canonical form; should it
             // ever not, the receiver refuses the unsigned body by name.
             tracing::error!(error = %e, "cannot sign the rollback proof; sending it unsigned");
@@ -636,6 +679,8 @@ struct Delivery<'a> {
     env: &'a str,
     /// The release key that signs compensation proofs.
     signer: Option<&'a SigningKey>,
+    /// The fencing number compensations carry, as the deploy did.
+    fence: Option<u64>,
     policy_id: &'a str,
     policy: RetryPolicy,
     observer: &'a dyn Observer,
@@ -816,6 +861,7 @@ impl Delivery<'_> {
             to: previous,
             env: self.env,
             signer: self.signer,
+            fence: self.fence,
         };
         let result = match post_rollback(self.client, t, request, self.policy, &()).await {
             Ok(()) => verify_active(self.client, t, self.policy_id, previous, self.policy).await,

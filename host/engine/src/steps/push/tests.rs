@@ -80,7 +80,16 @@ async fn happy_path_to_three_services() {
     let targets = [target("A", &a), target("B", &b), target("C", &c)];
     let rec = Recorder::default();
 
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &rec).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &targets,
+        &cfg(),
+        Fenced::default(),
+        &rec,
+    )
+    .await;
 
     assert_eq!(report.outcome, Outcome::Deployed, "{report:#?}");
     assert_eq!(report.digest, bundle.digest);
@@ -129,7 +138,16 @@ async fn the_bundle_arrives_byte_for_byte() {
     let key = ed25519_dalek::SigningKey::from_bytes(&[42; 32]);
     let bundle = Bundle::seal(bundle.payload, &[&key]).unwrap();
     let r = Receiver::start(Mode::Ok).await;
-    let report = push(&http(), &bundle, ENV, &[target("A", &r)], &cfg(), None, &()).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &[target("A", &r)],
+        &cfg(),
+        Fenced::default(),
+        &(),
+    )
+    .await;
     assert_eq!(report.outcome, Outcome::Deployed, "{report:#?}");
     assert_eq!(r.active(), Some(bundle.digest));
 }
@@ -140,7 +158,16 @@ async fn a_digest_already_active_is_not_sent_again() {
     let same = Receiver::with_active(Mode::Ok, &bundle.digest, "1.3.0").await;
     let fresh = Receiver::start(Mode::Ok).await;
     let targets = [target("same", &same), target("fresh", &fresh)];
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &()).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &targets,
+        &cfg(),
+        Fenced::default(),
+        &(),
+    )
+    .await;
     assert_eq!(report.outcome, Outcome::Deployed);
     assert_eq!(state_of(&report, "same"), TargetState::Unchanged);
     assert_eq!(target_report(&report, "same").attempts, 0);
@@ -161,7 +188,16 @@ async fn one_target_always_500_rolls_the_others_back() {
     ];
     let rec = Recorder::default();
 
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &rec).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &targets,
+        &cfg(),
+        Fenced::default(),
+        &rec,
+    )
+    .await;
 
     assert_eq!(report.outcome, Outcome::RolledBack, "{report:#?}");
     // 5xx is retried: 1 attempt + 2 retries.
@@ -205,7 +241,16 @@ async fn one_target_always_500_rolls_the_others_back() {
 async fn a_4xx_is_permanent_and_not_retried() {
     let bundle = test_receiver::bundle("1.3.0");
     let r = Receiver::start(Mode::Reject400).await;
-    let report = push(&http(), &bundle, ENV, &[target("A", &r)], &cfg(), None, &()).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &[target("A", &r)],
+        &cfg(),
+        Fenced::default(),
+        &(),
+    )
+    .await;
     assert_eq!(r.deploys(), 1);
     let t = target_report(&report, "A");
     assert_eq!(t.state, TargetState::Failed);
@@ -229,7 +274,7 @@ async fn a_500_once_is_retried_and_deployed() {
         ENV,
         &[target("A", &r)],
         &cfg(),
-        None,
+        Fenced::default(),
         &rec,
     )
     .await;
@@ -268,7 +313,16 @@ async fn a_target_timing_out_fails_and_the_others_roll_back() {
         ..cfg()
     };
     let targets = [target("slow", &slow), target("ok", &ok)];
-    let report = push(&http(), &bundle, ENV, &targets, &cfg, None, &()).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &targets,
+        &cfg,
+        Fenced::default(),
+        &(),
+    )
+    .await;
 
     let s = target_report(&report, "slow");
     assert_eq!(s.state, TargetState::Failed, "{report:#?}");
@@ -286,7 +340,16 @@ async fn an_active_digest_that_does_not_match_fails_verification() {
     let liar = Receiver::start(Mode::WrongActive).await;
     let ok = Receiver::start(Mode::Ok).await;
     let targets = [target("liar", &liar), target("ok", &ok)];
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &()).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &targets,
+        &cfg(),
+        Fenced::default(),
+        &(),
+    )
+    .await;
 
     let l = target_report(&report, "liar");
     assert_eq!(l.state, TargetState::Failed, "{report:#?}");
@@ -309,7 +372,16 @@ async fn a_failing_rollback_needs_attention() {
         target("fine", &fine),
     ];
     let rec = Recorder::default();
-    let report = push(&http(), &bundle, ENV, &targets, &cfg(), None, &rec).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &targets,
+        &cfg(),
+        Fenced::default(),
+        &rec,
+    )
+    .await;
 
     assert_eq!(report.outcome, Outcome::NeedsAttention, "{report:#?}");
     let s = target_report(&report, "stuck");
@@ -352,7 +424,7 @@ async fn the_bearer_token_is_sent_and_never_shown() {
         ENV,
         std::slice::from_ref(&t),
         &cfg(),
-        None,
+        Fenced::default(),
         &(),
     )
     .await;
@@ -417,7 +489,16 @@ async fn concurrency_is_bounded() {
         concurrency: 2,
         ..cfg()
     };
-    let report = push(&http(), &bundle, ENV, &targets, &cfg, None, &()).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &targets,
+        &cfg,
+        Fenced::default(),
+        &(),
+    )
+    .await;
     assert_eq!(report.outcome, Outcome::Deployed, "{report:#?}");
     // Each deploy holds its slot for 100 ms, so two run together, never three.
     assert_eq!(gauge.max.load(std::sync::atomic::Ordering::SeqCst), 2);
@@ -434,7 +515,16 @@ async fn after_a_failure_later_targets_are_not_sent_the_bundle() {
     };
     let targets = [target("first", &rejecting), target("later", &later)];
     let rec = Recorder::default();
-    let report = push(&http(), &bundle, ENV, &targets, &cfg, None, &rec).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &targets,
+        &cfg,
+        Fenced::default(),
+        &rec,
+    )
+    .await;
     assert_eq!(report.outcome, Outcome::RolledBack);
     assert_eq!(state_of(&report, "later"), TargetState::NotAttempted);
     assert_eq!(later.deploys(), 0);
@@ -453,7 +543,16 @@ async fn an_unreadable_target_stops_the_push_before_anything_is_sent() {
         ..cfg()
     };
     let targets = [target("ok", &ok), gone];
-    let report = push(&http(), &bundle, ENV, &targets, &cfg, None, &()).await;
+    let report = push(
+        &http(),
+        &bundle,
+        ENV,
+        &targets,
+        &cfg,
+        Fenced::default(),
+        &(),
+    )
+    .await;
     assert_eq!(report.outcome, Outcome::RolledBack, "{report:#?}");
     assert_eq!(ok.deploys(), 0);
     assert_eq!(state_of(&report, "ok"), TargetState::NotAttempted);
@@ -493,7 +592,7 @@ async fn get_active_and_rollback_follow_the_protocol() {
         ENV,
         std::slice::from_ref(&t),
         &cfg(),
-        None,
+        Fenced::default(),
         &(),
     )
     .await;
@@ -560,7 +659,7 @@ async fn a_failed_push_of_one_policy_compensates_only_that_policy() {
     let a = Receiver::start(Mode::Ok).await;
     let b = Receiver::start(Mode::Ok).await;
     let both = [target("A", &a), target("B", &b)];
-    let r = push(&c, &p42, ENV, &both, &cfg(), None, &()).await;
+    let r = push(&c, &p42, ENV, &both, &cfg(), Fenced::default(), &()).await;
     assert_eq!(r.outcome, Outcome::Deployed);
     // 43 lands on A, then fails on a broken C: A's 43 is undone (43 was new
     // there, so it is deactivated), and A's 42 is never touched.
@@ -574,7 +673,7 @@ async fn a_failed_push_of_one_policy_compensates_only_that_policy() {
             concurrency: 1,
             ..cfg()
         },
-        None,
+        Fenced::default(),
         &(),
     )
     .await;
@@ -583,7 +682,7 @@ async fn a_failed_push_of_one_policy_compensates_only_that_policy() {
     assert_eq!(a.active_of("43"), None);
     assert_eq!(b.active_of("42").as_deref(), Some(p42.digest.as_str()));
     // And a successful 43 leaves 42 active beside it.
-    let r = push(&c, &p43, ENV, &both, &cfg(), None, &()).await;
+    let r = push(&c, &p43, ENV, &both, &cfg(), Fenced::default(), &()).await;
     assert_eq!(r.outcome, Outcome::Deployed);
     for rx in [&a, &b] {
         assert_eq!(rx.active_of("42").as_deref(), Some(p42.digest.as_str()));
@@ -598,6 +697,7 @@ fn back_to<'a>(policy_id: &'a str, to: &'a str) -> RollbackRequest<'a> {
         to: Some(to),
         env: ENV,
         signer: None,
+        fence: None,
     }
 }
 
@@ -613,7 +713,7 @@ async fn a_v1_receiver_is_refused_before_anything_is_sent() {
         ENV,
         &[target("OLD", &v1), target("NEW", &ok)],
         &cfg(),
-        None,
+        Fenced::default(),
         &(),
     )
     .await;
@@ -630,7 +730,7 @@ async fn a_v1_receiver_is_refused_before_anything_is_sent() {
 #[tokio::test]
 async fn no_targets_is_trivially_deployed() {
     let bundle = test_receiver::bundle("1.3.0");
-    let report = push(&http(), &bundle, ENV, &[], &cfg(), None, &()).await;
+    let report = push(&http(), &bundle, ENV, &[], &cfg(), Fenced::default(), &()).await;
     assert_eq!(report.outcome, Outcome::Deployed);
     assert!(report.targets.is_empty());
 }
@@ -642,6 +742,6 @@ fn the_push_future_is_send() {
     let c = http();
     let bundle = test_receiver::bundle("1.3.0");
     let cfg = cfg();
-    let fut = push(&c, &bundle, ENV, &[], &cfg, None, &());
+    let fut = push(&c, &bundle, ENV, &[], &cfg, Fenced::default(), &());
     assert_send(&fut);
 }
