@@ -409,6 +409,26 @@ mod tests {
     }
 
     #[test]
+    fn every_version_module_binds_each_of_its_worlds_once_and_only_known_ones() {
+        for module in VERSIONS {
+            for world in crate::world::WORLDS {
+                let shims = module.worlds.iter().filter(|(k, _)| *k == world.kind);
+                assert!(
+                    shims.count() <= 1,
+                    "{} binds {} twice",
+                    module.min,
+                    world.name
+                );
+            }
+            assert!(!module.worlds.is_empty(), "{} binds no world", module.min);
+        }
+        // Every world is bound by the newest version.
+        let newest = VERSIONS.last().unwrap();
+        assert_eq!(newest.min, latest::MIN_VERSION);
+        assert_eq!(newest.worlds.len(), crate::world::WORLDS.len());
+    }
+
+    #[test]
     fn supported_versions_are_listed_oldest_first_and_latest_is_last() {
         assert!(SUPPORTED.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(SUPPORTED.last(), Some(&latest::MIN_VERSION));
