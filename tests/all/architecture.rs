@@ -236,6 +236,9 @@ const LAYERS: &[&[&str]] = &[
     ],
     &["report"],
     &["error"],
+    // Trusted keys and compile cache of a workspace's plugins, for the
+    // engine and for the `pde plugin` commands.
+    &["plugin_workspace"],
     &["engine"],
     // Each step bound to the engine, once for every command.
     &["stages"],

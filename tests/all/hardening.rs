@@ -507,6 +507,20 @@ fn the_trust_floor_outside_the_repository_cannot_be_lowered_by_a_commit() {
     // that is exactly the key a committer controls.
     let o = pde(ws.root(), &["validate", "42", "--env", "prod"]);
     assert_eq!(code(&o), 0, "{}", stderr(&o));
+    // `pde plugin verify` counts the keys validate counts (issue 20 §4: one
+    // derivation of a workspace's plugin trust); it used to read pde.toml's
+    // [trust] alone and call the signature valid.
+    let wasm = ws.root().join("plugins/pii-guard.wasm");
+    let verify = |env: &[(&str, &str)]| {
+        pde_env(
+            ws.root(),
+            &["plugin", "verify", wasm.to_str().unwrap()],
+            env,
+        )
+    };
+    let o = verify(&with_floor);
+    assert_eq!(code(&o), 6, "{}", stderr(&o));
+    assert_eq!(code(&verify(&[])), 0);
 
     // A commit that lowers gates: refused, each gate named.
     write_floor("2999-12-31");

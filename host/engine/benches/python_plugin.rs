@@ -9,6 +9,11 @@
 //! same run, back to back. componentize-py comes from the test venv:
 //! `PDE_TEST_PYTHON` (see scripts/lib.sh `ensure_pyenv`). Results and the
 //! command are recorded in BENCHMARKS.md.
+//!
+//! `-- --calls-only` measures only the per-call rows (issue 24 §2: the
+//! Python call against its Rust twin), loading both through a compile cache
+//! that persists between runs in the target dir, so a rerun compiles
+//! nothing: quick enough to compare engine settings.
 // Bench code: a failed unwrap is a failed run, with its location.
 #![allow(clippy::unwrap_used)]
 
@@ -105,15 +110,22 @@ struct Figures {
     findings: Vec<Vec<(String, String, String)>>,
 }
 
-fn measure(wasm: &Path, cache: &Path) -> Figures {
+fn measure(wasm: &Path, cache: &Path, calls_only: bool) -> Figures {
     let size = std::fs::metadata(wasm).unwrap().len();
     let uncached = PluginHost::new(Limits::default(), None).unwrap();
-    let cold: Vec<f64> = (0..COLD_RUNS)
-        .map(|_| ms(load(&uncached, wasm).1))
-        .collect();
+    let cold: Vec<f64> = if calls_only {
+        vec![f64::NAN]
+    } else {
+        (0..COLD_RUNS)
+            .map(|_| ms(load(&uncached, wasm).1))
+            .collect()
+    };
     let cached_host = PluginHost::new(Limits::default(), Some(cache.to_path_buf())).unwrap();
     let (first, _) = load(&cached_host, wasm);
-    assert!(!first.loaded_from_cache, "the cache dir starts empty");
+    assert!(
+        calls_only || !first.loaded_from_cache,
+        "the cache dir starts empty"
+    );
     let cached = (0..CACHED_RUNS)
         .map(|_| {
             let (p, took) = load(&cached_host, wasm);
@@ -182,12 +194,28 @@ fn measure(wasm: &Path, cache: &Path) -> Figures {
 }
 
 fn main() {
+    let calls_only = std::env::args().any(|a| a == "--calls-only");
     let dir = tempfile::tempdir().unwrap();
     let py_wasm = build_python(dir.path());
     let rust_wasm = PathBuf::from(pde_plugin_artifacts::wasm("eligibility-bounds").unwrap());
-    let rust = measure(&rust_wasm, &dir.path().join("cache-rust"));
-    let py = measure(&py_wasm, &dir.path().join("cache-python"));
+    // Calls only: a cache kept between runs (componentize-py builds the
+    // same bytes each time, so the entry is found again).
+    let caches = if calls_only {
+        PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("python-plugin-bench-cache")
+    } else {
+        dir.path().to_path_buf()
+    };
+    let rust = measure(&rust_wasm, &caches.join("cache-rust"), calls_only);
+    let py = measure(&py_wasm, &caches.join("cache-python"), calls_only);
     assert_eq!(rust.findings, py.findings, "both plugins find the same");
+    if calls_only {
+        println!(
+            "| | Rust `eligibility-bounds` | Python `eligibility-bounds-py` | Python / Rust |"
+        );
+        println!("|---|---:|---:|---:|");
+        print_calls(&rust, &py);
+        return;
+    }
 
     println!("| | Rust `eligibility-bounds` | Python `eligibility-bounds-py` | Python / Rust |");
     println!("|---|---:|---:|---:|");
@@ -228,6 +256,11 @@ fn main() {
         rust.cold_ms / rust.cached_ms,
         py.cold_ms / py.cached_ms
     );
+    print_calls(&rust, &py);
+}
+
+/// The per-call rows: fuel and median wall time, Python beside Rust.
+fn print_calls(rust: &Figures, py: &Figures) {
     for ((n, rf, rw), (_, pf, pw)) in rust.calls.iter().zip(&py.calls) {
         println!(
             "| `validate`, {n} rules: fuel | {rf} | {pf} | {:.0}x |",

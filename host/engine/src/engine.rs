@@ -18,7 +18,7 @@ use crate::audit::outbox::{Outbox, SinkConfig};
 use crate::config::{Config, ConfigError, Environment};
 use crate::error::Error;
 use crate::keys::{self, TrustedKeys};
-use crate::plugin::{PluginHost, PluginSet as Plugins};
+use crate::plugin::PluginSet as Plugins;
 use crate::policy::PolicyStore;
 use crate::report::PackageReport;
 use crate::state::StateStore;
@@ -212,21 +212,7 @@ impl Engine {
     /// floor's unexpired keys when there is a floor, else `[trust]
     /// plugin_keys`; minus `[trust] revoked` either way.
     pub fn plugin_trust(&self) -> Result<TrustedKeys, Error> {
-        let paths: Vec<PathBuf> = self
-            .config
-            .trust
-            .plugin_keys
-            .iter()
-            .map(|p| self.root.join(p))
-            .collect();
-        let mut trusted = TrustedKeys::from_files(&paths)?;
-        if let Some(floor) = &self.floor {
-            let floor_keys = floor.plugin_trust(crate::floor::today())?;
-            ignored_outside_floor("plugin", &trusted.key_ids(), &floor_keys.key_ids(), floor);
-            trusted = floor_keys;
-        }
-        trusted.revoke(&self.config.trust.revoked);
-        Ok(trusted)
+        crate::plugin_workspace::trust(&self.root, &self.config, self.floor.as_ref())
     }
 
     /// The keys whose signed approvals count: the floor's unexpired
@@ -254,7 +240,7 @@ impl Engine {
                 })
                 .map(|k| keys::key_id(&k))
                 .collect();
-            ignored_outside_floor("approver", &listed, &counted, floor);
+            floor.warn_ignored("approver", &listed, &counted);
         }
         approvers.revoke(&self.config.trust.revoked);
         Ok(approvers)
@@ -310,17 +296,9 @@ impl Engine {
         if let Some(loaded) = slot.as_ref() {
             return Ok(loaded.clone());
         }
-        // One compile cache over two directories: the workspace's, where
-        // state exists or this engine may create it (a read-only command
-        // creates nothing in the workspace), then the per-user one, so that a
-        // fresh clone's read-only commands are warm from their second run and
-        // what either compiled serves the other (see `pde::plugin::cache`).
-        let mut cache_dirs = Vec::new();
-        if self.writable || self.state_dir().is_dir() {
-            cache_dirs.push(self.state_dir().join("cache").join("plugins"));
-        }
-        cache_dirs.extend(crate::plugin::cache::user_cache_dir());
-        let mut host = PluginHost::with_cache_dirs(self.config.limits, cache_dirs)?;
+        // The workspace's cache where this engine may create the state
+        // directory (a read-only one creates nothing), and the per-user one.
+        let mut host = crate::plugin_workspace::host(&self.root, &self.config, self.writable)?;
         host.deny_attempts(
             self.deny_attempts
                 .load(std::sync::atomic::Ordering::Relaxed),
@@ -511,23 +489,6 @@ impl Engine {
     pub async fn env_check(&self, env_name: &str) -> Result<HealthReport, Error> {
         let env = self.environment(env_name)?;
         Ok(self.envcheck_stage(env, None).await?.1)
-    }
-}
-
-/// A key pde.toml trusts that the floor does not list counts for nothing;
-/// say so, naming it, so nobody wonders why a signature was ignored.
-fn ignored_outside_floor(
-    what: &str,
-    listed: &[String],
-    floor_keys: &[String],
-    floor: &crate::floor::Floor,
-) {
-    for keyid in listed.iter().filter(|k| !floor_keys.contains(k)) {
-        tracing::warn!(
-            keyid,
-            floor = %floor.path.display(),
-            "{what} key {keyid} is trusted in pde.toml but not by the trust floor; it does not count"
-        );
     }
 }
 

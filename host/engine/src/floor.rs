@@ -254,6 +254,20 @@ impl Floor {
         })
     }
 
+    /// Warns about each key of `listed` (trusted by pde.toml) that the
+    /// floor does not list (`floor_keys`): it counts for nothing, and
+    /// saying so, naming it, spares anyone wondering why a signature was
+    /// ignored.
+    pub fn warn_ignored(&self, what: &str, listed: &[String], floor_keys: &[String]) {
+        for keyid in listed.iter().filter(|k| !floor_keys.contains(k)) {
+            tracing::warn!(
+                keyid,
+                floor = %self.path.display(),
+                "{what} key {keyid} is trusted in pde.toml but not by the trust floor; it does not count"
+            );
+        }
+    }
+
     /// The floor's plugin keys that count on `today`.
     pub fn plugin_trust(&self, today: jiff::civil::Date) -> Result<TrustedKeys, FloorError> {
         let mut trusted = TrustedKeys::new();

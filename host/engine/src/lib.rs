@@ -23,6 +23,7 @@
 //! - [`live`]: `pde status --live`, what services run against the state;
 //! - [`history`]: deploys refused before any push, from the audit log;
 //! - [`plugin_install`]: `pde plugin install`, a built component into a workspace;
+//! - [`plugin_workspace`]: one way to open a workspace's plugins (trusted keys, compile cache);
 //! - [`term`]: escaping untrusted text before a person sees it.
 //!
 //! The receiving service that targets run is not here: it is the
@@ -41,6 +42,7 @@ pub mod live;
 pub mod pipeline;
 pub mod plan;
 pub mod plugin_install;
+pub mod plugin_workspace;
 pub mod policy;
 pub mod provenance;
 pub mod report;

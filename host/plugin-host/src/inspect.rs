@@ -32,18 +32,10 @@ pub const TOLERATED_EXPORTS: &[(&str, &str)] = &[(
     "componentize-py's runtime interface (init); tolerated, never called by pde",
 )];
 
-/// The export a world consists of.
-pub fn world_export(kind: PluginKind) -> &'static str {
-    match kind {
-        PluginKind::Validator => "validate",
-        PluginKind::Router => "route",
-    }
-}
-
 /// Exports beside the world's function: `(tolerated, unexpected)`. With no
 /// world (`None`), every export that is not tolerated is unexpected.
 pub fn extra_exports(kind: Option<PluginKind>, exports: &[String]) -> (Vec<String>, Vec<String>) {
-    let world = kind.map(world_export);
+    let world = kind.map(|k| k.world().export);
     let mut tolerated = Vec::new();
     let mut unexpected = Vec::new();
     for e in exports {
@@ -174,17 +166,6 @@ pub fn world(engine: &Engine, component: &Component) -> (Vec<String>, Vec<String
     (imports, exports)
 }
 
-/// The kind a component's exports make it, if any.
-pub fn kind_from_exports(exports: &[String]) -> Option<PluginKind> {
-    if exports.iter().any(|e| e == "validate") {
-        Some(PluginKind::Validator)
-    } else if exports.iter().any(|e| e == "route") {
-        Some(PluginKind::Router)
-    } else {
-        None
-    }
-}
-
 /// What the host grants behind an imported interface name.
 pub fn capability(import: &str) -> Capability {
     let base = import.split('@').next().unwrap_or(import);
@@ -284,7 +265,7 @@ pub(crate) fn inspect_compiled(engine: &Engine, component: &Component, bytes: &[
         _ => None,
     };
     let wit_versions = named.iter().map(|v| v.to_string()).collect();
-    let kind = kind_from_exports(&exports);
+    let kind = crate::world::kind_from_exports(&exports);
     let (tolerated_exports, unexpected_exports) = extra_exports(kind, &exports);
     Inspection {
         sha256: super::sha256_hex(bytes),

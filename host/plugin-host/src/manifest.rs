@@ -20,7 +20,7 @@ use crate::limits::Limits;
 pub struct Manifest {
     /// The plugin's name, unique within the plugin directory.
     pub name: String,
-    /// `validator` or `router`, checked by [`Manifest::kind`].
+    /// A world's name (`validator`, `router`), checked by [`Manifest::kind`].
     kind: String,
     /// The plugin's own version (free text, usually semver).
     pub version: String,
@@ -115,14 +115,10 @@ impl Manifest {
 
     /// The declared kind, or [`PluginError::UnknownKind`].
     pub fn kind(&self, path: &Path) -> Result<PluginKind, PluginError> {
-        match self.kind.as_str() {
-            "validator" => Ok(PluginKind::Validator),
-            "router" => Ok(PluginKind::Router),
-            other => Err(PluginError::UnknownKind {
-                path: path.to_path_buf(),
-                kind: other.to_string(),
-            }),
-        }
+        PluginKind::from_name(&self.kind).ok_or_else(|| PluginError::UnknownKind {
+            path: path.to_path_buf(),
+            kind: self.kind.clone(),
+        })
     }
 
     /// The settings as JSON (`{}` when the manifest has none).

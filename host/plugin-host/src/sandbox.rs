@@ -712,6 +712,32 @@ impl Default for RunOptions {
     }
 }
 
+/// What one call runs under: the shared engine, the plugin's name and
+/// effective limits, and how its log is treated. The facade builds it; a
+/// version shim only hands it an async closure ([`Sandbox::run`]), so no
+/// shim chooses a limit.
+#[derive(Clone, Copy)]
+pub struct Sandbox<'a> {
+    /// The engine every plugin of the host shares.
+    pub engine: &'a Engine,
+    /// The plugin, for errors and log lines.
+    pub plugin: &'a str,
+    /// Its effective limits.
+    pub limits: &'a Limits,
+    /// How the call treats its log.
+    pub options: RunOptions,
+}
+
+impl Sandbox<'_> {
+    /// [`run`] under this sandbox.
+    pub fn run<R>(
+        &self,
+        call: impl AsyncFnOnce(&mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<(R, CallStats), PluginError> {
+        run(self.engine, self.plugin, self.limits, self.options, call)
+    }
+}
+
 /// Runs `call` in a fresh store and turns every way it can end into a named
 /// result. The version shims pass an async closure that instantiates and
 /// calls; `limits.timeout_ms` bounds all of it, guest code and host waits.

@@ -13,6 +13,7 @@ use pde::plugin::{
     ActivePolicy, CallContext, Plugin, PluginHost, PluginKind, PolicyInput, ServiceInfo,
     SignatureStatus,
 };
+use pde::plugin_workspace::PluginWorkspace;
 use pde::term::Escaped;
 
 use super::{CmdResult, Ctx, Failure};
@@ -172,43 +173,12 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
     }
 }
 
-/// The workspace, when `pde.toml` exists; `required` makes its absence an error.
-fn workspace(ctx: &Ctx, required: bool) -> Result<Option<Config>, Failure> {
-    if !required && !ctx.dir.join(pde::config::FILE_NAME).is_file() {
-        return Ok(None);
-    }
-    Ok(Some(Config::load(&ctx.dir)?))
-}
-
-fn trusted_keys(ctx: &Ctx, config: Option<&Config>) -> Result<TrustedKeys, Failure> {
-    let Some(config) = config else {
-        return Ok(TrustedKeys::new());
-    };
-    let paths: Vec<PathBuf> = config
-        .trust
-        .plugin_keys
-        .iter()
-        .map(|p| ctx.dir.join(p))
-        .collect();
-    let mut trusted = TrustedKeys::from_files(&paths)?;
-    trusted.revoke(&config.trust.revoked);
-    Ok(trusted)
-}
-
-/// A host caching compiled components in the workspace's state directory
-/// when it exists, and in the per-user cache (large components, e.g. Python
-/// ones, take a minute to compile; see `pde::plugin::cache`). These commands
-/// only read, so they never create the state directory.
-fn host(ctx: &Ctx, config: Option<&Config>) -> Result<PluginHost, Failure> {
-    let limits = config.map(|c| c.limits).unwrap_or_default();
-    let mut cache_dirs = Vec::new();
-    if let Some(c) = config
-        && ctx.dir.join(&c.state).is_dir()
-    {
-        cache_dirs.push(ctx.dir.join(&c.state).join("cache").join("plugins"));
-    }
-    cache_dirs.extend(pde::plugin::cache::user_cache_dir());
-    Ok(PluginHost::with_cache_dirs(limits, cache_dirs)?)
+/// The plugin side of the workspace in `-C DIR`: its trusted keys and
+/// compile cache, derived as the engine derives them
+/// (`pde::plugin_workspace`). These commands only read: they never create
+/// the state directory. `required` makes a missing `pde.toml` an error.
+fn workspace(ctx: &Ctx, required: bool) -> Result<PluginWorkspace, Failure> {
+    Ok(PluginWorkspace::open(&ctx.dir, required)?)
 }
 
 fn is_path(target: &str) -> bool {
@@ -267,10 +237,9 @@ fn signed_text(s: &SignatureStatus) -> String {
 }
 
 fn list(ctx: &Ctx) -> CmdResult {
-    let config = workspace(ctx, true)?;
-    let config = config.as_ref();
-    let trusted = trusted_keys(ctx, config)?;
-    let config = config.expect("required");
+    let ws = workspace(ctx, true)?;
+    let trusted = ws.trust()?;
+    let config = ws.config().expect("required");
     let dir = ctx.dir.join(&config.plugins);
     // Listing compiles nothing: no engine, no cache (issue 15).
     let plugins = pde::plugin::list_dir(&dir, &config.limits, &trusted)?;
@@ -344,11 +313,11 @@ fn target_path(ctx: &Ctx, config: Option<&Config>, target: &str) -> Result<PathB
 }
 
 fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
-    let config = workspace(ctx, !is_path(target))?;
-    let config = config.as_ref();
-    let trusted = trusted_keys(ctx, config)?;
+    let ws = workspace(ctx, !is_path(target))?;
+    let config = ws.config();
+    let trusted = ws.trust()?;
     let path = target_path(ctx, config, target)?;
-    let host = host(ctx, config)?;
+    let host = ws.host()?;
     let report = host.inspect_file(&path, &trusted)?;
     // What pde refuses to run, inspect refuses too, with the same exit code
     // (after showing the whole picture, so the reviewer sees why).
@@ -417,7 +386,10 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
         report
             .kind
             .map(|k| k.to_string())
-            .unwrap_or_else(|| "none (exports neither validate nor route)".into())
+            .unwrap_or_else(|| format!(
+                "none (exports {})",
+                pde::plugin::world::no_export_in_words()
+            ))
     );
     let supported = report.wit_supported.join(", ");
     let binding = match &report.wit_bound_by {
@@ -506,14 +478,14 @@ fn run_costs(host: &PluginHost, plugin: &Plugin, policy: &PolicyInput) -> Result
 }
 
 fn diff(ctx: &Ctx, old: &str, new: &str, policy: Option<&Path>) -> CmdResult {
-    let config = workspace(ctx, !is_path(old) || !is_path(new))?;
-    let config = config.as_ref();
-    let trusted = trusted_keys(ctx, config)?;
+    let ws = workspace(ctx, !is_path(old) || !is_path(new))?;
+    let config = ws.config();
+    let trusted = ws.trust()?;
     let (old_path, new_path) = (
         target_path(ctx, config, old)?,
         target_path(ctx, config, new)?,
     );
-    let mut host = host(ctx, config)?;
+    let mut host = ws.host()?;
     host.trace_call_logs(false);
     let a = host.inspect_file(&old_path, &trusted)?;
     let b = host.inspect_file(&new_path, &trusted)?;
@@ -733,10 +705,10 @@ fn read_services(path: &Path) -> Result<Vec<ServiceInfo>, Failure> {
 
 fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> CmdResult {
     let env = opts.env;
-    let config = workspace(ctx, !is_path(target))?;
-    let config = config.as_ref();
-    let trusted = trusted_keys(ctx, config)?;
-    let mut host = host(ctx, config)?;
+    let ws = workspace(ctx, !is_path(target))?;
+    let config = ws.config();
+    let trusted = ws.trust()?;
+    let mut host = ws.host()?;
     // The report's log is printed below (or is in the JSON): once is enough.
     host.trace_call_logs(false);
     host.deny_attempts(opts.deny_attempts);
@@ -926,8 +898,7 @@ fn sign(
     // inspect` and `validate` (a build they compiled is not compiled
     // again). A pde.toml beside it must load: its [limits] are what the
     // manifest is held against, and guessing them would sign a loosening.
-    let config = workspace(ctx, false)?;
-    let host = host(ctx, config.as_ref())?;
+    let host = workspace(ctx, false)?.host()?;
     let (sig_path, sig) = host.sign_file(path, &key, &signer)?;
     if ctx.json {
         ctx.print_json(&serde_json::json!({
@@ -958,11 +929,10 @@ fn install(
     signer: Option<String>,
     note: Option<String>,
 ) -> CmdResult {
-    let Some(config) = workspace(ctx, true)? else {
-        unreachable!("a required workspace is loaded or an error")
-    };
-    let trusted = trusted_keys(ctx, Some(&config))?;
-    let host = host(ctx, Some(&config))?;
+    let ws = workspace(ctx, true)?;
+    let config = ws.config().expect("required");
+    let trusted = ws.trust()?;
+    let host = ws.host()?;
     // Paths are read as if pde was started in -C DIR (an absolute one as is).
     let file = ctx.dir.join(file);
     let manifest = manifest.map(|m| ctx.dir.join(m));
@@ -1051,9 +1021,9 @@ fn install(
 
 fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
     // The workspace also sets the limits the manifest is held against.
-    let config = workspace(ctx, false)?;
+    let ws = workspace(ctx, false)?;
     let trusted = if keys.is_empty() {
-        trusted_keys(ctx, config.as_ref())?
+        ws.trust()?
     } else {
         TrustedKeys::from_files(keys)?
     };
@@ -1064,7 +1034,7 @@ fn verify(ctx: &Ctx, path: &Path, keys: &[PathBuf]) -> CmdResult {
     }
     // Every check pde applies before it runs the plugin comes first: a
     // signature over something pde refuses is no reason to call it valid.
-    let plugin = host(ctx, config.as_ref())?.admit(path, &trusted)?;
+    let plugin = ws.host()?.admit(path, &trusted)?;
     let digest = plugin.sha256;
     let status = plugin.signature;
     match status {

@@ -4,12 +4,28 @@
 //! export names (`pde:plugin/host@0.1.0`). [`select`] reads that version and
 //! picks the module that binds it (semver-compatible with the module's
 //! `MIN_VERSION`); an unknown version is refused by name before anything runs.
-//! Supporting a new version means adding `since_v0_X_Y.rs`, a variant in
-//! [`Prepared`] and a row in [`SUPPORTED`], nothing else; 0.2.0 was added
-//! that way. The newest module ([`latest`]) is the one implementation: the
-//! older shims convert their types to its types and forward to it. The shims
-//! translate types only: every check sits below them, in `sandbox` and the
-//! facade.
+//! The newest module ([`latest`]) is the one implementation: the older shims
+//! convert their types to its types and forward to it. The shims translate
+//! types only: every check sits below them, in `sandbox` and the facade.
+//!
+//! Two tables tie it together:
+//! - [`VERSIONS`]: one row per version module (its `MIN_VERSION`, its linker,
+//!   and the worlds it binds, each with its shim);
+//! - [`crate::world::WORLDS`]: one row per world (its name and export), with
+//!   the version-independent shape of its call here ([`WorldCall`]).
+//!
+//! What a change takes (docs/ARCHITECTURE.md "Plugin worlds"):
+//! - **a new world** (say `gate`): its row in `WORLDS` and its variant of
+//!   [`crate::PluginKind`], a [`WorldCall`] type, and in each version module
+//!   that has it a `bindgen!` world and one shim (a row of its `WORLDS`
+//!   list). A version whose WIT lacks the world simply has no row, and a
+//!   plugin of that world built against it is refused by name. The facade
+//!   then gets a method that calls it ([`Prepared::call`]) and checks its
+//!   result, as `validate` and `route` do;
+//! - **a new WIT version**: its module `since_vX_Y_Z.rs` (which becomes
+//!   [`latest`]), its row in [`VERSIONS`], and the previous newest module
+//!   turned into a shim that converts onto the new types (0.2.0 was added
+//!   that way, turning 0.1.0 into a shim).
 //!
 //! | module | binds | adds |
 //! |---|---|---|
@@ -22,19 +38,43 @@ pub mod since_v0_2_0;
 /// The newest version module, which older shims forward to.
 pub use since_v0_2_0 as latest;
 
+use std::any::Any;
+use std::sync::LazyLock;
+
 use semver::Version;
 use wasmtime::Engine;
 use wasmtime::component::{Component, Linker};
 
-use super::sandbox::{CallStats, HostState, RunOptions};
-use super::{PluginError, PluginKind};
-use crate::limits::Limits;
+use super::sandbox::{CallStats, HostState, Sandbox};
+use crate::PluginError;
+use crate::world::PluginKind;
 
 /// The WIT package every plugin implements.
 pub const PACKAGE: &str = "pde:plugin";
 
+/// One supported WIT version: a row of [`VERSIONS`], defined by its module
+/// as `MODULE`.
+pub struct VersionModule {
+    /// The oldest version it binds; it binds every semver-compatible one.
+    pub min: Version,
+    /// Builds its linker: WASI deny-by-default and its `host` interface.
+    pub linker: fn(&Engine) -> Result<Linker<HostState>, PluginError>,
+    /// The worlds its WIT has, each with its shim.
+    pub worlds: &'static [(PluginKind, Bind)],
+}
+
+/// A shim of one world in one WIT version: links a component and
+/// type-checks it as that world (wasmtime's `InstancePre`, made once and
+/// reused by every call), returning how to call it. Errors are text; the
+/// caller turns them into a named error.
+pub type Bind = fn(&Linker<HostState>, &Component) -> Result<Prepared, String>;
+
+/// Every version module, oldest first.
+pub const VERSIONS: &[VersionModule] = &[since_v0_1_0::MODULE, since_v0_2_0::MODULE];
+
 /// The `MIN_VERSION` of every version module, oldest first.
-pub const SUPPORTED: &[Version] = &[since_v0_1_0::MIN_VERSION, since_v0_2_0::MIN_VERSION];
+pub static SUPPORTED: LazyLock<Vec<Version>> =
+    LazyLock::new(|| VERSIONS.iter().map(|m| m.min.clone()).collect());
 
 /// The first version whose context carries the active policy.
 pub const ACTIVE_POLICY_SINCE: Version = since_v0_2_0::MIN_VERSION;
@@ -152,28 +192,94 @@ pub struct RawRoute {
     pub reason: String,
 }
 
-/// The version module able to run a given plugin, with its linker.
-pub struct Linkers {
-    v0_1_0: Linker<HostState>,
-    v0_2_0: Linker<HostState>,
-}
+/// The linker of every version module, in the order of [`VERSIONS`].
+pub struct Linkers(Vec<Linker<HostState>>);
 
 impl Linkers {
     /// Builds the linker of every supported version.
     pub fn new(engine: &Engine) -> Result<Linkers, PluginError> {
-        Ok(Linkers {
-            v0_1_0: since_v0_1_0::linker(engine)?,
-            v0_2_0: since_v0_2_0::linker(engine)?,
-        })
+        VERSIONS
+            .iter()
+            .map(|m| (m.linker)(engine))
+            .collect::<Result<_, _>>()
+            .map(Linkers)
     }
 }
 
-/// A component bound to one version module and one world.
-pub enum Prepared {
-    /// Built against 0.1.x.
-    V0_1(since_v0_1_0::Prepared),
-    /// Built against 0.2.x.
-    V0_2(since_v0_2_0::Prepared),
+/// The "call" of a world, independent of the WIT version: what its function
+/// takes beyond the policy and its context, and what its result list holds.
+/// Each shim converts these to and from its version's types.
+pub trait WorldCall: 'static {
+    /// The world.
+    const KIND: PluginKind;
+    /// What the function takes beyond the policy and its context.
+    type Args: ?Sized + 'static;
+    /// One item of the list it returns.
+    type Item: 'static;
+}
+
+/// `validate(policy, context) -> result<list<diagnostic>, string>`.
+pub enum Validate {}
+
+impl WorldCall for Validate {
+    const KIND: PluginKind = PluginKind::Validator;
+    type Args = ();
+    type Item = RawDiagnostic;
+}
+
+/// `route(policy, context, services) -> result<list<route>, string>`.
+pub enum Route {}
+
+impl WorldCall for Route {
+    const KIND: PluginKind = PluginKind::Router;
+    type Args = [RawService];
+    type Item = RawRoute;
+}
+
+/// How a shim calls its world: instantiate in a fresh sandbox, call, and
+/// convert the result to the version-independent types.
+type CallFn<C> = Box<
+    dyn Fn(&Sandbox<'_>, &CallInput, &<C as WorldCall>::Args) -> Called<<C as WorldCall>::Item>
+        + Send
+        + Sync,
+>;
+
+/// A component bound to one world by one version module's shim: linked,
+/// type-checked and pre-instantiated once, called any number of times (each
+/// call in a fresh instance).
+pub struct Prepared {
+    kind: PluginKind,
+    /// A `CallFn<C>` of the world's [`WorldCall`] `C`.
+    call: Box<dyn Any + Send + Sync>,
+}
+
+impl Prepared {
+    /// A component bound as world `C`, called by `call`.
+    pub fn new<C: WorldCall>(
+        call: impl Fn(&Sandbox<'_>, &CallInput, &C::Args) -> Called<C::Item> + Send + Sync + 'static,
+    ) -> Prepared {
+        let call: CallFn<C> = Box::new(call);
+        Prepared {
+            kind: C::KIND,
+            call: Box::new(call),
+        }
+    }
+
+    /// The world it was bound as.
+    pub fn kind(&self) -> PluginKind {
+        self.kind
+    }
+
+    /// Calls it as world `C`; `None` when it was bound as another world.
+    pub fn call<C: WorldCall>(
+        &self,
+        sandbox: &Sandbox<'_>,
+        input: &CallInput,
+        args: &C::Args,
+    ) -> Option<Called<C::Item>> {
+        let call = self.call.downcast_ref::<CallFn<C>>()?;
+        Some(call(sandbox, input, args))
+    }
 }
 
 /// The `pde:plugin` versions named by `names` (imports and exports).
@@ -192,13 +298,19 @@ pub fn versions_named<'a>(names: impl Iterator<Item = &'a str>) -> Vec<Version> 
 /// Picks the newest version module whose `MIN_VERSION` the plugin's version
 /// is semver-compatible with.
 pub fn select(found: &Version) -> Option<&'static Version> {
-    SUPPORTED.iter().rev().find(|min| {
-        let req = semver::VersionReq::parse(&format!("^{min}")).ok();
+    module_for(found).map(|(_, m)| &m.min)
+}
+
+/// The row of [`VERSIONS`] that binds `found`, with its index.
+fn module_for(found: &Version) -> Option<(usize, &'static VersionModule)> {
+    VERSIONS.iter().enumerate().rev().find(|(_, m)| {
+        let req = semver::VersionReq::parse(&format!("^{}", m.min)).ok();
         req.is_some_and(|r| r.matches(found))
     })
 }
 
-/// Binds `component` (already known to be of WIT `version`) as `kind`.
+/// Binds `component` (already known to be of WIT `version`) as `kind`,
+/// through the shim of that world in the version module that binds it.
 pub fn prepare(
     linkers: &Linkers,
     component: &Component,
@@ -206,7 +318,7 @@ pub fn prepare(
     version: &Version,
     kind: PluginKind,
 ) -> Result<Prepared, PluginError> {
-    let Some(min) = select(version) else {
+    let Some((index, module)) = module_for(version) else {
         return Err(PluginError::UnsupportedWitVersion {
             plugin: plugin.to_string(),
             found: version.to_string(),
@@ -217,65 +329,32 @@ pub fn prepare(
                 .join(", "),
         });
     };
-    let router = kind == PluginKind::Router;
-    let result = if *min == since_v0_1_0::MIN_VERSION {
-        since_v0_1_0::prepare(&linkers.v0_1_0, component, router).map(Prepared::V0_1)
-    } else if *min == since_v0_2_0::MIN_VERSION {
-        since_v0_2_0::prepare(&linkers.v0_2_0, component, router).map(Prepared::V0_2)
-    } else {
-        Err(format!("no module binds WIT {min}"))
+    let min = &module.min;
+    let Some((_, bind)) = module.worlds.iter().find(|(k, _)| *k == kind) else {
+        let having: Vec<String> = VERSIONS
+            .iter()
+            .filter(|m| m.worlds.iter().any(|(k, _)| *k == kind))
+            .map(|m| m.min.to_string())
+            .collect();
+        return Err(PluginError::BadComponent {
+            plugin: plugin.to_string(),
+            message: format!(
+                "world {kind} is not part of {}@{version} (it is in {}); rebuild it against one of those wit/ versions",
+                PACKAGE,
+                having.join(", ")
+            ),
+        });
     };
-    result.map_err(|detail| PluginError::BadComponent {
-        plugin: plugin.to_string(),
-        message: format!(
-            "it does not link as a WIT {version} {kind} ({detail}); rebuild it against wit/v{min}/plugin.wit with the pde-plugin SDK"
-        ),
-    })
-}
-
-impl Prepared {
-    /// Runs `validate`; `None` if this is not a validator.
-    pub fn validate(
-        &self,
-        engine: &Engine,
-        plugin: &str,
-        limits: &Limits,
-        options: RunOptions,
-        input: &CallInput,
-    ) -> Option<Called<RawDiagnostic>> {
-        match self {
-            Prepared::V0_1(since_v0_1_0::Prepared::Validator(pre)) => Some(since_v0_1_0::validate(
-                engine, pre, plugin, limits, options, input,
-            )),
-            Prepared::V0_2(since_v0_2_0::Prepared::Validator(pre)) => Some(since_v0_2_0::validate(
-                engine, pre, plugin, limits, options, input,
-            )),
-            Prepared::V0_1(since_v0_1_0::Prepared::Router(_))
-            | Prepared::V0_2(since_v0_2_0::Prepared::Router(_)) => None,
+    let prepared = bind(&linkers.0[index], component).map_err(|detail| {
+        PluginError::BadComponent {
+            plugin: plugin.to_string(),
+            message: format!(
+                "it does not link as a WIT {version} {kind} ({detail}); rebuild it against wit/v{min}/plugin.wit with the pde-plugin SDK"
+            ),
         }
-    }
-
-    /// Runs `route`; `None` if this is not a router.
-    pub fn route(
-        &self,
-        engine: &Engine,
-        plugin: &str,
-        limits: &Limits,
-        options: RunOptions,
-        input: &CallInput,
-        services: &[RawService],
-    ) -> Option<Called<RawRoute>> {
-        match self {
-            Prepared::V0_1(since_v0_1_0::Prepared::Router(pre)) => Some(since_v0_1_0::route(
-                engine, pre, plugin, limits, options, input, services,
-            )),
-            Prepared::V0_2(since_v0_2_0::Prepared::Router(pre)) => Some(since_v0_2_0::route(
-                engine, pre, plugin, limits, options, input, services,
-            )),
-            Prepared::V0_1(since_v0_1_0::Prepared::Validator(_))
-            | Prepared::V0_2(since_v0_2_0::Prepared::Validator(_)) => None,
-        }
-    }
+    })?;
+    debug_assert_eq!(prepared.kind(), kind, "a shim bound the wrong world");
+    Ok(prepared)
 }
 
 #[cfg(test)]
@@ -327,6 +406,26 @@ mod tests {
         assert!(carries_active_policy(&Version::new(0, 2, 0)));
         assert!(carries_active_policy(&Version::new(0, 2, 3)));
         assert!(!carries_active_policy(&Version::new(0, 3, 0)));
+    }
+
+    #[test]
+    fn every_version_module_binds_each_of_its_worlds_once_and_only_known_ones() {
+        for module in VERSIONS {
+            for world in crate::world::WORLDS {
+                let shims = module.worlds.iter().filter(|(k, _)| *k == world.kind);
+                assert!(
+                    shims.count() <= 1,
+                    "{} binds {} twice",
+                    module.min,
+                    world.name
+                );
+            }
+            assert!(!module.worlds.is_empty(), "{} binds no world", module.min);
+        }
+        // Every world is bound by the newest version.
+        let newest = VERSIONS.last().unwrap();
+        assert_eq!(newest.min, latest::MIN_VERSION);
+        assert_eq!(newest.worlds.len(), crate::world::WORLDS.len());
     }
 
     #[test]

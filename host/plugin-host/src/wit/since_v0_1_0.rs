@@ -17,13 +17,24 @@ use semver::Version;
 use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
 
-use super::since_v0_2_0 as latest;
-use super::{CallInput, Called, RawDiagnostic, RawRoute, RawService};
+use super::latest;
+use super::{Prepared, Route, Validate, VersionModule};
 use crate::PluginError;
-use crate::sandbox::{self, HostState, RunOptions};
+use crate::sandbox::HostState;
+use crate::world::PluginKind;
 
 /// The oldest plugin WIT version this module binds.
 pub const MIN_VERSION: Version = Version::new(0, 1, 0);
+
+/// This module's row of [`super::VERSIONS`]: its worlds and their shims.
+pub const MODULE: VersionModule = VersionModule {
+    min: MIN_VERSION,
+    linker,
+    worlds: &[
+        (PluginKind::Validator, validator),
+        (PluginKind::Router, router),
+    ],
+};
 
 mod validator_world {
     wasmtime::component::bindgen!({
@@ -125,82 +136,50 @@ impl From<types::Route> for latest::types::Route {
 
 /// The linker for 0.1.0 plugins: WASI p2 (async, so waits yield to the
 /// call's timeout; nothing behind it) + `host`.
-pub fn linker(engine: &Engine) -> Result<Linker<HostState>, PluginError> {
+fn linker(engine: &Engine) -> Result<Linker<HostState>, PluginError> {
     super::linker_with(engine, &MIN_VERSION, |linker| {
         validator_world::Validator::add_to_linker::<HostState, HasSelf<HostState>>(linker, |s| s)
     })
 }
 
-/// A component pre-instantiated against the 0.1.0 linker, as one world.
-pub enum Prepared {
-    /// World `validator`.
-    Validator(validator_world::ValidatorPre<HostState>),
-    /// World `router`.
-    Router(router_world::RouterPre<HostState>),
+/// World `validator`: `validate`, called in a fresh instance each time.
+fn validator(linker: &Linker<HostState>, component: &Component) -> Result<Prepared, String> {
+    let pre = super::prepare_as(linker, component, validator_world::ValidatorPre::new)?;
+    Ok(Prepared::new::<Validate>(move |sandbox, input, &()| {
+        let p: types::Policy = latest::policy(input).into();
+        let c: types::Context = latest::context(input).into();
+        let (out, stats) = sandbox.run(async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            instance.call_validate(&mut *store, &p, &c).await
+        })?;
+        let out = out.map(|list| {
+            list.into_iter()
+                .map(|d| latest::raw_diagnostic(d.into()))
+                .collect()
+        });
+        Ok((out, stats))
+    }))
 }
 
-/// Links `component` and type-checks it against world `validator` or `router`.
-/// Errors are returned as text; the caller turns them into a named error.
-pub fn prepare(
-    linker: &Linker<HostState>,
-    component: &Component,
-    router: bool,
-) -> Result<Prepared, String> {
-    if router {
-        super::prepare_as(linker, component, router_world::RouterPre::new).map(Prepared::Router)
-    } else {
-        super::prepare_as(linker, component, validator_world::ValidatorPre::new)
-            .map(Prepared::Validator)
-    }
-}
-
-/// Calls `validate` in a fresh sandbox.
-pub fn validate(
-    engine: &Engine,
-    pre: &validator_world::ValidatorPre<HostState>,
-    plugin: &str,
-    limits: &crate::limits::Limits,
-    options: RunOptions,
-    input: &CallInput,
-) -> Called<RawDiagnostic> {
-    let p: types::Policy = latest::policy(input).into();
-    let c: types::Context = latest::context(input).into();
-    let (out, stats) = sandbox::run(engine, plugin, limits, options, async |store| {
-        let instance = pre.instantiate_async(&mut *store).await?;
-        instance.call_validate(&mut *store, &p, &c).await
-    })?;
-    let out = out.map(|list| {
-        list.into_iter()
-            .map(|d| latest::raw_diagnostic(d.into()))
-            .collect()
-    });
-    Ok((out, stats))
-}
-
-/// Calls `route` in a fresh sandbox.
-pub fn route(
-    engine: &Engine,
-    pre: &router_world::RouterPre<HostState>,
-    plugin: &str,
-    limits: &crate::limits::Limits,
-    options: RunOptions,
-    input: &CallInput,
-    services: &[RawService],
-) -> Called<RawRoute> {
-    let p: types::Policy = latest::policy(input).into();
-    let c: types::Context = latest::context(input).into();
-    let services: Vec<types::Service> =
-        services.iter().map(|s| latest::service(s).into()).collect();
-    let (out, stats) = sandbox::run(engine, plugin, limits, options, async |store| {
-        let instance = pre.instantiate_async(&mut *store).await?;
-        instance.call_route(&mut *store, &p, &c, &services).await
-    })?;
-    let out = out.map(|list| {
-        list.into_iter()
-            .map(|r| latest::raw_route(r.into()))
-            .collect()
-    });
-    Ok((out, stats))
+/// World `router`: `route`, called in a fresh instance each time.
+fn router(linker: &Linker<HostState>, component: &Component) -> Result<Prepared, String> {
+    let pre = super::prepare_as(linker, component, router_world::RouterPre::new)?;
+    Ok(Prepared::new::<Route>(move |sandbox, input, services| {
+        let p: types::Policy = latest::policy(input).into();
+        let c: types::Context = latest::context(input).into();
+        let services: Vec<types::Service> =
+            services.iter().map(|s| latest::service(s).into()).collect();
+        let (out, stats) = sandbox.run(async |store| {
+            let instance = pre.instantiate_async(&mut *store).await?;
+            instance.call_route(&mut *store, &p, &c, &services).await
+        })?;
+        let out = out.map(|list| {
+            list.into_iter()
+                .map(|r| latest::raw_route(r.into()))
+                .collect()
+        });
+        Ok((out, stats))
+    }))
 }
 
 /// The newest context as a 0.1.0 plugin receives it, as

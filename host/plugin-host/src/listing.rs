@@ -1,0 +1,112 @@
+//! `pde plugin list`: what can be said of a plugin directory without
+//! compiling anything.
+
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::host::{precheck, read, sha256_hex};
+use crate::world::PluginKind;
+use crate::{Limits, PluginError, SignatureStatus, discovery, signature, wit};
+use pde_core::keys::TrustedKeys;
+
+/// What `pde plugin list` shows of a plugin: everything checked before a
+/// load compiles anything (manifest, pinned digest, signature), and the
+/// `pde:plugin` version read from the component's import names.
+#[derive(Debug, Clone, Serialize)]
+pub struct Listing {
+    /// Name from the manifest.
+    pub name: String,
+    /// Its declared world.
+    pub kind: PluginKind,
+    /// Its own version from the manifest.
+    pub version: String,
+    /// Lowercase hex sha256 of the component (equal to the pinned one).
+    pub sha256: String,
+    /// The `pde:plugin` version its imports and exports name.
+    pub wit_version: semver::Version,
+    /// Its signature status against the trusted keys given.
+    pub signature: SignatureStatus,
+    /// The manifest's description.
+    pub description: String,
+}
+
+/// Lists the plugins of `dir`, sorted by name, without compiling or
+/// instantiating any: the manifest, limit, digest and signature checks of a
+/// load, and the WIT version from the component's own import and export
+/// names. Whether a plugin links and has the world it declares is only
+/// known when it is loaded (`pde plugin verify`, `pde validate`).
+pub fn list_dir(
+    dir: &Path,
+    limits: &Limits,
+    trusted: &TrustedKeys,
+) -> Result<Vec<Listing>, PluginError> {
+    discovery::discover(dir)?
+        .into_iter()
+        .map(|found| {
+            let m = &found.manifest;
+            let kind = m.kind(&found.manifest_path)?;
+            m.effective_limits(limits, &found.manifest_path)?;
+            let bytes = read(&found.wasm)?;
+            let sha256 = sha256_hex(&bytes);
+            if sha256 != m.sha256 {
+                return Err(PluginError::DigestMismatch {
+                    plugin: m.name.clone(),
+                    path: found.wasm.clone(),
+                    expected: m.sha256.clone(),
+                    actual: sha256,
+                });
+            }
+            precheck(&m.name, &bytes)?;
+            let signature = signature::status(&found.wasm, Some(m), &sha256, trusted);
+            let names = top_level_names(&bytes);
+            let versions = wit::versions_named(names.iter().map(String::as_str));
+            let wit_version = versions
+                .last()
+                .cloned()
+                .unwrap_or_else(|| wit::latest::MIN_VERSION.clone());
+            Ok(Listing {
+                name: m.name.clone(),
+                kind,
+                version: m.version.clone(),
+                sha256,
+                wit_version,
+                signature,
+                description: m.description.clone(),
+            })
+        })
+        .collect()
+}
+
+/// The import and export names of the outer component (not of the modules
+/// and components nested in it), read without compiling it.
+fn top_level_names(bytes: &[u8]) -> Vec<String> {
+    use wasmparser::Payload;
+    let mut names = Vec::new();
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let Ok(payload) = payload else { break };
+        match payload {
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(reader) if depth == 0 => {
+                names.extend(
+                    reader
+                        .into_iter()
+                        .flatten()
+                        .map(|i| i.name.name.to_string()),
+                );
+            }
+            Payload::ComponentExportSection(reader) if depth == 0 => {
+                names.extend(
+                    reader
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e.name.name.to_string()),
+                );
+            }
+            _ => {}
+        }
+    }
+    names
+}

@@ -1,0 +1,236 @@
+//! The values the facade takes and gives: a loaded [`Plugin`], a call's
+//! input ([`PolicyInput`], [`CallContext`], [`ServiceInfo`]) and its
+//! [`CallReport`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::world::PluginKind;
+use crate::{Limits, PluginError, PluginHost, wit};
+
+/// The plugins of a workspace with the sandbox they run in, loaded once.
+pub struct PluginSet {
+    /// The sandbox they run in.
+    pub host: PluginHost,
+    /// Every plugin of the plugin directory, in name order.
+    pub plugins: Vec<Plugin>,
+}
+
+impl PluginSet {
+    /// The plugins of one kind, in name order.
+    pub fn of_kind(&self, kind: PluginKind) -> impl Iterator<Item = &Plugin> {
+        self.plugins.iter().filter(move |p| p.kind == kind)
+    }
+}
+
+/// Whether a plugin carries a signature from a trusted key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum SignatureStatus {
+    /// No `<name>.wasm.sig`.
+    Unsigned,
+    /// Signed by a trusted key, over the manifest as it is now.
+    Valid {
+        /// The signing key's id.
+        keyid: String,
+        /// Who signed (recorded in, and covered by, the signature).
+        signer: String,
+        /// When, RFC 3339 UTC.
+        signed_at: String,
+        /// The signer's note, if any.
+        note: Option<String>,
+    },
+    /// A signature is present but not accepted.
+    Invalid {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl SignatureStatus {
+    /// What is wrong with the signature, in words (`None`: valid by a
+    /// trusted key): for the warning given where signatures are not
+    /// required, so that a broken one is never silent.
+    pub fn problem(&self) -> Option<String> {
+        match self {
+            SignatureStatus::Valid { .. } => None,
+            SignatureStatus::Unsigned => Some("unsigned".to_string()),
+            SignatureStatus::Invalid { reason } => Some(format!("signature INVALID: {reason}")),
+        }
+    }
+}
+
+/// A loaded, checked, pre-instantiated plugin. Cheap to clone.
+#[derive(Clone, Serialize)]
+pub struct Plugin {
+    /// Name from the manifest (or the file stem without one).
+    pub name: String,
+    /// Its world.
+    pub kind: PluginKind,
+    /// Its own version from the manifest (`""` without one).
+    pub version: String,
+    /// Lowercase hex sha256 of the component.
+    pub sha256: String,
+    /// The `pde:plugin` version it was built against.
+    pub wit_version: semver::Version,
+    /// Its signature status against the trusted keys given at load.
+    pub signature: SignatureStatus,
+    /// Its `[settings]`, as JSON.
+    pub settings: serde_json::Value,
+    /// Effective per-call limits.
+    pub limits: Limits,
+    /// The component file.
+    pub path: PathBuf,
+    /// The manifest's description.
+    pub description: String,
+    /// True when the compiled component came from the on-disk cache.
+    pub loaded_from_cache: bool,
+    /// False when its manifest declares `uses_environment = false`: every
+    /// call then gets the environment-neutral context, whatever the caller
+    /// passes, so its result cannot depend on the environment.
+    pub uses_environment: bool,
+    /// True when its manifest declares `deny_attempts = true`: an attempt
+    /// at a denied capability fails the call ([`PluginError::DeniedAttempt`])
+    /// instead of only being reported. [`PluginHost::deny_attempts`] turns
+    /// it on for every plugin.
+    pub deny_attempts: bool,
+    #[serde(skip)]
+    pub(crate) prepared: Arc<wit::Prepared>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("kind", &self.kind)
+            .field("version", &self.version)
+            .field("sha256", &self.sha256)
+            .field("wit_version", &self.wit_version)
+            .field("signature", &self.signature)
+            .field("limits", &self.limits)
+            .field("path", &self.path)
+            .field("loaded_from_cache", &self.loaded_from_cache)
+            .field("uses_environment", &self.uses_environment)
+            .field("deny_attempts", &self.deny_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    /// True when this plugin's contract carries the active policy in its
+    /// context (`pde:plugin@0.2.0` and later).
+    pub fn sees_active_policy(&self) -> bool {
+        wit::carries_active_policy(&self.wit_version)
+    }
+
+    /// Ok when the plugin carries a valid signature by a trusted key;
+    /// [`PluginError::BadSignature`] otherwise (for `require_signed_plugins`).
+    pub fn require_signature(&self) -> Result<(), PluginError> {
+        match &self.signature {
+            SignatureStatus::Valid { .. } => Ok(()),
+            SignatureStatus::Unsigned => Err(PluginError::BadSignature {
+                plugin: self.name.clone(),
+                reason: format!(
+                    "unsigned; the environment requires signed plugins (sign it with `pde plugin sign {} --key FILE`)",
+                    self.path.display()
+                ),
+            }),
+            SignatureStatus::Invalid { reason } => Err(PluginError::BadSignature {
+                plugin: self.name.clone(),
+                reason: reason.clone(),
+            }),
+        }
+    }
+}
+
+/// The policy handed to a plugin.
+#[derive(Debug, Clone)]
+pub struct PolicyInput {
+    /// Policy id.
+    pub id: String,
+    /// Policy version.
+    pub version: String,
+    /// The whole document.
+    pub document: serde_json::Value,
+}
+
+/// Where a call happens; the plugin's settings come from the [`Plugin`].
+/// The default is the environment-neutral context.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    /// Target environment, `""` when none.
+    pub environment: String,
+    /// The version of the policy active in `environment`, if any. Plugins
+    /// built against `pde:plugin@0.2.0` or later are told it
+    /// (`context.active`); older ones are not (see [`wit`]).
+    pub active: Option<ActivePolicy>,
+}
+
+impl CallContext {
+    /// A context for `environment` with nothing active there.
+    pub fn env(environment: impl Into<String>) -> Self {
+        CallContext {
+            environment: environment.into(),
+            active: None,
+        }
+    }
+}
+
+/// The version of a policy that is active in an environment: what a deploy
+/// would replace. Read from the bundle that made it active, digest checked.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActivePolicy {
+    /// Its semver version.
+    pub version: String,
+    /// Its bundle digest, `sha256:<hex>`; `""` when it was given without a
+    /// bundle (`pde plugin test --active` with a plain document).
+    pub digest: String,
+    /// When it became active, RFC 3339 UTC; `""` when unknown.
+    pub deployed_at: String,
+    /// The active policy document (not serialised: reports name the
+    /// version and digest, the document is in the bundle).
+    #[serde(skip_serializing)]
+    pub document: serde_json::Value,
+}
+
+/// A service of the target environment, as a router sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceInfo {
+    /// Unique name.
+    pub name: String,
+    /// Tags.
+    pub tags: Vec<String>,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A router's decision for one service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Route {
+    /// A name from the services given.
+    pub service: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// A call's value with what it cost.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallReport<T> {
+    /// What the plugin returned, checked and bounded.
+    pub value: T,
+    /// Fuel consumed.
+    pub fuel_used: u64,
+    /// Peak linear memory, bytes.
+    pub peak_memory_bytes: u64,
+    /// Wall time of instantiation plus the call.
+    pub elapsed: Duration,
+    /// `host.log` lines and stdout and stderr lines, in the order written.
+    pub log: Vec<String>,
+    /// Denied capabilities the plugin tried to use, each once, e.g.
+    /// "tried wasi:sockets: create a TCP socket: denied".
+    pub denied: Vec<String>,
+}
