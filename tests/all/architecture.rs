@@ -95,7 +95,6 @@ fn the_agent_links_no_plugin_runtime_and_no_database() {
                 || n.starts_with("libsqlite3")
                 || **n == "pde"
                 || **n == "pde-plugin-host"
-                || **n == "reqwest"
         })
         .collect();
     assert!(
@@ -115,6 +114,7 @@ const LAYERS: &[&[&str]] = &[
         "runtime",
         "test_receiver",
         "plugin_install",
+        "plugin_registry",
     ],
     // The audit log only needs layer 0, and the shared state (layer 1)
     // keeps the team's audit chain, so the log sits below it.
@@ -128,12 +128,15 @@ const LAYERS: &[&[&str]] = &[
         "steps::envcheck",
         "steps::route",
         "steps::push",
+        "steps::publish",
         "steps::tag",
         "steps::audit",
     ],
     &["report"],
     &["error"],
     &["engine"],
+    // OCI delivery bound to the engine: the registry, its check, publish.
+    &["delivery"],
     // Each step bound to the engine, once for every command.
     &["stages"],
     &["pipeline", "rollback", "team"],

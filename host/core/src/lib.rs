@@ -18,6 +18,8 @@ pub mod clock;
 pub mod exit;
 pub mod fsutil;
 pub mod keys;
+#[cfg(feature = "oci")]
+pub mod oci;
 pub mod retry;
 pub mod rollback;
 pub mod secret;

@@ -149,7 +149,7 @@ impl Engine {
         override_freeze: Option<&str>,
     ) -> Result<(Vec<Target>, HealthReport), Error> {
         let targets = self.targets(env)?;
-        let health = envcheck::check_all(
+        let mut health = envcheck::check_all(
             &self.http,
             &targets,
             &env.checks,
@@ -158,6 +158,10 @@ impl Engine {
             override_freeze,
         )
         .await?;
+        // OCI delivery: the registry is where the bundle goes first.
+        if let Some((name, oci)) = self.oci_env(env) {
+            health.checks.push(self.registry_check(name, oci).await);
+        }
         Ok((targets, health))
     }
 
@@ -170,6 +174,13 @@ impl Engine {
         routed: &[Target],
         observer: &dyn push::Observer,
     ) -> Result<PushReport, Error> {
+        if let Some(oci) = self.environment(env_name)?.oci() {
+            let span = tracing::info_span!("publish", targets = routed.len());
+            return self
+                .publish_stage(bundle, env_name, oci, routed, observer)
+                .instrument(span)
+                .await;
+        }
         // Signs the rollbacks of a compensation (push protocol v3).
         let signer = self.rollback_signer()?;
         let span = tracing::info_span!("push", targets = routed.len());

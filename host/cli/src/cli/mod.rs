@@ -14,6 +14,7 @@ use pde::error::HasExitCode;
 mod approve;
 mod audit;
 mod deploy;
+mod oci;
 mod plugin;
 mod print;
 mod scaffold;
