@@ -69,3 +69,26 @@ example_workspace() {
             commit -qm "HMS policies 42, 43, 44"
     )
 }
+
+# The OCI delivery tests (tests/all/oci.rs, issue 23) run a real registry:
+# Debian's docker-registry (the CNCF distribution registry 2.8). Installs it
+# when missing (as root, with apt-get) and prints the binary's path; each
+# test starts its own on a free 127.0.0.1 port with storage in a temp dir,
+# because the tests stop, restart and corrupt it. Without it they fail.
+ensure_docker_registry() {
+    local bin
+    bin=$(command -v docker-registry || true)
+    if [ -z "$bin" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "==> installing docker-registry (apt-get install -y docker-registry)" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >&2 \
+            || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-registry >&2; }
+        # The package enables a system service on :5000; the tests start their own.
+        if command -v systemctl >/dev/null 2>&1; then systemctl disable --now docker-registry >/dev/null 2>&1 || true; fi
+        bin=$(command -v docker-registry || true)
+    fi
+    if [ -z "$bin" ]; then
+        echo "error: docker-registry is missing; install it (apt-get install -y docker-registry)" >&2
+        exit 2
+    fi
+    echo "$bin"
+}

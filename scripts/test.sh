@@ -21,6 +21,10 @@ pg_dir="${TMPDIR:-/tmp}/pde-test-pg.$$"
 trap 'scripts/pg-cluster.sh stop "$pg_dir"' EXIT
 read -r PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD < <(scripts/pg-cluster.sh start "$pg_dir")
 export PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD
+# A real OCI registry binary for tests/all/oci.rs (each test runs its own on
+# a free loopback port with storage in a temp dir, killed when it ends).
+PDE_TEST_REGISTRY_BIN=$(ensure_docker_registry)
+export PDE_TEST_REGISTRY_BIN
 # --no-fail-fast: one CI run names every failing suite, not just the first.
 cargo test --workspace --locked --no-fail-fast "$@"
 # Every bench once, in criterion's test mode (debug profile, same target

@@ -198,7 +198,6 @@ fn the_agent_links_no_plugin_runtime_and_no_database() {
                 || n.starts_with("libsqlite3")
                 || **n == "pde"
                 || **n == "pde-plugin-host"
-                || **n == "reqwest"
         })
         .collect();
     assert!(
@@ -218,6 +217,7 @@ const LAYERS: &[&[&str]] = &[
         "runtime",
         "test_receiver",
         "plugin_install",
+        "plugin_registry",
     ],
     // The audit log only needs layer 0, and the shared state (layer 1)
     // keeps the team's audit chain, so the log sits below it.
@@ -231,6 +231,7 @@ const LAYERS: &[&[&str]] = &[
         "steps::envcheck",
         "steps::route",
         "steps::push",
+        "steps::publish",
         "steps::tag",
         "steps::audit",
     ],
@@ -240,6 +241,8 @@ const LAYERS: &[&[&str]] = &[
     // engine and for the `pde plugin` commands.
     &["plugin_workspace"],
     &["engine"],
+    // OCI delivery bound to the engine: the registry, its check, publish.
+    &["delivery"],
     // Each step bound to the engine, once for every command.
     &["stages"],
     &["pipeline", "rollback", "team"],

@@ -19,6 +19,7 @@ mod first_workspace;
 mod fuzz;
 mod hardening;
 mod jcs;
+mod oci;
 mod pipeline;
 mod plugin_authoring;
 mod plugin_runtime;

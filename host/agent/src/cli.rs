@@ -80,9 +80,58 @@ pub struct AgentArgs {
     /// connection is closed (also closes idle keep-alive connections).
     #[arg(long, value_name = "SECS", default_value_t = DEFAULT_HEADER_TIMEOUT.as_secs())]
     pub header_timeout_secs: u64,
+    /// Pull mode: follow this OCI repository (HOST[:PORT]/REPOSITORY) for
+    /// the tags `<policy>.<env>`, verifying each bundle as a push would be.
+    #[arg(long, value_name = "REFERENCE", requires = "env")]
+    pub pull: Option<String>,
+    /// Pull mode: the environment whose tags to follow.
+    #[arg(long, value_name = "ENV", requires = "pull")]
+    pub env: Option<String>,
+    /// Pull mode: a policy to follow (repeatable); none: every tag of --env.
+    #[arg(long = "policy", value_name = "ID", requires = "pull")]
+    pub policies: Vec<String>,
+    /// Pull mode: time between polls (e.g. 30s, 500ms), jittered by ±20%;
+    /// failures back off exponentially up to 5 minutes.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration,
+          default_value = "30s", requires = "pull")]
+    pub interval: std::time::Duration,
+    /// Pull mode: talk plain HTTP to the registry (loopback or test registries only).
+    #[arg(long, requires = "pull")]
+    pub registry_plain_http: bool,
+    /// Pull mode: registry credentials, `USER:PASSWORD`, read from this variable.
+    #[arg(long, value_name = "NAME", requires = "pull")]
+    pub registry_credentials_env: Option<String>,
 }
 
 impl AgentArgs {
+    /// The pull mode these flags ask for, if any.
+    pub fn pull_config(&self) -> Result<Option<crate::pull::PullConfig>, AgentError> {
+        let Some(reference) = &self.pull else {
+            return Ok(None);
+        };
+        let repository = reference
+            .parse::<pde_core::oci::Repository>()
+            .map_err(|e| AgentError::Config(format!("--pull: {e}")))?;
+        let credentials = match &self.registry_credentials_env {
+            None => None,
+            Some(var) => Some(
+                pde_core::oci::Credentials::from_env(var)
+                    .map_err(|e| AgentError::Config(format!("--registry-credentials-env: {e}")))?,
+            ),
+        };
+        Ok(Some(crate::pull::PullConfig {
+            repository,
+            env: self.env.clone().unwrap_or_default(),
+            policies: self.policies.clone(),
+            interval: self.interval,
+            options: pde_core::oci::RegistryOptions {
+                plain_http: self.registry_plain_http,
+                credentials,
+                ..Default::default()
+            },
+        }))
+    }
+
     /// The configuration these flags describe; a relative `--data-dir` is
     /// taken from `base` (`-C`).
     pub fn config(self, base: &Path) -> Result<AgentConfig, AgentError> {
@@ -164,13 +213,17 @@ pub fn run(
     listening: impl FnOnce(SocketAddr) + Send,
 ) -> Result<(), AgentError> {
     let listen = args.listen;
+    let pull = args.pull_config()?;
     let cfg = args.config(base)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(AgentError::Serve)?;
     runtime.block_on(async move {
-        let agent = Agent::open(cfg)?;
+        let mut agent = Agent::open(cfg)?;
+        if let Some(pull) = pull {
+            agent = agent.with_pull(pull)?;
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|source| AgentError::Bind {

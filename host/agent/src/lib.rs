@@ -22,6 +22,7 @@ mod auth;
 pub mod cli;
 mod hook;
 mod metrics;
+pub mod pull;
 mod routes;
 mod server;
 pub mod store;
@@ -337,6 +338,7 @@ impl Agent {
                 metrics: Arc::default(),
                 deploy_slots: Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_deploys)),
                 hooks: Arc::default(),
+                pull: None,
                 settings: Arc::new(routes::Settings {
                     trusted: cfg.trusted,
                     check_signatures,
@@ -349,6 +351,31 @@ impl Agent {
                 }),
             },
         })
+    }
+
+    /// Pull mode: follow `cfg`'s tags in an OCI registry. The loop starts
+    /// with [`Agent::serve`]; `/healthz` and `/metrics` report on it.
+    pub fn with_pull(mut self, cfg: pull::PullConfig) -> Result<Agent, AgentError> {
+        if cfg.interval.is_zero() {
+            return Err(AgentError::Config("--interval must be above zero".into()));
+        }
+        if !pde_core::wire::valid_env(&cfg.env) {
+            return Err(AgentError::Config(format!(
+                "--env {:?} must be 1 to 128 of A-Z a-z 0-9 . _ - starting with a letter or digit",
+                cfg.env
+            )));
+        }
+        for p in &cfg.policies {
+            if !store::is_valid_policy_id(p) {
+                return Err(AgentError::Config(format!(
+                    "--policy {p:?} is not a policy id"
+                )));
+            }
+            pde_core::oci::policy_tag(p, &cfg.env)
+                .map_err(|e| AgentError::Config(e.to_string()))?;
+        }
+        self.state.pull = Some(Arc::new(pull::PullState::new(cfg)));
+        Ok(self)
     }
 
     /// The HTTP routes. Health checks are open; everything else requires the
@@ -396,6 +423,9 @@ impl Agent {
     ) -> Result<(), AgentError> {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "agent listening");
+        }
+        if let Some(pull) = &self.state.pull {
+            pull::spawn(self.state.clone(), pull.clone()).map_err(AgentError::Config)?;
         }
         server::serve(listener, self.router(), self.limits, shutdown)
             .await

@@ -61,6 +61,8 @@ pub struct AppState {
     pub deploy_slots: Arc<tokio::sync::Semaphore>,
     /// The queue of the activation-hook worker, started on first use.
     pub hooks: Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<HookJob>>>,
+    /// Pull mode's state (`--pull`), for `/healthz` and `/metrics`.
+    pub pull: Option<Arc<super::pull::PullState>>,
 }
 
 /// The agent's settings, fixed at start.
@@ -100,6 +102,16 @@ impl ApiError {
             code,
             reason: reason.into(),
         }
+    }
+
+    /// The error code (`signature_rejected`, `digest_mismatch`, …).
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The sentence that explains it.
+    pub fn reason(&self) -> &str {
+        &self.reason
     }
 
     /// 400: the request is malformed.
@@ -265,7 +277,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes
 }
 
 /// Runs `f` on the store, on a blocking thread, while holding the lock.
-async fn with_store<T, F>(
+pub(crate) async fn with_store<T, F>(
     guard: OwnedMutexGuard<Store>,
     f: F,
 ) -> Result<(OwnedMutexGuard<Store>, T), ApiError>
@@ -295,7 +307,10 @@ where
 ///
 /// The payload is stored as received, unknown fields included, so the stored
 /// file still hashes to its digest.
-fn parse_deploy(body: &[u8], settings: &Settings) -> Result<(Incoming, String), ApiError> {
+pub(crate) fn parse_deploy(
+    body: &[u8],
+    settings: &Settings,
+) -> Result<(Incoming, String), ApiError> {
     use std::borrow::Cow;
 
     use serde_json::value::RawValue;
@@ -589,7 +604,7 @@ pub struct HookJob {
 /// runs: a slow hook holds up neither `GET /active` nor the next deploy.
 /// The worker is its own task, so a client that hangs up does not cut a hook
 /// short or lose its result.
-async fn after_activation(
+pub(crate) async fn after_activation(
     app: &AppState,
     guard: OwnedMutexGuard<Store>,
     record: ActiveRecord,
@@ -1082,7 +1097,10 @@ fn spend_proof(
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(app): State<AppState>) -> Response {
     let store = app.store.lock().await;
-    let body = app.metrics.render(&store);
+    let mut body = app.metrics.render(&store);
+    if let Some(pull) = &app.pull {
+        body = pull.append_metrics(body);
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -1102,6 +1120,9 @@ pub async fn healthz(State(app): State<AppState>) -> Json<Value> {
     let integrity = app.settings.integrity.snapshot();
     if !integrity.is_empty() {
         body["integrity"] = json!(integrity);
+    }
+    if let Some(pull) = &app.pull {
+        body["pull"] = pull.health();
     }
     Json(body)
 }

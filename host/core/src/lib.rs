@@ -19,6 +19,8 @@ pub mod exit;
 pub mod fence;
 pub mod fsutil;
 pub mod keys;
+#[cfg(feature = "oci")]
+pub mod oci;
 pub mod retry;
 pub mod rollback;
 pub mod secret;

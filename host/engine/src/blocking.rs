@@ -101,6 +101,16 @@ impl Engine {
         self.runtime.block_on(self.inner.live_status(env))
     }
 
+    /// [`crate::Engine::registry_tags`], blocking.
+    pub fn registry_tags(
+        &self,
+        env: Option<&str>,
+        policies: &[String],
+    ) -> Result<Vec<crate::delivery::TagStatus>, Error> {
+        self.runtime
+            .block_on(self.inner.registry_tags(env, policies))
+    }
+
     /// [`crate::Engine::env_check`], blocking.
     pub fn env_check(&self, env: &str) -> Result<HealthReport, Error> {
         self.runtime.block_on(self.inner.env_check(env))

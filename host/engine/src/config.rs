@@ -340,6 +340,76 @@ pub struct Environment {
     /// before anything is pushed.
     #[serde(default)]
     pub checks: Vec<Check>,
+    /// How bundles reach this environment's services: pushed to each
+    /// (the default) or published to an OCI registry that agents pull from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Delivery>,
+}
+
+/// `delivery = { kind = "push" }` or `delivery = { kind = "oci", reference = "HOST[:PORT]/REPO", … }`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Delivery {
+    /// `POST /deploy` to every routed service (DESIGN §7).
+    Push,
+    /// Publish to an OCI registry; the services' agents pull (issue 23).
+    Oci(OciDelivery),
+}
+
+/// The OCI delivery of an environment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OciDelivery {
+    /// `HOST[:PORT]/REPOSITORY`; the tag of policy P is `P.<env>`.
+    pub reference: String,
+    /// Plain HTTP instead of TLS: an explicit opt-in for loopback and test registries.
+    #[serde(default)]
+    pub plain_http: bool,
+    /// Environment variable holding `USER:PASSWORD` for the registry.
+    pub credentials_env: Option<String>,
+    /// How long a deploy waits for the listed services to report the new
+    /// digest on `GET /active/{id}` before it re-points the tag back.
+    #[serde(default = "default_converge_timeout_ms")]
+    pub converge_timeout_ms: u64,
+}
+
+fn default_converge_timeout_ms() -> u64 {
+    120_000
+}
+
+impl OciDelivery {
+    /// The repository, parsed (checked at load).
+    pub fn repository(&self) -> Result<pde_core::oci::Repository, pde_core::oci::OciError> {
+        self.reference.parse()
+    }
+
+    /// The registry client options, credentials read now.
+    pub fn options(&self) -> Result<pde_core::oci::RegistryOptions, pde_core::oci::OciError> {
+        let credentials = match &self.credentials_env {
+            None => None,
+            Some(var) => Some(pde_core::oci::Credentials::from_env(var)?),
+        };
+        Ok(pde_core::oci::RegistryOptions {
+            plain_http: self.plain_http,
+            credentials,
+            ..Default::default()
+        })
+    }
+
+    /// The convergence timeout.
+    pub fn converge_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.converge_timeout_ms)
+    }
+}
+
+impl Environment {
+    /// The OCI delivery of this environment, if it publishes to a registry.
+    pub fn oci(&self) -> Option<&OciDelivery> {
+        match &self.delivery {
+            Some(Delivery::Oci(o)) => Some(o),
+            _ => None,
+        }
+    }
 }
 
 /// `[[environments.<name>.checks]]`: one readiness check, chosen by `kind`.
@@ -556,6 +626,17 @@ impl Config {
         }
         if self.limits.fuel == 0 || self.limits.memory_mib == 0 || self.limits.timeout_ms == 0 {
             return Err(invalid("[limits] values must be greater than zero".into()));
+        }
+        for (name, env) in &self.environments {
+            if let Some(oci) = env.oci() {
+                oci.repository()
+                    .map_err(|e| invalid(format!("[environments.{name}] delivery: {e}")))?;
+                if oci.converge_timeout_ms == 0 {
+                    return Err(invalid(format!(
+                        "[environments.{name}] delivery: converge_timeout_ms must be above zero"
+                    )));
+                }
+            }
         }
         for key in &self.trust.approver_keys {
             valid_on(key.expires.as_deref(), jiff::civil::Date::MIN).map_err(|e| {

@@ -90,6 +90,9 @@ pub enum Error {
     /// The release could not be tagged (step 6).
     #[error(transparent)]
     Tag(#[from] crate::steps::tag::TagError),
+    /// An OCI environment's registry could not be set up or used (step 5).
+    #[error(transparent)]
+    Delivery(#[from] crate::steps::publish::DeliveryError),
     /// A service of the environment is unhealthy, or a readiness check
     /// failed; nothing was pushed.
     #[error("environment {env} is unhealthy: {failing}; nothing was pushed")]
@@ -162,6 +165,7 @@ impl HasExitCode for Error {
             Error::Readiness(e) => e.exit_code(),
             Error::Route(e) => e.exit_code(),
             Error::Tag(e) => e.exit_code(),
+            Error::Delivery(e) => e.exit_code(),
             Error::Unhealthy { .. } => ExitCode::EnvUnhealthy,
             Error::DeployFailed { .. } => ExitCode::DeployFailed,
         }

@@ -198,10 +198,11 @@ impl Engine {
             Outcome::Deployed => Event::Pushed,
             Outcome::RolledBack | Outcome::NeedsAttention => Event::PushFailed,
         };
-        audit.record(
-            event,
-            json!({"digest": report.digest, "targets": pushed.targets}),
-        )?;
+        let mut data = json!({"digest": report.digest, "targets": pushed.targets});
+        if let Some(registry) = &pushed.registry {
+            data["registry"] = registry.clone(); // OCI delivery: tag and manifests
+        }
+        audit.record(event, data)?;
         // `needs-attention` is not a rollback: `push_failed` carries it.
         if pushed.outcome == Outcome::RolledBack {
             audit.record(

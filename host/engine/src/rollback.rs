@@ -103,7 +103,14 @@ impl Engine {
                 .iter()
                 .map(|t| (t.service.clone(), Some(active.digest.clone()))),
         )?;
-        let results = {
+        let results = if let Some(oci) = env.oci() {
+            // OCI delivery: the tag is pointed at the earlier release, and
+            // the holders' agents follow it.
+            let release = (policy_id, target.version.as_str(), target.digest.as_str());
+            self.oci_rollback((env_name, oci), release, &targets)
+                .await?
+                .0
+        } else {
             let calls = targets.iter().map(|t| async {
                 let request = push::RollbackRequest {
                     policy_id,

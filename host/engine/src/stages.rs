@@ -156,7 +156,7 @@ impl Engine {
         override_freeze: Option<&str>,
     ) -> Result<(Vec<Target>, HealthReport), Error> {
         let targets = self.targets(env)?;
-        let health = envcheck::check_all(
+        let mut health = envcheck::check_all(
             &self.http,
             &targets,
             &env.checks,
@@ -165,6 +165,10 @@ impl Engine {
             override_freeze,
         )
         .await?;
+        // OCI delivery: the registry is where the bundle goes first.
+        if let Some((name, oci)) = self.oci_env(env) {
+            health.checks.push(self.registry_check(name, oci).await);
+        }
         Ok((targets, health))
     }
 
@@ -181,6 +185,13 @@ impl Engine {
     ) -> Result<PushReport, Error> {
         if let Some(lock) = lock {
             lock.check("pushing")?;
+        }
+        if let Some(oci) = self.environment(env_name)?.oci() {
+            let span = tracing::info_span!("publish", targets = routed.len());
+            return self
+                .publish_stage(bundle, env_name, oci, routed, observer)
+                .instrument(span)
+                .await;
         }
         // Signs the fence of each deploy and the rollbacks of a
         // compensation (push protocol v3, v4).

@@ -4,6 +4,7 @@
 
 pub mod pg;
 pub mod receiver;
+pub mod registry;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

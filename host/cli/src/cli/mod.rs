@@ -15,6 +15,7 @@ mod approve;
 mod audit;
 mod deploy;
 mod pipe;
+mod oci;
 mod plugin;
 mod print;
 mod scaffold;

@@ -120,6 +120,11 @@ pub enum PluginCmd {
         #[arg(long = "key", value_name = "PUBFILE")]
         keys: Vec<PathBuf>,
     },
+    /// Publish a plugin to an OCI registry (CNCF Wasm layout, as `wkg`).
+    Push(super::oci::PluginPushArgs),
+    /// Fetch a plugin pinned by digest from an OCI registry, verified
+    /// against `[trust] plugin_keys` before it is written.
+    Pull(super::oci::PluginPullArgs),
 }
 
 /// Runs a plugin subcommand.
@@ -170,6 +175,14 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             note,
         ),
         PluginCmd::New(args) => super::scaffold::new(ctx, args),
+        PluginCmd::Push(args) => super::oci::plugin_push(ctx, args),
+        PluginCmd::Pull(args) => super::oci::plugin_pull(ctx, args, |ctx, required| {
+            let config = workspace(ctx, required)?;
+            Ok((
+                trusted_keys(ctx, config.as_ref())?,
+                host(ctx, config.as_ref())?,
+            ))
+        }),
     }
 }
 

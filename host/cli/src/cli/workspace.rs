@@ -17,6 +17,11 @@ pub struct StatusArgs {
     /// when anything drifted.
     #[arg(long)]
     pub live: bool,
+    /// For environments delivered through an OCI registry: what each
+    /// policy's tag points at, read from the registry (`--output json`
+    /// prints only these).
+    #[arg(long, conflicts_with = "live")]
+    pub registry: bool,
 }
 
 /// `pde history ID`.
@@ -171,6 +176,9 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
         });
     }
     let entries = engine.state().status(args.env.as_deref())?;
+    if args.registry {
+        return super::oci::print_tags(ctx, &engine, args.env.as_deref(), &entries);
+    }
     if ctx.json {
         // Still the list scripts read; each entry says its schema version,
         // added beside the fields (which are never renamed).
@@ -189,6 +197,7 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
         println!("nothing deployed yet");
     } else {
         print_status_matrices(&entries);
+        super::oci::print_tags(ctx, &engine, args.env.as_deref(), &entries)?;
     }
     // Who is deploying right now, and leases left by deploys that died.
     for lease in engine.state().leases()? {

@@ -4,7 +4,8 @@
 //! 2. [`package`]: the canonical, content-addressed, signed bundle;
 //! 3. [`envcheck`]: every target service is healthy, or nothing is pushed;
 //! 4. [`route`]: router plugins pick the services;
-//! 5. [`push`]: concurrent delivery, verification, compensation;
+//! 5. [`push`]: concurrent delivery, verification, compensation (or, for an
+//!    environment delivered through an OCI registry, [`publish`]);
 //! 6. [`tag`]: the annotated release tag;
 //! 7. [`audit`]: every step's record in the hash-chained log.
 //!
@@ -15,6 +16,7 @@
 pub mod audit;
 pub mod envcheck;
 pub mod package;
+pub mod publish;
 pub mod push;
 pub mod route;
 pub mod tag;

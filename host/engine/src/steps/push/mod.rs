@@ -338,6 +338,9 @@ pub struct PushReport {
     pub digest: String,
     /// One entry per target, in the order they were given.
     pub targets: Vec<TargetReport>,
+    /// OCI delivery only: the tag moved and the manifests (`steps::publish::RegistryReport`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<serde_json::Value>,
 }
 
 impl PushReport {
@@ -974,5 +977,6 @@ fn report(
                 error_code: run.error_code,
             })
             .collect(),
+        registry: None,
     }
 }

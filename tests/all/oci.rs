@@ -1,0 +1,721 @@
+//! OCI delivery (issue 23) against a real registry (Debian's
+//! `docker-registry`, the CNCF distribution registry): `pde deploy`
+//! publishes to an environment's registry and waits for real `pde agent
+//! --pull` processes to converge; rollback re-points the tag; agents refuse
+//! what does not verify and keep their last good bundle; credentials never
+//! show.
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::registry::{self, Registry};
+use crate::support::{self, Workspace, both, code, json, pde, pde_env, policy_42};
+
+/// A `pde agent --pull` process; killed on drop. Its stderr (the log) goes
+/// to a file, so tests can read what it logged.
+struct PullAgent {
+    child: Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl PullAgent {
+    fn start(dir: &Path, trusted: &Path, reference: &str, extra: &[&str]) -> PullAgent {
+        std::fs::create_dir_all(dir).unwrap();
+        let log = dir.with_extension("log");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pde"))
+            .args(["-v", "agent", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .arg("--trusted-key")
+            .arg(trusted)
+            .args(["--pull", reference, "--env", "production"])
+            .args(["--interval", "300ms", "--registry-plain-http"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+            .spawn()
+            .expect("pde agent starts");
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        out.read_line(&mut line).unwrap();
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "unexpected first line {line:?}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            })
+            .to_string();
+        PullAgent {
+            child,
+            url: format!("http://{addr}"),
+            log,
+        }
+    }
+
+    fn healthz(&self) -> serde_json::Value {
+        support::runtime().block_on(async {
+            reqwest::get(format!("{}/healthz", self.url))
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap()
+        })
+    }
+
+    fn metrics(&self) -> String {
+        support::runtime().block_on(async {
+            reqwest::get(format!("{}/metrics", self.url))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    }
+}
+
+impl Drop for PullAgent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn policy_43(version: &str) -> String {
+    let mut p = policy_42(version);
+    p["id"] = "43".into();
+    for rule in p["rules"].as_array_mut().unwrap() {
+        let key = rule["key"].as_str().unwrap().replace("heating.", "p43.");
+        rule["key"] = key.into();
+    }
+    p.to_string()
+}
+
+/// A workspace whose `production` is delivered through `reg`, waiting on
+/// `agents` (named s0, s1, …), with policies 42 and 43, committed.
+fn workspace(ws: &Workspace, reg: &Registry, agents: &[&PullAgent], extra: &str) {
+    let services: Vec<support::Svc> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| support::Svc {
+            name: Box::leak(format!("s{i}").into_boxed_str()),
+            url: a.url.clone(),
+            tags: &["api"],
+        })
+        .collect();
+    let delivery = format!(
+        "delivery = {{ kind = \"oci\", reference = \"{}\", plain_http = true, converge_timeout_ms = 30000{extra} }}",
+        reg.reference()
+    );
+    let env = Workspace::env_toml("production", &delivery, &services);
+    // Twenty agents and a registry on a shared 2-core machine: health
+    // checks get more than the default test workspace's 1.5 s.
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml"))
+        .unwrap()
+        .replace("timeout_ms = 1500", "timeout_ms = 10000")
+        + &env;
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    ws.write_policy("43.json", &policy_43("1.0.0"));
+    ws.commit("policies 42 and 43, delivered through a registry");
+}
+
+fn start_agents(ws: &Workspace, reg: &Registry, n: usize, extra: &[&str]) -> Vec<PullAgent> {
+    (0..n)
+        .map(|i| {
+            PullAgent::start(
+                &ws.root().join("agents").join(format!("a{i}")),
+                &ws.release_pub(),
+                &reg.reference(),
+                extra,
+            )
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A registry client for the test's own moves (as an attacker, or a hand).
+fn client(reg: &Registry) -> pde_core::oci::Registry {
+    pde_core::oci::Registry::new(
+        reg.reference().parse().unwrap(),
+        pde_core::oci::RegistryOptions {
+            plain_http: true,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn deploy(ws: &Workspace, id: &str) -> serde_json::Value {
+    let o = pde(
+        ws.root(),
+        &["--output", "json", "deploy", id, "--env", "production"],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    json(&o)
+}
+
+#[test]
+fn publish_converge_a_second_policy_and_rollback_with_twenty_pull_agents() {
+    let reg = Registry::start();
+    let ws = Workspace::new("");
+    let agents = start_agents(&ws, &reg, 20, &[]);
+    workspace(&ws, &reg, &agents.iter().collect::<Vec<_>>(), "");
+
+    // Publish: every listed agent reports the digest, and pde says so.
+    let r1 = deploy(&ws, "42");
+    let d1 = r1["digest"].as_str().unwrap().to_string();
+    let targets = r1["push"]["targets"].as_array().unwrap();
+    assert_eq!(targets.len(), 20);
+    assert!(
+        targets.iter().all(|t| t["state"] == "delivered"),
+        "{targets:#?}"
+    );
+    let tag_manifest = r1["push"]["registry"]["manifest_digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(r1["push"]["registry"]["tag"], "42.production");
+    for a in &agents {
+        assert_eq!(support::active_digest(&a.url).as_deref(), Some(d1.as_str()));
+    }
+    // The tag holds what pde says, and agents report it.
+    let resolved = support::runtime()
+        .block_on(client(&reg).resolve("42.production"))
+        .unwrap();
+    assert_eq!(resolved.as_deref(), Some(tag_manifest.as_str()));
+    let health = agents[0].healthz();
+    assert_eq!(health["pull"]["status"], "ok", "{health}");
+    assert_eq!(
+        health["pull"]["tags"]["42.production"]["digest"], tag_manifest,
+        "{health}"
+    );
+    let metrics = agents[0].metrics();
+    assert!(
+        metrics.contains(&format!(
+            "pde_agent_pull_tag{{tag=\"42.production\",digest=\"{tag_manifest}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pde_agent_pull_last_success_timestamp_seconds"));
+    // Git tag and audit as for a push.
+    assert!(
+        ws.tags()
+            .contains(&"policy/42/v1.0.0/production".to_string()),
+        "{:?}",
+        ws.tags()
+    );
+    let audit = std::fs::read_to_string(ws.root().join(".pde/audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("\"42.production\""),
+        "the pushed record names the tag"
+    );
+    // `pde status` shows what the tag points at.
+    let o = pde(ws.root(), &["--output", "json", "status", "--registry"]);
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let tags = json(&o);
+    assert_eq!(tags["tags"][0]["tag"], "42.production", "{tags}");
+    assert_eq!(tags["tags"][0]["manifest_digest"], tag_manifest.as_str());
+
+    // A second policy through the registry leaves 42 where it was.
+    let r43 = deploy(&ws, "43");
+    let d43 = r43["digest"].as_str().unwrap().to_string();
+    for a in &agents {
+        let active = support::active_policies(&a.url);
+        assert_eq!(active.get("42"), Some(&d1), "agent {}", a.url);
+        assert_eq!(active.get("43"), Some(&d43), "agent {}", a.url);
+    }
+
+    // A new version, then rollback: the tag is re-pointed and agents follow.
+    ws.write_policy("42.json", &policy_42("1.1.0").to_string());
+    ws.commit("42 v1.1.0");
+    let r2 = deploy(&ws, "42");
+    let d2 = r2["digest"].as_str().unwrap().to_string();
+    assert_ne!(d1, d2);
+    for a in &agents {
+        assert_eq!(support::active_digest(&a.url).as_deref(), Some(d2.as_str()));
+    }
+    let o = pde(
+        ws.root(),
+        &["--output", "json", "rollback", "42", "--env", "production"],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    for a in &agents {
+        assert_eq!(
+            support::active_digest(&a.url).as_deref(),
+            Some(d1.as_str()),
+            "agent {} followed the tag back",
+            a.url
+        );
+    }
+    let back = support::runtime()
+        .block_on(client(&reg).resolve("42.production"))
+        .unwrap();
+    assert_eq!(
+        back.as_deref(),
+        Some(tag_manifest.as_str()),
+        "the same release is the same manifest"
+    );
+}
+
+/// The bundle of `ws`'s policy 42 as `pde package` writes it.
+fn package(ws: &Workspace) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path();
+    let o = pde(ws.root(), &["package", "42", "-o", out.to_str().unwrap()]);
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let file = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "json"))
+        .unwrap();
+    serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap()
+}
+
+fn push_by_hand(reg: &Registry, tag: &str, bundle: &serde_json::Value) -> String {
+    let bytes = serde_json::to_vec(bundle).unwrap();
+    support::runtime()
+        .block_on(client(reg).push_bundle(
+            tag,
+            &bytes,
+            "42",
+            bundle["payload"]["manifest"]["version"].as_str().unwrap(),
+            bundle["digest"].as_str().unwrap(),
+            bundle["format"].as_str().unwrap(),
+        ))
+        .unwrap()
+}
+
+fn last_error(a: &PullAgent) -> String {
+    a.healthz()["pull"]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn agents_keep_their_last_good_bundle_through_bad_artifacts_and_a_registry_outage() {
+    let mut reg = Registry::start();
+    let ws = Workspace::new("");
+    let agents = start_agents(&ws, &reg, 3, &[]);
+    workspace(&ws, &reg, &agents.iter().collect::<Vec<_>>(), "");
+    let d1 = deploy(&ws, "42")["digest"].as_str().unwrap().to_string();
+    let good = |a: &PullAgent| support::active_digest(&a.url).as_deref() == Some(d1.as_str());
+
+    // Untrusted: a bundle signed by another release key, pointed at by hand.
+    let other = Workspace::new("");
+    other.write_policy("42.json", &policy_42("9.0.0").to_string());
+    other.commit("someone else's 42");
+    let foreign = package(&other);
+    push_by_hand(&reg, "42.production", &foreign);
+    wait_until(
+        "the untrusted artifact to be refused",
+        Duration::from_secs(20),
+        || agents.iter().all(|a| last_error(a).contains("signature")),
+    );
+    assert!(agents.iter().all(good), "the last good bundle stays active");
+    let health = agents[0].healthz();
+    assert_eq!(health["pull"]["status"], "failing", "{health}");
+    assert!(agents[0].metrics().contains("pde_agent_pull_failing 1"));
+
+    // Unsigned: the same bundle with its signatures taken off.
+    let mut unsigned = package(&ws);
+    unsigned["signatures"] = serde_json::json!([]);
+    push_by_hand(&reg, "42.production", &unsigned);
+    wait_until(
+        "the unsigned artifact to be refused",
+        Duration::from_secs(20),
+        || {
+            agents.iter().all(|a| {
+                let e = last_error(a);
+                e.contains("signature") && !e.contains(foreign["digest"].as_str().unwrap())
+            })
+        },
+    );
+    assert!(agents.iter().all(good));
+
+    // A corrupted blob: a validly signed release whose layer is damaged in
+    // the registry's storage after the push.
+    ws.write_policy("42.json", &policy_42("1.1.0").to_string());
+    ws.commit("42 v1.1.0");
+    let next = package(&ws);
+    let bytes = serde_json::to_vec(&next).unwrap();
+    let manifest = push_by_hand(&reg, "scratch", &next);
+    let blob = reg.blob_file(&pde_core::oci::sha256_digest(&bytes));
+    let mut damaged = std::fs::read(&blob).unwrap();
+    let at = damaged.len() / 2;
+    damaged[at] ^= 0x20;
+    std::fs::write(&blob, damaged).unwrap();
+    support::runtime()
+        .block_on(client(&reg).retag("42.production", &manifest))
+        .unwrap();
+    wait_until(
+        "the corrupted blob to be refused",
+        Duration::from_secs(20),
+        || {
+            agents.iter().all(|a| {
+                let e = last_error(a);
+                e.contains(&manifest) && !e.contains("signature")
+            })
+        },
+    );
+    assert!(agents.iter().all(good), "nothing unverified is activated");
+    let why = last_error(&agents[0]);
+    assert!(
+        why.to_lowercase().contains("digest"),
+        "/healthz says why: {why}"
+    );
+
+    // The registry goes away: agents keep serving and say so.
+    reg.stop();
+    wait_until(
+        "agents to notice the outage",
+        Duration::from_secs(20),
+        || agents.iter().all(|a| !last_error(a).contains(&manifest)),
+    );
+    assert!(agents.iter().all(good));
+    let health = agents[1].healthz();
+    assert_eq!(health["pull"]["status"], "failing", "{health}");
+    // Back again: the next release converges.
+    reg.resume();
+    ws.write_policy("42.json", &policy_42("1.2.0").to_string());
+    ws.commit("42 v1.2.0");
+    let d3 = deploy(&ws, "42")["digest"].as_str().unwrap().to_string();
+    for a in &agents {
+        assert_eq!(support::active_digest(&a.url).as_deref(), Some(d3.as_str()));
+    }
+    wait_until("the error to clear", Duration::from_secs(20), || {
+        agents.iter().all(|a| a.healthz()["pull"]["status"] == "ok")
+    });
+}
+
+#[test]
+fn a_service_that_does_not_converge_is_named_and_the_tag_goes_back() {
+    let reg = Registry::start();
+    let ws = Workspace::new("");
+    let agents = start_agents(&ws, &reg, 2, &[]);
+    // A third service whose agent does not pull: it never converges.
+    let deaf = support::start_agent(&ws.root().join("agents/deaf"), &ws.release_pub());
+    workspace(&ws, &reg, &[&agents[0], &agents[1]], "");
+    let d1 = deploy(&ws, "42")["digest"].as_str().unwrap().to_string();
+    let before = support::runtime()
+        .block_on(client(&reg).resolve("42.production"))
+        .unwrap();
+    // Now list the deaf service too, with a short wait.
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml"))
+        .unwrap()
+        .replace("converge_timeout_ms = 30000", "converge_timeout_ms = 3000")
+        + &format!(
+            "[[environments.production.services]]\nname = \"deaf\"\nurl = \"{}\"\ntags = [\"api\"]\n",
+            deaf
+        );
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    ws.write_policy("42.json", &policy_42("1.1.0").to_string());
+    ws.commit("42 v1.1.0, and a deaf service");
+    let o = pde(
+        ws.root(),
+        &["--output", "json", "deploy", "42", "--env", "production"],
+    );
+    assert_eq!(code(&o), 1, "{}", both(&o));
+    let text = both(&o);
+    assert!(text.contains("deaf"), "the laggard is named: {text}");
+    assert!(text.contains("did not converge"), "{text}");
+    let after = support::runtime()
+        .block_on(client(&reg).resolve("42.production"))
+        .unwrap();
+    assert_eq!(
+        after, before,
+        "the tag was re-pointed to the previous release"
+    );
+    for a in &agents {
+        assert_eq!(
+            support::active_digest(&a.url).as_deref(),
+            Some(d1.as_str()),
+            "agents followed the tag back"
+        );
+    }
+}
+
+#[test]
+fn registry_credentials_never_show_in_output_logs_or_audit() {
+    let reg = Registry::start_with_auth();
+    let ws = Workspace::new("");
+    let credentials = format!("{}:{}", registry::USER, registry::PASSWORD);
+    // SAFETY of the test: set for this process's children only through `.env`.
+    let agents: Vec<PullAgent> = (0..2)
+        .map(|i| {
+            let dir = ws.root().join("agents").join(format!("a{i}"));
+            std::fs::create_dir_all(&dir).unwrap();
+            let log = dir.with_extension("log");
+            let mut child = Command::new(env!("CARGO_BIN_EXE_pde"))
+                .args(["-vvv", "agent", "--listen", "127.0.0.1:0", "--data-dir"])
+                .arg(dir.join("data"))
+                .arg("--trusted-key")
+                .arg(ws.release_pub())
+                .args(["--pull", &reg.reference(), "--env", "production"])
+                .args(["--interval", "300ms", "--registry-plain-http"])
+                .args(["--registry-credentials-env", "PDE_TEST_REGISTRY_AUTH"])
+                .env("PDE_TEST_REGISTRY_AUTH", &credentials)
+                .env("RUST_LOG", "trace")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+            out.read_line(&mut line).unwrap();
+            std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+            PullAgent {
+                child,
+                url: format!(
+                    "http://{}",
+                    line.trim().strip_prefix("listening on ").unwrap()
+                ),
+                log,
+            }
+        })
+        .collect();
+    workspace(
+        &ws,
+        &reg,
+        &agents.iter().collect::<Vec<_>>(),
+        ", credentials_env = \"PDE_TEST_REGISTRY_AUTH\"",
+    );
+    let env = [
+        ("PDE_TEST_REGISTRY_AUTH", credentials.as_str()),
+        ("RUST_LOG", "trace"),
+    ];
+    let o = pde_env(
+        ws.root(),
+        &[
+            "-vvv",
+            "--output",
+            "json",
+            "deploy",
+            "42",
+            "--env",
+            "production",
+        ],
+        &env,
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let digest = json(&o)["digest"].as_str().unwrap().to_string();
+    for a in &agents {
+        assert_eq!(
+            support::active_digest(&a.url).as_deref(),
+            Some(digest.as_str())
+        );
+    }
+    // A wrong password: the registry check fails (exit 4), without echoing it.
+    let wrong = format!("{}:not-the-{}", registry::USER, registry::PASSWORD);
+    ws.write_policy("42.json", &policy_42("1.1.0").to_string());
+    ws.commit("42 v1.1.0");
+    let bad = pde_env(
+        ws.root(),
+        &["-vvv", "deploy", "42", "--env", "production"],
+        &[
+            ("PDE_TEST_REGISTRY_AUTH", wrong.as_str()),
+            ("RUST_LOG", "trace"),
+        ],
+    );
+    assert_eq!(code(&bad), 4, "{}", both(&bad));
+    assert!(both(&bad).contains("registry"), "{}", both(&bad));
+
+    let mut seen = vec![
+        ("deploy output", both(&o)),
+        ("failed deploy output", both(&bad)),
+    ];
+    for a in &agents {
+        seen.push(("agent log", std::fs::read_to_string(&a.log).unwrap()));
+    }
+    for entry in walk(&ws.root().join(".pde")) {
+        if let Ok(text) = std::fs::read_to_string(&entry) {
+            seen.push(("state file", text));
+        }
+    }
+    let status = pde_env(ws.root(), &["status"], &env);
+    seen.push(("status", both(&status)));
+    for (what, text) in &seen {
+        assert!(
+            !text.contains(registry::PASSWORD),
+            "the registry password appears in the {what}"
+        );
+    }
+    assert!(
+        seen.iter()
+            .any(|(w, t)| *w == "agent log" && t.contains("pull"))
+    );
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
+    let reg = Registry::start();
+    let ws = Workspace::new("");
+    ws.install_plugin(
+        "eligibility-bounds",
+        "validator",
+        Path::new(pde_plugin_artifacts::ELIGIBILITY_BOUNDS),
+        "",
+        true,
+    );
+    let repo = format!(
+        "oci://127.0.0.1:{}/pde/plugins/eligibility-bounds",
+        reg.port
+    );
+    let o = pde(
+        ws.root(),
+        &[
+            "--output",
+            "json",
+            "plugin",
+            "push",
+            "plugins/eligibility-bounds.wasm",
+            &repo,
+            "--plain-http",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let pushed = json(&o);
+    assert_eq!(pushed["tag"], "1.0.0");
+    assert_eq!(pushed["signed"], true);
+    let pinned = pushed["reference"].as_str().unwrap().to_string();
+    let digest = pushed["digest"].as_str().unwrap().to_string();
+    assert_eq!(pinned, format!("{repo}@{digest}"));
+
+    // The CNCF Wasm layout that wkg reads: wasm config, one application/wasm layer.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reg.blob_file(&digest)).unwrap()).unwrap();
+    assert_eq!(
+        manifest["config"]["mediaType"],
+        "application/vnd.wasm.config.v0+json"
+    );
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), 1);
+    assert_eq!(manifest["layers"][0]["mediaType"], "application/wasm");
+
+    // A fresh workspace that trusts the same security-team key.
+    let fresh = Workspace::new("");
+    std::fs::copy(
+        ws.root().join("keys/security.ed25519.pub"),
+        fresh.root().join("keys/security.ed25519.pub"),
+    )
+    .unwrap();
+    let o = pde(
+        fresh.root(),
+        &[
+            "plugin",
+            "pull",
+            &pinned,
+            "--out",
+            "plugins",
+            "--plain-http",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let pulled = std::fs::read(fresh.root().join("plugins/eligibility-bounds.wasm")).unwrap();
+    assert_eq!(
+        pulled,
+        std::fs::read(ws.root().join("plugins/eligibility-bounds.wasm")).unwrap(),
+        "the exact bytes"
+    );
+    let installed = fresh.root().join("plugins/eligibility-bounds.wasm");
+    let o = pde(
+        fresh.root(),
+        &["plugin", "verify", installed.to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+
+    // Not pinned: refused before anything is fetched.
+    let elsewhere = Workspace::new("");
+    let o = pde(
+        elsewhere.root(),
+        &[
+            "plugin",
+            "pull",
+            &format!("{repo}:1.0.0"),
+            "--out",
+            "plugins",
+            "--plain-http",
+        ],
+    );
+    assert_eq!(code(&o), 2, "{}", both(&o));
+    // A workspace that does not trust the signer writes nothing.
+    let o = pde(
+        elsewhere.root(),
+        &[
+            "plugin",
+            "pull",
+            &pinned,
+            "--out",
+            "plugins",
+            "--plain-http",
+        ],
+    );
+    assert_eq!(code(&o), 6, "{}", both(&o));
+    assert!(
+        !elsewhere
+            .root()
+            .join("plugins/eligibility-bounds.wasm")
+            .exists()
+    );
+
+    // The registry serves other bytes than the digest asked for: refused.
+    let file = reg.blob_file(&digest);
+    let mut bytes = std::fs::read(&file).unwrap();
+    let at = bytes.iter().position(|b| *b == b'1').unwrap();
+    bytes[at] = b'2';
+    std::fs::write(&file, bytes).unwrap();
+    let again = Workspace::new("");
+    std::fs::copy(
+        ws.root().join("keys/security.ed25519.pub"),
+        again.root().join("keys/security.ed25519.pub"),
+    )
+    .unwrap();
+    let o = pde(
+        again.root(),
+        &[
+            "plugin",
+            "pull",
+            &pinned,
+            "--out",
+            "plugins",
+            "--plain-http",
+        ],
+    );
+    assert_eq!(code(&o), 6, "{}", both(&o));
+    assert!(both(&o).contains("digest"), "{}", both(&o));
+    assert!(
+        !again
+            .root()
+            .join("plugins/eligibility-bounds.wasm")
+            .exists()
+    );
+}
