@@ -391,11 +391,24 @@ async fn take(
         DeployOutcome::Repeat(_) => "unchanged",
         DeployOutcome::AlreadyActive(_) => "already-active",
         DeployOutcome::KeyConflict { .. } => "conflict",
+        DeployOutcome::FenceStale(_) => "fence_stale",
     });
-    if let DeployOutcome::KeyConflict { previous } = outcome {
-        return Err(format!(
-            "could not activate {bundle_digest}: its idempotency key was used with {previous}"
-        ));
+    match outcome {
+        DeployOutcome::KeyConflict { previous } => {
+            return Err(format!(
+                "could not activate {bundle_digest}: its idempotency key was used with {previous}"
+            ));
+        }
+        // A registry artifact carries no fence (a pusher's lock does not
+        // reach the agents that pull); an agent that also took fenced
+        // pushes for this policy keeps what the pusher gave it.
+        DeployOutcome::FenceStale(refusal) => {
+            return Err(format!(
+                "could not activate {bundle_digest}: {} (pulled artifacts carry no fence; this agent also took fenced pushes for the policy)",
+                refusal.reason
+            ));
+        }
+        _ => {}
     }
     info!(%policy_id, artifact = %digest, bundle = %bundle_digest,
           version = ?record.as_ref().map(|r| r.version.clone()), "pull: bundle active");

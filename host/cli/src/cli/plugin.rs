@@ -177,11 +177,8 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
         PluginCmd::New(args) => super::scaffold::new(ctx, args),
         PluginCmd::Push(args) => super::oci::plugin_push(ctx, args),
         PluginCmd::Pull(args) => super::oci::plugin_pull(ctx, args, |ctx, required| {
-            let config = workspace(ctx, required)?;
-            Ok((
-                trusted_keys(ctx, config.as_ref())?,
-                host(ctx, config.as_ref())?,
-            ))
+            let ws = workspace(ctx, required)?;
+            Ok((ws.trust()?, ws.host()?))
         }),
     }
 }
