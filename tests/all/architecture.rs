@@ -231,7 +231,6 @@ const LAYERS: &[&[&str]] = &[
         "steps::envcheck",
         "steps::route",
         "steps::push",
-        "steps::publish",
         "steps::tag",
         "steps::audit",
     ],

@@ -2,7 +2,7 @@
 //! environment with `delivery = { kind = "oci", … }`, its health check, its
 //! publish step and the tag moves of `pde rollback` and `pde status`.
 //!
-//! The work is in [`crate::steps::publish`] and `pde_core::oci`; this file
+//! The work is in [`crate::steps::push::publish`] and `pde_core::oci`; this file
 //! only hands them the engine's parts, as `stages.rs` does for the other
 //! steps, so that `pde deploy` and `pde rollback` move the tag the same way.
 
@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::http::Target;
 use crate::report::RollbackTarget;
 use crate::steps::envcheck::readiness::CheckResult;
-use crate::steps::publish::{self, DeliveryError, Publish, RegistryReport};
+use crate::steps::push::publish::{self, DeliveryError, Publish, RegistryReport};
 use crate::steps::push::{self, Observer, PushReport};
 use pde_core::oci::Registry;
 

@@ -92,7 +92,7 @@ pub enum Error {
     Tag(#[from] crate::steps::tag::TagError),
     /// An OCI environment's registry could not be set up or used (step 5).
     #[error(transparent)]
-    Delivery(#[from] crate::steps::publish::DeliveryError),
+    Delivery(#[from] crate::steps::push::publish::DeliveryError),
     /// A service of the environment is unhealthy, or a readiness check
     /// failed; nothing was pushed.
     #[error("environment {env} is unhealthy: {failing}; nothing was pushed")]

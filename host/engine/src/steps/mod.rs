@@ -16,7 +16,6 @@
 pub mod audit;
 pub mod envcheck;
 pub mod package;
-pub mod publish;
 pub mod push;
 pub mod route;
 pub mod tag;

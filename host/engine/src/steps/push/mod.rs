@@ -47,6 +47,8 @@
 //! Tokens are attached with `bearer_auth`, which marks the header sensitive;
 //! `Target`'s `Debug` redacts them, and no message here contains one.
 
+/// Step 5 for `delivery = { kind = "oci" }`: the same step, another transport.
+pub mod publish;
 #[cfg(test)]
 mod tests;
 
@@ -338,7 +340,7 @@ pub struct PushReport {
     pub digest: String,
     /// One entry per target, in the order they were given.
     pub targets: Vec<TargetReport>,
-    /// OCI delivery only: the tag moved and the manifests (`steps::publish::RegistryReport`).
+    /// OCI delivery only: the tag moved and the manifests (`steps::push::publish::RegistryReport`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registry: Option<serde_json::Value>,
 }
