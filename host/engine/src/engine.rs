@@ -72,7 +72,7 @@ impl Engine {
     fn open_with(dir: &Path, writable: bool) -> Result<Engine, Error> {
         let root = dir.to_path_buf();
         let config = Config::load(&root)?;
-        let floor = crate::floor::Floor::load()?;
+        let floor = crate::floor::Floor::load_for(&root)?;
         let state_dir = root.join(&config.state);
         check_state_inside(&root, &config)?;
         let policies = PolicyStore::open(&root.join(&config.policies));
@@ -254,10 +254,7 @@ impl Engine {
             let counted: Vec<String> = floor
                 .approver_keys
                 .iter()
-                .filter_map(|e| {
-                    let dir = floor.path.parent()?;
-                    pde_core::keys::load_public_key(&dir.join(&e.file)).ok()
-                })
+                .filter_map(|e| floor.key(e).ok())
                 .map(|k| keys::key_id(&k))
                 .collect();
             ignored_outside_floor("approver", &listed, &counted, floor);

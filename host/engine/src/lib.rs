@@ -41,6 +41,7 @@ pub mod plugin_install;
 pub mod policy;
 pub mod provenance;
 pub mod report;
+pub mod review;
 pub mod rollback;
 mod runtime;
 mod stages;
