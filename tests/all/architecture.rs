@@ -222,7 +222,7 @@ const LAYERS: &[&[&str]] = &[
     // The audit log only needs layer 0, and the shared state (layer 1)
     // keeps the team's audit chain, so the log sits below it.
     &["audit", "floor"],
-    &["state", "provenance", "history"],
+    &["state", "provenance", "history", "review"],
     // Begin and finish of a deploy or rollback in the state.
     &["bookkeeping"],
     &[

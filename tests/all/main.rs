@@ -26,3 +26,4 @@ mod plugin_runtime;
 mod plugin_security;
 mod python_plugin;
 mod team;
+mod trust;

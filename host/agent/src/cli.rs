@@ -56,6 +56,15 @@ pub struct AgentArgs {
     /// Public key whose signed approvals count (repeatable).
     #[arg(long = "approver-key", value_name = "FILE")]
     pub approver_keys: Vec<PathBuf>,
+    /// Public key whose plugin signatures count (repeatable): every
+    /// validator a bundle's validation attestation names must be signed by
+    /// one (the security team's keys).
+    #[arg(long = "plugin-key", value_name = "FILE")]
+    pub plugin_keys: Vec<PathBuf>,
+    /// Refuse bundles whose validation attestation does not show this
+    /// validator plugin ran and passed (repeatable; needs --plugin-key).
+    #[arg(long = "require-plugin", value_name = "NAME")]
+    pub require_plugins: Vec<String>,
     /// With no --trusted-key, accept bundles without checking signatures.
     #[arg(long)]
     pub insecure_accept_unsigned: bool,
@@ -164,6 +173,8 @@ impl AgentArgs {
                 approvers.key_ids().len()
             )));
         }
+        let plugin_keys = TrustedKeys::from_files(&self.plugin_keys)
+            .map_err(|e| AgentError::Config(format!("--plugin-key: {e}")))?;
         let data_dir = if self.data_dir.is_absolute() {
             self.data_dir
         } else {
@@ -180,6 +191,10 @@ impl AgentArgs {
             max_concurrent_deploys: self.max_concurrent_deploys,
             approvers,
             min_approvals: self.min_approvals,
+            validation: pde_core::attestation::Requirement {
+                plugin_keys,
+                required: self.require_plugins,
+            },
             max_connections: self.max_connections,
             header_read_timeout: std::time::Duration::from_secs(self.header_timeout_secs),
         })

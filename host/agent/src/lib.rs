@@ -83,6 +83,9 @@ pub struct AgentConfig {
     /// Approvals by distinct `approvers` a bundle must carry to be activated
     /// (`--min-approvals`; 0: none needed).
     pub min_approvals: u32,
+    /// What a bundle's validation attestation must show (`--plugin-key`,
+    /// `--require-plugin`); empty: attestations are not checked.
+    pub validation: pde_core::attestation::Requirement,
     /// Connections open at once (`--max-connections`); more are closed at once.
     pub max_connections: usize,
     /// How long a client has to send a request's headers (`--header-timeout-secs`).
@@ -102,6 +105,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("max_concurrent_deploys", &self.max_concurrent_deploys)
             .field("approvers", &self.approvers.key_ids())
             .field("min_approvals", &self.min_approvals)
+            .field("plugin_keys", &self.validation.plugin_keys.key_ids())
+            .field("required_plugins", &self.validation.required)
             .field("max_connections", &self.max_connections)
             .field("header_read_timeout", &self.header_read_timeout)
             .finish()
@@ -123,6 +128,7 @@ impl AgentConfig {
             max_concurrent_deploys: DEFAULT_MAX_CONCURRENT_DEPLOYS,
             approvers: pde_core::approval::Approvers::new(),
             min_approvals: 0,
+            validation: pde_core::attestation::Requirement::default(),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             header_read_timeout: DEFAULT_HEADER_TIMEOUT,
         }
@@ -253,6 +259,20 @@ impl Agent {
             ));
         }
         let check_signatures = !cfg.trusted.is_empty();
+        if !cfg.validation.required.is_empty() && cfg.validation.plugin_keys.is_empty() {
+            return Err(AgentError::Config(
+                "--require-plugin needs at least one --plugin-key: a required validator counts only \
+                 when a trusted plugin key signed it"
+                    .into(),
+            ));
+        }
+        if !cfg.validation.is_empty() && !check_signatures {
+            return Err(AgentError::Config(
+                "--plugin-key and --require-plugin need --trusted-key: the validation attestation \
+                 is believed only when a trusted release key signed it"
+                    .into(),
+            ));
+        }
         if !check_signatures {
             if !cfg.insecure_accept_unsigned {
                 return Err(AgentError::NoTrustedKeys);
@@ -320,6 +340,8 @@ impl Agent {
             keep = cfg.keep,
             approvers = ?cfg.approvers.key_ids(),
             min_approvals = cfg.min_approvals,
+            plugin_keys = ?cfg.validation.plugin_keys.key_ids(),
+            required_plugins = ?cfg.validation.required,
             max_connections = cfg.max_connections,
             header_timeout_ms = cfg.header_read_timeout.as_millis() as u64,
             "agent ready"
@@ -344,6 +366,7 @@ impl Agent {
                     check_signatures,
                     approvers: cfg.approvers,
                     min_approvals: cfg.min_approvals,
+                    validation: cfg.validation,
                     max_body_bytes: cfg.max_body_bytes,
                     on_activate: cfg.on_activate,
                     data_dir: cfg.data_dir,

@@ -129,6 +129,7 @@ impl Metrics {
             "fence_stale" | "fence_ahead" => "fence",
             "proof_expired" | "proof_replayed" | "proof_mismatch" => "rollback_proof",
             "digest_mismatch" => "digest",
+            "attestation_rejected" => "attestation",
             "idempotency_conflict" => "idempotency_conflict",
             "payload_too_large" => "size",
             "unauthorized" => "auth",

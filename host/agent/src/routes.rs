@@ -75,6 +75,8 @@ pub struct Settings {
     pub approvers: pde_core::approval::Approvers,
     /// Approvals by distinct approver keys a bundle must carry.
     pub min_approvals: u32,
+    /// What the validation attestation must show.
+    pub validation: pde_core::attestation::Requirement,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
     /// Command run after each activation.
@@ -338,6 +340,8 @@ pub(crate) fn parse_deploy(
         signatures: Option<Vec<pde_core::keys::Signature>>,
         #[serde(default)]
         approvals: Option<Vec<pde_core::approval::SignedApproval>>,
+        #[serde(default)]
+        attestation: Option<pde_core::attestation::Envelope>,
         #[serde(borrow, default)]
         payload: Option<&'a RawValue>,
     }
@@ -417,6 +421,12 @@ pub(crate) fn parse_deploy(
             serde_json::to_value(&approvals).unwrap_or_default(),
         );
     }
+    if let Some(attestation) = head.attestation {
+        kept.insert(
+            "attestation".into(),
+            serde_json::to_value(&attestation).unwrap_or_default(),
+        );
+    }
     kept.insert("payload".into(), payload);
     let kept = Value::Object(kept);
     // Stored in its own format's canonical form, so the file hashes back to
@@ -424,6 +434,7 @@ pub(crate) fn parse_deploy(
     let bytes = canonical_bytes(format, &kept).map_err(|e| bundle_error(&e))?;
     let bundle = Bundle::from_value(kept).map_err(|e| bundle_error(&e))?;
     check_approvals(&bundle, settings)?;
+    check_attestation(&bundle, settings)?;
     let version = &bundle.payload.manifest.version;
     if version.is_empty() || version.len() > MAX_VERSION_LEN {
         return Err(ApiError::bad_request(
@@ -566,6 +577,19 @@ pub(crate) fn approvals_shortfall(
         reason.push_str(&format!("; {r}"));
     }
     Some(reason)
+}
+
+/// With `--plugin-key` or `--require-plugin`, the bundle's validation
+/// attestation must be signed by a trusted release key, be about this
+/// bundle, name only validators signed by a `--plugin-key` key, and show
+/// each required validator ran and passed ([`pde_core::attestation::check`]).
+fn check_attestation(bundle: &Bundle, settings: &Settings) -> Result<(), ApiError> {
+    if settings.validation.is_empty() {
+        return Ok(());
+    }
+    pde_core::attestation::check(bundle, &settings.trusted, &settings.validation)
+        .map(drop)
+        .map_err(|e| ApiError::new(StatusCode::FORBIDDEN, "attestation_rejected", e.to_string()))
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<String, ApiError> {
@@ -863,6 +887,7 @@ pub async fn rollback(
             // A bundle stored before approvals were required must not come
             // back through the side door.
             check_approvals(&bundle, &settings)?;
+            check_attestation(&bundle, &settings)?;
         }
         Ok(s.rollback(&policy_id, to.as_deref(), fence, hook)?)
     })

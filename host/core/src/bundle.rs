@@ -72,6 +72,12 @@ pub struct Bundle {
     /// approvals keep the exact bytes they always had.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub approvals: Vec<SignedApproval>,
+    /// The validation attestation ([`crate::attestation`]): which validators
+    /// ran, who signed each, what each said; signed with the release key and,
+    /// like approvals, outside the digest. Absent in bundles made without a
+    /// signing key and by older pde.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<crate::attestation::Envelope>,
     /// What the digest covers.
     pub payload: Payload,
 }
@@ -192,6 +198,7 @@ impl Bundle {
             digest,
             signatures,
             approvals: Vec::new(),
+            attestation: None,
             payload,
         })
     }

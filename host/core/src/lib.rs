@@ -5,6 +5,7 @@
 //! - [`exit`]: exit codes (DESIGN §8), imported by every error type;
 //! - [`canonical`], [`bundle`], [`keys`], [`approval`]: canonical JSON, the
 //!   signed bundle, ed25519 key files and trust sets, signed approvals;
+//! - [`attestation`]: the signed statement of which validators ran on a bundle;
 //! - [`wire`]: types of the push protocol shared by pusher and agent;
 //! - [`rollback`]: the signed statement that authorises a `POST /rollback`;
 //! - [`fsutil`], [`clock`], [`retry`], [`secret`]: atomic durable writes,
@@ -12,6 +13,7 @@
 //! - [`term`]: escaping untrusted text before a person sees it.
 
 pub mod approval;
+pub mod attestation;
 pub mod bundle;
 pub mod canonical;
 pub mod clock;

@@ -73,7 +73,7 @@ impl Engine {
         let root = dir.to_path_buf();
         crate::audit::set_actor_repository(&root);
         let config = Config::load(&root)?;
-        let floor = crate::floor::Floor::load()?;
+        let floor = crate::floor::Floor::load_for(&root)?;
         let state_dir = root.join(&config.state);
         check_state_inside(&root, &config)?;
         let policies = PolicyStore::open(&root.join(&config.policies));
@@ -234,10 +234,7 @@ impl Engine {
             let counted: Vec<String> = floor
                 .approver_keys
                 .iter()
-                .filter_map(|e| {
-                    let dir = floor.path.parent()?;
-                    pde_core::keys::load_public_key(&dir.join(&e.file)).ok()
-                })
+                .filter_map(|e| floor.key(e).ok())
                 .map(|k| keys::key_id(&k))
                 .collect();
             floor.warn_ignored("approver", &listed, &counted);

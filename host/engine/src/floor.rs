@@ -17,6 +17,18 @@
 //!   after which it no longer counts.
 //!
 //! Without a floor, `pde.toml` is the only source, as before.
+//!
+//! **A signed trust file in the repository.** The security team may keep
+//! its gates and keys where policy authors can read and propose changes to
+//! them, as `pde-trust.toml` in the workspace, signed with its key
+//! (`pde trust sign`, `pde-trust.toml.sig`). The key that verifies it comes
+//! from outside the repository: the machine floor's `[trust_file] keys`.
+//! When the machine floor names it, the file must be there and verify, or
+//! every command that evaluates an environment refuses (exit 6); editing it
+//! breaks the signature. Its gates and keys are added to the machine floor's
+//! (the tighter of each gate holds). Keys in it are written inline (`key =
+//! "<hex>"`), since a key file beside it would not be covered by the
+//! signature.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,6 +72,20 @@ pub enum FloorError {
         /// What is wrong with the key.
         source: KeyError,
     },
+    /// The repository's signed trust file is missing, or its signature
+    /// does not verify with the machine floor's `[trust_file] keys`.
+    #[error(
+        "trust file {path}: {why}; the trust floor {floor} requires it signed by the security \
+         team (`pde trust sign {path} --key FILE`)"
+    )]
+    TrustFile {
+        /// The workspace's trust file.
+        path: PathBuf,
+        /// The machine floor that requires it.
+        floor: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// `pde.toml` lowers gates the floor sets for an environment.
     #[error(
         "pde.toml lowers the trust floor {path} for environment {env}: {}; pde.toml may only \
@@ -79,7 +105,7 @@ pub enum FloorError {
 impl HasExitCode for FloorError {
     fn exit_code(&self) -> ExitCode {
         match self {
-            FloorError::Lowered { .. } => ExitCode::Integrity,
+            FloorError::Lowered { .. } | FloorError::TrustFile { .. } => ExitCode::Integrity,
             FloorError::Read { .. } | FloorError::Parse { .. } | FloorError::Key { .. } => {
                 ExitCode::Usage
             }
@@ -92,7 +118,12 @@ impl HasExitCode for FloorError {
 #[serde(deny_unknown_fields)]
 pub struct KeyEntry {
     /// Public key file (hex), relative to the floor file's directory.
-    pub file: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<PathBuf>,
+    /// The public key itself (64 hex digits), instead of `file`; the only
+    /// form a signed trust file accepts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     /// The person or team the key belongs to.
     pub name: String,
     /// Roles an approver key is trusted for (approver keys only).
@@ -154,6 +185,144 @@ pub struct Floor {
     /// Gates per environment name.
     #[serde(default)]
     pub environments: BTreeMap<String, EnvFloor>,
+    /// The workspace's signed trust file, and the keys that may sign it
+    /// (machine floor only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_file: Option<TrustFileSetting>,
+    /// The signed trust file merged in, if any.
+    #[serde(skip)]
+    pub signed: Option<SignedTrustFile>,
+}
+
+/// `[trust_file]` of a machine floor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustFileSetting {
+    /// Where the file is, relative to the workspace root.
+    #[serde(default = "default_trust_file")]
+    pub path: PathBuf,
+    /// The security team's keys whose signature makes it count.
+    pub keys: Vec<KeyEntry>,
+}
+
+fn default_trust_file() -> PathBuf {
+    PathBuf::from(TRUST_FILE)
+}
+
+/// The default name of the workspace's signed trust file.
+pub const TRUST_FILE: &str = "pde-trust.toml";
+/// The format of a trust file's signature.
+pub const TRUST_SIGNATURE_FORMAT: &str = "pde.trust-signature/v1";
+
+/// A signed trust file that was merged into the floor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SignedTrustFile {
+    /// The file.
+    pub path: PathBuf,
+    /// sha256 (hex) of its bytes.
+    pub sha256: String,
+    /// Who signed it, as the signature records.
+    pub signer: String,
+    /// The key that signed it.
+    pub keyid: String,
+}
+
+/// `<file>.sig`: who signed a trust file, over its sha256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustSignature {
+    /// Always [`TRUST_SIGNATURE_FORMAT`].
+    pub format: String,
+    /// sha256 (hex) of the trust file's bytes.
+    pub sha256: String,
+    /// Who signed (a person or team).
+    pub signer: String,
+    /// When, RFC 3339 UTC.
+    pub signed_at: String,
+    /// The signing key's id.
+    pub keyid: String,
+    /// Always `ed25519`.
+    pub alg: String,
+    /// Standard base64 ed25519 signature over the canonical JSON of every
+    /// other field.
+    pub sig: String,
+}
+
+impl TrustSignature {
+    fn message(&self) -> Vec<u8> {
+        pde_core::canonical::canonical_json(&serde_json::json!({
+            "format": self.format, "sha256": self.sha256, "signer": self.signer,
+            "signed_at": self.signed_at, "keyid": self.keyid, "alg": self.alg,
+        }))
+    }
+}
+
+/// Where the signature of trust file `path` lives.
+pub fn trust_sig_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".sig");
+    PathBuf::from(name)
+}
+
+/// Signs the trust file at `path` with `key` as `signer`; writes and
+/// returns `<path>.sig`. The file must parse as a trust file whose keys are
+/// inline.
+pub fn sign_trust_file(
+    path: &Path,
+    key: &ed25519_dalek::SigningKey,
+    signer: &str,
+) -> Result<(PathBuf, TrustSignature), FloorError> {
+    use sha2::Digest as _;
+    let (bytes, _) = read_trust_file(path)?;
+    let mut sig = TrustSignature {
+        format: TRUST_SIGNATURE_FORMAT.to_string(),
+        sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+        signer: signer.to_string(),
+        signed_at: pde_core::clock::now_rfc3339(),
+        keyid: pde_core::keys::key_id(&key.verifying_key()),
+        alg: "ed25519".to_string(),
+        sig: String::new(),
+    };
+    sig.sig = pde_core::keys::sign(key, &sig.message()).sig;
+    let out = trust_sig_path(path);
+    let text = serde_json::to_string_pretty(&sig).unwrap_or_default() + "\n";
+    std::fs::write(&out, text).map_err(|source| FloorError::Read {
+        path: out.clone(),
+        source,
+    })?;
+    Ok((out, sig))
+}
+
+/// Reads a trust file meant for signing: a floor whose keys are all inline
+/// and which names no `[trust_file]` of its own.
+fn read_trust_file(path: &Path) -> Result<(Vec<u8>, Floor), FloorError> {
+    let bytes = std::fs::read(path).map_err(|source| FloorError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let parse = |message: String| FloorError::Parse {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::str::from_utf8(&bytes).map_err(|e| parse(e.to_string()))?;
+    let floor: Floor = toml::from_str(text).map_err(|e| parse(e.to_string()))?;
+    if floor.trust_file.is_some() {
+        return Err(parse(
+            "a trust file cannot name another [trust_file]".into(),
+        ));
+    }
+    for e in floor.plugin_keys.iter().chain(&floor.approver_keys) {
+        if e.key.is_none() || e.file.is_some() {
+            return Err(parse(format!(
+                "key of {} must be written inline (key = \"<64 hex digits>\"), not as a file: \
+                 a key file beside a signed trust file is not covered by its signature",
+                e.name
+            )));
+        }
+        crate::config::valid_on(e.expires.as_deref(), today())
+            .map_err(|m| parse(format!("key of {}: {m}", e.name)))?;
+    }
+    Ok((bytes, floor))
 }
 
 /// Which floor file applies here, and whether it is there.
@@ -176,6 +345,86 @@ impl Floor {
         }
     }
 
+    /// The floor for the workspace at `root`: the machine's, with the
+    /// workspace's signed trust file merged in when the machine floor
+    /// names one.
+    pub fn load_for(root: &Path) -> Result<Option<Floor>, FloorError> {
+        let Some(mut floor) = Floor::load()? else {
+            return Ok(None);
+        };
+        if let Some(setting) = floor.trust_file.clone() {
+            floor.merge_signed(&root.join(&setting.path), &setting.keys)?;
+        }
+        Ok(Some(floor))
+    }
+
+    /// Verifies the trust file at `path` with `keys` (unexpired, resolved
+    /// from this floor's directory) and adds its gates and keys.
+    fn merge_signed(&mut self, path: &Path, keys: &[KeyEntry]) -> Result<(), FloorError> {
+        use sha2::Digest as _;
+        let refuse = |why: String| FloorError::TrustFile {
+            path: path.to_path_buf(),
+            floor: self.path.clone(),
+            why,
+        };
+        if !path.is_file() {
+            return Err(refuse("missing".into()));
+        }
+        let (bytes, signed) = read_trust_file(path)?;
+        let sig_path = trust_sig_path(path);
+        let text = std::fs::read_to_string(&sig_path)
+            .map_err(|e| refuse(format!("no signature {}: {e}", sig_path.display())))?;
+        let sig: TrustSignature = serde_json::from_str(&text)
+            .map_err(|e| refuse(format!("{} is not a signature: {e}", sig_path.display())))?;
+        let actual = hex::encode(sha2::Sha256::digest(&bytes));
+        if sig.format != TRUST_SIGNATURE_FORMAT || sig.sha256 != actual {
+            return Err(refuse(format!(
+                "edited after {} signed it (sha256 {actual}, signed {})",
+                sig.signer, sig.sha256
+            )));
+        }
+        let mut trusted = TrustedKeys::new();
+        for entry in keys.iter().filter(|e| e.valid_on(today())) {
+            trusted.add(self.key(entry)?);
+        }
+        let signature = pde_core::keys::Signature {
+            keyid: sig.keyid.clone(),
+            alg: sig.alg.clone(),
+            sig: sig.sig.clone(),
+        };
+        trusted
+            .verify(&sig.message(), &signature)
+            .map_err(|e| refuse(format!("signature by {:?}: {e}", sig.signer)))?;
+        self.plugin_keys.extend(signed.plugin_keys);
+        self.approver_keys.extend(signed.approver_keys);
+        for (name, gates) in signed.environments {
+            let mine = self.environments.entry(name.clone()).or_default();
+            mine.min_approvals = mine.min_approvals.max(gates.min_approvals);
+            union(&mut mine.required_roles, gates.required_roles);
+            union(&mut mine.required_plugins, gates.required_plugins);
+            mine.require_signed_plugins |= gates.require_signed_plugins;
+            mine.require_signed_approvals |= gates.require_signed_approvals;
+            match (&mine.promote_from, gates.promote_from) {
+                (_, None) => {}
+                (None, Some(from)) => mine.promote_from = Some(from),
+                (Some(a), Some(b)) if *a == b => {}
+                (Some(a), Some(b)) => {
+                    return Err(refuse(format!(
+                        "environment {name}: promote_from {b:?} disagrees with the machine \
+                         floor's {a:?}"
+                    )));
+                }
+            }
+        }
+        self.signed = Some(SignedTrustFile {
+            path: path.to_path_buf(),
+            sha256: actual,
+            signer: sig.signer,
+            keyid: sig.keyid,
+        });
+        Ok(())
+    }
+
     /// Reads a floor file.
     pub fn read(path: &Path) -> Result<Floor, FloorError> {
         use sha2::Digest as _;
@@ -191,13 +440,21 @@ impl Floor {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
-        for entry in floor.plugin_keys.iter().chain(&floor.approver_keys) {
-            crate::config::valid_on(entry.expires.as_deref(), today()).map_err(|message| {
-                FloorError::Parse {
-                    path: path.to_path_buf(),
-                    message: format!("key {} of {}: {message}", entry.file.display(), entry.name),
-                }
-            })?;
+        let trust_file_keys = floor.trust_file.iter().flat_map(|t| &t.keys);
+        for entry in floor
+            .plugin_keys
+            .iter()
+            .chain(&floor.approver_keys)
+            .chain(trust_file_keys)
+        {
+            let parse = |message: String| FloorError::Parse {
+                path: path.to_path_buf(),
+                message: format!("key of {}: {message}", entry.name),
+            };
+            if entry.file.is_some() == entry.key.is_some() {
+                return Err(parse("give exactly one of `file` and `key`".into()));
+            }
+            crate::config::valid_on(entry.expires.as_deref(), today()).map_err(parse)?;
         }
         floor.path = path.to_path_buf();
         floor.sha256 = hex::encode(sha2::Sha256::digest(&bytes));
@@ -286,12 +543,36 @@ impl Floor {
         Ok(approvers)
     }
 
-    fn key(&self, entry: &KeyEntry) -> Result<ed25519_dalek::VerifyingKey, FloorError> {
+    /// The public key of `entry`: inline, or its file beside the floor.
+    pub fn key(&self, entry: &KeyEntry) -> Result<ed25519_dalek::VerifyingKey, FloorError> {
+        let malformed = || FloorError::Parse {
+            path: self.path.clone(),
+            message: format!("key of {} is not an ed25519 public key", entry.name),
+        };
+        if let Some(text) = &entry.key {
+            let bytes: [u8; 32] = hex::decode(text.trim())
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .ok_or_else(malformed)?;
+            return ed25519_dalek::VerifyingKey::from_bytes(&bytes).map_err(|_| malformed());
+        }
+        let Some(file) = &entry.file else {
+            return Err(malformed());
+        };
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        pde_core::keys::load_public_key(&dir.join(&entry.file)).map_err(|source| FloorError::Key {
+        pde_core::keys::load_public_key(&dir.join(file)).map_err(|source| FloorError::Key {
             path: self.path.clone(),
             source,
         })
+    }
+}
+
+/// Adds to `mine` each of `more` it lacks.
+fn union(mine: &mut Vec<String>, more: Vec<String>) {
+    for m in more {
+        if !mine.contains(&m) {
+            mine.push(m);
+        }
     }
 }
 
@@ -318,7 +599,8 @@ mod tests {
     #[test]
     fn an_expired_key_no_longer_counts_and_a_lowered_gate_is_named() {
         let entry = KeyEntry {
-            file: "k.pub".into(),
+            file: Some("k.pub".into()),
+            key: None,
             name: "Security team".into(),
             roles: vec![],
             expires: Some("2026-12-31".into()),
@@ -330,6 +612,8 @@ mod tests {
             sha256: String::new(),
             plugin_keys: vec![],
             approver_keys: vec![],
+            trust_file: None,
+            signed: None,
             environments: [(
                 "production".to_string(),
                 EnvFloor {

@@ -48,6 +48,7 @@ pub mod plugin_workspace;
 pub mod policy;
 pub mod provenance;
 pub mod report;
+pub mod review;
 pub mod rollback;
 mod runtime;
 mod stages;

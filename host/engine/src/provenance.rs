@@ -240,6 +240,9 @@ pub struct FloorInForce {
     pub path: PathBuf,
     /// sha256 (hex) of its bytes.
     pub sha256: String,
+    /// The workspace's signed trust file merged into it, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_file: Option<crate::floor::SignedTrustFile>,
 }
 
 /// `pde.toml` is a regular file that the commit holds unchanged; returns

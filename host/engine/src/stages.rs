@@ -125,6 +125,17 @@ impl Engine {
                 already_active: false,
             },
         };
+        let mut admitted = admitted;
+        // Attested over the bundle actually shipped (a promoted one has the
+        // earlier build's digest), so agents can check what ran on it.
+        if let Some(key) = key.as_ref() {
+            admitted.bundle.attestation = Some(pde_core::attestation::attest(
+                &admitted.bundle,
+                env!("CARGO_PKG_VERSION"),
+                validation.attested_validators(),
+                key,
+            ));
+        }
         let path = match out {
             None => None,
             Some(dir) => {
@@ -261,6 +272,7 @@ impl Engine {
             .map(|f| crate::provenance::FloorInForce {
                 path: f.path.clone(),
                 sha256: f.sha256.clone(),
+                trust_file: f.signed.clone(),
             });
         Ok(in_force)
     }

@@ -39,6 +39,7 @@ pub fn start_agent(data_dir: &Path, trusted: &Path) -> String {
         max_concurrent_deploys: 4,
         approvers: pde::approval::Approvers::new(),
         min_approvals: 0,
+        validation: Default::default(),
         max_connections: pde_agent::DEFAULT_MAX_CONNECTIONS,
         header_read_timeout: pde_agent::DEFAULT_HEADER_TIMEOUT,
     };

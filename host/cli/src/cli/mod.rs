@@ -18,7 +18,9 @@ mod oci;
 mod pipe;
 mod plugin;
 mod print;
+mod review;
 mod scaffold;
+mod trust;
 mod workspace;
 
 /// pde: the Policy Deployment Engine.
@@ -88,6 +90,9 @@ enum Command {
     /// Inspect, test, sign and verify WebAssembly plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCmd),
+    /// Sign the workspace's trust file with the security team's key.
+    #[command(subcommand)]
+    Trust(trust::TrustCmd),
     /// Run a policy agent beside a service: receive, verify and serve the signed bundles `pde deploy` pushes.
     Agent(pde_agent::cli::AgentArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -437,6 +442,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Keygen(args) => workspace::keygen(&ctx, args),
         Command::Init(args) => workspace::init(&ctx, args),
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),
+        Command::Trust(cmd) => trust::run(&ctx, cmd),
         Command::Completions(args) => completions(args),
         Command::Man(args) => man(&ctx, args),
         Command::Agent(args) => pde_agent::cli::run(args, &ctx.dir, |addr| {

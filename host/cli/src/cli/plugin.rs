@@ -112,6 +112,10 @@ pub enum PluginCmd {
     /// Scaffold a plugin project (Cargo.toml, src/lib.rs, manifest, sample
     /// policy, README) in a new directory; works outside a workspace.
     New(super::scaffold::NewArgs),
+    /// One report for a review ticket: identity, capabilities, limits and
+    /// where they come from, runs over policies, changes against an old
+    /// version, signatures and versions; exits non-zero on a risky change.
+    Review(super::review::ReviewArgs),
     /// Verify a component's signature (default keys: the workspace's [trust] plugin_keys).
     Verify {
         /// The `.wasm` file.
@@ -180,6 +184,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             let ws = workspace(ctx, required)?;
             Ok((ws.trust()?, ws.host()?))
         }),
+        PluginCmd::Review(args) => super::review::run(ctx, args),
     }
 }
 

@@ -174,6 +174,11 @@ pub struct PluginRun {
     /// environment does not require signed plugins a broken or missing
     /// signature does not stop it, but is reported here (and logged).
     pub signature: SignatureStatus,
+    /// The plugin's signature file as read when it ran (a valid signature
+    /// only), carried in the bundle's validation attestation so that an
+    /// agent checks the signer itself.
+    #[serde(skip)]
+    pub signature_file: Option<serde_json::Value>,
 }
 
 impl ValidationReport {
@@ -226,6 +231,32 @@ impl ValidationReport {
                 sha256: p.sha256.clone(),
                 errors: p.errors,
                 warnings: p.warnings,
+            })
+            .collect()
+    }
+
+    /// What the bundle's validation attestation says of each validator
+    /// ([`pde_core::attestation`]).
+    pub fn attested_validators(&self) -> Vec<pde_core::attestation::Validator> {
+        self.plugins
+            .iter()
+            .map(|p| {
+                let (signer_keyid, signer) = match &p.signature {
+                    SignatureStatus::Valid { keyid, signer, .. } => {
+                        (Some(keyid.clone()), Some(signer.clone()))
+                    }
+                    _ => (None, None),
+                };
+                pde_core::attestation::Validator {
+                    name: p.name.clone(),
+                    sha256: p.sha256.clone(),
+                    verdict: if p.errors == 0 { "pass" } else { "fail" }.to_string(),
+                    errors: p.errors,
+                    warnings: p.warnings,
+                    signer_keyid,
+                    signer,
+                    plugin_signature: p.signature_file.clone(),
+                }
             })
             .collect()
     }
@@ -328,6 +359,7 @@ pub fn validate(
             fuel_used: neutral.fuel_used,
             elapsed_us: neutral.elapsed.as_micros() as u64,
             signature: plugin.signature.clone(),
+            signature_file: signature_file(plugin),
         };
         // Where signatures are required, `check_signed_plugins` refused an
         // unsigned or broken one already; elsewhere it runs, but a tampered
@@ -365,6 +397,16 @@ pub fn validate(
         approvals,
         active: active_policy,
     })
+}
+
+/// The signature file of a validly signed plugin, as JSON (`None` when it
+/// is not validly signed, or is gone since it was checked).
+fn signature_file(plugin: &crate::plugin::Plugin) -> Option<serde_json::Value> {
+    if !matches!(plugin.signature, SignatureStatus::Valid { .. }) {
+        return None;
+    }
+    let text = std::fs::read_to_string(crate::plugin::signature::sig_path(&plugin.path)).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// The policy `active` names, from the bundle the deploy stored
