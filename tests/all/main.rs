@@ -23,4 +23,5 @@ mod plugin_authoring;
 mod plugin_runtime;
 mod plugin_security;
 mod python_plugin;
+mod rollout;
 mod team;

@@ -5,6 +5,7 @@
 //! 3. [`envcheck`]: every target service is healthy, or nothing is pushed;
 //! 4. [`route`]: router plugins pick the services;
 //! 5. [`push`]: concurrent delivery, verification, compensation;
+//!    [`waves`]: in waves when the environment has a rollout, judged by gates;
 //! 6. [`tag`]: the annotated release tag;
 //! 7. [`audit`]: every step's record in the hash-chained log.
 //!
@@ -19,3 +20,4 @@ pub mod push;
 pub mod route;
 pub mod tag;
 pub mod validate;
+pub mod waves;
