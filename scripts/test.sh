@@ -21,6 +21,10 @@ pg_dir="${TMPDIR:-/tmp}/pde-test-pg.$$"
 trap 'scripts/pg-cluster.sh stop "$pg_dir"' EXIT
 read -r PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD < <(scripts/pg-cluster.sh start "$pg_dir")
 export PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD
+# A real Prometheus for the rollout tests; each test runs its own server
+# from this binary (see ensure_prometheus in scripts/lib.sh).
+PDE_TEST_PROMETHEUS=$(ensure_prometheus)
+export PDE_TEST_PROMETHEUS
 # --no-fail-fast: one CI run names every failing suite, not just the first.
 cargo test --workspace --locked --no-fail-fast "$@"
 # Every bench once, in criterion's test mode (debug profile, same target

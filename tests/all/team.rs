@@ -888,8 +888,8 @@ fn a_database_of_an_older_pde_is_migrated_from_where_it_stopped() {
     let s = PgState::open(target).unwrap();
     assert_eq!(
         pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
-        "3",
-        "stored as the pde of issue 13 stores its newest schema"
+        "4",
+        "stored as this pde stores its newest schema (issue 22 added the rollouts table)"
     );
     assert_eq!(s.history("42").unwrap()[0].digest, "sha256:aa");
     assert_eq!(s.active("42", "dev").unwrap().unwrap().version, "1.0.0");

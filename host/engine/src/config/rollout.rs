@@ -371,3 +371,70 @@ fn check_gate<'a>(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn services() -> Vec<Service> {
+        ["A", "B"]
+            .iter()
+            .map(|n| Service {
+                name: n.to_string(),
+                url: "http://127.0.0.1:1".into(),
+                tags: vec!["api".into()],
+                labels: Default::default(),
+                token_env: None,
+            })
+            .collect()
+    }
+
+    fn check(text: &str) -> Result<(), String> {
+        let r: Rollout = toml::from_str(text).map_err(|e| e.to_string())?;
+        r.check("production", &services())
+    }
+
+    const GATE: &str =
+        "[[waves.gates]]\nkind = \"prometheus\"\nname = \"g\"\nurl = \"http://127.0.0.1:9\"\n";
+
+    #[test]
+    fn rollouts_are_checked_when_read() {
+        check("[[waves]]\ncount = 1\nbake = \"2m\"\n[[waves]]\n").unwrap();
+        for (text, says) in [
+            ("waves = []\n", "no waves"),
+            ("[[waves]]\ncount = 1\n[[waves]]\ncount = 1\n", "last wave"),
+            ("[[waves]]\n[[waves]]\n", "exactly one"),
+            (
+                "[[waves]]\ncount = 1\ntags = [\"api\"]\n[[waves]]\n",
+                "exactly one",
+            ),
+            ("[[waves]]\npercent = 0\n[[waves]]\n", "1 to 100"),
+            ("[[waves]]\ntags = [\"db\"]\n[[waves]]\n", "selects nothing"),
+            (
+                "[[waves]]\ncount = 1\nbake = \"soon\"\n[[waves]]\n",
+                "not a duration",
+            ),
+            ("[[waves]]\ncount = 1\nbak = \"1s\"\n[[waves]]\n", "bak"),
+        ] {
+            let e = check(text).unwrap_err();
+            assert!(e.contains(says), "{text}: {e}");
+        }
+        let gate = |rest: &str| format!("[[waves]]\ncount = 1\n{GATE}{rest}[[waves]]\n");
+        check(&gate("query = 'up{s=~\"${services_regex}\"}'\nmax = 1\n")).unwrap();
+        for (rest, says) in [
+            ("query = 'up'\n", "no bound"),
+            (
+                "query = 'up{x=\"${nope}\"}'\nmax = 1\n",
+                "unknown variable ${nope}",
+            ),
+            ("query = 'up{x=\"${wave\"}'\nmax = 1\n", "without closing"),
+            (
+                "query = 'up'\nbaseline = { factor = 2.0 }\n",
+                "${services_regex}",
+            ),
+        ] {
+            let e = check(&gate(rest)).unwrap_err();
+            assert!(e.contains(says), "{rest}: {e}");
+        }
+    }
+}

@@ -47,7 +47,15 @@ enum Stop {
 }
 
 impl Run<'_> {
-    fn save(&self) -> Result<(), Error> {
+    fn save(&mut self) -> Result<(), Error> {
+        // A person's promote or abort adds to the stored log while this
+        // process runs: keep their entries.
+        if let Some(stored) = self.engine.state.rollout(self.id)?
+            && let Some(log) = stored.doc["log"].as_array()
+            && log.len() > self.report.log.len()
+        {
+            self.report.log = log.clone();
+        }
         let doc = serde_json::to_value(&self.report).unwrap_or_default();
         Ok(self
             .engine
