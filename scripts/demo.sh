@@ -79,7 +79,7 @@ TOML
 git -c user.name="HMS Policy Office" -c user.email=policy@hms.example.gov \
     commit -qam "production: roll out in two waves"
 echo
-echo "==> pde plan 42 --env production (the waves, each gate evaluated once)"
+echo "==> pde plan 42 --env production (the waves; each gate is evaluated once, now, before anything is pushed)"
 "$pde" plan 42 --env production
 for policy in 42 43; do
     echo

@@ -904,7 +904,7 @@ fn a_database_of_an_older_pde_is_migrated_from_where_it_stopped() {
     drop(PgState::open(target).unwrap());
     assert_eq!(
         pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
-        "3"
+        "4"
     );
 }
 
