@@ -427,7 +427,7 @@ mod tests {
                 "query = 'up{x=\"${nope}\"}'\nmax = 1\n",
                 "unknown variable ${nope}",
             ),
-            ("query = 'up{x=\"${wave\"}'\nmax = 1\n", "without closing"),
+            ("query = 'up ${wave'\nmax = 1\n", "without closing"),
             (
                 "query = 'up'\nbaseline = { factor = 2.0 }\n",
                 "${services_regex}",
