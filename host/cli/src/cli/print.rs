@@ -362,7 +362,13 @@ pub fn waves(r: &pde::report::RolloutReport) {
                 "    gate {}{on}: {} {}  {}",
                 g.gate,
                 label(&g.verdict),
-                if g.passed { "(ok)" } else { "(FAILS THE WAVE)" },
+                match (g.passed, r.status == "dry-run") {
+                    (true, _) => "(ok)",
+                    // Evaluated before anything was pushed: a gate on what
+                    // the wave will serve cannot pass yet.
+                    (false, true) => "(would fail if judged now)",
+                    (false, false) => "(FAILS THE WAVE)",
+                },
                 pde::term::Escaped(&g.detail)
             );
             println!("      query {}", pde::term::Escaped(&g.query));
@@ -401,6 +407,15 @@ impl pde::steps::waves::RolloutObserver for RolloutProgress {
                 "wave {wave}: paused; continue with `pde rollout promote`, stop with `pde rollout abort`"
             ),
             "wave-passed" => format!("wave {wave}: passed"),
+            "wave-pushed" => format!(
+                "wave {wave}: pushed and verified; baking {} ms",
+                detail["bake_ms"]
+            ),
+            "promoted" => format!("wave {wave}: promoted"),
+            "rolled-back" => format!(
+                "rollout: every wave pushed was sent back ({})",
+                detail["outcome"].as_str().unwrap_or("")
+            ),
             "halted" => format!("rollout halted: {}", detail["why"].as_str().unwrap_or("")),
             other => format!("{other} {detail}"),
         };
