@@ -5,7 +5,8 @@
 # It builds pde and the example plugins, copies examples/workspace to a temp
 # Git repository, installs and signs the plugins as a security team would,
 # starts one agent per service, and deploys policies 42 and 43 to dev, staging
-# and production (production only takes what staging already runs). Each
+# and production (production only takes what staging already runs; it rolls
+# out in two waves, canary first, behind an `http` gate). Each
 # service holds both policies side by side (push protocol v2); the script ends
 # with the policy x service matrix of every environment and each agent's own
 # list of active policies.
@@ -44,13 +45,50 @@ for env in dev staging production; do
 done
 
 export PDE_ACTOR="release-engineer@hms.example.gov"
-for env in dev staging production; do
+for env in dev staging; do
     for policy in 42 43; do
         echo
         echo "==> pde deploy $policy --env $env"
         "$pde" deploy "$policy" --env "$env"
     done
 done
+
+# Production rolls out progressively: HMS-API first, baked and judged by an
+# `http` gate on what each agent of the wave serves (GET /active/<id> must
+# show the digest just pushed), then the rest. No server beyond the agents.
+cat >> pde.toml <<'TOML'
+
+[environments.production.rollout]
+poll_ms = 200
+
+[[environments.production.rollout.gates]]
+kind = "http"
+name = "serves-the-new-digest"
+url = "${service_url}/active/${policy_id}"
+json_field = "/digest"
+equals = "${digest}"
+
+[[environments.production.rollout.waves]]
+name = "canary"
+services = ["HMS-API"]
+bake = "1s"
+
+[[environments.production.rollout.waves]]
+name = "rest"
+TOML
+git -c user.name="HMS Policy Office" -c user.email=policy@hms.example.gov \
+    commit -qam "production: roll out in two waves"
+echo
+echo "==> pde plan 42 --env production (the waves; each gate is evaluated once, now, before anything is pushed)"
+"$pde" plan 42 --env production
+for policy in 42 43; do
+    echo
+    echo "==> pde deploy $policy --env production (two waves)"
+    "$pde" deploy "$policy" --env production
+done
+echo
+echo "==> pde rollout status 42 --env production"
+"$pde" rollout status 42 --env production
 
 echo
 echo "==> pde status (what each service runs, per policy)"

@@ -92,3 +92,28 @@ ensure_docker_registry() {
     fi
     echo "$bin"
 }
+
+# A real Prometheus for the rollout tests (tests/all/rollout.rs): Debian's
+# `prometheus` package, installed when missing. Each rollout test starts its
+# own server from this binary on a free loopback port, with a generated
+# config (1 s scrape interval, its own exporters as targets) and storage in
+# a temp dir, and stops it when the test ends. Prints the binary's path.
+ensure_prometheus() {
+    local bin
+    bin=$(command -v prometheus || true)
+    if [ -z "$bin" ] && [ -x /usr/bin/prometheus ]; then bin=/usr/bin/prometheus; fi
+    if [ -z "$bin" ]; then
+        if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+            echo "==> installing prometheus (apt-get install -y prometheus)" >&2
+            # No service of its own is wanted: the tests start their servers.
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >&2 ||
+                { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus >&2; }
+            bin=/usr/bin/prometheus
+        else
+            echo "error: prometheus is missing and cannot be installed here (needs apt-get as root);" >&2
+            echo "       install Debian's prometheus package, then run this again." >&2
+            exit 2
+        fi
+    fi
+    echo "$bin"
+}

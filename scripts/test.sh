@@ -25,6 +25,10 @@ export PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD
 # a free loopback port with storage in a temp dir, killed when it ends).
 PDE_TEST_REGISTRY_BIN=$(ensure_docker_registry)
 export PDE_TEST_REGISTRY_BIN
+# A real Prometheus for the rollout tests; each test runs its own server
+# from this binary (see ensure_prometheus in scripts/lib.sh).
+PDE_TEST_PROMETHEUS=$(ensure_prometheus)
+export PDE_TEST_PROMETHEUS
 # --no-fail-fast: one CI run names every failing suite, not just the first.
 cargo test --workspace --locked --no-fail-fast "$@"
 # Every bench once, in criterion's test mode (debug profile, same target

@@ -233,6 +233,7 @@ const LAYERS: &[&[&str]] = &[
         "steps::push",
         "steps::tag",
         "steps::audit",
+        "steps::waves",
     ],
     &["report"],
     &["error"],
@@ -244,6 +245,8 @@ const LAYERS: &[&[&str]] = &[
     &["delivery"],
     // Each step bound to the engine, once for every command.
     &["stages"],
+    // Step 5 in waves, and the `pde rollout` commands (issue 22).
+    &["rollout"],
     &["pipeline", "rollback", "team"],
     &["plan", "live"],
     &["blocking"],

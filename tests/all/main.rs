@@ -25,5 +25,6 @@ mod plugin_authoring;
 mod plugin_runtime;
 mod plugin_security;
 mod python_plugin;
+mod rollout;
 mod team;
 mod trust;

@@ -888,8 +888,8 @@ fn a_database_of_an_older_pde_is_migrated_from_where_it_stopped() {
     let s = PgState::open(target).unwrap();
     assert_eq!(
         pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
-        "4",
-        "stored as every pde stores its newest schema: one less than the steps (5: fences)"
+        pde::state::postgres::schema_version().to_string(),
+        "stored as every pde stores its newest schema: one less than the steps (5: fences, 6: rollouts)"
     );
     assert_eq!(s.history("42").unwrap()[0].digest, "sha256:aa");
     assert_eq!(s.active("42", "dev").unwrap().unwrap().version, "1.0.0");
@@ -904,7 +904,7 @@ fn a_database_of_an_older_pde_is_migrated_from_where_it_stopped() {
     drop(PgState::open(target).unwrap());
     assert_eq!(
         pg::psql(pg::database_of(&db), "SELECT version FROM pde_schema").trim(),
-        "4"
+        pde::state::postgres::schema_version().to_string()
     );
 }
 

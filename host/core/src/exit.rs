@@ -25,6 +25,9 @@ pub enum ExitCode {
     Integrity = 6,
     /// Another deploy of the same policy and environment holds the lock.
     Locked = 7,
+    /// A rollout stopped: a gate failed (or a person aborted it), and every
+    /// wave it had pushed was sent back; nothing was tagged.
+    RolloutHalted = 8,
 }
 
 impl ExitCode {

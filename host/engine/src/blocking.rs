@@ -13,6 +13,7 @@ use crate::live::LiveReport;
 use crate::pipeline::{DeployOptions, DeployReport};
 use crate::plan::PlanReport;
 use crate::rollback::RollbackReport;
+use crate::rollout::RolloutStatus;
 use crate::steps::envcheck::HealthReport;
 
 /// The engine, with blocking methods for the steps that do network work.
@@ -94,6 +95,24 @@ impl Engine {
     ) -> Result<RollbackReport, Error> {
         self.runtime
             .block_on(self.inner.rollback_with_reason(policy_id, env, to, reason))
+    }
+
+    /// [`crate::Engine::rollout_promote`], blocking.
+    pub fn rollout_promote(&self, policy_id: &str, env: &str) -> Result<RolloutStatus, Error> {
+        self.runtime
+            .block_on(self.inner.rollout_promote(policy_id, env))
+    }
+
+    /// [`crate::Engine::rollout_abort`], blocking.
+    pub fn rollout_abort(&self, policy_id: &str, env: &str) -> Result<RolloutStatus, Error> {
+        self.runtime
+            .block_on(self.inner.rollout_abort(policy_id, env))
+    }
+
+    /// [`crate::Engine::rollout_resume`], blocking.
+    pub fn rollout_resume(&self, policy_id: &str, env: &str) -> Result<RolloutStatus, Error> {
+        self.runtime
+            .block_on(self.inner.rollout_resume(policy_id, env))
     }
 
     /// [`crate::Engine::live_status`], blocking.

@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 
 use pde_core::{ExitCode, HasExitCode};
 
+mod rollout;
+pub use rollout::{
+    Baseline, GATE_VARIABLES, Gate, OnNoData, Rollout, Wave, parse_duration, variables,
+};
+
 /// The file name looked for at the root of a workspace.
 pub const FILE_NAME: &str = "pde.toml";
 
@@ -344,6 +349,9 @@ pub struct Environment {
     /// (the default) or published to an OCI registry that agents pull from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivery: Option<Delivery>,
+    /// A progressive rollout: waves, bakes and gates (issue 22).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
 
 /// `delivery = { kind = "push" }` or `delivery = { kind = "oci", reference = "HOST[:PORT]/REPO", … }`.
@@ -790,6 +798,9 @@ impl Config {
                             .map_err(|e| invalid(format!("{what}: {e}")))?;
                     }
                 }
+            }
+            if let Some(rollout) = &env.rollout {
+                rollout.check(name, &env.services).map_err(&invalid)?;
             }
             if let Some(from) = &env.promote_from
                 && !self.environments.contains_key(from)

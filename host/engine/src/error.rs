@@ -116,6 +116,25 @@ pub enum Error {
         /// The full report.
         report: Box<crate::report::DeployReport>,
     },
+    /// A rollout command could not run, or a rollout is in the way.
+    #[error(transparent)]
+    Rollout(#[from] crate::steps::waves::RolloutError),
+    /// A rollout stopped at a gate (or was aborted); every wave it pushed
+    /// was sent back, and nothing was tagged.
+    #[error("rollout of {policy_id} to {env} halted and {outcome}: {why}")]
+    RolloutHalted {
+        /// The policy.
+        policy_id: String,
+        /// The environment.
+        env: String,
+        /// The wave, the gate, the query and the value seen (or who aborted).
+        why: String,
+        /// `rolled-back` or `needs-attention`.
+        outcome: crate::report::DeployOutcome,
+        /// The full deploy report as JSON (for `pde rollout resume` and
+        /// `abort`, the rollout's push and waves).
+        report: Box<serde_json::Value>,
+    },
 }
 
 impl Error {
@@ -168,6 +187,8 @@ impl HasExitCode for Error {
             Error::Delivery(e) => e.exit_code(),
             Error::Unhealthy { .. } => ExitCode::EnvUnhealthy,
             Error::DeployFailed { .. } => ExitCode::DeployFailed,
+            Error::Rollout(e) => e.exit_code(),
+            Error::RolloutHalted { .. } => ExitCode::RolloutHalted,
         }
     }
 }
@@ -251,6 +272,7 @@ impl Error {
             Error::ValidationFailed { report, .. } => serde_json::to_value(report.as_ref()),
             Error::Unhealthy { report, .. } => serde_json::to_value(report),
             Error::DeployFailed { report, .. } => serde_json::to_value(report.as_ref()),
+            Error::RolloutHalted { report, .. } => Ok(report.as_ref().clone()),
             Error::Rollback(RollbackError::Failed { report, .. }) => {
                 serde_json::to_value(report.as_ref())
             }

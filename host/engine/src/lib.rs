@@ -20,6 +20,7 @@
 //! - [`state`]: deployment history and locks, in SQLite or a team's PostgreSQL;
 //! - [`team`]: unlocking stale leases and migrating state into PostgreSQL;
 //! - [`pipeline`]: the seven steps, top-down;
+//! - [`rollout`]: step 5 in waves, baked and judged by gates; `pde rollout`;
 //! - [`live`]: `pde status --live`, what services run against the state;
 //! - [`history`]: deploys refused before any push, from the audit log;
 //! - [`plugin_install`]: `pde plugin install`, a built component into a workspace;
@@ -50,6 +51,7 @@ pub mod provenance;
 pub mod report;
 pub mod review;
 pub mod rollback;
+pub mod rollout;
 mod runtime;
 mod stages;
 pub mod state;

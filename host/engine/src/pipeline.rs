@@ -18,11 +18,10 @@ use serde_json::json;
 use tracing::Instrument as _;
 
 use crate::audit::Event;
-use crate::bookkeeping::Deployment;
 use crate::engine::Engine;
 use crate::error::Error;
+use crate::rollout::Delivery;
 use crate::steps::audit::Recorder;
-use crate::steps::push::{self, Outcome};
 use crate::steps::tag::Release;
 
 pub use crate::report::{DeployOptions, DeployOutcome, DeployReport};
@@ -47,6 +46,10 @@ impl Engine {
     ) -> Result<DeployReport, Error> {
         let span = tracing::info_span!("deploy", policy_id, env = env_name, dry_run = opts.dry_run);
         async {
+            if !opts.dry_run {
+                // A rollout under way is driven by `pde rollout`, not redeployed.
+                self.refuse_open_rollout(policy_id, env_name)?;
+            }
             let lock = match opts.dry_run {
                 true => None,
                 false => Some(self.state.lock(policy_id, env_name)?),
@@ -172,60 +175,37 @@ impl Engine {
             routes,
             push: None,
             tag: None,
+            rollout: None,
         };
         if opts.dry_run {
+            // A rollout's waves, each gate evaluated once: nothing is pushed.
+            report.rollout = self.preview_waves(env, &report).await?;
             return Ok(report);
         }
 
-        // 5. push
+        // 5. push: to every routed service at once, or wave by wave when the
+        // environment has a rollout (each wave verified, baked and judged).
         let routed: Vec<_> = targets
             .into_iter()
             .filter(|t| report.routes.iter().any(|r| r.service == t.service))
             .collect();
-        let services = routed.iter().map(|t| (t.service.clone(), None));
-        let deployment = Deployment::begin(
-            &self.state,
+        let delivery = Delivery {
             policy_id,
             env_name,
-            &version,
-            &bundle.digest,
-            services,
-        )?;
-        let pushed = self
-            .push_stage(bundle, env_name, &routed, opts.observer, audit.lock())
-            .await?;
-        let event = match pushed.outcome {
-            Outcome::Deployed => Event::Pushed,
-            Outcome::RolledBack | Outcome::NeedsAttention => Event::PushFailed,
+            env,
+            version: &version,
+            bundle,
+            routed,
+            audit,
+            opts,
         };
-        let mut data = json!({"digest": report.digest, "targets": pushed.targets});
-        if let Some(registry) = &pushed.registry {
-            data["registry"] = registry.clone(); // OCI delivery: tag and manifests
-        }
-        audit.record(event, data)?;
-        // `needs-attention` is not a rollback: `push_failed` carries it.
-        if pushed.outcome == Outcome::RolledBack {
-            audit.record(
-                Event::RolledBack,
-                json!({"digest": report.digest, "outcome": pushed.outcome}),
-            )?;
-        }
-        let holdings = push::holdings(&pushed, &version);
-        deployment.finish(
-            pushed.outcome.into(),
-            push::target_records(&pushed),
-            holdings,
-        )?;
+        let (pushed, rollout) = self.push_waves(delivery).await?;
         report.outcome = pushed.outcome.into();
         report.push = Some(pushed);
+        report.rollout = rollout;
         opts.note(|p| *p = (&report).into());
         if report.outcome != DeployOutcome::Deployed {
-            return Err(Error::DeployFailed {
-                policy_id: policy_id.to_string(),
-                env: env_name.to_string(),
-                outcome: report.outcome,
-                report: Box::new(report),
-            });
+            return Err(crate::rollout::failure(report));
         }
 
         // 6. tag

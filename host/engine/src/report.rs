@@ -11,6 +11,7 @@ use crate::steps::push::{Observer, Outcome, PushReport};
 use crate::steps::route::RouteDecision;
 use crate::steps::tag::TagReport;
 use crate::steps::validate::ValidationReport;
+use crate::steps::waves::{RolloutObserver, WaveReport};
 
 /// How a deploy is run.
 pub struct DeployOptions<'a> {
@@ -24,6 +25,8 @@ pub struct DeployOptions<'a> {
     /// Filled step by step, so a caller can show everything a deploy that
     /// failed had done (the CLI's `--output json` failure document).
     pub so_far: Option<&'a ReportSoFar>,
+    /// Told about a rollout's waves and gates.
+    pub rollout_observer: &'a dyn RolloutObserver,
 }
 
 impl DeployOptions<'_> {
@@ -42,6 +45,7 @@ impl Default for DeployOptions<'_> {
             observer: &(),
             override_freeze: None,
             so_far: None,
+            rollout_observer: &(),
         }
     }
 }
@@ -217,6 +221,32 @@ pub struct DeployReport {
     pub push: Option<PushReport>,
     /// Step 6: the release tag (none unless deployed).
     pub tag: Option<TagReport>,
+    /// Step 5 in waves, when the environment has a rollout (a dry run
+    /// shows the waves and each gate evaluated once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutReport>,
+}
+
+/// A progressive rollout: its waves and how it ended (issue 22).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct RolloutReport {
+    /// The rollout's id in the state (none for a dry run).
+    pub id: Option<i64>,
+    /// `running`, `paused`, `deployed`, `rolled-back`, `aborted`,
+    /// `needs-attention`, or `dry-run`.
+    pub status: String,
+    /// Every wave, in order.
+    pub waves: Vec<WaveReport>,
+    /// What each service of the rollout held before it (`None`: nothing),
+    /// where it goes back to on a rollback.
+    #[serde(default)]
+    pub previous: std::collections::BTreeMap<String, Option<String>>,
+    /// Why it stopped: the wave, the gate, the query and the value seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub halted: Option<serde_json::Value>,
+    /// Promotions, aborts and resumptions: `{action, by, at}`.
+    #[serde(default)]
+    pub log: Vec<serde_json::Value>,
 }
 
 impl From<Outcome> for DeployOutcome {

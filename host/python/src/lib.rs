@@ -85,6 +85,20 @@ impl Observer for Progress {
     }
 }
 
+/// Forwards a rollout's wave and gate events to the same callable, as
+/// `(wave, event, detail_json)`: `wave-started`, `wave-pushed`, `baking`,
+/// `gate`, `paused`, `promoted`, `wave-passed`, `halted`, `rolled-back`.
+impl pde::steps::waves::RolloutObserver for Progress {
+    fn on_rollout(&self, event: &str, detail: &serde_json::Value) {
+        let wave = detail["wave"].as_str().unwrap_or("").to_string();
+        Python::attach(|py| {
+            if let Err(e) = self.0.call1(py, (wave, event, detail.to_string())) {
+                e.write_unraisable(py, None);
+            }
+        });
+    }
+}
+
 /// Deploys `policy_id` to `target_env`; the deploy report as JSON.
 #[pyfunction]
 #[pyo3(signature = (policy_id, target_env, workspace = String::from("."), dry_run = false, progress = None))]
@@ -103,6 +117,10 @@ fn deploy_policy(
         let opts = DeployOptions {
             dry_run,
             observer: match &observer {
+                Some(o) => o,
+                None => &(),
+            },
+            rollout_observer: match &observer {
                 Some(o) => o,
                 None => &(),
             },
@@ -186,6 +204,51 @@ fn rollback(
     to_json(&report.map_err(fail)?)
 }
 
+/// The latest rollout of `policy_id` in `env`: waves, gate results, bake
+/// left; JSON.
+#[pyfunction]
+#[pyo3(signature = (policy_id, env, workspace = String::from(".")))]
+fn rollout_status(
+    py: Python<'_>,
+    policy_id: &Bound<'_, PyAny>,
+    env: String,
+    workspace: String,
+) -> PyResult<String> {
+    let policy_id = policy_id_of(policy_id)?;
+    let status = py
+        .detach(|| Engine::open_read_only(Path::new(&workspace))?.rollout_status(&policy_id, &env));
+    to_json(&status.map_err(fail)?)
+}
+
+/// Lets a paused rollout go on; its status as JSON.
+#[pyfunction]
+#[pyo3(signature = (policy_id, env, workspace = String::from(".")))]
+fn rollout_promote(
+    py: Python<'_>,
+    policy_id: &Bound<'_, PyAny>,
+    env: String,
+    workspace: String,
+) -> PyResult<String> {
+    let policy_id = policy_id_of(policy_id)?;
+    let status =
+        py.detach(|| Engine::open(Path::new(&workspace))?.rollout_promote(&policy_id, &env));
+    to_json(&status.map_err(fail)?)
+}
+
+/// Stops a rollout and sends back every service it pushed; its status as JSON.
+#[pyfunction]
+#[pyo3(signature = (policy_id, env, workspace = String::from(".")))]
+fn rollout_abort(
+    py: Python<'_>,
+    policy_id: &Bound<'_, PyAny>,
+    env: String,
+    workspace: String,
+) -> PyResult<String> {
+    let policy_id = policy_id_of(policy_id)?;
+    let status = py.detach(|| Engine::open(Path::new(&workspace))?.rollout_abort(&policy_id, &env));
+    to_json(&status.map_err(fail)?)
+}
+
 /// Verifies the audit log (chain, head, release tags); the report as JSON.
 #[pyfunction]
 #[pyo3(signature = (workspace = String::from(".")))]
@@ -206,5 +269,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(history, m)?)?;
     m.add_function(wrap_pyfunction!(rollback, m)?)?;
     m.add_function(wrap_pyfunction!(audit_verify, m)?)?;
+    m.add_function(wrap_pyfunction!(rollout_status, m)?)?;
+    m.add_function(wrap_pyfunction!(rollout_promote, m)?)?;
+    m.add_function(wrap_pyfunction!(rollout_abort, m)?)?;
     Ok(())
 }

@@ -252,3 +252,86 @@ def test_the_seed_script_runs_against_the_example_workspace(tmp_path):
     finally:
         for a in agents.values():
             a.stop()
+
+
+ROLLOUT = '''
+[environments.production.rollout]
+poll_ms = 100
+[[environments.production.rollout.gates]]
+kind = "http"
+name = "serves-digest"
+url = "${service_url}/active/${policy_id}"
+json_field = "/digest"
+equals = "${digest}"
+[[environments.production.rollout.waves]]
+name = "canary"
+count = 1
+pause = true
+[[environments.production.rollout.waves]]
+name = "rest"
+'''
+
+
+def _start_paused_rollout(workspace):
+    with open(workspace.root / "pde.toml", "a") as f:
+        f.write(ROLLOUT)
+    workspace.commit("production rolls out in two waves")
+    events = []
+    outcome = {}
+
+    def run():
+        try:
+            outcome["report"] = deploy_policy(
+                42, "production", workspace=workspace.root,
+                progress=lambda who, event, detail: events.append((who, event, detail)),
+            )
+        except policy_deploy.PolicyDeployError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    import time
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            status = policy_deploy.rollout_status(42, "production", workspace=workspace.root)
+            if status["report"]["status"] == "paused":
+                break
+        except UsageError:
+            pass  # no rollout recorded yet
+        assert time.time() < deadline, "the rollout never paused"
+        time.sleep(0.1)
+    return thread, events, outcome, status
+
+
+def test_a_rollout_reports_waves_and_gates_and_is_promoted(workspace):
+    thread, events, outcome, status = _start_paused_rollout(workspace)
+    assert status["wave"] == 1 and status["live"]
+    gate = status["report"]["waves"][0]["results"][0]
+    assert gate["gate"] == "serves-digest" and gate["verdict"] == "pass"
+    promoted = policy_deploy.rollout_promote(42, "production", workspace=workspace.root)
+    assert promoted["id"] == status["id"]
+    thread.join(60)
+    report = outcome["report"]
+    assert report.outcome == "deployed" and report.tag == "policy/42/v1.0.0/production"
+    assert [w["status"] for w in report.raw["rollout"]["waves"]] == ["passed", "passed"]
+    names = [e for _, e, _ in events]
+    for expected in ("wave-started", "gate", "paused", "promoted", "wave-passed"):
+        assert expected in names, names
+    gates = [d for _, e, d in events if e == "gate"]
+    assert all(g["verdict"] == "pass" and g["query"].endswith("/active/42") for g in gates)
+    assert all("42" in a.active() for a in workspace.agents)
+
+
+def test_an_aborted_rollout_sends_every_wave_back_and_raises_rollout_halted(workspace):
+    thread, events, outcome, _ = _start_paused_rollout(workspace)
+    aborted = policy_deploy.rollout_abort(42, "production", workspace=workspace.root)
+    thread.join(60)
+    assert isinstance(outcome.get("error"), policy_deploy.RolloutHalted), outcome
+    assert outcome["error"].exit_code == 8
+    status = policy_deploy.rollout_status(42, "production", workspace=workspace.root)
+    assert status["report"]["status"] == "aborted", (aborted, status)
+    assert status["report"]["log"][-1]["action"] == "abort"
+    assert all("42" not in a.active() for a in workspace.agents)
+    assert "halted" in [e for _, e, _ in events]

@@ -3,6 +3,7 @@
 //! §8 test receiver with injectable faults, all on 127.0.0.1.
 
 pub mod pg;
+pub mod prom;
 pub mod receiver;
 pub mod registry;
 

@@ -162,6 +162,7 @@ pub fn deploy(ctx: &Ctx, args: DeployArgs) -> CmdResult {
         observer: &progress,
         override_freeze: args.override_freeze.as_deref(),
         so_far: Some(&so_far),
+        rollout_observer: &print::RolloutProgress { json: ctx.json },
     };
     let report = engine.deploy(&args.id, &args.env, &opts).map_err(|e| {
         let mut partial = so_far.get();
@@ -241,6 +242,9 @@ pub fn plan(ctx: &Ctx, args: PlanArgs) -> CmdResult {
             "",
             t.reasons.join("; ")
         );
+    }
+    if let Some(waves) = &report.deploy.rollout {
+        print::waves(waves);
     }
     Ok(ExitCode::Ok)
 }

@@ -19,6 +19,7 @@ mod pipe;
 mod plugin;
 mod print;
 mod review;
+mod rollout;
 mod scaffold;
 mod trust;
 mod workspace;
@@ -75,6 +76,9 @@ enum Command {
     History(workspace::HistoryArgs),
     /// Return an environment to an earlier version of a policy.
     Rollback(workspace::RollbackArgs),
+    /// Drive a progressive rollout: status, promote, abort, resume.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCmd),
     /// Check, show and export the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -187,6 +191,17 @@ impl Failure {
                 subject.env = Some(report.env.clone());
                 subject.version = Some(report.version.clone());
                 subject.digest = Some(report.digest.clone());
+            }
+            pde::Error::RolloutHalted {
+                policy_id,
+                env,
+                report,
+                ..
+            } => {
+                subject.policy_id = Some(policy_id.clone());
+                subject.env = Some(env.clone());
+                subject.version = report["version"].as_str().map(str::to_string);
+                subject.digest = report["digest"].as_str().map(str::to_string);
             }
             pde::Error::Rollback(pde::rollback::RollbackError::Failed { report, .. }) => {
                 subject.policy_id = Some(report.policy_id.clone());
@@ -436,6 +451,7 @@ pub fn main() -> std::process::ExitCode {
         Command::Status(args) => workspace::status(&ctx, args),
         Command::History(args) => workspace::history(&ctx, args),
         Command::Rollback(args) => workspace::rollback(&ctx, args),
+        Command::Rollout(cmd) => rollout::run(&ctx, cmd),
         Command::Audit(cmd) => audit::run(&ctx, cmd),
         Command::Unlock(args) => workspace::unlock(&ctx, args),
         Command::State(cmd) => workspace::state(&ctx, cmd),

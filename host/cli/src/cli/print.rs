@@ -38,6 +38,16 @@ pub fn error_report(
         pde::Error::Rollback(pde::rollback::RollbackError::Failed { report, .. }) => {
             Some((None, json(report.as_ref())))
         }
+        pde::Error::RolloutHalted { report, .. } => {
+            if !ctx.json
+                && let Some(r) = report
+                    .get("rollout")
+                    .and_then(|r| serde_json::from_value(r.clone()).ok())
+            {
+                waves(&r);
+            }
+            Some((None, report.as_ref().clone()))
+        }
         _ => None,
     }
 }
@@ -281,6 +291,9 @@ pub fn deploy(r: &DeployReport, promote_from: Option<&str>) {
         let reasons = route.reasons.join("; ");
         println!("  {:<20} {}", route.service, pde::term::Escaped(&reasons));
     }
+    if let Some(w) = &r.rollout {
+        waves(w);
+    }
     if let Some(p) = &r.push {
         push(p);
     }
@@ -320,4 +333,92 @@ pub fn label<T: serde::Serialize>(v: &T) -> String {
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
         .unwrap_or_default()
+}
+
+/// A rollout's waves: services, bake, pause, gates and what each gate saw.
+pub fn waves(r: &pde::report::RolloutReport) {
+    let id = r.id.map(|i| format!(" {i}")).unwrap_or_default();
+    println!("rollout{id}   {}", r.status);
+    for w in &r.waves {
+        let pause = if w.pause { ", then pause" } else { "" };
+        println!(
+            "  wave {} {:<12} {:<11} bake {} ms{pause}: {}",
+            w.number,
+            w.name,
+            label(&w.status),
+            w.bake_ms,
+            w.services.join(", ")
+        );
+        if w.results.is_empty() && !w.gates.is_empty() {
+            println!("    gates: {}", w.gates.join(", "));
+        }
+        for g in &w.results {
+            let on = g
+                .service
+                .as_deref()
+                .map(|s| format!(" [{s}]"))
+                .unwrap_or_default();
+            println!(
+                "    gate {}{on}: {} {}  {}",
+                g.gate,
+                label(&g.verdict),
+                match (g.passed, r.status == "dry-run") {
+                    (true, _) => "(ok)",
+                    // Evaluated before anything was pushed: a gate on what
+                    // the wave will serve cannot pass yet.
+                    (false, true) => "(would fail if judged now)",
+                    (false, false) => "(FAILS THE WAVE)",
+                },
+                pde::term::Escaped(&g.detail)
+            );
+            println!("      query {}", pde::term::Escaped(&g.query));
+        }
+    }
+    if let Some(h) = &r.halted {
+        println!("  halted: {h}");
+    }
+}
+
+/// Wave and gate progress on stderr, for a person at a terminal.
+pub struct RolloutProgress {
+    /// `--output json`: nothing is printed.
+    pub json: bool,
+}
+
+impl pde::steps::waves::RolloutObserver for RolloutProgress {
+    fn on_rollout(&self, event: &str, detail: &serde_json::Value) {
+        if self.json {
+            return;
+        }
+        let wave = detail["wave"].as_str().unwrap_or("");
+        let line = match event {
+            "wave-started" => format!("wave {wave}: pushing to {}", detail["services"]),
+            "baking" => format!(
+                "wave {wave}: baking until {}",
+                detail["until"].as_str().unwrap_or("now")
+            ),
+            "gate" => format!(
+                "wave gate {}: {} ({})",
+                detail["gate"].as_str().unwrap_or(""),
+                detail["verdict"].as_str().unwrap_or(""),
+                detail["detail"].as_str().unwrap_or("")
+            ),
+            "paused" => format!(
+                "wave {wave}: paused; continue with `pde rollout promote`, stop with `pde rollout abort`"
+            ),
+            "wave-passed" => format!("wave {wave}: passed"),
+            "wave-pushed" => format!(
+                "wave {wave}: pushed and verified; baking {} ms",
+                detail["bake_ms"]
+            ),
+            "promoted" => format!("wave {wave}: promoted"),
+            "rolled-back" => format!(
+                "rollout: every wave pushed was sent back ({})",
+                detail["outcome"].as_str().unwrap_or("")
+            ),
+            "halted" => format!("rollout halted: {}", detail["why"].as_str().unwrap_or("")),
+            other => format!("{other} {detail}"),
+        };
+        eprintln!("{}", pde::term::Escaped(&line));
+    }
 }

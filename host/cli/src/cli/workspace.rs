@@ -399,6 +399,21 @@ pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
     if entries.is_empty() {
         println!("policy {} has never been deployed", args.id);
     }
+    // Rollouts, wave by wave (issue 22), newest first.
+    for r in engine.state().rollouts(&args.id, None)? {
+        println!(
+            "{}  {:<12} v{:<9} rollout {:<8} {} by {}",
+            print::seconds(&r.updated_at),
+            r.env,
+            r.version,
+            r.status,
+            r.digest,
+            r.actor
+        );
+        if let Ok(report) = serde_json::from_value::<pde::report::RolloutReport>(r.doc) {
+            print::waves(&report);
+        }
+    }
     for e in entries {
         match e {
             Entry::Deployment(r) => {

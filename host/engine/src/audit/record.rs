@@ -40,6 +40,22 @@ pub enum Event {
     /// `pde unlock` cleared a deploy lease left by a holder that died
     /// (an addition of issue 12).
     Unlocked,
+    /// A progressive rollout began (issue 22): its waves.
+    RolloutStarted,
+    /// One wave of a rollout was pushed and verified.
+    WavePushed,
+    /// A rollout gate was evaluated: query, values, verdict.
+    GateEvaluated,
+    /// A rollout stopped at a `pause` for a person.
+    RolloutPaused,
+    /// A person promoted a paused rollout (the record's actor).
+    RolloutPromoted,
+    /// A person aborted a rollout (the record's actor).
+    RolloutAborted,
+    /// A rollout whose process died was resumed.
+    RolloutResumed,
+    /// A rollout ended: its outcome.
+    RolloutFinished,
 }
 
 /// One line of the audit log.

@@ -37,7 +37,8 @@ pub use lock::DeployLock;
 pub use schema::Dialect;
 pub use sqlite::SqliteState;
 pub use types::{
-    Active, ActiveEntry, DeploymentRecord, Dump, Lease, RecordOutcome, ServiceHolding, TargetRecord,
+    Active, ActiveEntry, DeploymentRecord, Dump, Lease, RecordOutcome, RolloutRecord,
+    ServiceHolding, TargetRecord,
 };
 
 use query::Sql;
@@ -179,6 +180,25 @@ pub trait StateBackend: Send + Sync + std::fmt::Debug {
     fn audit_chain(&self) -> Option<std::sync::Arc<dyn crate::audit::ChainStore>> {
         None
     }
+    /// Stores a new rollout; returns its id.
+    fn rollout_begin(&self, r: &RolloutRecord) -> Result<i64, StateError>;
+    /// Saves rollout `id`'s status and report (its `control` is kept).
+    fn rollout_save(
+        &self,
+        id: i64,
+        status: &str,
+        doc: &serde_json::Value,
+    ) -> Result<(), StateError>;
+    /// Sets (or clears, with `None`) a person's request to rollout `id`.
+    fn rollout_control(&self, id: i64, control: Option<&str>) -> Result<(), StateError>;
+    /// Rollout `id`.
+    fn rollout(&self, id: i64) -> Result<Option<RolloutRecord>, StateError>;
+    /// The rollouts of `policy_id` (in `env`, when given), newest first.
+    fn rollouts(
+        &self,
+        policy_id: &str,
+        env: Option<&str>,
+    ) -> Result<Vec<RolloutRecord>, StateError>;
     /// Everything this state holds, as stored (`pde state migrate`).
     fn dump(&self) -> Result<Dump, StateError>;
     /// Copies `dump` into this state, which must hold no deployments yet

@@ -20,7 +20,7 @@ use pde_core::clock::now_rfc3339;
 
 use super::{
     Active, ActiveEntry, Backend, BackendError, DeployLock, DeploymentRecord, Dump, Lease,
-    RecordOutcome, ServiceHolding, StateBackend, StateError, TargetRecord,
+    RecordOutcome, RolloutRecord, ServiceHolding, StateBackend, StateError, TargetRecord,
 };
 
 /// A value bound to a placeholder.
@@ -398,6 +398,36 @@ fn upsert_service(
     .map(drop)
 }
 
+fn rollout_rows(
+    db: &mut dyn Sql,
+    filter: &str,
+    params: &[Value<'_>],
+) -> Result<Vec<RolloutRecord>, BackendError> {
+    let sql = format!(
+        "SELECT id, policy_id, env, version, digest, status, control, doc, started_at, \
+         updated_at, actor FROM rollouts {filter}"
+    );
+    db.query(&sql, params)?
+        .iter()
+        .map(|r| {
+            Ok(RolloutRecord {
+                id: Some(r.int(0)?),
+                policy_id: r.text(1)?,
+                env: r.text(2)?,
+                version: r.text(3)?,
+                digest: r.text(4)?,
+                status: r.text(5)?,
+                control: r.opt_text(6)?,
+                doc: serde_json::from_str(&r.text(7)?)
+                    .map_err(|e| -> BackendError { format!("rollout doc: {e}").into() })?,
+                started_at: r.text(8)?,
+                updated_at: r.text(9)?,
+                actor: r.text(10)?,
+            })
+        })
+        .collect()
+}
+
 // ---------------------------------------------------------------------------
 // The state, for every backend.
 
@@ -483,6 +513,78 @@ impl<B: Backend> StateBackend for B {
                 &[digest.into(), bytes.into(), (&now).into()],
             )
             .map(drop)
+        })
+    }
+
+    fn rollout_begin(&self, r: &RolloutRecord) -> Result<i64, StateError> {
+        let doc = r.doc.to_string();
+        self.run("begin rollout", |db| {
+            query_one(
+                db,
+                "INSERT INTO rollouts (policy_id, env, version, digest, status, control, doc,
+                 started_at, updated_at, actor) VALUES (?1, ?2, ?3, ?4, ?5, NULL, ?6, ?7, ?7, ?8)
+                 RETURNING id",
+                &[
+                    (&r.policy_id).into(),
+                    (&r.env).into(),
+                    (&r.version).into(),
+                    (&r.digest).into(),
+                    (&r.status).into(),
+                    doc.as_str().into(),
+                    (&r.started_at).into(),
+                    (&r.actor).into(),
+                ],
+            )?
+            .int(0)
+        })
+    }
+
+    fn rollout_save(
+        &self,
+        id: i64,
+        status: &str,
+        doc: &serde_json::Value,
+    ) -> Result<(), StateError> {
+        let (doc, now) = (doc.to_string(), now_rfc3339());
+        self.run("save rollout", |db| {
+            db.execute(
+                "UPDATE rollouts SET status = ?2, doc = ?3, updated_at = ?4 WHERE id = ?1",
+                &[id.into(), status.into(), doc.as_str().into(), (&now).into()],
+            )
+            .map(drop)
+        })
+    }
+
+    fn rollout_control(&self, id: i64, control: Option<&str>) -> Result<(), StateError> {
+        let now = now_rfc3339();
+        self.run("request rollout change", |db| {
+            db.execute(
+                "UPDATE rollouts SET control = ?2, updated_at = ?3 WHERE id = ?1",
+                &[id.into(), control.into(), (&now).into()],
+            )
+            .map(drop)
+        })
+    }
+
+    fn rollout(&self, id: i64) -> Result<Option<RolloutRecord>, StateError> {
+        self.run("read rollout", |db| {
+            Ok(rollout_rows(db, "WHERE id = ?1", &[id.into()])?
+                .into_iter()
+                .next())
+        })
+    }
+
+    fn rollouts(
+        &self,
+        policy_id: &str,
+        env: Option<&str>,
+    ) -> Result<Vec<RolloutRecord>, StateError> {
+        self.run("read rollouts", |db| {
+            rollout_rows(
+                db,
+                "WHERE policy_id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR env = ?2) ORDER BY id DESC",
+                &[policy_id.into(), env.into()],
+            )
         })
     }
 

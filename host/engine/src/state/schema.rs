@@ -102,6 +102,26 @@ CREATE TABLE fences (
     PRIMARY KEY (policy_id, env)
 );
 "#,
+    // 6: progressive rollouts (issue 22): where each rollout is, wave by
+    // wave, so another engineer or a resumed process sees the same one.
+    // `doc` is its report as JSON; `control` a person's request to the
+    // process running it (`promote`, `abort`).
+    r#"
+CREATE TABLE rollouts (
+    id          {auto_id},
+    policy_id   TEXT NOT NULL,
+    env         TEXT NOT NULL,
+    version     TEXT NOT NULL,
+    digest      TEXT NOT NULL,
+    status      TEXT NOT NULL,
+    control     TEXT,
+    doc         TEXT NOT NULL,
+    started_at  TEXT NOT NULL,
+    updated_at  TEXT NOT NULL,
+    actor       TEXT NOT NULL
+);
+CREATE INDEX rollouts_by_policy ON rollouts (policy_id, env, id);
+"#,
 ];
 
 /// What differs between backends in the schema and its bookkeeping.

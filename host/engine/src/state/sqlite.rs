@@ -648,7 +648,7 @@ mod tests {
         assert_eq!(
             v,
             schema::MIGRATIONS.len() as i64,
-            "every later step (5: fences)"
+            "every later step (5: fences, 6: rollouts)"
         );
     }
 

@@ -205,3 +205,39 @@ pub struct Dump {
     /// holds there, including services of a policy with no active row.
     pub services: Vec<(String, String, ServiceHolding)>,
 }
+
+/// A progressive rollout as the state keeps it (issue 22).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    /// Its id (`None` before it is stored).
+    pub id: Option<i64>,
+    /// The policy.
+    pub policy_id: String,
+    /// The environment.
+    pub env: String,
+    /// The version rolled out.
+    pub version: String,
+    /// The bundle's digest.
+    pub digest: String,
+    /// `running`, `paused`, `deployed`, `rolled-back`, `aborted` or
+    /// `needs-attention`.
+    pub status: String,
+    /// A person's pending request to the process running it: `promote` or
+    /// `abort`.
+    pub control: Option<String>,
+    /// The rollout's report: waves, gate results, what each service held.
+    pub doc: serde_json::Value,
+    /// RFC 3339 start.
+    pub started_at: String,
+    /// RFC 3339 time of the last change.
+    pub updated_at: String,
+    /// Who started it.
+    pub actor: String,
+}
+
+impl RolloutRecord {
+    /// Whether it has not ended: `running` or `paused`.
+    pub fn open(&self) -> bool {
+        matches!(self.status.as_str(), "running" | "paused")
+    }
+}

@@ -39,8 +39,11 @@ pub struct Recorder<'a> {
     outbox: Option<&'a Outbox>,
     policy_id: &'a str,
     env: &'a str,
-    /// `None`: a dry run, which records nothing.
+    /// `None`: a dry run, which records nothing, unless `unlocked`.
     lock: Option<&'a DeployLock>,
+    /// Records without a lock: a person's request about a rollout that
+    /// another process runs under its lock (`pde rollout promote|abort`).
+    unlocked: bool,
 }
 
 impl<'a> Recorder<'a> {
@@ -59,6 +62,27 @@ impl<'a> Recorder<'a> {
             policy_id,
             env,
             lock,
+            unlocked: false,
+        }
+    }
+
+    /// A recorder that appends without holding the deploy lock, for what a
+    /// person asks of a rollout another process holds the lock for
+    /// (promote, abort): the request is not a side effect under that lock,
+    /// and the record's actor names who asked.
+    pub fn unlocked(
+        log: &'a AuditLog,
+        outbox: Option<&'a Outbox>,
+        policy_id: &'a str,
+        env: &'a str,
+    ) -> Self {
+        Recorder {
+            log,
+            outbox,
+            policy_id,
+            env,
+            lock: None,
+            unlocked: true,
         }
     }
 
@@ -70,10 +94,11 @@ impl<'a> Recorder<'a> {
     /// Appends one record (nothing in a dry run), after checking that the
     /// deploy lock is still held ([`DeployLock::check`]).
     pub fn record(&self, event: Event, data: Value) -> Result<Option<AuditRecord>, RecordError> {
-        let Some(lock) = self.lock else {
-            return Ok(None);
-        };
-        lock.check("recording to the audit log")?;
+        match self.lock {
+            Some(lock) => lock.check("recording to the audit log")?,
+            None if self.unlocked => {}
+            None => return Ok(None),
+        }
         let record = self.log.append(event, self.policy_id, self.env, data)?;
         if let Some(outbox) = self.outbox {
             outbox.wake();

@@ -6,6 +6,7 @@
 //! 4. [`route`]: router plugins pick the services;
 //! 5. [`push`]: concurrent delivery, verification, compensation (or, for an
 //!    environment delivered through an OCI registry, [`publish`]);
+//!    [`waves`]: in waves when the environment has a rollout, judged by gates;
 //! 6. [`tag`]: the annotated release tag;
 //! 7. [`audit`]: every step's record in the hash-chained log.
 //!
@@ -20,3 +21,4 @@ pub mod push;
 pub mod route;
 pub mod tag;
 pub mod validate;
+pub mod waves;

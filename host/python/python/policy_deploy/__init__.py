@@ -15,6 +15,7 @@ from .errors import (
     Locked,
     PluginFault,
     PolicyDeployError,
+    RolloutHalted,
     UsageError,
     ValidationFailed,
 )
@@ -26,6 +27,9 @@ from .engine import (
     history,
     plan,
     rollback,
+    rollout_abort,
+    rollout_promote,
+    rollout_status,
     status,
     validate,
 )
@@ -38,6 +42,7 @@ __all__ = [
     "Locked",
     "PluginFault",
     "PolicyDeployError",
+    "RolloutHalted",
     "TargetResult",
     "UsageError",
     "ValidationFailed",
@@ -46,6 +51,9 @@ __all__ = [
     "history",
     "plan",
     "rollback",
+    "rollout_abort",
+    "rollout_promote",
+    "rollout_status",
     "status",
     "validate",
 ]

@@ -107,7 +107,13 @@ def deploy_policy(
     ``progress(service, event, detail)`` is called for each target's steps
     (``started``, ``attempt``, ``retried``, ``delivered``, ``verified``,
     ``failed``, ``rolling-back``, ``rolled-back``, ``rollback-failed``), from
-    the engine's thread. Without it, nothing is printed.
+    the engine's thread. With a rollout in the environment it is also called
+    as ``progress(wave, event, detail)`` for each wave and gate
+    (``wave-started``, ``wave-pushed``, ``baking``, ``gate`` with the query,
+    values and verdict, ``paused``, ``promoted``, ``wave-passed``, ``halted``,
+    ``rolled-back``). A halted rollout raises
+    :class:`~policy_deploy.errors.RolloutHalted`. Without a callback, nothing
+    is printed.
     """
     raw = _call(
         _native.deploy_policy,
@@ -157,3 +163,20 @@ def audit_verify(*, workspace: PathLike = ".") -> Dict[str, Any]:
     """Check the audit log: chain, head, release tags. Raises
     :class:`~policy_deploy.errors.IntegrityError` on tampering."""
     return _call(_native.audit_verify, workspace=os.fspath(workspace))
+
+
+def rollout_status(policy_id: PolicyId, env: str, *, workspace: PathLike = ".") -> Dict[str, Any]:
+    """The latest rollout of ``policy_id`` in ``env``: its waves, the gate
+    results so far and the time left in the bake (``pde rollout status``)."""
+    return _call(_native.rollout_status, policy_id, env, workspace=os.fspath(workspace))
+
+
+def rollout_promote(policy_id: PolicyId, env: str, *, workspace: PathLike = ".") -> Dict[str, Any]:
+    """Let a paused rollout go past its pause (``pde rollout promote``)."""
+    return _call(_native.rollout_promote, policy_id, env, workspace=os.fspath(workspace))
+
+
+def rollout_abort(policy_id: PolicyId, env: str, *, workspace: PathLike = ".") -> Dict[str, Any]:
+    """Stop a rollout and send back every service it pushed
+    (``pde rollout abort``)."""
+    return _call(_native.rollout_abort, policy_id, env, workspace=os.fspath(workspace))

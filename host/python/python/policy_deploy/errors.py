@@ -70,6 +70,13 @@ class Locked(PolicyDeployError):
     exit_code = 7
 
 
+class RolloutHalted(PolicyDeployError):
+    """A rollout stopped: a gate failed or had no data, or a person aborted
+    it; every wave pushed was sent back and nothing was tagged (exit 8)."""
+
+    exit_code = 8
+
+
 BY_EXIT_CODE = {
     cls.exit_code: cls
     for cls in (
@@ -80,5 +87,6 @@ BY_EXIT_CODE = {
         PluginFault,
         IntegrityError,
         Locked,
+        RolloutHalted,
     )
 }
