@@ -357,6 +357,28 @@ pub async fn exchange(
     }
 }
 
+/// One `GET` of `url` on `target`, no retry, bounded by `timeout`: the
+/// final answer, or why none came. Readiness checks and rollout gates ask
+/// once and judge what they see; retrying is theirs to decide.
+pub async fn get_once(
+    client: &reqwest::Client,
+    target: &Target,
+    url: &str,
+    timeout: Duration,
+) -> Result<Answer, String> {
+    let policy = RetryPolicy {
+        retries: 0,
+        backoff_ms: 0,
+        timeout,
+    };
+    let (_, answer) = exchange(target, "GET", policy, &(), || client.get(url)).await;
+    answer.map_err(|e| match e {
+        HttpError::Transport { reason, .. } => reason,
+        HttpError::Status { status, body, .. } => format!("HTTP {status}: {body}"),
+        other => other.to_string(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -522,22 +522,23 @@ fn signature_report(status: Option<SignatureStatus>, floor: Option<&Floor>) -> S
     }
 }
 
-/// A policy document from a JSON or YAML file, as a plugin is given it.
-fn read_policy(path: &Path) -> Result<PolicyInput, ReviewError> {
+/// A policy document from a JSON or YAML file, as a plugin is given it:
+/// `pde plugin test` and `pde plugin review` read policies the same way.
+/// The id defaults to the file's stem.
+pub fn read_policy(path: &Path) -> Result<PolicyInput, ReviewError> {
     let fail = |why: String| ReviewError::Policy {
         path: path.to_path_buf(),
         why,
     };
     let text = std::fs::read_to_string(path).map_err(|e| fail(e.to_string()))?;
-    let yaml = matches!(
-        path.extension().and_then(|e| e.to_str()),
-        Some("yaml" | "yml")
-    );
-    let document: serde_json::Value = if yaml {
-        serde_saphyr::from_str(&text).map_err(|e| fail(e.to_string()))?
-    } else {
-        serde_json::from_str(&text).map_err(|e| fail(e.to_string()))?
+    let document: serde_json::Value = match serde_json::from_str(&text) {
+        Ok(v) => v,
+        Err(json_err) => serde_saphyr::from_str(&text)
+            .map_err(|yaml_err| fail(format!("neither JSON ({json_err}) nor YAML ({yaml_err})")))?,
     };
+    if !document.is_object() {
+        return Err(fail("it must hold a policy object".into()));
+    }
     let text_of = |k: &str| {
         document
             .get(k)

@@ -552,27 +552,7 @@ fn diff(ctx: &Ctx, old: &str, new: &str, policy: Option<&Path>) -> CmdResult {
 }
 
 fn read_policy(path: &Path) -> Result<PolicyInput, Failure> {
-    let document = read_document(path)?;
-    let field = |k: &str| {
-        document
-            .get(k)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
-    let mut id = field("id");
-    if id.is_empty() {
-        id = path
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or_default()
-            .to_string();
-    }
-    Ok(PolicyInput {
-        id,
-        version: field("version"),
-        document,
-    })
+    pde::review::read_policy(path).map_err(|e| Failure::usage(e.to_string()))
 }
 
 /// `--active`: a bundle (digest checked; its policy, version and digest),

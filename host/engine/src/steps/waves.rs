@@ -19,11 +19,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use pde_core::retry::RetryPolicy;
 use pde_core::{ExitCode, HasExitCode};
 
 use crate::config::{Gate, OnNoData, Rollout, Service};
-use crate::http::{self, HttpError, Target};
+use crate::http::{self, Target};
 
 /// Why a rollout command could not run.
 #[derive(Debug, thiserror::Error)]
@@ -465,25 +464,6 @@ fn compare(
     }
 }
 
-async fn get_once(
-    client: &reqwest::Client,
-    target: &Target,
-    url: &str,
-    timeout: Duration,
-) -> Result<http::Answer, String> {
-    let policy = RetryPolicy {
-        retries: 0,
-        backoff_ms: 0,
-        timeout,
-    };
-    let (_, answer) = http::exchange(target, "GET", policy, &(), || client.get(url)).await;
-    answer.map_err(|e| match e {
-        HttpError::Transport { reason, .. } => reason,
-        HttpError::Status { status, body, .. } => format!("HTTP {status}: {body}"),
-        other => other.to_string(),
-    })
-}
-
 async fn http_gate(
     client: &reqwest::Client,
     target: &Target,
@@ -491,7 +471,7 @@ async fn http_gate(
     json_field: Option<&str>,
     equals: Option<serde_json::Value>,
 ) -> (Verdict, String) {
-    let answer = match get_once(client, target, &target.url, timeout).await {
+    let answer = match http::get_once(client, target, &target.url, timeout).await {
         Ok(a) => a,
         Err(why) => return (Verdict::Inconclusive, format!("no answer: {why}")),
     };
@@ -532,7 +512,7 @@ async fn prometheus(
     let base = format!("{}/api/v1/query", target.url);
     let url = reqwest::Url::parse_with_params(&base, [("query", query)])
         .map_err(|e| format!("bad url {base:?}: {e}"))?;
-    let answer = get_once(client, target, url.as_str(), timeout).await?;
+    let answer = http::get_once(client, target, url.as_str(), timeout).await?;
     let body: serde_json::Value = serde_json::from_slice(&answer.body)
         .map_err(|_| format!("not a Prometheus answer: {}", answer.excerpt()))?;
     if body["status"] != "success" {

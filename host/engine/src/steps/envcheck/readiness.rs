@@ -12,12 +12,11 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use pde_core::retry::RetryPolicy;
 use pde_core::secret::Secret;
 use pde_core::{ExitCode, HasExitCode};
 
 use crate::config::{Check, FreezeWindow};
-use crate::http::{self, HttpError, Target};
+use crate::http::{self, Target};
 
 /// At most this many series are named in a failing Prometheus check; the
 /// rest are counted. An alert storm must not become a megabyte of audit data.
@@ -218,26 +217,6 @@ impl<'a> Prepared<'a> {
     }
 }
 
-/// One `GET`, no retry, bounded by `timeout`; the final answer or why none came.
-async fn get_once(
-    client: &reqwest::Client,
-    target: &Target,
-    url: &str,
-    timeout: Duration,
-) -> Result<http::Answer, String> {
-    let policy = RetryPolicy {
-        retries: 0,
-        backoff_ms: 0,
-        timeout,
-    };
-    let (_, answer) = http::exchange(target, "GET", policy, &(), || client.get(url)).await;
-    answer.map_err(|e| match e {
-        HttpError::Transport { reason, .. } => reason,
-        HttpError::Status { status, body, .. } => format!("HTTP {status}: {body}"),
-        other => other.to_string(),
-    })
-}
-
 async fn http_check(
     client: &reqwest::Client,
     target: &Target,
@@ -245,7 +224,7 @@ async fn http_check(
     json_field: Option<&str>,
     equals: Option<&serde_json::Value>,
 ) -> Result<String, String> {
-    let answer = get_once(client, target, &target.url, timeout).await?;
+    let answer = http::get_once(client, target, &target.url, timeout).await?;
     if !answer.status.is_success() {
         return Err(format!("HTTP {}: {}", answer.status, answer.excerpt()));
     }
@@ -278,7 +257,7 @@ async fn prometheus_check(
     let base = format!("{}/api/v1/query", target.url);
     let url = reqwest::Url::parse_with_params(&base, [("query", query)])
         .map_err(|e| format!("bad url {base:?}: {e}"))?;
-    let answer = get_once(client, target, url.as_str(), timeout).await?;
+    let answer = http::get_once(client, target, url.as_str(), timeout).await?;
     // Prometheus answers errors (a bad query: 400, a timeout: 503) with the
     // same JSON envelope, so its own message is read before the status.
     let body: serde_json::Value = serde_json::from_slice(&answer.body).map_err(|_| {
