@@ -21,6 +21,9 @@ pg_dir="${TMPDIR:-/tmp}/pde-test-pg.$$"
 trap 'scripts/pg-cluster.sh stop "$pg_dir"' EXIT
 read -r PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD < <(scripts/pg-cluster.sh start "$pg_dir")
 export PDE_TEST_PG_URL PDE_TEST_PG_PASSWORD
+# Debian's Chromium and chromedriver for the web console's browser tests
+# (tests/all/console.rs), which start their own chromedriver on loopback.
+ensure_chromium
 # --no-fail-fast: one CI run names every failing suite, not just the first.
 cargo test --workspace --locked --no-fail-fast "$@"
 # Every bench once, in criterion's test mode (debug profile, same target

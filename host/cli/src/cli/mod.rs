@@ -13,6 +13,7 @@ use pde::error::HasExitCode;
 
 mod approve;
 mod audit;
+mod console;
 mod deploy;
 mod plugin;
 mod print;
@@ -81,6 +82,10 @@ enum Command {
     /// Inspect, test, sign and verify WebAssembly plugins.
     #[command(subcommand)]
     Plugin(plugin::PluginCmd),
+    /// Serve the read-only web console (overview, policies, audit, plugins, timeline).
+    Serve(console::ServeArgs),
+    /// Write the overview, histories and audit verification as one self-contained HTML file.
+    Report(console::ReportArgs),
     /// Run the receiving service that targets push bundles to.
     Agent(pde_agent::cli::AgentArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -429,6 +434,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Keygen(args) => workspace::keygen(&ctx, args),
         Command::Init(args) => workspace::init(&ctx, args),
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),
+        Command::Serve(args) => console::serve(&ctx, args),
+        Command::Report(args) => console::report(&ctx, args),
         Command::Completions(args) => completions(args),
         Command::Man(args) => man(&ctx, args),
         Command::Agent(args) => pde_agent::cli::run(args, &ctx.dir, |addr| {
