@@ -117,3 +117,20 @@ ensure_prometheus() {
     fi
     echo "$bin"
 }
+
+# Debian's Chromium and its WebDriver for the web console's browser tests
+# (tests/all/console.rs), installed with apt-get when missing. Those tests
+# fail, naming the packages, when they cannot be had.
+ensure_chromium() {
+    if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then
+        return 0
+    fi
+    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        echo "==> installing chromium and chromium-driver (apt-get)" >&2
+        apt-get update -qq >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >&2
+    else
+        echo "warning: chromium and chromedriver are missing and cannot be installed here" >&2
+        echo "         (apt-get as root); the console's browser tests will fail." >&2
+    fi
+}

@@ -29,6 +29,9 @@ export PDE_TEST_REGISTRY_BIN
 # from this binary (see ensure_prometheus in scripts/lib.sh).
 PDE_TEST_PROMETHEUS=$(ensure_prometheus)
 export PDE_TEST_PROMETHEUS
+# Debian's Chromium and chromedriver for the web console's browser tests
+# (tests/all/console.rs), which start their own chromedriver on loopback.
+ensure_chromium
 # --no-fail-fast: one CI run names every failing suite, not just the first.
 cargo test --workspace --locked --no-fail-fast "$@"
 # Every bench once, in criterion's test mode (debug profile, same target

@@ -22,7 +22,8 @@ const CRATES: &[(&str, &[&str])] = &[
     ("plugin-host", &["pde-core"]),
     ("agent", &["pde-core"]),
     ("engine", &["pde-core", "pde-plugin-host"]),
-    ("cli", &["pde", "pde-agent", "pde-core"]),
+    ("console", &["pde", "pde-core"]),
+    ("cli", &["pde", "pde-agent", "pde-console", "pde-core"]),
     ("python", &["pde", "pde-core"]),
 ];
 

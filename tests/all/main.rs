@@ -12,6 +12,7 @@ mod agent;
 mod approvals;
 mod architecture;
 mod cli;
+mod console;
 mod day2;
 mod day_one;
 mod fencing;

@@ -346,7 +346,7 @@ impl Engine {
 
     /// Every release tag of the policy repository, as an audit anchor. None
     /// when the workspace is not in a Git work tree.
-    pub(crate) fn audit_anchors(&self) -> Result<Vec<crate::audit::Anchor>, Error> {
+    pub fn audit_anchors(&self) -> Result<Vec<crate::audit::Anchor>, Error> {
         let repo = match crate::vcs::Repo::discover(&self.root) {
             Ok(r) => r,
             Err(crate::vcs::VcsError::NotARepo { .. }) => return Ok(Vec::new()),

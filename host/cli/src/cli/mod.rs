@@ -13,6 +13,7 @@ use pde::error::HasExitCode;
 
 mod approve;
 mod audit;
+mod console;
 mod deploy;
 mod oci;
 mod pipe;
@@ -97,6 +98,10 @@ enum Command {
     /// Sign the workspace's trust file with the security team's key.
     #[command(subcommand)]
     Trust(trust::TrustCmd),
+    /// Serve the read-only web console (overview, policies, audit, plugins, timeline).
+    Serve(console::ServeArgs),
+    /// Write the overview, histories and audit verification as one self-contained HTML file.
+    Report(console::ReportArgs),
     /// Run a policy agent beside a service: receive, verify and serve the signed bundles `pde deploy` pushes.
     Agent(pde_agent::cli::AgentArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -459,6 +464,8 @@ pub fn main() -> std::process::ExitCode {
         Command::Init(args) => workspace::init(&ctx, args),
         Command::Plugin(cmd) => plugin::run(&ctx, cmd),
         Command::Trust(cmd) => trust::run(&ctx, cmd),
+        Command::Serve(args) => console::serve(&ctx, args),
+        Command::Report(args) => console::report(&ctx, args),
         Command::Completions(args) => completions(args),
         Command::Man(args) => man(&ctx, args),
         Command::Agent(args) => pde_agent::cli::run(args, &ctx.dir, |addr| {

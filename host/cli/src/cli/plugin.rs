@@ -259,22 +259,8 @@ fn list(ctx: &Ctx) -> CmdResult {
     // Listing compiles nothing: no engine, no cache (issue 15).
     let plugins = pde::plugin::list_dir(&dir, &config.limits, &trusted)?;
     if ctx.json {
-        let rows: Vec<_> = plugins
-            .iter()
-            .map(|p| {
-                serde_json::json!({
-                    "name": p.name,
-                    "kind": p.kind,
-                    "version": p.version,
-                    "sha256": p.sha256,
-                    "wit_version": p.wit_version.to_string(),
-                    "signed": matches!(p.signature, SignatureStatus::Valid { .. }),
-                    "signature": p.signature,
-                    "description": p.description,
-                })
-            })
-            .collect();
-        ctx.print_json(&rows);
+        // The same document as the console's `/api/plugins`.
+        ctx.print_json(&pde_console::docs::plugins_json(&plugins));
         return Ok(ExitCode::Ok);
     }
     if plugins.is_empty() {

@@ -144,11 +144,6 @@ impl KeyPurpose {
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {}
 
-/// The schema of each entry of `pde status --output json`.
-pub const STATUS_SCHEMA: &str = "pde.status/v1";
-/// The schema of `pde status --live --output json`.
-pub const LIVE_SCHEMA: &str = "pde.status-live/v1";
-
 pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
     let engine = open_read_only(ctx)?;
     if let Some(env) = &args.env {
@@ -161,9 +156,7 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
             .live_status(args.env.as_deref())
             .map_err(|e| Failure::engine(ctx, e))?;
         if ctx.json {
-            let mut v = serde_json::to_value(&report).unwrap_or_default();
-            v["schema"] = LIVE_SCHEMA.into();
-            ctx.print_json(&v);
+            ctx.print_json(&pde_console::docs::live_json(&report));
         } else {
             print_live(&report);
         }
@@ -180,17 +173,8 @@ pub fn status(ctx: &Ctx, args: StatusArgs) -> CmdResult {
         return super::oci::print_tags(ctx, &engine, args.env.as_deref(), &entries);
     }
     if ctx.json {
-        // Still the list scripts read; each entry says its schema version,
-        // added beside the fields (which are never renamed).
-        let list: Vec<serde_json::Value> = entries
-            .iter()
-            .map(|e| {
-                let mut v = serde_json::to_value(e).unwrap_or_default();
-                v["schema"] = STATUS_SCHEMA.into();
-                v
-            })
-            .collect();
-        ctx.print_json(&list);
+        // The same document as the console's `/api/status`.
+        ctx.print_json(&pde_console::docs::status_json(&entries));
         return Ok(ExitCode::Ok);
     }
     if entries.is_empty() {
@@ -345,55 +329,17 @@ fn print_status_matrices(entries: &[pde::state::ActiveEntry]) {
     );
 }
 
-/// One line of `pde history`: a deployment, or a deploy refused before any push.
-enum Entry {
-    Deployment(pde::state::DeploymentRecord),
-    Refused(pde::history::Refused),
-}
-
-impl Entry {
-    fn finished_at(&self) -> &str {
-        match self {
-            Entry::Deployment(d) => &d.finished_at,
-            Entry::Refused(r) => &r.finished_at,
-        }
-    }
-
-    fn json(&self) -> serde_json::Value {
-        match self {
-            Entry::Deployment(d) => serde_json::to_value(d).unwrap_or_default(),
-            // The deployment fields, so one list reads the same, plus why.
-            Entry::Refused(r) => serde_json::json!({
-                "id": null,
-                "policy_id": r.policy_id,
-                "env": r.env,
-                "version": r.version,
-                "digest": r.digest,
-                "outcome": "refused",
-                "started_at": r.started_at,
-                "finished_at": r.finished_at,
-                "actor": r.actor,
-                "targets": [],
-                "reason": r.reason,
-                "exit_code": r.exit_code,
-            }),
-        }
-    }
-}
-
 pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
+    use pde_console::docs::{self, HistoryEntry as Entry};
     let engine = open_read_only(ctx)?;
-    let records = engine.state().history_checked(&args.id)?;
-    // Refused deploys leave no deployment row, only audit records.
-    let refused = pde::history::refused(&engine.audit().records()?, &args.id);
-    let mut entries: Vec<Entry> = records.into_iter().map(Entry::Deployment).collect();
-    entries.extend(refused.into_iter().map(Entry::Refused));
-    // Newest first, as the deployments already were; a stable sort keeps
-    // their order among equal times.
-    entries.sort_by_key(|e| std::cmp::Reverse(print::seconds(e.finished_at())));
+    // Deployments from the state, and deploys refused before any push,
+    // which leave only audit records; newest first.
+    let records = engine.audit().records()?;
+    let entries =
+        docs::history(engine.inner(), &args.id, &records).map_err(|e| Failure::engine(ctx, e))?;
     if ctx.json {
-        let list: Vec<serde_json::Value> = entries.iter().map(Entry::json).collect();
-        ctx.print_json(&list);
+        // The same document as the console's `/api/history/ID`.
+        ctx.print_json(&docs::history_json(&entries));
         return Ok(ExitCode::Ok);
     }
     if entries.is_empty() {
