@@ -56,6 +56,8 @@ pub enum Output {
     Json,
 }
 
+// Parsed once per process: boxing the agent's many flags would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Validate, package, check, route, push, tag and audit a policy.

@@ -182,44 +182,6 @@ fn resolve_actor(env: impl Fn(&str) -> Option<String>, repo: Option<&std::path::
     }
 }
 
-#[cfg(test)]
-mod actor_tests {
-    use super::resolve_actor;
-
-    #[test]
-    fn the_actor_falls_back_to_git_then_to_the_os_user_never_to_a_bare_unknown() {
-        let none = |_: &str| None;
-        let dir = tempfile::tempdir().unwrap();
-        let git = |args: &[&str]| {
-            let ok = std::process::Command::new("git")
-                .arg("-C")
-                .arg(dir.path())
-                .args(args)
-                .status()
-                .unwrap()
-                .success();
-            assert!(ok, "git {args:?}");
-        };
-        git(&["init", "-q"]);
-        git(&["config", "user.email", "rel.eng@agency.example"]);
-        assert_eq!(
-            resolve_actor(none, Some(dir.path())),
-            "rel.eng@agency.example"
-        );
-        let env = |name: &str| (name == "USER").then(|| "alice".to_string());
-        assert_eq!(resolve_actor(env, Some(dir.path())), "alice");
-        let blank = |name: &str| (name == "PDE_ACTOR").then(|| "  ".to_string());
-        assert_eq!(
-            resolve_actor(blank, Some(dir.path())),
-            "rel.eng@agency.example"
-        );
-        // Outside any repository: the OS user of this uid (root in CI).
-        let os_user = resolve_actor(none, None);
-        assert_eq!(os_user, whoami::username().unwrap());
-        assert_ne!(os_user, "unknown");
-    }
-}
-
 /// Chains `entries` after `last`: the records and their canonical lines
 /// (without `\n`). The one place a record is built and hashed.
 pub(super) fn chain(
@@ -303,5 +265,43 @@ fn redact(value: &mut Value) {
         }
         Value::Array(items) => items.iter_mut().for_each(redact),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod actor_tests {
+    use super::resolve_actor;
+
+    #[test]
+    fn the_actor_falls_back_to_git_then_to_the_os_user_never_to_a_bare_unknown() {
+        let none = |_: &str| None;
+        let dir = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .arg("-C")
+                .arg(dir.path())
+                .args(args)
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "git {args:?}");
+        };
+        git(&["init", "-q"]);
+        git(&["config", "user.email", "rel.eng@agency.example"]);
+        assert_eq!(
+            resolve_actor(none, Some(dir.path())),
+            "rel.eng@agency.example"
+        );
+        let env = |name: &str| (name == "USER").then(|| "alice".to_string());
+        assert_eq!(resolve_actor(env, Some(dir.path())), "alice");
+        let blank = |name: &str| (name == "PDE_ACTOR").then(|| "  ".to_string());
+        assert_eq!(
+            resolve_actor(blank, Some(dir.path())),
+            "rel.eng@agency.example"
+        );
+        // Outside any repository: the OS user of this uid (root in CI).
+        let os_user = resolve_actor(none, None);
+        assert_eq!(os_user, whoami::username().unwrap());
+        assert_ne!(os_user, "unknown");
     }
 }
