@@ -26,6 +26,7 @@ mod plugin_authoring;
 mod plugin_runtime;
 mod plugin_security;
 mod python_plugin;
+mod rego_parity;
 mod rollout;
 mod team;
 mod trust;

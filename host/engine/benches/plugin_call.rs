@@ -24,7 +24,7 @@
 //! `rego/*` puts the sandboxed plugin beside the same check ported to Rego
 //! (benches/rego/eligibility.rego) on regorus, the Rust OPA engine, at 0, 50
 //! and 1,000 rules: each iteration hands regorus the policy and settings as
-//! JSON and evaluates the findings. tests/rego_parity.rs checks that both
+//! JSON and evaluates the findings. tests/all/rego_parity.rs checks that both
 //! give the same findings.
 //! Results and the command are recorded in BENCHMARKS.md.
 // Test code: a failed unwrap is a failed test, with its location.

@@ -1,4 +1,4 @@
-//! The Rego port of `eligibility-bounds` (benches/rego/eligibility.rego),
+//! The Rego port of `eligibility-bounds` (host/engine/benches/rego/eligibility.rego),
 //! run on regorus, gives the same findings as the real wasm plugin run in
 //! the sandbox: on hand-written policies that reach every finding, and on
 //! seeded random ones. The plugin_call bench compares their speed, which
@@ -6,8 +6,6 @@
 //!
 //! Findings are compared as (severity, JSON pointer, code): messages are not
 //! ported.
-// Test code: a failed unwrap is a failed test, with its location.
-#![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -16,7 +14,7 @@ use pde::keys::TrustedKeys;
 use pde::plugin::{CallContext, Plugin, PluginHost, PolicyInput};
 use serde_json::{Value, json};
 
-const REGO: &str = include_str!("../benches/rego/eligibility.rego");
+const REGO: &str = include_str!("../../host/engine/benches/rego/eligibility.rego");
 
 type Finding = (String, String, String);
 
