@@ -8,7 +8,6 @@ use crate::support;
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -16,37 +15,8 @@ use std::time::{Duration, Instant};
 use ed25519_dalek::SigningKey;
 use pde::bundle::{Bundle, Manifest, Payload};
 use serde_json::{Value, json};
-use support::{AgentProcess, Svc, Workspace, git, pg};
-
-fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pde"));
-    c.arg("-C")
-        .arg(dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env(pg::PASSWORD_ENV, &pg::server().password);
-    c
-}
-
-fn pde(dir: &Path, args: &[&str]) -> Output {
-    command(dir, args).output().expect("pde runs")
-}
-
-fn spawn(dir: &Path, args: &[&str]) -> Child {
-    command(dir, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("pde starts")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use support::pg::{pde, spawn};
+use support::{AgentProcess, Svc, Workspace, code, git, pg, stderr};
 
 fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(120);

@@ -22,22 +22,7 @@ fn repo() -> PathBuf {
 
 /// The `sh` blocks of the walk-through, in order, joined into one script.
 fn walkthrough() -> String {
-    let doc = std::fs::read_to_string(repo().join("docs/release-engineer.md")).unwrap();
-    let section = doc
-        .split_once("<!-- first-workspace: begin")
-        .expect("the begin marker")
-        .1
-        .split_once("<!-- first-workspace: end")
-        .expect("the end marker")
-        .0;
-    let mut script = String::new();
-    let mut rest = section;
-    while let Some((_, after)) = rest.split_once("```sh\n") {
-        let (block, after) = after.split_once("```").expect("the block ends");
-        script.push_str(block);
-        script.push('\n');
-        rest = after;
-    }
+    let script = support::doc_script("docs/release-engineer.md", "first-workspace");
     assert!(script.contains("pde init"), "{script}");
     script
 }

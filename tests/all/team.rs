@@ -10,7 +10,7 @@
 use crate::support;
 
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
 use pde::error::HasExitCode;
@@ -18,38 +18,9 @@ use pde::state::postgres::{PgState, PgTarget};
 use pde::state::{
     DeploymentRecord, RecordOutcome, SqliteState, StateBackend, StateError, TargetRecord,
 };
+use support::pg::{command, pde, spawn};
 use support::receiver::{Fault, Receiver};
-use support::{Svc, Workspace, git, pg};
-
-fn command(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_pde"));
-    c.arg("-C")
-        .arg(dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env(pg::PASSWORD_ENV, &pg::server().password);
-    c
-}
-
-fn pde(dir: &Path, args: &[&str]) -> Output {
-    command(dir, args).output().expect("pde runs")
-}
-
-fn spawn(dir: &Path, args: &[&str]) -> Child {
-    command(dir, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("pde starts")
-}
-
-fn code(o: &Output) -> i32 {
-    o.status.code().expect("exited normally")
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use support::{Svc, Workspace, code, git, pg, stderr};
 
 fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {

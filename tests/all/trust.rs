@@ -432,22 +432,7 @@ fn repo() -> std::path::PathBuf {
 /// candidate handed over in `~/incoming/`.
 #[test]
 fn security_review_walkthrough_runs_as_written() {
-    let doc = std::fs::read_to_string(repo().join("docs/security-review.md")).unwrap();
-    let section = doc
-        .split_once("<!-- security-review: begin")
-        .expect("the begin marker")
-        .1
-        .split_once("<!-- security-review: end")
-        .expect("the end marker")
-        .0;
-    let mut script = String::new();
-    let mut rest = section;
-    while let Some((_, after)) = rest.split_once("```sh\n") {
-        let (block, after) = after.split_once("```").expect("the block ends");
-        script.push_str(block);
-        script.push('\n');
-        rest = after;
-    }
+    let script = support::doc_script("docs/security-review.md", "security-review");
     for command in [
         "pde keygen",
         "pde plugin review",

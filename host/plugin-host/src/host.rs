@@ -33,7 +33,7 @@ use pde_core::keys::TrustedKeys;
 /// };
 /// // Each call runs in a fresh instance, within the plugin's limits.
 /// let report = host.validate(&plugin, &policy, &CallContext::env("production"))?;
-/// println!("{} findings, {} fuel", report.value.len(), report.fuel_used);
+/// tracing::info!(findings = report.value.len(), fuel = report.fuel_used, "pii-guard ran");
 /// # Ok(())
 /// # }
 /// ```

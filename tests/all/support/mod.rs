@@ -392,3 +392,27 @@ pub fn json(o: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", both(o)))
 }
+
+/// The `sh` blocks of `doc` (a path under the repository) between its
+/// `<!-- MARKER: begin` and `<!-- MARKER: end` comments, in order, joined
+/// into one script: docs that tests run as written.
+pub fn doc_script(doc: &str, marker: &str) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join(doc)).unwrap();
+    let section = text
+        .split_once(&format!("<!-- {marker}: begin"))
+        .expect("the begin marker")
+        .1
+        .split_once(&format!("<!-- {marker}: end"))
+        .expect("the end marker")
+        .0;
+    let mut script = String::new();
+    let mut rest = section;
+    while let Some((_, after)) = rest.split_once("```sh\n") {
+        let (block, after) = after.split_once("```").expect("the block ends");
+        script.push_str(block);
+        script.push('\n');
+        rest = after;
+    }
+    script
+}

@@ -8,7 +8,8 @@
 //! first test starts a cluster of its own with the same script, which stops
 //! it once this test process exits.
 
-use std::process::Command;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 /// The server: its superuser URL and password.
@@ -112,4 +113,30 @@ pub fn fresh_database() -> String {
 /// The database name of a URL from [`fresh_database`].
 pub fn database_of(url: &str) -> &str {
     url.rsplit_once('/').expect("URL has a database").1
+}
+
+/// `pde -C dir args…` with the cluster's password in the environment that
+/// a team workspace's `[state] password_env` names.
+pub fn command(dir: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_pde"));
+    c.arg("-C")
+        .arg(dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .env(PASSWORD_ENV, &server().password);
+    c
+}
+
+/// Runs [`command`] to its end.
+pub fn pde(dir: &Path, args: &[&str]) -> Output {
+    command(dir, args).output().expect("pde runs")
+}
+
+/// Starts [`command`] with its output piped.
+pub fn spawn(dir: &Path, args: &[&str]) -> Child {
+    command(dir, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pde starts")
 }
