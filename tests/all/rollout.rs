@@ -581,6 +581,62 @@ fn a_rollout_killed_during_its_bake_is_resumed_to_the_end() {
     assert_eq!(events(&records, "deployed").len(), 1);
 }
 
+/// A process killed in the middle of a wave's push leaves some services
+/// holding the new digest and no record that they do. An abort must still
+/// send each of them back to what it held before the rollout, not to the
+/// new digest the push step would read from it now.
+#[test]
+fn a_rollout_killed_in_the_middle_of_a_push_is_aborted_back_to_what_each_service_held() {
+    let f = fleet(
+        3,
+        0,
+        &[],
+        false,
+        |_| {
+            format!(
+                "[environments.production.rollout]\npoll_ms = 100\n{HTTP_GATE}\
+                 [[environments.production.rollout.waves]]\nname = \"canary\"\ncount = 2\n\
+                 [[environments.production.rollout.waves]]\nname = \"rest\"\n"
+            )
+        },
+        "",
+    );
+    let receiver = |i: usize| f.receivers[i].as_ref().expect("a test receiver");
+    receiver(1).set_fault(Fault::Hang);
+    let mut child = spawn_deploy(f.ws.root(), &[]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !(receiver(1).deploys() >= 1 && support::active_digest(&f.urls[0]).is_some()) {
+        assert!(Instant::now() < deadline, "the canary's push never arrived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let s = wait_status(f.ws.root(), "", false, |s| s["live"] == false);
+    assert_eq!(s["report"]["waves"][0]["status"], "pending", "{s:#}");
+
+    let o = pde(
+        f.ws.root(),
+        &[
+            "rollout",
+            "abort",
+            "42",
+            "--env",
+            "production",
+            "--output",
+            "json",
+        ],
+    );
+    let s = json(&o);
+    assert_eq!(s["report"]["status"], "aborted", "{}", support::both(&o));
+    assert_eq!(
+        support::active_digest(&f.urls[0]),
+        None,
+        "S0 received the canary before the kill and goes back to holding nothing"
+    );
+    assert_eq!(receiver(2).deploys(), 0, "the later wave is never pushed");
+    assert!(f.ws.tags().is_empty());
+}
+
 #[test]
 fn a_malformed_rollout_is_refused_when_pde_toml_is_read() {
     for (rollout, says) in [

@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use pde::error::HasExitCode;
 use pde::state::postgres::{PgState, PgTarget};
 use pde::state::{
-    DeploymentRecord, RecordOutcome, SqliteState, StateBackend, StateError, TargetRecord,
+    DeploymentRecord, RecordOutcome, RolloutRecord, SqliteState, StateBackend, StateError,
+    TargetRecord,
 };
 use support::pg::{command, pde, spawn};
 use support::receiver::{Fault, Receiver};
@@ -336,15 +337,48 @@ fn migrates_as_state(s: &dyn StateBackend, fresh: &dyn Fn() -> Box<dyn StateBack
     assert_eq!(shown, [("7", "0.1.0"), ("8", "")], "{dev:?}");
     assert!(dev[1].interrupted.is_some(), "{dev:?}");
 
+    // A rollout paused for a person, with a promotion asked for: the
+    // second engineer promotes it by the id they were shown.
+    let paused = RolloutRecord {
+        id: None,
+        policy_id: "42".into(),
+        env: "dev".into(),
+        version: "1.1.0".into(),
+        digest: "sha256:ee".into(),
+        status: "paused".into(),
+        control: None,
+        doc: serde_json::json!({"waves": [{"name": "canary", "status": "passed"}]}),
+        started_at: "2026-12-06T07:00:00Z".into(),
+        updated_at: "2026-12-06T07:00:00Z".into(),
+        actor: "ana@agency.gov".into(),
+    };
+    let rollout = s.rollout_begin(&paused).unwrap();
+    s.rollout_control(rollout, Some("promote")).unwrap();
+
     let dump = s.dump().unwrap();
+    assert_eq!(dump.rollouts.len(), 1, "{dump:?}");
     let to = fresh();
     to.import(&dump).unwrap();
+    let copied = to
+        .rollout(rollout)
+        .unwrap()
+        .expect("the rollout, by its id");
+    assert_eq!(
+        (copied.status.as_str(), copied.control.as_deref()),
+        ("paused", Some("promote"))
+    );
+    assert!(
+        to.rollout_begin(&paused).unwrap() > rollout,
+        "new ids follow"
+    );
     assert_eq!(
         to.active("8", "dev").unwrap(),
         None,
         "nothing was ever active"
     );
-    assert_eq!(to.dump().unwrap(), dump, "every stored row, as it was");
+    let mut now = to.dump().unwrap();
+    now.rollouts.pop();
+    assert_eq!(now, dump, "every stored row, as it was");
     for policy in ["42", "7", "9", "8", "5"] {
         assert_eq!(to.history(policy).unwrap(), s.history(policy).unwrap());
     }

@@ -487,12 +487,14 @@ impl Engine {
         };
         let pushed = if aborting {
             // Nobody runs it: what its waves pushed is assumed delivered and
-            // sent back, each verified.
+            // sent back, each verified. That includes the services of a wave
+            // whose push was cut short: their previous holding was saved
+            // before it began.
             for w in run.report.waves.clone() {
-                if w.bake_until.is_none() {
-                    continue;
-                }
                 for s in &w.services {
+                    if w.bake_until.is_none() && !run.report.previous.contains_key(s) {
+                        continue;
+                    }
                     run.targets.push(TargetReport {
                         service: s.clone(),
                         url: run

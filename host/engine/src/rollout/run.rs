@@ -157,6 +157,7 @@ impl Run<'_> {
                 "wave-started",
                 json!({"wave": wave.name, "number": wave.number, "services": wave.services}),
             );
+            self.remember_previous(&targets).await?;
             let pushed = self
                 .engine
                 .push_stage(
@@ -236,6 +237,35 @@ impl Run<'_> {
             json!({"wave": wave.name, "number": wave.number}),
         );
         Ok(None)
+    }
+
+    /// Reads and saves what each of `targets` holds before its wave is
+    /// pushed. The push step reads it too, but only a process that lives to
+    /// the end of the push keeps it: one killed mid-push leaves services
+    /// that already hold the new digest, and a rollback after the resume
+    /// (or an abort) must still send them back to what they held before.
+    async fn remember_previous(&mut self, targets: &[Target]) -> Result<(), Error> {
+        let unknown: Vec<&Target> = targets
+            .iter()
+            .filter(|t| !self.report.previous.contains_key(&t.service))
+            .collect();
+        let (engine, policy_id) = (self.engine, self.policy_id);
+        let held = futures::future::join_all(
+            unknown
+                .iter()
+                .map(|t| push::get_active(&engine.http, t, policy_id, &engine.config.push)),
+        )
+        .await;
+        for (t, held) in unknown.into_iter().zip(held) {
+            // Unreachable now: the push fails on it too, and its record
+            // then says what it held, if anything.
+            if let Ok(active) = held {
+                self.report
+                    .previous
+                    .insert(t.service.clone(), active.map(|a| a.digest));
+            }
+        }
+        self.save()
     }
 
     /// After a resume: the wave's services must still hold the digest.

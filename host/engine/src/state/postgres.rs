@@ -87,7 +87,9 @@ static DIALECT: Dialect = Dialect {
     },
     own_tables: &[(1, OWN_TABLES)],
     after_explicit_ids: "SELECT setval(pg_get_serial_sequence('deployments', 'id'),
-                                GREATEST((SELECT max(id) FROM deployments), 1))",
+                                GREATEST((SELECT max(id) FROM deployments), 1));
+                         SELECT setval(pg_get_serial_sequence('rollouts', 'id'),
+                                GREATEST((SELECT max(id) FROM rollouts), 1))",
 };
 
 /// The `pde_schema.version` of a database this build has fully migrated.

@@ -428,6 +428,32 @@ fn rollout_rows(
         .collect()
 }
 
+/// Stores `r` as it was, with its id when it has one: `pde state migrate`
+/// keeps the ids people were shown by `pde rollout status`.
+fn insert_rollout(db: &mut dyn Sql, r: &RolloutRecord) -> Result<(), BackendError> {
+    let doc = r.doc.to_string();
+    let id =
+        r.id.ok_or_else(|| -> BackendError { "a rollout to import has no id".into() })?;
+    db.execute(
+        "INSERT INTO rollouts (id, policy_id, env, version, digest, status, control, doc,
+         started_at, updated_at, actor) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+        &[
+            id.into(),
+            (&r.policy_id).into(),
+            (&r.env).into(),
+            (&r.version).into(),
+            (&r.digest).into(),
+            (&r.status).into(),
+            r.control.as_deref().into(),
+            doc.as_str().into(),
+            (&r.started_at).into(),
+            (&r.updated_at).into(),
+            (&r.actor).into(),
+        ],
+    )
+    .map(drop)
+}
+
 // ---------------------------------------------------------------------------
 // The state, for every backend.
 
@@ -716,6 +742,7 @@ impl<B: Backend> StateBackend for B {
                 deployments: deployments(db, "ORDER BY id ASC", &[])?,
                 active: active_rows(db, None)?,
                 services: service_rows(db, None)?,
+                rollouts: rollout_rows(db, "ORDER BY id ASC", &[])?,
             })
         })
     }
@@ -731,7 +758,6 @@ impl<B: Backend> StateBackend for B {
                 // Keeps the ids people have seen in `pde history`.
                 insert_deployment(db, d, d.id)?;
             }
-            db.batch(after_explicit_ids)?;
             for e in &dump.active {
                 upsert_active(
                     db,
@@ -745,6 +771,10 @@ impl<B: Backend> StateBackend for B {
             for (policy_id, env, holding) in &dump.services {
                 upsert_service(db, policy_id, env, holding)?;
             }
+            for r in &dump.rollouts {
+                insert_rollout(db, r)?;
+            }
+            db.batch(after_explicit_ids)?;
             Ok(true)
         })?;
         if imported {

@@ -204,10 +204,13 @@ pub struct Dump {
     /// The `service_active` rows: policy, environment and what the service
     /// holds there, including services of a policy with no active row.
     pub services: Vec<(String, String, ServiceHolding)>,
+    /// Every progressive rollout, oldest first, with its id: a paused or
+    /// interrupted one is promoted or resumed by the id people were shown.
+    pub rollouts: Vec<RolloutRecord>,
 }
 
 /// A progressive rollout as the state keeps it (issue 22).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RolloutRecord {
     /// Its id (`None` before it is stored).
     pub id: Option<i64>,
