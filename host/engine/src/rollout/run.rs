@@ -198,7 +198,13 @@ impl Run<'_> {
                 );
             self.report.waves[i].status = WaveStatus::Baking;
             self.report.waves[i].bake_until = Some(until.to_string());
-            self.save()?;
+            // A bake to resume is saved; with none, a process killed before
+            // the wave passes leaves it pending, and a resume pushes it
+            // again (idempotent) and judges it then: one durable write
+            // fewer per wave.
+            if wave.bake_ms > 0 || wave.pause {
+                self.save()?;
+            }
             self.note(
                 "wave-pushed",
                 json!({"wave": wave.name, "bake_ms": wave.bake_ms}),
@@ -386,14 +392,22 @@ impl Run<'_> {
         for gate in waves::gates_of(self.rollout, i) {
             results.extend(waves::evaluate(&self.engine.http, gate, &vars, timeout).await?);
         }
+        // One durable append for the wave's results: a gate evaluated per
+        // service makes one record per service, and an fsync each would
+        // cost more than the gates themselves.
+        self.audit.record_all(
+            Event::GateEvaluated,
+            results
+                .iter()
+                .map(|r| {
+                    json!({"rollout": self.id, "wave": wave.name, "number": wave.number, "gate": r.gate,
+                           "kind": r.kind, "service": r.service, "query": r.query, "values": r.values,
+                           "baseline": r.baseline, "verdict": r.verdict, "passed": r.passed,
+                           "detail": r.detail})
+                })
+                .collect(),
+        )?;
         for r in &results {
-            self.audit.record(
-                Event::GateEvaluated,
-                json!({"rollout": self.id, "wave": wave.name, "number": wave.number, "gate": r.gate,
-                       "kind": r.kind, "service": r.service, "query": r.query, "values": r.values,
-                       "baseline": r.baseline, "verdict": r.verdict, "passed": r.passed,
-                       "detail": r.detail}),
-            )?;
             self.note("gate", serde_json::to_value(r).unwrap_or_default());
         }
         let failed = results.iter().find(|r| !r.passed).cloned();

@@ -17,7 +17,7 @@
 use serde_json::Value;
 
 use crate::audit::outbox::Outbox;
-use crate::audit::{AuditError, AuditLog, AuditRecord, Event};
+use crate::audit::{AuditEntry, AuditError, AuditLog, AuditRecord, Event};
 use crate::state::{DeployLock, StateError};
 
 /// Why a record was not appended.
@@ -94,15 +94,35 @@ impl<'a> Recorder<'a> {
     /// Appends one record (nothing in a dry run), after checking that the
     /// deploy lock is still held ([`DeployLock::check`]).
     pub fn record(&self, event: Event, data: Value) -> Result<Option<AuditRecord>, RecordError> {
+        Ok(self.record_all(event, vec![data])?.pop())
+    }
+
+    /// Appends one record per item of `data`, all of `event`, in one durable
+    /// step (one fsync, or one transaction): what one action produced at
+    /// once, such as every gate result of a wave. Nothing in a dry run.
+    pub fn record_all(
+        &self,
+        event: Event,
+        data: Vec<Value>,
+    ) -> Result<Vec<AuditRecord>, RecordError> {
         match self.lock {
             Some(lock) => lock.check("recording to the audit log")?,
             None if self.unlocked => {}
-            None => return Ok(None),
+            None => return Ok(Vec::new()),
         }
-        let record = self.log.append(event, self.policy_id, self.env, data)?;
+        let entries = data
+            .into_iter()
+            .map(|data| AuditEntry {
+                event,
+                policy_id: self.policy_id.to_string(),
+                env: self.env.to_string(),
+                data,
+            })
+            .collect();
+        let records = self.log.append_all(entries)?;
         if let Some(outbox) = self.outbox {
             outbox.wake();
         }
-        Ok(Some(record))
+        Ok(records)
     }
 }
