@@ -655,9 +655,13 @@ pub fn plugins(engine: &Engine) -> Result<Vec<PluginView>, pde::Error> {
         .map(|(p, listed)| {
             use pde::plugin::SignatureStatus;
             let (signed, signature_text) = match &p.signature {
-                SignatureStatus::Valid { keyid, signer, .. } => {
-                    (true, format!("signed by {signer} (key {keyid})"))
-                }
+                SignatureStatus::Valid { signer, .. } => (
+                    true,
+                    format!(
+                        "signed by {signer} ({})",
+                        p.signature.key_text().unwrap_or_default()
+                    ),
+                ),
                 SignatureStatus::Unsigned => (false, "UNSIGNED".to_string()),
                 SignatureStatus::Invalid { reason } => (false, format!("UNSIGNED: {reason}")),
             };
