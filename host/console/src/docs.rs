@@ -629,7 +629,7 @@ pub struct PluginView {
     /// What `pde plugin list --output json` says of it.
     #[serde(flatten)]
     pub listed: Value,
-    /// Signature status in words: `signed by NAME (key …)`, `UNSIGNED`,
+    /// Signature status in words: `signed by NAME with key FILE (…)`, `UNSIGNED`,
     /// `INVALID: why`.
     pub signature_text: String,
     /// Whether the signature holds against the workspace's trusted keys.
@@ -658,7 +658,7 @@ pub fn plugins(engine: &Engine) -> Result<Vec<PluginView>, pde::Error> {
                 SignatureStatus::Valid { signer, .. } => (
                     true,
                     format!(
-                        "signed by {signer} ({})",
+                        "signed by {signer} with {}",
                         p.signature.key_text().unwrap_or_default()
                     ),
                 ),

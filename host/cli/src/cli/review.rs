@@ -130,7 +130,7 @@ fn signature_line(s: &SignatureReport) -> String {
                 signer, signed_at, ..
             },
         ) => format!(
-            "valid: signed by {} ({}) at {signed_at}{key}",
+            "valid: signed by {} with {} at {signed_at}{key}",
             Escaped(signer),
             status.key_text().unwrap_or_default()
         ),
