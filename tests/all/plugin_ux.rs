@@ -639,4 +639,12 @@ fn postgres_records_name_the_database_role_that_wrote_them() {
     // The role is covered by the chain's hashes.
     let o = pg::pde(ws.root(), &["audit", "verify"]);
     assert_eq!(code(&o), 0, "{}", all(&o));
+    // The deployment's record in the state (`pde history`) names it too.
+    let o = pg::pde(ws.root(), &["history", "42", "--output", "json"]);
+    assert_eq!(code(&o), 0, "{}", all(&o));
+    assert!(
+        out(&o).contains(&format!("(database role {role})")),
+        "{}",
+        all(&o)
+    );
 }

@@ -353,6 +353,12 @@ impl Backend for PgState {
         self.target.url.clone()
     }
 
+    fn db_role(&self) -> Result<Option<String>, StateError> {
+        self.call("read the database role", |c| {
+            Ok(Some(c.query_one("SELECT current_user::text", &[])?.get(0)))
+        })
+    }
+
     fn dialect(&self) -> &'static Dialect {
         &DIALECT
     }
