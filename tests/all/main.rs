@@ -25,6 +25,7 @@ mod pipeline;
 mod plugin_authoring;
 mod plugin_runtime;
 mod plugin_security;
+mod plugin_ux;
 mod python_plugin;
 mod rego_parity;
 mod rollout;

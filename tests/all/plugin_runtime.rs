@@ -549,6 +549,8 @@ fn signatures_are_valid_invalid_or_absent() {
             signer: "Sec Team".into(),
             signed_at: file.signed_at.clone(),
             note: Some("reviewed in SEC-42".into()),
+            // Named by its file, as the trusted set was given it.
+            key_name: Some(good.public_path.display().to_string()),
         }
     );
     assert!(file.signed_at.ends_with('Z'), "{}", file.signed_at);

@@ -629,7 +629,7 @@ pub struct PluginView {
     /// What `pde plugin list --output json` says of it.
     #[serde(flatten)]
     pub listed: Value,
-    /// Signature status in words: `signed by NAME (key …)`, `UNSIGNED`,
+    /// Signature status in words: `signed by NAME with key FILE (…)`, `UNSIGNED`,
     /// `INVALID: why`.
     pub signature_text: String,
     /// Whether the signature holds against the workspace's trusted keys.
@@ -655,9 +655,13 @@ pub fn plugins(engine: &Engine) -> Result<Vec<PluginView>, pde::Error> {
         .map(|(p, listed)| {
             use pde::plugin::SignatureStatus;
             let (signed, signature_text) = match &p.signature {
-                SignatureStatus::Valid { keyid, signer, .. } => {
-                    (true, format!("signed by {signer} (key {keyid})"))
-                }
+                SignatureStatus::Valid { signer, .. } => (
+                    true,
+                    format!(
+                        "signed by {signer} with {}",
+                        p.signature.key_text().unwrap_or_default()
+                    ),
+                ),
                 SignatureStatus::Unsigned => (false, "UNSIGNED".to_string()),
                 SignatureStatus::Invalid { reason } => (false, format!("UNSIGNED: {reason}")),
             };

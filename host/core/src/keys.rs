@@ -193,6 +193,10 @@ pub enum SignatureError {
 pub struct TrustedKeys {
     keys: Vec<VerifyingKey>,
     revoked: Vec<String>,
+    /// Key id → what the workspace calls the key (its file, or the name a
+    /// trust file gives it), so that a signature is attributed to a key a
+    /// person recognises and not only to a hex id.
+    names: std::collections::BTreeMap<String, String>,
 }
 
 impl TrustedKeys {
@@ -207,13 +211,29 @@ impl TrustedKeys {
         self
     }
 
-    /// Loads every public key file given.
+    /// Adds a key under `name` (its file, or a configured name): the name
+    /// [`TrustedKeys::name_of`] gives its signatures.
+    pub fn add_named(&mut self, key: VerifyingKey, name: impl Into<String>) -> &mut Self {
+        self.names.insert(key_id(&key), name.into());
+        self.add(key)
+    }
+
+    /// Loads every public key file given, each named by its path as given.
     pub fn from_files<P: AsRef<Path>>(paths: &[P]) -> Result<Self, KeyError> {
         let mut set = Self::new();
         for p in paths {
-            set.add(load_public_key(p.as_ref())?);
+            set.add_named(
+                load_public_key(p.as_ref())?,
+                p.as_ref().display().to_string(),
+            );
         }
         Ok(set)
+    }
+
+    /// What the key with `keyid` is called here (see
+    /// [`TrustedKeys::add_named`]); `None` for an unnamed or unknown key.
+    pub fn name_of(&self, keyid: &str) -> Option<&str> {
+        self.names.get(keyid).map(String::as_str)
     }
 
     /// Stops trusting the keys with these ids, even when they are also

@@ -27,6 +27,12 @@ impl<'a> Deployment<'a> {
         targets: impl IntoIterator<Item = (String, Option<String>)>,
     ) -> Result<Deployment<'a>, StateError> {
         let now = pde_core::clock::now_rfc3339();
+        // On a team's database, who ran it and the role it wrote as, as
+        // the audit records and the lease say it (issue 24).
+        let actor = match state.db_role()? {
+            Some(role) => format!("{} (database role {role})", crate::audit::default_actor()),
+            None => crate::audit::default_actor(),
+        };
         let record = DeploymentRecord {
             id: None,
             policy_id: policy_id.to_string(),
@@ -36,7 +42,7 @@ impl<'a> Deployment<'a> {
             outcome: RecordOutcome::InProgress,
             started_at: now.clone(),
             finished_at: now,
-            actor: crate::audit::default_actor(),
+            actor,
             targets: targets
                 .into_iter()
                 .map(|(service, previous_digest)| TargetRecord {

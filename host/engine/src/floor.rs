@@ -529,7 +529,7 @@ impl Floor {
     pub fn plugin_trust(&self, today: jiff::civil::Date) -> Result<TrustedKeys, FloorError> {
         let mut trusted = TrustedKeys::new();
         for entry in self.plugin_keys.iter().filter(|e| e.valid_on(today)) {
-            trusted.add(self.key(entry)?);
+            trusted.add_named(self.key(entry)?, entry.name.clone());
         }
         Ok(trusted)
     }

@@ -27,6 +27,10 @@ pub struct Refused {
     pub finished_at: String,
     /// Who ran it.
     pub actor: String,
+    /// The database role that wrote its records, for a team's PostgreSQL
+    /// chain (`data.actor_db_role`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor_db_role: Option<String>,
     /// The refusal, as pde said it.
     pub reason: String,
     /// The exit code it ended with.
@@ -58,6 +62,11 @@ pub fn refused(records: &[AuditRecord], policy_id: &str) -> Vec<Refused> {
                         started_at: r.ts.clone(),
                         finished_at: r.ts.clone(),
                         actor: r.actor.clone(),
+                        actor_db_role: r
+                            .data
+                            .get(crate::audit::record::DB_ROLE_FIELD)
+                            .and_then(|v| v.as_str())
+                            .map(str::to_string),
                         reason: String::new(),
                         exit_code: None,
                     },

@@ -22,6 +22,7 @@ use crate::engine::Engine;
 use crate::error::Error;
 use crate::rollout::Delivery;
 use crate::steps::audit::Recorder;
+use crate::steps::route::Routing;
 use crate::steps::tag::Release;
 
 pub use crate::report::{DeployOptions, DeployOutcome, DeployReport};
@@ -156,7 +157,7 @@ impl Engine {
         audit.record(Event::EnvCheckOk, ok)?;
 
         // 4. route
-        let routes = tracing::info_span!("route")
+        let Routing { routes, log } = tracing::info_span!("route")
             .in_scope(|| self.route_stage(&policy, (env_name, env), validation.active.as_ref()))?;
         opts.note(|p| p.routes = Some(routes.clone()));
         audit.record(Event::Routed, json!({"routes": routes}))?;
@@ -173,6 +174,7 @@ impl Engine {
             validation,
             health,
             routes,
+            route_log: log,
             push: None,
             tag: None,
             rollout: None,

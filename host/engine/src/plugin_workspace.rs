@@ -90,13 +90,13 @@ pub(crate) fn trust(
     config: &Config,
     floor: Option<&Floor>,
 ) -> Result<TrustedKeys, Error> {
-    let paths: Vec<PathBuf> = config
-        .trust
-        .plugin_keys
-        .iter()
-        .map(|p| root.join(p))
-        .collect();
-    let mut trusted = TrustedKeys::from_files(&paths)?;
+    // Each key is named by its file as pde.toml lists it, so that `plugin
+    // list` says "key keys/security-team.ed25519.pub", not only a hex id.
+    let mut trusted = TrustedKeys::new();
+    for listed in &config.trust.plugin_keys {
+        let key = crate::keys::load_public_key(&root.join(listed))?;
+        trusted.add_named(key, listed.display().to_string());
+    }
     if let Some(floor) = floor {
         let floor_keys = floor.plugin_trust(crate::floor::today())?;
         floor.warn_ignored("plugin", &trusted.key_ids(), &floor_keys.key_ids());

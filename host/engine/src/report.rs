@@ -217,6 +217,9 @@ pub struct DeployReport {
     pub health: HealthReport,
     /// Step 4.
     pub routes: Vec<RouteDecision>,
+    /// Step 4: what the routers logged at warning or error level.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub route_log: Vec<crate::plugin::PluginNotice>,
     /// Step 5 (none for a dry run).
     pub push: Option<PushReport>,
     /// Step 6: the release tag (none unless deployed).

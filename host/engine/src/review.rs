@@ -477,6 +477,129 @@ fn run(
     out
 }
 
+/// What two builds of a plugin say differently about one policy (`pde
+/// plugin diff --policy`): findings for a validator, routes for a router.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunsDiff {
+    /// Verdict, old then new (`pass`, `fail`, `routed` or `fault`).
+    pub verdict: (String, String),
+    /// Why a build faulted, old then new.
+    pub fault: (Option<String>, Option<String>),
+    /// Validator findings.
+    pub findings: ItemsDiff<Diagnostic>,
+    /// Router picks, `service: reason`.
+    pub routes: ItemsDiff<String>,
+}
+
+/// Items only the new build gives, only the old gave, given by both but
+/// different, and the number given alike.
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemsDiff<T> {
+    /// Only the new build gives these.
+    pub added: Vec<T>,
+    /// Only the old build gave these.
+    pub removed: Vec<T>,
+    /// The same finding (code and path; for a route, the service) with
+    /// another severity, message or reason.
+    pub changed: Vec<ItemChange<T>>,
+    /// How many both give exactly alike.
+    pub unchanged: usize,
+}
+
+/// One item as the old and the new build give it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemChange<T> {
+    /// The old build's.
+    pub old: T,
+    /// The new build's.
+    pub new: T,
+}
+
+impl<T> ItemsDiff<T> {
+    /// True when the two builds agree.
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
+}
+
+/// Pairs `old` with `new`: alike first, then by `key` (a change), the rest
+/// added or removed. Each item is paired at most once, in order, so two
+/// findings with one code and path are two findings.
+fn diff_items<T: Clone, K: PartialEq>(
+    old: &[T],
+    new: &[T],
+    key: impl Fn(&T) -> K,
+    alike: impl Fn(&T, &T) -> bool,
+) -> ItemsDiff<T> {
+    let mut old_left: Vec<Option<&T>> = old.iter().map(Some).collect();
+    let mut new_left: Vec<Option<&T>> = new.iter().map(Some).collect();
+    let mut unchanged = 0;
+    for n in new_left.iter_mut() {
+        let Some(item) = *n else { continue };
+        if let Some(o) = old_left
+            .iter_mut()
+            .find(|o| o.is_some_and(|o| alike(o, item)))
+        {
+            *o = None;
+            *n = None;
+            unchanged += 1;
+        }
+    }
+    let mut changed = Vec::new();
+    for n in new_left.iter_mut() {
+        let Some(item) = *n else { continue };
+        if let Some(o) = old_left
+            .iter_mut()
+            .find(|o| o.is_some_and(|o| key(o) == key(item)))
+        {
+            changed.push(ItemChange {
+                old: o.take().expect("found as Some").clone(),
+                new: item.clone(),
+            });
+            *n = None;
+        }
+    }
+    ItemsDiff {
+        added: new_left.into_iter().flatten().cloned().collect(),
+        removed: old_left.into_iter().flatten().cloned().collect(),
+        changed,
+        unchanged,
+    }
+}
+
+/// Runs `old` and `new` over `input` (as `pde plugin review` runs a
+/// plugin) and says what they find differently; the runs are returned for
+/// their costs.
+pub fn diff_runs(
+    host: &PluginHost,
+    (old, new): (&Plugin, &Plugin),
+    path: &Path,
+    input: &PolicyInput,
+) -> (RunsDiff, PolicyRun, PolicyRun) {
+    let (a, b) = (
+        run(host, old, path, input, None),
+        run(host, new, path, input, None),
+    );
+    // A finding is the same finding whoever reports it: the source is the
+    // plugin's name, which two builds may not share.
+    let alike = |x: &Diagnostic, y: &Diagnostic| {
+        (x.severity, &x.code, &x.path, &x.message) == (y.severity, &y.code, &y.path, &y.message)
+    };
+    let service = |r: &String| r.split_once(": ").map_or(r.clone(), |(s, _)| s.to_string());
+    let diff = RunsDiff {
+        verdict: (a.verdict.clone(), b.verdict.clone()),
+        fault: (a.fault.clone(), b.fault.clone()),
+        findings: diff_items(
+            &a.findings,
+            &b.findings,
+            |d| (d.code.clone(), d.path.clone()),
+            alike,
+        ),
+        routes: diff_items(&a.routes, &b.routes, service, |x, y| x == y),
+    };
+    (diff, a, b)
+}
+
 fn finding_text(d: &Diagnostic) -> String {
     let severity = match d.severity {
         Severity::Error => "error",

@@ -26,7 +26,7 @@ use crate::state::DeployLock;
 use crate::steps::envcheck::{self, HealthReport};
 use crate::steps::package::{self, Artifact};
 use crate::steps::push::{self, PushReport};
-use crate::steps::route::{self, RouteDecision};
+use crate::steps::route::{self, Routing};
 use crate::steps::tag;
 use crate::steps::validate::{self, ValidationReport};
 use crate::vcs::Repo;
@@ -253,7 +253,7 @@ impl Engine {
         policy: &Policy,
         (env_name, env): EnvRef<'_>,
         active: Option<&ActivePolicy>,
-    ) -> Result<Vec<RouteDecision>, Error> {
+    ) -> Result<Routing, Error> {
         let plugins = self.plugins()?;
         off_runtime(|| Ok(route::route(&plugins, policy, env_name, env, active)?))
     }

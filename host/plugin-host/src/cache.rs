@@ -501,6 +501,16 @@ impl Cache {
         self.dirs().first().map(|dir| self.entry_in(dir, sha256))
     }
 
+    /// Every cache directory's entry for `sha256` that is on disk now: where
+    /// a compile was cached (empty when nothing was written).
+    pub fn entries_on_disk(&self, sha256: &str) -> Vec<PathBuf> {
+        self.dirs()
+            .iter()
+            .map(|dir| self.entry_in(dir, sha256))
+            .filter(|p| p.is_file())
+            .collect()
+    }
+
     /// The entry for `sha256` in `dir`.
     fn entry_in(&self, dir: &Path, sha256: &str) -> PathBuf {
         dir.join(format!("{sha256}-{}.cwasm", &self.engine_id[..16]))

@@ -94,3 +94,72 @@ pub fn discover(dir: &Path) -> Result<Vec<Found>, PluginError> {
     found.sort_by(|a, b| a.manifest.name.cmp(&b.manifest.name));
     Ok(found)
 }
+
+/// Where a build's manifest was looked for in its project
+/// ([`project_manifest`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProjectManifest {
+    /// Exactly one manifest names this build.
+    Found(PathBuf),
+    /// Several do; none is picked.
+    Ambiguous(Vec<PathBuf>),
+    /// None does.
+    None,
+}
+
+/// How far up from a build a project's root is looked for:
+/// `target/wasm32-wasip2/release/x.wasm` is three levels below it.
+const PROJECT_DEPTH: usize = 4;
+
+/// The manifest of the project `wasm` was built in, when it is not beside
+/// the build: `pde plugin new` writes `NAME.toml` at the project root, and
+/// the build lands in `target/wasm32-wasip2/release/NAME_WITH_UNDERSCORES.wasm`
+/// (Rust) or `build/NAME.wasm` (Python). Each directory above the build,
+/// up to the project root (the first holding `Cargo.toml`, or four levels
+/// up), is searched for a `*.toml` that parses as a manifest (a `name` and
+/// a `kind`) whose name, with `-` read as `_`, is the build's file stem. The
+/// nearest directory with a match decides; two matches there are
+/// [`ProjectManifest::Ambiguous`]: guessing would test the build under the
+/// wrong settings.
+pub fn project_manifest(wasm: &Path) -> ProjectManifest {
+    let Some(stem) = wasm.file_stem().and_then(|s| s.to_str()) else {
+        return ProjectManifest::None;
+    };
+    let stem = stem.replace('-', "_");
+    let start = std::path::absolute(wasm).unwrap_or_else(|_| wasm.to_path_buf());
+    for dir in start.ancestors().skip(1).take(PROJECT_DEPTH) {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "toml") && p.is_file())
+            .filter(|p| names_build(p, &stem))
+            .collect();
+        found.sort();
+        match found.len() {
+            0 => {}
+            1 => return ProjectManifest::Found(found.remove(0)),
+            _ => return ProjectManifest::Ambiguous(found),
+        }
+        if dir.join("Cargo.toml").is_file() {
+            break;
+        }
+    }
+    ProjectManifest::None
+}
+
+/// Whether the TOML file at `path` is a plugin manifest named `stem`.
+fn names_build(path: &Path, stem: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return false;
+    };
+    let Ok(table) = toml::from_str::<toml::Table>(&text) else {
+        return false;
+    };
+    table.contains_key("kind")
+        && table
+            .get("name")
+            .and_then(|n| n.as_str())
+            .is_some_and(|n| n.replace('-', "_") == stem)
+}

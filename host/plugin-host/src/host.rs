@@ -154,6 +154,12 @@ impl PluginHost {
         self.cache.entry_path(sha256)
     }
 
+    /// Where the compiled form of a wasm with `sha256` is on disk now, in
+    /// every cache directory that holds it (empty: not cached).
+    pub fn cached_at(&self, sha256: &str) -> Vec<PathBuf> {
+        self.cache.entries_on_disk(sha256)
+    }
+
     /// The directories compiled components are cached in, in lookup order
     /// (empty when nothing is cached).
     pub fn cache_dirs(&self) -> &[PathBuf] {

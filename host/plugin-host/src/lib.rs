@@ -51,7 +51,7 @@ pub(crate) use crate::host::{compile_checked, read};
 pub use crate::limits::Limits;
 pub use crate::listing::{Listing, list_dir};
 pub use crate::types::{
-    ActivePolicy, CallContext, CallReport, Plugin, PluginSet, PolicyInput, Route, ServiceInfo,
-    SignatureStatus,
+    ActivePolicy, CallContext, CallReport, Plugin, PluginNotice, PluginSet, PolicyInput, Route,
+    ServiceInfo, SignatureStatus,
 };
 pub use crate::world::PluginKind;

@@ -81,6 +81,49 @@ impl PluginHost {
         })
     }
 
+    /// Loads the plugin at `wasm` under the manifest at `manifest_path`,
+    /// which need not sit beside it: an author's project keeps `NAME.toml`
+    /// at its root and the build in `target/` (`pde plugin test
+    /// --manifest`). Every check of [`PluginHost::admit`] applies, except
+    /// that an empty `sha256` (the scaffold's placeholder: nothing is
+    /// pinned before the first build) is taken from the file for this load;
+    /// the flag says so. A non-empty one must match, as always.
+    pub fn admit_with_manifest(
+        &self,
+        wasm: &Path,
+        manifest_path: &Path,
+        trusted: &TrustedKeys,
+    ) -> Result<(Plugin, bool), PluginError> {
+        let text = std::fs::read_to_string(manifest_path).map_err(|source| PluginError::Io {
+            path: manifest_path.to_path_buf(),
+            source,
+        })?;
+        let mut table: toml::Table =
+            toml::from_str(&text).map_err(|e| PluginError::BadManifest {
+                path: manifest_path.to_path_buf(),
+                message: e.to_string(),
+            })?;
+        let unpinned = table
+            .get("sha256")
+            .and_then(|v| v.as_str())
+            .is_some_and(str::is_empty);
+        if unpinned {
+            let digest = self.file_digest(wasm)?.sha256;
+            table.insert("sha256".into(), toml::Value::String(digest));
+        }
+        let text = toml::to_string(&table).map_err(|e| PluginError::BadManifest {
+            path: manifest_path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        let manifest = manifest::Manifest::parse(&text, manifest_path)?;
+        let found = discovery::Found {
+            wasm: wasm.to_path_buf(),
+            manifest_path: manifest_path.to_path_buf(),
+            manifest,
+        };
+        Ok((self.load_found(&found, trusted)?, unpinned))
+    }
+
     pub(crate) fn load_found(
         &self,
         found: &discovery::Found,

@@ -527,8 +527,12 @@ pub fn link_wasi(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 
 /// Sends a call's log and denied attempts to `tracing`, once, each line
 /// escaped and at the level the guest gave it (stdout, stderr, notes and
-/// denied attempts at `info`, so `-v` shows them).
-pub fn trace_log(plugin: &str, log: &[String], denied: &[String]) {
+/// denied attempts at `info`, so `-v` shows them). After a successful call
+/// the report carries the warning and error lines
+/// ([`crate::PluginNotice`]) and the step that ran the plugin shows them in
+/// its own output, so they are traced at `info` (`-v`), not as pde's own
+/// warnings and errors: a person reads them once, in the step's words.
+pub fn trace_log(plugin: &str, log: &[String], denied: &[String], reported: bool) {
     for what in denied {
         tracing::info!(plugin, "{}", escape(what));
     }
@@ -536,6 +540,7 @@ pub fn trace_log(plugin: &str, log: &[String], denied: &[String]) {
         let text = escape(line);
         let text = text.as_ref();
         match line.split_once(": ").map(|(tag, _)| tag) {
+            Some("error" | "warn") if reported => tracing::info!(plugin, "{text}"),
             Some("error") => tracing::error!(plugin, "{text}"),
             Some("warn") => tracing::warn!(plugin, "{text}"),
             Some("debug") => tracing::debug!(plugin, "{text}"),
@@ -787,7 +792,7 @@ pub fn run<R>(
     let result = match outcome {
         Ok(Ok(value)) => {
             if options.trace_log {
-                trace_log(plugin, &stats.log, &stats.denied);
+                trace_log(plugin, &stats.log, &stats.denied, true);
             }
             return Ok((value, stats));
         }
@@ -798,7 +803,7 @@ pub fn run<R>(
         },
         Ok(Err(error)) => classify(plugin, limits, &error, state, &stats),
     };
-    trace_log(plugin, &stats.log, &stats.denied);
+    trace_log(plugin, &stats.log, &stats.denied, false);
     Err(result)
 }
 

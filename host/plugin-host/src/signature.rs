@@ -237,11 +237,19 @@ pub fn status(
     };
     match trusted.verify(&file.message(&now), &sig) {
         Ok(()) => SignatureStatus::Valid {
+            key_name: trusted.name_of(&file.keyid).map(str::to_string),
             keyid: file.keyid,
             signer: file.signer,
             signed_at: file.signed_at,
             note: file.note,
         },
+        // What to do next: the key is fine, this workspace only does not
+        // list it (issue 24).
+        Err(e @ pde_core::keys::SignatureError::UntrustedKey(_)) => invalid(format!(
+            "{e} (signer {:?}): to trust it, list its public key file under [trust] \
+             plugin_keys in pde.toml",
+            file.signer
+        )),
         Err(e) => invalid(e.to_string()),
     }
 }

@@ -43,6 +43,11 @@ pub enum SignatureStatus {
         signed_at: String,
         /// The signer's note, if any.
         note: Option<String>,
+        /// What the workspace calls the signing key: the public key file
+        /// `[trust] plugin_keys` lists, or the trust file's name for it;
+        /// `None` when the keys were given without names.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        key_name: Option<String>,
     },
     /// A signature is present but not accepted.
     Invalid {
@@ -52,6 +57,21 @@ pub enum SignatureStatus {
 }
 
 impl SignatureStatus {
+    /// The signing key in words, for a valid signature: `key
+    /// keys/security-team.ed25519.pub (033ba3f506958083)` when the key has
+    /// a name here, else `key 033ba3f506958083`.
+    pub fn key_text(&self) -> Option<String> {
+        match self {
+            SignatureStatus::Valid {
+                keyid,
+                key_name: Some(name),
+                ..
+            } => Some(format!("key {} ({keyid})", pde_core::term::Escaped(name))),
+            SignatureStatus::Valid { keyid, .. } => Some(format!("key {keyid}")),
+            _ => None,
+        }
+    }
+
     /// What is wrong with the signature, in words (`None`: valid by a
     /// trusted key): for the warning given where signatures are not
     /// required, so that a broken one is never silent.
@@ -215,6 +235,44 @@ pub struct Route {
     pub service: String,
     /// Why.
     pub reason: String,
+}
+
+/// A line a plugin logged at warning or error level (`host.log`): part of
+/// what the step that ran it reports, in its output and its JSON, not a
+/// log line of pde's own (issue 24). `tracing` still carries every line
+/// for `-v`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PluginNotice {
+    /// The plugin that logged it.
+    pub plugin: String,
+    /// `warning` or `error`.
+    pub level: String,
+    /// What it said, without its level tag, nor its own name when it
+    /// starts with it (plugins often prefix their lines with it). Raw: a
+    /// printer escapes it.
+    pub message: String,
+}
+
+impl PluginNotice {
+    /// The warning and error lines of a call's `log`, for `plugin`.
+    pub fn from_log(plugin: &str, log: &[String]) -> Vec<PluginNotice> {
+        log.iter()
+            .filter_map(|line| {
+                let (tag, message) = line.split_once(": ")?;
+                let level = match tag {
+                    "warn" => "warning",
+                    "error" => "error",
+                    _ => return None,
+                };
+                let own = format!("{plugin}: ");
+                Some(PluginNotice {
+                    plugin: plugin.to_string(),
+                    level: level.to_string(),
+                    message: message.strip_prefix(&own).unwrap_or(message).to_string(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// A call's value with what it cost.

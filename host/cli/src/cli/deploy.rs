@@ -243,6 +243,9 @@ pub fn plan(ctx: &Ctx, args: PlanArgs) -> CmdResult {
             t.reasons.join("; ")
         );
     }
+    for n in &report.deploy.route_log {
+        print::plugin_notice(n);
+    }
     if let Some(waves) = &report.deploy.rollout {
         print::waves(waves);
     }

@@ -72,6 +72,12 @@ pub enum PluginCmd {
         /// manifest would; without it such attempts are only reported.
         #[arg(long)]
         deny_attempts: bool,
+        /// The manifest to run a `.wasm` under (name, kind, `[settings]`,
+        /// `[limits]`) when it is not beside it, e.g. the scaffold's
+        /// `NAME.toml` at the project root; an empty `sha256` is taken from
+        /// the build. Default: beside the build, else the project's.
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
     },
     /// Sign a component and its manifest (`PATH` with `.toml`): writes `PATH.sig`.
     Sign {
@@ -80,7 +86,9 @@ pub enum PluginCmd {
         /// The signing key file (hex seed).
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
-        /// Who signs, recorded in the signature (default: $USER).
+        /// Who signs, recorded in the signature (default: the actor pde
+        /// records: $PDE_ACTOR, $USER, the repository's Git user.email, the
+        /// OS user).
         #[arg(long, value_name = "NAME")]
         signer: Option<String>,
         /// A note recorded in the signature, e.g. the review ticket.
@@ -102,7 +110,9 @@ pub enum PluginCmd {
         /// Sign the installed plugin with this key file (hex seed).
         #[arg(long, value_name = "KEY")]
         sign: Option<PathBuf>,
-        /// Who signs, recorded in the signature (default: $USER).
+        /// Who signs, recorded in the signature (default: the actor pde
+        /// records: $PDE_ACTOR, $USER, the repository's Git user.email, the
+        /// OS user).
         #[arg(long, value_name = "NAME", requires = "sign")]
         signer: Option<String>,
         /// A note recorded in the signature, e.g. the review ticket.
@@ -145,6 +155,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
             services,
             active,
             deny_attempts,
+            manifest,
         } => test(
             ctx,
             &target,
@@ -155,6 +166,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
                 services: services.as_deref(),
                 active: active.as_deref(),
                 deny_attempts,
+                manifest: manifest.as_deref(),
             },
         ),
         PluginCmd::Sign {
@@ -196,6 +208,32 @@ fn workspace(ctx: &Ctx, required: bool) -> Result<PluginWorkspace, Failure> {
     Ok(PluginWorkspace::open(&ctx.dir, required)?)
 }
 
+/// The workspace TARGETS need: a name needs `pde.toml` (and says what to
+/// pass instead when there is none), paths alone need none.
+fn workspace_for(ctx: &Ctx, targets: &[&str]) -> Result<PluginWorkspace, Failure> {
+    let name = targets.iter().find(|t| !is_path(t));
+    if let Some(name) = name
+        && !ctx.dir.join(pde::config::FILE_NAME).is_file()
+    {
+        return Err(not_a_workspace(ctx, name));
+    }
+    workspace(ctx, name.is_some())
+}
+
+/// TARGET names a workspace plugin, but there is no workspace: say what
+/// to pass instead (issue 24).
+fn not_a_workspace(ctx: &Ctx, target: &str) -> Failure {
+    Failure::usage(format!(
+        "{target:?} is not a .wasm file and there is no {} in {} to look the name up in; \
+         outside a workspace, pass the built component's path instead (a Rust plugin \
+         builds to target/wasm32-wasip2/release/{}.wasm), or -C WORKSPACE to name one of \
+         its plugins",
+        pde::config::FILE_NAME,
+        ctx.dir.display(),
+        target.replace('-', "_")
+    ))
+}
+
 fn is_path(target: &str) -> bool {
     target.ends_with(".wasm") || target.contains('/') || Path::new(target).is_file()
 }
@@ -212,11 +250,7 @@ fn load_target(
         return Ok(host.load_file(Path::new(target), trusted)?);
     }
     let Some(config) = config else {
-        return Err(Failure::usage(format!(
-            "{target:?} is not a .wasm file and there is no {} in {} to look the name up in",
-            pde::config::FILE_NAME,
-            ctx.dir.display()
-        )));
+        return Err(not_a_workspace(ctx, target));
     };
     let dir = ctx.dir.join(&config.plugins);
     let plugins = host.load_dir(&dir, trusted)?;
@@ -236,13 +270,14 @@ fn signed_text(s: &SignatureStatus) -> String {
     match s {
         SignatureStatus::Unsigned => "unsigned".into(),
         SignatureStatus::Valid {
-            keyid,
             signer,
             signed_at,
             note,
+            ..
         } => format!(
-            "signed by {} ({keyid}) at {signed_at}{}",
+            "signed by {} with {} at {signed_at}{}",
             Escaped(signer),
+            s.key_text().unwrap_or_default(),
             note.as_deref()
                 .map(|n| format!(": {}", Escaped(n)))
                 .unwrap_or_default()
@@ -293,11 +328,7 @@ fn target_path(ctx: &Ctx, config: Option<&Config>, target: &str) -> Result<PathB
         return Ok(PathBuf::from(target));
     }
     let Some(config) = config else {
-        return Err(Failure::usage(format!(
-            "{target:?} is not a .wasm file and there is no {} in {} to look the name up in",
-            pde::config::FILE_NAME,
-            ctx.dir.display()
-        )));
+        return Err(not_a_workspace(ctx, target));
     };
     let dir = ctx.dir.join(&config.plugins);
     pde::plugin::discovery::discover(&dir)?
@@ -314,7 +345,7 @@ fn target_path(ctx: &Ctx, config: Option<&Config>, target: &str) -> Result<PathB
 }
 
 fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
-    let ws = workspace(ctx, !is_path(target))?;
+    let ws = workspace_for(ctx, &[target])?;
     let config = ws.config();
     let trusted = ws.trust()?;
     let path = target_path(ctx, config, target)?;
@@ -331,7 +362,7 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     println!("  sha256:   {}", report.sha256);
     println!("  size:     {} bytes", report.size);
     if let Some(cached) = report.loaded_from_cache {
-        println!("  compiled: {}", cache_text(cached));
+        println!("  compiled: {}", cache_text(&host, &report.sha256, cached));
     }
     match &report.manifest {
         None => {
@@ -451,35 +482,8 @@ fn inspect(ctx: &Ctx, target: &str) -> CmdResult {
     Ok(verdict)
 }
 
-/// What one run of a plugin cost, for `diff --policy`.
-#[derive(serde::Serialize)]
-struct Costs {
-    fuel_used: u64,
-    peak_memory_bytes: u64,
-    elapsed_ms: f64,
-}
-
-fn run_costs(host: &PluginHost, plugin: &Plugin, policy: &PolicyInput) -> Result<Costs, Failure> {
-    let call = CallContext::default();
-    let (fuel_used, peak_memory_bytes, elapsed) = match plugin.kind {
-        PluginKind::Validator => {
-            let r = host.validate(plugin, policy, &call)?;
-            (r.fuel_used, r.peak_memory_bytes, r.elapsed)
-        }
-        PluginKind::Router => {
-            let r = host.route(plugin, policy, &call, &[])?;
-            (r.fuel_used, r.peak_memory_bytes, r.elapsed)
-        }
-    };
-    Ok(Costs {
-        fuel_used,
-        peak_memory_bytes,
-        elapsed_ms: elapsed.as_secs_f64() * 1000.0,
-    })
-}
-
 fn diff(ctx: &Ctx, old: &str, new: &str, policy: Option<&Path>) -> CmdResult {
-    let ws = workspace(ctx, !is_path(old) || !is_path(new))?;
+    let ws = workspace_for(ctx, &[old, new])?;
     let config = ws.config();
     let trusted = ws.trust()?;
     let (old_path, new_path) = (
@@ -491,28 +495,77 @@ fn diff(ctx: &Ctx, old: &str, new: &str, policy: Option<&Path>) -> CmdResult {
     let a = host.inspect_file(&old_path, &trusted)?;
     let b = host.inspect_file(&new_path, &trusted)?;
     let changes = pde::plugin::inspect::diff(&a, &b);
-    let costs = match policy {
+    // Without a manifest on both sides there is nothing to compare the
+    // manifests by; say so rather than print "no changes" (issue 24).
+    let missing: Vec<String> = [(&old_path, &a), (&new_path, &b)]
+        .into_iter()
+        .filter(|(_, i)| i.manifest.is_none())
+        .map(|(p, _)| {
+            format!(
+                "{} has no manifest beside it ({})",
+                p.display(),
+                pde::plugin::signature::manifest_path(p).display()
+            )
+        })
+        .collect();
+    let manifest_skipped = (!missing.is_empty()).then(|| {
+        let mut why = missing.join("; ");
+        if config.is_none() {
+            why.push_str(&format!(
+                "; outside a workspace (no {} in {}) a .wasm's manifest is only read from \
+                 beside it: name workspace plugins with -C DIR, or put NAME.toml beside NAME.wasm",
+                pde::config::FILE_NAME,
+                ctx.dir.display()
+            ));
+        }
+        why
+    });
+    let runs = match policy {
         None => None,
         Some(file) => {
-            let policy = read_policy(file)?;
+            let input = read_policy(file)?;
             let old_plugin = host.load_file(&old_path, &trusted)?;
             let new_plugin = host.load_file(&new_path, &trusted)?;
-            Some((
-                run_costs(&host, &old_plugin, &policy)?,
-                run_costs(&host, &new_plugin, &policy)?,
+            Some(pde::review::diff_runs(
+                &host,
+                (&old_plugin, &new_plugin),
+                file,
+                &input,
             ))
         }
     };
+    let verdict = match &runs {
+        Some((d, _, _)) if d.fault.0.is_some() || d.fault.1.is_some() => ExitCode::PluginFault,
+        _ => ExitCode::Ok,
+    };
     if ctx.json {
+        let cost = |r: &pde::review::PolicyRun| {
+            serde_json::json!({
+                "fuel_used": r.fuel_used,
+                "peak_memory_bytes": r.peak_memory_bytes,
+                "elapsed_ms": r.elapsed_ms,
+            })
+        };
         ctx.print_json(&serde_json::json!({
             "old": old_path,
             "new": new_path,
             "changes": changes,
-            "costs": costs.as_ref().map(|(o, n)| serde_json::json!({"old": o, "new": n})),
+            "manifest_compared": manifest_skipped.is_none(),
+            "manifest_skipped": manifest_skipped,
+            "signatures": {"old": a.signature, "new": b.signature},
+            "costs": runs.as_ref().map(|(_, o, n)| serde_json::json!({"old": cost(o), "new": cost(n)})),
+            "runs": runs.as_ref().map(|(d, _, _)| d),
         }));
-        return Ok(ExitCode::Ok);
+        return Ok(verdict);
     }
     println!("{} -> {}", old_path.display(), new_path.display());
+    let sig = |s: &Option<SignatureStatus>| {
+        s.as_ref()
+            .map(signed_text)
+            .unwrap_or_else(|| "unsigned".into())
+    };
+    println!("  signature (old): {}", sig(&a.signature));
+    println!("  signature (new): {}", sig(&b.signature));
     if changes.is_empty() {
         println!("  no changes in world, exports, imports, bytes, producers or manifest");
     }
@@ -523,7 +576,11 @@ fn diff(ctx: &Ctx, old: &str, new: &str, policy: Option<&Path>) -> CmdResult {
             _ => println!("  ~ {}: {} -> {}", c.what, Escaped(&c.old), Escaped(&c.new)),
         }
     }
-    if let Some((o, n)) = &costs {
+    if let Some(why) = &manifest_skipped {
+        println!("  manifest comparison skipped: {}", Escaped(why));
+    }
+    if let (Some((d, o, n)), Some(file)) = (&runs, policy) {
+        print_runs_diff(file, d);
         println!(
             "  fuel used:   {} -> {}\n  peak memory: {:.1} MiB -> {:.1} MiB\n  time:        {:.2} ms -> {:.2} ms",
             o.fuel_used,
@@ -534,7 +591,51 @@ fn diff(ctx: &Ctx, old: &str, new: &str, policy: Option<&Path>) -> CmdResult {
             n.elapsed_ms
         );
     }
-    Ok(ExitCode::Ok)
+    Ok(verdict)
+}
+
+/// The findings (or routes) two builds give on one policy, as `+`, `-`
+/// and `~` lines like the rest of `plugin diff`.
+fn print_runs_diff(file: &Path, d: &pde::review::RunsDiff) {
+    println!(
+        "  on {}: verdict {} -> {}",
+        file.display(),
+        d.verdict.0,
+        d.verdict.1
+    );
+    for (side, fault) in [("old", &d.fault.0), ("new", &d.fault.1)] {
+        if let Some(why) = fault {
+            println!("    {side} build FAULTED: {}", Escaped(why));
+        }
+    }
+    let f = &d.findings;
+    for x in &f.added {
+        println!("    + finding {x}");
+    }
+    for x in &f.removed {
+        println!("    - finding {x}");
+    }
+    for c in &f.changed {
+        println!("    ~ finding {}\n        now {}", c.old, c.new);
+    }
+    let r = &d.routes;
+    for x in &r.added {
+        println!("    + route {}", Escaped(x));
+    }
+    for x in &r.removed {
+        println!("    - route {}", Escaped(x));
+    }
+    for c in &r.changed {
+        println!("    ~ route {} -> {}", Escaped(&c.old), Escaped(&c.new));
+    }
+    if f.is_empty() && r.is_empty() {
+        println!(
+            "    same findings and routes ({} alike)",
+            f.unchanged + r.unchanged
+        );
+    } else if f.unchanged + r.unchanged > 0 {
+        println!("    ({} alike)", f.unchanged + r.unchanged);
+    }
 }
 
 fn read_policy(path: &Path) -> Result<PolicyInput, Failure> {
@@ -602,13 +703,37 @@ struct TestOptions<'a> {
     services: Option<&'a Path>,
     active: Option<&'a Path>,
     deny_attempts: bool,
+    manifest: Option<&'a Path>,
 }
 
-fn cache_text(cached: bool) -> &'static str {
-    if cached {
-        "loaded from the compile cache"
-    } else {
-        "compiled now (and cached when a cache directory is available)"
+/// Whether the build came from the compile cache or was compiled now, and
+/// where it is cached (issue 24: "cached when a cache directory is
+/// available" left the reader to guess).
+fn compile_text(host: &PluginHost, plugin: &Plugin) -> String {
+    cache_text(host, &plugin.sha256, plugin.loaded_from_cache)
+}
+
+fn cache_text(host: &PluginHost, sha256: &str, from_cache: bool) -> String {
+    let at = host.cached_at(sha256);
+    let places = at
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    match (from_cache, at.is_empty(), host.cache_dirs().is_empty()) {
+        (true, _, _) => format!("loaded from the compile cache ({places})"),
+        (false, false, _) => format!("compiled now, and cached in {places}"),
+        (false, true, true) => "compiled now, not cached: there is no cache directory (set \
+                                $PDE_CACHE_DIR, or $XDG_CACHE_HOME or $HOME for the per-user one)"
+            .to_string(),
+        (false, true, false) => format!(
+            "compiled now, NOT cached: nothing could be written to {} (-v says why)",
+            host.cache_dirs()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -684,20 +809,133 @@ fn read_services(path: &Path) -> Result<Vec<ServiceInfo>, Failure> {
     Ok(services.iter().map(ServiceInfo::from).collect())
 }
 
+/// Which manifest `plugin test` ran the build under, and how it was found.
+#[derive(serde::Serialize)]
+struct ManifestUsed {
+    /// The manifest file; `None`: none, the kind was read from the exports.
+    path: Option<PathBuf>,
+    /// `beside the build`, `--manifest`, `found in the project`, `the
+    /// workspace's plugin directory` or `none`.
+    how: &'static str,
+    /// Its sha256 was the scaffold's empty placeholder: taken from the build.
+    unpinned: bool,
+    /// Why a project manifest was not used, when one was looked for.
+    note: Option<String>,
+}
+
+/// Loads TARGET for `plugin test` under the manifest that applies: the
+/// one given, the one beside the build, or the one its project keeps at
+/// its root (issue 24: the Rust scaffold's `NAME.toml` is never beside
+/// `target/.../NAME_WITH_UNDERSCORES.wasm`).
+fn load_for_test(
+    ctx: &Ctx,
+    host: &PluginHost,
+    config: Option<&Config>,
+    trusted: &TrustedKeys,
+    target: &str,
+    manifest: Option<&Path>,
+) -> Result<(Plugin, ManifestUsed), Failure> {
+    let used = |path: Option<PathBuf>, how, unpinned, note| ManifestUsed {
+        path,
+        how,
+        unpinned,
+        note,
+    };
+    if !is_path(target) {
+        if manifest.is_some() {
+            return Err(Failure::usage(format!(
+                "--manifest applies to a .wasm path; {target:?} is a workspace plugin, whose \
+                 manifest is the one beside it in the plugin directory"
+            )));
+        }
+        let plugin = load_target(ctx, host, config, trusted, target)?;
+        let path = pde::plugin::signature::manifest_path(&plugin.path);
+        return Ok((
+            plugin,
+            used(Some(path), "the workspace's plugin directory", false, None),
+        ));
+    }
+    let wasm = Path::new(target);
+    let beside = pde::plugin::signature::manifest_path(wasm);
+    let (path, how, note) = match manifest {
+        Some(m) => (Some(m.to_path_buf()), "--manifest", None),
+        None if beside.is_file() => (Some(beside), "beside the build", None),
+        None => match pde::plugin::discovery::project_manifest(wasm) {
+            pde::plugin::discovery::ProjectManifest::Found(m) => {
+                (Some(m), "found in the project", None)
+            }
+            pde::plugin::discovery::ProjectManifest::Ambiguous(all) => (
+                None,
+                "none",
+                Some(format!(
+                    "several manifests in the project name this build ({}); pass the one to \
+                     use with --manifest FILE",
+                    all.iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            ),
+            pde::plugin::discovery::ProjectManifest::None => (
+                None,
+                "none",
+                Some(
+                    "no manifest beside the build or in its project: the kind is read from \
+                     its exports, with no settings (pass --manifest FILE to use one)"
+                        .to_string(),
+                ),
+            ),
+        },
+    };
+    match path {
+        Some(m) => {
+            let (plugin, unpinned) = host.admit_with_manifest(wasm, &m, trusted)?;
+            Ok((plugin, used(Some(m), how, unpinned, note)))
+        }
+        None => Ok((host.load_file(wasm, trusted)?, used(None, how, false, note))),
+    }
+}
+
+/// `n` with thousands separated: `2,000,000,000`.
+fn grouped(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> CmdResult {
     let env = opts.env;
-    let ws = workspace(ctx, !is_path(target))?;
+    let ws = workspace_for(ctx, &[target])?;
     let config = ws.config();
     let trusted = ws.trust()?;
     let mut host = ws.host()?;
     // The report's log is printed below (or is in the JSON): once is enough.
     host.trace_call_logs(false);
     host.deny_attempts(opts.deny_attempts);
-    let mut plugin = load_target(ctx, &host, config, &trusted, target)?;
+    let (mut plugin, manifest) =
+        load_for_test(ctx, &host, config, &trusted, target, opts.manifest)?;
+    let settings_from = match (opts.settings, &manifest.path) {
+        (Some(_), _) => "--settings (for this run only)".to_string(),
+        (None, Some(m)) => format!("the manifest {}", m.display()),
+        (None, None) => "none".to_string(),
+    };
     if let Some(arg) = opts.settings {
         // Only this run sees them: the manifest (and its signature) stay as they are.
         plugin.settings = read_settings(arg)?;
     }
+    let limits_from = if plugin.limits != *host.limits() {
+        "the manifest's [limits], within the workspace's"
+    } else if config.is_some() {
+        "the workspace's [limits]"
+    } else {
+        "pde's defaults, as there is no workspace"
+    };
     let offered = opts.services.map(read_services).transpose()?;
     let policy = read_policy(policy_path)?;
     let call = CallContext {
@@ -712,56 +950,39 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
             plugin.wit_version
         );
     }
-    let cache = host
-        .cache_entry(&plugin.sha256)
-        .map(|_| plugin.loaded_from_cache);
+    let cache = (!host.cache_dirs().is_empty()).then_some(plugin.loaded_from_cache);
     tracing::info!(plugin = plugin.name.as_str(), loaded_from_cache = ?cache, "plugin ready");
-    match plugin.kind {
+    let compiled = compile_text(&host, &plugin);
+    let (result, stats, exit) = match plugin.kind {
         PluginKind::Validator => {
             let report = host.validate(&plugin, &policy, &call)?;
             let errors = report.value.iter().filter(|d| d.is_error()).count();
             let verdict = if errors > 0 { "fail" } else { "pass" };
-            if ctx.json {
-                ctx.print_json(&serde_json::json!({
-                    "plugin": plugin.name,
-                    "kind": plugin.kind,
-                    "verdict": verdict,
-                    "diagnostics": report.value,
-                    "fuel_used": report.fuel_used,
-                    "peak_memory_bytes": report.peak_memory_bytes,
-                    "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
-                    "log": report.log,
-                    "denied": report.denied,
-                    "loaded_from_cache": cache,
-                    "settings": plugin.settings,
-                    "wit_version": plugin.wit_version.to_string(),
-                    "active": call.active.as_ref().filter(|_| plugin.sees_active_policy()),
-                }));
-            } else {
+            if !ctx.json {
                 for d in &report.value {
                     println!("{d}");
                 }
-                if let Some(cached) = cache {
-                    println!("compiled: {}", cache_text(cached));
-                }
-                print_active(&plugin, call.active.as_ref());
-                print_costs(
-                    &report.log,
-                    &report.denied,
-                    report.fuel_used,
-                    report.peak_memory_bytes,
-                    report.elapsed,
-                );
-                println!(
-                    "verdict: {verdict} ({} diagnostics, {errors} errors)",
-                    report.value.len()
-                );
             }
-            Ok(if errors > 0 {
+            let exit = if errors > 0 {
                 ExitCode::ValidationFailed
             } else {
                 ExitCode::Ok
-            })
+            };
+            let summary = format!(
+                "verdict: {verdict} ({} diagnostics, {errors} errors)",
+                report.value.len()
+            );
+            (
+                serde_json::json!({"verdict": verdict, "diagnostics": report.value, "summary": summary}),
+                (
+                    report.fuel_used,
+                    report.peak_memory_bytes,
+                    report.elapsed,
+                    report.log,
+                    report.denied,
+                ),
+                exit,
+            )
         }
         PluginKind::Router => {
             let services: Vec<ServiceInfo> = match (offered, env, config) {
@@ -775,23 +996,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
                 _ => Vec::new(),
             };
             let report = host.route(&plugin, &policy, &call, &services)?;
-            if ctx.json {
-                ctx.print_json(&serde_json::json!({
-                    "plugin": plugin.name,
-                    "kind": plugin.kind,
-                    "verdict": "routed",
-                    "routes": report.value,
-                    "fuel_used": report.fuel_used,
-                    "peak_memory_bytes": report.peak_memory_bytes,
-                    "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
-                    "log": report.log,
-                    "denied": report.denied,
-                    "loaded_from_cache": cache,
-                    "settings": plugin.settings,
-                    "wit_version": plugin.wit_version.to_string(),
-                    "active": call.active.as_ref().filter(|_| plugin.sees_active_policy()),
-                }));
-            } else {
+            if !ctx.json {
                 if services.is_empty() {
                     println!(
                         "(no services offered: pass --services FILE, or --env ENV in a workspace \
@@ -801,22 +1006,98 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
                 for r in &report.value {
                     println!("route -> {}: {}", Escaped(&r.service), Escaped(&r.reason));
                 }
-                if let Some(cached) = cache {
-                    println!("compiled: {}", cache_text(cached));
-                }
-                print_active(&plugin, call.active.as_ref());
-                print_costs(
-                    &report.log,
-                    &report.denied,
+            }
+            let summary = format!("verdict: routed to {} services", report.value.len());
+            (
+                serde_json::json!({"verdict": "routed", "routes": report.value, "summary": summary}),
+                (
                     report.fuel_used,
                     report.peak_memory_bytes,
                     report.elapsed,
-                );
-                println!("verdict: routed to {} services", report.value.len());
-            }
-            Ok(ExitCode::Ok)
+                    report.log,
+                    report.denied,
+                ),
+                ExitCode::Ok,
+            )
         }
+    };
+    let (fuel_used, peak, elapsed, log, denied) = stats;
+    let limits = plugin.limits;
+    if ctx.json {
+        let mut doc = serde_json::json!({
+            "plugin": plugin.name,
+            "kind": plugin.kind,
+            "fuel_used": fuel_used,
+            "peak_memory_bytes": peak,
+            "elapsed_ms": elapsed.as_secs_f64() * 1000.0,
+            "log": log,
+            "denied": denied,
+            "loaded_from_cache": cache,
+            "compiled": compiled,
+            "cached_at": host.cached_at(&plugin.sha256),
+            "manifest": manifest,
+            "settings": plugin.settings,
+            "settings_from": settings_from,
+            "limits": limits,
+            "limits_from": limits_from,
+            "wit_version": plugin.wit_version.to_string(),
+            "active": call.active.as_ref().filter(|_| plugin.sees_active_policy()),
+        });
+        for key in ["verdict", "diagnostics", "routes"] {
+            if let Some(v) = result.get(key) {
+                doc[key] = v.clone();
+            }
+        }
+        ctx.print_json(&doc);
+        return Ok(exit);
     }
+    println!("compiled: {compiled}");
+    match &manifest.path {
+        Some(m) => println!(
+            "manifest: {} ({}{})",
+            m.display(),
+            manifest.how,
+            if manifest.unpinned {
+                "; its sha256 is not pinned yet: taken from this build"
+            } else {
+                ""
+            }
+        ),
+        None => println!("manifest: none"),
+    }
+    if let Some(note) = &manifest.note {
+        println!("  {}", Escaped(note));
+    }
+    println!(
+        "settings: {} (from {})",
+        Escaped(&plugin.settings.to_string()),
+        Escaped(&settings_from)
+    );
+    println!(
+        "limits:   {} fuel · {} MiB · {} ms per call (from {limits_from})",
+        grouped(limits.fuel),
+        grouped(limits.memory_mib),
+        grouped(limits.timeout_ms)
+    );
+    print_active(&plugin, call.active.as_ref());
+    for line in &log {
+        println!("log: {}", Escaped(line));
+    }
+    // What the sandbox refused, as the host saw it.
+    for what in &denied {
+        println!("{}", Escaped(what));
+    }
+    println!(
+        "used:     {} of {} fuel · {:.1} of {} MiB peak memory · {:.2} of {} ms",
+        grouped(fuel_used),
+        grouped(limits.fuel),
+        peak as f64 / (1024.0 * 1024.0),
+        grouped(limits.memory_mib),
+        elapsed.as_secs_f64() * 1000.0,
+        grouped(limits.timeout_ms)
+    );
+    println!("{}", result["summary"].as_str().unwrap_or_default());
+    Ok(exit)
 }
 
 /// Which active version the plugin was shown, if `--active` gave one.
@@ -839,25 +1120,11 @@ fn print_active(plugin: &Plugin, active: Option<&ActivePolicy>) {
     }
 }
 
-fn print_costs(
-    log: &[String],
-    denied: &[String],
-    fuel: u64,
-    peak: u64,
-    elapsed: std::time::Duration,
-) {
-    for line in log {
-        println!("log: {}", Escaped(line));
-    }
-    // What the sandbox refused, as the host saw it.
-    for what in denied {
-        println!("{}", Escaped(what));
-    }
-    println!(
-        "fuel used: {fuel} · peak memory: {:.1} MiB · time: {:.2} ms",
-        peak as f64 / (1024.0 * 1024.0),
-        elapsed.as_secs_f64() * 1000.0
-    );
+/// Who signs when `--signer` is not given: the actor pde records in audit
+/// records, never a bare "unknown" (containers and CI set no `$USER`).
+fn default_signer(ctx: &Ctx) -> String {
+    pde::audit::set_actor_repository(&ctx.dir);
+    pde::audit::default_actor()
 }
 
 fn sign(
@@ -869,9 +1136,7 @@ fn sign(
 ) -> CmdResult {
     let key = pde::keys::load_signing_key(key)?;
     let signer = pde::plugin::signature::Signer {
-        name: signer
-            .or_else(|| std::env::var("USER").ok())
-            .unwrap_or_else(|| "unknown".to_string()),
+        name: signer.unwrap_or_else(|| default_signer(ctx)),
         note,
     };
     // Admits the plugin as `validate` would, so nothing pde refuses to run
@@ -930,9 +1195,7 @@ fn install(
             (
                 k,
                 pde::plugin::signature::Signer {
-                    name: signer
-                        .or_else(|| std::env::var("USER").ok())
-                        .unwrap_or_else(|| "unknown".to_string()),
+                    name: signer.unwrap_or_else(|| default_signer(ctx)),
                     note,
                 },
             )

@@ -89,6 +89,9 @@ pub fn validation(r: &ValidationReport) {
         if let Some(problem) = p.signature.problem() {
             println!("    ! {}: {}", p.name, pde::term::Escaped(&problem));
         }
+        for n in &p.log {
+            plugin_notice(n);
+        }
     }
     approvals(r);
     for d in &r.diagnostics {
@@ -99,6 +102,17 @@ pub fn validation(r: &ValidationReport) {
         "  {verdict}: {} error(s), {} finding(s) in all",
         r.errors(),
         r.diagnostics.len()
+    );
+}
+
+/// A plugin's warning or error line, under the step that ran it:
+/// `  category-router warning: no service … is tagged `scheduler``.
+pub fn plugin_notice(n: &pde::plugin::PluginNotice) {
+    println!(
+        "  {} {}: {}",
+        n.plugin,
+        n.level,
+        pde::term::Escaped(&n.message)
     );
 }
 
@@ -290,6 +304,9 @@ pub fn deploy(r: &DeployReport, promote_from: Option<&str>) {
         // Reasons are a router plugin's own text.
         let reasons = route.reasons.join("; ");
         println!("  {:<20} {}", route.service, pde::term::Escaped(&reasons));
+    }
+    for n in &r.route_log {
+        plugin_notice(n);
     }
     if let Some(w) = &r.rollout {
         waves(w);

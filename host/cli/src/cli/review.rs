@@ -125,14 +125,14 @@ fn signature_line(s: &SignatureReport) -> String {
     match &s.status {
         None => "none".into(),
         Some(SignatureStatus::Unsigned) => "unsigned".into(),
-        Some(SignatureStatus::Valid {
-            keyid,
-            signer,
-            signed_at,
-            ..
-        }) => format!(
-            "valid: signed by {} (key {keyid}) at {signed_at}{key}",
-            Escaped(signer)
+        Some(
+            status @ SignatureStatus::Valid {
+                signer, signed_at, ..
+            },
+        ) => format!(
+            "valid: signed by {} with {} at {signed_at}{key}",
+            Escaped(signer),
+            status.key_text().unwrap_or_default()
         ),
         Some(SignatureStatus::Invalid { reason }) => format!("INVALID: {}", Escaped(reason)),
     }

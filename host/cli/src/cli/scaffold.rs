@@ -286,8 +286,9 @@ fn python_files(args: &NewArgs, kind: &str, try_args: &str, router_note: &str) -
         ("try", try_args),
         ("router_note", router_note),
     ];
-    // Not beside the manifest template: `plugin test` would read its empty
-    // sha256 and refuse the build.
+    // In build/, as componentize-py users expect; `plugin test` finds the
+    // manifest template in the project above it (its empty sha256 taken
+    // from the build), as it does for a Rust project's target/.
     let wasm = format!("build/{}.wasm", args.name);
     Project {
         lang: "python",

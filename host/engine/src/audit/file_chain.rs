@@ -150,6 +150,7 @@ impl FileChain {
         Ok(Tail {
             line,
             head: self.read_head()?,
+            db_role: None,
         })
     }
 }

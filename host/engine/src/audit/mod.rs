@@ -214,7 +214,8 @@ impl AuditLog {
             let has_line = tail.line.is_some();
             let last = verify::check_tail(tail.line.as_deref(), head.as_ref())
                 .inspect_err(|_| tail_failed = Some(has_line))?;
-            let (records, lines) = record::chain(last, &self.actor, entries);
+            let (records, lines) =
+                record::chain(last, &self.actor, tail.db_role.as_deref(), entries);
             let last = records.last().expect("entries is not empty");
             let head = Head::of(last, key.as_ref().map(|(k, _)| k)).to_json();
             let lines = records.iter().map(|r| r.seq).zip(lines).collect();

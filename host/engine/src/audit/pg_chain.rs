@@ -152,7 +152,11 @@ impl ChainStore for PgChain {
             let line = last_line(&mut tx, &url)?;
             let head = read_head(&mut tx, &url, false)?;
             tx.commit().map_err(db)?;
-            Ok(Tail { line, head })
+            Ok(Tail {
+                line,
+                head,
+                db_role: None,
+            })
         })
     }
 
@@ -204,7 +208,17 @@ impl ChainStore for PgChain {
             // next one reads the tail this one commits.
             let head = read_head(&mut tx, &url, true)?;
             let line = last_line(&mut tx, &url)?;
-            let extension = extend(Tail { line, head })?;
+            // Who the database says is writing: a shared `PDE_ACTOR` or a
+            // CI job's `$USER` names a person loosely, the role does not.
+            let db_role: String = tx
+                .query_one("SELECT current_user::text", &[])
+                .map_err(db)?
+                .get(0);
+            let extension = extend(Tail {
+                line,
+                head,
+                db_role: Some(db_role),
+            })?;
             for (seq, line) in extension.lines {
                 let seq = i64::try_from(seq).map_err(|e| bad(&e))?;
                 let line = String::from_utf8(line).map_err(|e| bad(&e))?;

@@ -182,11 +182,20 @@ fn resolve_actor(env: impl Fn(&str) -> Option<String>, repo: Option<&std::path::
     }
 }
 
+/// The member of a record's `data` naming the database role that wrote
+/// it, for a chain kept in PostgreSQL. DESIGN §8 fixes the record's
+/// top-level members, and `data` is the step's details, so this is where
+/// it goes: one more member of `data`, covered by the hash like the rest.
+pub const DB_ROLE_FIELD: &str = "actor_db_role";
+
 /// Chains `entries` after `last`: the records and their canonical lines
-/// (without `\n`). The one place a record is built and hashed.
+/// (without `\n`). The one place a record is built and hashed. `db_role`,
+/// the database role appending (a PostgreSQL chain), goes into each
+/// record's `data` as [`DB_ROLE_FIELD`].
 pub(super) fn chain(
     last: Option<AuditRecord>,
     actor: &str,
+    db_role: Option<&str>,
     entries: Vec<AuditEntry>,
 ) -> (Vec<AuditRecord>, Vec<Vec<u8>>) {
     let (mut seq, mut prev) = last.map_or((1, String::new()), |r| (r.seq + 1, r.hash));
@@ -195,6 +204,10 @@ pub(super) fn chain(
     let mut written = Vec::with_capacity(entries.len());
     for mut entry in entries {
         redact(&mut entry.data);
+        // Every step records an object; anything else is kept as it is.
+        if let (Some(role), Value::Object(map)) = (db_role, &mut entry.data) {
+            map.insert(DB_ROLE_FIELD.into(), Value::String(role.to_string()));
+        }
         let mut record = AuditRecord {
             seq,
             ts: ts.clone(),

@@ -18,6 +18,10 @@ pub struct Tail {
     pub line: Option<Vec<u8>>,
     /// The head record's JSON, as stored; `None` before the first append.
     pub head: Option<Vec<u8>>,
+    /// For a database, the role of the connection that appends (its
+    /// `current_user`), read in the append's own transaction: the records
+    /// name it (`data.actor_db_role`). `None` for files and plain reads.
+    pub db_role: Option<String>,
 }
 
 /// What an append stores, in one exclusive, durable step.

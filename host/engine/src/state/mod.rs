@@ -55,6 +55,9 @@ use query::Sql;
 pub trait StateBackend: Send + Sync + std::fmt::Debug {
     /// Where the state lives, for messages (never holds a password).
     fn location(&self) -> String;
+    /// The database role this state writes as (PostgreSQL's
+    /// `current_user`), recorded beside the actor; `None` for a file.
+    fn db_role(&self) -> Result<Option<String>, StateError>;
     /// The version active for `policy_id` in `env`, if any.
     fn active(&self, policy_id: &str, env: &str) -> Result<Option<Active>, StateError>;
     /// Marks `version`/`digest` as active for `policy_id` in `env`, now.
@@ -213,6 +216,10 @@ pub trait StateBackend: Send + Sync + std::fmt::Debug {
 pub trait Backend: Send + Sync + std::fmt::Debug {
     /// Where the state lives, for messages (never holds a password).
     fn location(&self) -> String;
+    /// See [`StateBackend::db_role`]; a file has none.
+    fn db_role(&self) -> Result<Option<String>, StateError> {
+        Ok(None)
+    }
     /// How this backend spells the schema and keeps its version.
     fn dialect(&self) -> &'static Dialect;
     /// Runs `f` on the connection, each statement on its own (reads, and

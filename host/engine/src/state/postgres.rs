@@ -355,6 +355,12 @@ impl Backend for PgState {
         self.target.url.clone()
     }
 
+    fn db_role(&self) -> Result<Option<String>, StateError> {
+        self.call("read the database role", |c| {
+            Ok(Some(c.query_one("SELECT current_user::text", &[])?.get(0)))
+        })
+    }
+
     fn dialect(&self) -> &'static Dialect {
         &DIALECT
     }
@@ -402,11 +408,15 @@ impl Backend for PgState {
                 ),
             });
         }
-        let holder = crate::audit::default_actor();
+        let actor = crate::audit::default_actor();
         let host = host_name();
         let pid = i64::from(std::process::id());
         let since = now_rfc3339();
         let previous = call(&conn, url, "write lease", |c| {
+            // The lease names the database role too, as the audit records
+            // do: a team's shared CI user is one actor, its roles are not.
+            let role: String = c.query_one("SELECT current_user::text", &[])?.get(0);
+            let holder = format!("{actor} (database role {role})");
             let previous = PgState::lease_row(c, policy_id, env)?;
             c.execute(
                 "INSERT INTO leases (policy_id, env, holder, host, pid, since)

@@ -462,6 +462,10 @@ impl<B: Backend> StateBackend for B {
         Backend::location(self)
     }
 
+    fn db_role(&self) -> Result<Option<String>, StateError> {
+        Backend::db_role(self)
+    }
+
     fn active(&self, policy_id: &str, env: &str) -> Result<Option<Active>, StateError> {
         self.run("read active version", |db| {
             query_opt(

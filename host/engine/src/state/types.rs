@@ -164,7 +164,9 @@ pub struct Lease {
     pub policy_id: String,
     /// The environment.
     pub env: String,
-    /// Who ran the deploy ([`crate::audit::default_actor`]).
+    /// Who ran the deploy ([`crate::audit::default_actor`]); with
+    /// PostgreSQL followed by the database role that took the lock:
+    /// `ana (database role pde_ci)`.
     pub holder: String,
     /// The machine it ran on.
     pub host: String,

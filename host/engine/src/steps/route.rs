@@ -12,7 +12,9 @@ use pde_core::{ExitCode, HasExitCode};
 
 use crate::config::{Environment, Service};
 use crate::plugin::PluginSet as Plugins;
-use crate::plugin::{ActivePolicy, CallContext, PluginError, PluginKind, PolicyInput, ServiceInfo};
+use crate::plugin::{
+    ActivePolicy, CallContext, PluginError, PluginKind, PluginNotice, PolicyInput, ServiceInfo,
+};
 use crate::policy::Policy;
 
 /// Why routing produced no targets.
@@ -53,6 +55,16 @@ pub struct RouteDecision {
     pub reasons: Vec<String>,
 }
 
+/// What routing decided, and what the routers logged at warning or error
+/// level while deciding it (shown in the route step's output, issue 24).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Routing {
+    /// The routed services, in `pde.toml`'s order.
+    pub routes: Vec<RouteDecision>,
+    /// The routers' warning and error lines, in the order they ran.
+    pub log: Vec<PluginNotice>,
+}
+
 /// What a router is told about a service: its name, tags and labels, never
 /// its URL or token.
 impl From<&Service> for ServiceInfo {
@@ -76,15 +88,15 @@ pub fn route(
     env_name: &str,
     env: &Environment,
     active: Option<&ActivePolicy>,
-) -> Result<Vec<RouteDecision>, RouteError> {
-    let routes = pick(plugins, policy, env_name, env, active)?;
-    if routes.is_empty() {
+) -> Result<Routing, RouteError> {
+    let routing = pick(plugins, policy, env_name, env, active)?;
+    if routing.routes.is_empty() {
         return Err(RouteError::NoRoutes {
             env: env_name.to_string(),
             policy_id: policy.id.clone(),
         });
     }
-    Ok(routes)
+    Ok(routing)
 }
 
 fn pick(
@@ -93,10 +105,10 @@ fn pick(
     env_name: &str,
     env: &Environment,
     active: Option<&ActivePolicy>,
-) -> Result<Vec<RouteDecision>, RouteError> {
+) -> Result<Routing, RouteError> {
     let routers: Vec<_> = loaded.of_kind(PluginKind::Router).collect();
     if routers.is_empty() {
-        return Ok(env
+        let routes = env
             .services
             .iter()
             .map(|s| RouteDecision {
@@ -104,7 +116,11 @@ fn pick(
                 url: s.url.clone(),
                 reasons: vec!["no router plugin: every service of the environment".into()],
             })
-            .collect());
+            .collect();
+        return Ok(Routing {
+            routes,
+            log: Vec::new(),
+        });
     }
     let services: Vec<ServiceInfo> = env.services.iter().map(ServiceInfo::from).collect();
     let input = PolicyInput {
@@ -117,8 +133,10 @@ fn pick(
         active: active.cloned(),
     };
     let mut picked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut log = Vec::new();
     for router in routers {
         let report = loaded.host.route(router, &input, &ctx, &services)?;
+        log.extend(PluginNotice::from_log(&router.name, &report.log));
         for r in report.value {
             picked
                 .entry(r.service)
@@ -127,7 +145,7 @@ fn pick(
         }
     }
     // Keep the order of pde.toml so output and pushes are predictable.
-    Ok(env
+    let routes = env
         .services
         .iter()
         .filter_map(|s| {
@@ -137,5 +155,6 @@ fn pick(
                 reasons,
             })
         })
-        .collect())
+        .collect();
+    Ok(Routing { routes, log })
 }

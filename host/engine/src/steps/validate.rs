@@ -32,7 +32,9 @@ use crate::bundle::ValidatorRecord;
 use crate::config::Environment;
 use crate::diagnostic::{Diagnostic, Severity};
 use crate::plugin::PluginSet as Plugins;
-use crate::plugin::{ActivePolicy, CallContext, PluginKind, PolicyInput, SignatureStatus};
+use crate::plugin::{
+    ActivePolicy, CallContext, PluginKind, PluginNotice, PolicyInput, SignatureStatus,
+};
 use crate::policy::approvals::{self, Requirement, Verdict};
 use crate::policy::{self, Policy, PolicyStore};
 use crate::state::{Active, StateStore, stored_bundle};
@@ -179,6 +181,10 @@ pub struct PluginRun {
     /// agent checks the signer itself.
     #[serde(skip)]
     pub signature_file: Option<serde_json::Value>,
+    /// What it logged at warning or error level, each line once over
+    /// both runs: the step's output shows it (issue 24).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<PluginNotice>,
 }
 
 impl ValidationReport {
@@ -360,6 +366,7 @@ pub fn validate(
             elapsed_us: neutral.elapsed.as_micros() as u64,
             signature: plugin.signature.clone(),
             signature_file: signature_file(plugin),
+            log: PluginNotice::from_log(&plugin.name, &neutral.log),
         };
         // Where signatures are required, `check_signed_plugins` refused an
         // unsigned or broken one already; elsewhere it runs, but a tampered
@@ -377,6 +384,11 @@ pub fn validate(
             let specific = loaded.host.validate(plugin, &input, env_ctx)?;
             run.fuel_used += specific.fuel_used;
             run.elapsed_us += specific.elapsed.as_micros() as u64;
+            for notice in PluginNotice::from_log(&plugin.name, &specific.log) {
+                if !run.log.contains(&notice) {
+                    run.log.push(notice);
+                }
+            }
             for d in specific.value {
                 if !found.contains(&d) {
                     found.push(d);
