@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::prom::Prometheus;
 use crate::support::registry::{self, Registry};
 use crate::support::{self, Workspace, both, code, json, pde, pde_env, policy_42};
 
@@ -448,6 +449,114 @@ fn a_service_that_does_not_converge_is_named_and_the_tag_goes_back() {
             "agents followed the tag back"
         );
     }
+}
+
+/// The converge gate of an environment whose fleet is too large to list:
+/// `[[…delivery.converge_gates]]` with `${policy_id}`/`${digest}` and `min = N`.
+fn fleet_gate(prom: &Prometheus, min: u32) -> String {
+    format!(
+        ", converge_gates = [{{ kind = \"prometheus\", name = \"fleet-on-release\", url = \"{}\", \
+         query = 'count(pde_agent_active_policy{{policy_id=\"${{policy_id}}\", digest=\"${{digest}}\"}})', \
+         min = {min} }}]",
+        prom.url
+    )
+}
+
+/// Issue 23 §3: a fleet too large to list is watched through the agents'
+/// `/metrics` in a real Prometheus. Four real pull agents, one listed in
+/// pde.toml; the deploy waits until Prometheus counts four agents on the new
+/// digest, and a gate asking for more agents than there are takes the tag
+/// back when its time is up (and the agents follow it).
+#[test]
+fn a_deploy_waits_for_n_agents_on_the_release_in_prometheus_and_takes_the_tag_back_below_n() {
+    let reg = Registry::start();
+    let ws = Workspace::new("");
+    let agents = start_agents(&ws, &reg, 4, &[]);
+    let scraped: Vec<String> = agents
+        .iter()
+        .map(|a| a.url.trim_start_matches("http://").to_string())
+        .collect();
+    let prom = Prometheus::start(&scraped);
+    prom.wait_for("up == 1", 4);
+    // Only s0 is listed: the other three are the fleet nobody lists.
+    workspace(&ws, &reg, &[&agents[0]], &fleet_gate(&prom, 4));
+
+    let r1 = deploy(&ws, "42");
+    let d1 = r1["digest"].as_str().unwrap().to_string();
+    let fleet = &r1["push"]["registry"]["fleet"];
+    assert_eq!(fleet["passed"], true, "{r1:#}");
+    let gate = &fleet["gates"][0];
+    assert_eq!(gate["values"], serde_json::json!([4.0]), "{fleet:#}");
+    assert!(
+        gate["query"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("digest=\"{d1}\"")),
+        "the query names the release: {gate}"
+    );
+    for a in &agents {
+        assert_eq!(support::active_digest(&a.url).as_deref(), Some(d1.as_str()));
+    }
+    // The gauge carries what the gate selects on.
+    assert!(
+        agents[3].metrics().contains(&format!("digest=\"{d1}\"")),
+        "{}",
+        agents[3].metrics()
+    );
+    let before = support::runtime()
+        .block_on(client(&reg).resolve("42.production"))
+        .unwrap();
+
+    // Five agents on 1.1.0 are asked for, and there are four: when the
+    // (short) time is up, the tag goes back and every agent follows it.
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml"))
+        .unwrap()
+        .replace("converge_timeout_ms = 30000", "converge_timeout_ms = 8000")
+        .replace("min = 4 }", "min = 5 }");
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    ws.write_policy("42.json", &policy_42("1.1.0").to_string());
+    ws.commit("42 v1.1.0, and a fleet gate asking for five agents");
+    let o = pde(
+        ws.root(),
+        &["--output", "json", "deploy", "42", "--env", "production"],
+    );
+    assert_eq!(code(&o), 1, "{}", both(&o));
+    let r2 = json(&o);
+    let d2 = r2["digest"].as_str().unwrap().to_string();
+    // A failed deploy's JSON holds its report under `report`.
+    let registry = &r2["report"]["push"]["registry"];
+    assert_eq!(registry["repointed_back"], true, "{r2:#}");
+    assert_eq!(registry["fleet"]["passed"], false, "{r2:#}");
+    let gate = &registry["fleet"]["gates"][0];
+    assert!(
+        gate["detail"].as_str().unwrap().contains("below min 5"),
+        "{gate}"
+    );
+    assert!(
+        gate["query"].as_str().unwrap().contains(&d2),
+        "evaluated for the new release: {gate}"
+    );
+    assert!(
+        both(&o).contains("the fleet did not converge"),
+        "{}",
+        both(&o)
+    );
+    let after = support::runtime()
+        .block_on(client(&reg).resolve("42.production"))
+        .unwrap();
+    assert_eq!(
+        after, before,
+        "the tag was re-pointed to the previous release"
+    );
+    wait_until(
+        "every agent to follow the tag back",
+        Duration::from_secs(30),
+        || {
+            agents
+                .iter()
+                .all(|a| support::active_digest(&a.url).as_deref() == Some(d1.as_str()))
+        },
+    );
 }
 
 #[test]

@@ -366,6 +366,7 @@ fn main() {
         http: &client,
         push: &push_cfg,
         converge_timeout: Duration::from_secs(120),
+        fleet: None,
     };
     for &n in sizes {
         let mut fleet = Fleet::start("pull", n, &reference, interval);
