@@ -271,6 +271,25 @@ fn publish_converge_a_second_policy_and_rollback_with_twenty_pull_agents() {
         Some(tag_manifest.as_str()),
         "the same release is the same manifest"
     );
+    // The rollback's audit record says what moved in the registry, as the
+    // deploy's `pushed` record does.
+    let m2 = r2["push"]["registry"]["manifest_digest"].as_str().unwrap();
+    let audit = std::fs::read_to_string(ws.root().join(".pde/audit.jsonl")).unwrap();
+    let rolled: serde_json::Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|r| r["event"] == "rolled_back")
+        .expect("a rolled_back record");
+    let moved = &rolled["data"]["registry"];
+    assert_eq!(moved["tag"], "42.production", "{rolled:#}");
+    assert_eq!(moved["repository"], reg.reference().as_str(), "{rolled:#}");
+    assert_eq!(
+        moved["manifest_digest"],
+        tag_manifest.as_str(),
+        "{rolled:#}"
+    );
+    assert_eq!(moved["previous_manifest_digest"], m2, "{rolled:#}");
+    assert_eq!(moved["tag_now"], tag_manifest.as_str(), "{rolled:#}");
 }
 
 /// The bundle of `ws`'s policy 42 as `pde package` writes it.
@@ -449,6 +468,66 @@ fn a_service_that_does_not_converge_is_named_and_the_tag_goes_back() {
             "agents followed the tag back"
         );
     }
+}
+
+/// Pulled artifacts carry no fence (docs/agent.md "Fences and pulled
+/// artifacts"): the tag is the agent's one writer. An agent that was also
+/// pushed to under a deploy lock's fence for the policy has been told that
+/// only a newer lock may change it, which an unfenced artifact cannot show:
+/// it keeps the pushed bundle and says why, and still follows other policies.
+#[test]
+fn a_pulled_artifact_cannot_override_a_fenced_push_of_the_same_policy() {
+    let reg = Registry::start();
+    let ws = Workspace::new("");
+    let agents = start_agents(&ws, &reg, 1, &[]);
+    let agent = &agents[0];
+    workspace(&ws, &reg, &[agent], "");
+    let d1 = deploy(&ws, "42")["digest"].as_str().unwrap().to_string();
+
+    // A fenced push of 42 v1.1.0 straight to the agent, as `pde deploy`
+    // with push delivery sends it.
+    ws.write_policy("42.json", &policy_42("1.1.0").to_string());
+    ws.commit("42 v1.1.0");
+    let pushed = pde::bundle::Bundle::from_value(package(&ws)).unwrap();
+    let key = pde_core::keys::load_signing_key(&ws.root().join("keys/release.ed25519")).unwrap();
+    let report = support::runtime().block_on(pde::push::push(
+        &pde::push::client(Duration::from_secs(10)).unwrap(),
+        &pushed,
+        "production",
+        &[pde::push::Target::new("s0", &agent.url, None)],
+        &pde::config::PushConfig::default(),
+        pde::push::Fenced {
+            signer: Some(&key),
+            fence: Some(pde_core::fence::now_micros()),
+        },
+        &(),
+    ));
+    assert_eq!(report.outcome, pde::push::Outcome::Deployed, "{report:?}");
+    assert_ne!(pushed.digest, d1);
+
+    // The tag moves to 42 v1.2.0, validly signed: refused for want of a fence.
+    ws.write_policy("42.json", &policy_42("1.2.0").to_string());
+    ws.commit("42 v1.2.0");
+    let v12 = package(&ws);
+    push_by_hand(&reg, "42.production", &v12);
+    wait_until(
+        "the unfenced artifact to be refused",
+        Duration::from_secs(20),
+        || last_error(agent).contains("fence"),
+    );
+    let why = last_error(agent);
+    assert!(why.contains("pulled artifacts carry no fence"), "{why}");
+    assert_eq!(
+        support::active_digest(&agent.url).as_deref(),
+        Some(pushed.digest.as_str()),
+        "the pushed bundle stays active"
+    );
+    // Policy 43, never pushed with a fence, still follows its tag.
+    let d43 = deploy(&ws, "43")["digest"].as_str().unwrap().to_string();
+    assert_eq!(
+        support::active_digest_of(&agent.url, "43").as_deref(),
+        Some(d43.as_str())
+    );
 }
 
 /// The converge gate of an environment whose fleet is too large to list:
