@@ -878,7 +878,14 @@ fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
     // The registry serves other bytes than the digest asked for: refused.
     let file = reg.blob_file(&digest);
     let mut bytes = std::fs::read(&file).unwrap();
-    let at = bytes.iter().position(|b| *b == b'1').unwrap();
+    // A digit of the plugin manifest's text in the annotations: still a
+    // manifest the registry parses and serves, but not the bytes pinned.
+    let annotations = bytes.windows(11).position(|w| w == b"annotations").unwrap();
+    let at = annotations
+        + bytes[annotations..]
+            .iter()
+            .position(|b| *b == b'1')
+            .unwrap();
     bytes[at] = b'2';
     std::fs::write(&file, bytes).unwrap();
     let again = Workspace::new("");
@@ -906,4 +913,172 @@ fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
             .join("plugins/eligibility-bounds.wasm")
             .exists()
     );
+}
+
+/// Issue 23 §4: pde's plugin artifacts and `wkg`'s are one layout. `wkg`
+/// reads and writes registries through `oci-wasm` (bytecodealliance): its
+/// client pulls a plugin `pde plugin push`ed (config parsed as its
+/// `WasmConfig`, the component list equal to what oci-wasm derives from the
+/// bytes itself), and pde pulls a plugin oci-wasm pushed with pde's manifest
+/// and signature as annotations (and refuses, by name, one without them).
+#[test]
+fn wkg_s_oci_wasm_client_and_pde_read_each_other_s_plugin_artifacts() {
+    use oci_client::client::{ClientConfig, ClientProtocol};
+    use oci_client::secrets::RegistryAuth;
+
+    let reg = Registry::start();
+    let ws = Workspace::new("");
+    ws.install_plugin(
+        "eligibility-bounds",
+        "validator",
+        Path::new(pde_plugin_artifacts::ELIGIBILITY_BOUNDS),
+        "",
+        true,
+    );
+    let wasm = std::fs::read(ws.root().join("plugins/eligibility-bounds.wasm")).unwrap();
+    let repo = format!("127.0.0.1:{}/pde/plugins/eligibility-bounds", reg.port);
+    let o = pde(
+        ws.root(),
+        &[
+            "--output",
+            "json",
+            "plugin",
+            "push",
+            "plugins/eligibility-bounds.wasm",
+            &format!("oci://{repo}"),
+            "--plain-http",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let digest = json(&o)["digest"].as_str().unwrap().to_string();
+
+    // wkg's side reads pde's artifact.
+    let wkg = oci_wasm::WasmClient::new(oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..ClientConfig::default()
+    }));
+    let auth = RegistryAuth::Anonymous;
+    let pinned: oci_client::Reference = format!("{repo}@{digest}").parse().unwrap();
+    let (manifest, config, _) = support::runtime()
+        .block_on(wkg.pull_manifest_and_config(&pinned, &auth))
+        .unwrap_or_else(|e| panic!("oci-wasm cannot read pde's artifact: {e:#}"));
+    assert_eq!(config.architecture, oci_wasm::WASM_ARCHITECTURE);
+    assert_eq!(config.os, oci_wasm::COMPONENT_OS);
+    assert_eq!(config.layer_digests, [manifest.layers[0].digest.clone()]);
+    let ours = config
+        .component
+        .expect("a wasip2 config lists its component");
+    let theirs = oci_wasm::Component::from_raw_component(&wasm).unwrap();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(ours.exports), sorted(theirs.exports), "exports");
+    assert_eq!(sorted(ours.imports), sorted(theirs.imports), "imports");
+    let image = support::runtime()
+        .block_on(wkg.pull(&pinned, &auth))
+        .unwrap();
+    assert_eq!(image.layers[0].data, wasm, "the exact component");
+    // The same component pushed again is the same manifest (no time in it).
+    let o = pde(
+        ws.root(),
+        &[
+            "--output",
+            "json",
+            "plugin",
+            "push",
+            "plugins/eligibility-bounds.wasm",
+            &format!("oci://{repo}:again"),
+            "--plain-http",
+        ],
+    );
+    assert_eq!(json(&o)["digest"], digest.as_str(), "{}", both(&o));
+
+    // pde reads wkg's artifact: pushed by oci-wasm, pde's manifest and
+    // signature as manifest annotations. oci-client writes manifests in
+    // OLPC canonical JSON, which leaves newlines in strings raw, so the
+    // registry refuses a multi-line annotation from it (MANIFEST_INVALID):
+    // the texts travel as `base64:…`.
+    let by_wkg = format!("127.0.0.1:{}/pde/plugins/by-wkg", reg.port);
+    let push = |tag: &str, annotated: bool| -> String {
+        let (config, layer) =
+            oci_wasm::WasmConfig::from_raw_component(wasm.clone(), Some("wkg".into())).unwrap();
+        let annotations = annotated.then(|| {
+            let file = |f: &str| {
+                use base64::Engine as _;
+                let text = std::fs::read(ws.root().join("plugins").join(f)).unwrap();
+                format!(
+                    "{}{}",
+                    pde_core::oci::BASE64_ANNOTATION_PREFIX,
+                    base64::engine::general_purpose::STANDARD.encode(text)
+                )
+            };
+            std::collections::BTreeMap::from([
+                (
+                    pde_core::oci::ANNOTATION_PLUGIN_MANIFEST.to_string(),
+                    file("eligibility-bounds.toml"),
+                ),
+                (
+                    pde_core::oci::ANNOTATION_PLUGIN_SIGNATURE.to_string(),
+                    file("eligibility-bounds.wasm.sig"),
+                ),
+            ])
+        });
+        let reference: oci_client::Reference = format!("{by_wkg}:{tag}").parse().unwrap();
+        support::runtime()
+            .block_on(wkg.push(&reference, &auth, layer, config, annotations))
+            .unwrap();
+        let registry = pde_core::oci::Registry::new(
+            by_wkg.parse().unwrap(),
+            pde_core::oci::RegistryOptions {
+                plain_http: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        support::runtime()
+            .block_on(registry.resolve(tag))
+            .unwrap()
+            .unwrap()
+    };
+    let fresh = Workspace::new("");
+    std::fs::copy(
+        ws.root().join("keys/security.ed25519.pub"),
+        fresh.root().join("keys/security.ed25519.pub"),
+    )
+    .unwrap();
+    let pull = |digest: &str| {
+        pde(
+            fresh.root(),
+            &[
+                "plugin",
+                "pull",
+                &format!("oci://{by_wkg}@{digest}"),
+                "--out",
+                "plugins",
+                "--plain-http",
+            ],
+        )
+    };
+    let bare = push("bare", false);
+    let o = pull(&bare);
+    assert_ne!(code(&o), 0, "{}", both(&o));
+    assert!(
+        both(&o).contains("carries no pde plugin manifest"),
+        "{}",
+        both(&o)
+    );
+    let annotated = push("1.0.0", true);
+    let o = pull(&annotated);
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    assert_eq!(
+        std::fs::read(fresh.root().join("plugins/eligibility-bounds.wasm")).unwrap(),
+        wasm
+    );
+    let installed = fresh.root().join("plugins/eligibility-bounds.wasm");
+    let o = pde(
+        fresh.root(),
+        &["plugin", "verify", installed.to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
 }
