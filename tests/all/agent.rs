@@ -2023,9 +2023,19 @@ async fn metrics_count_what_happens_in_the_prometheus_text_format() {
         1.0
     );
     assert_eq!(get("pde_agent_rollbacks_total{outcome=rolled-back}"), 1.0);
-    assert_eq!(
-        get("pde_agent_active_policy{policy_id=42,version=1.0.0}"),
-        1.0
+    // One series per active policy, labelled with its digest too (what a
+    // Prometheus "N agents on this release" count selects on).
+    let active: Vec<(&String, &f64)> = after
+        .iter()
+        .filter(|(k, _)| k.starts_with("pde_agent_active_policy{"))
+        .collect();
+    assert_eq!(active.len(), 1, "{after:?}");
+    let (series, value) = active[0];
+    assert_eq!(*value, 1.0);
+    assert!(
+        series.contains(&format!("digest={}", a.digest))
+            && series.contains("policy_id=42,version=1.0.0"),
+        "{series}"
     );
     assert!(
         !after.keys().any(|k| k.contains("version=1.1.0")),

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::support::prom::Prometheus;
 use crate::support::registry::{self, Registry};
 use crate::support::{self, Workspace, both, code, json, pde, pde_env, policy_42};
 
@@ -270,6 +271,25 @@ fn publish_converge_a_second_policy_and_rollback_with_twenty_pull_agents() {
         Some(tag_manifest.as_str()),
         "the same release is the same manifest"
     );
+    // The rollback's audit record says what moved in the registry, as the
+    // deploy's `pushed` record does.
+    let m2 = r2["push"]["registry"]["manifest_digest"].as_str().unwrap();
+    let audit = std::fs::read_to_string(ws.root().join(".pde/audit.jsonl")).unwrap();
+    let rolled: serde_json::Value = audit
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .rfind(|r| r["event"] == "rolled_back")
+        .expect("a rolled_back record");
+    let moved = &rolled["data"]["registry"];
+    assert_eq!(moved["tag"], "42.production", "{rolled:#}");
+    assert_eq!(moved["repository"], reg.reference().as_str(), "{rolled:#}");
+    assert_eq!(
+        moved["manifest_digest"],
+        tag_manifest.as_str(),
+        "{rolled:#}"
+    );
+    assert_eq!(moved["previous_manifest_digest"], m2, "{rolled:#}");
+    assert_eq!(moved["tag_now"], tag_manifest.as_str(), "{rolled:#}");
 }
 
 /// The bundle of `ws`'s policy 42 as `pde package` writes it.
@@ -448,6 +468,174 @@ fn a_service_that_does_not_converge_is_named_and_the_tag_goes_back() {
             "agents followed the tag back"
         );
     }
+}
+
+/// Pulled artifacts carry no fence (docs/agent.md "Fences and pulled
+/// artifacts"): the tag is the agent's one writer. An agent that was also
+/// pushed to under a deploy lock's fence for the policy has been told that
+/// only a newer lock may change it, which an unfenced artifact cannot show:
+/// it keeps the pushed bundle and says why, and still follows other policies.
+#[test]
+fn a_pulled_artifact_cannot_override_a_fenced_push_of_the_same_policy() {
+    let reg = Registry::start();
+    let ws = Workspace::new("");
+    let agents = start_agents(&ws, &reg, 1, &[]);
+    let agent = &agents[0];
+    workspace(&ws, &reg, &[agent], "");
+    let d1 = deploy(&ws, "42")["digest"].as_str().unwrap().to_string();
+
+    // A fenced push of 42 v1.1.0 straight to the agent, as `pde deploy`
+    // with push delivery sends it.
+    ws.write_policy("42.json", &policy_42("1.1.0").to_string());
+    ws.commit("42 v1.1.0");
+    let pushed = pde::bundle::Bundle::from_value(package(&ws)).unwrap();
+    let key = pde_core::keys::load_signing_key(&ws.root().join("keys/release.ed25519")).unwrap();
+    let report = support::runtime().block_on(pde::push::push(
+        &pde::push::client(Duration::from_secs(10)).unwrap(),
+        &pushed,
+        "production",
+        &[pde::push::Target::new("s0", &agent.url, None)],
+        &pde::config::PushConfig::default(),
+        pde::push::Fenced {
+            signer: Some(&key),
+            fence: Some(pde_core::fence::now_micros()),
+        },
+        &(),
+    ));
+    assert_eq!(report.outcome, pde::push::Outcome::Deployed, "{report:?}");
+    assert_ne!(pushed.digest, d1);
+
+    // The tag moves to 42 v1.2.0, validly signed: refused for want of a fence.
+    ws.write_policy("42.json", &policy_42("1.2.0").to_string());
+    ws.commit("42 v1.2.0");
+    let v12 = package(&ws);
+    push_by_hand(&reg, "42.production", &v12);
+    wait_until(
+        "the unfenced artifact to be refused",
+        Duration::from_secs(20),
+        || last_error(agent).contains("fence"),
+    );
+    let why = last_error(agent);
+    assert!(why.contains("pulled artifacts carry no fence"), "{why}");
+    assert_eq!(
+        support::active_digest(&agent.url).as_deref(),
+        Some(pushed.digest.as_str()),
+        "the pushed bundle stays active"
+    );
+    // Policy 43, never pushed with a fence, still follows its tag.
+    let d43 = deploy(&ws, "43")["digest"].as_str().unwrap().to_string();
+    assert_eq!(
+        support::active_digest_of(&agent.url, "43").as_deref(),
+        Some(d43.as_str())
+    );
+}
+
+/// The converge gate of an environment whose fleet is too large to list:
+/// `[[…delivery.converge_gates]]` with `${policy_id}`/`${digest}` and `min = N`.
+fn fleet_gate(prom: &Prometheus, min: u32) -> String {
+    format!(
+        ", converge_gates = [{{ kind = \"prometheus\", name = \"fleet-on-release\", url = \"{}\", \
+         query = 'count(pde_agent_active_policy{{policy_id=\"${{policy_id}}\", digest=\"${{digest}}\"}})', \
+         min = {min} }}]",
+        prom.url
+    )
+}
+
+/// Issue 23 §3: a fleet too large to list is watched through the agents'
+/// `/metrics` in a real Prometheus. Four real pull agents, one listed in
+/// pde.toml; the deploy waits until Prometheus counts four agents on the new
+/// digest, and a gate asking for more agents than there are takes the tag
+/// back when its time is up (and the agents follow it).
+#[test]
+fn a_deploy_waits_for_n_agents_on_the_release_in_prometheus_and_takes_the_tag_back_below_n() {
+    let reg = Registry::start();
+    let ws = Workspace::new("");
+    let agents = start_agents(&ws, &reg, 4, &[]);
+    let scraped: Vec<String> = agents
+        .iter()
+        .map(|a| a.url.trim_start_matches("http://").to_string())
+        .collect();
+    let prom = Prometheus::start(&scraped);
+    prom.wait_for("up == 1", 4);
+    // Only s0 is listed: the other three are the fleet nobody lists.
+    workspace(&ws, &reg, &[&agents[0]], &fleet_gate(&prom, 4));
+
+    let r1 = deploy(&ws, "42");
+    let d1 = r1["digest"].as_str().unwrap().to_string();
+    let fleet = &r1["push"]["registry"]["fleet"];
+    assert_eq!(fleet["passed"], true, "{r1:#}");
+    let gate = &fleet["gates"][0];
+    assert_eq!(gate["values"], serde_json::json!([4.0]), "{fleet:#}");
+    assert!(
+        gate["query"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("digest=\"{d1}\"")),
+        "the query names the release: {gate}"
+    );
+    for a in &agents {
+        assert_eq!(support::active_digest(&a.url).as_deref(), Some(d1.as_str()));
+    }
+    // The gauge carries what the gate selects on.
+    assert!(
+        agents[3].metrics().contains(&format!("digest=\"{d1}\"")),
+        "{}",
+        agents[3].metrics()
+    );
+    let before = support::runtime()
+        .block_on(client(&reg).resolve("42.production"))
+        .unwrap();
+
+    // Five agents on 1.1.0 are asked for, and there are four: when the
+    // (short) time is up, the tag goes back and every agent follows it.
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml"))
+        .unwrap()
+        .replace("converge_timeout_ms = 30000", "converge_timeout_ms = 8000")
+        .replace("min = 4 }", "min = 5 }");
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    ws.write_policy("42.json", &policy_42("1.1.0").to_string());
+    ws.commit("42 v1.1.0, and a fleet gate asking for five agents");
+    let o = pde(
+        ws.root(),
+        &["--output", "json", "deploy", "42", "--env", "production"],
+    );
+    assert_eq!(code(&o), 1, "{}", both(&o));
+    let r2 = json(&o);
+    let d2 = r2["digest"].as_str().unwrap().to_string();
+    // A failed deploy's JSON holds its report under `report`.
+    let registry = &r2["report"]["push"]["registry"];
+    assert_eq!(registry["repointed_back"], true, "{r2:#}");
+    assert_eq!(registry["fleet"]["passed"], false, "{r2:#}");
+    let gate = &registry["fleet"]["gates"][0];
+    assert!(
+        gate["detail"].as_str().unwrap().contains("below min 5"),
+        "{gate}"
+    );
+    assert!(
+        gate["query"].as_str().unwrap().contains(&d2),
+        "evaluated for the new release: {gate}"
+    );
+    assert!(
+        both(&o).contains("the fleet did not converge"),
+        "{}",
+        both(&o)
+    );
+    let after = support::runtime()
+        .block_on(client(&reg).resolve("42.production"))
+        .unwrap();
+    assert_eq!(
+        after, before,
+        "the tag was re-pointed to the previous release"
+    );
+    wait_until(
+        "every agent to follow the tag back",
+        Duration::from_secs(30),
+        || {
+            agents
+                .iter()
+                .all(|a| support::active_digest(&a.url).as_deref() == Some(d1.as_str()))
+        },
+    );
 }
 
 #[test]
@@ -690,7 +878,14 @@ fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
     // The registry serves other bytes than the digest asked for: refused.
     let file = reg.blob_file(&digest);
     let mut bytes = std::fs::read(&file).unwrap();
-    let at = bytes.iter().position(|b| *b == b'1').unwrap();
+    // A digit of the plugin manifest's text in the annotations: still a
+    // manifest the registry parses and serves, but not the bytes pinned.
+    let annotations = bytes.windows(11).position(|w| w == b"annotations").unwrap();
+    let at = annotations
+        + bytes[annotations..]
+            .iter()
+            .position(|b| *b == b'1')
+            .unwrap();
     bytes[at] = b'2';
     std::fs::write(&file, bytes).unwrap();
     let again = Workspace::new("");
@@ -718,4 +913,172 @@ fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
             .join("plugins/eligibility-bounds.wasm")
             .exists()
     );
+}
+
+/// Issue 23 §4: pde's plugin artifacts and `wkg`'s are one layout. `wkg`
+/// reads and writes registries through `oci-wasm` (bytecodealliance): its
+/// client pulls a plugin `pde plugin push`ed (config parsed as its
+/// `WasmConfig`, the component list equal to what oci-wasm derives from the
+/// bytes itself), and pde pulls a plugin oci-wasm pushed with pde's manifest
+/// and signature as annotations (and refuses, by name, one without them).
+#[test]
+fn wkg_s_oci_wasm_client_and_pde_read_each_other_s_plugin_artifacts() {
+    use oci_client::client::{ClientConfig, ClientProtocol};
+    use oci_client::secrets::RegistryAuth;
+
+    let reg = Registry::start();
+    let ws = Workspace::new("");
+    ws.install_plugin(
+        "eligibility-bounds",
+        "validator",
+        Path::new(pde_plugin_artifacts::ELIGIBILITY_BOUNDS),
+        "",
+        true,
+    );
+    let wasm = std::fs::read(ws.root().join("plugins/eligibility-bounds.wasm")).unwrap();
+    let repo = format!("127.0.0.1:{}/pde/plugins/eligibility-bounds", reg.port);
+    let o = pde(
+        ws.root(),
+        &[
+            "--output",
+            "json",
+            "plugin",
+            "push",
+            "plugins/eligibility-bounds.wasm",
+            &format!("oci://{repo}"),
+            "--plain-http",
+        ],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    let digest = json(&o)["digest"].as_str().unwrap().to_string();
+
+    // wkg's side reads pde's artifact.
+    let wkg = oci_wasm::WasmClient::new(oci_client::Client::new(ClientConfig {
+        protocol: ClientProtocol::Http,
+        ..ClientConfig::default()
+    }));
+    let auth = RegistryAuth::Anonymous;
+    let pinned: oci_client::Reference = format!("{repo}@{digest}").parse().unwrap();
+    let (manifest, config, _) = support::runtime()
+        .block_on(wkg.pull_manifest_and_config(&pinned, &auth))
+        .unwrap_or_else(|e| panic!("oci-wasm cannot read pde's artifact: {e:#}"));
+    assert_eq!(config.architecture, oci_wasm::WASM_ARCHITECTURE);
+    assert_eq!(config.os, oci_wasm::COMPONENT_OS);
+    assert_eq!(config.layer_digests, [manifest.layers[0].digest.clone()]);
+    let ours = config
+        .component
+        .expect("a wasip2 config lists its component");
+    let theirs = oci_wasm::Component::from_raw_component(&wasm).unwrap();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    assert_eq!(sorted(ours.exports), sorted(theirs.exports), "exports");
+    assert_eq!(sorted(ours.imports), sorted(theirs.imports), "imports");
+    let image = support::runtime()
+        .block_on(wkg.pull(&pinned, &auth))
+        .unwrap();
+    assert_eq!(image.layers[0].data, wasm, "the exact component");
+    // The same component pushed again is the same manifest (no time in it).
+    let o = pde(
+        ws.root(),
+        &[
+            "--output",
+            "json",
+            "plugin",
+            "push",
+            "plugins/eligibility-bounds.wasm",
+            &format!("oci://{repo}:again"),
+            "--plain-http",
+        ],
+    );
+    assert_eq!(json(&o)["digest"], digest.as_str(), "{}", both(&o));
+
+    // pde reads wkg's artifact: pushed by oci-wasm, pde's manifest and
+    // signature as manifest annotations. oci-client writes manifests in
+    // OLPC canonical JSON, which leaves newlines in strings raw, so the
+    // registry refuses a multi-line annotation from it (MANIFEST_INVALID):
+    // the texts travel as `base64:…`.
+    let by_wkg = format!("127.0.0.1:{}/pde/plugins/by-wkg", reg.port);
+    let push = |tag: &str, annotated: bool| -> String {
+        let (config, layer) =
+            oci_wasm::WasmConfig::from_raw_component(wasm.clone(), Some("wkg".into())).unwrap();
+        let annotations = annotated.then(|| {
+            let file = |f: &str| {
+                use base64::Engine as _;
+                let text = std::fs::read(ws.root().join("plugins").join(f)).unwrap();
+                format!(
+                    "{}{}",
+                    pde_core::oci::BASE64_ANNOTATION_PREFIX,
+                    base64::engine::general_purpose::STANDARD.encode(text)
+                )
+            };
+            std::collections::BTreeMap::from([
+                (
+                    pde_core::oci::ANNOTATION_PLUGIN_MANIFEST.to_string(),
+                    file("eligibility-bounds.toml"),
+                ),
+                (
+                    pde_core::oci::ANNOTATION_PLUGIN_SIGNATURE.to_string(),
+                    file("eligibility-bounds.wasm.sig"),
+                ),
+            ])
+        });
+        let reference: oci_client::Reference = format!("{by_wkg}:{tag}").parse().unwrap();
+        support::runtime()
+            .block_on(wkg.push(&reference, &auth, layer, config, annotations))
+            .unwrap();
+        let registry = pde_core::oci::Registry::new(
+            by_wkg.parse().unwrap(),
+            pde_core::oci::RegistryOptions {
+                plain_http: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        support::runtime()
+            .block_on(registry.resolve(tag))
+            .unwrap()
+            .unwrap()
+    };
+    let fresh = Workspace::new("");
+    std::fs::copy(
+        ws.root().join("keys/security.ed25519.pub"),
+        fresh.root().join("keys/security.ed25519.pub"),
+    )
+    .unwrap();
+    let pull = |digest: &str| {
+        pde(
+            fresh.root(),
+            &[
+                "plugin",
+                "pull",
+                &format!("oci://{by_wkg}@{digest}"),
+                "--out",
+                "plugins",
+                "--plain-http",
+            ],
+        )
+    };
+    let bare = push("bare", false);
+    let o = pull(&bare);
+    assert_ne!(code(&o), 0, "{}", both(&o));
+    assert!(
+        both(&o).contains("carries no pde plugin manifest"),
+        "{}",
+        both(&o)
+    );
+    let annotated = push("1.0.0", true);
+    let o = pull(&annotated);
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    assert_eq!(
+        std::fs::read(fresh.root().join("plugins/eligibility-bounds.wasm")).unwrap(),
+        wasm
+    );
+    let installed = fresh.root().join("plugins/eligibility-bounds.wasm");
+    let o = pde(
+        fresh.root(),
+        &["plugin", "verify", installed.to_str().unwrap()],
+    );
+    assert_eq!(code(&o), 0, "{}", both(&o));
 }

@@ -30,6 +30,12 @@ struct Reason {
 struct Active {
     policy_id: String,
     version: String,
+    /// The bundle's digest: "N agents on this release" is a count over it
+    /// (docs/agent.md, "Watching a large fleet converge in Prometheus").
+    digest: String,
+    /// The environment of the deploy that activated it (empty when none
+    /// was named, after a rollback to a bundle deployed without one).
+    env: String,
 }
 
 /// The agent's metrics, shared by the handlers.
@@ -80,7 +86,7 @@ impl Default for Metrics {
         );
         registry.register(
             "active_policy",
-            "1 for each active policy, labelled with its id and version",
+            "1 for each active policy, labelled with its id, version, bundle digest and environment",
             active.clone(),
         );
         registry.register(
@@ -164,6 +170,8 @@ impl Metrics {
                 .get_or_create(&Active {
                     policy_id: policy_id.to_string(),
                     version: record.version.clone(),
+                    digest: record.digest.clone(),
+                    env: record.env.clone().unwrap_or_default(),
                 })
                 .set(1);
             let at = time::OffsetDateTime::parse(

@@ -55,10 +55,17 @@ pub const ANNOTATION_VERSION: &str = "org.opencontainers.image.version";
 pub const WASM_CONFIG_MEDIA_TYPE: &str = "application/vnd.wasm.config.v0+json";
 /// Layer media type of a Wasm component.
 pub const WASM_LAYER_MEDIA_TYPE: &str = "application/wasm";
+/// The `created` time of every Wasm config pde writes: the Unix epoch
+/// (reproducible; see [`Registry::push_plugin`]).
+pub const WASM_CONFIG_CREATED: &str = "1970-01-01T00:00:00Z";
 /// Manifest annotation holding the plugin's `<name>.toml`.
 pub const ANNOTATION_PLUGIN_MANIFEST: &str = "dev.pde.plugin.manifest";
 /// Manifest annotation holding the plugin's `<name>.wasm.sig`.
 pub const ANNOTATION_PLUGIN_SIGNATURE: &str = "dev.pde.plugin.signature";
+/// A plugin annotation whose value starts with this is the standard base64
+/// of the text (what a tool that cannot write a multi-line annotation, such
+/// as `wkg`, can carry); pde itself writes the text.
+pub const BASE64_ANNOTATION_PREFIX: &str = "base64:";
 
 /// Largest manifest read from a registry.
 pub const MAX_MANIFEST_BYTES: usize = 1024 * 1024;
@@ -674,21 +681,31 @@ impl Registry {
 
     /// Pushes a Wasm component in the CNCF Wasm OCI layout (`wkg`'s), with
     /// pde's plugin manifest and signature as annotations, under `tag`.
-    /// Returns the manifest digest.
+    /// `interface` is the component's top-level `(imports, exports)`, which
+    /// the layout's config lists. Returns the manifest digest.
     pub async fn push_plugin(
         &self,
         tag: &str,
         wasm: &[u8],
+        interface: (&[String], &[String]),
         manifest_toml: Option<&str>,
         signature: Option<&str>,
     ) -> Result<String, OciError> {
         check_tag(tag)?;
         let layer_digest = sha256_digest(wasm);
-        // wkg's config: the component's target platform and its layer digests.
+        let (imports, exports) = interface;
+        // The layout's config (`application/vnd.wasm.config.v0+json`), every
+        // member it requires: `created` is the Unix epoch, as reproducible
+        // image builders write it, so that pushing the same component again
+        // gives the same manifest digest; `component` is required with
+        // `os = "wasip2"` (`target` names no WIT package: pde's worlds are
+        // checked when the plugin is admitted, not from this config).
         let config = serde_json::json!({
+            "created": WASM_CONFIG_CREATED,
             "architecture": "wasm",
             "os": "wasip2",
             "layerDigests": [layer_digest],
+            "component": {"exports": exports, "imports": imports, "target": null},
         });
         let config = Config::new(
             serde_json::to_vec(&config).unwrap_or_default(),
@@ -707,11 +724,14 @@ impl Registry {
         if let Some(s) = signature {
             annotations.insert(ANNOTATION_PLUGIN_SIGNATURE.to_string(), s.to_string());
         }
-        let manifest = OciImageManifest::build(
+        let mut manifest = OciImageManifest::build(
             &layers,
             &config,
             (!annotations.is_empty()).then_some(annotations),
         );
+        // The layout (and oci-wasm, wkg's client, which refuses a manifest
+        // without it) wants the manifest to name its own media type.
+        manifest.media_type = Some(OCI_IMAGE_MEDIA_TYPE.to_string());
         self.push_artifact(tag, &layers, config, manifest).await
     }
 
@@ -744,10 +764,21 @@ impl Registry {
         };
         let wasm = self.blob(digest, layer, max_bytes).await?;
         let annotation = |k: &str| {
-            manifest
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(k).cloned())
+            let value = manifest.annotations.as_ref()?.get(k)?;
+            Some(match value.strip_prefix(BASE64_ANNOTATION_PREFIX) {
+                // Tools on oci-client (wkg among them) write a manifest in
+                // OLPC canonical JSON, which leaves a newline in a string
+                // raw, so registries refuse a multi-line annotation from
+                // them: they can carry the manifest and signature encoded.
+                Some(encoded) => {
+                    use base64::Engine as _;
+                    let bytes = base64::engine::general_purpose::STANDARD
+                        .decode(encoded.trim())
+                        .ok()?;
+                    String::from_utf8(bytes).ok()?
+                }
+                None => value.clone(),
+            })
         };
         Ok(FetchedPlugin {
             manifest_digest: digest.to_string(),

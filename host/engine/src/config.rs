@@ -379,7 +379,19 @@ pub struct OciDelivery {
     /// digest on `GET /active/{id}` before it re-points the tag back.
     #[serde(default = "default_converge_timeout_ms")]
     pub converge_timeout_ms: u64,
+    /// The fleet beyond the listed services (too large to list): gates a
+    /// deploy waits on after the listed services converged, re-evaluated
+    /// until they all pass or `converge_timeout_ms` (counted from the
+    /// publish) ends; then the tag goes back. Typically a Prometheus count
+    /// of the agents' `pde_agent_active_policy{digest="${digest}"}` with
+    /// `min = N`. Only `${policy_id}`, `${version}` and `${digest}` apply.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub converge_gates: Vec<Gate>,
 }
+
+/// The `${variables}` a `converge_gates` entry may name: the release, not a
+/// wave or a service (a publish has neither).
+pub const CONVERGE_GATE_VARIABLES: &[&str] = &["policy_id", "version", "digest"];
 
 fn default_converge_timeout_ms() -> u64 {
     120_000
@@ -644,6 +656,33 @@ impl Config {
                         "[environments.{name}] delivery: converge_timeout_ms must be above zero"
                     )));
                 }
+                let here = format!("[environments.{name}] delivery: converge_gates");
+                let mut names = std::collections::BTreeSet::new();
+                for g in &oci.converge_gates {
+                    rollout::check_gate(&here, g, &mut names).map_err(&invalid)?;
+                    for t in g.templates() {
+                        for v in variables(t).map_err(&invalid)? {
+                            if !CONVERGE_GATE_VARIABLES.contains(&v) {
+                                return Err(invalid(format!(
+                                    "{here} gate {:?} uses ${{{v}}}, which a publish does not \
+                                     have (it has no wave and no one service); use \
+                                     ${{policy_id}}, ${{version}} or ${{digest}}",
+                                    g.name()
+                                )));
+                            }
+                        }
+                    }
+                    if let Gate::Prometheus {
+                        baseline: Some(_), ..
+                    } = g
+                    {
+                        return Err(invalid(format!(
+                            "{here} gate {:?} compares with a baseline, which a publish does \
+                             not have (every agent follows the tag); use min or max",
+                            g.name()
+                        )));
+                    }
+                }
             }
         }
         for key in &self.trust.approver_keys {
@@ -885,6 +924,37 @@ url = "http://127.0.0.1:1"
 tags = ["api"]
 token_env = "HMS_API_TOKEN"
 "#;
+
+    #[test]
+    fn converge_gates_name_only_the_release_and_need_a_bound() {
+        let parse = |gate: &str| {
+            let text = format!(
+                "[environments.production.delivery]\nkind = \"oci\"\nreference = \"127.0.0.1:5000/pde/p\"\n\
+                 [[environments.production.delivery.converge_gates]]\nkind = \"prometheus\"\n\
+                 name = \"fleet\"\nurl = \"http://127.0.0.1:9090\"\n{gate}"
+            );
+            Config::parse(&text, Path::new("pde.toml")).map_err(|e| e.to_string())
+        };
+        let ok = parse("query = 'count(pde_agent_active_policy{digest=\"${digest}\"})'\nmin = 3\n")
+            .unwrap();
+        let oci = ok.environment("production").unwrap().oci().unwrap();
+        assert_eq!(oci.converge_gates.len(), 1);
+        for (gate, says) in [
+            (
+                "query = 'up{instance=\"${service}\"}'\nmin = 1\n",
+                "${service}",
+            ),
+            ("query = 'up{w=\"${wave}\"}'\nmin = 1\n", "${wave}"),
+            ("query = 'up'\n", "no bound"),
+            (
+                "query = 'up{s=~\"${services_regex}\"}'\nbaseline = { factor = 1.5 }\n",
+                "${services_regex}",
+            ),
+        ] {
+            let e = parse(gate).unwrap_err();
+            assert!(e.contains(says), "{gate}: {e}");
+        }
+    }
 
     #[test]
     fn state_is_a_directory_or_a_table_naming_a_shared_database() {

@@ -6,16 +6,19 @@
 //! only hands them the engine's parts, as `stages.rs` does for the other
 //! steps, so that `pde deploy` and `pde rollback` move the tag the same way.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use crate::config::{Environment, OciDelivery};
+use futures::future::BoxFuture;
+
+use crate::config::{Environment, Gate, OciDelivery};
 use crate::engine::Engine;
 use crate::error::Error;
 use crate::http::Target;
 use crate::report::RollbackTarget;
 use crate::steps::envcheck::readiness::CheckResult;
-use crate::steps::push::publish::{self, DeliveryError, Publish, RegistryReport};
+use crate::steps::push::publish::{self, DeliveryError, FleetCheck, Publish, RegistryReport};
 use crate::steps::push::{self, Observer, PushReport};
+use crate::steps::waves::{self, Vars};
 use pde_core::oci::Registry;
 
 /// One environment's tag, as `pde status --registry` shows it.
@@ -96,11 +99,17 @@ impl Engine {
         observer: &dyn Observer,
     ) -> Result<PushReport, Error> {
         let registry = self.registry(env_name, oci)?;
+        let gates = FleetGates {
+            http: &self.http,
+            gates: &oci.converge_gates,
+            timeout: self.config.push.timeout(),
+        };
         let p = Publish {
             registry: &registry,
             http: &self.http,
             push: &self.config.push,
             converge_timeout: oci.converge_timeout(),
+            fleet: (!oci.converge_gates.is_empty()).then_some(&gates as &dyn FleetCheck),
         };
         let (report, _) = publish::publish(&p, bundle, env_name, routed, observer).await;
         Ok(report)
@@ -136,6 +145,10 @@ impl Engine {
             http: &self.http,
             push: &self.config.push,
             converge_timeout: oci.converge_timeout(),
+            // A rollback waits for the listed services only: a fleet gate
+            // that failed here would re-point the tag at the very release
+            // being rolled back from.
+            fleet: None,
         };
         let (report, reg) = publish::publish(&p, bundle, env_name, targets, &()).await;
         let ok = report.outcome == push::Outcome::Deployed;
@@ -196,5 +209,61 @@ impl Engine {
             }
         }
         Ok(out)
+    }
+}
+
+/// How often the fleet's gates are asked again while they do not pass
+/// (Prometheus scrapes every few seconds; asking faster learns nothing).
+const FLEET_POLL: Duration = Duration::from_secs(1);
+
+/// An environment's `converge_gates`, evaluated as a rollout's gates are
+/// (`steps::waves::evaluate`), with the release's `${policy_id}`,
+/// `${version}` and `${digest}`, until every one passes or the deadline.
+struct FleetGates<'a> {
+    http: &'a reqwest::Client,
+    gates: &'a [Gate],
+    timeout: Duration,
+}
+
+impl FleetCheck for FleetGates<'_> {
+    fn converged<'a>(
+        &'a self,
+        bundle: &'a pde_core::bundle::Bundle,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<serde_json::Value, serde_json::Value>> {
+        Box::pin(async move {
+            let manifest = &bundle.payload.manifest;
+            let vars = Vars {
+                policy_id: &manifest.policy_id,
+                version: &manifest.version,
+                digest: &bundle.digest,
+                wave: "",
+                services: Vec::new(),
+                baseline: Vec::new(),
+            };
+            let mut rounds = 0u32;
+            loop {
+                rounds += 1;
+                let mut results = Vec::new();
+                for gate in self.gates {
+                    match waves::evaluate(self.http, gate, &vars, self.timeout).await {
+                        Ok(r) => results.extend(r),
+                        Err(e) => return Err(serde_json::json!({"error": e.to_string()})),
+                    }
+                }
+                let passed = results.iter().all(|r| r.passed);
+                let seen = serde_json::json!({
+                    "passed": passed, "evaluations": rounds, "gates": results,
+                });
+                if passed {
+                    return Ok(seen);
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return Err(seen);
+                }
+                tokio::time::sleep(left.min(FLEET_POLL)).await;
+            }
+        })
     }
 }

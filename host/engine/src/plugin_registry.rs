@@ -214,9 +214,11 @@ pub fn push(
         }
     };
     let registry = Registry::new(reference.repository.clone(), opts)?;
+    let (imports, exports) = pde_plugin_host::inspect::component_interface(&bytes);
     let digest = runtime()?.block_on(registry.push_plugin(
         &tag,
         &bytes,
+        (&imports, &exports),
         Some(&manifest_text),
         signature.as_deref(),
     ))?;

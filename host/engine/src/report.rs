@@ -279,6 +279,10 @@ pub struct RollbackReport {
     pub to_digest: String,
     /// Per service: `rolled-back` or the error.
     pub targets: Vec<RollbackTarget>,
+    /// OCI delivery: what was done in the registry (the tag re-pointed, the
+    /// manifest digests before and after), as a deploy's `push.registry`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registry: Option<serde_json::Value>,
 }
 
 /// One service's part in a rollback.

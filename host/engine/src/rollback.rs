@@ -103,13 +103,16 @@ impl Engine {
                 .iter()
                 .map(|t| (t.service.clone(), Some(active.digest.clone()))),
         )?;
+        let mut registry = None;
         let results = if let Some(oci) = env.oci() {
             // OCI delivery: the tag is pointed at the earlier release, and
             // the holders' agents follow it.
             let release = (policy_id, target.version.as_str(), target.digest.as_str());
-            self.oci_rollback((env_name, oci), release, &targets)
-                .await?
-                .0
+            let (results, moved) = self
+                .oci_rollback((env_name, oci), release, &targets)
+                .await?;
+            registry = serde_json::to_value(&moved).ok();
+            results
         } else {
             let calls = targets.iter().map(|t| async {
                 let request = push::RollbackRequest {
@@ -148,6 +151,7 @@ impl Engine {
             to_version: target.version.clone(),
             to_digest: target.digest.clone(),
             targets: results,
+            registry,
         };
         crate::steps::audit::Recorder::new(
             &self.audit,

@@ -249,6 +249,41 @@ pub fn producers(bytes: &[u8]) -> Vec<Producer> {
     out
 }
 
+/// The names a component imports and exports at its top level (not those
+/// of the modules and components nested in it), in the order they appear:
+/// what the CNCF Wasm OCI artifact config lists under `component` (the
+/// `wkg` layout). Nothing is compiled; a malformed section ends the list.
+pub fn component_interface(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
+    let (mut imports, mut exports) = (Vec::new(), Vec::new());
+    let mut depth = 0usize;
+    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
+        let Ok(payload) = payload else { break };
+        match payload {
+            wasmparser::Payload::ModuleSection { .. }
+            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::ComponentImportSection(reader) if depth == 0 => {
+                imports.extend(
+                    reader
+                        .into_iter()
+                        .flatten()
+                        .map(|i| i.name.name.to_string()),
+                );
+            }
+            wasmparser::Payload::ComponentExportSection(reader) if depth == 0 => {
+                exports.extend(
+                    reader
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e.name.name.to_string()),
+                );
+            }
+            _ => {}
+        }
+    }
+    (imports, exports)
+}
+
 /// Inspects a component file's bytes. Core modules and non-components are
 /// [`PluginError::BadComponent`].
 pub fn inspect(engine: &Engine, name: &str, bytes: &[u8]) -> Result<Inspection, PluginError> {

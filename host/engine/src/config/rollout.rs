@@ -303,7 +303,9 @@ impl Rollout {
     }
 }
 
-fn check_gate<'a>(
+/// Checks one gate (its name unique in `names`, its variables known, its
+/// URL and bounds); `here` names where it is in pde.toml.
+pub(crate) fn check_gate<'a>(
     here: &str,
     g: &'a Gate,
     names: &mut std::collections::BTreeSet<&'a str>,

@@ -15,8 +15,15 @@
 //!
 //! A registry cannot un-point a tag that had no earlier target: a failed
 //! first publish ends `needs-attention`, with the tag named.
+//!
+//! A fleet too large to list is waited for through a [`FleetCheck`]
+//! (`converge_gates`: typically Prometheus counting the agents on the new
+//! digest), after the listed services, within the same timeout; when it does
+//! not pass, the tag goes back exactly as for a lagging service.
 
 use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
 
 use serde::{Deserialize, Serialize};
 
@@ -68,6 +75,24 @@ pub struct RegistryReport {
     pub tag_now: Option<String>,
     /// Whether the tag was re-pointed back to `previous_manifest_digest`.
     pub repointed_back: bool,
+    /// The fleet's convergence gates as last evaluated (`{"passed", "gates":
+    /// [...]}`), when the environment has any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<serde_json::Value>,
+}
+
+/// The fleet beyond the listed services: what must hold before a publish
+/// counts as converged. The engine implements it with the environment's
+/// `converge_gates`; this step only decides when to ask and what a refusal
+/// means (the tag goes back).
+pub trait FleetCheck: Sync {
+    /// Evaluates for `bundle` until it passes (`Ok`) or `deadline` passes
+    /// (`Err`); either way, what was seen last, as JSON for the report.
+    fn converged<'a>(
+        &'a self,
+        bundle: &'a Bundle,
+        deadline: Instant,
+    ) -> BoxFuture<'a, Result<serde_json::Value, serde_json::Value>>;
 }
 
 /// The inputs of a publish.
@@ -80,6 +105,8 @@ pub struct Publish<'a> {
     pub push: &'a PushConfig,
     /// How long services get to converge.
     pub converge_timeout: Duration,
+    /// The fleet beyond the listed services, if the environment watches it.
+    pub fleet: Option<&'a dyn FleetCheck>,
 }
 
 /// Publishes `bundle` for `env` and waits for `routed` to converge.
@@ -98,6 +125,7 @@ pub async fn publish(
         previous_manifest_digest: None,
         tag_now: None,
         repointed_back: false,
+        fleet: None,
     };
     let mut runs: Vec<TargetReport> = routed
         .iter()
@@ -188,6 +216,7 @@ pub async fn publish(
     tracing::info!(%tag, %manifest, previous = ?previous, "published");
     reg.manifest_digest = Some(manifest.clone());
     reg.tag_now = Some(manifest);
+    let deadline = Instant::now() + p.converge_timeout;
     for r in &mut runs {
         r.attempts = 1;
         observer.on_event(&r.service, &PushEvent::Delivered);
@@ -221,10 +250,53 @@ pub async fn publish(
             }
         }
     }
-    if !lagging {
+    if lagging {
+        return compensate(p, bundle, &mut reg, routed, runs, observer).await;
+    }
+    let Some(fleet) = p.fleet else {
+        return (report(Outcome::Deployed, &bundle.digest, runs, &reg), reg);
+    };
+    // The listed services are there; now the fleet, within the same time.
+    let verdict = fleet.converged(bundle, deadline).await;
+    let passed = verdict.is_ok();
+    let seen = verdict.unwrap_or_else(|seen| seen);
+    reg.fleet = Some(seen.clone());
+    if passed {
+        tracing::info!(fleet = %seen, "the fleet converged");
         return (report(Outcome::Deployed, &bundle.digest, runs, &reg), reg);
     }
-    compensate(p, bundle, &mut reg, routed, runs, observer).await
+    tracing::warn!(fleet = %seen, "the fleet did not converge; re-pointing the tag");
+    let why = format!(
+        "the fleet did not converge within {} ms: {}",
+        p.converge_timeout.as_millis(),
+        fleet_failure(&seen)
+    );
+    let (mut pushed, reg) = compensate(p, bundle, &mut reg, routed, runs, observer).await;
+    for t in &mut pushed.targets {
+        t.detail = format!("{} ({why})", t.detail);
+    }
+    (pushed, reg)
+}
+
+/// The first failing gate of a fleet verdict, in words.
+fn fleet_failure(seen: &serde_json::Value) -> String {
+    if let Some(e) = seen["error"].as_str() {
+        return e.to_string();
+    }
+    seen["gates"]
+        .as_array()
+        .and_then(|g| g.iter().find(|r| r["passed"] == false))
+        .map_or_else(
+            || seen.to_string(),
+            |r| {
+                format!(
+                    "gate {} ({}): {}",
+                    r["gate"].as_str().unwrap_or("?"),
+                    r["query"].as_str().unwrap_or(""),
+                    r["detail"].as_str().unwrap_or("")
+                )
+            },
+        )
 }
 
 /// Re-points the tag to what it held before and waits for the services that
