@@ -652,6 +652,11 @@ fn a_malformed_rollout_is_refused_when_pde_toml_is_read() {
             "[[environments.production.rollout.waves]]\ncount = 1\n[[environments.production.rollout.waves.gates]]\nkind = \"prometheus\"\nname = \"g\"\nurl = \"http://127.0.0.1:9\"\nquery = 'up'\n[[environments.production.rollout.waves]]\n",
             "has no bound",
         ),
+        (
+            "[[environments.production.rollout.waves]]\ncount = 1\n[[environments.production.rollout.waves]]\n\
+             [environments.production.delivery]\nkind = \"oci\"\nreference = \"127.0.0.1:9/hms\"\nplain_http = true\n",
+            "waves cannot be rolled out through it",
+        ),
     ] {
         let ws = Workspace::new(
             &(Workspace::env_toml(

@@ -840,6 +840,16 @@ impl Config {
             }
             if let Some(rollout) = &env.rollout {
                 rollout.check(name, &env.services).map_err(&invalid)?;
+                // One tag per policy and environment moves the whole fleet at
+                // once: there is no wave to hold back, and a halted rollout
+                // could not send back the agents nobody lists.
+                if env.oci().is_some() {
+                    return Err(invalid(format!(
+                        "environment {name:?} has both a rollout and delivery = \"oci\": a registry tag \
+                         moves every pulling agent at once, so waves cannot be rolled out through it; \
+                         watch the fleet with delivery.converge_gates instead, or deliver by push"
+                    )));
+                }
             }
             if let Some(from) = &env.promote_from
                 && !self.environments.contains_key(from)

@@ -237,7 +237,10 @@ impl Run<'_> {
         }
         self.report.waves[i].status = WaveStatus::Passed;
         self.report.status = "running".into();
-        self.save()?;
+        // Not saved here: the next durable write follows at once (the next
+        // wave's saved previous holdings, or the rollout's end), and a
+        // process killed before it resumes by judging or pushing this wave
+        // again, which changes nothing it had done.
         self.note(
             "wave-passed",
             json!({"wave": wave.name, "number": wave.number}),
