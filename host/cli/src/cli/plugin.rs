@@ -10,8 +10,8 @@ use pde::ExitCode;
 use pde::config::Config;
 use pde::keys::TrustedKeys;
 use pde::plugin::{
-    ActivePolicy, CallContext, Plugin, PluginHost, PluginKind, PolicyInput, ServiceInfo,
-    SignatureStatus,
+    ActivePolicy, CallContext, GateVerdict, Plugin, PluginHost, PluginKind, PolicyInput,
+    SamplesFile, ServiceInfo, SignatureStatus,
 };
 use pde::plugin_workspace::PluginWorkspace;
 use pde::term::Escaped;
@@ -45,9 +45,16 @@ pub enum PluginCmd {
     Test {
         /// A `.wasm` file, or the name of a workspace plugin.
         target: String,
-        /// The policy document (JSON or YAML).
+        /// The policy document (JSON or YAML). Required for validators and
+        /// routers; a gate takes it from `--samples` when not given.
         #[arg(long, value_name = "FILE")]
-        policy: PathBuf,
+        policy: Option<PathBuf>,
+        /// For a gate plugin: the samples to judge, a JSON file
+        /// `{"wave": [...], "baseline": [...], "policy": {...}}`
+        /// (docs/plugin-authoring.md). Exit 0 on pass, 8 on fail or
+        /// inconclusive (what would halt a rollout).
+        #[arg(long, value_name = "FILE")]
+        samples: Option<PathBuf>,
         /// The environment to pass (and, for routers in a workspace, whose
         /// services to offer).
         #[arg(long, value_name = "ENV")]
@@ -140,6 +147,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
         PluginCmd::Test {
             target,
             policy,
+            samples,
             env,
             settings,
             services,
@@ -148,8 +156,9 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
         } => test(
             ctx,
             &target,
-            &policy,
+            policy.as_deref(),
             &TestOptions {
+                samples: samples.as_deref(),
                 env: env.as_deref(),
                 settings: settings.as_deref(),
                 services: services.as_deref(),
@@ -470,6 +479,11 @@ fn run_costs(host: &PluginHost, plugin: &Plugin, policy: &PolicyInput) -> Result
             let r = host.route(plugin, policy, &call, &[])?;
             (r.fuel_used, r.peak_memory_bytes, r.elapsed)
         }
+        // No metric to hand it: the gate judges a wave with no data.
+        PluginKind::Gate => {
+            let r = host.gate(plugin, policy, &call, &Default::default())?;
+            (r.fuel_used, r.peak_memory_bytes, r.elapsed)
+        }
     };
     Ok(Costs {
         fuel_used,
@@ -597,6 +611,7 @@ fn read_document(path: &Path) -> Result<serde_json::Value, Failure> {
 
 /// `pde plugin test`'s options beside the target and policy.
 struct TestOptions<'a> {
+    samples: Option<&'a Path>,
     env: Option<&'a str>,
     settings: Option<&'a str>,
     services: Option<&'a Path>,
@@ -684,7 +699,7 @@ fn read_services(path: &Path) -> Result<Vec<ServiceInfo>, Failure> {
     Ok(services.iter().map(ServiceInfo::from).collect())
 }
 
-fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> CmdResult {
+fn test(ctx: &Ctx, target: &str, policy_path: Option<&Path>, opts: &TestOptions<'_>) -> CmdResult {
     let env = opts.env;
     let ws = workspace(ctx, !is_path(target))?;
     let config = ws.config();
@@ -699,7 +714,32 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
         plugin.settings = read_settings(arg)?;
     }
     let offered = opts.services.map(read_services).transpose()?;
-    let policy = read_policy(policy_path)?;
+    let samples = match (plugin.kind, opts.samples) {
+        (PluginKind::Gate, Some(path)) => Some(read_samples(path)?),
+        (PluginKind::Gate, None) => {
+            return Err(Failure::usage(format!(
+                "{} is a gate plugin: give it samples to judge with --samples FILE                  (see docs/plugin-authoring.md)",
+                plugin.name
+            )));
+        }
+        (kind, Some(_)) => {
+            return Err(Failure::usage(format!(
+                "--samples is for gate plugins; {} is a {kind}",
+                plugin.name
+            )));
+        }
+        (_, None) => None,
+    };
+    let policy = match (policy_path, &samples) {
+        (Some(path), _) => read_policy(path)?,
+        (None, Some(file)) => samples_policy(file)?,
+        (None, None) => {
+            return Err(Failure::usage(format!(
+                "{} is a {}: give it a policy with --policy FILE",
+                plugin.name, plugin.kind
+            )));
+        }
+    };
     let call = CallContext {
         environment: env.unwrap_or_default().to_string(),
         active: opts.active.map(read_active).transpose()?,
@@ -816,6 +856,95 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
             }
             Ok(ExitCode::Ok)
         }
+        PluginKind::Gate => {
+            let input = samples.map(|f| f.input()).unwrap_or_default();
+            let report = host.gate(&plugin, &policy, &call, &input)?;
+            let j = &report.value;
+            if ctx.json {
+                ctx.print_json(&serde_json::json!({
+                    "plugin": plugin.name,
+                    "kind": plugin.kind,
+                    "verdict": j.verdict,
+                    "reason": j.reason,
+                    "statistics": j.statistics.iter()
+                        .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+                        .collect::<Vec<_>>(),
+                    "wave_samples": input.wave_samples.len(),
+                    "baseline_samples": input.baseline_samples.as_ref().map(|b| b.len()),
+                    "fuel_used": report.fuel_used,
+                    "peak_memory_bytes": report.peak_memory_bytes,
+                    "elapsed_ms": report.elapsed.as_secs_f64() * 1000.0,
+                    "log": report.log,
+                    "denied": report.denied,
+                    "loaded_from_cache": cache,
+                    "settings": plugin.settings,
+                    "wit_version": plugin.wit_version.to_string(),
+                }));
+            } else {
+                println!(
+                    "samples: wave {}, baseline {}",
+                    input.wave_samples.len(),
+                    input
+                        .baseline_samples
+                        .as_ref()
+                        .map_or("none".to_string(), |b| b.len().to_string())
+                );
+                for (name, value) in &j.statistics {
+                    println!("  {}: {value}", Escaped(name));
+                }
+                if let Some(cached) = cache {
+                    println!("compiled: {}", cache_text(cached));
+                }
+                print_costs(
+                    &report.log,
+                    &report.denied,
+                    report.fuel_used,
+                    report.peak_memory_bytes,
+                    report.elapsed,
+                );
+                let verdict = serde_json::to_value(j.verdict)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                println!("verdict: {verdict}: {}", Escaped(&j.reason));
+            }
+            Ok(match j.verdict {
+                GateVerdict::Pass => ExitCode::Ok,
+                GateVerdict::Fail | GateVerdict::Inconclusive => ExitCode::RolloutHalted,
+            })
+        }
+    }
+}
+
+/// `--samples`: a gate's samples file (JSON), strictly read.
+fn read_samples(path: &Path) -> Result<SamplesFile, Failure> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading samples {}", path.display()))
+        .map_err(Failure::usage_error)?;
+    serde_json::from_str(&text).map_err(|e| {
+        Failure::usage(format!(
+            "{}: not a samples file ({e}); expected {{\"wave\": [...], \"baseline\": [...], \"policy\": {{...}}}}",
+            path.display()
+        ))
+    })
+}
+
+/// The policy of a samples file, or a stand-in when it has none.
+fn samples_policy(file: &SamplesFile) -> Result<PolicyInput, Failure> {
+    let document = file
+        .policy
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({"id": "test", "version": "0.0.0"}));
+    let text = |k: &str| document.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    match (text("id"), text("version")) {
+        (Some(id), Some(version)) => Ok(PolicyInput {
+            id,
+            version,
+            document,
+        }),
+        _ => Err(Failure::usage(
+            "the samples file's \"policy\" must be a policy object with \"id\" and \"version\"",
+        )),
     }
 }
 
