@@ -718,7 +718,7 @@ fn test(ctx: &Ctx, target: &str, policy_path: Option<&Path>, opts: &TestOptions<
         (PluginKind::Gate, Some(path)) => Some(read_samples(path)?),
         (PluginKind::Gate, None) => {
             return Err(Failure::usage(format!(
-                "{} is a gate plugin: give it samples to judge with --samples FILE                  (see docs/plugin-authoring.md)",
+                "{} is a gate plugin: give it samples to judge with --samples FILE (see docs/plugin-authoring.md)",
                 plugin.name
             )));
         }
