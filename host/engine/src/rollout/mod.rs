@@ -647,13 +647,22 @@ fn halt_text(h: &serde_json::Value) -> String {
     if let Some(by) = h["aborted_by"].as_str() {
         return format!("aborted by {by}");
     }
+    // A plugin gate is seen through the statistics its plugin computed.
+    let seen = match h["statistics"].as_array() {
+        Some(stats) if !stats.is_empty() => stats
+            .iter()
+            .map(|s| format!("{} = {}", s["name"].as_str().unwrap_or("?"), s["value"]))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => h["values"].to_string(),
+    };
     format!(
         "wave {} gate {} was {}: query {} gave {} ({})",
         h["wave"].as_str().unwrap_or("?"),
         h["gate"],
         h["verdict"].as_str().unwrap_or("?"),
         h["query"],
-        h["values"],
+        seen,
         h["detail"].as_str().unwrap_or("")
     )
 }
