@@ -49,6 +49,9 @@ const PLUGINS: &[(&str, &str, &str)] = &[
         "plugins/fixtures/legacy-validator",
     ),
     ("legacy-router", "router", "plugins/fixtures/legacy-router"),
+    // pde:plugin@0.3.0's gate world, built with wit-bindgen directly (the
+    // SDK wraps validators and routers only).
+    ("mann-whitney-gate", "gate", "plugins/mann-whitney-gate"),
 ];
 
 const TARGET: &str = "wasm32-wasip2";

@@ -18,6 +18,7 @@ mod day_one;
 mod fencing;
 mod first_workspace;
 mod fuzz;
+mod gate_plugin;
 mod hardening;
 mod jcs;
 mod oci;

@@ -542,6 +542,7 @@ fn the_sdk_packages_with_no_file_outside_its_crate() {
         "src/bindings.rs",
         "wit/v0.1.0/plugin.wit",
         "wit/v0.2.0/plugin.wit",
+        "wit/v0.3.0/plugin.wit",
     ] {
         assert!(files.contains(&needed), "{needed} not packaged: {files:?}");
     }

@@ -1629,15 +1629,15 @@ fn retarget(bytes: &[u8], from: &str, to: &str) -> Vec<u8> {
 
 #[test]
 fn a_plugin_of_an_unknown_wit_version_is_refused_by_name() {
-    // The 0.1.0 fixture, its interface names rewritten to 0.3.0: a real
+    // The 0.1.0 fixture, its interface names rewritten to 0.4.0: a real
     // component of a contract this pde does not know.
     let bytes = std::fs::read(artifact("legacy-validator")).unwrap();
-    let future = retarget(&bytes, "0.1.0", "0.3.0");
+    let future = retarget(&bytes, "0.1.0", "0.4.0");
     let host = host();
     let report = pde::plugin::inspect::inspect(host.engine(), "future", &future).unwrap();
-    assert_eq!(report.wit_versions, ["0.3.0"]);
+    assert_eq!(report.wit_versions, ["0.4.0"]);
     assert_eq!(report.wit_bound_by, None);
-    assert_eq!(report.wit_supported, ["0.1.0", "0.2.0"]);
+    assert_eq!(report.wit_supported, ["0.1.0", "0.2.0", "0.3.0"]);
     assert!(!report.sees_active_policy);
 
     let dir = tempfile::tempdir().unwrap();
@@ -1650,12 +1650,12 @@ fn a_plugin_of_an_unknown_wit_version_is_refused_by_name() {
             supported,
         } => {
             assert_eq!(plugin, "future");
-            assert_eq!(found, "0.3.0");
-            assert_eq!(supported, "0.1.0, 0.2.0");
+            assert_eq!(found, "0.4.0");
+            assert_eq!(supported, "0.1.0, 0.2.0, 0.3.0");
         }
         other => panic!("expected UnsupportedWitVersion, got {other}"),
     }
-    assert!(err.to_string().contains("pde:plugin@0.3.0"), "{err}");
+    assert!(err.to_string().contains("pde:plugin@0.4.0"), "{err}");
     assert_eq!(err.exit_code(), ExitCode::PluginFault);
 
     // The unmodified bytes load, so it is the version that is refused, not

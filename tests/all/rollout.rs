@@ -13,7 +13,7 @@ use crate::support::receiver::{Fault, Receiver};
 use crate::support::{self, Svc, Workspace, git, pg};
 
 /// Exit code of a halted rollout (README).
-const HALTED: i32 = 8;
+pub(crate) const HALTED: i32 = 8;
 
 fn command(dir: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_pde"));
@@ -21,7 +21,7 @@ fn command(dir: &Path, args: &[&str]) -> Command {
     c
 }
 
-fn pde(dir: &Path, args: &[&str]) -> Output {
+pub(crate) fn pde(dir: &Path, args: &[&str]) -> Output {
     command(dir, args).output().expect("pde runs")
 }
 
@@ -33,11 +33,11 @@ fn pg_pde(dir: &Path, args: &[&str], actor: &str) -> Output {
         .expect("pde runs")
 }
 
-fn code(o: &Output) -> i32 {
+pub(crate) fn code(o: &Output) -> i32 {
     o.status.code().expect("exited normally")
 }
 
-fn json(o: &Output) -> serde_json::Value {
+pub(crate) fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", support::both(o)))
 }
@@ -74,17 +74,17 @@ fn agent(ws: &Workspace, name: &str, version_file: &Path) -> String {
 
 /// Services S0..Sn: real agents (those in `agents`) or test receivers,
 /// each with an exporter; Prometheus scraping them when `with_prometheus`.
-struct Fleet {
-    ws: Workspace,
-    urls: Vec<String>,
-    receivers: Vec<Option<Receiver>>,
-    prom: Option<Prometheus>,
+pub(crate) struct Fleet {
+    pub(crate) ws: Workspace,
+    pub(crate) urls: Vec<String>,
+    pub(crate) receivers: Vec<Option<Receiver>>,
+    pub(crate) prom: Option<Prometheus>,
     _files: tempfile::TempDir,
 }
 
-const GATE_QUERY: &str = "max(pde_test_error_ratio{service=~\"${services_regex}\"})";
+pub(crate) const GATE_QUERY: &str = "max(pde_test_error_ratio{service=~\"${services_regex}\"})";
 
-fn fleet(
+pub(crate) fn fleet(
     n: usize,
     agents: usize,
     tags: &[&'static [&'static str]],
@@ -144,7 +144,7 @@ fn fleet(
 }
 
 /// The audit records of a SQLite workspace, as JSON.
-fn audit(ws: &Workspace) -> Vec<serde_json::Value> {
+pub(crate) fn audit(ws: &Workspace) -> Vec<serde_json::Value> {
     let o = pde(ws.root(), &["audit", "show", "--output", "json"]);
     assert_eq!(code(&o), 0, "{}", support::both(&o));
     let v = json(&o);
@@ -154,7 +154,10 @@ fn audit(ws: &Workspace) -> Vec<serde_json::Value> {
         .unwrap_or_default()
 }
 
-fn events<'a>(records: &'a [serde_json::Value], event: &str) -> Vec<&'a serde_json::Value> {
+pub(crate) fn events<'a>(
+    records: &'a [serde_json::Value],
+    event: &str,
+) -> Vec<&'a serde_json::Value> {
     records.iter().filter(|r| r["event"] == event).collect()
 }
 

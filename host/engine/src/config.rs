@@ -621,7 +621,71 @@ impl Config {
             path: path.clone(),
             source,
         })?;
-        Self::parse(&text, &path)
+        let config = Self::parse(&text, &path)?;
+        config.check_gate_plugins(root, &path)?;
+        Ok(config)
+    }
+
+    /// Every rollout gate of kind `plugin` names a plugin of the plugin
+    /// directory whose manifest says `kind = "gate"`. Only manifests are
+    /// read: whether the component loads is checked where it is loaded.
+    fn check_gate_plugins(&self, root: &Path, path: &Path) -> Result<(), ConfigError> {
+        let wanted: Vec<(&String, &Gate)> = self
+            .environments
+            .iter()
+            .filter_map(|(name, env)| env.rollout.as_ref().map(|r| (name, r)))
+            .flat_map(|(name, r)| r.all_gates().map(move |g| (name, g)))
+            .filter(|(_, g)| g.plugin().is_some())
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            message,
+        };
+        let dir = root.join(&self.plugins);
+        let found = crate::plugin::discovery::discover(&dir).map_err(|e| {
+            invalid(format!(
+                "a rollout gate calls a plugin, but the plugin directory cannot be read: {e}"
+            ))
+        })?;
+        let gates: Vec<&str> = found
+            .iter()
+            .filter(|f| {
+                f.manifest.kind(&f.manifest_path).ok() == Some(crate::plugin::PluginKind::Gate)
+            })
+            .map(|f| f.manifest.name.as_str())
+            .collect();
+        for (env, gate) in wanted {
+            let plugin = gate.plugin().unwrap_or_default();
+            let what = format!(
+                "environment {env:?} rollout gate {:?} names plugin {plugin:?}",
+                gate.name()
+            );
+            let Some(f) = found.iter().find(|f| f.manifest.name == plugin) else {
+                return Err(invalid(format!(
+                    "{what}, which is not in {} (its gate plugins: {})",
+                    dir.display(),
+                    if gates.is_empty() {
+                        "none".to_string()
+                    } else {
+                        gates.join(", ")
+                    }
+                )));
+            };
+            match f.manifest.kind(&f.manifest_path) {
+                Ok(crate::plugin::PluginKind::Gate) => {}
+                Ok(kind) => {
+                    return Err(invalid(format!(
+                        "{what}, which is a {kind}, not a gate plugin (its manifest must say \
+                         kind = \"gate\")"
+                    )));
+                }
+                Err(e) => return Err(invalid(format!("{what}: {e}"))),
+            }
+        }
+        Ok(())
     }
 
     /// Parses and checks configuration text; `path` is only used in messages.
@@ -660,6 +724,14 @@ impl Config {
                 let mut names = std::collections::BTreeSet::new();
                 for g in &oci.converge_gates {
                     rollout::check_gate(&here, g, &mut names).map_err(&invalid)?;
+                    if let Gate::Plugin { .. } = g {
+                        return Err(invalid(format!(
+                            "{here} gate {:?} is judged by a plugin, which compares a wave \
+                             with its baseline; a publish has neither (every agent follows \
+                             the tag): use a prometheus gate with min or max",
+                            g.name()
+                        )));
+                    }
                     for t in g.templates() {
                         for v in variables(t).map_err(&invalid)? {
                             if !CONVERGE_GATE_VARIABLES.contains(&v) {

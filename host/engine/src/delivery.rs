@@ -246,7 +246,8 @@ impl FleetCheck for FleetGates<'_> {
                 rounds += 1;
                 let mut results = Vec::new();
                 for gate in self.gates {
-                    match waves::evaluate(self.http, gate, &vars, self.timeout).await {
+                    // Plugin gates are refused here when pde.toml is read.
+                    match waves::evaluate(self.http, gate, &vars, self.timeout, None).await {
                         Ok(r) => results.extend(r),
                         Err(e) => return Err(serde_json::json!({"error": e.to_string()})),
                     }

@@ -181,7 +181,9 @@ impl Engine {
         };
         if opts.dry_run {
             // A rollout's waves, each gate evaluated once: nothing is pushed.
-            report.rollout = self.preview_waves(env, &report).await?;
+            report.rollout = self
+                .preview_waves(env, &report, &bundle.payload.policy)
+                .await?;
             return Ok(report);
         }
 

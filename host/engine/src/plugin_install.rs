@@ -79,7 +79,7 @@ pub struct InstallRequest<'a> {
 pub struct Installed {
     /// The manifest's name, and the installed files' stem.
     pub name: String,
-    /// `validator` or `router`.
+    /// `validator`, `router` or `gate`.
     pub kind: PluginKind,
     /// The manifest's version.
     pub version: String,

@@ -461,6 +461,24 @@ fn run(
                 (r.fuel_used, r.peak_memory_bytes, r.elapsed, r.denied)
             })
         }
+        // A review has no metric: the gate is shown judging a wave with no
+        // data, which is what it sees when a query matches nothing.
+        PluginKind::Gate => {
+            let wave = crate::plugin::GateInput {
+                gate: "review".into(),
+                wave: "review".into(),
+                ..Default::default()
+            };
+            host.gate(plugin, input, &call, &wave).map(|r| {
+                out.verdict = serde_json::to_value(r.value.verdict)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default();
+                out.findings = Vec::new();
+                out.routes = vec![format!("no data: {}", r.value.reason)];
+                (r.fuel_used, r.peak_memory_bytes, r.elapsed, r.denied)
+            })
+        }
     };
     match result {
         Ok((fuel, memory, elapsed, denied)) => {

@@ -5,13 +5,16 @@ use crate::diagnostic::{Diagnostic, Severity};
 use crate::sandbox::{self, Sandbox};
 use crate::wit::{self, WorldCall};
 use crate::{
-    CallContext, CallReport, Plugin, PluginError, PluginHost, PolicyInput, Route, ServiceInfo,
+    CallContext, CallReport, GateInput, Judgement, Plugin, PluginError, PluginHost, PolicyInput,
+    Route, ServiceInfo,
 };
 
 /// At most this many diagnostics (or routes) per call.
 pub const MAX_RESULT_ITEMS: usize = 1000;
 /// At most this many bytes of strings in one call's result.
 pub const MAX_RESULT_BYTES: usize = 1024 * 1024;
+/// At most this many named statistics in a gate's judgement.
+pub const MAX_GATE_STATISTICS: usize = 32;
 
 impl PluginHost {
     /// Fails the call when `plugin` tried a denied capability and attempts
@@ -36,7 +39,7 @@ impl PluginHost {
         policy: &PolicyInput,
         ctx: &CallContext,
         args: &C::Args,
-    ) -> Result<(Vec<C::Item>, sandbox::CallStats), PluginError> {
+    ) -> Result<(C::Output, sandbox::CallStats), PluginError> {
         let input = Self::input(plugin, policy, ctx);
         let sandbox = Sandbox {
             engine: &self.engine,
@@ -170,6 +173,48 @@ impl PluginHost {
             })
             .collect();
         Ok(report(value, stats))
+    }
+}
+
+impl PluginHost {
+    /// Runs a gate plugin (`pde:plugin@0.3.0`, world `gate`) on one wave:
+    /// its judgement, with at most [`MAX_GATE_STATISTICS`] statistics, each
+    /// named, and its strings within [`MAX_RESULT_BYTES`].
+    pub fn gate(
+        &self,
+        plugin: &Plugin,
+        policy: &PolicyInput,
+        ctx: &CallContext,
+        input: &GateInput,
+    ) -> Result<CallReport<Judgement>, PluginError> {
+        let (judgement, stats) = self.call_world::<wit::Gate>(plugin, policy, ctx, input)?;
+        let bytes = judgement.reason.len()
+            + judgement
+                .statistics
+                .iter()
+                .map(|(n, _)| n.len())
+                .sum::<usize>();
+        if judgement.statistics.len() > MAX_GATE_STATISTICS {
+            return Err(PluginError::ResultTooLarge {
+                plugin: plugin.name.clone(),
+                what: format!(
+                    "{} statistics, at most {MAX_GATE_STATISTICS} are accepted",
+                    judgement.statistics.len()
+                ),
+            });
+        }
+        check_bounds(&plugin.name, "judgement", 1, bytes)?;
+        if let Some((name, _)) = judgement
+            .statistics
+            .iter()
+            .find(|(n, _)| n.trim().is_empty())
+        {
+            return Err(PluginError::PluginFailed {
+                plugin: plugin.name.clone(),
+                message: format!("it returned a statistic with no name ({name:?})"),
+            });
+        }
+        Ok(report(judgement, stats))
     }
 }
 

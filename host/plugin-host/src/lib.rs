@@ -1,5 +1,5 @@
-//! pde-plugin-host: the WebAssembly sandbox that runs validator and router
-//! plugins (DESIGN §3, §4).
+//! pde-plugin-host: the WebAssembly sandbox that runs validator, router and
+//! gate plugins (DESIGN §3, §4).
 //!
 //! [`PluginHost`] is the facade the pipeline and the CLI use. Loading a plugin
 //! checks, in order and before anything runs: manifest (typos are errors,
@@ -44,14 +44,15 @@ mod types;
 pub mod wit;
 pub mod world;
 
-pub use crate::call::{MAX_RESULT_BYTES, MAX_RESULT_ITEMS};
+pub use crate::call::{MAX_GATE_STATISTICS, MAX_RESULT_BYTES, MAX_RESULT_ITEMS};
 pub use crate::error::PluginError;
 pub use crate::host::{PluginHost, sha256_hex};
 pub(crate) use crate::host::{compile_checked, read};
 pub use crate::limits::Limits;
 pub use crate::listing::{Listing, list_dir};
 pub use crate::types::{
-    ActivePolicy, CallContext, CallReport, Plugin, PluginNotice, PluginSet, PolicyInput, Route,
-    ServiceInfo, SignatureStatus,
+    ActivePolicy, CallContext, CallReport, GateInput, GateVerdict, Judgement, Plugin, PluginNotice,
+    PluginSet, PolicyInput, Route, SampleList, Samples, SamplesFile, Series, ServiceInfo,
+    SignatureStatus,
 };
 pub use crate::world::PluginKind;

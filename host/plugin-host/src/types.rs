@@ -292,3 +292,175 @@ pub struct CallReport<T> {
     /// "tried wasi:sockets: create a TCP socket: denied".
     pub denied: Vec<String>,
 }
+
+/// What one range query returned, as a gate plugin is given it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Samples {
+    /// The query as sent, templated (`""` when the samples came from a file).
+    #[serde(default)]
+    pub query: String,
+    /// Every series returned; empty means no data.
+    #[serde(default)]
+    pub series: Vec<Series>,
+}
+
+impl Samples {
+    /// Every value of every series, series after series.
+    pub fn values(&self) -> impl Iterator<Item = f64> + '_ {
+        self.series
+            .iter()
+            .flat_map(|s| s.samples.iter().map(|&(_, v)| v))
+    }
+
+    /// How many points there are in all.
+    pub fn len(&self) -> usize {
+        self.series.iter().map(|s| s.samples.len()).sum()
+    }
+
+    /// True when no series holds a point.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One series of a range query.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct Series {
+    /// Its labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Its points as `(unix seconds, value)`, oldest first.
+    pub samples: Vec<(f64, f64)>,
+}
+
+/// What a gate plugin judges: one wave after its bake (`pde:plugin@0.3.0`,
+/// world `gate`). The policy and context come with the call.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct GateInput {
+    /// The gate's name in pde.toml.
+    pub gate: String,
+    /// The wave's name.
+    pub wave: String,
+    /// The wave's services.
+    pub services: Vec<String>,
+    /// The digest of the bundle rolled out, `sha256:<hex>`.
+    pub digest: String,
+    /// Start of the window queried, RFC 3339.
+    pub start: String,
+    /// End of the window queried, RFC 3339.
+    pub end: String,
+    /// The resolution asked for, in seconds.
+    pub step_seconds: f64,
+    /// The query's samples for the wave's services.
+    pub wave_samples: Samples,
+    /// The same for the routed services not pushed yet; `None` when none
+    /// are left.
+    pub baseline_samples: Option<Samples>,
+}
+
+/// A gate plugin's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateVerdict {
+    /// Healthy.
+    Pass,
+    /// Worse: the rollout stops.
+    Fail,
+    /// Cannot tell.
+    Inconclusive,
+}
+
+/// A gate plugin's judgement, checked and bounded by the host.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Judgement {
+    /// The verdict.
+    pub verdict: GateVerdict,
+    /// Why, in words.
+    pub reason: String,
+    /// Named numbers it computed, in its order.
+    pub statistics: Vec<(String, f64)>,
+}
+
+/// A samples file for `pde plugin test` on a gate plugin (JSON):
+/// `{"wave": [...], "baseline": [...], "policy": {...}}`, documented in
+/// docs/plugin-authoring.md. Each list is plain values (`[0.1, 0.2]`),
+/// `[unix seconds, value]` pairs, or series objects
+/// (`{"labels": {...}, "samples": [[t, v], ...]}`).
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplesFile {
+    /// The wave's samples.
+    pub wave: SampleList,
+    /// The baseline's; absent or `null` for "no baseline left".
+    #[serde(default)]
+    pub baseline: Option<SampleList>,
+    /// The policy document to pass (absent: `pde plugin test --policy`, or
+    /// a stand-in `{"id": "test", "version": "0.0.0"}`).
+    #[serde(default)]
+    pub policy: Option<serde_json::Value>,
+    /// The bundle digest to pass (default `""`).
+    #[serde(default)]
+    pub digest: String,
+    /// The wave's name (default `wave-1`).
+    #[serde(default)]
+    pub wave_name: Option<String>,
+    /// The wave's services (default none).
+    #[serde(default)]
+    pub services: Vec<String>,
+}
+
+/// One list of a [`SamplesFile`].
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SampleList {
+    /// Plain values: one series, timestamps 0, 1, 2, ….
+    Values(Vec<f64>),
+    /// `[unix seconds, value]` pairs: one series.
+    Points(Vec<(f64, f64)>),
+    /// Whole series.
+    Series(Vec<Series>),
+}
+
+impl From<SampleList> for Samples {
+    fn from(list: SampleList) -> Samples {
+        let series = match list {
+            SampleList::Values(v) => vec![Series {
+                labels: BTreeMap::new(),
+                samples: v
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, v)| (i as f64, v))
+                    .collect(),
+            }],
+            SampleList::Points(p) => vec![Series {
+                labels: BTreeMap::new(),
+                samples: p,
+            }],
+            SampleList::Series(s) => s,
+        };
+        Samples {
+            query: String::new(),
+            series: series
+                .into_iter()
+                .filter(|s| !s.samples.is_empty())
+                .collect(),
+        }
+    }
+}
+
+impl SamplesFile {
+    /// The gate input it describes.
+    pub fn input(&self) -> GateInput {
+        GateInput {
+            gate: "test".into(),
+            wave: self.wave_name.clone().unwrap_or_else(|| "wave-1".into()),
+            services: self.services.clone(),
+            digest: self.digest.clone(),
+            start: String::new(),
+            end: String::new(),
+            step_seconds: 0.0,
+            wave_samples: self.wave.clone().into(),
+            baseline_samples: self.baseline.clone().map(Samples::from),
+        }
+    }
+}

@@ -1,6 +1,6 @@
 //! The plugin worlds: one row of [`WORLDS`] each.
 //!
-//! A world of the `pde:plugin` package (`validator`, `router`) is what a
+//! A world of the `pde:plugin` package (`validator`, `router`, `gate`) is what a
 //! plugin implements: it exports one function, and a manifest names it in
 //! `kind`. Everything the host derives from a world (the manifest's `kind`
 //! values, the kind a component's exports make it, the export it must have
@@ -26,6 +26,8 @@ pub enum PluginKind {
     Validator,
     /// Exports `route`.
     Router,
+    /// Exports `gate` (since `pde:plugin@0.3.0`): judges a rollout's wave.
+    Gate,
 }
 
 /// One world of the `pde:plugin` package.
@@ -51,6 +53,11 @@ pub const WORLDS: &[World] = &[
         kind: PluginKind::Router,
         name: "router",
         export: "route",
+    },
+    World {
+        kind: PluginKind::Gate,
+        name: "gate",
+        export: "gate",
     },
 ];
 
@@ -118,7 +125,7 @@ pub fn no_export_in_words() -> String {
     let exports: Vec<String> = WORLDS.iter().map(|w| format!("`{}`", w.export)).collect();
     match exports.as_slice() {
         [a, b] => format!("neither {a} nor {b}"),
-        _ => format!("none of {}", exports.join(", ")),
+        _ => format!("none of {}", either(&exports)),
     }
 }
 
@@ -128,7 +135,7 @@ mod tests {
 
     #[test]
     fn every_kind_has_one_row_with_unique_names_and_exports() {
-        for kind in [PluginKind::Validator, PluginKind::Router] {
+        for kind in [PluginKind::Validator, PluginKind::Router, PluginKind::Gate] {
             assert_eq!(WORLDS.iter().filter(|w| w.kind == kind).count(), 1);
             assert_eq!(kind.world().kind, kind);
             assert_eq!(PluginKind::from_name(kind.world().name), Some(kind));
@@ -150,9 +157,15 @@ mod tests {
 
     #[test]
     fn words_are_those_the_errors_always_used() {
-        assert_eq!(manifest_kinds(), r#"kind = "validator" or kind = "router""#);
-        assert_eq!(names_in_words(), "`validator` or `router`");
-        assert_eq!(no_export_in_words(), "neither `validate` nor `route`");
+        assert_eq!(
+            manifest_kinds(),
+            r#"kind = "validator", kind = "router" or kind = "gate""#
+        );
+        assert_eq!(names_in_words(), "`validator`, `router` or `gate`");
+        assert_eq!(
+            no_export_in_words(),
+            "none of `validate`, `route` or `gate`"
+        );
     }
 
     #[test]

@@ -9,12 +9,15 @@ include!(concat!(env!("OUT_DIR"), "/artifacts.rs"));
 include!("outer_cargo_env.rs");
 
 /// Every built plugin as `(name, kind, wasm path)`, where `kind` is
-/// `"validator"` or `"router"` (the world the component implements).
+/// `"validator"`, `"router"` or `"gate"` (the world the component
+/// implements).
 ///
 /// `misbehave`, `extra-exports`, `legacy-validator` and `legacy-router`
 /// are test fixtures, listed here too; they are never shipped. The two
-/// `legacy-*` ones are built against `pde:plugin@0.1.0`, every other one
-/// (through the SDK) against 0.2.0.
+/// `legacy-*` ones are built against `pde:plugin@0.1.0`, the
+/// `mann-whitney-gate` example against 0.3.0 (wit-bindgen directly: the
+/// SDK does not wrap the gate world), every other one (through the SDK)
+/// against 0.2.0.
 pub fn all() -> &'static [(&'static str, &'static str, &'static str)] {
     ALL
 }
@@ -73,10 +76,12 @@ mod tests {
 
     #[test]
     fn the_sdk_builds_against_0_2_0_and_the_legacy_fixtures_against_0_1_0() {
-        for &(name, _, path) in all() {
+        for &(name, kind, path) in all() {
             let bytes = std::fs::read(path).unwrap();
             let version = if name.starts_with("legacy-") || name == "extra-exports" {
                 "0.1.0"
+            } else if kind == "gate" {
+                "0.3.0"
             } else {
                 "0.2.0"
             };
@@ -100,10 +105,10 @@ mod tests {
                 continue;
             }
             let bytes = std::fs::read(path).unwrap();
-            let want = if kind == "router" {
-                "route"
-            } else {
-                "validate"
+            let want = match kind {
+                "router" => "route",
+                "gate" => "gate",
+                _ => "validate",
             };
             assert_eq!(top_level_names(&bytes, false), [want], "{name} ({kind})");
         }
@@ -111,7 +116,7 @@ mod tests {
 
     #[test]
     fn every_artifact_is_a_component_on_disk() {
-        assert_eq!(all().len(), 10);
+        assert_eq!(all().len(), 11);
         for &(name, kind, path) in all() {
             let bytes = std::fs::read(path).unwrap();
             assert_eq!(
@@ -119,7 +124,10 @@ mod tests {
                 b"\0asm\x0d\x00\x01\x00",
                 "{name} is not a component"
             );
-            assert!(kind == "validator" || kind == "router", "{name}: {kind}");
+            assert!(
+                ["validator", "router", "gate"].contains(&kind),
+                "{name}: {kind}"
+            );
         }
         assert_eq!(wasm("category-router"), Some(CATEGORY_ROUTER));
         assert_eq!(wasm("nope"), None);
@@ -128,5 +136,6 @@ mod tests {
         assert!(manifest_template("benefit-change").is_some());
         assert!(manifest_template("label-router").is_some());
         assert!(manifest_template("legacy-router").is_none());
+        assert!(manifest_template("mann-whitney-gate").is_some());
     }
 }

@@ -10,8 +10,8 @@ use pde::ExitCode;
 use pde::config::Config;
 use pde::keys::TrustedKeys;
 use pde::plugin::{
-    ActivePolicy, CallContext, Plugin, PluginHost, PluginKind, PolicyInput, ServiceInfo,
-    SignatureStatus,
+    ActivePolicy, CallContext, GateVerdict, Plugin, PluginHost, PluginKind, PolicyInput,
+    SamplesFile, ServiceInfo, SignatureStatus,
 };
 use pde::plugin_workspace::PluginWorkspace;
 use pde::term::Escaped;
@@ -45,9 +45,16 @@ pub enum PluginCmd {
     Test {
         /// A `.wasm` file, or the name of a workspace plugin.
         target: String,
-        /// The policy document (JSON or YAML).
+        /// The policy document (JSON or YAML). Required for validators and
+        /// routers; a gate takes it from `--samples` when not given.
         #[arg(long, value_name = "FILE")]
-        policy: PathBuf,
+        policy: Option<PathBuf>,
+        /// For a gate plugin: the samples to judge, a JSON file
+        /// `{"wave": [...], "baseline": [...], "policy": {...}}`
+        /// (docs/plugin-authoring.md). Exit 0 on pass, 8 on fail or
+        /// inconclusive (what would halt a rollout).
+        #[arg(long, value_name = "FILE")]
+        samples: Option<PathBuf>,
         /// The environment to pass (and, for routers in a workspace, whose
         /// services to offer).
         #[arg(long, value_name = "ENV")]
@@ -150,6 +157,7 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
         PluginCmd::Test {
             target,
             policy,
+            samples,
             env,
             settings,
             services,
@@ -159,8 +167,9 @@ pub fn run(ctx: &Ctx, cmd: PluginCmd) -> CmdResult {
         } => test(
             ctx,
             &target,
-            &policy,
+            policy.as_deref(),
             &TestOptions {
+                samples: samples.as_deref(),
                 env: env.as_deref(),
                 settings: settings.as_deref(),
                 services: services.as_deref(),
@@ -698,6 +707,7 @@ fn read_document(path: &Path) -> Result<serde_json::Value, Failure> {
 
 /// `pde plugin test`'s options beside the target and policy.
 struct TestOptions<'a> {
+    samples: Option<&'a Path>,
     env: Option<&'a str>,
     settings: Option<&'a str>,
     services: Option<&'a Path>,
@@ -909,7 +919,7 @@ fn grouped(n: u64) -> String {
     out
 }
 
-fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> CmdResult {
+fn test(ctx: &Ctx, target: &str, policy_path: Option<&Path>, opts: &TestOptions<'_>) -> CmdResult {
     let env = opts.env;
     let ws = workspace_for(ctx, &[target])?;
     let config = ws.config();
@@ -937,7 +947,32 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
         "pde's defaults, as there is no workspace"
     };
     let offered = opts.services.map(read_services).transpose()?;
-    let policy = read_policy(policy_path)?;
+    let samples = match (plugin.kind, opts.samples) {
+        (PluginKind::Gate, Some(path)) => Some(read_samples(path)?),
+        (PluginKind::Gate, None) => {
+            return Err(Failure::usage(format!(
+                "{} is a gate plugin: give it samples to judge with --samples FILE (see docs/plugin-authoring.md)",
+                plugin.name
+            )));
+        }
+        (kind, Some(_)) => {
+            return Err(Failure::usage(format!(
+                "--samples is for gate plugins; {} is a {kind}",
+                plugin.name
+            )));
+        }
+        (_, None) => None,
+    };
+    let policy = match (policy_path, &samples) {
+        (Some(path), _) => read_policy(path)?,
+        (None, Some(file)) => samples_policy(file)?,
+        (None, None) => {
+            return Err(Failure::usage(format!(
+                "{} is a {}: give it a policy with --policy FILE",
+                plugin.name, plugin.kind
+            )));
+        }
+    };
     let call = CallContext {
         environment: env.unwrap_or_default().to_string(),
         active: opts.active.map(read_active).transpose()?,
@@ -1020,6 +1055,53 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
                 ExitCode::Ok,
             )
         }
+        PluginKind::Gate => {
+            let input = samples.as_ref().map(|f| f.input()).unwrap_or_default();
+            let report = host.gate(&plugin, &policy, &call, &input)?;
+            let j = &report.value;
+            let verdict = serde_json::to_value(j.verdict)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            if !ctx.json {
+                println!(
+                    "samples: wave {}, baseline {}",
+                    input.wave_samples.len(),
+                    input
+                        .baseline_samples
+                        .as_ref()
+                        .map_or("none".to_string(), |b| b.len().to_string())
+                );
+                for (name, value) in &j.statistics {
+                    println!("  {}: {value}", Escaped(name));
+                }
+            }
+            let exit = match j.verdict {
+                GateVerdict::Pass => ExitCode::Ok,
+                GateVerdict::Fail | GateVerdict::Inconclusive => ExitCode::RolloutHalted,
+            };
+            let summary = format!("verdict: {verdict}: {}", Escaped(&j.reason));
+            (
+                serde_json::json!({
+                    "verdict": j.verdict,
+                    "reason": j.reason,
+                    "statistics": j.statistics.iter()
+                        .map(|(k, v)| serde_json::json!({"name": k, "value": v}))
+                        .collect::<Vec<_>>(),
+                    "wave_samples": input.wave_samples.len(),
+                    "baseline_samples": input.baseline_samples.as_ref().map(|b| b.len()),
+                    "summary": summary,
+                }),
+                (
+                    report.fuel_used,
+                    report.peak_memory_bytes,
+                    report.elapsed,
+                    report.log.clone(),
+                    report.denied.clone(),
+                ),
+                exit,
+            )
+        }
     };
     let (fuel_used, peak, elapsed, log, denied) = stats;
     let limits = plugin.limits;
@@ -1043,7 +1125,15 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
             "wit_version": plugin.wit_version.to_string(),
             "active": call.active.as_ref().filter(|_| plugin.sees_active_policy()),
         });
-        for key in ["verdict", "diagnostics", "routes"] {
+        for key in [
+            "verdict",
+            "diagnostics",
+            "routes",
+            "reason",
+            "statistics",
+            "wave_samples",
+            "baseline_samples",
+        ] {
             if let Some(v) = result.get(key) {
                 doc[key] = v.clone();
             }
@@ -1098,6 +1188,38 @@ fn test(ctx: &Ctx, target: &str, policy_path: &Path, opts: &TestOptions<'_>) -> 
     );
     println!("{}", result["summary"].as_str().unwrap_or_default());
     Ok(exit)
+}
+
+/// `--samples`: a gate's samples file (JSON), strictly read.
+fn read_samples(path: &Path) -> Result<SamplesFile, Failure> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading samples {}", path.display()))
+        .map_err(Failure::usage_error)?;
+    serde_json::from_str(&text).map_err(|e| {
+        Failure::usage(format!(
+            "{}: not a samples file ({e}); expected {{\"wave\": [...], \"baseline\": [...], \"policy\": {{...}}}}",
+            path.display()
+        ))
+    })
+}
+
+/// The policy of a samples file, or a stand-in when it has none.
+fn samples_policy(file: &SamplesFile) -> Result<PolicyInput, Failure> {
+    let document = file
+        .policy
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({"id": "test", "version": "0.0.0"}));
+    let text = |k: &str| document.get(k).and_then(|v| v.as_str()).map(str::to_string);
+    match (text("id"), text("version")) {
+        (Some(id), Some(version)) => Ok(PolicyInput {
+            id,
+            version,
+            document,
+        }),
+        _ => Err(Failure::usage(
+            "the samples file's \"policy\" must be a policy object with \"id\" and \"version\"",
+        )),
+    }
 }
 
 /// Which active version the plugin was shown, if `--active` gave one.

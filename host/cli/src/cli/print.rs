@@ -389,6 +389,14 @@ pub fn waves(r: &pde::report::RolloutReport) {
                 pde::term::Escaped(&g.detail)
             );
             println!("      query {}", pde::term::Escaped(&g.query));
+            if !g.statistics.is_empty() {
+                let stats: Vec<String> = g
+                    .statistics
+                    .iter()
+                    .map(|s| format!("{} = {}", pde::term::Escaped(&s.name), s.value))
+                    .collect();
+                println!("      statistics {}", stats.join(", "));
+            }
         }
     }
     if let Some(h) = &r.halted {

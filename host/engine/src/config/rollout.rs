@@ -4,7 +4,8 @@
 //! to them); each is pushed, verified, baked and judged by gates before the
 //! next. Everything that can be wrong with a rollout is refused here, when
 //! `pde.toml` is read (exit 2): a wave that can select nothing, an unknown
-//! `${variable}` in a gate, a Prometheus gate without a bound.
+//! `${variable}` in a gate, a Prometheus gate without a bound, a plugin gate
+//! naming no gate plugin of the workspace.
 
 use serde::{Deserialize, Serialize};
 
@@ -94,9 +95,10 @@ pub enum OnNoData {
     Pass,
 }
 
-/// A gate: an `http` endpoint that must answer (as a readiness check), or a
+/// A gate: an `http` endpoint that must answer (as a readiness check), a
 /// Prometheus query whose value is bounded (`max`, `min`) or compared with
-/// the baseline, the routed services not pushed yet (`baseline`).
+/// the baseline, the routed services not pushed yet (`baseline`), or a gate
+/// plugin judging a range query's samples for the wave and the baseline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Gate {
@@ -140,6 +142,36 @@ pub enum Gate {
         #[serde(default)]
         on_no_data: OnNoData,
     },
+    /// A gate plugin (`pde:plugin@0.3.0`, manifest `kind = "gate"`) judges
+    /// the samples of a Prometheus range query over the wave's bake: the
+    /// query with `${services_regex}` bound to the wave's services, and to
+    /// the baseline's. Its verdict is the gate's; `inconclusive` fails the
+    /// wave unless `on_no_data = "pass"`.
+    Plugin {
+        /// Unique name within the rollout.
+        name: String,
+        /// The gate plugin, by its manifest's `name`.
+        plugin: String,
+        /// The Prometheus base URL; `/api/v1/query_range` is appended.
+        url: String,
+        /// The PromQL query (templated); it must name `${services_regex}`.
+        query: String,
+        /// The range query's resolution (default `"1s"`).
+        #[serde(default = "default_step")]
+        step: String,
+        /// How far back from the end of the bake to look (default: the
+        /// wave's bake).
+        window: Option<String>,
+        /// Environment variable holding a bearer token for Prometheus.
+        token_env: Option<String>,
+        /// What `inconclusive` means (default: fail).
+        #[serde(default)]
+        on_no_data: OnNoData,
+    },
+}
+
+fn default_step() -> String {
+    "1s".into()
 }
 
 /// Canary against baseline: the same query with `${services_regex}` bound
@@ -164,22 +196,35 @@ impl Gate {
     /// The gate's name.
     pub fn name(&self) -> &str {
         match self {
-            Gate::Http { name, .. } | Gate::Prometheus { name, .. } => name,
+            Gate::Http { name, .. } | Gate::Prometheus { name, .. } | Gate::Plugin { name, .. } => {
+                name
+            }
         }
     }
 
-    /// `http` or `prometheus`.
+    /// `http`, `prometheus` or `plugin`.
     pub fn kind(&self) -> &'static str {
         match self {
             Gate::Http { .. } => "http",
             Gate::Prometheus { .. } => "prometheus",
+            Gate::Plugin { .. } => "plugin",
+        }
+    }
+
+    /// The gate plugin it calls, for a `plugin` gate.
+    pub fn plugin(&self) -> Option<&str> {
+        match self {
+            Gate::Plugin { plugin, .. } => Some(plugin),
+            _ => None,
         }
     }
 
     /// What no data means for this gate.
     pub fn on_no_data(&self) -> OnNoData {
         match self {
-            Gate::Http { on_no_data, .. } | Gate::Prometheus { on_no_data, .. } => *on_no_data,
+            Gate::Http { on_no_data, .. }
+            | Gate::Prometheus { on_no_data, .. }
+            | Gate::Plugin { on_no_data, .. } => *on_no_data,
         }
     }
 
@@ -193,15 +238,20 @@ impl Gate {
                 }
                 t
             }
-            Gate::Prometheus { url, query, .. } => vec![url, query],
+            Gate::Prometheus { url, query, .. } | Gate::Plugin { url, query, .. } => {
+                vec![url, query]
+            }
         }
     }
 
-    /// True when the gate is evaluated once per service of the wave.
+    /// True when the gate is evaluated once per service of the wave (never
+    /// a plugin gate, which compares the wave as a whole with the baseline).
     pub fn per_service(&self) -> bool {
-        self.templates()
-            .iter()
-            .any(|t| t.contains("${service}") || t.contains("${service_url}"))
+        !matches!(self, Gate::Plugin { .. })
+            && self
+                .templates()
+                .iter()
+                .any(|t| t.contains("${service}") || t.contains("${service_url}"))
     }
 }
 
@@ -230,6 +280,13 @@ pub fn variables(template: &str) -> Result<Vec<&str>, String> {
 }
 
 impl Rollout {
+    /// Every gate of the rollout: the common ones, then each wave's.
+    pub fn all_gates(&self) -> impl Iterator<Item = &Gate> {
+        self.gates
+            .iter()
+            .chain(self.waves.iter().flat_map(|w| &w.gates))
+    }
+
     /// Checks the rollout against the environment's services; the message
     /// says what is wrong and what to write instead.
     pub fn check(&self, env: &str, services: &[Service]) -> Result<(), String> {
@@ -368,6 +425,34 @@ pub(crate) fn check_gate<'a>(
                     "{what} compares with the baseline, so its query must select services with \
                      ${{services_regex}}"
                 ));
+            }
+        }
+        Gate::Plugin {
+            plugin,
+            url,
+            query,
+            step,
+            window,
+            ..
+        } => {
+            check_url(&what, url)?;
+            if plugin.trim().is_empty() {
+                return Err(format!("{what}: plugin is empty; name a gate plugin"));
+            }
+            if !query.contains("${services_regex}") {
+                return Err(format!(
+                    "{what} compares the wave with the baseline, so its query must select \
+                     services with ${{services_regex}}"
+                ));
+            }
+            let not_a_duration =
+                |k: &str, v: &str| format!("{what}: {k} = {v:?} is not a duration such as \"1s\"");
+            let step_len = parse_duration(step).map_err(|_| not_a_duration("step", step))?;
+            if step_len.is_zero() {
+                return Err(format!("{what}: step must be longer than zero"));
+            }
+            if let Some(w) = window {
+                parse_duration(w).map_err(|_| not_a_duration("window", w))?;
             }
         }
     }

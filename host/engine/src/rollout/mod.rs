@@ -13,6 +13,8 @@
 
 mod run;
 
+use std::time::Duration;
+
 use serde::Serialize;
 use serde_json::json;
 
@@ -197,10 +199,12 @@ impl Engine {
         &self,
         env: &Environment,
         report: &DeployReport,
+        document: &serde_json::Value,
     ) -> Result<Option<RolloutReport>, Error> {
         let Some(rollout) = &env.rollout else {
             return Ok(None);
         };
+        let plugins = self.gate_plugins(rollout)?;
         let names: Vec<String> = report.routes.iter().map(|r| r.service.clone()).collect();
         let mut planned = waves::plan(rollout, &env.services, &names);
         let timeout = self.config.push.timeout();
@@ -222,9 +226,21 @@ impl Engine {
                     .collect(),
                 baseline: later,
             };
+            let judge = plugins.as_deref().map(|plugins| waves::PluginJudge {
+                plugins,
+                policy: crate::plugin::PolicyInput {
+                    id: report.policy_id.clone(),
+                    version: report.version.clone(),
+                    document: document.clone(),
+                },
+                environment: &report.env,
+                bake: Duration::from_millis(planned[i].bake_ms),
+            });
             let mut results = Vec::new();
             for gate in waves::gates_of(rollout, i) {
-                results.extend(waves::evaluate(&self.http, gate, &vars, timeout).await?);
+                results.extend(
+                    waves::evaluate(&self.http, gate, &vars, timeout, judge.as_ref()).await?,
+                );
             }
             planned[i].results = results;
         }
@@ -236,6 +252,18 @@ impl Engine {
             halted: None,
             log: Vec::new(),
         }))
+    }
+
+    /// The workspace's plugins when the rollout has a `plugin` gate (loaded
+    /// and checked as a deploy loads them), else `None`.
+    pub(crate) fn gate_plugins(
+        &self,
+        rollout: &crate::config::Rollout,
+    ) -> Result<Option<std::sync::Arc<crate::plugin::PluginSet>>, Error> {
+        if rollout.all_gates().all(|g| g.plugin().is_none()) {
+            return Ok(None);
+        }
+        Ok(Some(self.plugins()?))
     }
 
     /// Refuses a deploy while a rollout of the policy in the environment
@@ -621,13 +649,22 @@ fn halt_text(h: &serde_json::Value) -> String {
     if let Some(by) = h["aborted_by"].as_str() {
         return format!("aborted by {by}");
     }
+    // A plugin gate is seen through the statistics its plugin computed.
+    let seen = match h["statistics"].as_array() {
+        Some(stats) if !stats.is_empty() => stats
+            .iter()
+            .map(|s| format!("{} = {}", s["name"].as_str().unwrap_or("?"), s["value"]))
+            .collect::<Vec<_>>()
+            .join(", "),
+        _ => h["values"].to_string(),
+    };
     format!(
         "wave {} gate {} was {}: query {} gave {} ({})",
         h["wave"].as_str().unwrap_or("?"),
         h["gate"],
         h["verdict"].as_str().unwrap_or("?"),
         h["query"],
-        h["values"],
+        seen,
         h["detail"].as_str().unwrap_or("")
     )
 }

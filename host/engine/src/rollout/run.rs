@@ -391,9 +391,22 @@ impl Run<'_> {
             baseline: later,
         };
         let timeout = self.engine.config.push.timeout();
+        let plugins = self.engine.gate_plugins(self.rollout)?;
+        let judge = plugins.as_deref().map(|plugins| waves::PluginJudge {
+            plugins,
+            policy: crate::plugin::PolicyInput {
+                id: self.policy_id.to_string(),
+                version: self.version.to_string(),
+                document: self.bundle.payload.policy.clone(),
+            },
+            environment: self.env_name,
+            bake: Duration::from_millis(wave.bake_ms),
+        });
         let mut results: Vec<GateResult> = Vec::new();
         for gate in waves::gates_of(self.rollout, i) {
-            results.extend(waves::evaluate(&self.engine.http, gate, &vars, timeout).await?);
+            results.extend(
+                waves::evaluate(&self.engine.http, gate, &vars, timeout, judge.as_ref()).await?,
+            );
         }
         // One durable append for the wave's results: a gate evaluated per
         // service makes one record per service, and an fsync each would
@@ -406,7 +419,7 @@ impl Run<'_> {
                     json!({"rollout": self.id, "wave": wave.name, "number": wave.number, "gate": r.gate,
                            "kind": r.kind, "service": r.service, "query": r.query, "values": r.values,
                            "baseline": r.baseline, "verdict": r.verdict, "passed": r.passed,
-                           "detail": r.detail})
+                           "detail": r.detail, "statistics": r.statistics})
                 })
                 .collect(),
         )?;
@@ -417,8 +430,17 @@ impl Run<'_> {
         self.report.waves[i].results.extend(results);
         if let Some(r) = failed {
             self.report.waves[i].status = WaveStatus::Failed;
+            let seen = if r.statistics.is_empty() {
+                format!("{:?}", r.values)
+            } else {
+                r.statistics
+                    .iter()
+                    .map(|s| format!("{} = {}", s.name, s.value))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
             let why = format!(
-                "wave {} ({}): gate {:?} {}: query {} gave {:?}: {}",
+                "wave {} ({}): gate {:?} {}: query {} gave {}: {}",
                 wave.number,
                 wave.name,
                 r.gate,
@@ -427,12 +449,13 @@ impl Run<'_> {
                     .and_then(|v| v.as_str().map(str::to_string))
                     .unwrap_or_default(),
                 r.query,
-                r.values,
+                seen,
                 r.detail
             );
             let halted = json!({"wave": wave.name, "number": wave.number, "gate": r.gate,
                                 "query": r.query, "values": r.values, "baseline": r.baseline,
-                                "verdict": r.verdict, "detail": r.detail});
+                                "verdict": r.verdict, "detail": r.detail,
+                                "statistics": r.statistics});
             return Ok(Some(Stop::Halt(halted, why)));
         }
         self.save()?;

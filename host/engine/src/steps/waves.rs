@@ -15,9 +15,13 @@
 //! - **The report names what was seen.** Every gate result carries the
 //!   query as sent (templated), each value, the baseline's, and the bound.
 
+mod judge;
+
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+
+pub use judge::PluginJudge;
 
 use pde_core::{ExitCode, HasExitCode};
 
@@ -127,6 +131,18 @@ pub struct GateResult {
     pub passed: bool,
     /// What was seen, and the bound, in words.
     pub detail: String,
+    /// What a gate plugin computed (a `plugin` gate), in its order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub statistics: Vec<Statistic>,
+}
+
+/// A named number a gate plugin computed, e.g. `p-value`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Statistic {
+    /// Its name.
+    pub name: String,
+    /// Its value (finite: others are left out).
+    pub value: f64,
 }
 
 /// Where a wave is.
@@ -285,15 +301,19 @@ fn render(template: &str, vars: &Vars<'_>, service: Option<(&str, &str)>, set: &
 
 /// Evaluates `gate` for the wave described by `vars`: once, or once per
 /// service of the wave when the gate names `${service}`. Each request is
-/// asked once, bounded by `timeout`.
+/// asked once, bounded by `timeout`. A `plugin` gate is judged by its
+/// plugin through `judge`.
 pub async fn evaluate(
     client: &reqwest::Client,
     gate: &Gate,
     vars: &Vars<'_>,
     timeout: Duration,
+    judge: Option<&PluginJudge<'_>>,
 ) -> Result<Vec<GateResult>, RolloutError> {
     let token = match gate {
-        Gate::Http { token_env, .. } | Gate::Prometheus { token_env, .. } => token_env
+        Gate::Http { token_env, .. }
+        | Gate::Prometheus { token_env, .. }
+        | Gate::Plugin { token_env, .. } => token_env
             .as_ref()
             .map(|var| {
                 pde_core::secret::from_env(var).ok_or_else(|| RolloutError::MissingToken {
@@ -372,6 +392,10 @@ pub async fn evaluate(
                     }
                     result(gate, q, values, base, verdict, detail)
                 }
+                Gate::Plugin { url, .. } => {
+                    let target = Target::new(gate.name(), url, token);
+                    judge::plugin_gate(client, gate, vars, timeout, &target, judge).await
+                }
             };
             r.service = service.map(|(n, _)| n.to_string());
             r
@@ -403,6 +427,7 @@ fn result(
         verdict,
         passed,
         detail,
+        statistics: Vec::new(),
     }
 }
 

@@ -31,12 +31,14 @@
 //! |---|---|---|
 //! | [`since_v0_1_0`] | 0.1.x | validators, routers, `host.log` |
 //! | [`since_v0_2_0`] | 0.2.x | `context.active`: the policy active in the target environment |
+//! | [`since_v0_3_0`] | 0.3.x | the `gate` world: judge a rollout's wave from a metric's samples |
 
 pub mod since_v0_1_0;
 pub mod since_v0_2_0;
+pub mod since_v0_3_0;
 
 /// The newest version module, which older shims forward to.
-pub use since_v0_2_0 as latest;
+pub use since_v0_3_0 as latest;
 
 use std::any::Any;
 use std::sync::LazyLock;
@@ -47,6 +49,7 @@ use wasmtime::component::{Component, Linker};
 
 use super::sandbox::{CallStats, HostState, Sandbox};
 use crate::PluginError;
+use crate::types::{GateInput, Judgement};
 use crate::world::PluginKind;
 
 /// The WIT package every plugin implements.
@@ -70,7 +73,11 @@ pub struct VersionModule {
 pub type Bind = fn(&Linker<HostState>, &Component) -> Result<Prepared, String>;
 
 /// Every version module, oldest first.
-pub const VERSIONS: &[VersionModule] = &[since_v0_1_0::MODULE, since_v0_2_0::MODULE];
+pub const VERSIONS: &[VersionModule] = &[
+    since_v0_1_0::MODULE,
+    since_v0_2_0::MODULE,
+    since_v0_3_0::MODULE,
+];
 
 /// The `MIN_VERSION` of every version module, oldest first.
 pub static SUPPORTED: LazyLock<Vec<Version>> =
@@ -113,9 +120,9 @@ pub(crate) fn prepare_as<P>(
     world(pre).map_err(|e| format!("{e:#}"))
 }
 
-/// What a shim's call returns: the plugin's own `result<list<T>, string>`
-/// with its costs, or the named way the call failed.
-pub type Called<T> = Result<(Result<Vec<T>, String>, CallStats), PluginError>;
+/// What a shim's call returns: the plugin's own `result<T, string>` with
+/// its costs, or the named way the call failed.
+pub type Called<T> = Result<(Result<T, String>, CallStats), PluginError>;
 
 /// Policy and context of one call, independent of the WIT version.
 #[derive(Debug, Clone)]
@@ -207,15 +214,15 @@ impl Linkers {
 }
 
 /// The "call" of a world, independent of the WIT version: what its function
-/// takes beyond the policy and its context, and what its result list holds.
+/// takes beyond the policy and its context, and what it returns.
 /// Each shim converts these to and from its version's types.
 pub trait WorldCall: 'static {
     /// The world.
     const KIND: PluginKind;
     /// What the function takes beyond the policy and its context.
     type Args: ?Sized + 'static;
-    /// One item of the list it returns.
-    type Item: 'static;
+    /// What it returns when it does not fail (`ok` of its `result`).
+    type Output: 'static;
 }
 
 /// `validate(policy, context) -> result<list<diagnostic>, string>`.
@@ -224,7 +231,7 @@ pub enum Validate {}
 impl WorldCall for Validate {
     const KIND: PluginKind = PluginKind::Validator;
     type Args = ();
-    type Item = RawDiagnostic;
+    type Output = Vec<RawDiagnostic>;
 }
 
 /// `route(policy, context, services) -> result<list<route>, string>`.
@@ -233,13 +240,22 @@ pub enum Route {}
 impl WorldCall for Route {
     const KIND: PluginKind = PluginKind::Router;
     type Args = [RawService];
-    type Item = RawRoute;
+    type Output = Vec<RawRoute>;
+}
+
+/// `gate(policy, context, gate-input) -> result<judgement, string>` (since 0.3.0).
+pub enum Gate {}
+
+impl WorldCall for Gate {
+    const KIND: PluginKind = PluginKind::Gate;
+    type Args = GateInput;
+    type Output = Judgement;
 }
 
 /// How a shim calls its world: instantiate in a fresh sandbox, call, and
 /// convert the result to the version-independent types.
 type CallFn<C> = Box<
-    dyn Fn(&Sandbox<'_>, &CallInput, &<C as WorldCall>::Args) -> Called<<C as WorldCall>::Item>
+    dyn Fn(&Sandbox<'_>, &CallInput, &<C as WorldCall>::Args) -> Called<<C as WorldCall>::Output>
         + Send
         + Sync,
 >;
@@ -256,7 +272,7 @@ pub struct Prepared {
 impl Prepared {
     /// A component bound as world `C`, called by `call`.
     pub fn new<C: WorldCall>(
-        call: impl Fn(&Sandbox<'_>, &CallInput, &C::Args) -> Called<C::Item> + Send + Sync + 'static,
+        call: impl Fn(&Sandbox<'_>, &CallInput, &C::Args) -> Called<C::Output> + Send + Sync + 'static,
     ) -> Prepared {
         let call: CallFn<C> = Box::new(call);
         Prepared {
@@ -276,7 +292,7 @@ impl Prepared {
         sandbox: &Sandbox<'_>,
         input: &CallInput,
         args: &C::Args,
-    ) -> Option<Called<C::Item>> {
+    ) -> Option<Called<C::Output>> {
         let call = self.call.downcast_ref::<CallFn<C>>()?;
         Some(call(sandbox, input, args))
     }
@@ -394,7 +410,11 @@ mod tests {
             Some(&since_v0_2_0::MIN_VERSION)
         );
         // Unknown versions, older or newer, bind to nothing.
-        assert_eq!(select(&Version::new(0, 3, 0)), None);
+        assert_eq!(
+            select(&Version::new(0, 3, 1)),
+            Some(&since_v0_3_0::MIN_VERSION)
+        );
+        assert_eq!(select(&Version::new(0, 4, 0)), None);
         assert_eq!(select(&Version::new(0, 0, 9)), None);
         assert_eq!(select(&Version::new(1, 0, 0)), None);
     }
@@ -405,7 +425,8 @@ mod tests {
         assert!(!carries_active_policy(&Version::new(0, 1, 9)));
         assert!(carries_active_policy(&Version::new(0, 2, 0)));
         assert!(carries_active_policy(&Version::new(0, 2, 3)));
-        assert!(!carries_active_policy(&Version::new(0, 3, 0)));
+        assert!(carries_active_policy(&Version::new(0, 3, 0)));
+        assert!(!carries_active_policy(&Version::new(0, 4, 0)));
     }
 
     #[test]

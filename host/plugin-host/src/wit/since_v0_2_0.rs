@@ -1,25 +1,24 @@
-//! Bindings for `pde:plugin@0.2.0` (wit/v0.2.0/plugin.wit), the newest
-//! contract: the context carries the policy active in the target environment.
+//! Bindings for `pde:plugin@0.2.0` (wit/v0.2.0/plugin.wit).
 //!
-//! This is the one implementation of the contract. It translates between the
-//! 0.2.0 types and the version-independent ones of [`super`], and older
-//! shims (`since_v0_1_0`) translate their types onto these and call the
-//! functions here, as Zed's extension host forwards `since_v0_X` to `latest`.
-//! Nothing in this module checks anything: limits, capability denial, result
-//! bounds and attribution live once, below every shim, in
-//! [`crate::sandbox`] and the [`crate::PluginHost`] facade (Zed's
-//! issue #55533 is what happens when a shim keeps its own copy).
+//! A shim, in the manner of Zed's `since_v0_X` modules: it converts the
+//! 0.2.0 types to and from those of the newest version ([`latest`]) and
+//! forwards to it, so there is one implementation of `host.log` and of the
+//! translation into the version-independent types of [`super`]. It never
+//! checks anything itself: limits, capability denial, result bounds and
+//! attribution live once, below every shim, in [`crate::sandbox`] and the
+//! [`crate::PluginHost`] facade.
+//!
+//! What 0.2.0 lacks: the `gate` world (0.3.0). Its validators and routers
+//! see exactly what 0.3.0's do, the active policy included.
 
 use semver::Version;
 use wasmtime::Engine;
 use wasmtime::component::{Component, HasSelf, Linker};
 
-use super::{
-    CallInput, Prepared, RawDiagnostic, RawRoute, RawService, RawSeverity, Route, Validate,
-    VersionModule,
-};
+use super::latest;
+use super::{Prepared, Route, Validate, VersionModule};
 use crate::PluginError;
-use crate::sandbox::{HostState, LogLevel};
+use crate::sandbox::HostState;
 use crate::world::PluginKind;
 
 /// The oldest plugin WIT version this module binds.
@@ -57,22 +56,84 @@ mod router_world {
     });
 }
 
-// Crate-visible: the older shims convert to these types.
-pub(crate) use validator_world::pde::plugin::{host, types};
+use validator_world::pde::plugin::{host, types};
 
 impl types::Host for HostState {}
 
 impl host::Host for HostState {
-    /// `host.log` of every version ends here, then in [`HostState::log`].
     fn log(&mut self, level: host::Level, message: String) {
-        let level = match level {
-            host::Level::Error => LogLevel::Error,
-            host::Level::Warn => LogLevel::Warn,
-            host::Level::Info => LogLevel::Info,
-            host::Level::Debug => LogLevel::Debug,
-            host::Level::Trace => LogLevel::Trace,
-        };
-        HostState::log(self, level, &message);
+        latest::host::Host::log(self, level.into(), message);
+    }
+}
+
+impl From<host::Level> for latest::host::Level {
+    fn from(level: host::Level) -> Self {
+        match level {
+            host::Level::Error => latest::host::Level::Error,
+            host::Level::Warn => latest::host::Level::Warn,
+            host::Level::Info => latest::host::Level::Info,
+            host::Level::Debug => latest::host::Level::Debug,
+            host::Level::Trace => latest::host::Level::Trace,
+        }
+    }
+}
+
+impl From<latest::types::Policy> for types::Policy {
+    fn from(p: latest::types::Policy) -> Self {
+        types::Policy {
+            id: p.id,
+            version: p.version,
+            document: p.document,
+        }
+    }
+}
+
+impl From<latest::types::Context> for types::Context {
+    fn from(c: latest::types::Context) -> Self {
+        types::Context {
+            environment: c.environment,
+            settings: c.settings,
+            active: c.active.map(|a| types::ActivePolicy {
+                version: a.version,
+                digest: a.digest,
+                deployed_at: a.deployed_at,
+                document: a.document,
+            }),
+        }
+    }
+}
+
+impl From<latest::types::Service> for types::Service {
+    fn from(s: latest::types::Service) -> Self {
+        types::Service {
+            name: s.name,
+            tags: s.tags,
+            labels: s.labels,
+        }
+    }
+}
+
+impl From<types::Diagnostic> for latest::types::Diagnostic {
+    fn from(d: types::Diagnostic) -> Self {
+        latest::types::Diagnostic {
+            severity: match d.severity {
+                types::Severity::Error => latest::types::Severity::Error,
+                types::Severity::Warning => latest::types::Severity::Warning,
+                types::Severity::Info => latest::types::Severity::Info,
+            },
+            path: d.path,
+            code: d.code,
+            message: d.message,
+        }
+    }
+}
+
+impl From<types::Route> for latest::types::Route {
+    fn from(r: types::Route) -> Self {
+        latest::types::Route {
+            service: r.service,
+            reason: r.reason,
+        }
     }
 }
 
@@ -84,73 +145,22 @@ fn linker(engine: &Engine) -> Result<Linker<HostState>, PluginError> {
     })
 }
 
-/// The call's policy as this version passes it.
-pub(crate) fn policy(input: &CallInput) -> types::Policy {
-    types::Policy {
-        id: input.id.clone(),
-        version: input.version.clone(),
-        document: input.document.clone(),
-    }
-}
-
-/// The call's context as this version passes it, active policy included.
-pub(crate) fn context(input: &CallInput) -> types::Context {
-    types::Context {
-        environment: input.environment.clone(),
-        settings: input.settings.clone(),
-        active: input.active.as_ref().map(|a| types::ActivePolicy {
-            version: a.version.clone(),
-            digest: a.digest.clone(),
-            deployed_at: a.deployed_at.clone(),
-            document: a.document.clone(),
-        }),
-    }
-}
-
-/// A service as this version passes it.
-pub(crate) fn service(s: &RawService) -> types::Service {
-    types::Service {
-        name: s.name.clone(),
-        tags: s.tags.clone(),
-        labels: s.labels.clone(),
-    }
-}
-
-/// A diagnostic of this version, before the host checks and attributes it.
-pub(crate) fn raw_diagnostic(d: types::Diagnostic) -> RawDiagnostic {
-    RawDiagnostic {
-        severity: match d.severity {
-            types::Severity::Error => RawSeverity::Error,
-            types::Severity::Warning => RawSeverity::Warning,
-            types::Severity::Info => RawSeverity::Info,
-        },
-        path: d.path,
-        code: d.code,
-        message: d.message,
-    }
-}
-
-/// A route of this version, before the host checks it.
-pub(crate) fn raw_route(r: types::Route) -> RawRoute {
-    RawRoute {
-        service: r.service,
-        reason: r.reason,
-    }
-}
-
 /// World `validator`: `validate`, called in a fresh instance each time.
 fn validator(linker: &Linker<HostState>, component: &Component) -> Result<Prepared, String> {
     let pre = super::prepare_as(linker, component, validator_world::ValidatorPre::new)?;
     Ok(Prepared::new::<Validate>(move |sandbox, input, &()| {
-        let (p, c) = (policy(input), context(input));
+        let p: types::Policy = latest::policy(input).into();
+        let c: types::Context = latest::context(input).into();
         let (out, stats) = sandbox.run(async |store| {
             let instance = pre.instantiate_async(&mut *store).await?;
             instance.call_validate(&mut *store, &p, &c).await
         })?;
-        Ok((
-            out.map(|list| list.into_iter().map(raw_diagnostic).collect()),
-            stats,
-        ))
+        let out = out.map(|list| {
+            list.into_iter()
+                .map(|d| latest::raw_diagnostic(d.into()))
+                .collect()
+        });
+        Ok((out, stats))
     }))
 }
 
@@ -158,15 +168,19 @@ fn validator(linker: &Linker<HostState>, component: &Component) -> Result<Prepar
 fn router(linker: &Linker<HostState>, component: &Component) -> Result<Prepared, String> {
     let pre = super::prepare_as(linker, component, router_world::RouterPre::new)?;
     Ok(Prepared::new::<Route>(move |sandbox, input, services| {
-        let (p, c) = (policy(input), context(input));
-        let services: Vec<types::Service> = services.iter().map(service).collect();
+        let p: types::Policy = latest::policy(input).into();
+        let c: types::Context = latest::context(input).into();
+        let services: Vec<types::Service> =
+            services.iter().map(|s| latest::service(s).into()).collect();
         let (out, stats) = sandbox.run(async |store| {
             let instance = pre.instantiate_async(&mut *store).await?;
             instance.call_route(&mut *store, &p, &c, &services).await
         })?;
-        Ok((
-            out.map(|list| list.into_iter().map(raw_route).collect()),
-            stats,
-        ))
+        let out = out.map(|list| {
+            list.into_iter()
+                .map(|r| latest::raw_route(r.into()))
+                .collect()
+        });
+        Ok((out, stats))
     }))
 }
