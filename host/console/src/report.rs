@@ -102,11 +102,15 @@ pub fn render(engine: &Engine, opts: &ReportOptions) -> Result<(Report, String),
         let mut page = policy::page(engine, &row.policy_id, &all_records, None, None)?;
         page.envs
             .retain(|env, _| opts.env.as_ref().is_none_or(|e| e == env));
+        page.rollouts
+            .retain(|r| opts.env.as_ref().is_none_or(|e| *e == r.env));
         if let Some(s) = &since {
             for rows in page.envs.values_mut() {
                 rows.retain(|h| h.finished_at.as_str() >= s.as_str());
             }
             page.envs.retain(|_, rows| !rows.is_empty());
+            page.rollouts
+                .retain(|r| docs::seconds(&r.updated_at).as_str() >= s.as_str());
         }
         policies.push(page);
     }
