@@ -204,6 +204,8 @@ fn demo() -> Demo {
                 dest.to_str().unwrap(),
                 "--key",
                 ws.join("keys/security-team.ed25519").to_str().unwrap(),
+                "--signer",
+                "HMS Security Team",
             ],
         );
         assert_eq!(code(&o), 0, "{}", both(&o));
@@ -521,7 +523,10 @@ fn the_console_and_the_report_show_the_demo_drift_a_diff_and_a_broken_chain() {
         // untrusted key shows as unsigned.
         c.goto(&format!("{}/plugins", console.url)).await.unwrap();
         let row = text(&c, "tr[data-plugin='pii-guard'] td.signature").await;
-        assert!(row.starts_with("signed by"), "{row}");
+        assert!(
+            row.starts_with("signed by HMS Security Team (key "),
+            "{row}"
+        );
         let o = pde(ws, &["keygen", "--for", "plugin", "--out", "untrusted"]);
         assert_eq!(code(&o), 0, "{}", both(&o));
         let o = pde(

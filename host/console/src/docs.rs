@@ -625,8 +625,18 @@ pub struct AuditPage {
 
 /// Builds the audit page.
 pub fn audit(engine: &Engine, filter: AuditFilter) -> AuditPage {
+    audit_of(engine, filter, engine.audit().records())
+}
+
+/// [`audit`] over records already read (`engine.audit().records()`), so a
+/// caller that needs them too reads the log once.
+pub fn audit_of(
+    engine: &Engine,
+    filter: AuditFilter,
+    records: Result<Vec<AuditRecord>, AuditError>,
+) -> AuditPage {
     let verification = verification(engine);
-    let (records, records_error) = match engine.audit().records() {
+    let (records, records_error) = match records {
         Ok(r) => (r, None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
