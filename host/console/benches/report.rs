@@ -12,7 +12,8 @@
 //! - `report-html`: what `pde report --html FILE` does: open the engine
 //!   read-only, build the report (which verifies the chain), write the file.
 //!
-//! Run: `cargo bench -p pde-console --bench report`. Under `cargo test
+//! Run: `cargo bench --workspace --bench report` (not `-p pde-console`,
+//! which builds shared dependencies with other features). Under `cargo test
 //! --benches` (criterion's test mode, scripts/test.sh) the chain has 2,000
 //! records, so the smoke run stays short.
 // Test code: a failed unwrap is a failed test, with its location.
