@@ -105,4 +105,8 @@ echo
 echo "==> pde audit verify"
 "$pde" audit verify
 echo
+echo "==> pde report --html report.html (overview, histories, rollouts, the audit chain: one offline file)"
+"$pde" report --html report.html
+echo
 echo "workspace kept at $work (tags: git -C $work tag -l)"
+echo "web console: $pde -C $work serve   (then open http://127.0.0.1:8470/; report: $work/report.html)"

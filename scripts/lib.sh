@@ -61,8 +61,7 @@ example_workspace() {
             cp "$wasm" "plugins/$name.wasm"
             sum=$(sha256sum "plugins/$name.wasm" | cut -d' ' -f1)
             { echo "sha256 = \"$sum\""; grep -v '^sha256' "$root/plugins/$name/$name.toml"; } > "plugins/$name.toml"
-            "$pde" plugin sign "plugins/$name.wasm" --key keys/security-team.ed25519 \
-                --signer "HMS security team" >/dev/null
+            "$pde" plugin sign "plugins/$name.wasm" --key keys/security-team.ed25519 --signer "HMS Security Team" >/dev/null
         done
         git init -q
         git add -A

@@ -204,6 +204,8 @@ fn demo() -> Demo {
                 dest.to_str().unwrap(),
                 "--key",
                 ws.join("keys/security-team.ed25519").to_str().unwrap(),
+                "--signer",
+                "HMS Security Team",
             ],
         );
         assert_eq!(code(&o), 0, "{}", both(&o));
@@ -288,6 +290,57 @@ async fn assert_scripts_off(c: &Client) {
     assert!(t.contains("Scripts are off"), "{t}");
 }
 
+/// Presses Tab once, wherever the focus is.
+async fn tab(c: &Client) {
+    use fantoccini::actions::{InputSource, KeyAction, KeyActions};
+    let key = '\u{e004}';
+    let press = KeyActions::new("keyboard".into())
+        .then(KeyAction::Down { value: key })
+        .then(KeyAction::Up { value: key });
+    c.perform_actions(press).await.unwrap();
+}
+
+/// Keyboard navigation of the current page: no positive `tabindex` (which
+/// would reorder the page), every link and control is reached by Tab in
+/// document order, and Tab from the last one moves on (no trap).
+async fn assert_keyboard_reaches_every_control(c: &Client, page: &str) {
+    // Start from the top of the document, nothing focused.
+    c.refresh().await.unwrap();
+    for e in c.find_all(Locator::Css("[tabindex]")).await.unwrap() {
+        let t = e.attr("tabindex").await.unwrap().unwrap_or_default();
+        assert!(
+            t.trim().parse::<i32>().is_ok_and(|t| t <= 0),
+            "{page}: tabindex={t} reorders the keyboard path"
+        );
+    }
+    let controls = c
+        .find_all(Locator::Css(
+            "a[href], button, input:not([type=hidden]), select, textarea, summary",
+        ))
+        .await
+        .unwrap();
+    assert!(!controls.is_empty(), "{page}: nothing to reach");
+    for (i, want) in controls.iter().enumerate() {
+        tab(c).await;
+        let got = c.active_element().await.unwrap();
+        assert_eq!(
+            got.element_id(),
+            want.element_id(),
+            "{page}: Tab #{} reached {:?}, not {:?}",
+            i + 1,
+            got.html(false).await.unwrap_or_default(),
+            want.html(false).await.unwrap_or_default()
+        );
+    }
+    tab(c).await;
+    let after = c.active_element().await.unwrap();
+    assert_ne!(
+        after.element_id(),
+        controls.last().unwrap().element_id(),
+        "{page}: focus is trapped on the last control"
+    );
+}
+
 fn get_json(url: &str, accept_json: bool) -> Value {
     support::runtime().block_on(async {
         let mut req = reqwest::Client::new().get(url);
@@ -343,6 +396,46 @@ fn the_console_and_the_report_show_the_demo_drift_a_diff_and_a_broken_chain() {
         get_json(&format!("{}/api/plugins", console.url), false),
         support::json(&plugins)
     );
+    let listed = support::json(&plugins);
+    let guard = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "pii-guard")
+        .unwrap();
+    // The imports and what pde grants are `pde plugin inspect`'s, though
+    // listing compiles nothing.
+    let inspect = pde(ws, &["--output", "json", "plugin", "inspect", "pii-guard"]);
+    assert_eq!(code(&inspect), 0, "{}", both(&inspect));
+    let sorted = |v: &Value| {
+        let mut v = v.as_array().unwrap().clone();
+        v.sort_by_key(|c| c["import"].as_str().unwrap().to_string());
+        v
+    };
+    assert_eq!(
+        sorted(&guard["imports"]),
+        sorted(&support::json(&inspect)["capabilities"])
+    );
+    let denied: Vec<&str> = guard["imports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["granted"] == false)
+        .map(|i| i["import"].as_str().unwrap())
+        .collect();
+    assert!(
+        denied.iter().any(|i| i.starts_with("wasi:cli/environment")),
+        "{guard:#}"
+    );
+    let page = get_json(&format!("{}/plugins", console.url), true);
+    let row = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "pii-guard")
+        .unwrap();
+    assert_eq!(row["denied"], json!(denied), "{row:#}");
+    assert_eq!(row["imports"], guard["imports"], "{row:#}");
 
     let driver = Driver::start();
     support::runtime().block_on(async {
@@ -369,6 +462,7 @@ fn the_console_and_the_report_show_the_demo_drift_a_diff_and_a_broken_chain() {
         body.send_keys("\u{e004}").await.unwrap();
         let active = c.active_element().await.unwrap();
         assert_eq!(active.text().await.unwrap(), "Skip to content");
+        assert_keyboard_reaches_every_control(&c, "overview").await;
 
         // A changed rule: 42 v1.3.1 with a new income limit, deployed to dev.
         let path = ws.join("policies/42.json");
@@ -398,6 +492,7 @@ fn the_console_and_the_report_show_the_demo_drift_a_diff_and_a_broken_chain() {
         assert!(dev.contains("legal-counsel"), "approvals shown: {dev}");
         assert!(dev.contains("policy/42/v1.3.1/dev"), "tag shown: {dev}");
         shot(&c, &shots, "policy").await;
+        assert_keyboard_reaches_every_control(&c, "policy").await;
 
         // Drift: production's HMS-API loses 42 behind pde's back.
         let (_, _, api) = demo
@@ -428,7 +523,12 @@ fn the_console_and_the_report_show_the_demo_drift_a_diff_and_a_broken_chain() {
         // untrusted key shows as unsigned.
         c.goto(&format!("{}/plugins", console.url)).await.unwrap();
         let row = text(&c, "tr[data-plugin='pii-guard'] td.signature").await;
-        assert!(row.starts_with("signed by"), "{row}");
+        assert!(
+            row.starts_with(
+                "signed by HMS Security Team with key keys/security-team.ed25519.pub ("
+            ),
+            "{row}"
+        );
         let o = pde(ws, &["keygen", "--for", "plugin", "--out", "untrusted"]);
         assert_eq!(code(&o), 0, "{}", both(&o));
         let o = pde(
@@ -448,7 +548,21 @@ fn the_console_and_the_report_show_the_demo_drift_a_diff_and_a_broken_chain() {
         assert!(row.starts_with("UNSIGNED"), "{row}");
         let other = text(&c, "tr[data-plugin='effective-date'] td.signature").await;
         assert!(other.starts_with("signed by"), "{other}");
+        // What each imports, and what pde denies it: the environment is
+        // linked but empty.
+        let denied = text(&c, "tr[data-plugin='pii-guard'] td.denied").await;
+        assert!(denied.contains("wasi:cli/environment"), "{denied}");
+        assert!(
+            !denied.contains("wasi:cli/stdout"),
+            "granted, not denied: {denied}"
+        );
+        let summary = text(&c, "tr[data-plugin='pii-guard'] td.imports summary").await;
+        assert!(
+            summary.contains("import(s)") && summary.contains("denied"),
+            "{summary}"
+        );
         shot(&c, &shots, "plugins").await;
+        assert_keyboard_reaches_every_control(&c, "plugins").await;
 
         // Timeline: an inline SVG, and its counts as a table.
         c.goto(&format!("{}/timeline", console.url)).await.unwrap();
@@ -479,6 +593,7 @@ fn the_console_and_the_report_show_the_demo_drift_a_diff_and_a_broken_chain() {
             2,
             "one deployed record per policy in production"
         );
+        assert_keyboard_reaches_every_control(&c, "audit").await;
         c.close().await.unwrap();
     });
 
@@ -639,5 +754,119 @@ fn off_loopback_the_console_needs_a_token() {
             .unwrap()
             .to_string();
         assert!(csp.starts_with("default-src 'none'"), "{csp}");
+    });
+}
+
+/// A workspace whose production deploys go out in two waves judged by an
+/// HTTP gate against the real agents.
+fn rollout_workspace(gate_path: &str) -> (support::Workspace, Vec<String>) {
+    let ws = support::Workspace::new("");
+    let urls: Vec<String> = ["S0", "S1"].iter().map(|s| ws.agent(s)).collect();
+    let services: Vec<support::Svc> = ["S0", "S1"]
+        .into_iter()
+        .zip(&urls)
+        .map(|(name, url)| support::Svc {
+            name,
+            url: url.clone(),
+            tags: &["api"],
+        })
+        .collect();
+    let toml = std::fs::read_to_string(ws.root().join("pde.toml")).unwrap()
+        + &support::Workspace::env_toml("production", "", &services)
+        + &rollout_toml(gate_path);
+    std::fs::write(ws.root().join("pde.toml"), toml).unwrap();
+    ws.commit("two waves, an HTTP gate");
+    (ws, urls)
+}
+
+fn rollout_toml(gate_path: &str) -> String {
+    format!(
+        "[environments.production.rollout]\npoll_ms = 100\n\
+         [[environments.production.rollout.gates]]\nkind = \"http\"\nname = \"serves-digest\"\n\
+         url = \"${{service_url}}{gate_path}\"\njson_field = \"/digest\"\nequals = \"${{digest}}\"\n\
+         [[environments.production.rollout.waves]]\nname = \"canary\"\ncount = 1\nbake = \"0s\"\n\
+         [[environments.production.rollout.waves]]\nname = \"rest\"\nbake = \"0s\"\n"
+    )
+}
+
+#[test]
+fn the_policy_page_shows_each_rollouts_waves_and_gate_results() {
+    let (ws, _urls) = rollout_workspace("/active/${policy_id}");
+    let root = ws.root();
+    // 1.0.0 passes both waves; 1.0.1 fails its canary's gate (the gate asks
+    // a path the agent does not serve) and is sent back: exit 8.
+    let o = pde(root, &["deploy", "42", "--env", "production"]);
+    assert_eq!(code(&o), 0, "{}", both(&o));
+    ws.write_policy("42.json", &support::policy_42("1.0.1").to_string());
+    let toml = std::fs::read_to_string(root.join("pde.toml")).unwrap();
+    std::fs::write(
+        root.join("pde.toml"),
+        toml.replace("/active/${policy_id}", "/no-such-path/${policy_id}"),
+    )
+    .unwrap();
+    ws.commit("1.0.1, a gate that cannot pass");
+    let o = pde(root, &["deploy", "42", "--env", "production"]);
+    assert_eq!(code(&o), 8, "{}", both(&o));
+
+    let console = Console::start(root, &["--live-every", "0"], &[]);
+    let page = get_json(&format!("{}/api/policies/42", console.url), false);
+    let rollouts = page["rollouts"].as_array().unwrap();
+    assert_eq!(rollouts.len(), 2, "{page:#}");
+    let (failed, passed) = (&rollouts[0], &rollouts[1]);
+    assert_eq!(passed["status"], "deployed", "{passed:#}");
+    assert_eq!(passed["version"], "1.0.0");
+    for w in passed["report"]["waves"].as_array().unwrap() {
+        assert_eq!(w["status"], "passed", "{w:#}");
+        assert_eq!(w["results"][0]["gate"], "serves-digest", "{w:#}");
+        assert_eq!(w["results"][0]["verdict"], "pass", "{w:#}");
+    }
+    assert_eq!(failed["status"], "rolled-back", "{failed:#}");
+    let canary = &failed["report"]["waves"][0];
+    assert_eq!(canary["results"][0]["passed"], false, "{canary:#}");
+    assert_eq!(failed["report"]["waves"][1]["status"], "pending");
+    // Each deployment names the rollout that delivered it.
+    let history = &page["envs"]["production"];
+    assert_eq!(history[0]["rollout"], failed["id"], "{history:#}");
+    assert_eq!(history[1]["rollout"], passed["id"], "{history:#}");
+    // The CLI's history lists the same rollouts from the same function.
+    let h = pde(root, &["history", "42"]);
+    let text_h = String::from_utf8_lossy(&h.stdout);
+    assert!(
+        text_h.contains("wave 1 canary") && text_h.contains("FAILS THE WAVE"),
+        "{text_h}"
+    );
+
+    let driver = Driver::start();
+    support::runtime().block_on(async {
+        let c = driver.session(false, false).await;
+        c.goto(&format!("{}/policies/42", console.url))
+            .await
+            .unwrap();
+        assert_scripts_off(&c).await;
+        let id = failed["id"].as_i64().unwrap();
+        let table = text(&c, &format!("#rollout-{id}")).await;
+        assert!(
+            table.contains("rolled-back")
+                && table.contains("1 canary")
+                && table.contains("serves-digest")
+                && table.contains("FAILS THE WAVE"),
+            "{table}"
+        );
+        let ok = text(&c, &format!("#rollout-{}", passed["id"])).await;
+        assert!(
+            ok.contains("deployed") && ok.contains("pass (passed)"),
+            "{ok}"
+        );
+        assert!(!ok.contains("FAILS"), "{ok}");
+        // The history row links to its rollout's waves.
+        let link = c
+            .find(Locator::Css(&format!(
+                "table.history a[href='#rollout-{id}']"
+            )))
+            .await
+            .unwrap();
+        assert_eq!(link.text().await.unwrap(), format!("rollout {id}"));
+        shot(&c, &root.join("screenshots"), "policy-rollout").await;
+        c.close().await.unwrap();
     });
 }

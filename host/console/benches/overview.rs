@@ -7,7 +7,9 @@
 //! - `overview-html`: what `GET /` does: the overview document (status,
 //!   leases, freezes, the matrix) rendered by the askama template.
 //!
-//! Run: `cargo bench -p pde-console --bench overview`.
+//! Run: `cargo bench --workspace --bench overview` (the workspace form:
+//! `-p pde-console` alone builds tokio, hyper-util and others with other
+//! features, so it rebuilds most of the tree).
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used, missing_docs)]
 

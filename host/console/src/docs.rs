@@ -125,6 +125,69 @@ pub fn history_json(entries: &[HistoryEntry]) -> Vec<Value> {
     entries.iter().map(HistoryEntry::json).collect()
 }
 
+/// One progressive rollout of a policy (issue 22): what `pde history`
+/// lists wave by wave, and the policy page shows beside its deployments.
+#[derive(Debug, Clone, Serialize)]
+pub struct RolloutView {
+    /// Its id in the state.
+    pub id: Option<i64>,
+    /// The environment.
+    pub env: String,
+    /// The version rolled out.
+    pub version: String,
+    /// The bundle's digest.
+    pub digest: String,
+    /// `running`, `paused`, `deployed`, `rolled-back`, `aborted` or
+    /// `needs-attention`.
+    pub status: String,
+    /// Who started it.
+    pub actor: String,
+    /// When it started (RFC 3339).
+    pub started_at: String,
+    /// When it last changed (RFC 3339).
+    pub updated_at: String,
+    /// Its waves and every gate result; `None` when the stored report
+    /// cannot be read (then `error` says why).
+    pub report: Option<pde::report::RolloutReport>,
+    /// Why the stored report could not be read.
+    pub error: Option<String>,
+}
+
+/// The rollouts of a policy (in `env`, or every environment), newest
+/// first, as the state keeps them.
+pub fn rollouts(
+    engine: &Engine,
+    policy_id: &str,
+    env: Option<&str>,
+) -> Result<Vec<RolloutView>, pde::Error> {
+    Ok(engine
+        .state()
+        .rollouts(policy_id, env)?
+        .into_iter()
+        .map(|r| {
+            let (report, error) = match serde_json::from_value(r.doc) {
+                Ok(report) => (Some(report), None),
+                Err(e) => (
+                    None,
+                    Some(format!("the stored rollout report is unreadable: {e}")),
+                ),
+            };
+            RolloutView {
+                id: r.id,
+                env: r.env,
+                version: r.version,
+                digest: r.digest,
+                status: r.status,
+                actor: r.actor,
+                started_at: r.started_at,
+                updated_at: r.updated_at,
+                report,
+                error,
+            }
+        })
+        .collect())
+}
+
 /// An RFC 3339 time cut to whole seconds (`2026-…T10:00:00.123Z` →
 /// `2026-…T10:00:00Z`), for people and for ordering.
 pub fn seconds(ts: &str) -> String {
@@ -562,8 +625,18 @@ pub struct AuditPage {
 
 /// Builds the audit page.
 pub fn audit(engine: &Engine, filter: AuditFilter) -> AuditPage {
+    audit_of(engine, filter, engine.audit().records())
+}
+
+/// [`audit`] over records already read (`engine.audit().records()`), so a
+/// caller that needs them too reads the log once.
+pub fn audit_of(
+    engine: &Engine,
+    filter: AuditFilter,
+    records: Result<Vec<AuditRecord>, AuditError>,
+) -> AuditPage {
     let verification = verification(engine);
-    let (records, records_error) = match engine.audit().records() {
+    let (records, records_error) = match records {
         Ok(r) => (r, None),
         Err(e) => (Vec::new(), Some(e.to_string())),
     };
@@ -618,6 +691,7 @@ pub fn plugins_json(listing: &[pde::plugin::Listing]) -> Vec<Value> {
                 "signed": matches!(p.signature, pde::plugin::SignatureStatus::Valid { .. }),
                 "signature": p.signature,
                 "description": p.description,
+                "imports": p.imports,
             })
         })
         .collect()
@@ -638,6 +712,12 @@ pub struct PluginView {
     pub limits: Option<Value>,
     /// Its settings from the manifest.
     pub settings: Value,
+    /// The imports pde denies it (empty files, no sockets, no
+    /// environment), by name: what `pde plugin inspect` lists as not granted.
+    pub denied: Vec<String>,
+    /// Every import and what pde does with it (also in `listed`).
+    #[serde(skip)]
+    pub imports: Vec<pde::plugin::inspect::Capability>,
 }
 
 /// The plugins page: every installed plugin with its signature status.
@@ -673,12 +753,20 @@ pub fn plugins(engine: &Engine) -> Result<Vec<PluginView>, pde::Error> {
                     .and_then(|l| serde_json::to_value(l).ok())
             });
             let settings = manifest.map(|m| m.settings_json()).unwrap_or(Value::Null);
+            let denied = p
+                .imports
+                .iter()
+                .filter(|c| !c.granted)
+                .map(|c| c.import.clone())
+                .collect();
             PluginView {
                 listed,
                 signature_text,
                 signed,
                 limits,
                 settings,
+                denied,
+                imports: p.imports.clone(),
             }
         })
         .collect())

@@ -12,6 +12,8 @@
 //! Templates (askama) and the stylesheet are compiled into the binary; no
 //! page loads anything from anywhere, and none needs a script.
 
+#[cfg(test)]
+mod contrast;
 pub mod docs;
 pub mod policy;
 pub mod report;

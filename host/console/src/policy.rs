@@ -9,7 +9,7 @@ use pde::state::TargetRecord;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::docs::{self, HistoryEntry, POLICY_SCHEMA, TIMELINE_SCHEMA, seconds};
+use crate::docs::{self, HistoryEntry, POLICY_SCHEMA, RolloutView, TIMELINE_SCHEMA, seconds};
 
 /// One approval of the version deployed.
 #[derive(Debug, Clone, Serialize)]
@@ -49,6 +49,9 @@ pub struct HistoryView {
     pub targets: Vec<TargetRecord>,
     /// Why it was refused.
     pub reason: Option<String>,
+    /// The id of the progressive rollout that delivered it, whose waves
+    /// and gate results are in [`PolicyPage::rollouts`].
+    pub rollout: Option<i64>,
 }
 
 /// A version that can be compared.
@@ -114,6 +117,16 @@ pub struct PolicyPage {
     pub diff: Option<PolicyDiff>,
     /// What `pde history ID --output json` prints.
     pub history: Vec<Value>,
+    /// Its progressive rollouts, newest first: waves and gate results (what
+    /// `pde history ID` lists wave by wave).
+    pub rollouts: Vec<RolloutView>,
+}
+
+impl PolicyPage {
+    /// The rollouts in `env`, newest first.
+    pub fn rollouts_in(&self, env: &str) -> Vec<&RolloutView> {
+        self.rollouts.iter().filter(|r| r.env == env).collect()
+    }
 }
 
 /// Builds a policy's page; `from`/`to` pick the versions to compare (by
@@ -126,6 +139,7 @@ pub fn page(
     to: Option<&str>,
 ) -> Result<PolicyPage, pde::Error> {
     let entries = docs::history(engine, policy_id, records)?;
+    let rollouts = docs::rollouts(engine, policy_id, None)?;
     let tags: BTreeSet<String> = engine
         .audit_anchors()
         .unwrap_or_default()
@@ -159,6 +173,7 @@ pub fn page(
                     tag: tags.contains(&tag).then_some(tag),
                     targets: d.targets.clone(),
                     reason: None,
+                    rollout: rollout_of(&rollouts, d),
                 }
             }
             HistoryEntry::Refused(r) => HistoryView {
@@ -173,9 +188,15 @@ pub fn page(
                 tag: None,
                 targets: Vec::new(),
                 reason: Some(r.reason.clone()),
+                rollout: None,
             },
         };
         envs.entry(e.env().to_string()).or_default().push(view);
+    }
+    // A rollout still running has no finished deployment yet: its
+    // environment is shown all the same.
+    for r in &rollouts {
+        envs.entry(r.env.clone()).or_default();
     }
     let pick = |want: Option<&str>, default: Option<&VersionRef>| match want {
         Some(w) => versions
@@ -201,7 +222,23 @@ pub fn page(
         versions,
         diff,
         history: docs::history_json(&entries),
+        rollouts,
     })
+}
+
+/// The rollout that delivered deployment `d`: same environment, version
+/// and digest, started while `d` ran (the deployment is begun just before
+/// its first wave); the latest such, should there be several.
+fn rollout_of(rollouts: &[RolloutView], d: &pde::state::DeploymentRecord) -> Option<i64> {
+    rollouts
+        .iter()
+        .filter(|r| r.env == d.env && r.version == d.version && r.digest == d.digest)
+        .filter(|r| {
+            seconds(&r.started_at) >= seconds(&d.started_at)
+                && seconds(&r.started_at) <= seconds(&d.finished_at)
+        })
+        .max_by(|a, b| a.started_at.cmp(&b.started_at))
+        .and_then(|r| r.id)
 }
 
 type Bundles = BTreeMap<String, Result<pde::bundle::Bundle, String>>;
@@ -414,6 +451,15 @@ pub fn timeline(engine: &Engine, records: &[AuditRecord]) -> Result<Timeline, pd
     })
 }
 
+/// The timeline's bar colours: successes, rollbacks, failures. Each stands
+/// out from the page at 3:1 at least (WCAG 1.4.11), and rollbacks and
+/// failures are hatched too, so colour is never the only sign.
+pub const BAR_FILLS: [(&str, &str); 3] = [
+    ("succeeded", "#1b7f3b"),
+    ("rolled back", "#a87400"),
+    ("failed", "#b3261e"),
+];
+
 /// The timeline as an inline SVG: one lane per environment, one stacked
 /// bar per day (successes, rollbacks, failures), each with a `<title>` in
 /// words and the counts in text beside the chart.
@@ -458,11 +504,14 @@ pub fn timeline_svg(t: &Timeline) -> String {
             let x = label + bar * x as u32 + 2;
             let mut y = base;
             let scale = |n: u32| n * (lane - 24) / max;
-            for (n, fill, overlay, what) in [
-                (c.successes, "#1b7f3b", None, "succeeded"),
-                (c.rollbacks, "#c98a00", Some("hatch"), "rolled back"),
-                (c.failures, "#b3261e", Some("cross"), "failed"),
-            ] {
+            for ((n, overlay), (what, fill)) in [
+                (c.successes, None),
+                (c.rollbacks, Some("hatch")),
+                (c.failures, Some("cross")),
+            ]
+            .into_iter()
+            .zip(BAR_FILLS)
+            {
                 if n == 0 {
                     continue;
                 }

@@ -95,21 +95,28 @@ pub fn render(engine: &Engine, opts: &ReportOptions) -> Result<(Report, String),
         since: since.clone(),
         ..AuditFilter::default()
     };
-    let audit = docs::audit(engine, filter);
-    let all_records = engine.audit().records().unwrap_or_default();
+    // The log is read once: the histories need every record, the audit
+    // section those the filter keeps.
+    let records = engine.audit().records();
+    let all_records = records.as_deref().unwrap_or_default();
     let mut policies = Vec::new();
     for row in &overview.policies {
-        let mut page = policy::page(engine, &row.policy_id, &all_records, None, None)?;
+        let mut page = policy::page(engine, &row.policy_id, all_records, None, None)?;
         page.envs
             .retain(|env, _| opts.env.as_ref().is_none_or(|e| e == env));
+        page.rollouts
+            .retain(|r| opts.env.as_ref().is_none_or(|e| *e == r.env));
         if let Some(s) = &since {
             for rows in page.envs.values_mut() {
                 rows.retain(|h| h.finished_at.as_str() >= s.as_str());
             }
             page.envs.retain(|_, rows| !rows.is_empty());
+            page.rollouts
+                .retain(|r| docs::seconds(&r.updated_at).as_str() >= s.as_str());
         }
         policies.push(page);
     }
+    let audit = docs::audit_of(engine, filter, records);
     let workspace_commit = pde::vcs::Repo::discover(engine.root())
         .ok()
         .and_then(|r| r.head_commit().ok());

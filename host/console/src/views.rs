@@ -160,6 +160,25 @@ impl PluginView {
     }
 }
 
+/// A serde unit enum (a wave's status, a gate's verdict) as its
+/// kebab-case name.
+pub(crate) fn label<T: serde::Serialize>(v: T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// A wave status's colour; the word is always shown beside it.
+pub(crate) fn wave_css(s: &pde::steps::waves::WaveStatus) -> &'static str {
+    use pde::steps::waves::WaveStatus;
+    match s {
+        WaveStatus::Passed => "ok",
+        WaveStatus::Pending | WaveStatus::Baking | WaveStatus::Paused => "warn",
+        WaveStatus::Failed | WaveStatus::RolledBack => "bad",
+    }
+}
+
 /// The overview page's HTML (what `GET /` answers), for callers that
 /// render without the server (the rendering benchmark).
 pub fn overview_html(o: &Overview) -> Result<String, askama::Error> {

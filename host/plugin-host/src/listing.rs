@@ -6,6 +6,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::host::{precheck, read, sha256_hex};
+use crate::inspect::{Capability, capability};
 use crate::world::PluginKind;
 use crate::{Limits, PluginError, SignatureStatus, discovery, signature, wit};
 use pde_core::keys::TrustedKeys;
@@ -29,6 +30,10 @@ pub struct Listing {
     pub signature: SignatureStatus,
     /// The manifest's description.
     pub description: String,
+    /// Every interface the component imports and what the host does with
+    /// it (granted, or denied and why), as `pde plugin inspect` says it;
+    /// read from the component's import names, nothing compiled.
+    pub imports: Vec<Capability>,
 }
 
 /// Lists the plugins of `dir`, sorted by name, without compiling or
@@ -59,8 +64,8 @@ pub fn list_dir(
             }
             precheck(&m.name, &bytes)?;
             let signature = signature::status(&found.wasm, Some(m), &sha256, trusted);
-            let names = top_level_names(&bytes);
-            let versions = wit::versions_named(names.iter().map(String::as_str));
+            let (imports, exports) = top_level_names(&bytes);
+            let versions = wit::versions_named(imports.iter().chain(&exports).map(String::as_str));
             let wit_version = versions
                 .last()
                 .cloned()
@@ -73,16 +78,19 @@ pub fn list_dir(
                 wit_version,
                 signature,
                 description: m.description.clone(),
+                imports: imports.iter().map(|i| capability(i)).collect(),
             })
         })
         .collect()
 }
 
 /// The import and export names of the outer component (not of the modules
-/// and components nested in it), read without compiling it.
-fn top_level_names(bytes: &[u8]) -> Vec<String> {
+/// and components nested in it), read without compiling it: `(imports,
+/// exports)`, the imports without type imports.
+fn top_level_names(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
     use wasmparser::Payload;
-    let mut names = Vec::new();
+    let mut imports = Vec::new();
+    let mut exports = Vec::new();
     let mut depth = 0usize;
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
         let Ok(payload) = payload else { break };
@@ -90,15 +98,17 @@ fn top_level_names(bytes: &[u8]) -> Vec<String> {
             Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
             Payload::End(_) => depth = depth.saturating_sub(1),
             Payload::ComponentImportSection(reader) if depth == 0 => {
-                names.extend(
-                    reader
-                        .into_iter()
-                        .flatten()
-                        .map(|i| i.name.name.to_string()),
-                );
+                // Type imports (the world's `use`d types) are names, not
+                // capabilities: the host links nothing behind them, and
+                // `pde plugin inspect` does not list them either.
+                for i in reader.into_iter().flatten() {
+                    if !matches!(i.ty, wasmparser::ComponentTypeRef::Type(_)) {
+                        imports.push(i.name.name.to_string());
+                    }
+                }
             }
             Payload::ComponentExportSection(reader) if depth == 0 => {
-                names.extend(
+                exports.extend(
                     reader
                         .into_iter()
                         .flatten()
@@ -108,5 +118,5 @@ fn top_level_names(bytes: &[u8]) -> Vec<String> {
             _ => {}
         }
     }
-    names
+    (imports, exports)
 }

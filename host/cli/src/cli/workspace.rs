@@ -346,7 +346,10 @@ pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
         println!("policy {} has never been deployed", args.id);
     }
     // Rollouts, wave by wave (issue 22), newest first.
-    for r in engine.state().rollouts(&args.id, None)? {
+    // The same rows as the console's policy page.
+    let rollouts =
+        docs::rollouts(engine.inner(), &args.id, None).map_err(|e| Failure::engine(ctx, e))?;
+    for r in rollouts {
         println!(
             "{}  {:<12} v{:<9} rollout {:<8} {} by {}",
             print::seconds(&r.updated_at),
@@ -356,8 +359,8 @@ pub fn history(ctx: &Ctx, args: HistoryArgs) -> CmdResult {
             r.digest,
             r.actor
         );
-        if let Ok(report) = serde_json::from_value::<pde::report::RolloutReport>(r.doc) {
-            print::waves(&report);
+        if let Some(report) = &r.report {
+            print::waves(report);
         }
     }
     for e in entries {
