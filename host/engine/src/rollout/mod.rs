@@ -108,11 +108,15 @@ impl Engine {
             }
             Some(rollout) => {
                 let names: Vec<String> = d.routed.iter().map(|t| t.service.clone()).collect();
+                // What every service holds before the rollout, stored with
+                // its first record: what a rollback or an abort sends each
+                // back to, even after a kill in the middle of a push.
+                let previous = run::previous_holdings(self, d.policy_id, &d.routed).await;
                 let report = RolloutReport {
                     id: None,
                     status: "running".into(),
                     waves: waves::plan(rollout, &d.env.services, &names),
-                    previous: Default::default(),
+                    previous,
                     halted: None,
                     log: Vec::new(),
                 };

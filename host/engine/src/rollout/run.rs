@@ -40,6 +40,27 @@ pub(crate) struct Run<'a> {
     pub targets: Vec<TargetReport>,
 }
 
+/// What each of `targets` holds of `policy_id` now, by service; a service
+/// that does not answer is left out (its push fails too, and its record
+/// then says what it held, if anything).
+pub(crate) async fn previous_holdings(
+    engine: &Engine,
+    policy_id: &str,
+    targets: &[Target],
+) -> std::collections::BTreeMap<String, Option<String>> {
+    let held = futures::future::join_all(
+        targets
+            .iter()
+            .map(|t| push::get_active(&engine.http, t, policy_id, &engine.config.push)),
+    )
+    .await;
+    targets
+        .iter()
+        .zip(held)
+        .filter_map(|(t, held)| Some((t.service.clone(), held.ok()?.map(|a| a.digest))))
+        .collect()
+}
+
 /// Why a rollout stopped before its end.
 enum Stop {
     /// A gate failed, a push failed, or a person aborted: send everything back.
@@ -151,6 +172,8 @@ impl Run<'_> {
             self.save()?;
             return Ok(None);
         }
+        // The push's audit record, when it goes with the gate results.
+        let mut unrecorded = None;
         // Pushed before a resume (baking or paused): verified again, not re-sent.
         if wave.status == WaveStatus::Pending {
             self.note(
@@ -175,12 +198,17 @@ impl Run<'_> {
                     .or_insert_with(|| t.previous_digest.clone());
             }
             self.targets.extend(pushed.targets.iter().cloned());
-            self.audit.record(
-                Event::WavePushed,
-                json!({"rollout": self.id, "wave": wave.name, "number": wave.number,
-                       "digest": self.bundle.digest, "outcome": pushed.outcome,
-                       "targets": pushed.targets}),
-            )?;
+            let record = json!({"rollout": self.id, "wave": wave.name, "number": wave.number,
+                                "digest": self.bundle.digest, "outcome": pushed.outcome,
+                                "targets": pushed.targets});
+            if pushed.outcome == Outcome::Deployed && wave.bake_ms == 0 && !wave.pause {
+                // Appended with the wave's gate results, in one durable
+                // step: with no bake, nothing happens between the two that
+                // a record of the push alone would serve.
+                unrecorded = Some(record);
+            } else {
+                self.audit.record(Event::WavePushed, record)?;
+            }
             if pushed.outcome != Outcome::Deployed {
                 self.report.waves[i].status = WaveStatus::Failed;
                 let why = format!(
@@ -214,9 +242,12 @@ impl Run<'_> {
         }
         if self.report.waves[i].status == WaveStatus::Baking {
             if let Some(stop) = self.bake(i).await? {
+                if let Some(record) = unrecorded {
+                    self.audit.record(Event::WavePushed, record)?;
+                }
                 return Ok(Some(stop));
             }
-            if let Some(stop) = self.judge(i).await? {
+            if let Some(stop) = self.judge(i, unrecorded).await? {
                 return Ok(Some(stop));
             }
             if wave.pause {
@@ -248,32 +279,23 @@ impl Run<'_> {
         Ok(None)
     }
 
-    /// Reads and saves what each of `targets` holds before its wave is
-    /// pushed. The push step reads it too, but only a process that lives to
-    /// the end of the push keeps it: one killed mid-push leaves services
-    /// that already hold the new digest, and a rollback after the resume
-    /// (or an abort) must still send them back to what they held before.
+    /// Saves what each of `targets` holds before its wave is pushed, where
+    /// the rollout's start could not read it (a service unreachable then).
+    /// The push step reads it too, but only a process that lives to the end
+    /// of the push keeps it: one killed mid-push leaves services that
+    /// already hold the new digest, and a rollback after the resume (or an
+    /// abort) must still send them back to what they held before.
     async fn remember_previous(&mut self, targets: &[Target]) -> Result<(), Error> {
-        let unknown: Vec<&Target> = targets
+        let unknown: Vec<Target> = targets
             .iter()
             .filter(|t| !self.report.previous.contains_key(&t.service))
+            .cloned()
             .collect();
-        let (engine, policy_id) = (self.engine, self.policy_id);
-        let held = futures::future::join_all(
-            unknown
-                .iter()
-                .map(|t| push::get_active(&engine.http, t, policy_id, &engine.config.push)),
-        )
-        .await;
-        for (t, held) in unknown.into_iter().zip(held) {
-            // Unreachable now: the push fails on it too, and its record
-            // then says what it held, if anything.
-            if let Ok(active) = held {
-                self.report
-                    .previous
-                    .insert(t.service.clone(), active.map(|a| a.digest));
-            }
+        if unknown.is_empty() {
+            return Ok(());
         }
+        let held = previous_holdings(self.engine, self.policy_id, &unknown).await;
+        self.report.previous.extend(held);
         self.save()
     }
 
@@ -371,8 +393,49 @@ impl Run<'_> {
     }
 
     /// Every gate of wave `i`, evaluated once after its bake.
-    async fn judge(&mut self, i: usize) -> Result<Option<Stop>, Error> {
+    /// Evaluates wave `i`'s gates and records each result, after `pushed`
+    /// (the wave's push record, when it was held back to share the append).
+    async fn judge(
+        &mut self,
+        i: usize,
+        pushed: Option<serde_json::Value>,
+    ) -> Result<Option<Stop>, Error> {
         let wave = self.report.waves[i].clone();
+        let results = match self.evaluate_gates(i, &wave).await {
+            Ok(results) => results,
+            Err(e) => {
+                if let Some(record) = pushed {
+                    self.audit.record(Event::WavePushed, record)?;
+                }
+                return Err(e);
+            }
+        };
+        // One durable append for the wave's results: a gate evaluated per
+        // service makes one record per service, and an fsync each would
+        // cost more than the gates themselves.
+        let records = pushed
+            .map(|record| (Event::WavePushed, record))
+            .into_iter()
+            .chain(results.iter().map(|r| {
+                (
+                    Event::GateEvaluated,
+                    json!({"rollout": self.id, "wave": wave.name, "number": wave.number, "gate": r.gate,
+                           "kind": r.kind, "service": r.service, "query": r.query, "values": r.values,
+                           "baseline": r.baseline, "verdict": r.verdict, "passed": r.passed,
+                           "detail": r.detail, "statistics": r.statistics}),
+                )
+            }))
+            .collect();
+        self.audit.record_each(records)?;
+        self.settle(i, &wave, results)
+    }
+
+    /// Every gate of wave `i`, evaluated.
+    async fn evaluate_gates(
+        &self,
+        i: usize,
+        wave: &waves::WaveReport,
+    ) -> Result<Vec<GateResult>, Error> {
         let later: Vec<&str> = self.report.waves[i + 1..]
             .iter()
             .flat_map(|w| w.services.iter().map(String::as_str))
@@ -408,21 +471,16 @@ impl Run<'_> {
                 waves::evaluate(&self.engine.http, gate, &vars, timeout, judge.as_ref()).await?,
             );
         }
-        // One durable append for the wave's results: a gate evaluated per
-        // service makes one record per service, and an fsync each would
-        // cost more than the gates themselves.
-        self.audit.record_all(
-            Event::GateEvaluated,
-            results
-                .iter()
-                .map(|r| {
-                    json!({"rollout": self.id, "wave": wave.name, "number": wave.number, "gate": r.gate,
-                           "kind": r.kind, "service": r.service, "query": r.query, "values": r.values,
-                           "baseline": r.baseline, "verdict": r.verdict, "passed": r.passed,
-                           "detail": r.detail, "statistics": r.statistics})
-                })
-                .collect(),
-        )?;
+        Ok(results)
+    }
+
+    /// Takes wave `i`'s recorded gate results: a stop if one failed.
+    fn settle(
+        &mut self,
+        i: usize,
+        wave: &waves::WaveReport,
+        results: Vec<GateResult>,
+    ) -> Result<Option<Stop>, Error> {
         for r in &results {
             self.note("gate", serde_json::to_value(r).unwrap_or_default());
         }

@@ -105,14 +105,20 @@ impl<'a> Recorder<'a> {
         event: Event,
         data: Vec<Value>,
     ) -> Result<Vec<AuditRecord>, RecordError> {
+        self.record_each(data.into_iter().map(|d| (event, d)).collect())
+    }
+
+    /// Appends one record per `(event, data)`, in order, in one durable
+    /// step. Nothing in a dry run.
+    pub fn record_each(&self, items: Vec<(Event, Value)>) -> Result<Vec<AuditRecord>, RecordError> {
         match self.lock {
             Some(lock) => lock.check("recording to the audit log")?,
             None if self.unlocked => {}
             None => return Ok(Vec::new()),
         }
-        let entries = data
+        let entries = items
             .into_iter()
-            .map(|data| AuditEntry {
+            .map(|(event, data)| AuditEntry {
                 event,
                 policy_id: self.policy_id.to_string(),
                 env: self.env.to_string(),
