@@ -529,7 +529,12 @@ pub struct FirstBad {
 
 /// Runs `pde audit verify` and states the result.
 pub fn verification(engine: &Engine) -> Verification {
-    match engine.verify_audit() {
+    verification_of(engine.verify_audit())
+}
+
+/// States the result of `pde audit verify`.
+fn verification_of(verified: Result<pde::audit::VerifyReport, pde::Error>) -> Verification {
+    match verified {
         Ok(report) => Verification {
             status: "intact",
             report: Some(report),
@@ -625,17 +630,20 @@ pub struct AuditPage {
 
 /// Builds the audit page.
 pub fn audit(engine: &Engine, filter: AuditFilter) -> AuditPage {
-    audit_of(engine, filter, engine.audit().records())
+    let (verified, records) = engine.verify_audit_reading();
+    audit_of(engine, filter, verified, records)
 }
 
-/// [`audit`] over records already read (`engine.audit().records()`), so a
-/// caller that needs them too reads the log once.
+/// [`audit`] over a verification and the records it read
+/// ([`Engine::verify_audit_reading`]), so a caller that needs the records
+/// too reads and parses the log once.
 pub fn audit_of(
     engine: &Engine,
     filter: AuditFilter,
+    verified: Result<pde::audit::VerifyReport, pde::Error>,
     records: Result<Vec<AuditRecord>, AuditError>,
 ) -> AuditPage {
-    let verification = verification(engine);
+    let verification = verification_of(verified);
     let (records, records_error) = match records {
         Ok(r) => (r, None),
         Err(e) => (Vec::new(), Some(e.to_string())),

@@ -95,9 +95,9 @@ pub fn render(engine: &Engine, opts: &ReportOptions) -> Result<(Report, String),
         since: since.clone(),
         ..AuditFilter::default()
     };
-    // The log is read once: the histories need every record, the audit
-    // section those the filter keeps.
-    let records = engine.audit().records();
+    // The log is read and parsed once, by the verification: the histories
+    // need every record, the audit section those the filter keeps.
+    let (verified, records) = engine.verify_audit_reading();
     let all_records = records.as_deref().unwrap_or_default();
     let mut policies = Vec::new();
     for row in &overview.policies {
@@ -116,7 +116,7 @@ pub fn render(engine: &Engine, opts: &ReportOptions) -> Result<(Report, String),
         }
         policies.push(page);
     }
-    let audit = docs::audit_of(engine, filter, records);
+    let audit = docs::audit_of(engine, filter, verified, records);
     let workspace_commit = pde::vcs::Repo::discover(engine.root())
         .ok()
         .and_then(|r| r.head_commit().ok());

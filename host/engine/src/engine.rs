@@ -365,13 +365,50 @@ impl Engine {
     /// `pde audit verify`: the chain, the head, every release tag's recorded
     /// audit head, and the head's signature by the workspace key.
     pub fn verify_audit(&self) -> Result<crate::audit::VerifyReport, Error> {
+        self.verify_audit_reading().0
+    }
+
+    /// [`Engine::verify_audit`], handing back the records it read too: a
+    /// caller that also shows them (the console's report) then reads and
+    /// parses a long log once for both.
+    pub fn verify_audit_reading(
+        &self,
+    ) -> (
+        Result<crate::audit::VerifyReport, Error>,
+        Result<Vec<crate::audit::AuditRecord>, crate::audit::AuditError>,
+    ) {
+        let records = self.audit.records();
+        let verified = match &records {
+            Ok(all) => self.verify_audit_of(all),
+            // The chain check names the first bad line; it cannot pass a
+            // log whose lines are not records.
+            Err(_) => self
+                .audit_verifying_key()
+                .and_then(|key| {
+                    Ok(self
+                        .audit
+                        .verify_anchored(&self.audit_anchors()?, key.as_ref())?)
+                })
+                .and_then(|_| {
+                    Err(crate::audit::AuditError::Anchor {
+                        reason: "the log's records cannot be read".into(),
+                    }
+                    .into())
+                }),
+        };
+        (verified, records)
+    }
+
+    fn verify_audit_of(
+        &self,
+        records: &[crate::audit::AuditRecord],
+    ) -> Result<crate::audit::VerifyReport, Error> {
         let key = self.audit_verifying_key()?;
         let report = self
             .audit
             .verify_anchored(&self.audit_anchors()?, key.as_ref())?;
         // The state is a second witness: what it says happened must be in
         // the chain, or a cut tail hides behind a restored head.
-        let records = self.audit.records()?;
         let mut policies: std::collections::BTreeSet<String> =
             records.iter().map(|r| r.policy_id.clone()).collect();
         policies.extend(self.state.status(None)?.into_iter().map(|e| e.policy_id));
@@ -379,7 +416,7 @@ impl Engine {
         let mut missing = Vec::new();
         for policy_id in policies.iter().filter(|p| !p.is_empty()) {
             let history = self.state.history(policy_id)?;
-            missing.extend(crate::bookkeeping::unrecorded(&history, &records));
+            missing.extend(crate::bookkeeping::unrecorded(&history, records));
         }
         if let Some(first) = missing.first() {
             return Err(crate::audit::AuditError::Anchor {
