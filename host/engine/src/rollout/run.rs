@@ -268,10 +268,13 @@ impl Run<'_> {
         }
         self.report.waves[i].status = WaveStatus::Passed;
         self.report.status = "running".into();
-        // Not saved here: the next durable write follows at once (the next
-        // wave's saved previous holdings, or the rollout's end), and a
-        // process killed before it resumes by judging or pushing this wave
-        // again, which changes nothing it had done.
+        // A wave with a bake or a pause is saved as passed, so a resume
+        // starts after it. One with neither took no time worth keeping: it
+        // is saved with the next write, and a process killed before that
+        // resumes by pushing (idempotent) and judging it again.
+        if wave.bake_ms > 0 || wave.pause {
+            self.save()?;
+        }
         self.note(
             "wave-passed",
             json!({"wave": wave.name, "number": wave.number}),
