@@ -241,10 +241,14 @@ impl Run<'_> {
             return Ok(Some(stop));
         }
         if self.report.waves[i].status == WaveStatus::Baking {
-            if let Some(stop) = self.bake(i).await? {
-                if let Some(record) = unrecorded {
-                    self.audit.record(Event::WavePushed, record)?;
-                }
+            let baked = self.bake(i).await;
+            if !matches!(baked, Ok(None))
+                && let Some(record) = unrecorded.take()
+            {
+                // Stopped before the gates: the push is recorded on its own.
+                self.audit.record(Event::WavePushed, record)?;
+            }
+            if let Some(stop) = baked? {
                 return Ok(Some(stop));
             }
             if let Some(stop) = self.judge(i, unrecorded).await? {

@@ -526,6 +526,27 @@ async fn http_gate(
     }
 }
 
+/// Prometheus's answer to `url`, asked once: its JSON when `status` is
+/// `success`, else what Prometheus said was wrong.
+async fn prometheus_answer(
+    client: &reqwest::Client,
+    target: &Target,
+    url: &reqwest::Url,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
+    let answer = http::get_once(client, target, url.as_str(), timeout).await?;
+    let body: serde_json::Value = serde_json::from_slice(&answer.body)
+        .map_err(|_| format!("not a Prometheus answer: {}", answer.excerpt()))?;
+    if body["status"] != "success" {
+        return Err(format!(
+            "Prometheus: {}: {}",
+            body["errorType"].as_str().unwrap_or("error"),
+            body["error"].as_str().unwrap_or("(no message)")
+        ));
+    }
+    Ok(body)
+}
+
 /// The value of every series of an instant query (a scalar is one value);
 /// an empty vector is `Ok(vec![])`, which the caller calls no data.
 async fn prometheus(
@@ -537,16 +558,7 @@ async fn prometheus(
     let base = format!("{}/api/v1/query", target.url);
     let url = reqwest::Url::parse_with_params(&base, [("query", query)])
         .map_err(|e| format!("bad url {base:?}: {e}"))?;
-    let answer = http::get_once(client, target, url.as_str(), timeout).await?;
-    let body: serde_json::Value = serde_json::from_slice(&answer.body)
-        .map_err(|_| format!("not a Prometheus answer: {}", answer.excerpt()))?;
-    if body["status"] != "success" {
-        return Err(format!(
-            "Prometheus: {}: {}",
-            body["errorType"].as_str().unwrap_or("error"),
-            body["error"].as_str().unwrap_or("(no message)")
-        ));
-    }
+    let body = prometheus_answer(client, target, &url, timeout).await?;
     let value = |v: &serde_json::Value| -> f64 {
         v.get(1)
             .and_then(|s| s.as_str())

@@ -19,7 +19,7 @@
 use std::time::Duration;
 
 use crate::config::{Gate, parse_duration};
-use crate::http::{self, Target};
+use crate::http::Target;
 use crate::plugin::{CallContext, GateInput, PluginKind, PluginSet, PolicyInput, Samples, Series};
 
 use super::{GateResult, Statistic, Vars, Verdict, render, result};
@@ -208,16 +208,7 @@ async fn query_range(
         ],
     )
     .map_err(|e| format!("bad url {base:?}: {e}"))?;
-    let answer = http::get_once(client, target, url.as_str(), timeout).await?;
-    let body: serde_json::Value = serde_json::from_slice(&answer.body)
-        .map_err(|_| format!("not a Prometheus answer: {}", answer.excerpt()))?;
-    if body["status"] != "success" {
-        return Err(format!(
-            "Prometheus: {}: {}",
-            body["errorType"].as_str().unwrap_or("error"),
-            body["error"].as_str().unwrap_or("(no message)")
-        ));
-    }
+    let body = super::prometheus_answer(client, target, &url, timeout).await?;
     let data = &body["data"];
     if data["resultType"] != "matrix" {
         return Err(format!(
