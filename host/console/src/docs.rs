@@ -188,20 +188,7 @@ pub fn rollouts(
         .collect())
 }
 
-/// An RFC 3339 time cut to whole seconds (`2026-…T10:00:00.123Z` →
-/// `2026-…T10:00:00Z`), for people and for ordering.
-pub fn seconds(ts: &str) -> String {
-    match (ts.find('.'), ts.find('T')) {
-        (Some(dot), Some(t)) if dot > t => {
-            let zone = ts[dot..]
-                .find(['Z', '+', '-'])
-                .map(|i| &ts[dot + i..])
-                .unwrap_or("");
-            format!("{}{zone}", &ts[..dot])
-        }
-        _ => ts.to_string(),
-    }
-}
+pub use pde_core::clock::whole_seconds as seconds;
 
 /// What the live read of the agents last found, and when.
 #[derive(Debug, Clone, Serialize)]

@@ -22,3 +22,19 @@ pub fn rfc3339_from_unix(secs: i64) -> String {
         })
         .unwrap_or_else(|| String::from("1970-01-01T00:00:00Z"))
 }
+
+/// An RFC 3339 time cut to whole seconds (`2026-11-29T14:02:11.123Z` →
+/// `2026-11-29T14:02:11Z`): times are kept with nanoseconds, trailing zeros
+/// dropped, which makes columns ragged; whole seconds also order as text.
+pub fn whole_seconds(ts: &str) -> String {
+    match (ts.find('.'), ts.find('T')) {
+        (Some(dot), Some(t)) if dot > t => {
+            let zone = ts[dot..]
+                .find(['Z', '+', '-'])
+                .map(|i| &ts[dot + i..])
+                .unwrap_or("");
+            format!("{}{zone}", &ts[..dot])
+        }
+        _ => ts.to_string(),
+    }
+}

@@ -254,23 +254,33 @@ pub fn producers(bytes: &[u8]) -> Vec<Producer> {
 /// what the CNCF Wasm OCI artifact config lists under `component` (the
 /// `wkg` layout). Nothing is compiled; a malformed section ends the list.
 pub fn component_interface(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
+    top_level_names(bytes, true)
+}
+
+/// [`component_interface`] without the type imports (the world's `use`d
+/// types): names, not capabilities, since the host links nothing behind
+/// them, and `pde plugin inspect` does not list them either.
+pub fn capability_names(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
+    top_level_names(bytes, false)
+}
+
+fn top_level_names(bytes: &[u8], type_imports: bool) -> (Vec<String>, Vec<String>) {
+    use wasmparser::Payload;
     let (mut imports, mut exports) = (Vec::new(), Vec::new());
     let mut depth = 0usize;
     for payload in wasmparser::Parser::new(0).parse_all(bytes) {
         let Ok(payload) = payload else { break };
         match payload {
-            wasmparser::Payload::ModuleSection { .. }
-            | wasmparser::Payload::ComponentSection { .. } => depth += 1,
-            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
-            wasmparser::Payload::ComponentImportSection(reader) if depth == 0 => {
-                imports.extend(
-                    reader
-                        .into_iter()
-                        .flatten()
-                        .map(|i| i.name.name.to_string()),
-                );
+            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
+            Payload::End(_) => depth = depth.saturating_sub(1),
+            Payload::ComponentImportSection(reader) if depth == 0 => {
+                for i in reader.into_iter().flatten() {
+                    if type_imports || !matches!(i.ty, wasmparser::ComponentTypeRef::Type(_)) {
+                        imports.push(i.name.name.to_string());
+                    }
+                }
             }
-            wasmparser::Payload::ComponentExportSection(reader) if depth == 0 => {
+            Payload::ComponentExportSection(reader) if depth == 0 => {
                 exports.extend(
                     reader
                         .into_iter()

@@ -64,7 +64,7 @@ pub fn list_dir(
             }
             precheck(&m.name, &bytes)?;
             let signature = signature::status(&found.wasm, Some(m), &sha256, trusted);
-            let (imports, exports) = top_level_names(&bytes);
+            let (imports, exports) = crate::inspect::capability_names(&bytes);
             let versions = wit::versions_named(imports.iter().chain(&exports).map(String::as_str));
             let wit_version = versions
                 .last()
@@ -82,41 +82,4 @@ pub fn list_dir(
             })
         })
         .collect()
-}
-
-/// The import and export names of the outer component (not of the modules
-/// and components nested in it), read without compiling it: `(imports,
-/// exports)`, the imports without type imports.
-fn top_level_names(bytes: &[u8]) -> (Vec<String>, Vec<String>) {
-    use wasmparser::Payload;
-    let mut imports = Vec::new();
-    let mut exports = Vec::new();
-    let mut depth = 0usize;
-    for payload in wasmparser::Parser::new(0).parse_all(bytes) {
-        let Ok(payload) = payload else { break };
-        match payload {
-            Payload::ModuleSection { .. } | Payload::ComponentSection { .. } => depth += 1,
-            Payload::End(_) => depth = depth.saturating_sub(1),
-            Payload::ComponentImportSection(reader) if depth == 0 => {
-                // Type imports (the world's `use`d types) are names, not
-                // capabilities: the host links nothing behind them, and
-                // `pde plugin inspect` does not list them either.
-                for i in reader.into_iter().flatten() {
-                    if !matches!(i.ty, wasmparser::ComponentTypeRef::Type(_)) {
-                        imports.push(i.name.name.to_string());
-                    }
-                }
-            }
-            Payload::ComponentExportSection(reader) if depth == 0 => {
-                exports.extend(
-                    reader
-                        .into_iter()
-                        .flatten()
-                        .map(|e| e.name.name.to_string()),
-                );
-            }
-            _ => {}
-        }
-    }
-    (imports, exports)
 }

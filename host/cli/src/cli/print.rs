@@ -218,20 +218,7 @@ pub fn artifact(a: &pde::package::Artifact, digest: &str, promote_from: Option<&
     }
 }
 
-/// An RFC 3339 time to the whole second (`2026-11-29T14:02:11Z`): times are
-/// kept with nanoseconds, trailing zeros dropped, which makes columns ragged.
-pub fn seconds(ts: &str) -> String {
-    match (ts.find('.'), ts.find('T')) {
-        (Some(dot), Some(t)) if dot > t => {
-            let zone = ts[dot..]
-                .find(['Z', '+', '-'])
-                .map(|i| &ts[dot + i..])
-                .unwrap_or("");
-            format!("{}{zone}", &ts[..dot])
-        }
-        _ => ts.to_string(),
-    }
-}
+pub use pde_core::clock::whole_seconds as seconds;
 
 /// What a deploy that did not end `deployed` left behind, and what to do.
 fn next_step(r: &DeployReport) {

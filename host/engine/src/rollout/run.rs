@@ -84,6 +84,15 @@ impl Run<'_> {
             .rollout_save(self.id, &self.report.status, &doc)?)
     }
 
+    /// The routed targets among `services`, in pde.toml order.
+    fn targets_of(&self, services: &[String]) -> Vec<Target> {
+        self.routed
+            .iter()
+            .filter(|t| services.contains(&t.service))
+            .cloned()
+            .collect()
+    }
+
     fn note(&self, event: &str, detail: serde_json::Value) {
         self.watch.on_rollout(event, &detail);
     }
@@ -140,12 +149,7 @@ impl Run<'_> {
                     .all(|s| self.targets.iter().any(|t| &t.service == s))
                 {
                     let name = wave.name.clone();
-                    let targets: Vec<Target> = self
-                        .routed
-                        .iter()
-                        .filter(|t| wave.services.contains(&t.service))
-                        .cloned()
-                        .collect();
+                    let targets = self.targets_of(&wave.services);
                     if let Some(stop) = self.reverify(&targets, &name).await {
                         return Ok(Some(stop));
                     }
@@ -161,12 +165,7 @@ impl Run<'_> {
 
     async fn wave(&mut self, i: usize) -> Result<Option<Stop>, Error> {
         let wave = self.report.waves[i].clone();
-        let targets: Vec<Target> = self
-            .routed
-            .iter()
-            .filter(|t| wave.services.contains(&t.service))
-            .cloned()
-            .collect();
+        let targets = self.targets_of(&wave.services);
         if targets.is_empty() {
             self.report.waves[i].status = WaveStatus::Passed;
             self.save()?;
