@@ -10,9 +10,12 @@
 //! sandbox: a fresh store and instance, lowering 2 × 1,000 points into the
 //! guest, the guest's wasm speed, and the host's checks of the judgement.
 //!
-//! Three figures:
+//! Four figures:
 //! - `sandboxed`: `PluginHost::gate` as a rollout calls it;
 //! - `native_same_work`: `Settings::parse` + values + `judge`;
+//! - `sandboxed_2x10`: the same call on 2 x 10 points, which is almost all
+//!   the per-call cost of the sandbox (a fresh instance, the settings, the
+//!   result's checks) with next to no statistics;
 //! - `native_test_only`: `stats::mann_whitney` on ready value slices.
 //!
 //! Results and the command are recorded in BENCHMARKS.md.
@@ -108,6 +111,15 @@ fn calls(c: &mut Criterion) {
         })
     });
     group.bench_function("native_same_work", |b| b.iter(|| native_same_work(&input)));
+    let small = self::input(10);
+    group.bench_function("sandboxed_2x10", |b| {
+        b.iter(|| {
+            host.gate(&plugin, &policy, &ctx, &small)
+                .unwrap()
+                .value
+                .verdict
+        })
+    });
     group.bench_function("native_test_only", |b| {
         b.iter(|| stats::mann_whitney(&wave, &baseline).unwrap().p)
     });

@@ -143,6 +143,11 @@ pub fn engine(limits: &Limits) -> Result<Engine, PluginError> {
     config.wasm_component_model(true);
     config.consume_fuel(true);
     config.epoch_interruption(true);
+    // Pooled memories never move (each slot is reserved up front, at least
+    // the memory limit), so compiled code may keep a memory's base address
+    // in a register across calls and loops instead of reloading it: 4% of a
+    // sort-bound gate call (BENCHMARKS.md, "A gate plugin's cost").
+    config.memory_may_move(false);
     config.memory_init_cow(true);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     Engine::new(&config).map_err(|e| PluginError::Engine(format!("{e:#}")))

@@ -100,8 +100,9 @@ pub fn judge(
             Vec::new(),
         );
     };
-    let count = |v: &[f64]| v.iter().filter(|x| !x.is_nan()).count();
-    let (n1, n2) = (count(wave), count(baseline));
+    // Each side is sorted once, for the ranks and for its median.
+    let (wave, baseline) = (stats::Sorted::new(wave), stats::Sorted::new(baseline));
+    let (n1, n2) = (wave.len(), baseline.len());
     let mut stats = vec![
         ("n-wave".to_string(), n1 as f64),
         ("n-baseline".to_string(), n2 as f64),
@@ -117,10 +118,10 @@ pub fn judge(
             stats,
         );
     }
-    let Some(r) = stats::mann_whitney(wave, baseline) else {
+    let Some(r) = stats::mann_whitney_sorted(&wave, &baseline) else {
         return (Verdict::Inconclusive, "no numeric samples".into(), stats);
     };
-    let (mw, mb) = (stats::median(wave), stats::median(baseline));
+    let (mw, mb) = (wave.median(), baseline.median());
     stats.extend([
         ("u".to_string(), r.u),
         ("z".to_string(), r.z),
@@ -181,10 +182,11 @@ mod component {
     struct MannWhitneyGate;
 
     fn values(s: &Samples) -> Vec<f64> {
-        s.series
-            .iter()
-            .flat_map(|x| x.samples.iter().map(|p| p.value))
-            .collect()
+        let mut all = Vec::with_capacity(s.series.iter().map(|x| x.values.len()).sum());
+        for x in &s.series {
+            all.extend_from_slice(&x.values);
+        }
+        all
     }
 
     impl Guest for MannWhitneyGate {

@@ -39,38 +39,113 @@ pub struct MannWhitney {
     pub effect: f64,
 }
 
+/// The non-NaN values of one sample, sorted once: the test ranks them by
+/// merging the two sides, and each side's median is read from them. (The
+/// first version sorted a pooled copy for the ranks and each side again for
+/// its median: three sorts where two do; a call now takes about half the
+/// time, natively and in the sandbox.)
+///
+/// They are kept as integer keys in the values' order, so the sort compares
+/// plain `u64`s rather than calling `f64::total_cmp`. `-0.0` is stored as
+/// `0.0`, so the two tie, as `==` says they do. The keys end with [`END`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sorted(Vec<u64>);
+
+impl Sorted {
+    /// Sorts the non-NaN values of `values`.
+    pub fn new(values: &[f64]) -> Sorted {
+        let mut keys: Vec<u64> = values
+            .iter()
+            .filter(|v| !v.is_nan())
+            .map(|&v| key(v))
+            .collect();
+        keys.sort_unstable();
+        keys.push(END);
+        Sorted(keys)
+    }
+
+    /// How many values there are (NaNs dropped).
+    pub fn len(&self) -> usize {
+        self.0.len() - 1
+    }
+
+    /// True when there is no value.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The median (`NaN` when there is no value).
+    pub fn median(&self) -> f64 {
+        let k = &self.0[..self.len()];
+        let m = k.len() / 2;
+        match k.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => unkey(k[m]),
+            _ => (unkey(k[m - 1]) + unkey(k[m])) / 2.0,
+        }
+    }
+}
+
+/// After every key (the largest, +inf's, is `0xfff0_…`): it ends each side,
+/// so the merge in [`mann_whitney_sorted`] needs no end-of-side checks.
+const END: u64 = u64::MAX;
+
+/// A key whose unsigned order is the order of non-NaN `f64`s.
+fn key(v: f64) -> u64 {
+    let bits = (v + 0.0).to_bits(); // -0.0 + 0.0 is 0.0
+    if bits >> 63 == 1 {
+        !bits
+    } else {
+        bits | 1 << 63
+    }
+}
+
+/// The value of a [`key`].
+fn unkey(k: u64) -> f64 {
+    f64::from_bits(if k >> 63 == 1 { k & !(1 << 63) } else { !k })
+}
+
 /// Runs the test on `x` against `y`; `None` when either has no
 /// (non-NaN) value.
 pub fn mann_whitney(x: &[f64], y: &[f64]) -> Option<MannWhitney> {
-    let mut pooled: Vec<(f64, bool)> = x
-        .iter()
-        .filter(|v| !v.is_nan())
-        .map(|&v| (v, true))
-        .chain(y.iter().filter(|v| !v.is_nan()).map(|&v| (v, false)))
-        .collect();
-    let n1 = pooled.iter().filter(|(_, first)| *first).count();
-    let n2 = pooled.len() - n1;
+    mann_whitney_sorted(&Sorted::new(x), &Sorted::new(y))
+}
+
+/// [`mann_whitney`] on values already sorted.
+pub fn mann_whitney_sorted(x: &Sorted, y: &Sorted) -> Option<MannWhitney> {
+    let (a, b) = (&x.0, &y.0);
+    let (n1, n2) = (x.len(), y.len());
     if n1 == 0 || n2 == 0 {
         return None;
     }
-    pooled.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
-    let n = pooled.len();
-    let mut rank_sum = 0.0;
+    let n = n1 + n2;
+    // Walk the two sorted sides as one pooled sample, a group of equal
+    // values at a time. Integer sums in the loop: it is most of a call's
+    // time after the sorts, and in wasm each int-to-float conversion and
+    // branch costs more than natively.
+    let (mut i, mut j, mut below) = (0, 0, 0);
+    // Twice the wave's rank sum, so that shared ranks stay whole numbers.
+    let mut rank_sum2: u64 = 0;
     let mut ties = 0.0;
-    let mut i = 0;
-    while i < n {
-        let mut j = i + 1;
-        while j < n && pooled[j].0 == pooled[i].0 {
+    while below < n {
+        let v = a[i].min(b[j]);
+        let (i0, j0) = (i, j);
+        while a[i] == v {
+            i += 1;
+        }
+        while b[j] == v {
             j += 1;
         }
-        // Ranks i+1 ..= j, shared.
-        let rank = (i + 1 + j) as f64 / 2.0;
-        let in_first = pooled[i..j].iter().filter(|(_, first)| *first).count();
-        rank_sum += rank * in_first as f64;
-        let t = (j - i) as f64;
-        ties += t * t * t - t;
-        i = j;
+        let (in_first, t) = (i - i0, i - i0 + j - j0);
+        // Ranks below+1 ..= below+t, shared: (2 below + t + 1) / 2 each.
+        rank_sum2 += (2 * below + t + 1) as u64 * in_first as u64;
+        if t > 1 {
+            let t = t as f64;
+            ties += t * t * t - t;
+        }
+        below += t;
     }
+    let rank_sum = rank_sum2 as f64 / 2.0;
     let (a, b, nf) = (n1 as f64, n2 as f64, n as f64);
     let u = rank_sum - a * (a + 1.0) / 2.0;
     let mean = a * b / 2.0;
@@ -118,17 +193,7 @@ pub fn erfc(x: f64) -> f64 {
 
 /// The median of the non-NaN values (`NaN` when there are none).
 pub fn median(values: &[f64]) -> f64 {
-    let mut v: Vec<f64> = values.iter().copied().filter(|v| !v.is_nan()).collect();
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_unstable_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
+    Sorted::new(values).median()
 }
 
 #[cfg(test)]
@@ -200,6 +265,67 @@ mod tests {
         assert!(close(normal_upper_tail(1.959_964), 0.025, 1e-7));
         assert!(close(normal_upper_tail(-1.0), 0.841_344_746, 1e-7));
         assert!(close(normal_upper_tail(3.0), 0.001_349_898, 1e-8));
+    }
+
+    /// U counted pair by pair, the definition the ranks shortcut.
+    fn u_by_pairs(x: &[f64], y: &[f64]) -> f64 {
+        let mut u = 0.0;
+        for a in x.iter().filter(|v| !v.is_nan()) {
+            for b in y.iter().filter(|v| !v.is_nan()) {
+                if a > b {
+                    u += 1.0;
+                } else if a == b {
+                    u += 0.5;
+                }
+            }
+        }
+        u
+    }
+
+    #[test]
+    fn the_rank_sum_agrees_with_counting_pairs_on_larger_samples() {
+        // Deterministic pseudo-random values with many ties (a coarse grid),
+        // both signs, zeros of both signs, infinities and NaNs.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for round in 0..20 {
+            let mut draw = |n: usize| -> Vec<f64> {
+                (0..n)
+                    .map(|_| match next() % 50 {
+                        0 => f64::NAN,
+                        1 => f64::INFINITY,
+                        2 => f64::NEG_INFINITY,
+                        3 => -0.0,
+                        4 => 0.0,
+                        r => (r as f64 - 25.0) / 4.0,
+                    })
+                    .collect()
+            };
+            let (x, y) = (draw(100 + round * 7), draw(150 - round * 3));
+            let r = mann_whitney(&x, &y).unwrap();
+            assert_eq!(r.u, u_by_pairs(&x, &y), "round {round}");
+            let s = mann_whitney(&y, &x).unwrap();
+            assert_eq!(r.u + s.u, (r.n1 * r.n2) as f64, "round {round}");
+            assert!(close(r.p, s.p, 1e-12) && close(r.z, -s.z, 1e-12));
+        }
+    }
+
+    #[test]
+    fn zeros_of_both_signs_tie_and_infinities_rank_at_the_ends() {
+        let r = mann_whitney(&[-0.0], &[0.0]).unwrap();
+        assert_eq!(r.u, 0.5);
+        let r = mann_whitney(&[f64::INFINITY, f64::NEG_INFINITY], &[1.0, 2.0]).unwrap();
+        assert_eq!(r.u, 2.0);
+        assert_eq!(
+            median(&[f64::NEG_INFINITY, -1.5, f64::NAN]),
+            f64::NEG_INFINITY
+        );
+        assert_eq!(median(&[-2.0, -0.0, 3.0]), 0.0);
     }
 
     #[test]

@@ -199,11 +199,8 @@ fn samples(s: &Samples) -> types::Samples {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect(),
-                samples: x
-                    .samples
-                    .iter()
-                    .map(|&(at, value)| types::Sample { at, value })
-                    .collect(),
+                times: x.samples.iter().map(|&(at, _)| at).collect(),
+                values: x.samples.iter().map(|&(_, value)| value).collect(),
             })
             .collect(),
     }
