@@ -1254,7 +1254,8 @@ fn stdout_and_stderr_are_captured_into_the_log() {
 #[test]
 fn a_sleeping_plugin_is_stopped_at_its_timeout() {
     // `std::thread::sleep` blocks on a monotonic-clock pollable in the host:
-    // no guest code runs, no fuel is spent, the epoch is never checked.
+    // no guest code runs and no fuel is spent, so only the host-side timer
+    // can end the call (guest code would also yield on fuel).
     let f = fixture();
     let mut p = f.mode("sleep");
     p.settings = json!({"mode": "sleep", "seconds": 60});

@@ -46,8 +46,6 @@ pub struct PluginHost {
     pub(crate) run_options: sandbox::RunOptions,
     /// Every plugin's denied attempts fail it (`--deny-attempts`).
     pub(crate) deny_attempts: bool,
-    // Declared last: dropped after the engine handles above.
-    _ticker: sandbox::EpochTicker,
 }
 
 /// Lowercase hex sha256 of `bytes`.
@@ -108,7 +106,6 @@ impl PluginHost {
         let engine = sandbox::engine(&limits)?;
         let linkers = wit::Linkers::new(&engine)?;
         let cache = cache::Cache::with_dirs(&engine, cache_dirs, cache::cache_key_path());
-        let ticker = sandbox::EpochTicker::start(&engine)?;
         Ok(PluginHost {
             engine,
             linkers,
@@ -117,7 +114,6 @@ impl PluginHost {
             gate: sandbox::CallGate::default(),
             run_options: sandbox::RunOptions::default(),
             deny_attempts: false,
-            _ticker: ticker,
         })
     }
 

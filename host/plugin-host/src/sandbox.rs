@@ -22,19 +22,24 @@
 //!   `memory.grow` is not a trap (the guest sees -1 and usually aborts), so
 //!   [`Limiter`] records the refusal and the call is reported as a
 //!   memory-limit failure whatever the guest did next.
-//! - **Wall time bounds the whole call, whatever the guest waits on.** Two
-//!   mechanisms, one limit. Guest code is stopped by epoch interruption (one
-//!   ticker thread per host, `Trap::Interrupt`). But a guest blocked in a host
-//!   call, e.g. on a `wasi:clocks/monotonic-clock` pollable
-//!   (`std::thread::sleep`), runs no guest code and spends no fuel, so the
-//!   epoch is never checked. So every call runs as a wasmtime async call on a
-//!   fiber, with the WASI host functions linked async, inside a host-side
-//!   `tokio::time::timeout`: a guest waiting in the host yields, the timer
-//!   fires, and the call's future is dropped (which unwinds the fiber; the
-//!   store is thrown away anyway). See docs/ARCHITECTURE.md "Decisions".
-//!   The timer is armed only once the guest first waits in the host: until
-//!   then guest code runs, which the epoch bounds, and most calls finish
-//!   without ever waiting, so they pay for no timer (see [`run`]).
+//! - **Wall time bounds the whole call, whatever the guest does.** Every
+//!   call runs as a wasmtime async call on a fiber, with the WASI host
+//!   functions linked async, inside a host-side `tokio::time::timeout`. Two
+//!   things can make a call last: a guest waiting in a host call (e.g. on a
+//!   `wasi:clocks/monotonic-clock` pollable, `std::thread::sleep`), which
+//!   yields to the timer by itself; and guest code running, which is made to
+//!   yield every [`FUEL_PER_YIELD`] units of fuel
+//!   (`Store::fuel_async_yield_interval`). When the timer fires, the call's
+//!   future is dropped (which unwinds the fiber; the store is thrown away
+//!   anyway). So one mechanism, the timer, bounds both, to within a slice of
+//!   about a millisecond of guest code. Before, guest code was stopped by
+//!   epoch interruption (a ticker thread and an epoch check on every loop
+//!   iteration): those checks were 12% of a sort-bound gate call, where the
+//!   fuel slices cost nothing more than the fuel checks every loop already
+//!   pays (BENCHMARKS.md, "A gate plugin's cost"; docs/ARCHITECTURE.md
+//!   "Decisions"). The timer is armed only once the call first yields: most
+//!   calls finish within their first slice, so they pay for no timer (see
+//!   [`run`]).
 //! - **Data copied out of the guest is bounded while it is copied.**
 //!   wasmtime's per-host-call copy budget ("hostcall fuel", 128 MiB by
 //!   default) is set to [`HOSTCALL_COPY_BYTES`], just above pde's own result
@@ -48,7 +53,6 @@
 //! [`HostState::log`], so no WIT version can skip a check (Zed's #55533).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Linker, ResourceTable, Val};
@@ -64,8 +68,12 @@ use super::{MAX_RESULT_BYTES, MAX_RESULT_ITEMS, PluginError};
 use crate::limits::Limits;
 use pde_core::term::escape;
 
-/// How often the epoch advances; wall-time limits are accurate to about this.
-pub const EPOCH_TICK: Duration = Duration::from_millis(10);
+/// Fuel a call's guest code may burn before it yields to the host-side
+/// timer, which then checks the wall-time limit. One fuel unit is about one
+/// wasm instruction, so this is about a millisecond of guest code: the
+/// limit is kept to within that, and a call that ends within its first
+/// slice (most do) never arms a timer.
+pub const FUEL_PER_YIELD: u64 = 1_000_000;
 /// Bytes of log (`host.log` lines, stdout and stderr lines together) kept
 /// per call; lines past the budget are counted, not kept.
 pub const MAX_LOG_BYTES: usize = 64 * 1024;
@@ -104,8 +112,7 @@ pub fn memory_limit_bytes(limits: &Limits) -> usize {
     usize::try_from(limits.memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX)
 }
 
-/// Builds the one engine all plugins share: fuel and epochs on, instances
-/// from a pool.
+/// Builds the one engine all plugins share: fuel on, instances from a pool.
 ///
 /// `limits` are the workspace's; a plugin's own limits may only tighten them,
 /// so every pool slot is large enough for any plugin of this host.
@@ -142,7 +149,6 @@ pub fn engine(limits: &Limits) -> Result<Engine, PluginError> {
     let mut config = wasmtime::Config::new();
     config.wasm_component_model(true);
     config.consume_fuel(true);
-    config.epoch_interruption(true);
     // Pooled memories never move (each slot is reserved up front, at least
     // the memory limit), so compiled code may keep a memory's base address
     // in a register across calls and loops instead of reloading it: 4% of a
@@ -192,58 +198,6 @@ impl Drop for CallSlot<'_> {
         // Waking costs a system call; only pay it when someone waits.
         if state.waiting > 0 {
             self.0.freed.notify_one();
-        }
-    }
-}
-
-/// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
-pub struct EpochTicker {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl EpochTicker {
-    /// Starts the ticker thread for `engine`.
-    pub fn start(engine: &Engine) -> Result<EpochTicker, PluginError> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let weak = engine.weak();
-        let flag = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("pde-plugin-epoch".into())
-            .spawn(move || {
-                let mut next = Instant::now() + EPOCH_TICK;
-                while !flag.load(Ordering::Relaxed) {
-                    // Parked, not asleep: dropping the ticker unparks it, so
-                    // a CLI run does not wait out a tick at exit (that wait
-                    // was a third of a warm `pde validate`, BENCHMARKS.md).
-                    // A wake-up before the tick (spurious or the stop) does
-                    // not advance the epoch.
-                    let now = Instant::now();
-                    if now < next {
-                        std::thread::park_timeout(next - now);
-                        continue;
-                    }
-                    next += EPOCH_TICK;
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            })
-            .map_err(|e| PluginError::Engine(format!("cannot start the epoch thread: {e}")))?;
-        Ok(EpochTicker {
-            stop,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for EpochTicker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
         }
     }
 }
@@ -685,10 +639,10 @@ pub fn new_store(engine: &Engine, limits: &Limits) -> Store<HostState> {
     let mut store = Store::new(engine, state);
     store.set_hostcall_fuel(HOSTCALL_COPY_BYTES);
     store.limiter(|s| &mut s.limiter);
-    // set_fuel only fails when fuel is not enabled, which `engine()` does.
+    // Both only fail when fuel is not enabled, which `engine()` does (and
+    // the interval is not zero).
     let _ = store.set_fuel(limits.fuel);
-    let ticks = limits.timeout_ms.div_ceil(EPOCH_TICK.as_millis() as u64) + 1;
-    store.set_epoch_deadline(ticks);
+    let _ = store.fuel_async_yield_interval(Some(FUEL_PER_YIELD));
     store
 }
 
@@ -763,17 +717,19 @@ pub fn run<R>(
     let budget = Duration::from_millis(limits.timeout_ms);
     let outcome = {
         let mut pending = std::pin::pin!(call(&mut store));
-        // First poll without a timer: guest code runs inside it, bounded by
-        // the epoch deadline, until it returns or waits in a host call. Most
-        // calls never wait, and arming a tokio timer (plus entering
-        // `block_on`) was a measurable part of a call (BENCHMARKS.md). The
-        // ambient runtime is entered, as WASI host functions need one.
+        // First poll without a timer: guest code runs inside it until it
+        // returns, waits in a host call, or has burnt its first
+        // `FUEL_PER_YIELD` and yields. Most calls do none of that, and arming
+        // a tokio timer (plus entering `block_on`) was a measurable part of a
+        // call (BENCHMARKS.md). The ambient runtime is entered, as WASI host
+        // functions need one.
         let first =
             wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| poll_once(pending.as_mut()));
         match first {
             Some(done) => Ok(done),
-            // The guest waits in a host call: from here on `in_tokio` drives
-            // it, and the host-side timer bounds the rest of the budget.
+            // The guest waits in a host call or has yielded: from here on
+            // `in_tokio` drives it, and the host-side timer bounds the rest
+            // of the budget.
             None => {
                 let rest = budget.saturating_sub(start.elapsed());
                 // Built inside the runtime: a tokio timer needs its context.
@@ -801,7 +757,7 @@ pub fn run<R>(
             }
             return Ok((value, stats));
         }
-        // The host-side timer fired while the guest waited in a host call.
+        // The host-side timer fired: the guest ran or waited past the budget.
         Err(_elapsed) => PluginError::Timeout {
             plugin: plugin.to_string(),
             timeout_ms: limits.timeout_ms,
@@ -860,10 +816,6 @@ fn classify(
         Some(Trap::OutOfFuel) => PluginError::OutOfFuel {
             plugin,
             fuel: limits.fuel,
-        },
-        Some(Trap::Interrupt) => PluginError::Timeout {
-            plugin,
-            timeout_ms: limits.timeout_ms,
         },
         _ => {
             // A Rust guest prints its panic message on stderr before trapping.

@@ -4,7 +4,7 @@
 //! Why not the default allocator: a Rust `wasm32-wasip2` plugin otherwise
 //! allocates through wasi-libc's dlmalloc, four calls deep per allocation
 //! (`__rust_alloc` → `__rdl_alloc` → `malloc` → `dlmalloc`), each paying the
-//! sandbox's fuel and epoch checks. A validator is mostly JSON parsing,
+//! sandbox's fuel checks. A validator is mostly JSON parsing,
 //! which is mostly allocation; with talc as the global allocator the same
 //! 1,000-rule check takes about a fifth less time and a third less fuel
 //! (BENCHMARKS.md, issue 15).
