@@ -130,6 +130,56 @@ fn a_gate_plugin_passes_a_canary_alike_to_the_baseline_and_the_rollout_ends_tagg
 }
 
 #[test]
+fn a_range_query_answer_too_large_to_read_is_inconclusive_and_says_so() {
+    // Every series the real Prometheus holds (18: the exporters' metrics),
+    // at a 2 ms step over the 6 s bake: some 3,000 points each, over 1 MiB
+    // of answer, more than pde reads (and under Prometheus's own bound of
+    // 11,000 points a series). The gate must name the size and what to change, not call
+    // the cut-off JSON "not a Prometheus answer".
+    let f = fleet(
+        3,
+        1,
+        &[&["canary"]],
+        true,
+        |prom| {
+            format!(
+                "[environments.production.rollout]\npoll_ms = 100\n\
+                 [[environments.production.rollout.waves]]\nname = \"canary\"\ntags = [\"canary\"]\nbake = \"6s\"\n\
+                 [[environments.production.rollout.waves.gates]]\nkind = \"plugin\"\nname = \"everything\"\n\
+                 plugin = \"mann-whitney-gate\"\nurl = \"{prom}\"\n\
+                 query = 'label_replace({{__name__=~\".+\"}}, \"wave\", \"${{services_regex}}\", \"\", \"\")'\nstep = \"2ms\"\n\
+                 [[environments.production.rollout.waves]]\nname = \"rest\"\n"
+            )
+        },
+        "",
+    );
+    f.ws.install_plugin(
+        "mann-whitney-gate",
+        "gate",
+        &gate_wasm(),
+        "[settings]\nmin_samples = 5\n",
+        true,
+    );
+    f.ws.commit("the gate plugin");
+    let o = pde(
+        f.ws.root(),
+        &["deploy", "42", "--env", "production", "--output", "json"],
+    );
+    assert_eq!(code(&o), HALTED, "{}", support::both(&o));
+    let message = json(&o)["error"].as_str().unwrap().to_string();
+    assert!(
+        message.contains("larger than the 1 MiB pde reads") && message.contains("coarser `step`"),
+        "{message}"
+    );
+    assert!(!message.contains("not a Prometheus answer"), "{message}");
+    let records = audit(&f.ws);
+    let gates = events(&records, "gate_evaluated");
+    assert_eq!(gates[0]["data"]["verdict"], "inconclusive", "{records:#?}");
+    assert_eq!(support::active_digest(&f.urls[0]), None);
+    assert!(f.ws.tags().is_empty(), "{:?}", f.ws.tags());
+}
+
+#[test]
 fn a_gate_plugin_gate_naming_no_gate_plugin_is_refused_when_pde_toml_is_read() {
     let ws = Workspace::new("");
     ws.install_plugin(

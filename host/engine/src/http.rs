@@ -21,8 +21,10 @@ use reqwest::StatusCode;
 /// At most this many bytes of a response body are read. Answers of the push
 /// protocol are small except `GET /active`, which lists every active policy
 /// of a service (about 200 bytes each, so thousands fit); an error page does
-/// not need to be kept whole.
-const MAX_BODY: usize = 1024 * 1024;
+/// not need to be kept whole. A Prometheus answer is read the same way
+/// (a rollout gate's range query: about 30 bytes a point, so some 30,000
+/// points), and one that fills it is refused by name, not misread.
+pub const MAX_BODY: usize = 1024 * 1024;
 
 /// Why a request never got a good answer.
 #[derive(Debug, thiserror::Error)]

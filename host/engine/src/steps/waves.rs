@@ -535,6 +535,15 @@ async fn prometheus_answer(
     timeout: Duration,
 ) -> Result<serde_json::Value, String> {
     let answer = http::get_once(client, target, url.as_str(), timeout).await?;
+    // The body was cut at the bound: say so, rather than "not a Prometheus
+    // answer" about JSON that merely ends early.
+    if answer.body.len() >= http::MAX_BODY {
+        return Err(format!(
+            "Prometheus's answer is larger than the {} MiB pde reads: ask for fewer series \
+             or, for a plugin gate, a coarser `step` or a shorter `window`",
+            http::MAX_BODY / (1024 * 1024)
+        ));
+    }
     let body: serde_json::Value = serde_json::from_slice(&answer.body)
         .map_err(|_| format!("not a Prometheus answer: {}", answer.excerpt()))?;
     if body["status"] != "success" {
