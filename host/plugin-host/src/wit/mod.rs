@@ -365,7 +365,7 @@ pub fn prepare(
         PluginError::BadComponent {
             plugin: plugin.to_string(),
             message: format!(
-                "it does not link as a WIT {version} {kind} ({detail}); rebuild it against wit/v{min}/plugin.wit with the pde-plugin SDK"
+                "it does not link as a WIT {version} {kind} ({detail}); rebuild it against wit/v{min}/plugin.wit (docs/plugin-authoring.md shows how, for every world)"
             ),
         }
     })?;
