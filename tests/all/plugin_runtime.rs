@@ -998,6 +998,34 @@ fn infinite_loop_times_out() {
     assert_eq!(err.exit_code(), ExitCode::PluginFault);
 }
 
+#[test]
+fn a_plugin_looping_over_an_expensive_host_call_is_stopped_at_its_timeout() {
+    // Host calls cost no fuel: a guest asking `wasi:random` for 1 MiB at a
+    // time burns a few fuel units per millisecond of host work, so its next
+    // fuel yield would be tens of seconds away. The deadline is also checked
+    // as each host call returns.
+    let f = fixture();
+    let mut p = f.mode("random");
+    p.limits.fuel = u64::MAX / 4; // so only the clock can stop it
+    p.limits.timeout_ms = 300;
+    let start = Instant::now();
+    let err = f.run(&p).unwrap_err();
+    let took = start.elapsed();
+    assert!(
+        matches!(&err, PluginError::Timeout { plugin, timeout_ms: 300 } if plugin == "misbehave"),
+        "{err}"
+    );
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(5),
+        "stopped after {took:?}"
+    );
+    // More than the host hands out in one call is the guest's fault.
+    let mut greedy = f.mode("random");
+    greedy.settings = json!({"mode": "random", "bytes": 2 << 20});
+    let err = f.run(&greedy).unwrap_err();
+    assert!(!matches!(err, PluginError::Timeout { .. }), "{err}");
+}
+
 /// `uses_environment = false` is enforced by the host, not trusted: the
 /// plugin is handed the neutral context whatever the caller asks for.
 #[test]

@@ -31,8 +31,10 @@
 //!   yield every [`FUEL_PER_YIELD`] units of fuel
 //!   (`Store::fuel_async_yield_interval`). When the timer fires, the call's
 //!   future is dropped (which unwinds the fiber; the store is thrown away
-//!   anyway). So one mechanism, the timer, bounds both, to within a slice of
-//!   about a millisecond of guest code. Before, guest code was stopped by
+//!   anyway). Host calls cost no fuel, so each one's return to the guest
+//!   also checks the deadline (a call hook): a guest looping over an
+//!   expensive host call ends there. So one deadline bounds all of it, to
+//!   within a slice of about a millisecond of guest code or one host call. Before, guest code was stopped by
 //!   epoch interruption (a ticker thread and an epoch check on every loop
 //!   iteration): those checks were 12% of a sort-bound gate call, where the
 //!   fuel slices cost nothing more than the fuel checks every loop already
@@ -57,7 +59,7 @@ use std::time::{Duration, Instant};
 
 use wasmtime::component::{Linker, ResourceTable, Val};
 use wasmtime::{
-    Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
+    CallHook, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, ResourceLimiter, Store,
     StoreLimits, StoreLimitsBuilder, Trap,
 };
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -74,6 +76,8 @@ use pde_core::term::escape;
 /// limit is kept to within that, and a call that ends within its first
 /// slice (most do) never arms a timer.
 pub const FUEL_PER_YIELD: u64 = 1_000_000;
+/// Most bytes one `wasi:random` call may ask for; more traps the guest.
+pub const MAX_RANDOM_BYTES: u64 = 1024 * 1024;
 /// Bytes of log (`host.log` lines, stdout and stderr lines together) kept
 /// per call; lines past the budget are counted, not kept.
 pub const MAX_LOG_BYTES: usize = 64 * 1024;
@@ -574,6 +578,11 @@ pub struct HostState {
     table: ResourceTable,
     limiter: Limiter,
     log: CallLog,
+    /// When the call's wall-time budget runs out; checked each time a host
+    /// call returns to the guest (see [`new_store`]).
+    deadline: Instant,
+    /// A host call returned past `deadline` and the call was stopped there.
+    timed_out: bool,
 }
 
 impl WasiView for HostState {
@@ -617,7 +626,10 @@ pub fn new_store(engine: &Engine, limits: &Limits) -> Store<HostState> {
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false)
-        .socket_addr_check(|_, _| Box::pin(async { false }));
+        .socket_addr_check(|_, _| Box::pin(async { false }))
+        // One `get-random-bytes` call is host work no fuel pays for:
+        // bounded to what a plugin could want (wasmtime allows 64 MiB).
+        .max_random_size(MAX_RANDOM_BYTES);
     let memory_bytes = memory_limit_bytes(limits);
     let state = HostState {
         wasi: builder.build(),
@@ -635,14 +647,31 @@ pub fn new_store(engine: &Engine, limits: &Limits) -> Store<HostState> {
             hit: false,
         },
         log,
+        deadline: Instant::now() + Duration::from_millis(limits.timeout_ms),
+        timed_out: false,
     };
     let mut store = Store::new(engine, state);
     store.set_hostcall_fuel(HOSTCALL_COPY_BYTES);
     store.limiter(|s| &mut s.limiter);
     // Both only fail when fuel is not enabled, which `engine()` does (and
     // the interval is not zero).
-    let _ = store.set_fuel(limits.fuel);
-    let _ = store.fuel_async_yield_interval(Some(FUEL_PER_YIELD));
+    let fuel = store.set_fuel(limits.fuel);
+    let yields = store.fuel_async_yield_interval(Some(FUEL_PER_YIELD));
+    debug_assert!(fuel.is_ok() && yields.is_ok(), "the engine consumes fuel");
+    // Work inside a host call costs no fuel, so a guest looping over an
+    // expensive one (`get-random-bytes`, say) could run for long between
+    // two fuel yields: the deadline is also checked as every host call
+    // returns, and the call ends there as a timeout.
+    store.call_hook(|mut ctx, hook| {
+        if matches!(hook, CallHook::ReturningFromHost) {
+            let state = ctx.data_mut();
+            if Instant::now() >= state.deadline {
+                state.timed_out = true;
+                return Err(wasmtime::Error::msg("past the call's wall-time limit"));
+            }
+        }
+        Ok(())
+    });
     store
 }
 
@@ -795,6 +824,12 @@ fn classify(
     stats: &CallStats,
 ) -> PluginError {
     let plugin = plugin.to_string();
+    if state.timed_out {
+        return PluginError::Timeout {
+            plugin,
+            timeout_ms: limits.timeout_ms,
+        };
+    }
     // Checked first: a refused grow usually ends in an abort trap, but the
     // cause is the memory limit.
     if state.limiter.hit {

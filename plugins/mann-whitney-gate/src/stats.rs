@@ -316,6 +316,56 @@ mod tests {
     }
 
     #[test]
+    fn keys_keep_the_order_and_the_value_of_every_number() {
+        let values = [
+            f64::NEG_INFINITY,
+            -f64::MAX,
+            -1.5,
+            -f64::MIN_POSITIVE,
+            -1e-310, // subnormal
+            0.0,
+            1e-310,
+            f64::MIN_POSITIVE,
+            2.25,
+            f64::MAX,
+            f64::INFINITY,
+        ];
+        for pair in values.windows(2) {
+            assert!(key(pair[0]) < key(pair[1]), "{pair:?}");
+        }
+        for v in values {
+            assert_eq!(unkey(key(v)).to_bits(), v.to_bits(), "{v}");
+        }
+        assert_eq!(unkey(key(-0.0)).to_bits(), 0.0_f64.to_bits());
+        assert!(key(f64::INFINITY) < END);
+        assert_eq!(median(&[-3.0, -1.0]), -2.0);
+        assert_eq!(median(&[-7.5, 4.0, -1.25]), -1.25);
+    }
+
+    #[test]
+    fn z_and_p_follow_the_tie_corrected_formula_on_larger_samples() {
+        // The variance's tie term counted independently: group the pooled
+        // values by value (with -0.0 as 0.0) and sum t³ - t.
+        let x: Vec<f64> = (0..300).map(|i| f64::from((i * 7) % 23) - 11.0).collect();
+        let y: Vec<f64> = (0..200).map(|i| f64::from((i * 5) % 19) - 8.0).collect();
+        let mut counts = std::collections::BTreeMap::<u64, f64>::new();
+        for v in x.iter().chain(&y) {
+            *counts.entry((v + 0.0).to_bits()).or_default() += 1.0;
+        }
+        let ties: f64 = counts.values().map(|t| t * t * t - t).sum();
+        let (a, b) = (x.len() as f64, y.len() as f64);
+        let n = a + b;
+        let sigma = (a * b / 12.0 * ((n + 1.0) - ties / (n * (n - 1.0)))).sqrt();
+        let u = u_by_pairs(&x, &y);
+        let d = u - a * b / 2.0;
+        let z = d.signum() * (d.abs() - 0.5) / sigma;
+        let r = mann_whitney(&x, &y).unwrap();
+        assert_eq!(r.u, u);
+        assert!(close(r.z, z, 1e-12), "{} against {z}", r.z);
+        assert!(close(r.p, 2.0 * normal_upper_tail(z.abs()), 1e-12), "{r:?}");
+    }
+
+    #[test]
     fn zeros_of_both_signs_tie_and_infinities_rank_at_the_ends() {
         let r = mann_whitney(&[-0.0], &[0.0]).unwrap();
         assert_eq!(r.u, 0.5);
