@@ -23,6 +23,16 @@ fn gate_wasm() -> PathBuf {
 /// when it activates 1.0.0), S1 and S2 the rest; the canary wave is judged
 /// by the Mann-Whitney gate plugin over its 6 s bake.
 fn judged_fleet() -> crate::rollout::Fleet {
+    judged_by(
+        "mann-whitney",
+        RANGE_QUERY,
+        "1s",
+        "alpha = 0.01\nmin_samples = 5\n",
+    )
+}
+
+/// [`judged_fleet`] with the gate's name, query, step and plugin settings.
+fn judged_by(gate: &str, query: &str, step: &str, settings: &str) -> crate::rollout::Fleet {
     let f = fleet(
         3,
         1,
@@ -32,8 +42,8 @@ fn judged_fleet() -> crate::rollout::Fleet {
             format!(
                 "[environments.production.rollout]\npoll_ms = 100\n\
                  [[environments.production.rollout.waves]]\nname = \"canary\"\ntags = [\"canary\"]\nbake = \"6s\"\n\
-                 [[environments.production.rollout.waves.gates]]\nkind = \"plugin\"\nname = \"mann-whitney\"\n\
-                 plugin = \"mann-whitney-gate\"\nurl = \"{prom}\"\nquery = '{RANGE_QUERY}'\nstep = \"1s\"\n\
+                 [[environments.production.rollout.waves.gates]]\nkind = \"plugin\"\nname = \"{gate}\"\n\
+                 plugin = \"mann-whitney-gate\"\nurl = \"{prom}\"\nquery = '{query}'\nstep = \"{step}\"\n\
                  [[environments.production.rollout.waves]]\nname = \"rest\"\n"
             )
         },
@@ -43,7 +53,7 @@ fn judged_fleet() -> crate::rollout::Fleet {
         "mann-whitney-gate",
         "gate",
         &gate_wasm(),
-        "[settings]\nalpha = 0.01\nmin_samples = 5\n",
+        &format!("[settings]\n{settings}"),
         true,
     );
     f.ws.commit("the gate plugin");
@@ -134,33 +144,14 @@ fn a_range_query_answer_too_large_to_read_is_inconclusive_and_says_so() {
     // Every series the real Prometheus holds (18: the exporters' metrics),
     // at a 2 ms step over the 6 s bake: some 3,000 points each, over 1 MiB
     // of answer, more than pde reads (and under Prometheus's own bound of
-    // 11,000 points a series). The gate must name the size and what to change, not call
-    // the cut-off JSON "not a Prometheus answer".
-    let f = fleet(
-        3,
-        1,
-        &[&["canary"]],
-        true,
-        |prom| {
-            format!(
-                "[environments.production.rollout]\npoll_ms = 100\n\
-                 [[environments.production.rollout.waves]]\nname = \"canary\"\ntags = [\"canary\"]\nbake = \"6s\"\n\
-                 [[environments.production.rollout.waves.gates]]\nkind = \"plugin\"\nname = \"everything\"\n\
-                 plugin = \"mann-whitney-gate\"\nurl = \"{prom}\"\n\
-                 query = 'label_replace({{__name__=~\".+\"}}, \"wave\", \"${{services_regex}}\", \"\", \"\")'\nstep = \"2ms\"\n\
-                 [[environments.production.rollout.waves]]\nname = \"rest\"\n"
-            )
-        },
-        "",
+    // 11,000 points a series). The gate must name the size and what to
+    // change, not call the cut-off JSON "not a Prometheus answer".
+    let f = judged_by(
+        "everything",
+        r#"label_replace({__name__=~".+"}, "wave", "${services_regex}", "", "")"#,
+        "2ms",
+        "min_samples = 5\n",
     );
-    f.ws.install_plugin(
-        "mann-whitney-gate",
-        "gate",
-        &gate_wasm(),
-        "[settings]\nmin_samples = 5\n",
-        true,
-    );
-    f.ws.commit("the gate plugin");
     let o = pde(
         f.ws.root(),
         &["deploy", "42", "--env", "production", "--output", "json"],

@@ -155,6 +155,7 @@ impl Engine {
                         ..report
                     },
                     targets: Vec::new(),
+                    held: Vec::new(),
                 };
                 let pushed = run.run().await?;
                 (pushed, Some(run.report))
@@ -516,6 +517,7 @@ impl Engine {
             id,
             report,
             targets: Vec::new(),
+            held: Vec::new(),
         };
         let pushed = if aborting {
             // Nobody runs it: what its waves pushed is assumed delivered and

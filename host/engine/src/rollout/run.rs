@@ -38,6 +38,9 @@ pub(crate) struct Run<'a> {
     pub report: RolloutReport,
     /// Every pushed target's result so far, for the deployment record.
     pub targets: Vec<TargetReport>,
+    /// Audit records of waves with no bake and no pause that passed, held
+    /// back to share the next append (see [`Run::record`]).
+    pub held: Vec<(Event, serde_json::Value)>,
 }
 
 /// What each of `targets` holds of `policy_id` now, by service; a service
@@ -68,6 +71,27 @@ enum Stop {
 }
 
 impl Run<'_> {
+    /// Appends the records held back, then `records`, in one durable step.
+    ///
+    /// Why hold any back: a wave with no bake and no pause that passes is
+    /// not saved on its own either (a process killed before the next write
+    /// resumes by pushing and judging it again, and records it then), so
+    /// its records can wait for the rollout's next append: one fsync per
+    /// rollout instead of one per wave. Every other record flushes them
+    /// first, in order, and a halt flushes them before anything is sent
+    /// back, so the audit log never tells a story out of order.
+    fn record(
+        &mut self,
+        records: impl IntoIterator<Item = (Event, serde_json::Value)>,
+    ) -> Result<(), Error> {
+        let mut all = std::mem::take(&mut self.held);
+        all.extend(records);
+        if !all.is_empty() {
+            self.audit.record_each(all)?;
+        }
+        Ok(())
+    }
+
     fn save(&mut self) -> Result<(), Error> {
         // A person's promote or abort adds to the stored log while this
         // process runs: keep their entries.
@@ -109,6 +133,9 @@ impl Run<'_> {
                 tracing::warn!(policy_id = self.policy_id, env = self.env_name, %why, "rollout halted");
                 self.report.halted = Some(halted);
                 self.note("halted", json!({"why": why}));
+                // What passed before the halt is on record before anything
+                // is sent back.
+                self.record([])?;
                 let outcome = self.send_back().await;
                 let aborted = self
                     .report
@@ -124,12 +151,10 @@ impl Run<'_> {
             }
         };
         self.save()?;
-        self.audit.record(
-            Event::RolloutFinished,
-            json!({"rollout": self.id, "outcome": self.report.status,
-                   "halted": self.report.halted,
-                   "waves": self.report.waves.iter().map(|w| json!({"wave": w.name, "status": w.status})).collect::<Vec<_>>()}),
-        )?;
+        let finished = json!({"rollout": self.id, "outcome": self.report.status,
+               "halted": self.report.halted,
+               "waves": self.report.waves.iter().map(|w| json!({"wave": w.name, "status": w.status})).collect::<Vec<_>>()});
+        self.record([(Event::RolloutFinished, finished)])?;
         Ok(PushReport {
             outcome,
             digest: self.bundle.digest.clone(),
@@ -206,7 +231,7 @@ impl Run<'_> {
                 // a record of the push alone would serve.
                 unrecorded = Some(record);
             } else {
-                self.audit.record(Event::WavePushed, record)?;
+                self.record([(Event::WavePushed, record)])?;
             }
             if pushed.outcome != Outcome::Deployed {
                 self.report.waves[i].status = WaveStatus::Failed;
@@ -245,7 +270,7 @@ impl Run<'_> {
                 && let Some(record) = unrecorded.take()
             {
                 // Stopped before the gates: the push is recorded on its own.
-                self.audit.record(Event::WavePushed, record)?;
+                self.record([(Event::WavePushed, record)])?;
             }
             if let Some(stop) = baked? {
                 return Ok(Some(stop));
@@ -257,10 +282,10 @@ impl Run<'_> {
                 self.report.waves[i].status = WaveStatus::Paused;
                 self.report.status = "paused".into();
                 self.save()?;
-                self.audit.record(
+                self.record([(
                     Event::RolloutPaused,
                     json!({"rollout": self.id, "wave": wave.name, "number": wave.number}),
-                )?;
+                )])?;
                 self.note("paused", json!({"wave": wave.name}));
             }
         }
@@ -411,7 +436,7 @@ impl Run<'_> {
             Ok(results) => results,
             Err(e) => {
                 if let Some(record) = pushed {
-                    self.audit.record(Event::WavePushed, record)?;
+                    self.record([(Event::WavePushed, record)])?;
                 }
                 return Err(e);
             }
@@ -431,8 +456,12 @@ impl Run<'_> {
                            "detail": r.detail, "statistics": r.statistics}),
                 )
             }))
-            .collect();
-        self.audit.record_each(records)?;
+            .collect::<Vec<_>>();
+        if wave.bake_ms == 0 && !wave.pause && results.iter().all(|r| r.passed) {
+            self.held.extend(records);
+        } else {
+            self.record(records)?;
+        }
         self.settle(i, &wave, results)
     }
 
