@@ -162,6 +162,77 @@ pub(crate) fn events<'a>(
 }
 
 #[test]
+fn a_wave_with_no_bake_is_recorded_in_order_before_a_later_wave_halts_and_both_go_back() {
+    // Wave "first" (S1, no bake) passes: its records wait for the next
+    // append. Wave "canary" (S0, a real agent that turns bad) is baked and
+    // fails. The audit log must still tell it in order, each wave once, and
+    // both waves are sent back.
+    let f = fleet(
+        3,
+        1,
+        &[&["canary"]],
+        true,
+        |prom| {
+            format!(
+                "[environments.production.rollout]\npoll_ms = 100\n\
+                 [[environments.production.rollout.gates]]\nkind = \"prometheus\"\nname = \"error-ratio\"\n\
+                 url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\n\
+                 [[environments.production.rollout.waves]]\nname = \"first\"\nservices = [\"S1\"]\nbake = \"0s\"\n\
+                 [[environments.production.rollout.waves]]\nname = \"canary\"\ntags = [\"canary\"]\nbake = \"3s\"\n\
+                 [[environments.production.rollout.waves]]\nname = \"rest\"\n"
+            )
+        },
+        "",
+    );
+    let o = pde(
+        f.ws.root(),
+        &["deploy", "42", "--env", "production", "--output", "json"],
+    );
+    assert_eq!(code(&o), HALTED, "{}", support::both(&o));
+    let records = audit(&f.ws);
+    let story: Vec<(String, String)> = records
+        .iter()
+        .filter(|r| {
+            ["wave_pushed", "gate_evaluated", "rollout_finished"]
+                .contains(&r["event"].as_str().unwrap_or(""))
+        })
+        .map(|r| {
+            (
+                r["event"].as_str().unwrap_or("").to_string(),
+                r["data"]["wave"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    let pair = |e: &str, w: &str| (e.to_string(), w.to_string());
+    assert_eq!(
+        story,
+        [
+            pair("wave_pushed", "first"),
+            pair("gate_evaluated", "first"),
+            pair("wave_pushed", "canary"),
+            pair("gate_evaluated", "canary"),
+            pair("rollout_finished", ""),
+        ],
+        "{records:#?}"
+    );
+    assert_eq!(
+        events(&records, "gate_evaluated")[1]["data"]["verdict"],
+        "fail"
+    );
+    // Both waves went back: S0 (an agent) holds nothing, S1 (a receiver)
+    // got the push and then the compensation.
+    assert_eq!(support::active_digest(&f.urls[0]), None);
+    let s1 = f.receivers[1].as_ref().expect("S1 is a receiver");
+    assert_eq!(s1.deploys(), 1);
+    assert_eq!(s1.active_digest(), None, "S1 was not sent back");
+    assert!(
+        f.receivers[2].as_ref().unwrap().deploys() == 0,
+        "the rest was pushed to"
+    );
+    assert!(f.ws.tags().is_empty(), "{:?}", f.ws.tags());
+}
+
+#[test]
 fn a_bad_canary_fails_its_gate_is_rolled_back_and_nothing_else_is_pushed() {
     let f = fleet(
         3,
