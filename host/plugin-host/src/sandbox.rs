@@ -34,9 +34,10 @@
 //!   anyway). Host calls cost no fuel, so each one's return to the guest
 //!   also checks the deadline (a call hook): a guest looping over an
 //!   expensive host call ends there. So one deadline bounds all of it, to
-//!   within a slice of about a millisecond of guest code or one host call. Before, guest code was stopped by
-//!   epoch interruption (a ticker thread and an epoch check on every loop
-//!   iteration): those checks were 12% of a sort-bound gate call, where the
+//!   within a slice of about a millisecond of guest code or one host call.
+//!   Before, guest code was stopped by epoch interruption (a ticker thread
+//!   and an epoch check on every loop iteration): those checks were 12% of
+//!   a sort-bound gate call, where the
 //!   fuel slices cost nothing more than the fuel checks every loop already
 //!   pays (BENCHMARKS.md, "A gate plugin's cost"; docs/ARCHITECTURE.md
 //!   "Decisions"). The timer is armed only once the call first yields: most
