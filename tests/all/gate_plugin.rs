@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::rollout::{HALTED, audit, code, events, fleet, json, pde};
+use crate::rollout::{audit, code, events, fleet, halted_deploy, pde};
 use crate::support::{self, Workspace};
 
 /// The per-service series of the error ratio: the wave's (or the
@@ -63,12 +63,7 @@ fn judged_by(gate: &str, query: &str, step: &str, settings: &str) -> crate::roll
 #[test]
 fn a_gate_plugin_fails_a_canary_that_is_statistically_worse_and_everything_goes_back() {
     let f = judged_fleet();
-    let o = pde(
-        f.ws.root(),
-        &["deploy", "42", "--env", "production", "--output", "json"],
-    );
-    assert_eq!(code(&o), HALTED, "{}", support::both(&o));
-    let message = json(&o)["error"].as_str().unwrap().to_string();
+    let message = halted_deploy(f.ws.root());
     assert!(
         message.contains("mann-whitney") && message.contains("p-value"),
         "{message}"
@@ -152,12 +147,7 @@ fn a_range_query_answer_too_large_to_read_is_inconclusive_and_says_so() {
         "2ms",
         "min_samples = 5\n",
     );
-    let o = pde(
-        f.ws.root(),
-        &["deploy", "42", "--env", "production", "--output", "json"],
-    );
-    assert_eq!(code(&o), HALTED, "{}", support::both(&o));
-    let message = json(&o)["error"].as_str().unwrap().to_string();
+    let message = halted_deploy(f.ws.root());
     assert!(
         message.contains("larger than the 1 MiB pde reads") && message.contains("coarser `step`"),
         "{message}"

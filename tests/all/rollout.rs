@@ -37,6 +37,17 @@ pub(crate) fn code(o: &Output) -> i32 {
     o.status.code().expect("exited normally")
 }
 
+/// `pde deploy 42 --env production --output json`, which must halt a
+/// rollout (exit 8): its error message.
+pub(crate) fn halted_deploy(root: &Path) -> String {
+    let o = pde(
+        root,
+        &["deploy", "42", "--env", "production", "--output", "json"],
+    );
+    assert_eq!(code(&o), HALTED, "{}", support::both(&o));
+    json(&o)["error"].as_str().unwrap_or_default().to_string()
+}
+
 pub(crate) fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout)
         .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", support::both(o)))
@@ -184,11 +195,7 @@ fn a_wave_with_no_bake_is_recorded_in_order_before_a_later_wave_halts_and_both_g
         },
         "",
     );
-    let o = pde(
-        f.ws.root(),
-        &["deploy", "42", "--env", "production", "--output", "json"],
-    );
-    assert_eq!(code(&o), HALTED, "{}", support::both(&o));
+    halted_deploy(f.ws.root());
     let records = audit(&f.ws);
     let story: Vec<(String, String)> = records
         .iter()
@@ -250,13 +257,7 @@ fn a_bad_canary_fails_its_gate_is_rolled_back_and_nothing_else_is_pushed() {
         },
         "",
     );
-    let o = pde(
-        f.ws.root(),
-        &["deploy", "42", "--env", "production", "--output", "json"],
-    );
-    assert_eq!(code(&o), HALTED, "{}", support::both(&o));
-    let err = json(&o);
-    let message = err["error"].as_str().unwrap();
+    let message = halted_deploy(f.ws.root());
     assert!(message.contains("error-ratio"), "{message}");
     assert!(
         message.contains("pde_test_error_ratio{service=~\\\"(S0)\\\"}") || message.contains("(S0)"),
@@ -429,12 +430,7 @@ fn no_data_is_inconclusive_and_fails_the_wave_and_a_dry_run_shows_it_first() {
         f.urls.iter().all(|u| support::active_digest(u).is_none()),
         "a dry run pushes nothing"
     );
-    let o = pde(
-        f.ws.root(),
-        &["deploy", "42", "--env", "production", "--output", "json"],
-    );
-    assert_eq!(code(&o), HALTED, "{}", support::both(&o));
-    assert!(json(&o)["error"].as_str().unwrap().contains("inconclusive"));
+    assert!(halted_deploy(f.ws.root()).contains("inconclusive"));
     assert!(f.urls.iter().all(|u| support::active_digest(u).is_none()));
     assert!(f.ws.tags().is_empty());
 }
