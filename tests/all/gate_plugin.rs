@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::rollout::{audit, code, events, fleet, halted_deploy, pde};
+use crate::rollout::{audit, canary_fleet, code, events, halted_deploy, pde};
 use crate::support::{self, Workspace};
 
 /// The per-service series of the error ratio: the wave's (or the
@@ -33,22 +33,15 @@ fn judged_fleet() -> crate::rollout::Fleet {
 
 /// [`judged_fleet`] with the gate's name, query, step and plugin settings.
 fn judged_by(gate: &str, query: &str, step: &str, settings: &str) -> crate::rollout::Fleet {
-    let f = fleet(
-        3,
-        1,
-        &[&["canary"]],
-        true,
-        |prom| {
-            format!(
-                "[environments.production.rollout]\npoll_ms = 100\n\
+    let f = canary_fleet(|prom| {
+        format!(
+            "[environments.production.rollout]\npoll_ms = 100\n\
                  [[environments.production.rollout.waves]]\nname = \"canary\"\ntags = [\"canary\"]\nbake = \"6s\"\n\
                  [[environments.production.rollout.waves.gates]]\nkind = \"plugin\"\nname = \"{gate}\"\n\
                  plugin = \"mann-whitney-gate\"\nurl = \"{prom}\"\nquery = '{query}'\nstep = \"{step}\"\n\
                  [[environments.production.rollout.waves]]\nname = \"rest\"\n"
-            )
-        },
-        "",
-    );
+        )
+    });
     f.ws.install_plugin(
         "mann-whitney-gate",
         "gate",

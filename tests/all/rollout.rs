@@ -93,6 +93,13 @@ pub(crate) struct Fleet {
     _files: tempfile::TempDir,
 }
 
+/// Three services: S0 a real agent tagged `canary` (its exporter turns bad
+/// when it activates 1.0.0), S1 and S2 test receivers; Prometheus scrapes
+/// all three, and pde.toml gets `rollout(prometheus_url)`.
+pub(crate) fn canary_fleet(rollout: impl FnOnce(&str) -> String) -> Fleet {
+    fleet(3, 1, &[&["canary"]], true, rollout, "")
+}
+
 pub(crate) const GATE_QUERY: &str = "max(pde_test_error_ratio{service=~\"${services_regex}\"})";
 
 pub(crate) fn fleet(
@@ -178,23 +185,16 @@ fn a_wave_with_no_bake_is_recorded_in_order_before_a_later_wave_halts_and_both_g
     // append. Wave "canary" (S0, a real agent that turns bad) is baked and
     // fails. The audit log must still tell it in order, each wave once, and
     // both waves are sent back.
-    let f = fleet(
-        3,
-        1,
-        &[&["canary"]],
-        true,
-        |prom| {
-            format!(
-                "[environments.production.rollout]\npoll_ms = 100\n\
+    let f = canary_fleet(|prom| {
+        format!(
+            "[environments.production.rollout]\npoll_ms = 100\n\
                  [[environments.production.rollout.gates]]\nkind = \"prometheus\"\nname = \"error-ratio\"\n\
                  url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\n\
                  [[environments.production.rollout.waves]]\nname = \"first\"\nservices = [\"S1\"]\nbake = \"0s\"\n\
                  [[environments.production.rollout.waves]]\nname = \"canary\"\ntags = [\"canary\"]\nbake = \"3s\"\n\
                  [[environments.production.rollout.waves]]\nname = \"rest\"\n"
-            )
-        },
-        "",
-    );
+        )
+    });
     halted_deploy(f.ws.root());
     let records = audit(&f.ws);
     let story: Vec<(String, String)> = records
@@ -241,22 +241,15 @@ fn a_wave_with_no_bake_is_recorded_in_order_before_a_later_wave_halts_and_both_g
 
 #[test]
 fn a_bad_canary_fails_its_gate_is_rolled_back_and_nothing_else_is_pushed() {
-    let f = fleet(
-        3,
-        1,
-        &[&["canary"]],
-        true,
-        |prom| {
-            format!(
-                "[environments.production.rollout]\npoll_ms = 100\n\
+    let f = canary_fleet(|prom| {
+        format!(
+            "[environments.production.rollout]\npoll_ms = 100\n\
                  [[environments.production.rollout.waves]]\nname = \"canary\"\ntags = [\"canary\"]\nbake = \"3s\"\n\
                  [[environments.production.rollout.waves.gates]]\nkind = \"prometheus\"\nname = \"error-ratio\"\n\
                  url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\n\
                  [[environments.production.rollout.waves]]\nname = \"rest\"\n"
-            )
-        },
-        "",
-    );
+        )
+    });
     let message = halted_deploy(f.ws.root());
     assert!(message.contains("error-ratio"), "{message}");
     assert!(
