@@ -764,9 +764,9 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-#[test]
-fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
-    let reg = Registry::start();
+/// A workspace holding `eligibility-bounds`, signed by its security-team
+/// key: what an agency publishes.
+fn signed_plugin_workspace() -> Workspace {
     let ws = Workspace::new("");
     ws.install_plugin(
         "eligibility-bounds",
@@ -775,11 +775,23 @@ fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
         "",
         true,
     );
-    let repo = format!(
-        "oci://127.0.0.1:{}/pde/plugins/eligibility-bounds",
-        reg.port
-    );
-    let o = pde(
+    ws
+}
+
+/// A fresh workspace that trusts the same security-team key as `ws`.
+fn trusting(ws: &Workspace) -> Workspace {
+    let fresh = Workspace::new("");
+    std::fs::copy(
+        ws.root().join("keys/security.ed25519.pub"),
+        fresh.root().join("keys/security.ed25519.pub"),
+    )
+    .unwrap();
+    fresh
+}
+
+/// `pde --output json plugin push plugins/eligibility-bounds.wasm REFERENCE --plain-http`.
+fn push_plugin(ws: &Workspace, reference: &str) -> std::process::Output {
+    pde(
         ws.root(),
         &[
             "--output",
@@ -787,10 +799,46 @@ fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
             "plugin",
             "push",
             "plugins/eligibility-bounds.wasm",
-            &repo,
+            reference,
             "--plain-http",
         ],
+    )
+}
+
+/// `pde plugin pull REFERENCE --out plugins --plain-http` in `ws`.
+fn pull_plugin(ws: &Workspace, reference: &str) -> std::process::Output {
+    pde(
+        ws.root(),
+        &[
+            "plugin",
+            "pull",
+            reference,
+            "--out",
+            "plugins",
+            "--plain-http",
+        ],
+    )
+}
+
+/// `pde plugin verify` of the installed `eligibility-bounds` passes.
+fn assert_installed_plugin_verifies(ws: &Workspace) {
+    let installed = ws.root().join("plugins/eligibility-bounds.wasm");
+    let o = pde(
+        ws.root(),
+        &["plugin", "verify", installed.to_str().unwrap()],
     );
+    assert_eq!(code(&o), 0, "{}", both(&o));
+}
+
+#[test]
+fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
+    let reg = Registry::start();
+    let ws = signed_plugin_workspace();
+    let repo = format!(
+        "oci://127.0.0.1:{}/pde/plugins/eligibility-bounds",
+        reg.port
+    );
+    let o = push_plugin(&ws, &repo);
     assert_eq!(code(&o), 0, "{}", both(&o));
     let pushed = json(&o);
     assert_eq!(pushed["tag"], "1.0.0");
@@ -810,23 +858,8 @@ fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
     assert_eq!(manifest["layers"][0]["mediaType"], "application/wasm");
 
     // A fresh workspace that trusts the same security-team key.
-    let fresh = Workspace::new("");
-    std::fs::copy(
-        ws.root().join("keys/security.ed25519.pub"),
-        fresh.root().join("keys/security.ed25519.pub"),
-    )
-    .unwrap();
-    let o = pde(
-        fresh.root(),
-        &[
-            "plugin",
-            "pull",
-            &pinned,
-            "--out",
-            "plugins",
-            "--plain-http",
-        ],
-    );
+    let fresh = trusting(&ws);
+    let o = pull_plugin(&fresh, &pinned);
     assert_eq!(code(&o), 0, "{}", both(&o));
     let pulled = std::fs::read(fresh.root().join("plugins/eligibility-bounds.wasm")).unwrap();
     assert_eq!(
@@ -834,39 +867,14 @@ fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
         std::fs::read(ws.root().join("plugins/eligibility-bounds.wasm")).unwrap(),
         "the exact bytes"
     );
-    let installed = fresh.root().join("plugins/eligibility-bounds.wasm");
-    let o = pde(
-        fresh.root(),
-        &["plugin", "verify", installed.to_str().unwrap()],
-    );
-    assert_eq!(code(&o), 0, "{}", both(&o));
+    assert_installed_plugin_verifies(&fresh);
 
     // Not pinned: refused before anything is fetched.
     let elsewhere = Workspace::new("");
-    let o = pde(
-        elsewhere.root(),
-        &[
-            "plugin",
-            "pull",
-            &format!("{repo}:1.0.0"),
-            "--out",
-            "plugins",
-            "--plain-http",
-        ],
-    );
+    let o = pull_plugin(&elsewhere, &format!("{repo}:1.0.0"));
     assert_eq!(code(&o), 2, "{}", both(&o));
     // A workspace that does not trust the signer writes nothing.
-    let o = pde(
-        elsewhere.root(),
-        &[
-            "plugin",
-            "pull",
-            &pinned,
-            "--out",
-            "plugins",
-            "--plain-http",
-        ],
-    );
+    let o = pull_plugin(&elsewhere, &pinned);
     assert_eq!(code(&o), 6, "{}", both(&o));
     assert!(
         !elsewhere
@@ -888,23 +896,8 @@ fn a_plugin_pushed_once_is_pulled_pinned_and_verified_into_a_fresh_workspace() {
             .unwrap();
     bytes[at] = b'2';
     std::fs::write(&file, bytes).unwrap();
-    let again = Workspace::new("");
-    std::fs::copy(
-        ws.root().join("keys/security.ed25519.pub"),
-        again.root().join("keys/security.ed25519.pub"),
-    )
-    .unwrap();
-    let o = pde(
-        again.root(),
-        &[
-            "plugin",
-            "pull",
-            &pinned,
-            "--out",
-            "plugins",
-            "--plain-http",
-        ],
-    );
+    let again = trusting(&ws);
+    let o = pull_plugin(&again, &pinned);
     assert_eq!(code(&o), 6, "{}", both(&o));
     assert!(both(&o).contains("digest"), "{}", both(&o));
     assert!(
@@ -927,28 +920,10 @@ fn wkg_s_oci_wasm_client_and_pde_read_each_other_s_plugin_artifacts() {
     use oci_client::secrets::RegistryAuth;
 
     let reg = Registry::start();
-    let ws = Workspace::new("");
-    ws.install_plugin(
-        "eligibility-bounds",
-        "validator",
-        Path::new(pde_plugin_artifacts::ELIGIBILITY_BOUNDS),
-        "",
-        true,
-    );
+    let ws = signed_plugin_workspace();
     let wasm = std::fs::read(ws.root().join("plugins/eligibility-bounds.wasm")).unwrap();
     let repo = format!("127.0.0.1:{}/pde/plugins/eligibility-bounds", reg.port);
-    let o = pde(
-        ws.root(),
-        &[
-            "--output",
-            "json",
-            "plugin",
-            "push",
-            "plugins/eligibility-bounds.wasm",
-            &format!("oci://{repo}"),
-            "--plain-http",
-        ],
-    );
+    let o = push_plugin(&ws, &format!("oci://{repo}"));
     assert_eq!(code(&o), 0, "{}", both(&o));
     let digest = json(&o)["digest"].as_str().unwrap().to_string();
 
@@ -980,18 +955,7 @@ fn wkg_s_oci_wasm_client_and_pde_read_each_other_s_plugin_artifacts() {
         .unwrap();
     assert_eq!(image.layers[0].data, wasm, "the exact component");
     // The same component pushed again is the same manifest (no time in it).
-    let o = pde(
-        ws.root(),
-        &[
-            "--output",
-            "json",
-            "plugin",
-            "push",
-            "plugins/eligibility-bounds.wasm",
-            &format!("oci://{repo}:again"),
-            "--plain-http",
-        ],
-    );
+    let o = push_plugin(&ws, &format!("oci://{repo}:again"));
     assert_eq!(json(&o)["digest"], digest.as_str(), "{}", both(&o));
 
     // pde reads wkg's artifact: pushed by oci-wasm, pde's manifest and
@@ -1041,25 +1005,8 @@ fn wkg_s_oci_wasm_client_and_pde_read_each_other_s_plugin_artifacts() {
             .unwrap()
             .unwrap()
     };
-    let fresh = Workspace::new("");
-    std::fs::copy(
-        ws.root().join("keys/security.ed25519.pub"),
-        fresh.root().join("keys/security.ed25519.pub"),
-    )
-    .unwrap();
-    let pull = |digest: &str| {
-        pde(
-            fresh.root(),
-            &[
-                "plugin",
-                "pull",
-                &format!("oci://{by_wkg}@{digest}"),
-                "--out",
-                "plugins",
-                "--plain-http",
-            ],
-        )
-    };
+    let fresh = trusting(&ws);
+    let pull = |digest: &str| pull_plugin(&fresh, &format!("oci://{by_wkg}@{digest}"));
     let bare = push("bare", false);
     let o = pull(&bare);
     assert_ne!(code(&o), 0, "{}", both(&o));
@@ -1075,10 +1022,5 @@ fn wkg_s_oci_wasm_client_and_pde_read_each_other_s_plugin_artifacts() {
         std::fs::read(fresh.root().join("plugins/eligibility-bounds.wasm")).unwrap(),
         wasm
     );
-    let installed = fresh.root().join("plugins/eligibility-bounds.wasm");
-    let o = pde(
-        fresh.root(),
-        &["plugin", "verify", installed.to_str().unwrap()],
-    );
-    assert_eq!(code(&o), 0, "{}", both(&o));
+    assert_installed_plugin_verifies(&fresh);
 }

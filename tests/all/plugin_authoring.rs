@@ -12,17 +12,23 @@ use std::process::{Command, Output};
 use serde_json::{Value, json};
 use support::{code, json};
 
-/// Runs `pde -C dir ARGS` from `dir` with the per-user cache in `cache`
-/// (never the runner's real home).
-fn pde(dir: &Path, cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pde"))
-        .current_dir(dir)
+/// `pde -C dir` from `dir` with the per-user cache in `cache` (never the
+/// runner's real home) and no `RUST_LOG`; the caller adds the arguments.
+pub(crate) fn pde_command(dir: &Path, cache: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pde"));
+    cmd.current_dir(dir)
         .arg("-C")
         .arg(dir)
-        .args(args)
         .env_remove("RUST_LOG")
         .env_remove("XDG_CACHE_HOME")
-        .env("PDE_CACHE_DIR", cache)
+        .env("PDE_CACHE_DIR", cache);
+    cmd
+}
+
+/// Runs `pde -C dir ARGS` as [`pde_command`] sets it up.
+fn pde(dir: &Path, cache: &Path, args: &[&str]) -> Output {
+    pde_command(dir, cache)
+        .args(args)
         .output()
         .expect("pde runs")
 }

@@ -17,16 +17,10 @@ use support::{Svc, Workspace, code, json};
 /// `pde -C dir ARGS` from `dir`, with the per-user cache in `cache`, no
 /// `RUST_LOG` and no actor variables (as in a container).
 fn pde(dir: &Path, cache: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_pde"))
-        .current_dir(dir)
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .env_remove("XDG_CACHE_HOME")
+    crate::plugin_authoring::pde_command(dir, cache)
         .env_remove("PDE_ACTOR")
         .env_remove("USER")
-        .env("PDE_CACHE_DIR", cache)
+        .args(args)
         .output()
         .expect("pde runs")
 }

@@ -33,12 +33,14 @@
 #[path = "../../../tests/all/support/registry.rs"]
 mod registry;
 
+#[path = "../../engine/benches/common/release.rs"]
+mod release;
+
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pde::bundle::{Bundle, Manifest, Payload};
 use pde::config::PushConfig;
 use pde::push::publish::{Publish, publish};
 use pde::push::{self, Fenced, Outcome, Target};
@@ -46,37 +48,11 @@ use pde_agent::pull::PullConfig;
 use pde_agent::{Agent, AgentConfig};
 use pde_core::keys::TrustedKeys;
 use pde_core::oci::{Registry, RegistryOptions};
-use serde_json::json;
 
 const ENV: &str = "production";
 const POLICY: &str = "42";
 /// Set in the fleet process: `push` (agents that are pushed to) or `pull`.
 const ROLE: &str = "PDE_FANOUT_ROLE";
-
-fn release_key() -> ed25519_dalek::SigningKey {
-    ed25519_dalek::SigningKey::from_bytes(&[7; 32])
-}
-
-/// A signed bundle of a 40-rule policy at `version`.
-fn bundle(version: &str) -> Bundle {
-    let rules: Vec<_> = (0..40)
-        .map(|i| {
-            json!({"key": format!("eligibility.rule_{i}"), "category": "eligibility",
-                   "value": i * 100, "description": "Household income ceiling for the programme"})
-        })
-        .collect();
-    let payload = Payload {
-        manifest: Manifest {
-            policy_id: POLICY.into(),
-            version: version.into(),
-            source_commit: "0123456789abcdef0123456789abcdef01234567".into(),
-            validators: vec![],
-        },
-        policy: json!({"id": POLICY, "version": version, "title": "Benefit eligibility",
-                       "agency": "HMS", "effective": "2026-01-01", "rules": rules}),
-    };
-    Bundle::seal(payload, &[&release_key()]).expect("seals")
-}
 
 /// A line of /proc/<pid>/status, in KiB.
 fn status_kib(pid: &str, field: &str) -> u64 {
@@ -113,7 +89,7 @@ fn fleet_main(role: &str) {
         let mut urls = Vec::with_capacity(n);
         for i in 0..n {
             let mut trusted = TrustedKeys::new();
-            trusted.add(release_key().verifying_key());
+            trusted.add(release::release_key().verifying_key());
             let mut agent = Agent::open(AgentConfig {
                 trusted,
                 ..AgentConfig::new(dir.join(format!("a{i}")))
@@ -323,13 +299,13 @@ fn main() {
         .build()
         .unwrap();
     let client = push::client(Duration::from_secs(10)).unwrap();
-    let key = release_key();
+    let key = release::release_key();
     let push_cfg = PushConfig::default();
     let mut fence = pde_core::fence::now_micros();
     let mut version = 0;
     let mut next_bundle = || {
         version += 1;
-        bundle(&format!("1.{version}.0"))
+        release::bundle(POLICY, &format!("1.{version}.0"))
     };
     let mut rows = Vec::new();
 

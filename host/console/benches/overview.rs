@@ -13,6 +13,8 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used, missing_docs)]
 
+mod common;
+
 use criterion::Criterion;
 
 const POLICIES: usize = 1000;
@@ -20,21 +22,8 @@ const ENVS: [&str; 3] = ["dev", "staging", "production"];
 const SERVICES: usize = 10;
 
 fn workspace() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::workspace(&ENVS, SERVICES);
     let root = dir.path();
-    std::fs::create_dir_all(root.join("policies")).unwrap();
-    std::fs::create_dir_all(root.join("plugins")).unwrap();
-    let mut toml =
-        String::from("policies = \"policies\"\nplugins = \"plugins\"\nstate = \".pde\"\n");
-    for env in ENVS {
-        toml.push_str(&format!("[environments.{env}]\n"));
-        for s in 0..SERVICES {
-            toml.push_str(&format!(
-                "[[environments.{env}.services]]\nname = \"SVC-{s}\"\nurl = \"http://127.0.0.1:1\"\n"
-            ));
-        }
-    }
-    std::fs::write(root.join("pde.toml"), toml).unwrap();
     let state = pde::state::StateStore::open(&root.join(".pde")).unwrap();
     for p in 0..POLICIES {
         let id = format!("{p}");

@@ -21,6 +21,8 @@
 
 use std::path::Path;
 
+mod common;
+
 use criterion::Criterion;
 use pde::audit::{AuditEntry, AuditLog, Event};
 use serde_json::json;
@@ -31,21 +33,8 @@ const SERVICES: usize = 2;
 const BATCH: usize = 1000;
 
 fn workspace(records: usize) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = common::workspace(&ENVS, SERVICES);
     let root = dir.path();
-    std::fs::create_dir_all(root.join("policies")).unwrap();
-    std::fs::create_dir_all(root.join("plugins")).unwrap();
-    let mut toml =
-        String::from("policies = \"policies\"\nplugins = \"plugins\"\nstate = \".pde\"\n");
-    for env in ENVS {
-        toml.push_str(&format!("[environments.{env}]\n"));
-        for s in 0..SERVICES {
-            toml.push_str(&format!(
-                "[[environments.{env}.services]]\nname = \"SVC-{s}\"\nurl = \"http://127.0.0.1:1\"\n"
-            ));
-        }
-    }
-    std::fs::write(root.join("pde.toml"), toml).unwrap();
     let state_dir = root.join(".pde");
     let state = pde::state::StateStore::open(&state_dir).unwrap();
     for p in 0..POLICIES {

@@ -39,6 +39,9 @@
 // Test code: a failed unwrap is a failed test, with its location.
 #![allow(clippy::unwrap_used)]
 
+#[path = "common/release.rs"]
+mod release;
+
 use std::cell::Cell;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -50,7 +53,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use criterion::Criterion;
-use pde::bundle::{Bundle, Manifest, Payload};
+use pde::bundle::Bundle;
 use pde::config::PushConfig;
 use pde::push::{self, Fenced, Outcome, Target};
 use serde_json::{Value, json};
@@ -187,33 +190,6 @@ fn fleet(rt: &Runtime, n: usize) -> Vec<Target> {
         }
         targets
     })
-}
-
-/// The release key that signs each push's fence.
-fn release_key() -> ed25519_dalek::SigningKey {
-    ed25519_dalek::SigningKey::from_bytes(&[7; 32])
-}
-
-/// A signed bundle with a policy of realistic size (40 rules).
-fn bundle(version: &str) -> Bundle {
-    let key = release_key();
-    let rules: Vec<_> = (0..40)
-        .map(|i| {
-            json!({"key": format!("eligibility.rule_{i}"), "category": "eligibility",
-                   "value": i * 100, "description": "Household income ceiling for the programme"})
-        })
-        .collect();
-    let payload = Payload {
-        manifest: Manifest {
-            policy_id: POLICY.into(),
-            version: version.into(),
-            source_commit: "0123456789abcdef0123456789abcdef01234567".into(),
-            validators: vec![],
-        },
-        policy: json!({"id": POLICY, "version": version, "title": "Benefit eligibility",
-                       "agency": "HMS", "effective": "2026-01-01", "rules": rules}),
-    };
-    Bundle::seal(payload, &[&key]).expect("seals")
 }
 
 fn cfg(concurrency: usize) -> PushConfig {
@@ -385,8 +361,11 @@ fn main() {
             .build()
             .unwrap(),
         client: push::client(Duration::from_secs(5)).unwrap(),
-        key: release_key(),
-        bundles: [bundle("1.0.0"), bundle("1.1.0")],
+        key: release::release_key(),
+        bundles: [
+            release::bundle(POLICY, "1.0.0"),
+            release::bundle(POLICY, "1.1.0"),
+        ],
         turn: Cell::new(0),
         fence: Cell::new(pde_core::fence::now_micros()),
     };
