@@ -196,8 +196,6 @@ impl Run<'_> {
             self.save()?;
             return Ok(None);
         }
-        // The push's audit record, when it goes with the gate results.
-        let mut unrecorded = None;
         // Pushed before a resume (baking or paused): verified again, not re-sent.
         if wave.status == WaveStatus::Pending {
             self.note(
@@ -226,10 +224,10 @@ impl Run<'_> {
                                 "digest": self.bundle.digest, "outcome": pushed.outcome,
                                 "targets": pushed.targets});
             if pushed.outcome == Outcome::Deployed && wave.bake_ms == 0 && !wave.pause {
-                // Appended with the wave's gate results, in one durable
-                // step: with no bake, nothing happens between the two that
-                // a record of the push alone would serve.
-                unrecorded = Some(record);
+                // Held back with the wave's gate results (see `record`):
+                // with no bake, nothing happens between the two that a
+                // record of the push alone would serve.
+                self.held.push((Event::WavePushed, record));
             } else {
                 self.record([(Event::WavePushed, record)])?;
             }
@@ -266,16 +264,14 @@ impl Run<'_> {
         }
         if self.report.waves[i].status == WaveStatus::Baking {
             let baked = self.bake(i).await;
-            if !matches!(baked, Ok(None))
-                && let Some(record) = unrecorded.take()
-            {
+            if !matches!(baked, Ok(None)) {
                 // Stopped before the gates: the push is recorded on its own.
-                self.record([(Event::WavePushed, record)])?;
+                self.record([])?;
             }
             if let Some(stop) = baked? {
                 return Ok(Some(stop));
             }
-            if let Some(stop) = self.judge(i, unrecorded).await? {
+            if let Some(stop) = self.judge(i).await? {
                 return Ok(Some(stop));
             }
             if wave.pause {
@@ -423,31 +419,23 @@ impl Run<'_> {
         }
     }
 
-    /// Every gate of wave `i`, evaluated once after its bake.
-    /// Evaluates wave `i`'s gates and records each result, after `pushed`
-    /// (the wave's push record, when it was held back to share the append).
-    async fn judge(
-        &mut self,
-        i: usize,
-        pushed: Option<serde_json::Value>,
-    ) -> Result<Option<Stop>, Error> {
+    /// Evaluates wave `i`'s gates and records each result (after whatever
+    /// is held back, this wave's push record among them when it had no bake).
+    async fn judge(&mut self, i: usize) -> Result<Option<Stop>, Error> {
         let wave = self.report.waves[i].clone();
         let results = match self.evaluate_gates(i, &wave).await {
             Ok(results) => results,
             Err(e) => {
-                if let Some(record) = pushed {
-                    self.record([(Event::WavePushed, record)])?;
-                }
+                self.record([])?;
                 return Err(e);
             }
         };
         // One durable append for the wave's results: a gate evaluated per
         // service makes one record per service, and an fsync each would
         // cost more than the gates themselves.
-        let records = pushed
-            .map(|record| (Event::WavePushed, record))
-            .into_iter()
-            .chain(results.iter().map(|r| {
+        let records = results
+            .iter()
+            .map(|r| {
                 (
                     Event::GateEvaluated,
                     json!({"rollout": self.id, "wave": wave.name, "number": wave.number, "gate": r.gate,
@@ -455,7 +443,7 @@ impl Run<'_> {
                            "baseline": r.baseline, "verdict": r.verdict, "passed": r.passed,
                            "detail": r.detail, "statistics": r.statistics}),
                 )
-            }))
+            })
             .collect::<Vec<_>>();
         if wave.bake_ms == 0 && !wave.pause && results.iter().all(|r| r.passed) {
             self.held.extend(records);
