@@ -54,6 +54,12 @@ const PLUGINS: &[(&str, &str, &str)] = &[
     ("mann-whitney-gate", "gate", "plugins/mann-whitney-gate"),
 ];
 
+/// Plugins built without `std` on wasm, by a nested build of their own:
+/// in one build cargo unifies a dependency's features across packages, and
+/// the std plugins turn on `std` in serde_json and wit-bindgen, which a
+/// `no_std` plugin cannot link with.
+const NO_STD: &[&str] = &["mann-whitney-gate"];
+
 const TARGET: &str = "wasm32-wasip2";
 const PROFILE: &str = "plugin";
 
@@ -83,31 +89,12 @@ fn main() {
 
     ensure_target_installed();
 
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .arg("build")
-        .arg("--target")
-        .arg(TARGET)
-        .arg("--profile")
-        .arg(PROFILE)
-        .arg("--target-dir")
-        .arg(&target_dir);
-    for (name, _, _) in PLUGINS {
-        cmd.arg("-p").arg(name);
-    }
-    for var in OUTER_CARGO_VARS {
-        cmd.env_remove(var);
-    }
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("could not run the nested `cargo build` for the plugins: {e}"));
-    if !status.success() {
-        panic!(
-            "building the plugins for {TARGET} failed ({status}); run `cargo build --target {TARGET} --profile {PROFILE} -p <plugin>` in {} to see why",
-            root.display()
-        );
-    }
+    let (bare, with_std): (Vec<&str>, Vec<&str>) = PLUGINS
+        .iter()
+        .map(|(name, _, _)| *name)
+        .partition(|name| NO_STD.contains(name));
+    nested_build(&root, &target_dir, &with_std);
+    nested_build(&root, &target_dir, &bare);
 
     let out_dir = target_dir.join(TARGET).join(PROFILE);
     let mut src = String::new();
@@ -179,6 +166,35 @@ fn check_component(path: &Path) {
             "{} is not a WebAssembly component (header {:02x?}); is the `{TARGET}` target up to date?",
             path.display(),
             &bytes[..bytes.len().min(8)]
+        );
+    }
+}
+
+/// Builds `packages` for [`TARGET`] with one nested `cargo build`.
+fn nested_build(root: &Path, target_dir: &Path, packages: &[&str]) {
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(root)
+        .arg("build")
+        .arg("--target")
+        .arg(TARGET)
+        .arg("--profile")
+        .arg(PROFILE)
+        .arg("--target-dir")
+        .arg(target_dir);
+    for name in packages {
+        cmd.arg("-p").arg(name);
+    }
+    for var in OUTER_CARGO_VARS {
+        cmd.env_remove(var);
+    }
+    let status = cmd
+        .status()
+        .unwrap_or_else(|e| panic!("could not run the nested `cargo build` for the plugins: {e}"));
+    if !status.success() {
+        panic!(
+            "building the plugins for {TARGET} failed ({status}); run `cargo build --target {TARGET} --profile {PROFILE} -p <plugin>` in {} to see why",
+            root.display()
         );
     }
 }

@@ -363,3 +363,93 @@ fn plugins_of_every_wit_version_load_side_by_side_with_a_gate() {
     let e = host.validate(&gate, &policy, &ctx).unwrap_err();
     assert!(e.to_string().contains("gate"), "{e}");
 }
+
+/// The example gate is built without `std` (plugins/mann-whitney-gate,
+/// `bare.rs`): it asks for no WASI interface at all, and a call whose input
+/// is larger than its initial heap grows its memory and judges exactly as
+/// the same statistics run natively.
+#[test]
+fn the_example_gate_imports_nothing_and_judges_inputs_beyond_its_initial_heap() {
+    use pde::plugin::{CallContext, GateInput, GateVerdict, PluginHost, PolicyInput};
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = gate_wasm();
+    let o = support::pde(
+        dir.path(),
+        &[
+            "plugin",
+            "inspect",
+            &wasm.display().to_string(),
+            "--output",
+            "json",
+        ],
+    );
+    assert_eq!(support::code(&o), 0, "{}", support::both(&o));
+    let imports: Vec<String> = support::json(&o)["imports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(imports, ["pde:plugin/types@0.3.0"], "{imports:?}");
+
+    let host = PluginHost::new(Default::default(), None).unwrap();
+    let gate = host
+        .load_file(&wasm, &pde::keys::TrustedKeys::new())
+        .unwrap();
+    // 2 × 150,000 points: 4.8 MB of times and values lowered into the
+    // guest, more than its 2 MiB arena, so the heap must grow.
+    let n = 150_000;
+    let values = |base: f64| -> Vec<f64> {
+        (0..n)
+            .map(|i| base + (i as f64 * 0.618_034).fract() * 0.01)
+            .collect()
+    };
+    let samples = |values: &[f64]| pde::plugin::Samples {
+        query: "q".into(),
+        series: vec![pde::plugin::Series {
+            labels: Default::default(),
+            samples: values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i as f64, *v))
+                .collect(),
+        }],
+    };
+    let (wave, baseline) = (values(0.010_02), values(0.01));
+    let input = GateInput {
+        gate: "g".into(),
+        wave: "canary".into(),
+        wave_samples: samples(&wave),
+        baseline_samples: Some(samples(&baseline)),
+        ..Default::default()
+    };
+    let policy = PolicyInput {
+        id: "42".into(),
+        version: "1.0.0".into(),
+        document: support::policy_42("1.0.0"),
+    };
+    let call = host
+        .gate(&gate, &policy, &CallContext::env("production"), &input)
+        .unwrap();
+    assert!(
+        call.peak_memory_bytes > 4 << 20,
+        "the call stayed within {} bytes",
+        call.peak_memory_bytes
+    );
+    let native = mann_whitney_gate::stats::mann_whitney(&wave, &baseline).unwrap();
+    let stat = |name: &str| {
+        call.value
+            .statistics
+            .iter()
+            .find(|(n, _)| n == name)
+            .unwrap_or_else(|| panic!("no {name} in {:?}", call.value))
+            .1
+    };
+    assert_eq!((stat("u"), stat("p-value")), (native.u, native.p));
+    let expected = if native.p < 0.05 && native.z > 0.0 {
+        GateVerdict::Fail
+    } else {
+        GateVerdict::Pass
+    };
+    assert_eq!(call.value.verdict, expected, "{:?}", call.value);
+}

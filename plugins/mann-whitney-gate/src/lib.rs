@@ -22,8 +22,23 @@
 //!
 //! The test itself is `stats.rs`, shared verbatim with the native side of
 //! the `gate_plugin` benchmark.
+//!
+//! On wasm the crate is `no_std` (see `bare.rs`): without `std` the
+//! component imports nothing but `pde:plugin/types`, where a `std` build
+//! asks for fifteen WASI interfaces it never calls, each of which every
+//! fresh instance must be linked against.
 
+#![cfg_attr(target_arch = "wasm32", no_std)]
+
+extern crate alloc;
+
+#[cfg(target_arch = "wasm32")]
+mod bare;
 pub mod stats;
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use alloc::{format, vec};
 
 use serde::Deserialize;
 
@@ -169,7 +184,7 @@ pub fn judge(
 #[cfg(target_arch = "wasm32")]
 mod component {
     // Generated code: the canonical ABI flattens records into many parameters.
-    #![allow(clippy::too_many_arguments, missing_docs)]
+    #![allow(clippy::too_many_arguments, missing_docs, unsafe_code)]
 
     wit_bindgen::generate!({
         path: "../../wit/v0.3.0",
@@ -177,6 +192,8 @@ mod component {
         generate_all,
     });
 
+    use alloc::string::String;
+    use alloc::vec::Vec;
     use pde::plugin::types::{Samples, Verdict as WitVerdict};
 
     struct MannWhitneyGate;

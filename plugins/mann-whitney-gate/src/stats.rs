@@ -1,9 +1,10 @@
 //! The Mann-Whitney U test, two-sided, by the normal approximation with a
 //! tie correction and a continuity correction.
 //!
-//! Plain Rust with no dependencies, so that the very same file is compiled
-//! into the plugin (wasm) and into the native benchmark
-//! (`host/engine/benches/gate_plugin.rs` includes it with `#[path]`).
+//! Plain Rust, so that the very same code runs in the plugin (wasm) and in
+//! the native side of the benchmark (`host/engine/benches/gate_plugin.rs`
+//! links this crate). Its one dependency is `libm`, for `sqrt` and `exp`,
+//! which `core` lacks and the plugin's `no_std` build needs.
 //!
 //! For samples `x` (the wave, size `n1`) and `y` (the baseline, `n2`):
 //! - every value is ranked in the pooled sample, ties getting the mean of
@@ -20,6 +21,8 @@
 //! the approximation is good from about 10 values per side, which is why
 //! the gate wants a minimum sample count. NaN values are dropped (they
 //! cannot be ranked); infinities rank as the largest or smallest values.
+
+use alloc::vec::Vec;
 
 /// What the test found.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -155,7 +158,7 @@ pub fn mann_whitney_sorted(x: &Sorted, y: &Sorted) -> Option<MannWhitney> {
     } else {
         let d = u - mean;
         let corrected = d.signum() * (d.abs() - 0.5).max(0.0);
-        let z = corrected / variance.sqrt();
+        let z = corrected / libm::sqrt(variance);
         (z, (2.0 * normal_upper_tail(z.abs())).min(1.0))
     };
     Some(MannWhitney {
@@ -170,7 +173,7 @@ pub fn mann_whitney_sorted(x: &Sorted, y: &Sorted) -> Option<MannWhitney> {
 
 /// `1 - Φ(z)`, the standard normal's upper tail.
 pub fn normal_upper_tail(z: f64) -> f64 {
-    0.5 * erfc(z / std::f64::consts::SQRT_2)
+    0.5 * erfc(z / core::f64::consts::SQRT_2)
 }
 
 /// The complementary error function, by the Chebyshev fit of Numerical
@@ -187,7 +190,7 @@ pub fn erfc(x: f64) -> f64 {
                         + t * (0.278_868_07
                             + t * (-1.135_203_98
                                 + t * (1.488_515_87 + t * (-0.822_152_23 + t * 0.170_872_77))))))));
-    let r = t * poly.exp();
+    let r = t * libm::exp(poly);
     if x >= 0.0 { r } else { 2.0 - r }
 }
 
