@@ -89,6 +89,12 @@ fn main() {
 
     ensure_target_installed();
 
+    for name in NO_STD {
+        assert!(
+            PLUGINS.iter().any(|(plugin, _, _)| plugin == name),
+            "NO_STD names {name}, which PLUGINS does not list"
+        );
+    }
     let (bare, with_std): (Vec<&str>, Vec<&str>) = PLUGINS
         .iter()
         .map(|(name, _, _)| *name)
@@ -172,6 +178,10 @@ fn check_component(path: &Path) {
 
 /// Builds `packages` for [`TARGET`] with one nested `cargo build`.
 fn nested_build(root: &Path, target_dir: &Path, packages: &[&str]) {
+    // With no `-p` cargo would build the workspace's default members.
+    if packages.is_empty() {
+        return;
+    }
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(root)
@@ -193,7 +203,8 @@ fn nested_build(root: &Path, target_dir: &Path, packages: &[&str]) {
         .unwrap_or_else(|e| panic!("could not run the nested `cargo build` for the plugins: {e}"));
     if !status.success() {
         panic!(
-            "building the plugins for {TARGET} failed ({status}); run `cargo build --target {TARGET} --profile {PROFILE} -p <plugin>` in {} to see why",
+            "building {} for {TARGET} failed ({status}); run `cargo build --target {TARGET} --profile {PROFILE} -p <plugin>` in {} to see why (a no_std plugin must be built in a cargo invocation of its own)",
+            packages.join(", "),
             root.display()
         );
     }

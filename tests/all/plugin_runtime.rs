@@ -1126,7 +1126,7 @@ fn the_sdk_heap_reuses_freed_memory_and_small_calls_do_not_grow_memory() {
 }
 
 /// Bytes of linear memory the core modules of `component` define at start.
-fn initial_memory_bytes(component: &[u8]) -> u64 {
+pub(crate) fn initial_memory_bytes(component: &[u8]) -> u64 {
     wasmparser::Parser::new(0)
         .parse_all(component)
         .filter_map(|payload| match payload.unwrap() {

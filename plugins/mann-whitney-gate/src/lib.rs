@@ -25,7 +25,7 @@
 //!
 //! On wasm the crate is `no_std` (see `bare.rs`): without `std` the
 //! component imports nothing but `pde:plugin/types`, where a `std` build
-//! asks for fifteen WASI interfaces it never calls, each of which every
+//! asks for thirteen WASI interfaces it never calls, each of which every
 //! fresh instance must be linked against.
 
 #![cfg_attr(target_arch = "wasm32", no_std)]
