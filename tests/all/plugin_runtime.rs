@@ -984,18 +984,27 @@ impl Fixture {
     }
 }
 
-#[test]
-fn infinite_loop_times_out() {
-    let f = fixture();
-    let mut p = f.mode("loop");
-    p.limits.fuel = u64::MAX / 4; // so only the clock can stop it
+/// Runs the misbehave fixture in `mode` with fuel no call can burn and a
+/// 300 ms limit, so only the clock can stop it; asserts that it was
+/// stopped as a timeout, and returns how long that took.
+fn stopped_by_the_clock(f: &Fixture, mode: &str) -> Duration {
+    let mut p = f.mode(mode);
+    p.limits.fuel = u64::MAX / 4;
     p.limits.timeout_ms = 300;
+    let start = Instant::now();
     let err = f.run(&p).unwrap_err();
+    let took = start.elapsed();
     assert!(
         matches!(&err, PluginError::Timeout { plugin, timeout_ms: 300 } if plugin == "misbehave"),
         "{err}"
     );
     assert_eq!(err.exit_code(), ExitCode::PluginFault);
+    took
+}
+
+#[test]
+fn infinite_loop_times_out() {
+    stopped_by_the_clock(&fixture(), "loop");
 }
 
 #[test]
@@ -1005,16 +1014,7 @@ fn a_plugin_looping_over_an_expensive_host_call_is_stopped_at_its_timeout() {
     // fuel yield would be tens of seconds away. The deadline is also checked
     // as each host call returns.
     let f = fixture();
-    let mut p = f.mode("random");
-    p.limits.fuel = u64::MAX / 4; // so only the clock can stop it
-    p.limits.timeout_ms = 300;
-    let start = Instant::now();
-    let err = f.run(&p).unwrap_err();
-    let took = start.elapsed();
-    assert!(
-        matches!(&err, PluginError::Timeout { plugin, timeout_ms: 300 } if plugin == "misbehave"),
-        "{err}"
-    );
+    let took = stopped_by_the_clock(&f, "random");
     assert!(
         took >= Duration::from_millis(300) && took < Duration::from_secs(5),
         "stopped after {took:?}"

@@ -101,25 +101,17 @@ fn calls(c: &mut Criterion) {
     let wave: Vec<f64> = input.wave_samples.values().collect();
     let baseline: Vec<f64> = input.baseline_samples.as_ref().unwrap().values().collect();
 
+    let call = |input: &GateInput| {
+        host.gate(&plugin, &policy, &ctx, input)
+            .unwrap()
+            .value
+            .verdict
+    };
     let mut group = c.benchmark_group("gate_plugin/2x1000");
-    group.bench_function("sandboxed", |b| {
-        b.iter(|| {
-            host.gate(&plugin, &policy, &ctx, &input)
-                .unwrap()
-                .value
-                .verdict
-        })
-    });
+    group.bench_function("sandboxed", |b| b.iter(|| call(&input)));
     group.bench_function("native_same_work", |b| b.iter(|| native_same_work(&input)));
     let small = self::input(10);
-    group.bench_function("sandboxed_2x10", |b| {
-        b.iter(|| {
-            host.gate(&plugin, &policy, &ctx, &small)
-                .unwrap()
-                .value
-                .verdict
-        })
-    });
+    group.bench_function("sandboxed_2x10", |b| b.iter(|| call(&small)));
     group.bench_function("native_test_only", |b| {
         b.iter(|| stats::mann_whitney(&wave, &baseline).unwrap().p)
     });
