@@ -240,6 +240,45 @@ fn a_wave_with_no_bake_is_recorded_in_order_before_a_later_wave_halts_and_both_g
 }
 
 #[test]
+fn a_wave_with_no_bake_is_recorded_even_when_a_later_wave_stops_the_rollout_with_an_error() {
+    // Wave "first" (S1, no bake) passes: its records wait for the next
+    // append. Wave "second"'s own gate needs a token whose variable is not
+    // set, so judging it is an error, not a verdict. The push to S1
+    // happened, so the audit log must still say so.
+    let f = canary_fleet(|prom| {
+        format!(
+            "[environments.production.rollout]\npoll_ms = 100\n\
+                 [[environments.production.rollout.gates]]\nkind = \"prometheus\"\nname = \"error-ratio\"\n\
+                 url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\n\
+                 [[environments.production.rollout.waves]]\nname = \"first\"\nservices = [\"S1\"]\nbake = \"0s\"\n\
+                 [[environments.production.rollout.waves]]\nname = \"second\"\nservices = [\"S2\"]\nbake = \"0s\"\n\
+                 [[environments.production.rollout.waves.gates]]\nkind = \"prometheus\"\nname = \"guarded\"\n\
+                 url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\ntoken_env = \"PDE_TEST_NO_SUCH_TOKEN\"\n\
+                 [[environments.production.rollout.waves]]\nname = \"rest\"\n"
+        )
+    });
+    let o = pde(f.ws.root(), &["deploy", "42", "--env", "production"]);
+    assert_ne!(code(&o), 0, "{}", support::both(&o));
+    assert!(
+        support::stderr(&o).contains("PDE_TEST_NO_SUCH_TOKEN"),
+        "{}",
+        support::both(&o)
+    );
+    let records = audit(&f.ws);
+    let first: Vec<&str> = records
+        .iter()
+        .filter(|r| r["data"]["wave"] == "first")
+        .map(|r| r["event"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(first, ["wave_pushed", "gate_evaluated"], "{records:#?}");
+    assert_eq!(
+        f.receivers[1].as_ref().expect("S1 is a receiver").deploys(),
+        1
+    );
+    assert!(f.ws.tags().is_empty(), "{:?}", f.ws.tags());
+}
+
+#[test]
 fn a_bad_canary_fails_its_gate_is_rolled_back_and_nothing_else_is_pushed() {
     let f = canary_fleet(|prom| {
         format!(

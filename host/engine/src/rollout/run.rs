@@ -123,7 +123,17 @@ impl Run<'_> {
 
     /// Runs every wave not passed yet; returns the combined push report.
     pub async fn run(&mut self) -> Result<PushReport, Error> {
-        let stopped = self.waves().await?;
+        let stopped = match self.waves().await {
+            Ok(stopped) => stopped,
+            Err(e) => {
+                // The records held back describe pushes that happened: they
+                // reach the log whatever stopped the rollout.
+                if let Err(lost) = self.record([]) {
+                    tracing::error!(rollout = self.id, error = %lost, "could not record the waves held back");
+                }
+                return Err(e);
+            }
+        };
         let outcome = match stopped {
             None => {
                 self.report.status = "deployed".into();
@@ -223,7 +233,7 @@ impl Run<'_> {
             let record = json!({"rollout": self.id, "wave": wave.name, "number": wave.number,
                                 "digest": self.bundle.digest, "outcome": pushed.outcome,
                                 "targets": pushed.targets});
-            if pushed.outcome == Outcome::Deployed && wave.bake_ms == 0 && !wave.pause {
+            if pushed.outcome == Outcome::Deployed && wave.is_quick() {
                 // Held back with the wave's gate results (see `record`):
                 // with no bake, nothing happens between the two that a
                 // record of the push alone would serve.
@@ -252,7 +262,7 @@ impl Run<'_> {
             // the wave passes leaves it pending, and a resume pushes it
             // again (idempotent) and judges it then: one durable write
             // fewer per wave.
-            if wave.bake_ms > 0 || wave.pause {
+            if !wave.is_quick() {
                 self.save()?;
             }
             self.note(
@@ -263,12 +273,7 @@ impl Run<'_> {
             return Ok(Some(stop));
         }
         if self.report.waves[i].status == WaveStatus::Baking {
-            let baked = self.bake(i).await;
-            if !matches!(baked, Ok(None)) {
-                // Stopped before the gates: the push is recorded on its own.
-                self.record([])?;
-            }
-            if let Some(stop) = baked? {
+            if let Some(stop) = self.bake(i).await? {
                 return Ok(Some(stop));
             }
             if let Some(stop) = self.judge(i).await? {
@@ -293,10 +298,8 @@ impl Run<'_> {
         self.report.waves[i].status = WaveStatus::Passed;
         self.report.status = "running".into();
         // A wave with a bake or a pause is saved as passed, so a resume
-        // starts after it. One with neither took no time worth keeping: it
-        // is saved with the next write, and a process killed before that
-        // resumes by pushing (idempotent) and judging it again.
-        if wave.bake_ms > 0 || wave.pause {
+        // starts after it (a quick one waits for the next write).
+        if !wave.is_quick() {
             self.save()?;
         }
         self.note(
@@ -423,13 +426,7 @@ impl Run<'_> {
     /// is held back, this wave's push record among them when it had no bake).
     async fn judge(&mut self, i: usize) -> Result<Option<Stop>, Error> {
         let wave = self.report.waves[i].clone();
-        let results = match self.evaluate_gates(i, &wave).await {
-            Ok(results) => results,
-            Err(e) => {
-                self.record([])?;
-                return Err(e);
-            }
-        };
+        let results = self.evaluate_gates(i, &wave).await?;
         // One durable append for the wave's results: a gate evaluated per
         // service makes one record per service, and an fsync each would
         // cost more than the gates themselves.
@@ -445,7 +442,7 @@ impl Run<'_> {
                 )
             })
             .collect::<Vec<_>>();
-        if wave.bake_ms == 0 && !wave.pause && results.iter().all(|r| r.passed) {
+        if wave.is_quick() && results.iter().all(|r| r.passed) {
             self.held.extend(records);
         } else {
             self.record(records)?;

@@ -188,6 +188,15 @@ pub struct WaveReport {
     pub results: Vec<GateResult>,
 }
 
+impl WaveReport {
+    /// A wave with no bake and no pause takes no time worth keeping: it is
+    /// saved, and its records appended, with the rollout's next write; a
+    /// process killed before that pushes (idempotent) and judges it again.
+    pub fn is_quick(&self) -> bool {
+        self.bake_ms == 0 && !self.pause
+    }
+}
+
 /// Splits the routed services (`routed`, in pde.toml order) into the
 /// rollout's waves. A wave that finds nothing left is kept, empty, so the
 /// numbering matches pde.toml.
