@@ -68,14 +68,18 @@ unsafe impl Source for PluginHeap {
         }
         // Generous for talc's chunk header and alignment: too few pages
         // would make talc ask again and again.
-        let needed = layout.size() + layout.align() + 256;
+        let needed = layout.size().checked_add(layout.align() + 256).ok_or(())?;
         let pages = needed.div_ceil(PAGE_BYTES).max(GROW_PAGES);
         let previous = core::arch::wasm32::memory_grow::<0>(pages);
         if previous == usize::MAX {
             return Err(());
         }
-        let base = (previous * PAGE_BYTES) as *mut u8;
-        let bytes = pages * PAGE_BYTES;
+        // A 32-bit memory of exactly 4 GiB ends past `usize::MAX`: refused
+        // rather than wrapped around to address 0.
+        let start = previous.checked_mul(PAGE_BYTES).ok_or(())?;
+        let bytes = pages.checked_mul(PAGE_BYTES).ok_or(())?;
+        start.checked_add(bytes).ok_or(())?;
+        let base = start as *mut u8;
         let new_end = base.wrapping_add(bytes);
         if let Some(old_end) = talc.source.end.take()
             && old_end.as_ptr() == base
