@@ -23,7 +23,7 @@ use reqwest::StatusCode;
 /// of a service (about 200 bytes each, so thousands fit); an error page does
 /// not need to be kept whole. A Prometheus answer is read the same way
 /// (a rollout gate's range query: about 30 bytes a point, so some 30,000
-/// points), and one that fills it is refused by name, not misread.
+/// points), and one that goes past it is refused by name, not misread.
 pub const MAX_BODY: usize = 1024 * 1024;
 
 /// Why a request never got a good answer.
@@ -155,6 +155,8 @@ pub struct Answer {
     pub status: StatusCode,
     /// Up to [`MAX_BODY`] bytes of the body.
     pub body: Vec<u8>,
+    /// True when the body went on past [`MAX_BODY`] bytes and was cut there.
+    pub truncated: bool,
 }
 
 impl Answer {
@@ -251,17 +253,18 @@ pub fn describe(e: &reqwest::Error) -> String {
     }
 }
 
-/// Reads at most [`MAX_BODY`] bytes of a response.
-async fn read_body(mut resp: reqwest::Response) -> Result<Vec<u8>, reqwest::Error> {
+/// Reads at most [`MAX_BODY`] bytes of a response; true when more followed.
+async fn read_body(mut resp: reqwest::Response) -> Result<(Vec<u8>, bool), reqwest::Error> {
     let mut body = Vec::new();
     while let Some(chunk) = resp.chunk().await? {
         let room = MAX_BODY - body.len();
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if body.len() >= MAX_BODY {
-            break;
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body, true));
         }
+        body.extend_from_slice(&chunk);
     }
-    Ok(body)
+    Ok((body, false))
 }
 
 /// Called around each attempt, so that progress can be shown.
@@ -310,11 +313,20 @@ pub async fn exchange(
                     // Redirects are never followed (the body and token would go
                     // elsewhere); a 3xx is final, and the answer names where it pointed.
                     let body = redirect_refused(&resp).into_bytes();
-                    return (n, Ok(Answer { status, body }));
+                    let answer = Answer {
+                        status,
+                        body,
+                        truncated: false,
+                    };
+                    return (n, Ok(answer));
                 }
                 match read_body(resp).await {
-                    Ok(body) => {
-                        let answer = Answer { status, body };
+                    Ok((body, truncated)) => {
+                        let answer = Answer {
+                            status,
+                            body,
+                            truncated,
+                        };
                         if pde_core::retry::verdict(status.as_u16()) != Verdict::Transient {
                             return (n, Ok(answer));
                         }
@@ -397,6 +409,7 @@ mod tests {
                 "error": "approvals_insufficient", "reason": reason
             }))
             .unwrap_or_default(),
+            truncated: false,
         };
         let (code, text) = answer.refusal();
         assert_eq!(code.as_deref(), Some("approvals_insufficient"));
@@ -404,6 +417,7 @@ mod tests {
         let page = Answer {
             status: StatusCode::FORBIDDEN,
             body: b"<html>\nno</html>".to_vec(),
+            truncated: false,
         };
         assert_eq!(page.refusal(), (None, "<html> no</html>".to_string()));
     }
@@ -425,5 +439,39 @@ mod tests {
         );
         assert_eq!(t.url, "http://127.0.0.1:1");
         assert!(!format!("{t:?}").contains("tok-123"));
+    }
+
+    /// Serves one answer whose body is `len` bytes, on loopback.
+    async fn serve_body(len: usize) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.unwrap();
+            let mut request = [0_u8; 4096];
+            let _ = conn.read(&mut request).await;
+            let head =
+                format!("HTTP/1.1 200 OK\r\ncontent-length: {len}\r\nconnection: close\r\n\r\n");
+            conn.write_all(head.as_bytes()).await.unwrap();
+            conn.write_all(&vec![b' '; len]).await.unwrap();
+        });
+        url
+    }
+
+    #[tokio::test]
+    async fn a_body_of_exactly_the_bound_is_whole_and_one_byte_more_is_cut() {
+        let client = reqwest::Client::new();
+        for (len, cut) in [(MAX_BODY, false), (MAX_BODY + 1, true)] {
+            let url = serve_body(len).await;
+            let target = Target::new("S", &url, None);
+            let answer = get_once(&client, &target, &url, Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert_eq!(
+                (answer.body.len(), answer.truncated),
+                (MAX_BODY, cut),
+                "{len}"
+            );
+        }
     }
 }

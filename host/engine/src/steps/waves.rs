@@ -546,7 +546,7 @@ async fn prometheus_answer(
     let answer = http::get_once(client, target, url.as_str(), timeout).await?;
     // The body was cut at the bound: say so, rather than "not a Prometheus
     // answer" about JSON that merely ends early.
-    if answer.body.len() >= http::MAX_BODY {
+    if answer.truncated {
         return Err(format!(
             "Prometheus's answer is larger than the {} MiB pde reads: ask for fewer series \
              or, for a plugin gate, a coarser `step` or a shorter `window`",
