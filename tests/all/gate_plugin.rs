@@ -397,7 +397,7 @@ fn the_example_gate_imports_nothing_and_grows_memory_only_for_inputs_beyond_its_
     let gate = host
         .load_file(&wasm, &pde::keys::TrustedKeys::new())
         .unwrap();
-    let initial = crate::plugin_runtime::initial_memory_bytes(&std::fs::read(&wasm).unwrap());
+    let initial = support::initial_memory_bytes(&std::fs::read(&wasm).unwrap());
     let policy = PolicyInput {
         id: "42".into(),
         version: "1.0.0".into(),

@@ -1118,24 +1118,11 @@ fn the_sdk_heap_reuses_freed_memory_and_small_calls_do_not_grow_memory() {
         f.run(&p).unwrap().peak_memory_bytes
     };
     let wasm = std::fs::read(pde_plugin_artifacts::wasm("misbehave").unwrap()).unwrap();
-    let initial = initial_memory_bytes(&wasm);
+    let initial = crate::support::initial_memory_bytes(&wasm);
     assert!(initial > 0);
     assert_eq!(keeping(1), initial);
     assert_eq!(keeping(128 << 10), initial);
     assert!(keeping(1 << 20) > initial);
-}
-
-/// Bytes of linear memory the core modules of `component` define at start.
-pub(crate) fn initial_memory_bytes(component: &[u8]) -> u64 {
-    wasmparser::Parser::new(0)
-        .parse_all(component)
-        .filter_map(|payload| match payload.unwrap() {
-            wasmparser::Payload::MemorySection(memories) => Some(memories),
-            _ => None,
-        })
-        .flatten()
-        .map(|memory| memory.unwrap().initial * 64 * 1024)
-        .sum()
 }
 
 #[test]

@@ -416,3 +416,16 @@ pub fn doc_script(doc: &str, marker: &str) -> String {
     }
     script
 }
+
+/// Bytes of linear memory the core modules of `component` define at start.
+pub fn initial_memory_bytes(component: &[u8]) -> u64 {
+    wasmparser::Parser::new(0)
+        .parse_all(component)
+        .filter_map(|payload| match payload.unwrap() {
+            wasmparser::Payload::MemorySection(memories) => Some(memories),
+            _ => None,
+        })
+        .flatten()
+        .map(|memory| memory.unwrap().initial * 64 * 1024)
+        .sum()
+}
