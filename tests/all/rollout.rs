@@ -179,21 +179,31 @@ pub(crate) fn events<'a>(
     records.iter().filter(|r| r["event"] == event).collect()
 }
 
+/// The canary fleet rolled out behind the error-ratio gate: wave "first"
+/// (S1) with no bake, then the wave(s) `middle` writes (given Prometheus's
+/// URL), then "rest".
+fn quick_first_wave_then(middle: impl Fn(&str) -> String) -> Fleet {
+    canary_fleet(|prom| {
+        format!(
+            "[environments.production.rollout]\npoll_ms = 100\n\
+                 [[environments.production.rollout.gates]]\nkind = \"prometheus\"\nname = \"error-ratio\"\n\
+                 url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\n\
+                 [[environments.production.rollout.waves]]\nname = \"first\"\nservices = [\"S1\"]\nbake = \"0s\"\n\
+                 {}[[environments.production.rollout.waves]]\nname = \"rest\"\n",
+            middle(prom)
+        )
+    })
+}
+
 #[test]
 fn a_wave_with_no_bake_is_recorded_in_order_before_a_later_wave_halts_and_both_go_back() {
     // Wave "first" (S1, no bake) passes: its records wait for the next
     // append. Wave "canary" (S0, a real agent that turns bad) is baked and
     // fails. The audit log must still tell it in order, each wave once, and
     // both waves are sent back.
-    let f = canary_fleet(|prom| {
-        format!(
-            "[environments.production.rollout]\npoll_ms = 100\n\
-                 [[environments.production.rollout.gates]]\nkind = \"prometheus\"\nname = \"error-ratio\"\n\
-                 url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\n\
-                 [[environments.production.rollout.waves]]\nname = \"first\"\nservices = [\"S1\"]\nbake = \"0s\"\n\
-                 [[environments.production.rollout.waves]]\nname = \"canary\"\ntags = [\"canary\"]\nbake = \"3s\"\n\
-                 [[environments.production.rollout.waves]]\nname = \"rest\"\n"
-        )
+    let f = quick_first_wave_then(|_| {
+        "[[environments.production.rollout.waves]]\nname = \"canary\"\ntags = [\"canary\"]\nbake = \"3s\"\n"
+            .into()
     });
     halted_deploy(f.ws.root());
     let records = audit(&f.ws);
@@ -245,16 +255,11 @@ fn a_wave_with_no_bake_is_recorded_even_when_a_later_wave_stops_the_rollout_with
     // append. Wave "second"'s own gate needs a token whose variable is not
     // set, so judging it is an error, not a verdict. The push to S1
     // happened, so the audit log must still say so.
-    let f = canary_fleet(|prom| {
+    let f = quick_first_wave_then(|prom| {
         format!(
-            "[environments.production.rollout]\npoll_ms = 100\n\
-                 [[environments.production.rollout.gates]]\nkind = \"prometheus\"\nname = \"error-ratio\"\n\
-                 url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\n\
-                 [[environments.production.rollout.waves]]\nname = \"first\"\nservices = [\"S1\"]\nbake = \"0s\"\n\
-                 [[environments.production.rollout.waves]]\nname = \"second\"\nservices = [\"S2\"]\nbake = \"0s\"\n\
+            "[[environments.production.rollout.waves]]\nname = \"second\"\nservices = [\"S2\"]\nbake = \"0s\"\n\
                  [[environments.production.rollout.waves.gates]]\nkind = \"prometheus\"\nname = \"guarded\"\n\
-                 url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\ntoken_env = \"PDE_TEST_NO_SUCH_TOKEN\"\n\
-                 [[environments.production.rollout.waves]]\nname = \"rest\"\n"
+                 url = \"{prom}\"\nquery = '{GATE_QUERY}'\nmax = 0.1\ntoken_env = \"PDE_TEST_NO_SUCH_TOKEN\"\n"
         )
     });
     let o = pde(f.ws.root(), &["deploy", "42", "--env", "production"]);
